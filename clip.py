@@ -1,0 +1,644 @@
+"""CLIP (Radford et al. 2021) in one file: model, tokenizer, exact global-batch loss, weight loading.
+
+Copy this file alone into another project and it works: it imports nothing from this repository.
+Parameter names follow OpenAI's CLIP state_dict, so OpenAI and open_clip ViT checkpoints load with a
+strict load_state_dict.
+
+The interface train.py and data.py use (every model file implements it the same way):
+    create(args, captions, extra=None) -> model    build a model (extra: what a checkpoint saved)
+    model.transform(train)                      picklable f(sample, rng) -> dict of tensors (loader workers)
+    model(batch) -> out                         dict of features; out['scale'] is the logit scale
+    model.loss(out) -> scalar                   exact over the global batch under torch.distributed
+    model.after_step()                          called after each optimizer step
+    model.encode_texts(list_of_str) -> [N, D]   L2-normalised, for zero-shot classifiers
+    model.extra_state() -> dict                 config and tokenizer, saved beside the weights
+    zero_shot_classifier(model, classnames, templates), retrieval_metrics(image, text)
+"""
+import gzip
+import html
+import math
+import os
+import re
+import unicodedata
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    embed_dim: int = 512
+    image_size: int = 224
+    patch_size: int = 32
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    # OpenAI's released weights were trained with QuickGELU; new training uses exact GELU.
+    quick_gelu: bool = False
+
+
+CONFIGS = {
+    # Small enough to train on two CPU cores in minutes on the synthetic data (vocab from the tokenizer).
+    "tiny": Config(embed_dim=128, image_size=32, patch_size=8, vision_width=128, vision_layers=4,
+                   vision_heads=4, context_length=24, vocab_size=1024, text_width=128, text_layers=4,
+                   text_heads=4),
+    "ViT-B-32": Config(),
+    "ViT-B-16": Config(patch_size=16),
+    "ViT-L-14": Config(embed_dim=768, patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16,
+                       text_width=768, text_layers=12, text_heads=12),
+}
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's normalisation, used by every CLIP checkpoint
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def bytes_to_unicode():
+    # GPT-2's reversible map from bytes to printable characters: BPE then never sees whitespace or
+    # control bytes, and every byte has a symbol, so no text is ever unknown.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+# OpenAI's pre-tokenizer pattern (simple_tokenizer.py): contractions, letter runs, single digits, punctuation.
+CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+
+
+def clean_text(text):
+    # OpenAI runs ftfy.fix_text (which ends in NFC), unescapes HTML twice, collapses whitespace and
+    # lower-cases. ftfy is not a dependency: its mojibake repair is the one step left out.
+    text = html.unescape(html.unescape(unicodedata.normalize("NFC", text)))
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+class Tokenizer:
+    """CLIP's byte-level BPE on the tokenizers library; __call__(list of str) -> LongTensor [N, context]."""
+
+    def __init__(self, tokenizer, context_length=77):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.sot = tokenizer.token_to_id(SOT)
+        self.eot = tokenizer.token_to_id(EOT)
+        if self.sot is None or self.eot is None:
+            raise ValueError(f"tokenizer has no {SOT} / {EOT} tokens: it is not a CLIP tokenizer")
+        # The text tower finds the end of each text with argmax over ids (as OpenAI's does).
+        if self.eot != tokenizer.get_vocab_size() - 1:
+            raise ValueError(f"{EOT} must have the highest id (it has {self.eot} of {tokenizer.get_vocab_size()})")
+
+    @property
+    def vocab_size(self):
+        return self.tokenizer.get_vocab_size()
+
+    @staticmethod
+    def _skeleton(model):
+        from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, pre_tokenizers
+
+        tok = HFTokenizer(model)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        return tok
+
+    @classmethod
+    def from_file(cls, path, context_length=77):
+        """An HF CLIP tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz (merges, one per line)."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers.models import BPE
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such tokenizer file; pass a tokenizer.json or bpe_simple_vocab_16e6.txt.gz")
+        if path.endswith(".json"):
+            return cls(HFTokenizer.from_file(path), context_length)
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        # OpenAI keeps the first 49152 - 256 - 2 merges after the version line; smaller files keep all.
+        merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1] if m.strip()]
+        symbols = list(bytes_to_unicode().values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
+        model = BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, end_of_word_suffix="</w>")
+        tok = cls._skeleton(model)
+        tok.add_special_tokens([SOT, EOT])  # already in the vocabulary: keeps their ids
+        return cls(tok, context_length)
+
+    @classmethod
+    def train(cls, texts, vocab_size=1024, context_length=77):
+        """A small BPE fitted to the captions at hand (the synthetic default needs no vocabulary file)."""
+        from tokenizers import pre_tokenizers
+        from tokenizers.models import BPE
+        from tokenizers.trainers import BpeTrainer
+
+        tok = cls._skeleton(BPE(end_of_word_suffix="</w>"))
+        trainer = BpeTrainer(vocab_size=vocab_size - 2, end_of_word_suffix="</w>", show_progress=False,
+                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator((clean_text(t) for t in texts), trainer)
+        tok.add_special_tokens([SOT, EOT])  # last, so EOT has the highest id as in OpenAI's vocabulary
+        return cls(tok, context_length)
+
+    def to_str(self):
+        return self.tokenizer.to_str()
+
+    @classmethod
+    def from_str(cls, s, context_length=77):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(s), context_length)
+
+    def encode(self, text):
+        return self.tokenizer.encode(clean_text(text), add_special_tokens=False).ids
+
+    def __call__(self, texts):
+        if isinstance(texts, str):
+            texts = [texts]
+        encs = self.tokenizer.encode_batch([clean_text(t) for t in texts], add_special_tokens=False)
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for i, e in enumerate(encs):
+            ids = [self.sot] + e.ids[: self.context_length - 2] + [self.eot]  # truncation keeps EOT last
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+    def decode(self, ids):
+        byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
+        text = "".join(self.tokenizer.id_to_token(i) for i in ids if i not in (0, self.sot, self.eot))
+        words = [bytes(byte_decoder[c] for c in w).decode("utf-8", errors="replace") for w in text.split("</w>")]
+        return " ".join(words).strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention holding nn.MultiheadAttention's parameter names, run through SDPA."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, causal=False):
+        b, n, w = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(x.transpose(1, 2).reshape(b, n, w))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width, heads, quick_gelu=False):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, width * 4)),
+            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
+            ("c_proj", nn.Linear(width * 4, width))]))
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, quick_gelu=False):
+        super().__init__()
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
+
+    def forward(self, x, causal=False):
+        for block in self.resblocks:
+            x = block(x, causal)
+        return x
+
+    def init_weights(self, width, layers):
+        # OpenAI's initialisation: residual projections shrink with depth so the stream's variance stays put.
+        attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.zeros_(block.attn.out_proj.bias)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+
+# ----------------------------------------------------------------------------------------------
+# Towers
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, image_size, patch_size, width, layers, heads, embed_dim, quick_gelu=False):
+        super().__init__()
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, quick_gelu)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
+        self.transformer.init_weights(width, layers)
+
+    def forward(self, x):
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss: symmetric InfoNCE over the global batch, tile by tile, never holding the B_local x B logits
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient into the rows this rank owns."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        n = grad.shape[0] // world
+        if dist.get_backend(ctx.group) == "nccl":
+            out = grad.new_empty(n, *grad.shape[1:])
+            dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+            return out, None
+        grad = grad.contiguous().clone()  # gloo has no reduce_scatter
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[rank * n:(rank + 1) * n], None
+
+
+def all_gather_with_grad(x, group=None):
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return x
+    return _AllGather.apply(x, group)
+
+
+def _global_logsumexp(lse, group):
+    # Combine per-rank log-sum-exp vectors over ranks: O(len) traffic, two all-reduces.
+    top = lse.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.exp(lse - top)
+    dist.all_reduce(total, group=group)
+    return top + total.log()
+
+
+BLOCK = 2048  # tile edge of the blockwise path: 2048 x 2048 fp32 = 16 MB per tile
+
+
+class _InfoNCE(torch.autograd.Function):
+    """Rows x (local queries) against keys y (all columns); row i's positive is column pos[i].
+
+    two_way adds the column direction (text -> image): y must then be the gather of every rank's
+    equal-sized shard, and pos the columns this rank owns. Column statistics are partial over this
+    rank's rows and are combined across ranks. The value is this rank's mean over its rows; the
+    gradient is this rank's tile's share of the gradient of the sum of all ranks' values, so that
+    DDP's averaging yields the exact gradient of the global mean (grad_output must match on all ranks).
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, scale, pos, two_way, group):
+        n, k = x.shape[0], y.shape[0]
+        acc = torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least
+        s = scale.to(acc)
+        row_lse = torch.full((n,), -math.inf, device=x.device, dtype=acc)
+        col_lse = torch.full((k,), -math.inf, device=x.device, dtype=acc) if two_way else None
+        for i in range(0, n, BLOCK):
+            for j in range(0, k, BLOCK):
+                t = (x[i:i + BLOCK] @ y[j:j + BLOCK].T).to(acc) * s
+                row_lse[i:i + BLOCK] = torch.logaddexp(row_lse[i:i + BLOCK], t.logsumexp(1))
+                if two_way:  # the same tile gives the column statistics: one pass for both directions
+                    col_lse[j:j + BLOCK] = torch.logaddexp(col_lse[j:j + BLOCK], t.logsumexp(0))
+        if two_way and group is not None:
+            col_lse = _global_logsumexp(col_lse, group)
+        pos_logit = (x * y[pos]).sum(1).to(acc) * s
+        per_row = row_lse - pos_logit
+        if two_way:
+            per_row = (per_row + col_lse[pos] - pos_logit) / 2
+        ctx.save_for_backward(x, y, scale, pos, row_lse, col_lse if two_way else row_lse)
+        ctx.two_way = two_way
+        return per_row.mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, scale, pos, row_lse, col_lse = ctx.saved_tensors
+        n, k = x.shape[0], y.shape[0]
+        acc = row_lse.dtype
+        s = scale.to(acc)
+        w = grad.to(acc) / (n * (2 if ctx.two_way else 1))
+        need_x, need_y, need_s = ctx.needs_input_grad[:3]
+        dx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
+        dy = torch.zeros(y.shape, dtype=acc, device=y.device) if need_y else None
+        ds = torch.zeros((), dtype=acc, device=x.device)
+        for i in range(0, n, BLOCK):
+            xi = x[i:i + BLOCK]
+            for j in range(0, k, BLOCK):
+                yj = y[j:j + BLOCK]
+                raw = (xi @ yj.T).to(acc)
+                t = raw * s
+                g = torch.exp(t - row_lse[i:i + BLOCK, None])
+                if ctx.two_way:
+                    g += torch.exp(t - col_lse[None, j:j + BLOCK])
+                g *= w
+                if need_s:
+                    ds += (g * raw).sum()
+                g = g.to(x.dtype)
+                if need_x:
+                    dx[i:i + BLOCK] += (g @ yj).to(acc) * s
+                if need_y:
+                    dy[j:j + BLOCK] += (g.T @ xi).to(acc) * s
+        # The positives: -1 at (i, pos[i]) in the row softmax and, two-way, the same cell in the column one.
+        c = w * (2 if ctx.two_way else 1)
+        if need_s:
+            ds -= c * (x * y[pos]).sum().to(acc)
+        if need_x:
+            dx -= c * s * y[pos].to(acc)
+        if need_y:
+            dy.index_add_(0, pos, -c * s * x.to(acc))
+        return (dx.to(x.dtype) if need_x else None, dy.to(y.dtype) if need_y else None,
+                ds.to(scale.dtype) if need_s else None, None, None, None)
+
+
+def infonce(x, y, logit_scale, pos, two_way=False, group=None):
+    """InfoNCE of rows x against keys y with positives pos (a LongTensor of column indices)."""
+    return _InfoNCE.apply(x, y, logit_scale, pos, two_way, group)
+
+
+def contrastive_loss(image_features, text_features, logit_scale, group=None):
+    """Symmetric InfoNCE over the global batch (open_clip's meaning: logit_scale is already exp'd).
+
+    Each rank computes its own image rows against the texts of all ranks (gathered with gradient);
+    the text -> image direction reuses the same tiles, its column statistics combined across ranks.
+    Every rank must pass the same number of rows.
+    """
+    n = image_features.shape[0]
+    offset, dgroup = 0, None
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dgroup = group if group is not None else dist.group.WORLD
+        text_features = all_gather_with_grad(text_features, dgroup)
+        if text_features.shape[0] != n * dist.get_world_size(dgroup):
+            raise ValueError("contrastive_loss needs the same batch size on every rank")
+        offset = dist.get_rank(dgroup) * n
+    pos = torch.arange(offset, offset + n, device=image_features.device)
+    return infonce(image_features, text_features, logit_scale, pos, True, dgroup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+class ImageTransform:
+    """PIL image -> normalised tensor; train: RandomResizedCrop(scale 0.9-1) drawn from the sample's rng."""
+
+    def __init__(self, size, train, scale=(0.9, 1.0), mean=MEAN, std=STD):
+        self.size, self.train, self.scale = size, train, scale
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __call__(self, img, rng=None):
+        from PIL import Image
+
+        img = img.convert("RGB")
+        w, h = img.size
+        if self.train:
+            box = None
+            for _ in range(10):  # torchvision's RandomResizedCrop rule, with our own rng
+                area = w * h * rng.uniform(*self.scale)
+                ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+                cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+                if 0 < cw <= w and 0 < ch <= h:
+                    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                    box = (x0, y0, x0 + cw, y0 + ch)
+                    break
+            if box is None:
+                side = min(w, h)
+                box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+            img = img.resize((self.size, self.size), Image.BICUBIC, box=box)
+        else:  # resize the short side, centre crop (OpenAI's preprocess)
+            r = self.size / min(w, h)
+            img = img.resize((max(self.size, round(w * r)), max(self.size, round(h * r))), Image.BICUBIC)
+            w, h = img.size
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            img = img.crop((left, top, left + self.size, top + self.size))
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        return (x - self.mean) / self.std
+
+
+class Transform:
+    """One sample (image, caption) -> model inputs; runs in the loader workers, so it is picklable."""
+
+    def __init__(self, image_size, tokenizer, train):
+        self.image = ImageTransform(image_size, train)
+        self.tokenizer = tokenizer
+
+    def __call__(self, sample, rng):
+        return {"image": self.image(sample["image"], rng), "text": self.tokenizer([sample["text"]])[0]}
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: Config, tokenizer=None):
+        super().__init__()
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.visual = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
+                                        cfg.vision_heads, cfg.embed_dim, cfg.quick_gelu)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.quick_gelu)
+        self.ln_final = nn.LayerNorm(cfg.text_width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.text_width, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=cfg.text_width ** -0.5)
+        self.transformer.init_weights(cfg.text_width, cfg.text_layers)
+
+    def encode_image(self, images, normalize=False):
+        x = self.visual(images)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens, normalize=False):
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+        x = self.ln_final(self.transformer(x, causal=True))
+        # EOT has the highest id, so argmax finds each text's end (OpenAI's rule).
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(-1)] @ self.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, batch):
+        return {"image": self.encode_image(batch["image"], normalize=True),
+                "text": self.encode_text(batch["text"], normalize=True),
+                "scale": self.logit_scale.exp()}
+
+    def loss(self, out):
+        return contrastive_loss(out["image"], out["text"], out["scale"])
+
+    @torch.no_grad()
+    def after_step(self):
+        self.logit_scale.clamp_(0, math.log(100))
+
+    def transform(self, train):
+        return Transform(self.cfg.image_size, self.tokenizer, train)
+
+    def encode_texts(self, texts):
+        device = self.logit_scale.device
+        return self.encode_text(self.tokenizer(texts).to(device), normalize=True)
+
+    def extra_state(self):
+        return {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None}
+
+
+def add_args(parser):
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer.json or bpe_simple_vocab_16e6.txt.gz; default: a BPE trained on the captions")
+    parser.add_argument("--quick-gelu", action="store_true", help="QuickGELU, as OpenAI's released weights")
+
+
+def create(args, captions=(), extra=None):
+    """Build from a preset (args.size) or from what a checkpoint saved (extra)."""
+    if extra is not None:
+        cfg = Config(**extra["config"])
+        tok = Tokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None
+        return CLIP(cfg, tok)
+    if args.size not in CONFIGS:
+        raise ValueError(f"unknown --size {args.size!r}; choose one of {', '.join(CONFIGS)}")
+    cfg = Config(**asdict(CONFIGS[args.size]))
+    cfg.quick_gelu = getattr(args, "quick_gelu", False)
+    if getattr(args, "tokenizer", None):
+        tok = Tokenizer.from_file(args.tokenizer, cfg.context_length)
+    else:
+        tok = Tokenizer.train(captions, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
+    cfg.vocab_size = tok.vocab_size
+    return CLIP(cfg, tok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: zero-shot classifier and retrieval, in chunks
+
+
+@torch.no_grad()
+def zero_shot_classifier(model, classnames, templates):
+    """[C, D]: per class, the mean of its normalised prompt embeddings, re-normalised."""
+    weights = []
+    for name in classnames:
+        e = model.encode_texts([t.format(name) for t in templates]).float()
+        weights.append(F.normalize(e.mean(0), dim=-1))
+    return torch.stack(weights)
+
+
+@torch.no_grad()
+def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
+    """R@k both ways for paired rows, chunked so N x N similarities are never held at once."""
+    out = {}
+    for name, q, k in (("i2t", image_features, text_features), ("t2i", text_features, image_features)):
+        ranks = []
+        for i in range(0, q.shape[0], chunk):
+            sims = q[i:i + chunk] @ k.T
+            target = sims[torch.arange(sims.shape[0]), torch.arange(i, i + sims.shape[0])]
+            ranks.append((sims > target[:, None]).sum(1))
+        ranks = torch.cat(ranks)
+        for kk in ks:
+            out[f"{name}_r{kk}"] = (ranks < kk).float().mean().item()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight loading: OpenAI / open_clip layouts and this repository's checkpoints
+
+
+def read_state_dict(path):
+    """A TorchScript archive (OpenAI's releases), a plain state dict (.pt/.bin/.pth) or .safetensors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
+        return load_file(path), None
+    try:
+        sd = torch.jit.load(path, map_location="cpu").state_dict()
+    except RuntimeError:  # not TorchScript
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    extra = None
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):  # our train.py checkpoint
+        extra = sd.get("extra")
+        sd = sd["model"]
+    elif isinstance(sd, dict) and "state_dict" in sd:  # open_clip training checkpoint
+        sd = sd["state_dict"]
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return sd, extra
+
+
+def config_from_state_dict(sd, quick_gelu=True):
+    """Infer the shapes from an OpenAI-layout state dict, as OpenAI's build_model does."""
+    if "visual.conv1.weight" not in sd:
+        if "visual.layer1.0.conv1.weight" in sd:
+            raise ValueError("ResNet CLIP checkpoints are not supported: clip.py implements the ViT models")
+        raise ValueError("not an OpenAI-layout CLIP state dict (no visual.conv1.weight)")
+    width, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    text_width = sd["ln_final.weight"].shape[0]
+
+    def count(prefix):
+        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+    return Config(embed_dim=sd["text_projection"].shape[1], image_size=patch * grid, patch_size=patch,
+                  vision_width=width, vision_layers=count("visual.transformer.resblocks."), vision_heads=width // 64,
+                  context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
+                  text_width=text_width, text_layers=count("transformer.resblocks."), text_heads=text_width // 64,
+                  quick_gelu=quick_gelu)
+
+
+def load(path, device="cpu", quick_gelu=None, tokenizer=None):
+    """(model, preprocess) from a checkpoint, like OpenAI's clip.load but from a local file only.
+
+    OpenAI-layout files carry no config: shapes are inferred and QuickGELU is assumed (OpenAI's
+    weights need it; pass quick_gelu=False for open_clip models trained with GELU). tokenizer: a
+    tokenizer file for model.encode_texts (this repository's checkpoints carry their own).
+    """
+    sd, extra = read_state_dict(path)
+    if extra is not None:
+        model = create(None, extra=extra)
+    else:
+        cfg = config_from_state_dict(sd, True if quick_gelu is None else quick_gelu)
+        model = CLIP(cfg, Tokenizer.from_file(tokenizer, cfg.context_length) if tokenizer else None)
+    for key in ("input_resolution", "context_length", "vocab_size"):  # metadata in OpenAI's archives
+        sd.pop(key, None)
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    model.to(device).eval()
+    return model, ImageTransform(model.cfg.image_size, train=False)

@@ -1,0 +1,376 @@
+"""Train any of the five models: `torchrun --standalone --nproc_per_node=N train.py --model clip`.
+
+Plain `python train.py ...` runs one process. gloo on CPU, nccl on CUDA. train.py knows no model's
+internals: it uses the interface described at the top of clip.py, which every model file implements.
+"""
+import argparse
+import contextlib
+import importlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data as datalib
+
+MODELS = ("clip", "brivl", "clippo", "altclip", "laclip")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def import_model(name):
+    available = [m for m in MODELS if os.path.isfile(os.path.join(HERE, f"{m}.py"))]
+    if name not in available:
+        raise SystemExit(f"train.py: unknown --model {name!r}; choose one of: {', '.join(available)}")
+    return importlib.import_module(name)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="clip", help=f"one of {', '.join(MODELS)}")
+    p.add_argument("--size", default="tiny", help="a config preset of the model file (tiny, ViT-B-32, ...)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=128, help="per rank")
+    p.add_argument("--accum", type=int, default=1,
+                   help="micro-batches per step; the loss stays exact over the whole global batch")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--wd", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
+    p.add_argument("--out", default="out", help="folder for metrics.jsonl and checkpoint.pt")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from OUT/checkpoint.pt, or from the file given")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evals (0: only at the end)")
+    p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--workers", type=int, default=1, help="loader worker processes per rank")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    datalib.add_args(p)
+    known, _ = p.parse_known_args(argv)
+    module = import_model(known.model)
+    if hasattr(module, "add_args"):
+        module.add_args(p)
+    args = p.parse_args(argv)
+    if args.accum < 1 or args.batch_size % args.accum:
+        p.error(f"--batch-size {args.batch_size} must be a multiple of --accum {args.accum}")
+    return args, module
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes
+
+
+def setup(args):
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:  # share the cores among this machine's ranks instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    control = None
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Stop requests travel on a CPU group, so checking for one never waits on the GPU.
+        control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+    return rank, world, device, control
+
+
+class StopRequest:
+    """SIGTERM/SIGINT ask for a checkpoint at the end of the current step; a second SIGINT aborts."""
+
+    def __init__(self):
+        self.asked = False
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.asked and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def agreed(self, control, world):
+        # Every rank must stop after the same step, whichever of them got the signal first.
+        if world == 1:
+            return self.asked
+        flag = torch.tensor([int(self.asked)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
+        return bool(flag.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisation
+
+
+def param_groups(model, wd):
+    # No decay on biases, norms, the logit scale and embeddings (open_clip's rule: ndim < 2 or embedding).
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step, args):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return 0.5 * args.lr * (1 + math.cos(math.pi * progress))
+
+
+def rng_state(device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def train_step(fwd, ddp, model, batch, accum, autocast, device):
+    """Forward + backward of one global batch; returns the loss (a tensor, not synced)."""
+    if accum == 1:
+        with autocast:
+            loss = model.loss(fwd(batch))
+        loss.backward()
+        return loss.detach()
+    # Exact accumulation (the GradCache recipe): embed every micro-batch without a graph, take the loss
+    # and its gradient w.r.t. the features over all of them, then re-embed each micro-batch with a graph
+    # and push those gradients through. Every micro-batch sees all others as negatives.
+    micro = [dict(zip(batch, vs)) for vs in zip(*(v.chunk(accum) for v in batch.values()))]
+    states, outs = [], []
+    with torch.no_grad(), autocast:
+        for mb in micro:
+            states.append(rng_state(device))
+            outs.append(fwd(mb))
+    feats = {k: (torch.cat([o[k] for o in outs]) if outs[0][k].dim() else outs[0][k]).detach().float().requires_grad_()
+             for k in outs[0]}
+    loss = model.loss(feats)
+    loss.backward()
+    grads = {k: (f.grad.split([o[k].shape[0] for o in outs]) if f.dim() else f.grad) for k, f in feats.items()
+             if f.grad is not None}
+    for m, mb in enumerate(micro):
+        set_rng_state(states[m], device)
+        last = m == accum - 1
+        sync = contextlib.nullcontext() if last or ddp is None else ddp.no_sync()
+        with sync:
+            with autocast:
+                out = fwd(mb)
+            # Per-batch scalars (the logit scale) get their gradient once, with the synced micro-batch.
+            surrogate = sum((out[k].float() * (g[m] if out[k].dim() else g)).sum() for k, g in grads.items()
+                            if out[k].dim() or last)
+            surrogate.backward()
+    return loss.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model, module, val_data, args, rank, world, device, autocast):
+    was_training = model.training
+    model.eval()
+    batches = datalib.EvalBatches(val_data, model.transform(False), args.batch_size, rank, world, args.seed)
+    images, texts, labels = [], [], []
+    for batch in datalib.loader(batches, workers=args.workers):
+        batch.pop("_skips")
+        label = batch.pop("label", None)
+        with autocast:
+            out = model({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+        images.append(out["image"].float().cpu())
+        texts.append(out["text"].float().cpu())
+        if label is not None:
+            labels.append(label)
+    local = (torch.cat(images), torch.cat(texts), torch.cat(labels) if labels else None)
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, local)
+        local = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                 torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None)
+    image, text, label = local
+    metrics = {}
+    if rank == 0:
+        metrics.update(module.retrieval_metrics(image, text))
+        if label is not None and hasattr(val_data, "classnames"):
+            for lang, names in val_data.classnames.items():
+                with autocast:
+                    clf = module.zero_shot_classifier(model, names, val_data.templates[lang]).float().cpu()
+                acc = ((image @ clf.T).argmax(1) == label).float().mean().item()
+                metrics["zeroshot_top1" if lang == "en" else f"zeroshot_top1_{lang}"] = acc
+    model.train(was_training)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path, model, opt, step, args, world, device):
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+             "samples_seen": step * args.batch_size * world, "extra": model.extra_state(), "args": vars(args),
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a reader sees the old checkpoint or the new one, never half of one
+
+
+def find_checkpoint(args):
+    path = os.path.join(args.out, "checkpoint.pt") if args.resume == "auto" else args.resume
+    if not os.path.isfile(path):
+        raise SystemExit(f"train.py: --resume: no checkpoint at {path}; drop --resume to start a new run")
+    return path
+
+
+def main(argv=None):
+    args, module = parse_args(argv)
+    rank, world, device, control = setup(args)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path, metrics_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "metrics.jsonl")
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+
+    ckpt = None
+    if args.resume:
+        ckpt = torch.load(find_checkpoint(args), map_location="cpu", weights_only=False)
+    train_data, val_data = datalib.build(args)
+    extra = ckpt["extra"] if ckpt else None
+    if extra is None and world > 1:  # rank 0 builds (e.g. trains the tokenizer), the others copy it
+        box = [module.create(args, train_data.caption_corpus()).extra_state() if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        extra = box[0]
+    model = module.create(args, train_data.caption_corpus(), extra=extra).to(device)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    opt = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.98), eps=1e-6,
+                            fused=device.type == "cuda")
+    step = 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        if ckpt["samples_seen"] != step * args.batch_size * world:
+            raise SystemExit(f"train.py: the checkpoint was written with a global batch of "
+                             f"{ckpt['samples_seen'] // max(step, 1)}; resume with the same --batch-size x ranks")
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+        if rank == 0 and os.path.exists(metrics_path):  # drop rows the resumed run will write again
+            rows = [r for r in open(metrics_path) if r.strip() and json.loads(r)["step"] <= step]
+            with open(metrics_path, "w") as f:
+                f.writelines(rows)
+    elif rank == 0 and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else None
+    fwd = ddp or model
+    if args.compile:
+        fwd = torch.compile(fwd)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def log(row):
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    stop = StopRequest()
+    batches = datalib.TrainBatches(train_data, model.transform(True), args.batch_size, rank, world, args.seed)
+    data_iter = iter(datalib.loader(batches, start=step, stop=args.steps, workers=args.workers))
+    global_batch = args.batch_size * world
+    loss_sum, loss_n, skips = torch.zeros((), device=device), 0, {}
+    t_last, step_last, t_start, step_start = time.time(), step, time.time(), step
+    metrics = {}
+    if rank == 0:
+        nparams = sum(p.numel() for p in model.parameters())
+        print(f"{args.model} {args.size}: {nparams / 1e6:.2f}M parameters, {world} rank(s) on {device}, "
+              f"global batch {global_batch}, steps {step}->{args.steps}", flush=True)
+    model.train()
+    while step < args.steps:
+        batch = next(data_iter)
+        for reason in batch.pop("_skips"):
+            skips[reason] = skips.get(reason, 0) + 1
+        batch.pop("label", None)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        lr = lr_at(step, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = train_step(fwd, ddp, model, batch, args.accum, autocast, device)
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.after_step()
+        step += 1
+        loss_sum += loss
+        loss_n += 1
+
+        last = step == args.steps
+        if step % args.log_every == 0 or last:
+            mean_loss = loss_sum / loss_n
+            if world > 1:
+                dist.all_reduce(mean_loss)
+                mean_loss /= world
+            mean_loss = mean_loss.item()
+            if not math.isfinite(mean_loss):
+                raise SystemExit(f"train.py: the loss became {mean_loss} by step {step}; stopping. The last good "
+                                 f"checkpoint is kept at {ckpt_path}; lower --lr or raise --warmup and --resume")
+            now = time.time()
+            sps = global_batch * (step - step_last) / (now - t_last)
+            n_skipped = sum(skips.values())
+            if world > 1:
+                t = torch.tensor([n_skipped])
+                dist.all_reduce(t, group=control)
+                n_skipped = int(t.item())
+            row = {"step": step, "loss": mean_loss, "lr": lr, "samples_per_s": sps, "skipped_samples": n_skipped}
+            log(row)
+            if rank == 0:
+                eta = (args.steps - step) * (now - t_start) / max(1, step - step_start)
+                print(f"step {step}/{args.steps} | loss {mean_loss:.4f} | lr {lr:.2e} | {sps:.0f} samples/s | "
+                      f"eta {int(eta // 60)}m{int(eta % 60):02d}s" + (f" | skipped {skips}" if skips else ""),
+                      flush=True)
+            loss_sum, loss_n, t_last, step_last = torch.zeros((), device=device), 0, now, step
+        if val_data is not None and ((args.eval_every and step % args.eval_every == 0) or last):
+            metrics = evaluate(model, module, val_data, args, rank, world, device, autocast)
+            if rank == 0:
+                log({"step": step, **metrics})
+                print("eval " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        stopping = stop.agreed(control, world)
+        if (args.save_every and step % args.save_every == 0) or last or stopping:
+            if loss_n:  # steps since the last check: make sure they did not go non-finite before saving
+                pending = loss_sum.clone()
+                if world > 1:
+                    dist.all_reduce(pending)
+                if not torch.isfinite(pending):
+                    raise SystemExit(f"train.py: the loss became non-finite before step {step}; stopping. The last "
+                                     f"good checkpoint is kept at {ckpt_path}")
+            if rank == 0:
+                save_checkpoint(ckpt_path, model, opt, step, args, world, device)
+        if stopping:
+            if rank == 0:
+                print(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with --resume", flush=True)
+            break
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)
