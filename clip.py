@@ -52,7 +52,7 @@ class Config:
 
 CONFIGS = {
     # Small enough to train on two CPU cores in minutes on the synthetic data (vocab from the tokenizer).
-    "tiny": Config(embed_dim=128, image_size=32, patch_size=8, vision_width=128, vision_layers=4,
+    "tiny": Config(embed_dim=128, image_size=48, patch_size=8, vision_width=128, vision_layers=4,
                    vision_heads=4, context_length=24, vocab_size=1024, text_width=128, text_layers=4,
                    text_heads=4),
     "ViT-B-32": Config(),
@@ -278,6 +278,222 @@ class VisionTransformer(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Loss: symmetric InfoNCE over the global batch, tile by tile, never holding the B_local x B logits
+#
+# One local op does the heavy work: lse_tiles(x, y, scale) -> (row_lse, col_lse), the log-sum-exp of
+# t = scale * x @ y.T along rows and (two-way) along columns, from the same tiles in one pass. Its
+# backward recomputes each tile once and gets dx, dy and d(scale) from it:
+#     G_ij = g_row_i * exp(t_ij - row_lse_i) + g_col_j * exp(t_ij - col_lse_j)
+#     dx = scale * G @ y,  dy = scale * G.T @ x,  d(scale) = sum(G * x @ y.T)
+# Cost: 2 B^2 D forward + 6 B^2 D backward; memory O(B D). The collectives (gathering the texts,
+# combining column statistics over ranks) stay outside the op, in plain autograd functions.
+
+try:  # Triton ships with CUDA builds of torch; without it the blockwise PyTorch path runs everywhere.
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+BLOCK = 2048  # tile edge of the PyTorch path: a 2048 x 2048 fp32 tile is 16 MB
+
+
+def _use_triton(x):
+    # TRITON_INTERPRET=1 runs the kernels on the CPU (slowly): that is how CI tests them.
+    return (triton is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+
+
+def _acc_dtype(x):
+    return torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least
+
+
+def _lse_torch(x, y, scale, two_way):
+    n, k = x.shape[0], y.shape[0]
+    acc = _acc_dtype(x)
+    s = scale.to(acc)
+    row = torch.full((n,), -math.inf, device=x.device, dtype=acc)
+    col = torch.full((k if two_way else 0,), -math.inf, device=x.device, dtype=acc)
+    for i in range(0, n, BLOCK):
+        for j in range(0, k, BLOCK):
+            t = (x[i:i + BLOCK] @ y[j:j + BLOCK].T).to(acc) * s
+            row[i:i + BLOCK] = torch.logaddexp(row[i:i + BLOCK], t.logsumexp(1))
+            if two_way:  # the same tile gives the column statistics: one pass for both directions
+                col[j:j + BLOCK] = torch.logaddexp(col[j:j + BLOCK], t.logsumexp(0))
+    return row, col
+
+
+def _lse_backward_torch(x, y, scale, row, col, g_row, g_col):
+    n, k = x.shape[0], y.shape[0]
+    acc = row.dtype
+    s = scale.to(acc)
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device)
+    dy = torch.zeros(y.shape, dtype=acc, device=x.device)
+    ds = torch.zeros((), dtype=acc, device=x.device)
+    for i in range(0, n, BLOCK):
+        xi = x[i:i + BLOCK]
+        for j in range(0, k, BLOCK):
+            yj = y[j:j + BLOCK]
+            raw = (xi @ yj.T).to(acc)
+            t = raw * s
+            g = torch.exp(t - row[i:i + BLOCK, None]) * g_row[i:i + BLOCK, None]
+            if col.numel():
+                g += torch.exp(t - col[None, j:j + BLOCK]) * g_col[None, j:j + BLOCK]
+            ds += (g * raw).sum()
+            g = g.to(x.dtype)
+            dx[i:i + BLOCK] += (g @ yj).to(acc) * s
+            dy[j:j + BLOCK] += (g.T @ xi).to(acc) * s
+    return dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _lse_fwd_kernel(X, Y, SCALE, OFFSET, ROW, COL, n, k, d, sxn, sxd, syn, syd,
+                        TWO_WAY: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        # Program (row block, column split): sums of exp(t - offset) over its tiles, added atomically.
+        # offset = the largest |t| possible less 80, so no exp overflows fp32 (see _lse_triton).
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        s = tl.load(SCALE).to(tl.float32)
+        c = tl.load(OFFSET)
+        row_sum = tl.zeros([BM], dtype=tl.float32)
+        for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
+            rn = jb * BN + tl.arange(0, BN)
+            raw = tl.zeros([BM, BN], dtype=tl.float32)
+            for d0 in range(0, d, BD):
+                rd = d0 + tl.arange(0, BD)
+                xa = tl.load(X + rm[:, None] * sxn + rd[None, :] * sxd, mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
+                yb = tl.load(Y + rn[:, None] * syn + rd[None, :] * syd, mask=(rn[:, None] < k) & (rd[None, :] < d), other=0.0)
+                raw += tl.dot(xa, tl.trans(yb), input_precision=PREC)
+            e = tl.where((rm[:, None] < n) & (rn[None, :] < k), tl.exp(raw * s - c), 0.0)
+            row_sum += tl.sum(e, 1)
+            if TWO_WAY:
+                tl.atomic_add(COL + rn, tl.sum(e, 0), mask=rn < k)
+        tl.atomic_add(ROW + rm, row_sum, mask=rm < n)
+
+    @triton.jit
+    def _lse_bwd_kernel(X, Y, SCALE, ROW, COL, GROW, GCOL, DX, DY, DS, n, k, d, sxn, sxd, syn, syd,
+                        TWO_WAY: tl.constexpr, NEED_X: tl.constexpr, NEED_Y: tl.constexpr, SPLIT: tl.constexpr,
+                        PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        s = tl.load(SCALE).to(tl.float32)
+        row = tl.load(ROW + rm, mask=rm < n, other=0.0)
+        g_row = tl.load(GROW + rm, mask=rm < n, other=0.0)
+        ds = tl.zeros([BM], dtype=tl.float32)
+        for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
+            rn = jb * BN + tl.arange(0, BN)
+            raw = tl.zeros([BM, BN], dtype=tl.float32)
+            for d0 in range(0, d, BD):
+                rd = d0 + tl.arange(0, BD)
+                xa = tl.load(X + rm[:, None] * sxn + rd[None, :] * sxd, mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
+                yb = tl.load(Y + rn[:, None] * syn + rd[None, :] * syd, mask=(rn[:, None] < k) & (rd[None, :] < d), other=0.0)
+                raw += tl.dot(xa, tl.trans(yb), input_precision=PREC)
+            t = raw * s
+            g = tl.exp(t - row[:, None]) * g_row[:, None]
+            if TWO_WAY:
+                col = tl.load(COL + rn, mask=rn < k, other=0.0)
+                g_col = tl.load(GCOL + rn, mask=rn < k, other=0.0)
+                g += tl.exp(t - col[None, :]) * g_col[None, :]
+            g = tl.where((rm[:, None] < n) & (rn[None, :] < k), g, 0.0)
+            ds += tl.sum(g * raw, 1)
+            gq = g.to(X.dtype.element_ty)
+            for d0 in range(0, d, BD):  # both gradients from the one recomputed tile
+                rd = d0 + tl.arange(0, BD)
+                if NEED_X:
+                    yb = tl.load(Y + rn[:, None] * syn + rd[None, :] * syd, mask=(rn[:, None] < k) & (rd[None, :] < d), other=0.0)
+                    tl.atomic_add(DX + rm[:, None] * d + rd[None, :], tl.dot(gq, yb, input_precision=PREC) * s,
+                                  mask=(rm[:, None] < n) & (rd[None, :] < d))
+                if NEED_Y:
+                    xa = tl.load(X + rm[:, None] * sxn + rd[None, :] * sxd, mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
+                    tl.atomic_add(DY + rn[:, None] * d + rd[None, :], tl.dot(tl.trans(gq), xa, input_precision=PREC) * s,
+                                  mask=(rn[:, None] < k) & (rd[None, :] < d))
+        tl.atomic_add(DS, tl.sum(ds, 0))
+
+
+def _triton_launch(x, y):
+    n, k = x.shape[0], y.shape[0]
+    big = x.dtype in (torch.float16, torch.bfloat16)
+    bm = bn = 128 if big and x.is_cuda else 64
+    bd = 64 if x.shape[1] >= 64 else 32
+    # Enough programs to fill the GPU: split the columns when there are few row blocks.
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    split = max(1, min(triton.cdiv(k, bn), triton.cdiv(4 * sms, triton.cdiv(n, bm))))
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"  # exact fp32; half types use their own dot
+    return dict(SPLIT=split, PREC=prec, BM=bm, BN=bn, BD=bd), (triton.cdiv(n, bm), split)
+
+
+def _lse_triton(x, y, scale, two_way):
+    n, k = x.shape[0], y.shape[0]
+    # exp(t - offset) must neither overflow (t - offset <= 80 < 88) nor, for a whole row or column,
+    # underflow: exact while a row or column has a logit within 167 of the largest possible |t|,
+    # which always holds for unit features with scale <= 83, and in practice at CLIP's cap of 100.
+    bound = scale.float().abs() * x.float().norm(dim=1).max() * y.float().norm(dim=1).max()
+    offset = torch.clamp(bound - 80, min=0).reshape(1)
+    row = torch.zeros(n, device=x.device, dtype=torch.float32)
+    col = torch.zeros(k if two_way else 0, device=x.device, dtype=torch.float32)
+    meta, grid = _triton_launch(x, y)
+    _lse_fwd_kernel[grid](x, y, scale.reshape(1), offset, row, col, n, k, x.shape[1], x.stride(0), x.stride(1),
+                          y.stride(0), y.stride(1), TWO_WAY=two_way, **meta)
+    return row.log() + offset, col.log() + offset
+
+
+def _lse_backward_triton(x, y, scale, row, col, g_row, g_col, need_x, need_y):
+    n, k = x.shape[0], y.shape[0]
+    dx = torch.zeros(x.shape if need_x else (1,), device=x.device, dtype=torch.float32)
+    dy = torch.zeros(y.shape if need_y else (1,), device=x.device, dtype=torch.float32)
+    ds = torch.zeros(1, device=x.device, dtype=torch.float32)
+    two_way = col.numel() > 0
+    meta, grid = _triton_launch(x, y)
+    _lse_bwd_kernel[grid](x, y, scale.reshape(1), row.float(), col.float() if two_way else row, g_row.float(),
+                          g_col.float() if two_way else g_row, dx, dy, ds, n, k, x.shape[1], x.stride(0), x.stride(1),
+                          y.stride(0), y.stride(1), TWO_WAY=two_way, NEED_X=need_x, NEED_Y=need_y, **meta)
+    return dx.to(x.dtype), dy.to(y.dtype), ds.reshape(()).to(scale.dtype)
+
+
+_NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
+
+
+@torch.library.custom_op(f"{_NS}::lse_tiles", mutates_args=())
+def lse_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, two_way: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_lse [n], col_lse [k] or [0]) of scale * x @ y.T, never materialising it."""
+    if _use_triton(x):
+        row, col = _lse_triton(x.contiguous(), y.contiguous(), scale, two_way)
+        return row.to(_acc_dtype(x)), col.to(_acc_dtype(x))
+    return _lse_torch(x, y, scale, two_way)
+
+
+@lse_tiles.register_fake
+def _(x, y, scale, two_way):
+    return x.new_empty(x.shape[0], dtype=_acc_dtype(x)), x.new_empty(y.shape[0] if two_way else 0, dtype=_acc_dtype(x))
+
+
+@torch.library.custom_op(f"{_NS}::lse_tiles_backward", mutates_args=())
+def lse_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+                       g_row: torch.Tensor, g_col: torch.Tensor, need_x: bool, need_y: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(x):
+        return _lse_backward_triton(x.contiguous(), y.contiguous(), scale, row, col, g_row, g_col, need_x, need_y)
+    return _lse_backward_torch(x, y, scale, row, col, g_row, g_col)
+
+
+@lse_tiles_backward.register_fake
+def _(x, y, scale, row, col, g_row, g_col, need_x, need_y):
+    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
+
+
+def _lse_setup(ctx, inputs, output):
+    x, y, scale, _ = inputs
+    ctx.save_for_backward(x, y, scale, *output)
+
+
+def _lse_backward(ctx, g_row, g_col):
+    x, y, scale, row, col = ctx.saved_tensors
+    g_row = torch.zeros_like(row) if g_row is None else g_row
+    g_col = torch.zeros_like(col) if g_col is None else g_col
+    need_x, need_y, need_s = ctx.needs_input_grad[:3]
+    dx, dy, ds = lse_tiles_backward(x, y, scale, row, col, g_row, g_col, need_x, need_y)
+    return dx if need_x else None, dy if need_y else None, ds if need_s else None, None
+
+
+lse_tiles.register_autograd(_lse_backward, setup_context=_lse_setup)
 
 
 class _AllGather(torch.autograd.Function):
@@ -303,101 +519,55 @@ class _AllGather(torch.autograd.Function):
         return grad[rank * n:(rank + 1) * n], None
 
 
-def all_gather_with_grad(x, group=None):
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return x
-    return _AllGather.apply(x, group)
-
-
-def _global_logsumexp(lse, group):
-    # Combine per-rank log-sum-exp vectors over ranks: O(len) traffic, two all-reduces.
-    top = lse.clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    total = torch.exp(lse - top)
-    dist.all_reduce(total, group=group)
-    return top + total.log()
-
-
-BLOCK = 2048  # tile edge of the blockwise path: 2048 x 2048 fp32 = 16 MB per tile
-
-
-class _InfoNCE(torch.autograd.Function):
-    """Rows x (local queries) against keys y (all columns); row i's positive is column pos[i].
-
-    two_way adds the column direction (text -> image): y must then be the gather of every rank's
-    equal-sized shard, and pos the columns this rank owns. Column statistics are partial over this
-    rank's rows and are combined across ranks. The value is this rank's mean over its rows; the
-    gradient is this rank's tile's share of the gradient of the sum of all ranks' values, so that
-    DDP's averaging yields the exact gradient of the global mean (grad_output must match on all ranks).
-    """
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; every rank's loss depends on the sum, so the backward sums the gradients too."""
 
     @staticmethod
-    def forward(ctx, x, y, scale, pos, two_way, group):
-        n, k = x.shape[0], y.shape[0]
-        acc = torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least
-        s = scale.to(acc)
-        row_lse = torch.full((n,), -math.inf, device=x.device, dtype=acc)
-        col_lse = torch.full((k,), -math.inf, device=x.device, dtype=acc) if two_way else None
-        for i in range(0, n, BLOCK):
-            for j in range(0, k, BLOCK):
-                t = (x[i:i + BLOCK] @ y[j:j + BLOCK].T).to(acc) * s
-                row_lse[i:i + BLOCK] = torch.logaddexp(row_lse[i:i + BLOCK], t.logsumexp(1))
-                if two_way:  # the same tile gives the column statistics: one pass for both directions
-                    col_lse[j:j + BLOCK] = torch.logaddexp(col_lse[j:j + BLOCK], t.logsumexp(0))
-        if two_way and group is not None:
-            col_lse = _global_logsumexp(col_lse, group)
-        pos_logit = (x * y[pos]).sum(1).to(acc) * s
-        per_row = row_lse - pos_logit
-        if two_way:
-            per_row = (per_row + col_lse[pos] - pos_logit) / 2
-        ctx.save_for_backward(x, y, scale, pos, row_lse, col_lse if two_way else row_lse)
-        ctx.two_way = two_way
-        return per_row.mean()
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
 
     @staticmethod
     def backward(ctx, grad):
-        x, y, scale, pos, row_lse, col_lse = ctx.saved_tensors
-        n, k = x.shape[0], y.shape[0]
-        acc = row_lse.dtype
-        s = scale.to(acc)
-        w = grad.to(acc) / (n * (2 if ctx.two_way else 1))
-        need_x, need_y, need_s = ctx.needs_input_grad[:3]
-        dx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
-        dy = torch.zeros(y.shape, dtype=acc, device=y.device) if need_y else None
-        ds = torch.zeros((), dtype=acc, device=x.device)
-        for i in range(0, n, BLOCK):
-            xi = x[i:i + BLOCK]
-            for j in range(0, k, BLOCK):
-                yj = y[j:j + BLOCK]
-                raw = (xi @ yj.T).to(acc)
-                t = raw * s
-                g = torch.exp(t - row_lse[i:i + BLOCK, None])
-                if ctx.two_way:
-                    g += torch.exp(t - col_lse[None, j:j + BLOCK])
-                g *= w
-                if need_s:
-                    ds += (g * raw).sum()
-                g = g.to(x.dtype)
-                if need_x:
-                    dx[i:i + BLOCK] += (g @ yj).to(acc) * s
-                if need_y:
-                    dy[j:j + BLOCK] += (g.T @ xi).to(acc) * s
-        # The positives: -1 at (i, pos[i]) in the row softmax and, two-way, the same cell in the column one.
-        c = w * (2 if ctx.two_way else 1)
-        if need_s:
-            ds -= c * (x * y[pos]).sum().to(acc)
-        if need_x:
-            dx -= c * s * y[pos].to(acc)
-        if need_y:
-            dy.index_add_(0, pos, -c * s * x.to(acc))
-        return (dx.to(x.dtype) if need_x else None, dy.to(y.dtype) if need_y else None,
-                ds.to(scale.dtype) if need_s else None, None, None, None)
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _distributed(group):
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def all_gather_with_grad(x, group=None):
+    return _AllGather.apply(x, group) if _distributed(group) else x
+
+
+def global_logsumexp(lse, group=None):
+    """Combine per-rank log-sum-exp vectors into the global one: O(len) traffic, differentiable."""
+    if not _distributed(group):
+        return lse
+    top = lse.detach().clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return _AllReduceSum.apply(torch.exp(lse - top), group).log() + top
 
 
 def infonce(x, y, logit_scale, pos, two_way=False, group=None):
-    """InfoNCE of rows x against keys y with positives pos (a LongTensor of column indices)."""
-    return _InfoNCE.apply(x, y, logit_scale, pos, two_way, group)
+    """Mean over the rows of x of InfoNCE against the keys y; row i's positive is column pos[i].
+
+    Rows-only (two_way=False): y is any key set (BriVL: positives plus a queue; pass y detached for
+    no gradient to the keys). two_way also takes the column direction: y must then be the gather of
+    every rank's equal-sized shard and pos this rank's columns; column statistics are combined across
+    ranks. Under DDP's gradient averaging the result is the exact gradient of the global mean.
+    """
+    row, col = lse_tiles(x, y, logit_scale, two_way)
+    pos_logit = (x * y[pos]).sum(1).to(row.dtype) * logit_scale.to(row.dtype)
+    loss = row - pos_logit
+    if two_way:
+        loss = (loss + global_logsumexp(col, group)[pos] - pos_logit) / 2
+    return loss.mean()
 
 
 def contrastive_loss(image_features, text_features, logit_scale, group=None):
@@ -405,18 +575,20 @@ def contrastive_loss(image_features, text_features, logit_scale, group=None):
 
     Each rank computes its own image rows against the texts of all ranks (gathered with gradient);
     the text -> image direction reuses the same tiles, its column statistics combined across ranks.
-    Every rank must pass the same number of rows.
+    Every rank must pass the same number of rows. text_features may hold several positive text sets,
+    [M, B, D] (LaCLIP-MT): the loss is then the mean of the M losses.
     """
+    if text_features.dim() == 3:
+        return sum(contrastive_loss(image_features, t, logit_scale, group) for t in text_features) / len(text_features)
     n = image_features.shape[0]
-    offset, dgroup = 0, None
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dgroup = group if group is not None else dist.group.WORLD
-        text_features = all_gather_with_grad(text_features, dgroup)
-        if text_features.shape[0] != n * dist.get_world_size(dgroup):
+    offset = 0
+    if _distributed(group):
+        text_features = all_gather_with_grad(text_features, group)
+        if text_features.shape[0] != n * dist.get_world_size(group):
             raise ValueError("contrastive_loss needs the same batch size on every rank")
-        offset = dist.get_rank(dgroup) * n
+        offset = dist.get_rank(group) * n
     pos = torch.arange(offset, offset + n, device=image_features.device)
-    return infonce(image_features, text_features, logit_scale, pos, True, dgroup)
+    return infonce(image_features, text_features, logit_scale, pos, True, group)
 
 
 # ----------------------------------------------------------------------------------------------

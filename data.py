@@ -14,6 +14,11 @@ import torch
 from PIL import Image
 
 
+# Every random stream is seeded with a distinct non-zero last word: numpy's SeedSequence ignores
+# trailing zeros, so [seed, 0, i] and [seed, 0, i, 0] would otherwise be one and the same stream.
+CONTENT, CAPTION, AUGMENT, ORDER = 101, 102, 103, 104
+
+
 class SampleError(Exception):
     """One unusable sample (unreadable image, empty caption): skipped and counted, never fatal."""
 
@@ -33,8 +38,8 @@ COLORS = [("red", "红色", "rot", (220, 40, 40)), ("green", "绿色", "grün", 
 # name, Chinese, German noun, German gender
 SHAPES = [("circle", "圆形", "Kreis", "m"), ("square", "正方形", "Quadrat", "n"),
           ("triangle", "三角形", "Dreieck", "n"), ("cross", "十字", "Kreuz", "n"), ("diamond", "菱形", "Raute", "f")]
-SIZES = [("small", "小", "klein", (0.16, 0.22)), ("medium", "中等", "mittelgroß", (0.24, 0.30)),
-         ("large", "大", "groß", (0.32, 0.40))]
+SIZES = [("small", "小", "klein", (0.20, 0.26)), ("medium", "中等", "mittelgroß", (0.28, 0.34)),
+         ("large", "大", "groß", (0.36, 0.44))]
 # Dark, muted backgrounds, so no background is mistaken for an object's colour.
 BACKGROUNDS = [("black", "黑色", "schwarz", (15, 15, 15)), ("gray", "灰色", "grau", (95, 95, 95)),
                ("brown", "棕色", "braun", (90, 60, 35)), ("navy", "深蓝色", "dunkelblau", (20, 25, 80)),
@@ -90,6 +95,7 @@ class Synthetic:
 
     resolution = 64
     languages = ("en", "zh", "de")
+    _grid = np.mgrid[0:resolution, 0:resolution].astype(np.float32) + 0.5  # pixel centres, shared
 
     def __init__(self, seed=0, split="train", size=100_000):
         self.seed, self.split, self.size = seed, split, size
@@ -101,7 +107,7 @@ class Synthetic:
         return self.size
 
     def attributes(self, index):
-        rng = np.random.default_rng([self.seed, self.split_id, index])
+        rng = np.random.default_rng([self.seed, self.split_id, index, CONTENT])
         c, s, z, b = (int(rng.integers(len(v))) for v in (COLORS, SHAPES, SIZES, BACKGROUNDS))
         r = rng.uniform(*SIZES[z][3]) * self.resolution
         cx, cy = rng.uniform(r, self.resolution - r, size=2)
@@ -112,9 +118,9 @@ class Synthetic:
         n = self.resolution
         bg = np.array(BACKGROUNDS[b][3]) + rng.integers(-15, 16, size=3)
         fg = np.array(COLORS[c][3]) + rng.integers(-25, 26, size=3)
-        yy, xx = np.mgrid[0:n, 0:n] + 0.5
+        yy, xx = self._grid
         mask = _shape_mask(SHAPES[s][0], (xx - cx) / r, (yy - cy) / r)
-        img = np.where(mask[..., None], fg, bg) + rng.normal(0, 10, size=(n, n, 3))
+        img = np.where(mask[..., None], fg, bg) + rng.normal(0, 10, size=(n, n, 3)).astype(np.float32)
         return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
     def captions(self, index):
@@ -201,8 +207,8 @@ def load_sample(data, transform, index, epoch, seed, skips):
     for t in range(MAX_TRIES):
         i = (index + t) % len(data)
         try:
-            sample = data.sample(i, np.random.default_rng([seed, epoch, i, 0]))
-            out = transform(sample, np.random.default_rng([seed, epoch, i, 1]))
+            sample = data.sample(i, np.random.default_rng([seed, epoch, i, CAPTION]))
+            out = transform(sample, np.random.default_rng([seed, epoch, i, AUGMENT]))
         except SampleError as e:
             skips.append(e.reason)
             first_error = first_error or f"sample {i}: {e}"
@@ -230,7 +236,7 @@ class TrainBatches(torch.utils.data.Dataset):
 
     def order(self, epoch):
         if self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch, 7]).permutation(len(self.data)))
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch, ORDER]).permutation(len(self.data)))
         return self._perm[1]
 
     def __getitem__(self, k):

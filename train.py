@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="clip", help=f"one of {', '.join(MODELS)}")
     p.add_argument("--size", default="tiny", help="a config preset of the model file (tiny, ViT-B-32, ...)")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=128, help="per rank")
     p.add_argument("--accum", type=int, default=1,
                    help="micro-batches per step; the loss stays exact over the whole global batch")
@@ -51,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=0, help="steps between evals (0: only at the end)")
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--workers", type=int, default=1, help="loader worker processes per rank")
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader worker processes per rank (default: the cores left after 2 per rank, at most 8)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
@@ -81,6 +82,8 @@ def setup(args):
         torch.backends.cudnn.allow_tf32 = True
     else:  # share the cores among this machine's ranks instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if args.workers is None:  # on a small machine a loader process only steals cycles from the model
+        args.workers = max(0, min(8, (os.cpu_count() or 1) // local_world - 2))
     control = None
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -223,7 +226,9 @@ def evaluate(model, module, val_data, args, rank, world, device, autocast):
 def save_checkpoint(path, model, opt, step, args, world, device):
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
              "samples_seen": step * args.batch_size * world, "extra": model.extra_state(), "args": vars(args),
-             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                     # numpy's key as a list: the checkpoint then loads with weights_only=True
+                     "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
                      "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(state, tmp)
@@ -248,7 +253,7 @@ def main(argv=None):
 
     ckpt = None
     if args.resume:
-        ckpt = torch.load(find_checkpoint(args), map_location="cpu", weights_only=False)
+        ckpt = torch.load(find_checkpoint(args), map_location="cpu", weights_only=True)
     train_data, val_data = datalib.build(args)
     extra = ckpt["extra"] if ckpt else None
     if extra is None and world > 1:  # rank 0 builds (e.g. trains the tokenizer), the others copy it
@@ -269,7 +274,8 @@ def main(argv=None):
             raise SystemExit(f"train.py: the checkpoint was written with a global batch of "
                              f"{ckpt['samples_seen'] // max(step, 1)}; resume with the same --batch-size x ranks")
         torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
+        name, key, *rest = ckpt["rng"]["numpy"]
+        np.random.set_state((name, np.array(key, dtype=np.uint32), *rest))
         random.setstate(ckpt["rng"]["python"])
         if rank == 0 and os.path.exists(metrics_path):  # drop rows the resumed run will write again
             rows = [r for r in open(metrics_path) if r.strip() and json.loads(r)["step"] <= step]

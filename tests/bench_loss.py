@@ -1,0 +1,131 @@
+"""Fused contrastive loss vs the naive B x B one: fwd+bwd time and peak memory, measured in one run.
+
+    python tests/bench_loss.py                      # CPU: B = 1024, 4096, 16384 at D = 512
+    python tests/bench_loss.py --device cuda        # also TFLOP/s vs a bf16 matmul, and the largest B
+
+Each measurement runs in a fresh process, so its peak memory is its own: on CPU the growth of the
+peak resident set over what the inputs already hold, on CUDA torch's peak allocation over the inputs.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import clip  # noqa: E402
+
+
+def naive_loss(img, txt, scale):
+    logits = scale * img @ txt.T
+    labels = torch.arange(img.shape[0], device=img.device)
+    return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.float().T, labels)) / 2
+
+
+def measure(method, b, d, device, dtype, repeats):
+    """One method at one size, in this process: (seconds per fwd+bwd, peak bytes added)."""
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(b, d, device=device), dim=-1).to(dtype).requires_grad_()
+    txt = F.normalize(torch.randn(b, d, device=device), dim=-1).to(dtype).requires_grad_()
+    scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
+    fn = clip.contrastive_loss if method == "fused" else naive_loss
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up (and sets the peak)
+        img.grad = txt.grad = scale.grad = None
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn(img, txt, scale).backward()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return min(times[1:]), peak
+
+
+def matmul_seconds(b, d, repeats=5):
+    a = torch.randn(b, d, device="cuda", dtype=torch.bfloat16)
+    c = torch.randn(d, b, device="cuda", dtype=torch.bfloat16)
+    (a @ c).sum().item()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ c
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / repeats
+
+
+def child(method, b, d, device, dtype, repeats):
+    cmd = [sys.executable, __file__, "--child", method, "--sizes", str(b), "--dim", str(d), "--device", device,
+           "--dtype", dtype, "--repeats", str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None  # out of memory, most likely
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1024,4096,16384")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    dtype_name = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+    if args.child:
+        t, peak = measure(args.child, int(args.sizes), args.dim, args.device, dtype, args.repeats)
+        print(json.dumps({"seconds": t, "peak_bytes": peak}))
+        return
+    print(f"# {args.device} {torch.cuda.get_device_name() if args.device == 'cuda' else os.cpu_count()} "
+          f"{'' if args.device == 'cuda' else 'cores'}, torch {torch.__version__}, D={args.dim}, {dtype_name}, "
+          f"{time.strftime('%Y-%m-%d')}")
+    head = f"{'B':>8} {'naive s':>9} {'fused s':>9} {'time x':>7} {'naive MB':>9} {'fused MB':>9} {'mem x':>7}"
+    if args.device == "cuda":
+        head += f" {'fused TF/s':>10} {'mm TF/s':>8} {'of mm':>6}"
+    print(head)
+    for b in (int(s) for s in args.sizes.split(",")):
+        nv = child("naive", b, args.dim, args.device, dtype_name, args.repeats)
+        fu = child("fused", b, args.dim, args.device, dtype_name, args.repeats)
+        cell = lambda r, k, f: f"{r[k] / f:9.3f}" if r else f"{'OOM':>9}"  # noqa: E731
+        line = f"{b:>8} {cell(nv, 'seconds', 1)} {cell(fu, 'seconds', 1)} "
+        line += f"{fu['seconds'] / nv['seconds']:7.2f}" if nv and fu else f"{'-':>7}"
+        line += f" {cell(nv, 'peak_bytes', 2 ** 20)} {cell(fu, 'peak_bytes', 2 ** 20)} "
+        line += f"{fu['peak_bytes'] / max(nv['peak_bytes'], 1):7.3f}" if nv and fu else f"{'-':>7}"
+        if args.device == "cuda" and fu:
+            flops = 8 * b * b * args.dim  # fwd 2 + bwd 6 (recompute, dx, dy) B^2 D
+            mm = 2 * b * b * args.dim / matmul_seconds(b, args.dim)
+            line += f" {flops / fu['seconds'] / 1e12:10.1f} {mm / 1e12:8.1f} {flops / fu['seconds'] / mm:6.2f}"
+        print(line, flush=True)
+    if args.device == "cuda":  # the largest batch the fused loss holds, doubling from the last size
+        b, fits = int(args.sizes.split(",")[-1]), None
+        while b <= 1 << 22:
+            r = child("fused", b, args.dim, args.device, dtype_name, 0)
+            if not r:
+                break
+            fits = (b, r)
+            b *= 2
+        if fits:
+            print(f"largest B tried that fits: {fits[0]} ({fits[1]['seconds']:.2f} s fwd+bwd, "
+                  f"{fits[1]['peak_bytes'] / 2 ** 30:.2f} GiB added)")
+
+
+if __name__ == "__main__":
+    main()
