@@ -116,7 +116,9 @@ class Tokenizer:
     def _skeleton(model):
         from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, pre_tokenizers
 
-        tok = HFTokenizer(model)
+        from tokenizers.models import BPE
+
+        tok = HFTokenizer(model if model is not None else BPE())
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -124,10 +126,20 @@ class Tokenizer:
         return tok
 
     @classmethod
+    def from_merges(cls, merges, context_length=77):
+        """OpenAI's vocabulary layout: 256 byte symbols, the same with </w>, one per merge, SOT, EOT."""
+        from tokenizers.models import BPE
+
+        symbols = list(bytes_to_unicode().values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
+        tok = cls._skeleton(BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, end_of_word_suffix="</w>"))
+        tok.add_special_tokens([SOT, EOT])  # already in the vocabulary: keeps their ids
+        return cls(tok, context_length)
+
+    @classmethod
     def from_file(cls, path, context_length=77):
         """An HF CLIP tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz (merges, one per line)."""
         from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers.models import BPE
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such tokenizer file; pass a tokenizer.json or bpe_simple_vocab_16e6.txt.gz")
@@ -137,27 +149,61 @@ class Tokenizer:
         with opener(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
         # OpenAI keeps the first 49152 - 256 - 2 merges after the version line; smaller files keep all.
-        merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1] if m.strip()]
-        symbols = list(bytes_to_unicode().values())
-        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
-        model = BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, end_of_word_suffix="</w>")
-        tok = cls._skeleton(model)
-        tok.add_special_tokens([SOT, EOT])  # already in the vocabulary: keeps their ids
-        return cls(tok, context_length)
+        return cls.from_merges([tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1] if m.strip()], context_length)
 
     @classmethod
     def train(cls, texts, vocab_size=1024, context_length=77):
-        """A small BPE fitted to the captions at hand (the synthetic default needs no vocabulary file)."""
-        from tokenizers import pre_tokenizers
-        from tokenizers.models import BPE
-        from tokenizers.trainers import BpeTrainer
+        """A small BPE fitted to the captions at hand (the synthetic default needs no vocabulary file).
 
-        tok = cls._skeleton(BPE(end_of_word_suffix="</w>"))
-        trainer = BpeTrainer(vocab_size=vocab_size - 2, end_of_word_suffix="</w>", show_progress=False,
-                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator((clean_text(t) for t in texts), trainer)
-        tok.add_special_tokens([SOT, EOT])  # last, so EOT has the highest id as in OpenAI's vocabulary
-        return cls(tok, context_length)
+        Learnt here rather than by the tokenizers library's trainer, whose choice among equally frequent
+        pairs changes from call to call: the same data and seed must give the same vocabulary.
+        """
+        import heapq
+        from collections import Counter, defaultdict
+
+        pre = cls._skeleton(None).pre_tokenizer
+        words = Counter()
+        for t in texts:
+            for piece, _ in pre.pre_tokenize_str(clean_text(t)):
+                words[tuple(piece[:-1]) + (piece[-1] + "</w>",)] += 1
+        words = [[list(w), c] for w, c in sorted(words.items())]
+        counts, where = Counter(), defaultdict(set)
+        for i, (w, c) in enumerate(words):
+            for p in zip(w, w[1:]):
+                counts[p] += c
+                where[p].add(i)
+        heap = [(-c, p) for p, c in counts.items()]
+        heapq.heapify(heap)
+        merges = []
+        while heap and len(merges) < vocab_size - 512 - 2:
+            c, best = heapq.heappop(heap)
+            if counts.get(best, 0) != -c or c == 0:
+                continue  # a stale entry: its count changed after it was pushed
+            merges.append(best)
+            touched = set()
+            for i in sorted(where.pop(best)):
+                w, n = words[i]
+                for p in zip(w, w[1:]):
+                    counts[p] -= n
+                    touched.add(p)
+                j, out = 0, []
+                while j < len(w):
+                    if j < len(w) - 1 and (w[j], w[j + 1]) == best:
+                        out.append(w[j] + w[j + 1])
+                        j += 2
+                    else:
+                        out.append(w[j])
+                        j += 1
+                words[i][0] = out
+                for p in zip(out, out[1:]):
+                    counts[p] += n
+                    where[p].add(i)
+                    touched.add(p)
+            counts.pop(best, None)
+            for p in touched:
+                if counts.get(p, 0) > 0:
+                    heapq.heappush(heap, (-counts[p], p))
+        return cls.from_merges(merges, context_length)
 
     def to_str(self):
         return self.tokenizer.to_str()
@@ -346,6 +392,18 @@ def _lse_backward_torch(x, y, scale, row, col, g_row, g_col):
 
 if triton is not None:
     @triton.jit
+    def _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              BD: tl.constexpr):
+        # x[rm] @ y[rn].T in fp32, D in chunks of BD; rows and columns past the ends read as zeros.
+        raw = tl.zeros([BM, BN], dtype=tl.float32)
+        for d0 in range(0, d, BD):
+            rd = d0 + tl.arange(0, BD)
+            xa = tl.load(X + rm[:, None] * sxn + rd[None, :] * sxd, mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
+            yb = tl.load(Y + rn[:, None] * syn + rd[None, :] * syd, mask=(rn[:, None] < k) & (rd[None, :] < d), other=0.0)
+            raw += tl.dot(xa, tl.trans(yb), input_precision=PREC)
+        return raw
+
+    @triton.jit
     def _lse_fwd_kernel(X, Y, SCALE, OFFSET, ROW, COL, n, k, d, sxn, sxd, syn, syd,
                         TWO_WAY: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
@@ -357,12 +415,7 @@ if triton is not None:
         row_sum = tl.zeros([BM], dtype=tl.float32)
         for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
             rn = jb * BN + tl.arange(0, BN)
-            raw = tl.zeros([BM, BN], dtype=tl.float32)
-            for d0 in range(0, d, BD):
-                rd = d0 + tl.arange(0, BD)
-                xa = tl.load(X + rm[:, None] * sxn + rd[None, :] * sxd, mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
-                yb = tl.load(Y + rn[:, None] * syn + rd[None, :] * syd, mask=(rn[:, None] < k) & (rd[None, :] < d), other=0.0)
-                raw += tl.dot(xa, tl.trans(yb), input_precision=PREC)
+            raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
             e = tl.where((rm[:, None] < n) & (rn[None, :] < k), tl.exp(raw * s - c), 0.0)
             row_sum += tl.sum(e, 1)
             if TWO_WAY:
@@ -380,12 +433,7 @@ if triton is not None:
         ds = tl.zeros([BM], dtype=tl.float32)
         for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
             rn = jb * BN + tl.arange(0, BN)
-            raw = tl.zeros([BM, BN], dtype=tl.float32)
-            for d0 in range(0, d, BD):
-                rd = d0 + tl.arange(0, BD)
-                xa = tl.load(X + rm[:, None] * sxn + rd[None, :] * sxd, mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
-                yb = tl.load(Y + rn[:, None] * syn + rd[None, :] * syd, mask=(rn[:, None] < k) & (rd[None, :] < d), other=0.0)
-                raw += tl.dot(xa, tl.trans(yb), input_precision=PREC)
+            raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
             t = raw * s
             g = tl.exp(t - row[:, None]) * g_row[:, None]
             if TWO_WAY:

@@ -260,6 +260,7 @@ def main(argv=None):
         box = [module.create(args, train_data.caption_corpus()).extra_state() if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         extra = box[0]
+    torch.manual_seed(args.seed)  # the same initial weights however many times create() ran before
     model = module.create(args, train_data.caption_corpus(), extra=extra).to(device)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
