@@ -21,7 +21,7 @@ import os
 import re
 import unicodedata
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -84,7 +84,8 @@ def bytes_to_unicode():
 
 # OpenAI's pre-tokenizer pattern (simple_tokenizer.py): contractions, letter runs, single digits, punctuation.
 CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+SOT = "<|startoftext|>"
+EOT = "<|endoftext|>"
 
 
 def clean_text(text):
@@ -339,7 +340,7 @@ try:  # Triton ships with CUDA builds of torch; without it the blockwise PyTorch
 except ImportError:
     triton = None
 
-BLOCK = 2048  # tile edge of the PyTorch path: a 2048 x 2048 fp32 tile is 16 MB
+BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
 
 
 def _use_triton(x):
@@ -509,7 +510,7 @@ def lse_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, two_way: bo
 
 
 @lse_tiles.register_fake
-def _(x, y, scale, two_way):
+def _lse_tiles_fake(x, y, scale, two_way):
     return x.new_empty(x.shape[0], dtype=_acc_dtype(x)), x.new_empty(y.shape[0] if two_way else 0, dtype=_acc_dtype(x))
 
 
@@ -523,7 +524,7 @@ def lse_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, ro
 
 
 @lse_tiles_backward.register_fake
-def _(x, y, scale, row, col, g_row, g_col, need_x, need_y):
+def _lse_tiles_backward_fake(x, y, scale, row, col, g_row, g_col, need_x, need_y):
     return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
 
 
@@ -748,12 +749,25 @@ def add_args(parser):
     parser.add_argument("--quick-gelu", action="store_true", help="QuickGELU, as OpenAI's released weights")
 
 
-def create(args, captions=(), extra=None):
-    """Build from a preset (args.size) or from what a checkpoint saved (extra)."""
+def config_and_tokenizer(args, captions=(), extra=None):
+    """From a preset (args.size) and flags, or from what a checkpoint saved (extra)."""
     if extra is not None:
         cfg = Config(**extra["config"])
-        tok = Tokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None
-        return CLIP(cfg, tok)
+        return cfg, Tokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None
+    if args.size not in CONFIGS:
+        raise ValueError(f"unknown --size {args.size!r}; choose one of {', '.join(CONFIGS)}")
+    cfg = Config(**asdict(CONFIGS[args.size]))
+    cfg.quick_gelu = getattr(args, "quick_gelu", False)
+    if getattr(args, "tokenizer", None):
+        tok = Tokenizer.from_file(args.tokenizer, cfg.context_length)
+    else:
+        tok = Tokenizer.train(captions, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
+    cfg.vocab_size = tok.vocab_size
+    return cfg, tok
+
+
+def create(args, captions=(), extra=None):
+    return CLIP(*config_and_tokenizer(args, captions, extra))
     if args.size not in CONFIGS:
         raise ValueError(f"unknown --size {args.size!r}; choose one of {', '.join(CONFIGS)}")
     cfg = Config(**asdict(CONFIGS[args.size]))

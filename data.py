@@ -97,8 +97,10 @@ class Synthetic:
     languages = ("en", "zh", "de")
     _grid = np.mgrid[0:resolution, 0:resolution].astype(np.float32) + 0.5  # pixel centres, shared
 
-    def __init__(self, seed=0, split="train", size=100_000):
-        self.seed, self.split, self.size = seed, split, size
+    def __init__(self, seed=0, split="train", size=100_000, templates=0):
+        # templates: how many English templates captions are drawn from (0: all); the others are
+        # still offered as 'rewrites' (LaCLIP's text augmentation, compared with CLIP on 1 template).
+        self.seed, self.split, self.size, self.n_templates = seed, split, size, templates or len(EN_TEMPLATES)
         self.split_id = {"train": 0, "val": 1}[split]
         self.classnames = {lang: classnames(lang) for lang in self.languages}
         self.templates = ZEROSHOT_TEMPLATES
@@ -139,8 +141,9 @@ class Synthetic:
 
     def sample(self, index, rng):
         en, zh, de, label = self.captions(index)
-        k = int(rng.integers(len(en)))  # the caption of this epoch
+        k = int(rng.integers(self.n_templates))  # the caption of this epoch
         return {"image": self.image(index), "text": en[k], "captions": en, "label": label,
+                "rewrites": en[:k] + en[k + 1:],
                 "texts": {"en": en[k], "zh": zh[k % len(zh)], "de": de[k % len(de)]}}
 
     def caption_corpus(self, limit=5000):
@@ -156,7 +159,8 @@ class Synthetic:
 class CsvData:
     """Image path and caption columns (open_clip's --csv-img-key / --csv-caption-key / --csv-separator)."""
 
-    def __init__(self, path, img_key="filepath", caption_key="title", separator=None):
+    def __init__(self, path, img_key="filepath", caption_key="title", separator=None, rewrite_keys=(),
+                 rewrite_files=()):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such data file; pass --data synthetic, a .csv/.tsv file, or fix the path")
         if separator is None:
@@ -164,14 +168,26 @@ class CsvData:
         self.path, self.root = path, os.path.dirname(os.path.abspath(path))
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter=separator)
-            missing = [k for k in (img_key, caption_key) if k not in (reader.fieldnames or [])]
+            missing = [k for k in (img_key, caption_key, *rewrite_keys) if k not in (reader.fieldnames or [])]
             if missing:
                 raise ValueError(f"{path}: no column {' or '.join(map(repr, missing))} (columns: {reader.fieldnames}); "
-                                 f"name yours with --csv-img-key / --csv-caption-key, or set --csv-separator")
-            rows = [(r[img_key], r[caption_key]) for r in reader]
+                                 f"name yours with --csv-img-key / --csv-caption-key / --rewrite-columns, "
+                                 f"or set --csv-separator")
+            rows = [(r[img_key], r[caption_key], [r[k] or "" for k in rewrite_keys]) for r in reader]
         if not rows:
             raise ValueError(f"{path}: no rows under the header")
         self.images, self.texts = [r[0] for r in rows], [r[1] for r in rows]
+        # Rewrites: extra columns, and/or LaCLIP's layout of one text file per source aligned by line.
+        self.rewrites = [r[2] for r in rows] if rewrite_keys or rewrite_files else None
+        for rf in rewrite_files:
+            if not os.path.isfile(rf):
+                raise FileNotFoundError(f"{rf}: no such rewrite file (--rewrite-files)")
+            with open(rf, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+            if len(lines) != len(rows):  # a short file (a generator still running) leaves the rest without
+                print(f"data.py: {rf} has {len(lines)} lines for {len(rows)} rows of {path}", flush=True)
+            for i, r in enumerate(self.rewrites):
+                r.append(lines[i] if i < len(lines) else "")
 
     def __len__(self):
         return len(self.images)
@@ -188,7 +204,10 @@ class CsvData:
             raise SampleError("missing image", path) from None
         except Exception as e:
             raise SampleError("unreadable image", f"{path} ({type(e).__name__}: {e})") from None
-        return {"image": img, "text": text}
+        sample = {"image": img, "text": text}
+        if self.rewrites is not None:
+            sample["rewrites"] = [r for r in self.rewrites[index] if r.strip()]
+        return sample
 
     def caption_corpus(self, limit=100_000):
         return (t for t in self.texts[:limit] if t)
@@ -201,8 +220,10 @@ class CsvData:
 MAX_TRIES = 100
 
 
-def load_sample(data, transform, index, epoch, seed, skips):
-    """data[index] through the transform; a bad sample is replaced by the next good one and counted."""
+def load_sample(data, transform, index, epoch, seed, skips, notes=None):
+    """data[index] through the transform; a bad sample is replaced by the next good one and counted.
+
+    notes collects what is worth counting but not skipping (a sample without its rewrites)."""
     first_error = None
     for t in range(MAX_TRIES):
         i = (index + t) % len(data)
@@ -215,6 +236,8 @@ def load_sample(data, transform, index, epoch, seed, skips):
             continue
         if "label" in sample:
             out["label"] = torch.tensor(sample["label"])
+        if notes is not None and "rewrites" in sample and not sample["rewrites"]:
+            notes.append("no rewrites: original caption used")
         return out
     raise RuntimeError(f"{getattr(data, 'path', 'data')}: {MAX_TRIES} samples in a row could not be read "
                        f"(first: {first_error}); check the image paths and captions")
@@ -240,13 +263,13 @@ class TrainBatches(torch.utils.data.Dataset):
         return self._perm[1]
 
     def __getitem__(self, k):
-        skips, items = [], []
+        skips, notes, items = [], [], []
         first = k * self.b * self.world + self.rank * self.b
         for p in range(first, first + self.b):
             epoch, i = divmod(p, len(self.data))
-            items.append(load_sample(self.data, self.transform, int(self.order(epoch)[i]), epoch, self.seed, skips))
+            items.append(load_sample(self.data, self.transform, int(self.order(epoch)[i]), epoch, self.seed, skips, notes))
         batch = collate(items)
-        batch["_skips"] = skips
+        batch["_skips"], batch["_notes"] = skips, notes
         return batch
 
 
@@ -265,7 +288,7 @@ class EvalBatches(torch.utils.data.Dataset):
         skips = []
         idx = range(self.lo + k * self.b, min(self.hi, self.lo + (k + 1) * self.b))
         batch = collate([load_sample(self.data, self.transform, i, 0, self.seed, skips) for i in idx])
-        batch["_skips"] = skips
+        batch["_skips"], batch["_notes"] = skips, []
         return batch
 
 
@@ -284,10 +307,11 @@ def loader(batches, start=0, stop=None, workers=0):
 def build(args):
     """(train, val) data sets from the command line."""
     if args.data == "synthetic":
-        return (Synthetic(args.seed, "train", args.synthetic_size),
+        return (Synthetic(args.seed, "train", args.synthetic_size, args.synthetic_templates),
                 Synthetic(args.seed, "val", args.val_size))
     kw = dict(img_key=args.csv_img_key, caption_key=args.csv_caption_key, separator=args.csv_separator)
-    train = CsvData(args.data, **kw)
+    split = lambda v: [x for x in (v or "").split(",") if x]  # noqa: E731
+    train = CsvData(args.data, rewrite_keys=split(args.rewrite_columns), rewrite_files=split(args.rewrite_files), **kw)
     val = CsvData(args.val_data, **kw) if args.val_data else None
     return train, val
 
@@ -300,3 +324,8 @@ def add_args(parser):
     parser.add_argument("--csv-separator", default=None, help="default: ',' for .csv, tab otherwise")
     parser.add_argument("--synthetic-size", type=int, default=100_000, help="samples in a synthetic epoch")
     parser.add_argument("--val-size", type=int, default=1000, help="held-out synthetic samples for eval")
+    parser.add_argument("--synthetic-templates", type=int, default=0,
+                        help="draw synthetic captions from the first N English templates only (0: all)")
+    parser.add_argument("--rewrite-columns", default=None, help="CSV columns holding caption rewrites, comma-separated")
+    parser.add_argument("--rewrite-files", default=None,
+                        help="text files of rewrites, one per source, aligned by line with --data (LaCLIP's layout)")

@@ -191,7 +191,7 @@ def evaluate(model, module, val_data, args, rank, world, device, autocast):
     batches = datalib.EvalBatches(val_data, model.transform(False), args.batch_size, rank, world, args.seed)
     images, texts, labels = [], [], []
     for batch in datalib.loader(batches, workers=args.workers):
-        batch.pop("_skips")
+        batch.pop("_skips"), batch.pop("_notes")
         label = batch.pop("label", None)
         with autocast:
             out = model({k: v.to(device, non_blocking=True) for k, v in batch.items()})
@@ -301,7 +301,7 @@ def main(argv=None):
     batches = datalib.TrainBatches(train_data, model.transform(True), args.batch_size, rank, world, args.seed)
     data_iter = iter(datalib.loader(batches, start=step, stop=args.steps, workers=args.workers))
     global_batch = args.batch_size * world
-    loss_sum, loss_n, skips = torch.zeros((), device=device), 0, {}
+    loss_sum, loss_n, skips, notes = torch.zeros((), device=device), 0, {}, {}
     t_last, step_last, t_start, step_start = time.time(), step, time.time(), step
     metrics = {}
     if rank == 0:
@@ -313,6 +313,8 @@ def main(argv=None):
         batch = next(data_iter)
         for reason in batch.pop("_skips"):
             skips[reason] = skips.get(reason, 0) + 1
+        for note in batch.pop("_notes"):
+            notes[note] = notes.get(note, 0) + 1
         batch.pop("label", None)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         lr = lr_at(step, args)
@@ -346,11 +348,14 @@ def main(argv=None):
                 dist.all_reduce(t, group=control)
                 n_skipped = int(t.item())
             row = {"step": step, "loss": mean_loss, "lr": lr, "samples_per_s": sps, "skipped_samples": n_skipped}
+            if notes:
+                row["notes"] = dict(notes)  # this rank's counts (rank 0's, in the file)
             log(row)
             if rank == 0:
                 eta = (args.steps - step) * (now - t_start) / max(1, step - step_start)
                 print(f"step {step}/{args.steps} | loss {mean_loss:.4f} | lr {lr:.2e} | {sps:.0f} samples/s | "
-                      f"eta {int(eta // 60)}m{int(eta % 60):02d}s" + (f" | skipped {skips}" if skips else ""),
+                      f"eta {int(eta // 60)}m{int(eta % 60):02d}s" + (f" | skipped {skips}" if skips else "")
+                      + (f" | {notes}" if notes else ""),
                       flush=True)
             loss_sum, loss_n, t_last, step_last = torch.zeros((), device=device), 0, now, step
         if val_data is not None and ((args.eval_every and step % args.eval_every == 0) or last):

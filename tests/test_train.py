@@ -41,12 +41,16 @@ def rows(out_dir):
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
+MODELS = [["--model", "clip"], ["--model", "laclip", "--multi-text"]]
+
+
 @pytest.mark.slow
-def test_two_ranks_equal_one_rank(tmp_path):
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: " ".join(m[1:]))
+def test_two_ranks_equal_one_rank(tmp_path, model):
     # The global batch is the same 16 samples either way; the loss is exact over it, so the weights agree.
     a, b = str(tmp_path / "one"), str(tmp_path / "two")
-    finish(torchrun(1, "--steps", "3", "--batch-size", "16", "--out", a, *FAST))
-    finish(torchrun(2, "--steps", "3", "--batch-size", "8", "--out", b, *FAST))
+    finish(torchrun(1, *model, "--steps", "3", "--batch-size", "16", "--out", a, *FAST))
+    finish(torchrun(2, *model, "--steps", "3", "--batch-size", "8", "--out", b, *FAST))
     assert max_diff(weights(a), weights(b)) < 1e-5
     assert rows(b)[0]["loss"] == pytest.approx(rows(a)[0]["loss"], rel=1e-5)
     # The weights did move, so the comparison is not one of untouched initial weights.
@@ -55,9 +59,10 @@ def test_two_ranks_equal_one_rank(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: " ".join(m[1:]))
+def test_sigterm_then_resume_equals_uninterrupted(tmp_path, model):
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
-    args = ["--steps", "30", "--batch-size", "16", *FAST]
+    args = [*model, "--steps", "30", "--batch-size", "16", *FAST]
     finish(torchrun(1, *args, "--out", whole))
     proc = torchrun(1, *args, "--out", cut, start_new_session=True)
     metrics = os.path.join(cut, "metrics.jsonl")

@@ -1,0 +1,1131 @@
+"""LaCLIP (Fan et al. 2023) in one file: CLIP trained on LLM rewrites of its captions.
+
+Each training step draws every sample's text uniformly from {original caption, its rewrites} (a
+draw of fewer than 2 words falls back to the original); --multi-text (LaCLIP-MT) instead makes each
+image a positive for all of its texts and averages the contrastive loss over the text sets. The
+model, the loss and weight loading are CLIP's, copied from clip.py (marked), so this file stands
+alone. `python laclip.py rewrite ...` writes the rewrites with a local OpenAI-compatible LLM server.
+
+Same interface as clip.py (see its docstring): create, add_args, model.transform / forward / loss /
+after_step / encode_texts / extra_state, zero_shot_classifier, retrieval_metrics.
+"""
+import gzip
+import html
+import math
+import os
+import re
+import unicodedata
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+# Copied from clip.py: Config
+@dataclass
+class Config:
+    embed_dim: int = 512
+    image_size: int = 224
+    patch_size: int = 32
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    # OpenAI's released weights were trained with QuickGELU; new training uses exact GELU.
+    quick_gelu: bool = False
+
+
+# Copied from clip.py: CONFIGS
+CONFIGS = {
+    # Small enough to train on two CPU cores in minutes on the synthetic data (vocab from the tokenizer).
+    "tiny": Config(embed_dim=128, image_size=48, patch_size=8, vision_width=128, vision_layers=4,
+                   vision_heads=4, context_length=24, vocab_size=1024, text_width=128, text_layers=4,
+                   text_heads=4),
+    "ViT-B-32": Config(),
+    "ViT-B-16": Config(patch_size=16),
+    "ViT-L-14": Config(embed_dim=768, patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16,
+                       text_width=768, text_layers=12, text_heads=12),
+}
+
+# Copied from clip.py: MEAN
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's normalisation, used by every CLIP checkpoint
+# Copied from clip.py: STD
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+# Copied from clip.py: bytes_to_unicode
+def bytes_to_unicode():
+    # GPT-2's reversible map from bytes to printable characters: BPE then never sees whitespace or
+    # control bytes, and every byte has a symbol, so no text is ever unknown.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+# OpenAI's pre-tokenizer pattern (simple_tokenizer.py): contractions, letter runs, single digits, punctuation.
+# Copied from clip.py: CLIP_PATTERN
+CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# Copied from clip.py: SOT
+SOT = "<|startoftext|>"
+# Copied from clip.py: EOT
+EOT = "<|endoftext|>"
+
+
+# Copied from clip.py: clean_text
+def clean_text(text):
+    # OpenAI runs ftfy.fix_text (which ends in NFC), unescapes HTML twice, collapses whitespace and
+    # lower-cases. ftfy is not a dependency: its mojibake repair is the one step left out.
+    text = html.unescape(html.unescape(unicodedata.normalize("NFC", text)))
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+# Copied from clip.py: Tokenizer
+class Tokenizer:
+    """CLIP's byte-level BPE on the tokenizers library; __call__(list of str) -> LongTensor [N, context]."""
+
+    def __init__(self, tokenizer, context_length=77):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.sot = tokenizer.token_to_id(SOT)
+        self.eot = tokenizer.token_to_id(EOT)
+        if self.sot is None or self.eot is None:
+            raise ValueError(f"tokenizer has no {SOT} / {EOT} tokens: it is not a CLIP tokenizer")
+        # The text tower finds the end of each text with argmax over ids (as OpenAI's does).
+        if self.eot != tokenizer.get_vocab_size() - 1:
+            raise ValueError(f"{EOT} must have the highest id (it has {self.eot} of {tokenizer.get_vocab_size()})")
+
+    @property
+    def vocab_size(self):
+        return self.tokenizer.get_vocab_size()
+
+    @staticmethod
+    def _skeleton(model):
+        from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, pre_tokenizers
+
+        from tokenizers.models import BPE
+
+        tok = HFTokenizer(model if model is not None else BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        return tok
+
+    @classmethod
+    def from_merges(cls, merges, context_length=77):
+        """OpenAI's vocabulary layout: 256 byte symbols, the same with </w>, one per merge, SOT, EOT."""
+        from tokenizers.models import BPE
+
+        symbols = list(bytes_to_unicode().values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
+        tok = cls._skeleton(BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, end_of_word_suffix="</w>"))
+        tok.add_special_tokens([SOT, EOT])  # already in the vocabulary: keeps their ids
+        return cls(tok, context_length)
+
+    @classmethod
+    def from_file(cls, path, context_length=77):
+        """An HF CLIP tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz (merges, one per line)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such tokenizer file; pass a tokenizer.json or bpe_simple_vocab_16e6.txt.gz")
+        if path.endswith(".json"):
+            return cls(HFTokenizer.from_file(path), context_length)
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        # OpenAI keeps the first 49152 - 256 - 2 merges after the version line; smaller files keep all.
+        return cls.from_merges([tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1] if m.strip()], context_length)
+
+    @classmethod
+    def train(cls, texts, vocab_size=1024, context_length=77):
+        """A small BPE fitted to the captions at hand (the synthetic default needs no vocabulary file).
+
+        Learnt here rather than by the tokenizers library's trainer, whose choice among equally frequent
+        pairs changes from call to call: the same data and seed must give the same vocabulary.
+        """
+        import heapq
+        from collections import Counter, defaultdict
+
+        pre = cls._skeleton(None).pre_tokenizer
+        words = Counter()
+        for t in texts:
+            for piece, _ in pre.pre_tokenize_str(clean_text(t)):
+                words[tuple(piece[:-1]) + (piece[-1] + "</w>",)] += 1
+        words = [[list(w), c] for w, c in sorted(words.items())]
+        counts, where = Counter(), defaultdict(set)
+        for i, (w, c) in enumerate(words):
+            for p in zip(w, w[1:]):
+                counts[p] += c
+                where[p].add(i)
+        heap = [(-c, p) for p, c in counts.items()]
+        heapq.heapify(heap)
+        merges = []
+        while heap and len(merges) < vocab_size - 512 - 2:
+            c, best = heapq.heappop(heap)
+            if counts.get(best, 0) != -c or c == 0:
+                continue  # a stale entry: its count changed after it was pushed
+            merges.append(best)
+            touched = set()
+            for i in sorted(where.pop(best)):
+                w, n = words[i]
+                for p in zip(w, w[1:]):
+                    counts[p] -= n
+                    touched.add(p)
+                j, out = 0, []
+                while j < len(w):
+                    if j < len(w) - 1 and (w[j], w[j + 1]) == best:
+                        out.append(w[j] + w[j + 1])
+                        j += 2
+                    else:
+                        out.append(w[j])
+                        j += 1
+                words[i][0] = out
+                for p in zip(out, out[1:]):
+                    counts[p] += n
+                    where[p].add(i)
+                    touched.add(p)
+            counts.pop(best, None)
+            for p in touched:
+                if counts.get(p, 0) > 0:
+                    heapq.heappush(heap, (-counts[p], p))
+        return cls.from_merges(merges, context_length)
+
+    def to_str(self):
+        return self.tokenizer.to_str()
+
+    @classmethod
+    def from_str(cls, s, context_length=77):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(s), context_length)
+
+    def encode(self, text):
+        return self.tokenizer.encode(clean_text(text), add_special_tokens=False).ids
+
+    def __call__(self, texts):
+        if isinstance(texts, str):
+            texts = [texts]
+        encs = self.tokenizer.encode_batch([clean_text(t) for t in texts], add_special_tokens=False)
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for i, e in enumerate(encs):
+            ids = [self.sot] + e.ids[: self.context_length - 2] + [self.eot]  # truncation keeps EOT last
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+    def decode(self, ids):
+        byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
+        text = "".join(self.tokenizer.id_to_token(i) for i in ids if i not in (0, self.sot, self.eot))
+        words = [bytes(byte_decoder[c] for c in w).decode("utf-8", errors="replace") for w in text.split("</w>")]
+        return " ".join(words).strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+# Copied from clip.py: QuickGELU
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+# Copied from clip.py: Attention
+class Attention(nn.Module):
+    """Multi-head self-attention holding nn.MultiheadAttention's parameter names, run through SDPA."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, causal=False):
+        b, n, w = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(x.transpose(1, 2).reshape(b, n, w))
+
+
+# Copied from clip.py: ResidualAttentionBlock
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width, heads, quick_gelu=False):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, width * 4)),
+            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
+            ("c_proj", nn.Linear(width * 4, width))]))
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+# Copied from clip.py: Transformer
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, quick_gelu=False):
+        super().__init__()
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
+
+    def forward(self, x, causal=False):
+        for block in self.resblocks:
+            x = block(x, causal)
+        return x
+
+    def init_weights(self, width, layers):
+        # OpenAI's initialisation: residual projections shrink with depth so the stream's variance stays put.
+        attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.zeros_(block.attn.out_proj.bias)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+
+# ----------------------------------------------------------------------------------------------
+# Towers
+
+
+# Copied from clip.py: VisionTransformer
+class VisionTransformer(nn.Module):
+    def __init__(self, image_size, patch_size, width, layers, heads, embed_dim, quick_gelu=False):
+        super().__init__()
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, quick_gelu)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
+        self.transformer.init_weights(width, layers)
+
+    def forward(self, x):
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss: symmetric InfoNCE over the global batch, tile by tile, never holding the B_local x B logits
+#
+# One local op does the heavy work: lse_tiles(x, y, scale) -> (row_lse, col_lse), the log-sum-exp of
+# t = scale * x @ y.T along rows and (two-way) along columns, from the same tiles in one pass. Its
+# backward recomputes each tile once and gets dx, dy and d(scale) from it:
+#     G_ij = g_row_i * exp(t_ij - row_lse_i) + g_col_j * exp(t_ij - col_lse_j)
+#     dx = scale * G @ y,  dy = scale * G.T @ x,  d(scale) = sum(G * x @ y.T)
+# Cost: 2 B^2 D forward + 6 B^2 D backward; memory O(B D). The collectives (gathering the texts,
+# combining column statistics over ranks) stay outside the op, in plain autograd functions.
+
+try:  # Triton ships with CUDA builds of torch; without it the blockwise PyTorch path runs everywhere.
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+# Copied from clip.py: BLOCK
+BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
+
+
+# Copied from clip.py: _use_triton
+def _use_triton(x):
+    # TRITON_INTERPRET=1 runs the kernels on the CPU (slowly): that is how CI tests them.
+    return (triton is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+
+
+# Copied from clip.py: _acc_dtype
+def _acc_dtype(x):
+    return torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least
+
+
+# Copied from clip.py: _lse_torch
+def _lse_torch(x, y, scale, two_way):
+    n, k = x.shape[0], y.shape[0]
+    acc = _acc_dtype(x)
+    s = scale.to(acc)
+    row = torch.full((n,), -math.inf, device=x.device, dtype=acc)
+    col = torch.full((k if two_way else 0,), -math.inf, device=x.device, dtype=acc)
+    for i in range(0, n, BLOCK):
+        for j in range(0, k, BLOCK):
+            t = (x[i:i + BLOCK] @ y[j:j + BLOCK].T).to(acc) * s
+            row[i:i + BLOCK] = torch.logaddexp(row[i:i + BLOCK], t.logsumexp(1))
+            if two_way:  # the same tile gives the column statistics: one pass for both directions
+                col[j:j + BLOCK] = torch.logaddexp(col[j:j + BLOCK], t.logsumexp(0))
+    return row, col
+
+
+# Copied from clip.py: _lse_backward_torch
+def _lse_backward_torch(x, y, scale, row, col, g_row, g_col):
+    n, k = x.shape[0], y.shape[0]
+    acc = row.dtype
+    s = scale.to(acc)
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device)
+    dy = torch.zeros(y.shape, dtype=acc, device=x.device)
+    ds = torch.zeros((), dtype=acc, device=x.device)
+    for i in range(0, n, BLOCK):
+        xi = x[i:i + BLOCK]
+        for j in range(0, k, BLOCK):
+            yj = y[j:j + BLOCK]
+            raw = (xi @ yj.T).to(acc)
+            t = raw * s
+            g = torch.exp(t - row[i:i + BLOCK, None]) * g_row[i:i + BLOCK, None]
+            if col.numel():
+                g += torch.exp(t - col[None, j:j + BLOCK]) * g_col[None, j:j + BLOCK]
+            ds += (g * raw).sum()
+            g = g.to(x.dtype)
+            dx[i:i + BLOCK] += (g @ yj).to(acc) * s
+            dy[j:j + BLOCK] += (g.T @ xi).to(acc) * s
+    return dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype)
+
+
+if triton is not None:
+    # Copied from clip.py: _tile
+    @triton.jit
+    def _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              BD: tl.constexpr):
+        # x[rm] @ y[rn].T in fp32, D in chunks of BD; rows and columns past the ends read as zeros.
+        raw = tl.zeros([BM, BN], dtype=tl.float32)
+        for d0 in range(0, d, BD):
+            rd = d0 + tl.arange(0, BD)
+            xa = tl.load(X + rm[:, None] * sxn + rd[None, :] * sxd, mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
+            yb = tl.load(Y + rn[:, None] * syn + rd[None, :] * syd, mask=(rn[:, None] < k) & (rd[None, :] < d), other=0.0)
+            raw += tl.dot(xa, tl.trans(yb), input_precision=PREC)
+        return raw
+
+    # Copied from clip.py: _lse_fwd_kernel
+    @triton.jit
+    def _lse_fwd_kernel(X, Y, SCALE, OFFSET, ROW, COL, n, k, d, sxn, sxd, syn, syd,
+                        TWO_WAY: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        # Program (row block, column split): sums of exp(t - offset) over its tiles, added atomically.
+        # offset = the largest |t| possible less 80, so no exp overflows fp32 (see _lse_triton).
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        s = tl.load(SCALE).to(tl.float32)
+        c = tl.load(OFFSET)
+        row_sum = tl.zeros([BM], dtype=tl.float32)
+        for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
+            rn = jb * BN + tl.arange(0, BN)
+            raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
+            e = tl.where((rm[:, None] < n) & (rn[None, :] < k), tl.exp(raw * s - c), 0.0)
+            row_sum += tl.sum(e, 1)
+            if TWO_WAY:
+                tl.atomic_add(COL + rn, tl.sum(e, 0), mask=rn < k)
+        tl.atomic_add(ROW + rm, row_sum, mask=rm < n)
+
+    # Copied from clip.py: _lse_bwd_kernel
+    @triton.jit
+    def _lse_bwd_kernel(X, Y, SCALE, ROW, COL, GROW, GCOL, DX, DY, DS, n, k, d, sxn, sxd, syn, syd,
+                        TWO_WAY: tl.constexpr, NEED_X: tl.constexpr, NEED_Y: tl.constexpr, SPLIT: tl.constexpr,
+                        PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        s = tl.load(SCALE).to(tl.float32)
+        row = tl.load(ROW + rm, mask=rm < n, other=0.0)
+        g_row = tl.load(GROW + rm, mask=rm < n, other=0.0)
+        ds = tl.zeros([BM], dtype=tl.float32)
+        for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
+            rn = jb * BN + tl.arange(0, BN)
+            raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
+            t = raw * s
+            g = tl.exp(t - row[:, None]) * g_row[:, None]
+            if TWO_WAY:
+                col = tl.load(COL + rn, mask=rn < k, other=0.0)
+                g_col = tl.load(GCOL + rn, mask=rn < k, other=0.0)
+                g += tl.exp(t - col[None, :]) * g_col[None, :]
+            g = tl.where((rm[:, None] < n) & (rn[None, :] < k), g, 0.0)
+            ds += tl.sum(g * raw, 1)
+            gq = g.to(X.dtype.element_ty)
+            for d0 in range(0, d, BD):  # both gradients from the one recomputed tile
+                rd = d0 + tl.arange(0, BD)
+                if NEED_X:
+                    yb = tl.load(Y + rn[:, None] * syn + rd[None, :] * syd, mask=(rn[:, None] < k) & (rd[None, :] < d), other=0.0)
+                    tl.atomic_add(DX + rm[:, None] * d + rd[None, :], tl.dot(gq, yb, input_precision=PREC) * s,
+                                  mask=(rm[:, None] < n) & (rd[None, :] < d))
+                if NEED_Y:
+                    xa = tl.load(X + rm[:, None] * sxn + rd[None, :] * sxd, mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
+                    tl.atomic_add(DY + rn[:, None] * d + rd[None, :], tl.dot(tl.trans(gq), xa, input_precision=PREC) * s,
+                                  mask=(rn[:, None] < k) & (rd[None, :] < d))
+        tl.atomic_add(DS, tl.sum(ds, 0))
+
+
+# Copied from clip.py: _triton_launch
+def _triton_launch(x, y):
+    n, k = x.shape[0], y.shape[0]
+    big = x.dtype in (torch.float16, torch.bfloat16)
+    bm = bn = 128 if big and x.is_cuda else 64
+    bd = 64 if x.shape[1] >= 64 else 32
+    # Enough programs to fill the GPU: split the columns when there are few row blocks.
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    split = max(1, min(triton.cdiv(k, bn), triton.cdiv(4 * sms, triton.cdiv(n, bm))))
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"  # exact fp32; half types use their own dot
+    return dict(SPLIT=split, PREC=prec, BM=bm, BN=bn, BD=bd), (triton.cdiv(n, bm), split)
+
+
+# Copied from clip.py: _lse_triton
+def _lse_triton(x, y, scale, two_way):
+    n, k = x.shape[0], y.shape[0]
+    # exp(t - offset) must neither overflow (t - offset <= 80 < 88) nor, for a whole row or column,
+    # underflow: exact while a row or column has a logit within 167 of the largest possible |t|,
+    # which always holds for unit features with scale <= 83, and in practice at CLIP's cap of 100.
+    bound = scale.float().abs() * x.float().norm(dim=1).max() * y.float().norm(dim=1).max()
+    offset = torch.clamp(bound - 80, min=0).reshape(1)
+    row = torch.zeros(n, device=x.device, dtype=torch.float32)
+    col = torch.zeros(k if two_way else 0, device=x.device, dtype=torch.float32)
+    meta, grid = _triton_launch(x, y)
+    _lse_fwd_kernel[grid](x, y, scale.reshape(1), offset, row, col, n, k, x.shape[1], x.stride(0), x.stride(1),
+                          y.stride(0), y.stride(1), TWO_WAY=two_way, **meta)
+    return row.log() + offset, col.log() + offset
+
+
+# Copied from clip.py: _lse_backward_triton
+def _lse_backward_triton(x, y, scale, row, col, g_row, g_col, need_x, need_y):
+    n, k = x.shape[0], y.shape[0]
+    dx = torch.zeros(x.shape if need_x else (1,), device=x.device, dtype=torch.float32)
+    dy = torch.zeros(y.shape if need_y else (1,), device=x.device, dtype=torch.float32)
+    ds = torch.zeros(1, device=x.device, dtype=torch.float32)
+    two_way = col.numel() > 0
+    meta, grid = _triton_launch(x, y)
+    _lse_bwd_kernel[grid](x, y, scale.reshape(1), row.float(), col.float() if two_way else row, g_row.float(),
+                          g_col.float() if two_way else g_row, dx, dy, ds, n, k, x.shape[1], x.stride(0), x.stride(1),
+                          y.stride(0), y.stride(1), TWO_WAY=two_way, NEED_X=need_x, NEED_Y=need_y, **meta)
+    return dx.to(x.dtype), dy.to(y.dtype), ds.reshape(()).to(scale.dtype)
+
+
+# Copied from clip.py: _NS
+_NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
+
+
+# Copied from clip.py: lse_tiles
+@torch.library.custom_op(f"{_NS}::lse_tiles", mutates_args=())
+def lse_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, two_way: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_lse [n], col_lse [k] or [0]) of scale * x @ y.T, never materialising it."""
+    if _use_triton(x):
+        row, col = _lse_triton(x.contiguous(), y.contiguous(), scale, two_way)
+        return row.to(_acc_dtype(x)), col.to(_acc_dtype(x))
+    return _lse_torch(x, y, scale, two_way)
+
+
+# Copied from clip.py: _lse_tiles_fake
+@lse_tiles.register_fake
+def _lse_tiles_fake(x, y, scale, two_way):
+    return x.new_empty(x.shape[0], dtype=_acc_dtype(x)), x.new_empty(y.shape[0] if two_way else 0, dtype=_acc_dtype(x))
+
+
+# Copied from clip.py: lse_tiles_backward
+@torch.library.custom_op(f"{_NS}::lse_tiles_backward", mutates_args=())
+def lse_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+                       g_row: torch.Tensor, g_col: torch.Tensor, need_x: bool, need_y: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(x):
+        return _lse_backward_triton(x.contiguous(), y.contiguous(), scale, row, col, g_row, g_col, need_x, need_y)
+    return _lse_backward_torch(x, y, scale, row, col, g_row, g_col)
+
+
+# Copied from clip.py: _lse_tiles_backward_fake
+@lse_tiles_backward.register_fake
+def _lse_tiles_backward_fake(x, y, scale, row, col, g_row, g_col, need_x, need_y):
+    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
+
+
+# Copied from clip.py: _lse_setup
+def _lse_setup(ctx, inputs, output):
+    x, y, scale, _ = inputs
+    ctx.save_for_backward(x, y, scale, *output)
+
+
+# Copied from clip.py: _lse_backward
+def _lse_backward(ctx, g_row, g_col):
+    x, y, scale, row, col = ctx.saved_tensors
+    g_row = torch.zeros_like(row) if g_row is None else g_row
+    g_col = torch.zeros_like(col) if g_col is None else g_col
+    need_x, need_y, need_s = ctx.needs_input_grad[:3]
+    dx, dy, ds = lse_tiles_backward(x, y, scale, row, col, g_row, g_col, need_x, need_y)
+    return dx if need_x else None, dy if need_y else None, ds if need_s else None, None
+
+
+lse_tiles.register_autograd(_lse_backward, setup_context=_lse_setup)
+
+
+# Copied from clip.py: _AllGather
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient into the rows this rank owns."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        n = grad.shape[0] // world
+        if dist.get_backend(ctx.group) == "nccl":
+            out = grad.new_empty(n, *grad.shape[1:])
+            dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+            return out, None
+        grad = grad.contiguous().clone()  # gloo has no reduce_scatter
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[rank * n:(rank + 1) * n], None
+
+
+# Copied from clip.py: _AllReduceSum
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; every rank's loss depends on the sum, so the backward sums the gradients too."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+# Copied from clip.py: _distributed
+def _distributed(group):
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+# Copied from clip.py: all_gather_with_grad
+def all_gather_with_grad(x, group=None):
+    return _AllGather.apply(x, group) if _distributed(group) else x
+
+
+# Copied from clip.py: global_logsumexp
+def global_logsumexp(lse, group=None):
+    """Combine per-rank log-sum-exp vectors into the global one: O(len) traffic, differentiable."""
+    if not _distributed(group):
+        return lse
+    top = lse.detach().clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return _AllReduceSum.apply(torch.exp(lse - top), group).log() + top
+
+
+# Copied from clip.py: infonce
+def infonce(x, y, logit_scale, pos, two_way=False, group=None):
+    """Mean over the rows of x of InfoNCE against the keys y; row i's positive is column pos[i].
+
+    Rows-only (two_way=False): y is any key set (BriVL: positives plus a queue; pass y detached for
+    no gradient to the keys). two_way also takes the column direction: y must then be the gather of
+    every rank's equal-sized shard and pos this rank's columns; column statistics are combined across
+    ranks. Under DDP's gradient averaging the result is the exact gradient of the global mean.
+    """
+    row, col = lse_tiles(x, y, logit_scale, two_way)
+    pos_logit = (x * y[pos]).sum(1).to(row.dtype) * logit_scale.to(row.dtype)
+    loss = row - pos_logit
+    if two_way:
+        loss = (loss + global_logsumexp(col, group)[pos] - pos_logit) / 2
+    return loss.mean()
+
+
+# Copied from clip.py: contrastive_loss
+def contrastive_loss(image_features, text_features, logit_scale, group=None):
+    """Symmetric InfoNCE over the global batch (open_clip's meaning: logit_scale is already exp'd).
+
+    Each rank computes its own image rows against the texts of all ranks (gathered with gradient);
+    the text -> image direction reuses the same tiles, its column statistics combined across ranks.
+    Every rank must pass the same number of rows. text_features may hold several positive text sets,
+    [M, B, D] (LaCLIP-MT): the loss is then the mean of the M losses.
+    """
+    if text_features.dim() == 3:
+        return sum(contrastive_loss(image_features, t, logit_scale, group) for t in text_features) / len(text_features)
+    n = image_features.shape[0]
+    offset = 0
+    if _distributed(group):
+        text_features = all_gather_with_grad(text_features, group)
+        if text_features.shape[0] != n * dist.get_world_size(group):
+            raise ValueError("contrastive_loss needs the same batch size on every rank")
+        offset = dist.get_rank(group) * n
+    pos = torch.arange(offset, offset + n, device=image_features.device)
+    return infonce(image_features, text_features, logit_scale, pos, True, group)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+# Copied from clip.py: ImageTransform
+class ImageTransform:
+    """PIL image -> normalised tensor; train: RandomResizedCrop(scale 0.9-1) drawn from the sample's rng."""
+
+    def __init__(self, size, train, scale=(0.9, 1.0), mean=MEAN, std=STD):
+        self.size, self.train, self.scale = size, train, scale
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __call__(self, img, rng=None):
+        from PIL import Image
+
+        img = img.convert("RGB")
+        w, h = img.size
+        if self.train:
+            box = None
+            for _ in range(10):  # torchvision's RandomResizedCrop rule, with our own rng
+                area = w * h * rng.uniform(*self.scale)
+                ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+                cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+                if 0 < cw <= w and 0 < ch <= h:
+                    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                    box = (x0, y0, x0 + cw, y0 + ch)
+                    break
+            if box is None:
+                side = min(w, h)
+                box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+            img = img.resize((self.size, self.size), Image.BICUBIC, box=box)
+        else:  # resize the short side, centre crop (OpenAI's preprocess)
+            r = self.size / min(w, h)
+            img = img.resize((max(self.size, round(w * r)), max(self.size, round(h * r))), Image.BICUBIC)
+            w, h = img.size
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            img = img.crop((left, top, left + self.size, top + self.size))
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        return (x - self.mean) / self.std
+
+
+# Copied from clip.py: Transform
+class Transform:
+    """One sample (image, caption) -> model inputs; runs in the loader workers, so it is picklable."""
+
+    def __init__(self, image_size, tokenizer, train):
+        self.image = ImageTransform(image_size, train)
+        self.tokenizer = tokenizer
+
+    def __call__(self, sample, rng):
+        return {"image": self.image(sample["image"], rng), "text": self.tokenizer([sample["text"]])[0]}
+
+
+# Copied from clip.py: CLIP
+class CLIP(nn.Module):
+    def __init__(self, cfg: Config, tokenizer=None):
+        super().__init__()
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.visual = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
+                                        cfg.vision_heads, cfg.embed_dim, cfg.quick_gelu)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.quick_gelu)
+        self.ln_final = nn.LayerNorm(cfg.text_width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.text_width, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=cfg.text_width ** -0.5)
+        self.transformer.init_weights(cfg.text_width, cfg.text_layers)
+
+    def encode_image(self, images, normalize=False):
+        x = self.visual(images)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens, normalize=False):
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+        x = self.ln_final(self.transformer(x, causal=True))
+        # EOT has the highest id, so argmax finds each text's end (OpenAI's rule).
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(-1)] @ self.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, batch):
+        return {"image": self.encode_image(batch["image"], normalize=True),
+                "text": self.encode_text(batch["text"], normalize=True),
+                "scale": self.logit_scale.exp()}
+
+    def loss(self, out):
+        return contrastive_loss(out["image"], out["text"], out["scale"])
+
+    @torch.no_grad()
+    def after_step(self):
+        self.logit_scale.clamp_(0, math.log(100))
+
+    def transform(self, train):
+        return Transform(self.cfg.image_size, self.tokenizer, train)
+
+    def encode_texts(self, texts):
+        device = self.logit_scale.device
+        return self.encode_text(self.tokenizer(texts).to(device), normalize=True)
+
+    def extra_state(self):
+        return {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# LaCLIP: CLIP whose text side sees LLM rewrites of each caption
+
+
+class RewriteTransform:
+    """Training sample -> inputs, the caption drawn uniformly among the original and its rewrites.
+
+    The draw uses the sample's own rng (seed, epoch, index), so it does not depend on ranks or loader
+    workers. A draw of fewer than 2 words falls back to the original, as the official code does. With
+    sets (LaCLIP-MT) every text is kept: [original, rewrites...], padded with the original to `sets`.
+    """
+
+    def __init__(self, image_size, tokenizer, sets=0):
+        self.image = ImageTransform(image_size, train=True)
+        self.tokenizer, self.sets = tokenizer, sets
+
+    def __call__(self, sample, rng):
+        original = sample["text"]
+        texts = [original] + [r for r in sample.get("rewrites", ()) if r and r.strip()]
+        if self.sets:
+            texts = texts[: self.sets] + [original] * (self.sets - len(texts))
+            tokens = self.tokenizer(texts)  # [sets, context]
+        else:
+            text = texts[int(rng.integers(len(texts)))]
+            tokens = self.tokenizer([text if len(text.split()) >= 2 else original])[0]
+        return {"image": self.image(sample["image"], rng), "text": tokens}
+
+
+class LaCLIP(CLIP):
+    """CLIP's model and loss; training texts come from RewriteTransform. Eval uses the original captions."""
+
+    def __init__(self, cfg, tokenizer=None, text_sets=0):
+        super().__init__(cfg, tokenizer)
+        self.text_sets = text_sets
+
+    def transform(self, train):
+        return RewriteTransform(self.cfg.image_size, self.tokenizer, self.text_sets) if train else super().transform(train)
+
+    def forward(self, batch):
+        if batch["text"].dim() == 2:
+            return super().forward(batch)
+        b, m, c = batch["text"].shape  # LaCLIP-MT: [B, sets, context] -> text features [B, sets, D]
+        text = self.encode_text(batch["text"].reshape(b * m, c), normalize=True).view(b, m, -1)
+        return {"image": self.encode_image(batch["image"], normalize=True), "text": text, "scale": self.logit_scale.exp()}
+
+    def loss(self, out):
+        # Batch first everywhere (so train.py can split and join batches); the loss wants [sets, B, D].
+        text = out["text"].transpose(0, 1) if out["text"].dim() == 3 else out["text"]
+        return contrastive_loss(out["image"], text, out["scale"])
+
+    def extra_state(self):
+        return {**super().extra_state(), "text_sets": self.text_sets}
+
+
+def add_args(parser):
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer.json or bpe_simple_vocab_16e6.txt.gz; default: a BPE trained on the captions")
+    parser.add_argument("--quick-gelu", action="store_true", help="QuickGELU, as OpenAI's released weights")
+    parser.add_argument("--multi-text", action="store_true",
+                        help="LaCLIP-MT: each image is a positive for all its texts; the loss averages over them")
+    parser.add_argument("--max-rewrites", type=int, default=4, help="with --multi-text: rewrites used per caption")
+
+
+def create(args, captions=(), extra=None):
+    sets = extra.get("text_sets", 0) if extra is not None else (args.max_rewrites + 1 if args.multi_text else 0)
+    return LaCLIP(*config_and_tokenizer(args, captions, extra), text_sets=sets)
+
+
+# Copied from clip.py: config_and_tokenizer
+def config_and_tokenizer(args, captions=(), extra=None):
+    """From a preset (args.size) and flags, or from what a checkpoint saved (extra)."""
+    if extra is not None:
+        cfg = Config(**extra["config"])
+        return cfg, Tokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None
+    if args.size not in CONFIGS:
+        raise ValueError(f"unknown --size {args.size!r}; choose one of {', '.join(CONFIGS)}")
+    cfg = Config(**asdict(CONFIGS[args.size]))
+    cfg.quick_gelu = getattr(args, "quick_gelu", False)
+    if getattr(args, "tokenizer", None):
+        tok = Tokenizer.from_file(args.tokenizer, cfg.context_length)
+    else:
+        tok = Tokenizer.train(captions, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
+    cfg.vocab_size = tok.vocab_size
+    return cfg, tok
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: zero-shot classifier and retrieval, in chunks
+
+
+# Copied from clip.py: zero_shot_classifier
+@torch.no_grad()
+def zero_shot_classifier(model, classnames, templates):
+    """[C, D]: per class, the mean of its normalised prompt embeddings, re-normalised."""
+    weights = []
+    for name in classnames:
+        e = model.encode_texts([t.format(name) for t in templates]).float()
+        weights.append(F.normalize(e.mean(0), dim=-1))
+    return torch.stack(weights)
+
+
+# Copied from clip.py: retrieval_metrics
+@torch.no_grad()
+def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
+    """R@k both ways for paired rows, chunked so N x N similarities are never held at once."""
+    out = {}
+    for name, q, k in (("i2t", image_features, text_features), ("t2i", text_features, image_features)):
+        ranks = []
+        for i in range(0, q.shape[0], chunk):
+            sims = q[i:i + chunk] @ k.T
+            target = sims[torch.arange(sims.shape[0]), torch.arange(i, i + sims.shape[0])]
+            ranks.append((sims > target[:, None]).sum(1))
+        ranks = torch.cat(ranks)
+        for kk in ks:
+            out[f"{name}_r{kk}"] = (ranks < kk).float().mean().item()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight loading: OpenAI / open_clip layouts and this repository's checkpoints
+
+
+# Copied from clip.py: read_state_dict
+def read_state_dict(path):
+    """A TorchScript archive (OpenAI's releases), a plain state dict (.pt/.bin/.pth) or .safetensors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
+        return load_file(path), None
+    try:
+        sd = torch.jit.load(path, map_location="cpu").state_dict()
+    except RuntimeError:  # not TorchScript
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    extra = None
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):  # our train.py checkpoint
+        extra = sd.get("extra")
+        sd = sd["model"]
+    elif isinstance(sd, dict) and "state_dict" in sd:  # open_clip training checkpoint
+        sd = sd["state_dict"]
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return sd, extra
+
+
+# Copied from clip.py: config_from_state_dict
+def config_from_state_dict(sd, quick_gelu=True):
+    """Infer the shapes from an OpenAI-layout state dict, as OpenAI's build_model does."""
+    if "visual.conv1.weight" not in sd:
+        if "visual.layer1.0.conv1.weight" in sd:
+            raise ValueError("ResNet CLIP checkpoints are not supported: clip.py implements the ViT models")
+        raise ValueError("not an OpenAI-layout CLIP state dict (no visual.conv1.weight)")
+    width, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    text_width = sd["ln_final.weight"].shape[0]
+
+    def count(prefix):
+        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+    return Config(embed_dim=sd["text_projection"].shape[1], image_size=patch * grid, patch_size=patch,
+                  vision_width=width, vision_layers=count("visual.transformer.resblocks."), vision_heads=width // 64,
+                  context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
+                  text_width=text_width, text_layers=count("transformer.resblocks."), text_heads=text_width // 64,
+                  quick_gelu=quick_gelu)
+
+
+# Copied from clip.py: load
+def load(path, device="cpu", quick_gelu=None, tokenizer=None):
+    """(model, preprocess) from a checkpoint, like OpenAI's clip.load but from a local file only.
+
+    OpenAI-layout files carry no config: shapes are inferred and QuickGELU is assumed (OpenAI's
+    weights need it; pass quick_gelu=False for open_clip models trained with GELU). tokenizer: a
+    tokenizer file for model.encode_texts (this repository's checkpoints carry their own).
+    """
+    sd, extra = read_state_dict(path)
+    if extra is not None:
+        model = create(None, extra=extra)
+    else:
+        cfg = config_from_state_dict(sd, True if quick_gelu is None else quick_gelu)
+        model = CLIP(cfg, Tokenizer.from_file(tokenizer, cfg.context_length) if tokenizer else None)
+    for key in ("input_resolution", "context_length", "vocab_size"):  # metadata in OpenAI's archives
+        sd.pop(key, None)
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    model.to(device).eval()
+    return model, ImageTransform(model.cfg.image_size, train=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewrite generation: `python laclip.py rewrite --captions IN.txt --out OUT.txt --endpoint URL`
+#
+# Drives any OpenAI-compatible completion server (llama.cpp's llama-server, vLLM, ...) with LaCLIP's
+# in-context prompt: an instruction, three "source => target" examples drawn from a pool of meta
+# pairs, then "caption =>"; the first generated line is the rewrite. Standard-library HTTP only.
+
+PROMPT_HEAD = "write image captions differently,"
+# Our own pool of 16 meta pairs (the paper's pairs came from chatbots and humans; any will do).
+META_PAIRS = [
+    ("a dog running on the beach", "a happy dog sprints along the sandy shore at low tide"),
+    ("two people riding bicycles", "a pair of cyclists pedal side by side down a quiet road"),
+    ("a plate of pasta with tomato sauce", "spaghetti covered in a rich red sauce served on a white dish"),
+    ("a red car parked on the street", "a shiny red sedan sits by the curb of a city street"),
+    ("a cat sleeping on a couch", "a tabby cat naps curled up on the soft cushions of a sofa"),
+    ("mountains covered in snow", "snowy peaks rise above a valley under a clear blue sky"),
+    ("a man playing guitar", "a musician strums an acoustic guitar on a small stage"),
+    ("children playing in a park", "kids run and laugh together on the grass of a sunny park"),
+    ("a bowl of fresh fruit", "apples, bananas and grapes piled high in a wooden bowl"),
+    ("an airplane in the sky", "a passenger jet flies high above the clouds"),
+    ("a city skyline at night", "tall buildings glow with lights against the dark evening sky"),
+    ("a woman reading a book", "a young woman sits by the window absorbed in a novel"),
+    ("a boat on a lake", "a small rowing boat floats on calm water surrounded by trees"),
+    ("a bird on a branch", "a little songbird perches on a thin branch of a tree"),
+    ("a cup of coffee on a table", "a steaming mug of coffee rests on a wooden cafe table"),
+    ("a train at a station", "a long passenger train waits at the platform of a busy station"),
+]
+
+
+class RewriteError(Exception):
+    pass
+
+
+def rewrite_prompt(caption, pairs):
+    return "\n".join([PROMPT_HEAD] + [f"{s} => {t}" for s, t in pairs] + [f"{caption} =>"])
+
+
+def completions_url(endpoint):
+    url = endpoint.rstrip("/")
+    if url.endswith("/completions"):
+        return url
+    return url + ("/completions" if url.endswith("/v1") else "/v1/completions")
+
+
+def request_rewrite(url, caption, pairs, args):
+    """One rewrite, retried with exponential backoff on server errors, time-outs and refused connections."""
+    import json
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    payload = json.dumps({"model": args.model, "prompt": rewrite_prompt(caption, pairs), "max_tokens": args.max_tokens,
+                          "temperature": args.temperature, "top_p": args.top_p, "stop": ["\n"]}).encode()
+    delay, error = args.backoff, None
+    for attempt in range(args.retries + 1):
+        if attempt:
+            time.sleep(delay)
+            delay = min(2 * delay, 60)
+        try:
+            request = urllib.request.Request(url, data=payload, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=args.timeout) as response:
+                text = json.load(response)["choices"][0]["text"]
+            return text.strip().split("\n")[0].strip()  # the first generated line
+        except urllib.error.HTTPError as e:
+            if e.code < 500 and e.code != 429:  # the request itself is wrong: retrying will not help
+                raise RewriteError(f"{url} refused the request: HTTP {e.code} {e.read()[:300]!r}") from None
+            error = f"HTTP {e.code}"
+        except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
+            error = str(getattr(e, "reason", e))
+        except (ValueError, KeyError, IndexError) as e:
+            raise RewriteError(f"{url} did not answer as an OpenAI-compatible completion server: {e!r}") from None
+    raise RewriteError(f"no answer from {url} after {args.retries + 1} tries (last: {error}). Is the completion "
+                       f"server running (llama.cpp: llama-server -m MODEL.gguf --port 8080; vLLM: vllm serve MODEL)? "
+                       f"Start it or fix --endpoint, then run the same command again: it continues where it stopped")
+
+
+def rewrite_main(argv=None):
+    import argparse
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = argparse.ArgumentParser(prog="laclip.py rewrite", description="Write LaCLIP caption rewrites with a local LLM.")
+    p.add_argument("--captions", required=True, help="input: one caption per line")
+    p.add_argument("--out", required=True, help="output: one rewrite per input line, in order (.K before the "
+                   "extension per rewrite when --rewrites > 1: the official one-file-per-source layout)")
+    p.add_argument("--endpoint", required=True, help="server URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--model", default="default", help="model name sent to the server")
+    p.add_argument("--meta-pairs", default=None, help="file of 'source => target' lines (default: built in)")
+    p.add_argument("--rewrites", type=int, default=1, help="rewrites per caption")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="for drawing the 3 example pairs of each prompt")
+    p.add_argument("--temperature", type=float, default=0.9)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-tokens", type=int, default=77)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--retries", type=int, default=5)
+    p.add_argument("--backoff", type=float, default=1.0, help="first wait between tries, doubled each time")
+    args = p.parse_args(argv)
+
+    if not os.path.isfile(args.captions):
+        raise SystemExit(f"laclip.py rewrite: {args.captions}: no such file")
+    with open(args.captions, encoding="utf-8") as f:
+        captions = f.read().splitlines()
+    pairs = META_PAIRS
+    if args.meta_pairs:
+        with open(args.meta_pairs, encoding="utf-8") as f:
+            pairs = [tuple(x.strip() for x in line.split("=>", 1)) for line in f if "=>" in line]
+        if len(pairs) < 3:
+            raise SystemExit(f"laclip.py rewrite: {args.meta_pairs}: needs at least 3 'source => target' lines")
+    root, ext = os.path.splitext(args.out)
+    outs = [args.out] if args.rewrites == 1 else [f"{root}.{k}{ext}" for k in range(args.rewrites)]
+    # Resume: keep the lines every output already has, drop a partly written last line.
+    done = len(captions)
+    for path in outs:
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                done = min(done, len(f.read().split("\n")) - 1)
+        else:
+            done = 0
+    for path in outs:
+        lines = open(path, encoding="utf-8").read().split("\n")[:done] if os.path.exists(path) else []
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
+    url = completions_url(args.endpoint)
+
+    def job(item):
+        i, k = item
+        rng = random.Random(f"{args.seed}-{i}-{k}")
+        text = request_rewrite(url, captions[i], rng.sample(pairs, 3), args)
+        return text or captions[i]  # an empty rewrite: keep the original rather than a blank line
+
+    files = [open(path, "a", encoding="utf-8") for path in outs]
+    pool = ThreadPoolExecutor(args.concurrency)
+    try:
+        for start in range(done, len(captions), 256):  # in chunks: results are written in input order
+            items = [(i, k) for i in range(start, min(start + 256, len(captions))) for k in range(args.rewrites)]
+            results = pool.map(job, items)
+            for i in range(start, min(start + 256, len(captions))):
+                for f in files:
+                    f.write(next(results).replace("\n", " ") + "\n")
+                for f in files:
+                    f.flush()
+    except RewriteError as e:
+        raise SystemExit(f"laclip.py rewrite: {e}") from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for f in files:
+            f.close()
+    print(f"{len(captions) - done} captions rewritten ({done} were already done) -> {', '.join(outs)}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["rewrite"]:
+        raise SystemExit("usage: python laclip.py rewrite --captions IN.txt --out OUT.txt --endpoint URL "
+                         "(train with: torchrun train.py --model laclip)")
+    rewrite_main(sys.argv[2:])
