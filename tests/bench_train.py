@@ -1,0 +1,134 @@
+"""Training throughput of a model file: samples/s, TFLOP/s, MFU and peak memory, measured in one run.
+
+    python tests/bench_train.py --model clip --size ViT-B-32 --batch-size 256            # on a GPU
+    python tests/bench_train.py --model clip --size ViT-B-16 --compile --loader 8 --open-clip
+    python tests/bench_train.py --model clip --size tiny --device cpu --steps 5           # smoke test
+
+Data in device memory isolates the model (one real batch, reused); --loader N also times the real
+loader with N workers alone, to show whether it keeps up. --open-clip times open_clip's model of the
+same name and its ClipLoss back to back, when the open_clip package is installed (never a dependency).
+FLOPs are counted by torch's FlopCounterMode on one step (matmuls and attention, forward + backward).
+"""
+import argparse
+import importlib
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data as datalib  # noqa: E402
+
+
+def step_fn(model, loss_fn, opt, device):
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step(batch):
+        with autocast:
+            loss = loss_fn(model(batch))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def timed(step, batch, steps, device):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(batch)
+    for _ in range(3):  # warm-up (and compilation)
+        step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(steps):
+        loss = step(batch)
+    loss.item()
+    seconds = (time.perf_counter() - t) / steps
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    return seconds, counter.get_total_flops(), peak
+
+
+def report(name, b, seconds, flops, peak, peak_tflops):
+    tflops = flops / seconds / 1e12
+    print(f"{name:<28} {b / seconds:10.1f} samples/s {tflops:8.1f} TFLOP/s  MFU {tflops / peak_tflops:6.1%}  "
+          f"peak {peak:6.2f} GiB", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="clip")
+    p.add_argument("--size", default="ViT-B-32")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--loader", type=int, default=0, help="also time the real loader with this many workers")
+    p.add_argument("--open-clip", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    module = importlib.import_module(args.model)
+    margs = argparse.Namespace(size=args.size, tokenizer=None, quick_gelu=False, multi_text=False, max_rewrites=4)
+    ds = datalib.Synthetic(0, "train", 10_000)
+    model = module.create(margs, ds.caption_corpus()).to(device)
+    batches = datalib.TrainBatches(ds, model.transform(True), args.batch_size)
+    batch = batches[0]
+    for k in ("_skips", "_notes", "label"):
+        batch.pop(k, None)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    print(f"# {args.model} {args.size}, batch {args.batch_size}, {device} "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else ''}, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d')}")
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    fwd = torch.compile(model) if args.compile else model
+    seconds, flops, peak = timed(step_fn(fwd, model.loss, opt, device), batch, args.steps, device)
+    report(f"ours{' +compile' if args.compile else ''}", args.batch_size, seconds, flops, peak, args.peak_tflops)
+
+    if args.open_clip:
+        try:
+            import open_clip
+        except ImportError:
+            print("open_clip is not installed: pip install open_clip_torch (on the benchmark machine only)")
+        else:
+            oc = open_clip.create_model(args.size, precision="fp32", device=device)
+            oc_loss = open_clip.ClipLoss()
+            oc_opt = torch.optim.AdamW(oc.parameters(), lr=1e-4, fused=device.type == "cuda")
+            ofwd = torch.compile(oc) if args.compile else oc
+            images = batch["image"]
+            text = torch.randint(0, 49407, (args.batch_size, 77), device=device)
+
+            def oc_step(_):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    out = ofwd(images, text)
+                    loss = oc_loss(out["image_features"], out["text_features"], out["logit_scale"])
+                loss.backward()
+                oc_opt.step()
+                oc_opt.zero_grad(set_to_none=True)
+                return loss
+
+            s2, f2, p2 = timed(oc_step, None, args.steps, device)
+            report(f"open_clip{' +compile' if args.compile else ''}", args.batch_size, s2, f2, p2, args.peak_tflops)
+            print(f"ours / open_clip samples/s: {s2 / seconds:.2f}x")
+
+    if args.loader:
+        it = iter(datalib.loader(batches, start=1, stop=1 + 4 * args.loader + args.steps, workers=args.loader))
+        for _ in range(2 * args.loader):  # let every worker start
+            next(it)
+        t = time.perf_counter()
+        n = 0
+        for b in it:
+            n += b["image"].shape[0]
+        rate = n / (time.perf_counter() - t)
+        print(f"loader, {args.loader} workers:      {rate:10.1f} samples/s "
+              f"({rate / (args.batch_size / seconds):.2f}x the model's step rate)")
+
+
+if __name__ == "__main__":
+    main()
