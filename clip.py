@@ -768,16 +768,6 @@ def config_and_tokenizer(args, captions=(), extra=None):
 
 def create(args, captions=(), extra=None):
     return CLIP(*config_and_tokenizer(args, captions, extra))
-    if args.size not in CONFIGS:
-        raise ValueError(f"unknown --size {args.size!r}; choose one of {', '.join(CONFIGS)}")
-    cfg = Config(**asdict(CONFIGS[args.size]))
-    cfg.quick_gelu = getattr(args, "quick_gelu", False)
-    if getattr(args, "tokenizer", None):
-        tok = Tokenizer.from_file(args.tokenizer, cfg.context_length)
-    else:
-        tok = Tokenizer.train(captions, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
-    cfg.vocab_size = tok.vocab_size
-    return CLIP(cfg, tok)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import clip
 from conftest import ROOT
