@@ -115,15 +115,12 @@ class Tokenizer:
 
     @staticmethod
     def _skeleton(model):
-        from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, pre_tokenizers
+        from tokenizers import Regex, Tokenizer as HFTokenizer, pre_tokenizers
 
-        from tokenizers.models import BPE
-
-        tok = HFTokenizer(model if model is not None else BPE())
+        tok = HFTokenizer(model)
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        tok.decoder = decoders.ByteLevel()
         return tok
 
     @classmethod
@@ -162,7 +159,9 @@ class Tokenizer:
         import heapq
         from collections import Counter, defaultdict
 
-        pre = cls._skeleton(None).pre_tokenizer
+        from tokenizers.models import BPE
+
+        pre = cls._skeleton(BPE()).pre_tokenizer
         words = Counter()
         for t in texts:
             for piece, _ in pre.pre_tokenize_str(clean_text(t)):
@@ -214,9 +213,6 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         return cls(HFTokenizer.from_str(s), context_length)
-
-    def encode(self, text):
-        return self.tokenizer.encode(clean_text(text), add_special_tokens=False).ids
 
     def __call__(self, texts):
         if isinstance(texts, str):

@@ -153,3 +153,12 @@ def test_trained_tokenizer_has_eot_highest_and_round_trips():
 def test_missing_tokenizer_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json"):
         clip.Tokenizer.from_file(str(tmp_path / "nope.json"))
+
+
+def test_training_is_deterministic():
+    # The tokenizers library's trainer breaks ties differently from call to call; the same captions
+    # (and so the same seed) must always give the same vocabulary, or runs are not reproducible.
+    corpus = CORPUS + [f"a {c} {s} on a {b} background" for c in ("red", "blue", "green") for s in ("circle", "square")
+                       for b in ("gray", "black")]
+    first = clip.Tokenizer.train(corpus, vocab_size=600).to_str()
+    assert all(clip.Tokenizer.train(corpus, vocab_size=600).to_str() == first for _ in range(4))
