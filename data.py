@@ -7,7 +7,12 @@ sample index), and global batch k always holds the same samples, so batches do n
 number of ranks or loader workers, and a run resumes mid-epoch from its step alone.
 """
 import csv
+import io
+import json
 import os
+import re
+import sys
+import tarfile
 
 import numpy as np
 import torch
@@ -214,6 +219,342 @@ class CsvData:
 
 
 # ----------------------------------------------------------------------------------------------
+# Tar shards in the webdataset / img2dataset layout, read as streams with the standard library
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_braces(pattern):
+    """'d/{00000..00123}.tar' (zero padding kept) and 'd/{a,b}.tar', any number of braces."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
+    items = [str(i).zfill(len(r.group(1))) for i in range(int(r.group(1)), int(r.group(2)) + 1)] if r \
+        else m.group(1).split(",")
+    return [x for item in items for x in expand_braces(pattern[:m.start()] + item + pattern[m.end():])]
+
+
+def is_shards(spec):
+    return spec is not None and spec != "synthetic" and all(
+        s.endswith(".tar") or os.path.isdir(s) or "{" in s for s in spec.split("::"))
+
+
+def shard_list(spec, weights=None):
+    """(paths, per-shard weights) from 'A/{000..099}.tar::B/{000..009}.tar' (or folders of .tar files)."""
+    sources = spec.split("::")
+    factors = [float(w) for w in weights.split("::")] if weights else [1.0] * len(sources)
+    if len(factors) != len(sources):
+        raise ValueError(f"--data-weights has {len(factors)} values for {len(sources)} sources in --data")
+    paths, per_shard = [], []
+    for source, factor in zip(sources, factors):
+        found = sorted(os.path.join(source, f) for f in os.listdir(source) if f.endswith(".tar")) \
+            if os.path.isdir(source) else expand_braces(source)
+        present = [f for f in found if os.path.isfile(f)]
+        if not present:
+            raise FileNotFoundError(f"{source}: no shard found (first expected: {found[0] if found else source}); "
+                                    f"check the path and the {{000..999}} range")
+        if len(present) < len(found):  # img2dataset leaves gaps where a shard failed to download
+            print(f"data.py: {len(found) - len(present)} of {len(found)} shards of {source} are missing "
+                  f"(e.g. {next(f for f in found if f not in present)}); training on the rest", file=sys.stderr)
+        paths += present
+        per_shard += [factor] * len(present)
+    return paths, np.array(per_shard) / sum(per_shard)
+
+
+def read_shard(path, problems):
+    """Yield (key, {extension: bytes}) for the samples of a tar, members grouped by webdataset's key
+    (the path up to the first dot of the file name). A damaged tar ends early, and says so."""
+    key, group, n = None, {}, 0
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, name = os.path.split(member.name)
+                if "." not in name or name.startswith("."):
+                    continue
+                stem, ext = name.split(".", 1)
+                if (folder, stem) != key:
+                    if group:
+                        yield key[1], group
+                        n += 1
+                    key, group = (folder, stem), {}
+                group[ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        problems.append("truncated or unreadable shard")
+        print(f"data.py: {path}: {type(e).__name__}: {e}; the samples before the damage are used", file=sys.stderr)
+        return  # the group being read when the damage hit may be incomplete: dropped
+    if group:
+        yield key[1], group
+        n += 1
+    if n == 0:
+        problems.append("empty shard")
+
+
+def decode_sample(key, group, path):
+    """{'image', 'text'} plus what a .json member holds ('rewrites', 'texts', 'label'), or SampleError."""
+    where = f"{path}:{key}"
+    meta = {}
+    if "json" in group:
+        try:
+            meta = json.loads(group["json"])
+        except ValueError:
+            meta = {}
+    text = group["txt"].decode("utf-8", "replace").strip() if "txt" in group else ""
+    if not text:
+        raise SampleError("missing or empty caption", where)
+    ext = next((e for e in IMAGE_EXTS if e in group), None)
+    if ext is None:
+        raise SampleError("no image", where)
+    try:
+        with Image.open(io.BytesIO(group[ext])) as img:
+            image = img.convert("RGB")
+    except Exception as e:
+        raise SampleError("unreadable image", f"{where}.{ext} ({type(e).__name__}: {e})") from None
+    sample = {"image": image, "text": text}
+    if isinstance(meta.get("rewrites"), list):
+        sample["rewrites"] = [r for r in meta["rewrites"] if isinstance(r, str) and r.strip()]
+    if isinstance(meta.get("texts"), dict):
+        sample["texts"] = meta["texts"]
+    label = meta.get("label", group.get("cls"))
+    if label is not None:
+        try:
+            sample["label"] = int(label)
+        except ValueError:
+            pass
+    return sample
+
+
+class Shards:
+    """A training set of tar shards, streamed. Only its shard list lives here; ShardBatches reads."""
+
+    def __init__(self, spec, weights=None, resampled=False, buffer=2000):
+        self.spec, self.paths, self.weights = spec, *shard_list(spec, weights)
+        if weights and not resampled:
+            raise ValueError("--data-weights needs --resampled: without it every shard is read once an epoch")
+        self.resampled, self.buffer = resampled, buffer
+
+    def caption_corpus(self, limit=100_000):
+        """Captions of the first shards, for a tokenizer trained on the data."""
+        n = 0
+        for path in self.paths:
+            for _, group in read_shard(path, []):
+                if "txt" in group:
+                    yield group["txt"].decode("utf-8", "replace")
+                    n += 1
+                    if n >= limit:
+                        return
+
+
+class ShardBatches(torch.utils.data.IterableDataset):
+    """This rank's training batches from tar shards, resumable mid-epoch.
+
+    The shards are split over slots = ranks x loader workers. Each epoch a slot reads its shards (a
+    permutation of all shards drawn from (seed, epoch) and dealt round-robin; or, resampled, shards
+    drawn with replacement by weight) through a shuffle buffer, and worker w of rank r yields batches
+    w, w + W, ... of that rank, so the loader hands out batches in order. Every batch carries its
+    slot's position (epoch, raw samples consumed), which the checkpoint stores; a resumed run reads
+    past exactly those samples without decoding them. Which samples share a batch depends on the
+    number of slots, so a resume needs the same ranks x workers.
+    """
+
+    def __init__(self, data, transform, batch_size, rank=0, world=1, seed=0, workers=0, position=None, start=0):
+        self.data, self.transform, self.b, self.rank, self.world, self.seed = data, transform, batch_size, rank, world, seed
+        self.start = start  # the first batch's number: loader worker 0 then plays the slot of batch `start`
+        self.workers = max(1, workers)
+        self.slots = self.world * self.workers
+        self.position = {}
+        if position:  # {slot: (epoch, consumed)} from a checkpoint
+            if position["slots"] != self.slots:
+                raise SystemExit(f"train.py: the checkpoint's data position is for {position['slots']} slots (ranks x "
+                                 f"--workers); resume with the same number of ranks and workers to continue the "
+                                 f"stream exactly")
+            self.position = {int(k): tuple(v) for k, v in position["at"].items()}
+
+    def shards_of(self, slot, epoch):
+        """(paths, sample stride): shards dealt to slot, or all shards when there are fewer than slots."""
+        rng = np.random.default_rng([self.seed, epoch, ORDER])
+        paths, n = self.data.paths, len(self.data.paths)
+        if self.data.resampled:
+            picks = rng.choice(n, size=max(n, self.slots), p=self.data.weights)
+        else:
+            picks = rng.permutation(n)
+        if len(picks) >= self.slots:
+            return [paths[i] for i in picks[slot::self.slots]], 1
+        return [paths[i] for i in picks], self.slots  # every slot reads all, keeps every slots-th sample
+
+    def raw(self, slot, epoch, problems):
+        """The slot's raw samples of one epoch, in shuffle-buffer order: (key, group, path)."""
+        paths, stride = self.shards_of(slot, epoch)
+        rng = np.random.default_rng([self.seed, epoch, slot, ORDER])
+        buffer, i = [], 0
+        for path in paths:
+            for key, group in read_shard(path, problems):
+                i += 1
+                if stride > 1 and (i - 1) % stride != slot:
+                    continue
+                buffer.append((key, group, path))
+                if len(buffer) >= self.data.buffer:
+                    j = int(rng.integers(len(buffer)))
+                    buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                    yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        if n_workers != self.workers:
+            raise RuntimeError(f"ShardBatches was set up for {self.workers} workers, runs under {n_workers}")
+        slot = self.rank * self.workers + (w + self.start) % self.workers
+        epoch, consumed = self.position.get(slot, (0, 0))
+        problems, skips, notes, items = [], [], [], []
+        while True:
+            stream, seen, first_error = self.raw(slot, epoch, problems), 0, None
+            for key, group, path in stream:
+                seen += 1
+                if seen <= consumed:
+                    continue  # already trained on before the checkpoint
+                try:
+                    sample = decode_sample(key, group, path)
+                    rng = np.random.default_rng([self.seed, epoch, slot, seen, AUGMENT])
+                    out = self.transform(sample, rng)
+                except SampleError as e:
+                    skips.append(e.reason)
+                    first_error = first_error or str(e)
+                    if len(skips) >= MAX_TRIES and not items:
+                        raise RuntimeError(f"{self.data.spec}: {MAX_TRIES} samples in a row could not be used "
+                                           f"(first: {first_error})") from None
+                    continue
+                if "label" in sample:
+                    out["label"] = torch.tensor(sample["label"])
+                if "rewrites" in sample and not sample["rewrites"]:
+                    notes.append("no rewrites: original caption used")
+                items.append(out)
+                if len(items) == self.b:
+                    batch = collate(items)
+                    batch["_skips"], batch["_notes"] = skips + problems, notes
+                    batch["_position"] = (slot, epoch, seen)
+                    yield batch
+                    problems, skips, notes, items = [], [], [], []
+            if seen == 0:
+                raise RuntimeError(f"{self.data.spec}: no readable sample in the shards of slot {slot} "
+                                   f"({', '.join(self.shards_of(slot, epoch)[0][:3])} ...); check the files")
+            epoch, consumed = epoch + 1, 0
+
+
+class ShardIndex:
+    """A held-out set of (uncompressed) tar shards, indexed once for random access: validation data."""
+
+    def __init__(self, spec):
+        self.spec, self.path = spec, spec
+        paths, _ = shard_list(spec)
+        self.items = []  # (path, key, {ext: (offset, size)})
+        for path in paths:
+            groups = {}
+            try:
+                with tarfile.open(path) as tar:
+                    for m in tar:
+                        folder, name = os.path.split(m.name)
+                        if m.isfile() and "." in name and not name.startswith("."):
+                            stem, ext = name.split(".", 1)
+                            groups.setdefault(f"{folder}/{stem}", {})[ext.lower()] = (m.offset_data, m.size)
+            except (tarfile.TarError, EOFError, OSError) as e:
+                print(f"data.py: {path}: {type(e).__name__}: {e}; indexing the samples before the damage",
+                      file=sys.stderr)
+            self.items += [(path, key, g) for key, g in groups.items()]
+        if not self.items:
+            raise ValueError(f"{spec}: no sample in these shards")
+
+    def __len__(self):
+        return len(self.items)
+
+    def sample(self, index, rng):
+        path, key, members = self.items[index]
+        group = {}
+        with open(path, "rb") as f:
+            for ext, (offset, size) in members.items():
+                f.seek(offset)
+                group[ext] = f.read(size)
+        return decode_sample(key, group, path)
+
+    def caption_corpus(self, limit=100_000):
+        return (self.sample(i, None)["text"] for i in range(min(limit, len(self))))
+
+
+# The 80 prompt templates of CLIP's ImageNet zero-shot evaluation (OpenAI, CLIP repository,
+# notebooks/Prompt_Engineering_for_ImageNet.ipynb), written as "|"-separated data.
+IMAGENET_TEMPLATES = (
+    "a bad photo of a {}.|a photo of many {}.|a sculpture of a {}.|a photo of the hard to see {}.|"
+    "a low resolution photo of the {}.|a rendering of a {}.|graffiti of a {}.|a bad photo of the {}.|"
+    "a cropped photo of the {}.|a tattoo of a {}.|the embroidered {}.|a photo of a hard to see {}.|"
+    "a bright photo of a {}.|a photo of a clean {}.|a photo of a dirty {}.|a dark photo of the {}.|"
+    "a drawing of a {}.|a photo of my {}.|the plastic {}.|a photo of the cool {}.|a close-up photo of a {}.|"
+    "a black and white photo of the {}.|a painting of the {}.|a painting of a {}.|a pixelated photo of the {}.|"
+    "a sculpture of the {}.|a bright photo of the {}.|a cropped photo of a {}.|a plastic {}.|"
+    "a photo of the dirty {}.|a jpeg corrupted photo of a {}.|a blurry photo of the {}.|a photo of the {}.|"
+    "a good photo of the {}.|a rendering of the {}.|a {} in a video game.|a photo of one {}.|a doodle of a {}.|"
+    "a close-up photo of the {}.|a photo of a {}.|the origami {}.|the {} in a video game.|a sketch of a {}.|"
+    "a doodle of the {}.|a origami {}.|a low resolution photo of a {}.|the toy {}.|a rendition of the {}.|"
+    "a photo of the clean {}.|a photo of a large {}.|a rendition of a {}.|a photo of a nice {}.|"
+    "a photo of a weird {}.|a blurry photo of a {}.|a cartoon {}.|art of a {}.|a sketch of the {}.|"
+    "a embroidered {}.|a pixelated photo of a {}.|itap of the {}.|a jpeg corrupted photo of the {}.|"
+    "a good photo of a {}.|a plushie {}.|a photo of the nice {}.|a photo of the small {}.|"
+    "a photo of the weird {}.|the cartoon {}.|art of the {}.|a drawing of the {}.|a photo of the large {}.|"
+    "a black and white photo of a {}.|the plushie {}.|a dark photo of a {}.|itap of a {}.|graffiti of the {}.|"
+    "a toy {}.|itap of my {}.|a photo of a cool {}.|a photo of a small {}.|a tattoo of the {}.").split("|")
+
+
+class ImageFolder:
+    """Zero-shot classification on an ImageNet-style folder: one sub-folder per class.
+
+    Class names: classnames.txt in the folder (one a line, in the sorted order of the sub-folders),
+    else the sub-folder names with '_' as spaces. Templates: a file (one a line, '{}' for the name)
+    or CLIP's 80 ImageNet templates."""
+
+    def __init__(self, root, templates=None):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"{root}: no such folder (--zeroshot-data wants one sub-folder per class)")
+        classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        if not classes:
+            raise ValueError(f"{root}: no class sub-folders (--zeroshot-data wants one sub-folder per class)")
+        names = [c.replace("_", " ") for c in classes]
+        listed = os.path.join(root, "classnames.txt")
+        if os.path.isfile(listed):
+            names = [line.strip() for line in open(listed, encoding="utf-8") if line.strip()]
+            if len(names) != len(classes):
+                raise ValueError(f"{listed}: {len(names)} names for {len(classes)} class folders; one a line, "
+                                 f"in the sorted order of the folders")
+        if templates:
+            if not os.path.isfile(templates):
+                raise FileNotFoundError(f"{templates}: no such template file (--zeroshot-templates)")
+            tpl = [line.strip() for line in open(templates, encoding="utf-8") if "{}" in line]
+            if not tpl:
+                raise ValueError(f"{templates}: no line with '{{}}' where the class name goes")
+        else:
+            tpl = IMAGENET_TEMPLATES
+        self.path, self.classnames, self.templates = root, {"en": names}, {"en": tpl}
+        exts = tuple("." + e for e in IMAGE_EXTS)
+        self.items = [(os.path.join(root, c, f), k) for k, c in enumerate(classes)
+                      for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(exts)]
+        if not self.items:
+            raise ValueError(f"{root}: no .jpg/.jpeg/.png/.webp images in the class folders")
+
+    def __len__(self):
+        return len(self.items)
+
+    def sample(self, index, rng):
+        path, label = self.items[index]
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except Exception as e:
+            raise SampleError("unreadable image", f"{path} ({type(e).__name__}: {e})") from None
+        return {"image": image, "text": self.classnames["en"][label], "label": label}
+
+
+# ----------------------------------------------------------------------------------------------
 # Loading batches
 
 
@@ -274,21 +615,28 @@ class TrainBatches(torch.utils.data.Dataset):
 
 
 class EvalBatches(torch.utils.data.Dataset):
-    """The data in order, this rank's contiguous share, in batches."""
+    """The data in order, in global batches of batch_size x world; each rank gets its slice of each.
+
+    Every rank has the same number of full global batches first (those carry '_full', and the
+    validation loss is taken over them in lockstep); the remainder is spread over the ranks."""
 
     def __init__(self, data, transform, batch_size, rank=0, world=1, seed=0):
-        n = len(data)
-        self.lo, self.hi = rank * n // world, (rank + 1) * n // world
-        self.data, self.transform, self.b, self.seed = data, transform, batch_size, seed
+        n, g = len(data), batch_size * world
+        self.full = n // g
+        rest = n - self.full * g
+        lo = self.full * g + rank * rest // world
+        self.ranges = [range(k * g + rank * batch_size, k * g + (rank + 1) * batch_size) for k in range(self.full)]
+        if rank * rest // world < (rank + 1) * rest // world:
+            self.ranges.append(range(lo, self.full * g + (rank + 1) * rest // world))
+        self.data, self.transform, self.seed = data, transform, seed
 
     def __len__(self):
-        return -(-(self.hi - self.lo) // self.b)
+        return len(self.ranges)
 
     def __getitem__(self, k):
         skips = []
-        idx = range(self.lo + k * self.b, min(self.hi, self.lo + (k + 1) * self.b))
-        batch = collate([load_sample(self.data, self.transform, i, 0, self.seed, skips) for i in idx])
-        batch["_skips"], batch["_notes"] = skips, []
+        batch = collate([load_sample(self.data, self.transform, i, 0, self.seed, skips) for i in self.ranges[k]])
+        batch["_skips"], batch["_notes"], batch["_full"] = skips, [], k < self.full
         return batch
 
 
@@ -297,28 +645,52 @@ def _worker_init(_):
 
 
 def loader(batches, start=0, stop=None, workers=0):
-    """Batches start..stop-1 of a TrainBatches / EvalBatches, each built whole by one worker."""
+    """Batches start..stop-1 of a TrainBatches / EvalBatches, each built whole by one worker; a
+    ShardBatches streams from where it was set up to start."""
+    kw = dict(batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
+              prefetch_factor=4 if workers else None, persistent_workers=False)
+    if isinstance(batches, torch.utils.data.IterableDataset):
+        return torch.utils.data.DataLoader(batches, **kw)
     stop = len(batches) if stop is None else stop
-    return torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, stop), num_workers=workers,
-                                       worker_init_fn=_worker_init, prefetch_factor=4 if workers else None,
-                                       persistent_workers=False)
+    return torch.utils.data.DataLoader(batches, sampler=range(start, stop), **kw)
 
 
 def build(args):
-    """(train, val) data sets from the command line."""
+    """(train, val, zero-shot) data sets from the command line."""
+    zeroshot = ImageFolder(args.zeroshot_data, args.zeroshot_templates) if args.zeroshot_data else None
     if args.data == "synthetic":
         return (Synthetic(args.seed, "train", args.synthetic_size, args.synthetic_templates),
-                Synthetic(args.seed, "val", args.val_size))
+                Synthetic(args.seed, "val", args.val_size), zeroshot)
     kw = dict(img_key=args.csv_img_key, caption_key=args.csv_caption_key, separator=args.csv_separator)
     split = lambda v: [x for x in (v or "").split(",") if x]  # noqa: E731
-    train = CsvData(args.data, rewrite_keys=split(args.rewrite_columns), rewrite_files=split(args.rewrite_files), **kw)
-    val = CsvData(args.val_data, **kw) if args.val_data else None
-    return train, val
+    if is_shards(args.data):
+        train = Shards(args.data, args.data_weights, args.resampled, args.shuffle_buffer)
+    else:
+        train = CsvData(args.data, rewrite_keys=split(args.rewrite_columns), rewrite_files=split(args.rewrite_files), **kw)
+    val = None
+    if args.val_data:
+        val = ShardIndex(args.val_data) if is_shards(args.val_data) else CsvData(args.val_data, **kw)
+    return train, val, zeroshot
+
+
+def train_batches(data, transform, batch_size, rank, world, seed, workers, position=None, start=0):
+    if isinstance(data, Shards):
+        return ShardBatches(data, transform, batch_size, rank, world, seed, workers, position, start)
+    return TrainBatches(data, transform, batch_size, rank, world, seed)
 
 
 def add_args(parser):
-    parser.add_argument("--data", default="synthetic", help="'synthetic' (embedded default) or a .csv/.tsv file")
-    parser.add_argument("--val-data", default=None, help="held-out .csv/.tsv for retrieval metrics")
+    parser.add_argument("--data", default="synthetic",
+                        help="'synthetic' (embedded default), a .csv/.tsv file, or tar shards 'DIR/{00000..00099}.tar' "
+                             "(several sources joined with '::')")
+    parser.add_argument("--data-weights", default=None, help="sampling weight per '::' source (with --resampled)")
+    parser.add_argument("--resampled", action="store_true", help="draw shards with replacement (open_clip's meaning)")
+    parser.add_argument("--shuffle-buffer", type=int, default=2000, help="samples in each loader slot's shuffle buffer")
+    parser.add_argument("--val-data", default=None, help="held-out .csv/.tsv or shards: retrieval R@k and val loss")
+    parser.add_argument("--zeroshot-data", default=None,
+                        help="ImageNet-style folder (one sub-folder per class) for zero-shot top-1/top-5")
+    parser.add_argument("--zeroshot-templates", default=None,
+                        help="prompt templates, one a line with {} for the class name (default: CLIP's 80)")
     parser.add_argument("--csv-img-key", default="filepath")
     parser.add_argument("--csv-caption-key", default="title")
     parser.add_argument("--csv-separator", default=None, help="default: ',' for .csv, tab otherwise")
@@ -329,3 +701,52 @@ def add_args(parser):
     parser.add_argument("--rewrite-columns", default=None, help="CSV columns holding caption rewrites, comma-separated")
     parser.add_argument("--rewrite-files", default=None,
                         help="text files of rewrites, one per source, aligned by line with --data (LaCLIP's layout)")
+
+
+# ----------------------------------------------------------------------------------------------
+# python data.py shards --csv FILE --out DIR: shards from a CSV of local images
+
+
+def write_shards(csv_path, out, per_shard=10_000, img_key="filepath", caption_key="title", separator=None):
+    """Tar shards in img2dataset's layout (000000123.jpg/.txt/.json) from a CSV; returns the paths."""
+    data = CsvData(csv_path, img_key, caption_key, separator)
+    os.makedirs(out, exist_ok=True)
+    paths = []
+    for s in range(0, len(data), per_shard):
+        path = os.path.join(out, f"{s // per_shard:05d}.tar")
+        tmp = path + ".tmp"
+        with tarfile.open(tmp, "w") as tar:
+            for i in range(s, min(s + per_shard, len(data))):
+                src = os.path.join(data.root, data.images[i])
+                ext = os.path.splitext(src)[1].lower().lstrip(".")
+                if ext not in IMAGE_EXTS or not os.path.isfile(src):
+                    print(f"data.py: row {i + 2} of {csv_path}: {src} is missing or not a {'/'.join(IMAGE_EXTS)} "
+                          f"file; left out", file=sys.stderr)
+                    continue
+                key = f"{i:09d}"
+                members = [(ext, open(src, "rb").read()), ("txt", (data.texts[i] or "").encode()),
+                           ("json", json.dumps({"key": key, "caption": data.texts[i], "source": data.images[i]}).encode())]
+                for e, payload in members:
+                    info = tarfile.TarInfo(f"{key}.{e}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="data.py shards: write tar shards from a CSV/TSV of local images")
+    sub = p.add_subparsers(dest="command", required=True)
+    sp = sub.add_parser("shards")
+    sp.add_argument("--csv", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--per-shard", type=int, default=10_000)
+    sp.add_argument("--csv-img-key", default="filepath")
+    sp.add_argument("--csv-caption-key", default="title")
+    sp.add_argument("--csv-separator", default=None)
+    a = p.parse_args()
+    written = write_shards(a.csv, a.out, a.per_shard, a.csv_img_key, a.csv_caption_key, a.csv_separator)
+    print(f"wrote {len(written)} shards to {a.out}: {os.path.join(a.out, '{' + f'00000..{len(written) - 1:05d}' + '}.tar')}")

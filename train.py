@@ -185,36 +185,52 @@ def train_step(fwd, ddp, model, batch, accum, autocast, device):
 
 
 @torch.no_grad()
-def evaluate(model, module, val_data, args, rank, world, device, autocast):
+def evaluate(model, module, sets, args, rank, world, device, autocast):
+    """Retrieval R@k and validation loss on caption sets, zero-shot top-1/top-5 on labelled ones."""
     was_training = model.training
     model.eval()
-    batches = datalib.EvalBatches(val_data, model.transform(False), args.batch_size, rank, world, args.seed)
-    images, texts, labels = [], [], []
-    for batch in datalib.loader(batches, workers=args.workers):
-        batch.pop("_skips"), batch.pop("_notes")
-        label = batch.pop("label", None)
-        with autocast:
-            out = model({k: v.to(device, non_blocking=True) for k, v in batch.items()})
-        images.append(out["image"].float().cpu())
-        texts.append(out["text"].float().cpu())
-        if label is not None:
-            labels.append(label)
-    local = (torch.cat(images), torch.cat(texts), torch.cat(labels) if labels else None)
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, local)
-        local = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                 torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None)
-    image, text, label = local
     metrics = {}
-    if rank == 0:
-        metrics.update(module.retrieval_metrics(image, text))
-        if label is not None and hasattr(val_data, "classnames"):
-            for lang, names in val_data.classnames.items():
+    for data in sets:
+        if data is None:
+            continue
+        folder = isinstance(data, datalib.ImageFolder)  # labels only: no captions to retrieve
+        batches = datalib.EvalBatches(data, model.transform(False), args.batch_size, rank, world, args.seed)
+        images, texts, labels, loss_sum, n_full = [], [], [], 0.0, 0
+        for batch in datalib.loader(batches, workers=args.workers):
+            batch.pop("_skips"), batch.pop("_notes")
+            full = batch.pop("_full")
+            label = batch.pop("label", None)
+            with autocast:
+                out = model({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+                if full and not folder:  # every rank is here in lockstep: the loss's collectives line up
+                    loss_sum += model.loss(out).float().item()
+                    n_full += 1
+            images.append(out["image"].float().cpu())
+            texts.append(out["text"].float().cpu())
+            if label is not None:
+                labels.append(label)
+        local = (torch.cat(images), torch.cat(texts), torch.cat(labels) if labels else None, loss_sum, n_full)
+        parts = [local]
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, local)
+        if rank != 0:
+            continue
+        image, text = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        label = torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None
+        if not folder:
+            metrics.update(module.retrieval_metrics(image, text))
+            if parts[0][4]:
+                metrics["val_loss"] = sum(p[3] for p in parts) / sum(p[4] for p in parts)
+        if label is not None and hasattr(data, "classnames"):
+            for lang, names in data.classnames.items():
                 with autocast:
-                    clf = module.zero_shot_classifier(model, names, val_data.templates[lang]).float().cpu()
-                acc = ((image @ clf.T).argmax(1) == label).float().mean().item()
-                metrics["zeroshot_top1" if lang == "en" else f"zeroshot_top1_{lang}"] = acc
+                    clf = module.zero_shot_classifier(model, names, data.templates[lang]).float().cpu()
+                top = (image @ clf.T).topk(min(5, len(names)), dim=1).indices
+                suffix = "" if lang == "en" else f"_{lang}"
+                metrics[f"zeroshot_top1{suffix}"] = (top[:, 0] == label).float().mean().item()
+                if folder:
+                    metrics["zeroshot_top5"] = (top == label[:, None]).any(1).float().mean().item()
     model.train(was_training)
     return metrics
 
@@ -223,8 +239,8 @@ def evaluate(model, module, val_data, args, rank, world, device, autocast):
 # Checkpoints
 
 
-def save_checkpoint(path, model, opt, step, args, world, device):
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+def save_checkpoint(path, model, opt, step, args, world, device, data_position=None):
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "data": data_position,
              "samples_seen": step * args.batch_size * world, "extra": model.extra_state(), "args": vars(args),
              "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                      # numpy's key as a list: the checkpoint then loads with weights_only=True
@@ -254,7 +270,7 @@ def main(argv=None):
     ckpt = None
     if args.resume:
         ckpt = torch.load(find_checkpoint(args), map_location="cpu", weights_only=True)
-    train_data, val_data = datalib.build(args)
+    train_data, val_data, zeroshot_data = datalib.build(args)
     extra = ckpt["extra"] if ckpt else None
     if extra is None and world > 1:  # rank 0 builds (e.g. trains the tokenizer), the others copy it
         box = [module.create(args, train_data.caption_corpus()).extra_state() if rank == 0 else None]
@@ -298,7 +314,10 @@ def main(argv=None):
                 f.write(json.dumps(row) + "\n")
 
     stop = StopRequest()
-    batches = datalib.TrainBatches(train_data, model.transform(True), args.batch_size, rank, world, args.seed)
+    batches = datalib.train_batches(train_data, model.transform(True), args.batch_size, rank, world, args.seed,
+                                    args.workers, ckpt.get("data") if ckpt else None, step)
+    # Shards: this rank's slots -> (epoch, samples consumed) after the last batch trained on.
+    positions = {k: v for k, v in getattr(batches, "position", {}).items() if k // max(1, args.workers) == rank}
     data_iter = iter(datalib.loader(batches, start=step, stop=args.steps, workers=args.workers))
     global_batch = args.batch_size * world
     loss_sum, loss_n, skips, notes = torch.zeros((), device=device), 0, {}, {}
@@ -316,6 +335,9 @@ def main(argv=None):
         for note in batch.pop("_notes"):
             notes[note] = notes.get(note, 0) + 1
         batch.pop("label", None)
+        if "_position" in batch:
+            slot, epoch, consumed = batch.pop("_position")
+            positions[int(slot)] = (int(epoch), int(consumed))
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         lr = lr_at(step, args)
         for g in opt.param_groups:
@@ -358,8 +380,8 @@ def main(argv=None):
                       + (f" | {notes}" if notes else ""),
                       flush=True)
             loss_sum, loss_n, t_last, step_last = torch.zeros((), device=device), 0, now, step
-        if val_data is not None and ((args.eval_every and step % args.eval_every == 0) or last):
-            metrics = evaluate(model, module, val_data, args, rank, world, device, autocast)
+        if (val_data or zeroshot_data) is not None and ((args.eval_every and step % args.eval_every == 0) or last):
+            metrics = evaluate(model, module, (val_data, zeroshot_data), args, rank, world, device, autocast)
             if rank == 0:
                 log({"step": step, **metrics})
                 print("eval " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
@@ -372,8 +394,15 @@ def main(argv=None):
                 if not torch.isfinite(pending):
                     raise SystemExit(f"train.py: the loss became non-finite before step {step}; stopping. The last "
                                      f"good checkpoint is kept at {ckpt_path}")
+            data_position = None
+            if isinstance(batches, datalib.ShardBatches):
+                every = [positions]
+                if world > 1:
+                    every = [None] * world
+                    dist.all_gather_object(every, positions, group=control)
+                data_position = {"slots": batches.slots, "at": {str(k): list(v) for p in every for k, v in p.items()}}
             if rank == 0:
-                save_checkpoint(ckpt_path, model, opt, step, args, world, device)
+                save_checkpoint(ckpt_path, model, opt, step, args, world, device, data_position)
         if stopping:
             if rank == 0:
                 print(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with --resume", flush=True)

@@ -1,0 +1,895 @@
+"""CLIPPO (Tschannen et al. 2022, "Image-and-Language Understanding from Pixels Only") in one file.
+
+One Vision Transformer encodes both images and text, the text rendered as an image: no tokenizer,
+no embedding table, no parameter that belongs to one modality. Text is drawn in GNU Unifont's
+16 x 16 bitmap glyphs by the rules of big_vision's render_unifont (reproduced pixel for pixel when
+a Unifont .hex file is given), pooled by a MAP head and trained with CLIP's contrastive loss over
+the global batch. Optionally, a share of each batch are pairs of neighbouring sentences from a text
+corpus, both sides rendered (--text-pairs).
+
+Copy this file alone into another project and it works: it imports nothing from this repository.
+Same interface as clip.py (see its docstring): create, add_args, model.transform / forward / loss /
+after_step / encode_texts / extra_state, zero_shot_classifier, retrieval_metrics.
+"""
+import gzip
+import math
+import os
+import unicodedata
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    embed_dim: int = 768
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    pool: str = "map"  # map (attention pooling, the paper's), cls (a class token) or mean
+    # A GNU Unifont .hex file (render_unifont's exact output), a .ttf/.otf, or None: Pillow's built-in font.
+    font: str = None
+
+
+CONFIGS = {
+    # Small enough to train on two CPU cores in minutes on the synthetic data: 80 px holds 5 rows of
+    # about 12 characters, every prompt and nearly every synthetic caption whole.
+    "tiny": Config(embed_dim=128, image_size=80, patch_size=16, width=128, layers=4, heads=4),
+    "ViT-B-16": Config(),  # the paper's model
+    "ViT-L-16": Config(embed_dim=1024, width=1024, layers=24, heads=16),
+}
+
+# Images and rendered text both enter the ViT in [-1, 1] (big_vision's value_range(-1, 1)).
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+
+# ----------------------------------------------------------------------------------------------
+# Text rendering: render_unifont's layout over a glyph atlas, as array work
+#
+# Each code point is a 16 x 16 binary cell (an 8-wide Unifont glyph fills the left half, a code
+# point missing from the font is an empty cell). A glyph keeps its inked columns plus one blank
+# column on the left, at least 4 columns wide; glyph i goes to row floor(cumwidth_i / (size -
+# max width)) in float32, rows are 16 px apart, and whatever falls below the image is cut.
+
+CELL = 16
+
+
+def read_hex_font(path):
+    """{code point: [16, 16] bool cell} from a GNU Unifont .hex file ('XXXX:' + 32 or 64 hex digits)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such font file; give a GNU Unifont .hex (Debian: apt install unifont, "
+                                f"then /usr/share/unifont/unifont.hex), a .ttf/.otf, or no font for Pillow's own")
+    glyphs = {}
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="ascii", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            code, sep, bits = line.strip().partition(":")
+            if not line.strip() or line.startswith("#"):
+                continue
+            try:
+                if not sep or len(bits) not in (32, 64):
+                    raise ValueError
+                rows = np.frombuffer(bytes.fromhex(bits), np.uint8).reshape(CELL, -1)
+                cp = int(code, 16)
+            except ValueError:
+                raise ValueError(f"{path}:{n}: not a .hex glyph line ('XXXX:' and 32 or 64 hex digits)") from None
+            cell = np.zeros((CELL, CELL), bool)
+            cell[:, :rows.shape[1] * 8] = np.unpackbits(rows, axis=1)  # most significant bit = leftmost pixel
+            glyphs[cp] = cell
+    if not glyphs:
+        raise ValueError(f"{path}: no glyphs; is it a GNU Unifont .hex file?")
+    return glyphs
+
+
+def _pillow_font(font):
+    """The largest size of a TrueType/OpenType font (or Pillow's built-in one) whose lines fit 16 px."""
+    from PIL import ImageFont
+
+    if font is not None and not os.path.isfile(font):
+        raise FileNotFoundError(f"{font}: no such font file; give a .hex/.ttf/.otf path, or no font for Pillow's own")
+    for size in range(CELL, 5, -1):
+        try:
+            f = ImageFont.truetype(font, size) if font else ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1 has only the fixed 11-px bitmap font
+            return ImageFont.load_default()
+        if not hasattr(f, "getmetrics") or sum(f.getmetrics()) <= CELL:  # a bitmap font: take it as it is
+            return f
+    return f
+
+
+class TextRenderer:
+    """Strings -> uint8 [N, size, size] images of the text: ink 0 on background 127.
+
+    font: a GNU Unifont .hex file (pixel for pixel big_vision's render_unifont), a .ttf/.otf file, or
+    None for Pillow's built-in font; Pillow fonts are rasterised once per code point into the same
+    16 x 16 cells and laid out by the same rules. glyphs: .hex lines that take precedence (how a
+    checkpoint carries the glyphs it was trained with).
+    """
+
+    def __init__(self, font=None, image_size=224, max_chars=768, background=127, ink=0, glyphs=(), rasterise=None):
+        if image_size < 2 * CELL:
+            raise ValueError(f"image_size {image_size}: text rendering needs at least {2 * CELL} px")
+        self.font, self.size, self.max_chars, self.background, self.ink = font, image_size, max_chars, background, ink
+        self.hex = font is not None and font.endswith((".hex", ".hex.gz"))
+        self._font = None  # the Pillow font, loaded on first use (it does not pickle)
+        # Code point -> row of the atlas; row 0 is the empty cell, -1 a code point not rasterised yet
+        # (with a .hex font, or rasterise=False, a code point without a glyph stays an empty cell).
+        rasterise = not self.hex if rasterise is None else rasterise
+        self.index = np.full(0x110000, -1 if rasterise else 0, np.int32)
+        self.columns = [np.zeros((CELL, 2), np.uint8)]  # per glyph: each column's 16 pixels as 2 bytes
+        self.first, self.width = [0], [4]
+        for cp, cell in (read_hex_font(font) if self.hex else {}).items():
+            self.add(cp, cell)
+        for line in glyphs:
+            code, _, bits = line.partition(":")
+            rows = np.frombuffer(bytes.fromhex(bits), np.uint8).reshape(CELL, -1)
+            cell = np.zeros((CELL, CELL), bool)
+            cell[:, :rows.shape[1] * 8] = np.unpackbits(rows, axis=1)
+            self.add(int(code, 16), cell)
+        self._freeze()
+
+    def add(self, cp, cell):
+        """Put one 16 x 16 cell in the atlas, trimmed to its ink as render_unifont trims it."""
+        inked = np.flatnonzero(cell.any(0))
+        first, last = (inked[0], inked[-1]) if inked.size else (0, 0)
+        first = max(first - 1, 0)
+        last = max(last + 1, first + 4)
+        self.index[cp] = len(self.first)
+        self.first.append(first)
+        self.width.append(min(last, CELL) - first)  # a slice past the cell's edge stops at the edge
+        self.columns.append(np.packbits(cell.T, axis=1))
+        self._dirty = True
+
+    def _freeze(self):
+        if getattr(self, "_dirty", True):
+            self._columns = np.stack(self.columns)
+            self._first, self._width = np.array(self.first), np.array(self.width)
+            self._dirty = False
+
+    def _rasterise(self, cp):
+        from PIL import Image, ImageDraw
+
+        img = Image.new("L", (CELL, CELL), 0)
+        ch = chr(cp)
+        if unicodedata.category(ch)[0] not in "CZ":  # controls and separators draw nothing
+            if self._font is None:
+                self._font = _pillow_font(self.font)
+            ImageDraw.Draw(img).text((1, 0), ch, fill=255, font=self._font)
+        self.add(cp, np.asarray(img) > 127)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_font"} | {"_font": None}
+
+    def hex_lines(self, codepoints):
+        """.hex lines of the cells used for these code points (what a checkpoint stores)."""
+        self.glyph_ids(np.asarray(codepoints))
+        out = []
+        for cp in codepoints:
+            g = self.index[cp]
+            if g > 0:
+                cols = self._columns[g]  # [16 columns, 2 bytes]
+                cell = np.unpackbits(cols, axis=1).T  # [16 rows, 16 columns]
+                out.append(f"{cp:04X}:" + np.packbits(cell, axis=1).tobytes().hex().upper())
+        return out
+
+    def glyph_ids(self, codes):
+        g = self.index[codes]
+        if (g < 0).any():  # a Pillow font meets new code points: rasterise each once
+            for cp in np.unique(codes[g < 0]):
+                self._rasterise(int(cp))
+            self._freeze()
+            g = self.index[codes]
+        return g
+
+    def __call__(self, texts):
+        if isinstance(texts, str):
+            texts = [texts]
+        n, size = len(texts), self.size
+        lengths = np.fromiter(map(len, texts), np.int64, n)
+        codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), np.uint32).astype(np.int64)
+        codes = np.where((codes >= 65) & (codes <= 90), codes + 32, codes)  # ASCII-only lower-casing, as TF's
+        starts = np.cumsum(lengths) - lengths
+        if lengths.max(initial=0) > self.max_chars:
+            pos = np.arange(codes.size) - np.repeat(starts, lengths)
+            codes = codes[pos < self.max_chars]
+            lengths = np.minimum(lengths, self.max_chars)
+            starts = np.cumsum(lengths) - lengths
+        text = np.repeat(np.arange(n), lengths)
+        g = self.glyph_ids(codes)
+        w = self._width[g]
+        right = np.cumsum(w)
+        right -= np.repeat(right[starts[lengths > 0]] - w[starts[lengths > 0]], lengths[lengths > 0])
+        left = right - w
+        # Row of each glyph, in float32 as render_unifont computes it: a row ends before the next
+        # glyph could overflow it, whatever the widest glyph of the text is.
+        widest = np.zeros(n, np.int64)
+        widest[lengths > 0] = np.maximum.reduceat(w, starts[lengths > 0]) if codes.size else 0
+        row = np.floor(right.astype(np.float32) / (size - widest[text]).astype(np.float32)).astype(np.int64)
+        new_row = np.ones(codes.size, bool)
+        new_row[1:] = (text[1:] != text[:-1]) | (row[1:] != row[:-1])
+        x = left - left[np.maximum.accumulate(np.where(new_row, np.arange(codes.size), 0))]
+        rows = -(-size // CELL)
+        keep = row < rows  # rows below the image are cut
+        g, w, x, row, text = g[keep], w[keep], x[keep], row[keep], text[keep]
+        # Every visible column of every glyph as 16 pixel values, then one scatter into the image.
+        glyph = np.repeat(np.arange(g.size), w)
+        offset = np.arange(glyph.size) - np.repeat(np.cumsum(w) - w, w)
+        gg = g[glyph]
+        column = np.unpackbits(self._columns[gg, self._first[gg] + offset], axis=1)  # [columns, 16] of 0/1
+        column *= np.uint8((self.ink - self.background) % 256)  # 1 -> ink, 0 -> background, in uint8 arithmetic
+        column += np.uint8(self.background)
+        image = np.full((n, rows, CELL, size), self.background, np.uint8)
+        image[text[glyph], row[glyph], :, x[glyph] + offset] = column
+        image = image.reshape(n, rows * CELL, size)
+        return np.ascontiguousarray(image[:, :size]) if rows * CELL > size else image
+
+
+def pixels(rendered):
+    """uint8 [..., H, W] rendered text -> [..., 3, H, W] in [-1, 1], as images enter the ViT."""
+    x = rendered.float().div(127.5).sub(1)
+    return x.unsqueeze(-3).expand(*x.shape[:-2], 3, *x.shape[-2:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+# Copied from clip.py: QuickGELU
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+# Copied from clip.py: Attention
+class Attention(nn.Module):
+    """Multi-head self-attention holding nn.MultiheadAttention's parameter names, run through SDPA."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, causal=False):
+        b, n, w = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(x.transpose(1, 2).reshape(b, n, w))
+
+
+# Copied from clip.py: ResidualAttentionBlock
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width, heads, quick_gelu=False):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, width * 4)),
+            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
+            ("c_proj", nn.Linear(width * 4, width))]))
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+# Copied from clip.py: Transformer
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, quick_gelu=False):
+        super().__init__()
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
+
+    def forward(self, x, causal=False):
+        for block in self.resblocks:
+            x = block(x, causal)
+        return x
+
+    def init_weights(self, width, layers):
+        # OpenAI's initialisation: residual projections shrink with depth so the stream's variance stays put.
+        attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.zeros_(block.attn.out_proj.bias)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+
+class MAPHead(nn.Module):
+    """Multi-head attention pooling (big_vision's MAPHead): a learned probe attends over the tokens,
+    then a residual MLP on the pooled vector."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.probe = nn.Parameter(torch.randn(1, 1, width) * width ** -0.5)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.out_proj = nn.Linear(width, width)
+        self.ln = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, width * 4)), ("gelu", nn.GELU()), ("c_proj", nn.Linear(width * 4, width))]))
+
+    def forward(self, x):
+        b, n, w = x.shape
+        q = self.q(self.probe).expand(b, -1, -1).view(b, 1, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(x).view(b, n, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        x = self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 1, w))
+        return (x + self.mlp(self.ln(x)))[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tower: the one ViT for both modalities
+
+
+class VisionTransformer(nn.Module):
+    """Patches -> pre-LN transformer -> final LayerNorm -> pooling -> linear head (big_vision's ViT)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.pool = cfg.pool
+        if cfg.pool not in ("map", "cls", "mean"):
+            raise ValueError(f"pool {cfg.pool!r}: choose map, cls or mean")
+        tokens = (cfg.image_size // cfg.patch_size) ** 2 + (cfg.pool == "cls")
+        self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.positional_embedding = nn.Parameter(torch.randn(tokens, cfg.width) * 0.02)
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.width)) if cfg.pool == "cls" else None
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads)
+        self.ln_post = nn.LayerNorm(cfg.width)
+        self.map_head = MAPHead(cfg.width, cfg.heads) if cfg.pool == "map" else None
+        self.proj = nn.Linear(cfg.width, cfg.embed_dim)
+        self.transformer.init_weights(cfg.width, cfg.layers)
+
+    def forward(self, x):
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
+        if self.class_embedding is not None:
+            x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+        x = self.ln_post(self.transformer(x + self.positional_embedding.to(x.dtype)))
+        x = self.map_head(x) if self.pool == "map" else x[:, 0] if self.pool == "cls" else x.mean(1)
+        return self.proj(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss: CLIP's symmetric InfoNCE over the global batch (clip.py explains the tiles and the kernels)
+
+try:  # Triton ships with CUDA builds of torch; without it the blockwise PyTorch path runs everywhere.
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+# Copied from clip.py: BLOCK
+BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
+
+
+# Copied from clip.py: _use_triton
+def _use_triton(x):
+    # TRITON_INTERPRET=1 runs the kernels on the CPU (slowly): that is how CI tests them.
+    return (triton is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+
+
+# Copied from clip.py: _acc_dtype
+def _acc_dtype(x):
+    return torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least
+
+
+# Copied from clip.py: _lse_torch
+def _lse_torch(x, y, scale, two_way):
+    n, k = x.shape[0], y.shape[0]
+    acc = _acc_dtype(x)
+    s = scale.to(acc)
+    row = torch.full((n,), -math.inf, device=x.device, dtype=acc)
+    col = torch.full((k if two_way else 0,), -math.inf, device=x.device, dtype=acc)
+    for i in range(0, n, BLOCK):
+        for j in range(0, k, BLOCK):
+            t = (x[i:i + BLOCK] @ y[j:j + BLOCK].T).to(acc) * s
+            row[i:i + BLOCK] = torch.logaddexp(row[i:i + BLOCK], t.logsumexp(1))
+            if two_way:  # the same tile gives the column statistics: one pass for both directions
+                col[j:j + BLOCK] = torch.logaddexp(col[j:j + BLOCK], t.logsumexp(0))
+    return row, col
+
+
+# Copied from clip.py: _lse_backward_torch
+def _lse_backward_torch(x, y, scale, row, col, g_row, g_col):
+    n, k = x.shape[0], y.shape[0]
+    acc = row.dtype
+    s = scale.to(acc)
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device)
+    dy = torch.zeros(y.shape, dtype=acc, device=x.device)
+    ds = torch.zeros((), dtype=acc, device=x.device)
+    for i in range(0, n, BLOCK):
+        xi = x[i:i + BLOCK]
+        for j in range(0, k, BLOCK):
+            yj = y[j:j + BLOCK]
+            raw = (xi @ yj.T).to(acc)
+            t = raw * s
+            g = torch.exp(t - row[i:i + BLOCK, None]) * g_row[i:i + BLOCK, None]
+            if col.numel():
+                g += torch.exp(t - col[None, j:j + BLOCK]) * g_col[None, j:j + BLOCK]
+            ds += (g * raw).sum()
+            g = g.to(x.dtype)
+            dx[i:i + BLOCK] += (g @ yj).to(acc) * s
+            dy[j:j + BLOCK] += (g.T @ xi).to(acc) * s
+    return dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype)
+
+
+if triton is not None:
+    # Copied from clip.py: _tile
+    @triton.jit
+    def _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              BD: tl.constexpr):
+        # x[rm] @ y[rn].T in fp32, D in chunks of BD; rows and columns past the ends read as zeros.
+        raw = tl.zeros([BM, BN], dtype=tl.float32)
+        for d0 in range(0, d, BD):
+            rd = d0 + tl.arange(0, BD)
+            xa = tl.load(X + rm[:, None] * sxn + rd[None, :] * sxd, mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
+            yb = tl.load(Y + rn[:, None] * syn + rd[None, :] * syd, mask=(rn[:, None] < k) & (rd[None, :] < d), other=0.0)
+            raw += tl.dot(xa, tl.trans(yb), input_precision=PREC)
+        return raw
+
+    # Copied from clip.py: _lse_fwd_kernel
+    @triton.jit
+    def _lse_fwd_kernel(X, Y, SCALE, OFFSET, ROW, COL, n, k, d, sxn, sxd, syn, syd,
+                        TWO_WAY: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        # Program (row block, column split): sums of exp(t - offset) over its tiles, added atomically.
+        # offset = the largest |t| possible less 80, so no exp overflows fp32 (see _lse_triton).
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        s = tl.load(SCALE).to(tl.float32)
+        c = tl.load(OFFSET)
+        row_sum = tl.zeros([BM], dtype=tl.float32)
+        for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
+            rn = jb * BN + tl.arange(0, BN)
+            raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
+            e = tl.where((rm[:, None] < n) & (rn[None, :] < k), tl.exp(raw * s - c), 0.0)
+            row_sum += tl.sum(e, 1)
+            if TWO_WAY:
+                tl.atomic_add(COL + rn, tl.sum(e, 0), mask=rn < k)
+        tl.atomic_add(ROW + rm, row_sum, mask=rm < n)
+
+    # Copied from clip.py: _lse_bwd_kernel
+    @triton.jit
+    def _lse_bwd_kernel(X, Y, SCALE, ROW, COL, GROW, GCOL, DX, DY, DS, n, k, d, sxn, sxd, syn, syd,
+                        TWO_WAY: tl.constexpr, NEED_X: tl.constexpr, NEED_Y: tl.constexpr, SPLIT: tl.constexpr,
+                        PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        s = tl.load(SCALE).to(tl.float32)
+        row = tl.load(ROW + rm, mask=rm < n, other=0.0)
+        g_row = tl.load(GROW + rm, mask=rm < n, other=0.0)
+        ds = tl.zeros([BM], dtype=tl.float32)
+        for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
+            rn = jb * BN + tl.arange(0, BN)
+            raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
+            t = raw * s
+            g = tl.exp(t - row[:, None]) * g_row[:, None]
+            if TWO_WAY:
+                col = tl.load(COL + rn, mask=rn < k, other=0.0)
+                g_col = tl.load(GCOL + rn, mask=rn < k, other=0.0)
+                g += tl.exp(t - col[None, :]) * g_col[None, :]
+            g = tl.where((rm[:, None] < n) & (rn[None, :] < k), g, 0.0)
+            ds += tl.sum(g * raw, 1)
+            gq = g.to(X.dtype.element_ty)
+            for d0 in range(0, d, BD):  # both gradients from the one recomputed tile
+                rd = d0 + tl.arange(0, BD)
+                if NEED_X:
+                    yb = tl.load(Y + rn[:, None] * syn + rd[None, :] * syd, mask=(rn[:, None] < k) & (rd[None, :] < d), other=0.0)
+                    tl.atomic_add(DX + rm[:, None] * d + rd[None, :], tl.dot(gq, yb, input_precision=PREC) * s,
+                                  mask=(rm[:, None] < n) & (rd[None, :] < d))
+                if NEED_Y:
+                    xa = tl.load(X + rm[:, None] * sxn + rd[None, :] * sxd, mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
+                    tl.atomic_add(DY + rn[:, None] * d + rd[None, :], tl.dot(tl.trans(gq), xa, input_precision=PREC) * s,
+                                  mask=(rn[:, None] < k) & (rd[None, :] < d))
+        tl.atomic_add(DS, tl.sum(ds, 0))
+
+
+# Copied from clip.py: _triton_launch
+def _triton_launch(x, y):
+    n, k = x.shape[0], y.shape[0]
+    big = x.dtype in (torch.float16, torch.bfloat16)
+    bm = bn = 128 if big and x.is_cuda else 64
+    bd = 64 if x.shape[1] >= 64 else 32
+    # Enough programs to fill the GPU: split the columns when there are few row blocks.
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    split = max(1, min(triton.cdiv(k, bn), triton.cdiv(4 * sms, triton.cdiv(n, bm))))
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"  # exact fp32; half types use their own dot
+    return dict(SPLIT=split, PREC=prec, BM=bm, BN=bn, BD=bd), (triton.cdiv(n, bm), split)
+
+
+# Copied from clip.py: _lse_triton
+def _lse_triton(x, y, scale, two_way):
+    n, k = x.shape[0], y.shape[0]
+    # exp(t - offset) must neither overflow (t - offset <= 80 < 88) nor, for a whole row or column,
+    # underflow: exact while a row or column has a logit within 167 of the largest possible |t|,
+    # which always holds for unit features with scale <= 83, and in practice at CLIP's cap of 100.
+    bound = scale.float().abs() * x.float().norm(dim=1).max() * y.float().norm(dim=1).max()
+    offset = torch.clamp(bound - 80, min=0).reshape(1)
+    row = torch.zeros(n, device=x.device, dtype=torch.float32)
+    col = torch.zeros(k if two_way else 0, device=x.device, dtype=torch.float32)
+    meta, grid = _triton_launch(x, y)
+    _lse_fwd_kernel[grid](x, y, scale.reshape(1), offset, row, col, n, k, x.shape[1], x.stride(0), x.stride(1),
+                          y.stride(0), y.stride(1), TWO_WAY=two_way, **meta)
+    return row.log() + offset, col.log() + offset
+
+
+# Copied from clip.py: _lse_backward_triton
+def _lse_backward_triton(x, y, scale, row, col, g_row, g_col, need_x, need_y):
+    n, k = x.shape[0], y.shape[0]
+    dx = torch.zeros(x.shape if need_x else (1,), device=x.device, dtype=torch.float32)
+    dy = torch.zeros(y.shape if need_y else (1,), device=x.device, dtype=torch.float32)
+    ds = torch.zeros(1, device=x.device, dtype=torch.float32)
+    two_way = col.numel() > 0
+    meta, grid = _triton_launch(x, y)
+    _lse_bwd_kernel[grid](x, y, scale.reshape(1), row.float(), col.float() if two_way else row, g_row.float(),
+                          g_col.float() if two_way else g_row, dx, dy, ds, n, k, x.shape[1], x.stride(0), x.stride(1),
+                          y.stride(0), y.stride(1), TWO_WAY=two_way, NEED_X=need_x, NEED_Y=need_y, **meta)
+    return dx.to(x.dtype), dy.to(y.dtype), ds.reshape(()).to(scale.dtype)
+
+
+# Copied from clip.py: _NS
+_NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
+
+
+# Copied from clip.py: lse_tiles
+@torch.library.custom_op(f"{_NS}::lse_tiles", mutates_args=())
+def lse_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, two_way: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_lse [n], col_lse [k] or [0]) of scale * x @ y.T, never materialising it."""
+    if _use_triton(x):
+        row, col = _lse_triton(x.contiguous(), y.contiguous(), scale, two_way)
+        return row.to(_acc_dtype(x)), col.to(_acc_dtype(x))
+    return _lse_torch(x, y, scale, two_way)
+
+
+# Copied from clip.py: _lse_tiles_fake
+@lse_tiles.register_fake
+def _lse_tiles_fake(x, y, scale, two_way):
+    return x.new_empty(x.shape[0], dtype=_acc_dtype(x)), x.new_empty(y.shape[0] if two_way else 0, dtype=_acc_dtype(x))
+
+
+# Copied from clip.py: lse_tiles_backward
+@torch.library.custom_op(f"{_NS}::lse_tiles_backward", mutates_args=())
+def lse_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+                       g_row: torch.Tensor, g_col: torch.Tensor, need_x: bool, need_y: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(x):
+        return _lse_backward_triton(x.contiguous(), y.contiguous(), scale, row, col, g_row, g_col, need_x, need_y)
+    return _lse_backward_torch(x, y, scale, row, col, g_row, g_col)
+
+
+# Copied from clip.py: _lse_tiles_backward_fake
+@lse_tiles_backward.register_fake
+def _lse_tiles_backward_fake(x, y, scale, row, col, g_row, g_col, need_x, need_y):
+    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
+
+
+# Copied from clip.py: _lse_setup
+def _lse_setup(ctx, inputs, output):
+    x, y, scale, _ = inputs
+    ctx.save_for_backward(x, y, scale, *output)
+
+
+# Copied from clip.py: _lse_backward
+def _lse_backward(ctx, g_row, g_col):
+    x, y, scale, row, col = ctx.saved_tensors
+    g_row = torch.zeros_like(row) if g_row is None else g_row
+    g_col = torch.zeros_like(col) if g_col is None else g_col
+    need_x, need_y, need_s = ctx.needs_input_grad[:3]
+    dx, dy, ds = lse_tiles_backward(x, y, scale, row, col, g_row, g_col, need_x, need_y)
+    return dx if need_x else None, dy if need_y else None, ds if need_s else None, None
+
+
+lse_tiles.register_autograd(_lse_backward, setup_context=_lse_setup)
+
+
+# Copied from clip.py: _AllGather
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient into the rows this rank owns."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        n = grad.shape[0] // world
+        if dist.get_backend(ctx.group) == "nccl":
+            out = grad.new_empty(n, *grad.shape[1:])
+            dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+            return out, None
+        grad = grad.contiguous().clone()  # gloo has no reduce_scatter
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[rank * n:(rank + 1) * n], None
+
+
+# Copied from clip.py: _AllReduceSum
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; every rank's loss depends on the sum, so the backward sums the gradients too."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+# Copied from clip.py: _distributed
+def _distributed(group):
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+# Copied from clip.py: all_gather_with_grad
+def all_gather_with_grad(x, group=None):
+    return _AllGather.apply(x, group) if _distributed(group) else x
+
+
+# Copied from clip.py: global_logsumexp
+def global_logsumexp(lse, group=None):
+    """Combine per-rank log-sum-exp vectors into the global one: O(len) traffic, differentiable."""
+    if not _distributed(group):
+        return lse
+    top = lse.detach().clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return _AllReduceSum.apply(torch.exp(lse - top), group).log() + top
+
+
+# Copied from clip.py: infonce
+def infonce(x, y, logit_scale, pos, two_way=False, group=None):
+    """Mean over the rows of x of InfoNCE against the keys y; row i's positive is column pos[i].
+
+    Rows-only (two_way=False): y is any key set (BriVL: positives plus a queue; pass y detached for
+    no gradient to the keys). two_way also takes the column direction: y must then be the gather of
+    every rank's equal-sized shard and pos this rank's columns; column statistics are combined across
+    ranks. Under DDP's gradient averaging the result is the exact gradient of the global mean.
+    """
+    row, col = lse_tiles(x, y, logit_scale, two_way)
+    pos_logit = (x * y[pos]).sum(1).to(row.dtype) * logit_scale.to(row.dtype)
+    loss = row - pos_logit
+    if two_way:
+        loss = (loss + global_logsumexp(col, group)[pos] - pos_logit) / 2
+    return loss.mean()
+
+
+# Copied from clip.py: contrastive_loss
+def contrastive_loss(image_features, text_features, logit_scale, group=None):
+    """Symmetric InfoNCE over the global batch (open_clip's meaning: logit_scale is already exp'd).
+
+    Each rank computes its own image rows against the texts of all ranks (gathered with gradient);
+    the text -> image direction reuses the same tiles, its column statistics combined across ranks.
+    Every rank must pass the same number of rows. text_features may hold several positive text sets,
+    [M, B, D] (LaCLIP-MT): the loss is then the mean of the M losses.
+    """
+    if text_features.dim() == 3:
+        return sum(contrastive_loss(image_features, t, logit_scale, group) for t in text_features) / len(text_features)
+    n = image_features.shape[0]
+    offset = 0
+    if _distributed(group):
+        text_features = all_gather_with_grad(text_features, group)
+        if text_features.shape[0] != n * dist.get_world_size(group):
+            raise ValueError("contrastive_loss needs the same batch size on every rank")
+        offset = dist.get_rank(group) * n
+    pos = torch.arange(offset, offset + n, device=image_features.device)
+    return infonce(image_features, text_features, logit_scale, pos, True, group)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+# Copied from clip.py: ImageTransform
+class ImageTransform:
+    """PIL image -> normalised tensor; train: RandomResizedCrop(scale 0.9-1) drawn from the sample's rng."""
+
+    def __init__(self, size, train, scale=(0.9, 1.0), mean=MEAN, std=STD):
+        self.size, self.train, self.scale = size, train, scale
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __call__(self, img, rng=None):
+        from PIL import Image
+
+        img = img.convert("RGB")
+        w, h = img.size
+        if self.train:
+            box = None
+            for _ in range(10):  # torchvision's RandomResizedCrop rule, with our own rng
+                area = w * h * rng.uniform(*self.scale)
+                ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+                cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+                if 0 < cw <= w and 0 < ch <= h:
+                    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                    box = (x0, y0, x0 + cw, y0 + ch)
+                    break
+            if box is None:
+                side = min(w, h)
+                box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+            img = img.resize((self.size, self.size), Image.BICUBIC, box=box)
+        else:  # resize the short side, centre crop (OpenAI's preprocess)
+            r = self.size / min(w, h)
+            img = img.resize((max(self.size, round(w * r)), max(self.size, round(h * r))), Image.BICUBIC)
+            w, h = img.size
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            img = img.crop((left, top, left + self.size, top + self.size))
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        return (x - self.mean) / self.std
+
+
+def read_text_pairs(path):
+    """Pairs of neighbouring sentences: consecutive non-empty lines of a text file (one sentence a
+    line), never across a blank line (a document or paragraph break)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such text corpus (--text-pairs); give a text file, one sentence a line")
+    pairs, previous = [], None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if line and previous:
+                pairs.append((previous, line))
+            previous = line
+    if not pairs:
+        raise ValueError(f"{path}: no two neighbouring non-empty lines, so no text pairs (--text-pairs)")
+    return pairs
+
+
+class Transform:
+    """One sample -> {'image': [3, H, W] in [-1, 1], 'text': uint8 [H, W] rendered caption}.
+
+    With text pairs, each training sample is replaced with probability pair_ratio by a pair of
+    neighbouring sentences (both rendered), drawn from the sample's own rng: the batches stay the
+    same for any number of ranks and workers.
+    """
+
+    def __init__(self, image_size, renderer, train, pairs=None, pair_ratio=0.0):
+        self.image = ImageTransform(image_size, train, mean=MEAN, std=STD)
+        self.renderer, self.pairs, self.pair_ratio = renderer, pairs if train else None, pair_ratio
+
+    def __call__(self, sample, rng):
+        if self.pairs and rng.random() < self.pair_ratio:
+            a, b = self.pairs[rng.integers(len(self.pairs))]
+            rendered = torch.from_numpy(self.renderer([a, b]))
+            return {"image": pixels(rendered[0]), "text": rendered[1]}
+        return {"image": self.image(sample["image"], rng), "text": torch.from_numpy(self.renderer(sample["text"])[0])}
+
+
+class CLIPPO(nn.Module):
+    def __init__(self, cfg: Config, renderer=None, pairs=None, pair_ratio=0.0):
+        super().__init__()
+        self.cfg, self.pairs, self.pair_ratio = cfg, pairs, pair_ratio
+        self.renderer = renderer or TextRenderer(cfg.font, cfg.image_size)
+        self.visual = VisionTransformer(cfg)
+        # The paper's temperature: learnable, starting at 10 (CLIP starts at 1/0.07).
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+
+    def encode_image(self, images, normalize=False):
+        x = self.visual(images)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, rendered, normalize=False):
+        """uint8 [N, H, W] text images (the renderer's output) -> [N, D]: the same ViT as the images."""
+        return self.encode_image(pixels(rendered), normalize)
+
+    def forward(self, batch):
+        return {"image": self.encode_image(batch["image"], normalize=True),
+                "text": self.encode_text(batch["text"], normalize=True),
+                "scale": self.logit_scale.exp()}
+
+    def loss(self, out):
+        return contrastive_loss(out["image"], out["text"], out["scale"])
+
+    @torch.no_grad()
+    def after_step(self):
+        self.logit_scale.clamp_(0, math.log(100))
+
+    def transform(self, train):
+        return Transform(self.cfg.image_size, self.renderer, train, self.pairs, self.pair_ratio)
+
+    def encode_texts(self, texts):
+        rendered = torch.from_numpy(self.renderer(list(texts))).to(self.logit_scale.device)
+        return self.encode_text(rendered, normalize=True)
+
+    def extra_state(self):
+        # The glyphs of printable Latin-1 travel with the weights: a Pillow font may rasterise a
+        # little differently on another machine, and a .hex file may not be there at all.
+        latin = [cp for cp in range(0x20, 0x100) if chr(cp).isprintable()]
+        return {"config": asdict(self.cfg), "glyphs": self.renderer.hex_lines(latin)}
+
+
+def add_args(parser):
+    parser.add_argument("--font", default=None,
+                        help="GNU Unifont .hex (exact render_unifont), .ttf or .otf; default: Pillow's built-in font")
+    parser.add_argument("--pool", default="map", choices=["map", "cls", "mean"], help="how the ViT's tokens are pooled")
+    parser.add_argument("--text-pairs", default=None,
+                        help="text file, one sentence a line: neighbouring sentences become extra rendered pairs")
+    parser.add_argument("--text-pair-ratio", type=float, default=0.25, help="share of each batch that is text pairs")
+
+
+def create(args, captions=(), extra=None):
+    pairs = read_text_pairs(args.text_pairs) if getattr(args, "text_pairs", None) else None
+    ratio = getattr(args, "text_pair_ratio", 0.0)
+    if extra is not None:
+        cfg = Config(**extra["config"])
+        font = getattr(args, "font", None) or cfg.font
+        glyphs = extra.get("glyphs", ())
+        if font and font.endswith((".hex", ".hex.gz")) and not os.path.isfile(font):
+            # The saved glyphs cover Latin-1; other code points render empty, as Unifont's gaps do.
+            renderer = TextRenderer(None, cfg.image_size, glyphs=glyphs, rasterise=False)
+        else:
+            renderer = TextRenderer(font, cfg.image_size, glyphs=glyphs)
+        return CLIPPO(cfg, renderer, pairs, ratio)
+    if args.size not in CONFIGS:
+        raise ValueError(f"unknown --size {args.size!r}; choose one of {', '.join(CONFIGS)}")
+    cfg = Config(**asdict(CONFIGS[args.size]))
+    cfg.font, cfg.pool = args.font, args.pool
+    return CLIPPO(cfg, None, pairs, ratio)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: zero-shot classifier (prompts rendered like captions) and retrieval, in chunks
+
+
+# Copied from clip.py: zero_shot_classifier
+@torch.no_grad()
+def zero_shot_classifier(model, classnames, templates):
+    """[C, D]: per class, the mean of its normalised prompt embeddings, re-normalised."""
+    weights = []
+    for name in classnames:
+        e = model.encode_texts([t.format(name) for t in templates]).float()
+        weights.append(F.normalize(e.mean(0), dim=-1))
+    return torch.stack(weights)
+
+
+# Copied from clip.py: retrieval_metrics
+@torch.no_grad()
+def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
+    """R@k both ways for paired rows, chunked so N x N similarities are never held at once."""
+    out = {}
+    for name, q, k in (("i2t", image_features, text_features), ("t2i", text_features, image_features)):
+        ranks = []
+        for i in range(0, q.shape[0], chunk):
+            sims = q[i:i + chunk] @ k.T
+            target = sims[torch.arange(sims.shape[0]), torch.arange(i, i + sims.shape[0])]
+            ranks.append((sims > target[:, None]).sum(1))
+        ranks = torch.cat(ranks)
+        for kk in ks:
+            out[f"{name}_r{kk}"] = (ranks < kk).float().mean().item()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight loading: this repository's checkpoints
+
+
+def load(path, device="cpu", font=None):
+    """(model, preprocess) from a train.py checkpoint; font overrides the one it was trained with."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "extra" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path}: not a train.py checkpoint of clippo (no 'model' and 'extra')")
+    args = type("Args", (), {"font": font})()
+    model = create(args, extra=ckpt["extra"])
+    model.load_state_dict(ckpt["model"], strict=True)
+    model.to(device).eval()
+    return model, ImageTransform(model.cfg.image_size, train=False)
