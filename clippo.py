@@ -64,6 +64,14 @@ STD = (0.5, 0.5, 0.5)
 CELL = 16
 
 
+def hex_cell(bits):
+    """32 hex digits (8 x 16) or 64 (16 x 16) -> a [16, 16] bool cell; the most significant bit is leftmost."""
+    rows = np.frombuffer(bytes.fromhex(bits), np.uint8).reshape(CELL, -1)
+    cell = np.zeros((CELL, CELL), bool)
+    cell[:, :rows.shape[1] * 8] = np.unpackbits(rows, axis=1)
+    return cell
+
+
 def read_hex_font(path):
     """{code point: [16, 16] bool cell} from a GNU Unifont .hex file ('XXXX:' + 32 or 64 hex digits)."""
     if not os.path.isfile(path):
@@ -78,13 +86,9 @@ def read_hex_font(path):
             try:
                 if not sep or len(bits) not in (32, 64):
                     raise ValueError
-                rows = np.frombuffer(bytes.fromhex(bits), np.uint8).reshape(CELL, -1)
-                cp = int(code, 16)
+                glyphs[int(code, 16)] = hex_cell(bits)
             except ValueError:
                 raise ValueError(f"{path}:{n}: not a .hex glyph line ('XXXX:' and 32 or 64 hex digits)") from None
-            cell = np.zeros((CELL, CELL), bool)
-            cell[:, :rows.shape[1] * 8] = np.unpackbits(rows, axis=1)  # most significant bit = leftmost pixel
-            glyphs[cp] = cell
     if not glyphs:
         raise ValueError(f"{path}: no glyphs; is it a GNU Unifont .hex file?")
     return glyphs
@@ -131,10 +135,7 @@ class TextRenderer:
             self.add(cp, cell)
         for line in glyphs:
             code, _, bits = line.partition(":")
-            rows = np.frombuffer(bytes.fromhex(bits), np.uint8).reshape(CELL, -1)
-            cell = np.zeros((CELL, CELL), bool)
-            cell[:, :rows.shape[1] * 8] = np.unpackbits(rows, axis=1)
-            self.add(int(code, 16), cell)
+            self.add(int(code, 16), hex_cell(bits))
         self._freeze()
 
     def add(self, cp, cell):
