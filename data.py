@@ -102,10 +102,12 @@ class Synthetic:
     languages = ("en", "zh", "de")
     _grid = np.mgrid[0:resolution, 0:resolution].astype(np.float32) + 0.5  # pixel centres, shared
 
-    def __init__(self, seed=0, split="train", size=100_000, templates=0):
+    def __init__(self, seed=0, split="train", size=100_000, templates=0, parallel=False):
         # templates: how many English templates captions are drawn from (0: all); the others are
         # still offered as 'rewrites' (LaCLIP's text augmentation, compared with CLIP on 1 template).
+        # parallel: text only (no image is drawn), captions in every language (AltCLIP's stage 1).
         self.seed, self.split, self.size, self.n_templates = seed, split, size, templates or len(EN_TEMPLATES)
+        self.parallel = parallel
         self.split_id = {"train": 0, "val": 1}[split]
         self.classnames = {lang: classnames(lang) for lang in self.languages}
         self.templates = ZEROSHOT_TEMPLATES
@@ -147,14 +149,16 @@ class Synthetic:
     def sample(self, index, rng):
         en, zh, de, label = self.captions(index)
         k = int(rng.integers(self.n_templates))  # the caption of this epoch
-        return {"image": self.image(index), "text": en[k], "captions": en, "label": label,
-                "rewrites": en[:k] + en[k + 1:],
-                "texts": {"en": en[k], "zh": zh[k % len(zh)], "de": de[k % len(de)]}}
+        sample = {"text": en[k], "captions": en, "label": label, "rewrites": en[:k] + en[k + 1:],
+                  "texts": {"en": en[k], "zh": zh[k % len(zh)], "de": de[k % len(de)]}}
+        if not self.parallel:
+            sample["image"] = self.image(index)
+        return sample
 
     def caption_corpus(self, limit=5000):
         for i in range(min(limit, self.size)):
             en, zh, de, _ = self.captions(i)
-            yield from en
+            yield from (en + zh + de) if self.parallel else en
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,6 +220,50 @@ class CsvData:
 
     def caption_corpus(self, limit=100_000):
         return (t for t in self.texts[:limit] if t)
+
+
+class ParallelText:
+    """Translations, no images (AltCLIP's stage 1): a TSV/CSV whose English column is --csv-caption-key
+    (or 'en'); every other column is a language. A file without that header reads as English, then
+    one translation per line."""
+
+    def __init__(self, path, caption_key="title", separator=None):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such data file; pass a TSV of (english, translation) lines")
+        if separator is None:
+            separator = "," if path.endswith(".csv") else "\t"
+        self.path = path
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.reader(f, delimiter=separator) if r]
+        if not rows:
+            raise ValueError(f"{path}: empty file")
+        header = rows[0]
+        english = caption_key if caption_key in header else "en" if "en" in header else None
+        if english is None:  # no header: english, then translations
+            header = ["en"] + [f"text{i}" for i in range(1, max(len(r) for r in rows))]
+            english = "en"
+        else:
+            rows = rows[1:]
+        if len(header) < 2:
+            raise ValueError(f"{path}: one column only; parallel text needs the English and at least one translation "
+                             f"(set --csv-separator if the columns are not tab-separated)")
+        self.en = header.index(english)
+        self.header, self.rows = header, rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def sample(self, index, rng):
+        row = self.rows[index]
+        if len(row) != len(self.header):
+            raise SampleError("malformed line", f"{self.path}: line {index + 2} has {len(row)} fields, not {len(self.header)}")
+        texts = {("en" if i == self.en else name): t.strip() for i, (name, t) in enumerate(zip(self.header, row))}
+        if not all(texts.values()):
+            raise SampleError("empty caption", f"{self.path}: line {index + 2}")
+        return {"text": texts["en"], "texts": texts}
+
+    def caption_corpus(self, limit=100_000):
+        return (t for r in self.rows[:limit] for t in r if t.strip())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +341,7 @@ def read_shard(path, problems):
 
 
 def decode_sample(key, group, path):
-    """{'image', 'text'} plus what a .json member holds ('rewrites', 'texts', 'label'), or SampleError."""
+    """{'image', 'text'} plus what a .json member holds ('rewrites', 'texts', 'label', 'boxes'), or SampleError."""
     where = f"{path}:{key}"
     meta = {}
     if "json" in group:
@@ -317,6 +365,12 @@ def decode_sample(key, group, path):
         sample["rewrites"] = [r for r in meta["rewrites"] if isinstance(r, str) and r.strip()]
     if isinstance(meta.get("texts"), dict):
         sample["texts"] = meta["texts"]
+    if "boxes" in meta:  # detector boxes (BriVL): [[x0, y0, x1, y1], ...] in the image's pixels
+        boxes = meta["boxes"]
+        if not (isinstance(boxes, list) and all(isinstance(b, list) and len(b) == 4 and
+                                                 all(isinstance(c, (int, float)) for c in b) for b in boxes)):
+            raise SampleError("bad boxes", f"{where}.json: 'boxes' must be a list of [x0, y0, x1, y1]")
+        sample["boxes"] = boxes
     label = meta.get("label", group.get("cls"))
     if label is not None:
         try:
@@ -658,12 +712,17 @@ def loader(batches, start=0, stop=None, workers=0):
 def build(args):
     """(train, val, zero-shot) data sets from the command line."""
     zeroshot = ImageFolder(args.zeroshot_data, args.zeroshot_templates) if args.zeroshot_data else None
+    parallel = getattr(args, "parallel_text", False)  # set by a model that trains on text alone
     if args.data == "synthetic":
-        return (Synthetic(args.seed, "train", args.synthetic_size, args.synthetic_templates),
+        return (Synthetic(args.seed, "train", args.synthetic_size, args.synthetic_templates, parallel),
                 Synthetic(args.seed, "val", args.val_size), zeroshot)
     kw = dict(img_key=args.csv_img_key, caption_key=args.csv_caption_key, separator=args.csv_separator)
     split = lambda v: [x for x in (v or "").split(",") if x]  # noqa: E731
-    if is_shards(args.data):
+    if parallel:
+        if is_shards(args.data):
+            raise ValueError(f"{args.data}: this stage trains on parallel text; pass a TSV of (english, translation) lines")
+        train = ParallelText(args.data, args.csv_caption_key, args.csv_separator)
+    elif is_shards(args.data):
         train = Shards(args.data, args.data_weights, args.resampled, args.shuffle_buffer)
     else:
         train = CsvData(args.data, rewrite_keys=split(args.rewrite_columns), rewrite_files=split(args.rewrite_files), **kw)

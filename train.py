@@ -6,6 +6,7 @@ internals: it uses the interface described at the top of clip.py, which every mo
 import argparse
 import contextlib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -62,6 +63,8 @@ def parse_args(argv=None):
     if hasattr(module, "add_args"):
         module.add_args(p)
     args = p.parse_args(argv)
+    if hasattr(module, "finish_args"):  # flags that follow from others (altclip: stage 1 reads text only)
+        module.finish_args(args)
     if args.accum < 1 or args.batch_size % args.accum:
         p.error(f"--batch-size {args.batch_size} must be a multiple of --accum {args.accum}")
     return args, module
@@ -113,6 +116,12 @@ class StopRequest:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
         return bool(flag.item())
 
+
+# Models keep their buffers identical on every rank themselves (BriVL fills its queues from keys
+# gathered from all ranks): DDP need not broadcast them before every forward. Newer torch renames the flag.
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                  if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+                  else {"broadcast_buffers": False})
 
 # ----------------------------------------------------------------------------------------------
 # Optimisation
@@ -301,8 +310,8 @@ def main(argv=None):
     elif rank == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)
 
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else None
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    **NO_BUFFER_SYNC) if world > 1 else None
     fwd = ddp or model
     if args.compile:
         fwd = torch.compile(fwd)

@@ -41,7 +41,7 @@ def rows(out_dir):
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
-MODELS = [["--model", "clip"], ["--model", "laclip", "--multi-text"], ["--model", "clippo"]]
+MODELS = [["--model", "clip"], ["--model", "laclip", "--multi-text"], ["--model", "clippo"], ["--model", "brivl"]]
 
 
 @pytest.mark.slow

@@ -1,0 +1,1304 @@
+"""AltCLIP (Chen et al. 2022, "AltCLIP: Altering the Language Encoder in CLIP for Extended Language
+Capabilities") in one file: CLIP with its text tower replaced by a multilingual XLM-R student, and the
+two-stage trainer the authors never released.
+
+Stage 1, teacher learning (--stage distill): no images. A frozen CLIP text tower reads the English
+side of a parallel pair; the student reads the other side (or the English one) and learns, by mean
+squared error, to produce the teacher's end-of-text hidden state. The student then shares CLIP's
+text projection, so after stage 1 it already points into CLIP's image space in every language.
+Stage 2 (--stage contrastive): CLIP's loss on image-text pairs, the CLIP image tower frozen.
+
+load(folder) reads HF AltCLIPModel folders (BAAI/AltCLIP and the like) and reproduces their features.
+
+Copy this file alone into another project and it works: it imports nothing from this repository.
+Same interface as clip.py (see its docstring): create, add_args, model.transform / forward / loss /
+after_step / encode_texts / extra_state, zero_shot_classifier, retrieval_metrics; finish_args
+tells the data loader that stage 1 trains on text alone.
+"""
+import gzip
+import html
+import json
+import math
+import os
+import re
+import unicodedata
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    stage: str = "contrastive"  # distill (stage 1) or contrastive (stage 2)
+    # The CLIP image tower (from the teacher, frozen) and the joint embedding width
+    embed_dim: int = 768
+    image_size: int = 224
+    patch_size: int = 14
+    vision_width: int = 1024
+    vision_layers: int = 24
+    vision_heads: int = 16
+    quick_gelu: bool = True
+    # The teacher: a CLIP text tower (stage 1 only)
+    teacher_context: int = 77
+    teacher_vocab: int = 49408
+    teacher_width: int = 768
+    teacher_layers: int = 12
+    teacher_heads: int = 12
+    # The student: an XLM-R (RoBERTa) encoder
+    context_length: int = 77
+    vocab_size: int = 250002
+    text_width: int = 1024
+    text_layers: int = 24
+    text_heads: int = 16
+    text_mlp: int = 4096
+    text_max_positions: int = 514
+    text_type_vocab: int = 1
+    text_eps: float = 1e-5
+    pad_id: int = 1
+
+
+CONFIGS = {
+    # The student of the demo: small enough to distil on two CPU cores in minutes. The CLIP parts
+    # always take their shapes from the teacher.
+    "tiny": Config(context_length=32, vocab_size=2048, text_width=128, text_layers=4, text_heads=4, text_mlp=512,
+                   text_max_positions=64, pad_id=0),
+    # XLM-R large, as AltCLIP's released model
+    "xlm-roberta-large": Config(),
+}
+
+# Copied from clip.py: MEAN
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's normalisation, used by every CLIP checkpoint
+
+
+# Copied from clip.py: STD
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers: the teacher's CLIP BPE (copied from clip.py) and the student's (copied from brivl.py)
+
+
+# Copied from clip.py: bytes_to_unicode
+def bytes_to_unicode():
+    # GPT-2's reversible map from bytes to printable characters: BPE then never sees whitespace or
+    # control bytes, and every byte has a symbol, so no text is ever unknown.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+# Copied from clip.py: CLIP_PATTERN
+CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+# Copied from clip.py: SOT
+SOT = "<|startoftext|>"
+
+
+# Copied from clip.py: EOT
+EOT = "<|endoftext|>"
+
+
+# Copied from clip.py: clean_text
+def clean_text(text):
+    # OpenAI runs ftfy.fix_text (which ends in NFC), unescapes HTML twice, collapses whitespace and
+    # lower-cases. ftfy is not a dependency: its mojibake repair is the one step left out.
+    text = html.unescape(html.unescape(unicodedata.normalize("NFC", text)))
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+# Copied from clip.py: Tokenizer
+class Tokenizer:
+    """CLIP's byte-level BPE on the tokenizers library; __call__(list of str) -> LongTensor [N, context]."""
+
+    def __init__(self, tokenizer, context_length=77):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.sot = tokenizer.token_to_id(SOT)
+        self.eot = tokenizer.token_to_id(EOT)
+        if self.sot is None or self.eot is None:
+            raise ValueError(f"tokenizer has no {SOT} / {EOT} tokens: it is not a CLIP tokenizer")
+        # The text tower finds the end of each text with argmax over ids (as OpenAI's does).
+        if self.eot != tokenizer.get_vocab_size() - 1:
+            raise ValueError(f"{EOT} must have the highest id (it has {self.eot} of {tokenizer.get_vocab_size()})")
+
+    @property
+    def vocab_size(self):
+        return self.tokenizer.get_vocab_size()
+
+    @staticmethod
+    def _skeleton(model):
+        from tokenizers import Regex, Tokenizer as HFTokenizer, pre_tokenizers
+
+        tok = HFTokenizer(model)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        return tok
+
+    @classmethod
+    def from_merges(cls, merges, context_length=77):
+        """OpenAI's vocabulary layout: 256 byte symbols, the same with </w>, one per merge, SOT, EOT."""
+        from tokenizers.models import BPE
+
+        symbols = list(bytes_to_unicode().values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
+        tok = cls._skeleton(BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, end_of_word_suffix="</w>"))
+        tok.add_special_tokens([SOT, EOT])  # already in the vocabulary: keeps their ids
+        return cls(tok, context_length)
+
+    @classmethod
+    def from_file(cls, path, context_length=77):
+        """An HF CLIP tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz (merges, one per line)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such tokenizer file; pass a tokenizer.json or bpe_simple_vocab_16e6.txt.gz")
+        if path.endswith(".json"):
+            return cls(HFTokenizer.from_file(path), context_length)
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        # OpenAI keeps the first 49152 - 256 - 2 merges after the version line; smaller files keep all.
+        return cls.from_merges([tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1] if m.strip()], context_length)
+
+    @classmethod
+    def train(cls, texts, vocab_size=1024, context_length=77):
+        """A small BPE fitted to the captions at hand (the synthetic default needs no vocabulary file).
+
+        Learnt here rather than by the tokenizers library's trainer, whose choice among equally frequent
+        pairs changes from call to call: the same data and seed must give the same vocabulary.
+        """
+        import heapq
+        from collections import Counter, defaultdict
+
+        from tokenizers.models import BPE
+
+        pre = cls._skeleton(BPE()).pre_tokenizer
+        words = Counter()
+        for t in texts:
+            for piece, _ in pre.pre_tokenize_str(clean_text(t)):
+                words[tuple(piece[:-1]) + (piece[-1] + "</w>",)] += 1
+        words = [[list(w), c] for w, c in sorted(words.items())]
+        counts, where = Counter(), defaultdict(set)
+        for i, (w, c) in enumerate(words):
+            for p in zip(w, w[1:]):
+                counts[p] += c
+                where[p].add(i)
+        heap = [(-c, p) for p, c in counts.items()]
+        heapq.heapify(heap)
+        merges = []
+        while heap and len(merges) < vocab_size - 512 - 2:
+            c, best = heapq.heappop(heap)
+            if counts.get(best, 0) != -c or c == 0:
+                continue  # a stale entry: its count changed after it was pushed
+            merges.append(best)
+            touched = set()
+            for i in sorted(where.pop(best)):
+                w, n = words[i]
+                for p in zip(w, w[1:]):
+                    counts[p] -= n
+                    touched.add(p)
+                j, out = 0, []
+                while j < len(w):
+                    if j < len(w) - 1 and (w[j], w[j + 1]) == best:
+                        out.append(w[j] + w[j + 1])
+                        j += 2
+                    else:
+                        out.append(w[j])
+                        j += 1
+                words[i][0] = out
+                for p in zip(out, out[1:]):
+                    counts[p] += n
+                    where[p].add(i)
+                    touched.add(p)
+            counts.pop(best, None)
+            for p in touched:
+                if counts.get(p, 0) > 0:
+                    heapq.heappush(heap, (-counts[p], p))
+        return cls.from_merges(merges, context_length)
+
+    def to_str(self):
+        return self.tokenizer.to_str()
+
+    @classmethod
+    def from_str(cls, s, context_length=77):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(s), context_length)
+
+    def __call__(self, texts):
+        if isinstance(texts, str):
+            texts = [texts]
+        encs = self.tokenizer.encode_batch([clean_text(t) for t in texts], add_special_tokens=False)
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for i, e in enumerate(encs):
+            ids = [self.sot] + e.ids[: self.context_length - 2] + [self.eot]  # truncation keeps EOT last
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+    def decode(self, ids):
+        byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
+        text = "".join(self.tokenizer.id_to_token(i) for i in ids if i not in (0, self.sot, self.eot))
+        words = [bytes(byte_decoder[c] for c in w).decode("utf-8", errors="replace") for w in text.split("</w>")]
+        return " ".join(words).strip()
+
+
+# Copied from brivl.py: BertTokenizer
+class BertTokenizer:
+    """A BERT-family tokenizer (BERT's WordPiece, XLM-R's Unigram: any HF tokenizer.json, or a BERT vocab.txt).
+
+    __call__(list of str) -> (ids [N, context], mask [N, context]); the special tokens come from the
+    tokenizer's own template ([CLS] ... [SEP], <s> ... </s>).
+    """
+
+    def __init__(self, tokenizer, context_length=80):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        pad = next((t for t in ("[PAD]", "<pad>") if tokenizer.token_to_id(t) is not None), None)
+        if pad is None:
+            raise ValueError("the tokenizer has no [PAD] or <pad> token")
+        self.pad_id = tokenizer.token_to_id(pad)
+        tokenizer.enable_truncation(context_length)  # keeps room for [CLS] ... [SEP]
+        tokenizer.enable_padding(pad_id=self.pad_id, pad_token=pad, length=context_length)
+
+    @property
+    def vocab_size(self):
+        return self.tokenizer.get_vocab_size()
+
+    @staticmethod
+    def wordpiece(vocab, lowercase=True):
+        """BERT's tokenizer: normalise, split on spaces, punctuation and CJK characters, WordPiece."""
+        from tokenizers import Tokenizer as HFTokenizer, normalizers, pre_tokenizers, processors
+        from tokenizers.models import WordPiece
+
+        tok = HFTokenizer(WordPiece(vocab, unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, handle_chinese_chars=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        return tok
+
+    @classmethod
+    def from_file(cls, path, context_length=80, lowercase=True):
+        """A tokenizer.json (any HF tokenizer), or a BERT vocab.txt, one token a line."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if os.path.isdir(path):
+            found = [os.path.join(path, f) for f in ("tokenizer.json", "vocab.txt") if os.path.isfile(os.path.join(path, f))]
+            if not found:
+                raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt in this folder")
+            path = found[0]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such tokenizer file; pass a tokenizer.json or a BERT vocab.txt")
+        if path.endswith(".json"):
+            return cls(HFTokenizer.from_file(path), context_length)
+        with open(path, encoding="utf-8") as f:
+            vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+        missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if t not in vocab]
+        if missing:
+            raise ValueError(f"{path}: not a BERT vocab.txt (no {', '.join(missing)})")
+        return cls(cls.wordpiece(vocab, lowercase), context_length)
+
+    @classmethod
+    def train(cls, texts, vocab_size=1024, context_length=80):
+        """A WordPiece vocabulary from the captions at hand: specials, every character seen (alone and
+        as a ##continuation), then whole words by frequency. Deterministic: ties go alphabetically."""
+        from collections import Counter
+
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        probe = cls.wordpiece({t: i for i, t in enumerate(specials)})
+        words = Counter()
+        for t in texts:
+            words.update(w for w, _ in probe.pre_tokenizer.pre_tokenize_str(probe.normalizer.normalize_str(t)))
+        chars = sorted({c for w in words for c in w})
+        vocab = specials + chars + ["##" + c for c in chars]
+        vocab += [w for w, _ in sorted(words.items(), key=lambda wc: (-wc[1], wc[0])) if len(w) > 1]
+        vocab = vocab[:max(vocab_size, len(specials) + 2 * len(chars))]
+        return cls(cls.wordpiece({t: i for i, t in enumerate(vocab)}), context_length)
+
+    def to_str(self):
+        return self.tokenizer.to_str()
+
+    @classmethod
+    def from_str(cls, s, context_length=80):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(s), context_length)
+
+    def __call__(self, texts):
+        if isinstance(texts, str):
+            texts = [texts]
+        encs = self.tokenizer.encode_batch(list(texts))
+        ids = torch.tensor([e.ids for e in encs], dtype=torch.long)
+        return ids, torch.tensor([e.attention_mask for e in encs], dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers: CLIP's transformer blocks and BERT's (RoBERTa is BERT with other positions)
+
+
+# Copied from clip.py: QuickGELU
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+# Copied from clip.py: Attention
+class Attention(nn.Module):
+    """Multi-head self-attention holding nn.MultiheadAttention's parameter names, run through SDPA."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, causal=False):
+        b, n, w = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(x.transpose(1, 2).reshape(b, n, w))
+
+
+# Copied from clip.py: ResidualAttentionBlock
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width, heads, quick_gelu=False):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, width * 4)),
+            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
+            ("c_proj", nn.Linear(width * 4, width))]))
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+# Copied from clip.py: Transformer
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, quick_gelu=False):
+        super().__init__()
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
+
+    def forward(self, x, causal=False):
+        for block in self.resblocks:
+            x = block(x, causal)
+        return x
+
+    def init_weights(self, width, layers):
+        # OpenAI's initialisation: residual projections shrink with depth so the stream's variance stays put.
+        attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.zeros_(block.attn.out_proj.bias)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+
+# Copied from brivl.py: BertEmbeddings
+class BertEmbeddings(nn.Module):
+    def __init__(self, vocab_size, width, max_positions, type_vocab_size, eps, pad_id):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, width, padding_idx=pad_id)
+        self.position_embeddings = nn.Embedding(max_positions, width)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, ids, positions):
+        # One segment only: every token has token type 0.
+        x = self.word_embeddings(ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+        return self.LayerNorm(x)
+
+
+# Copied from brivl.py: BertLayer
+class BertLayer(nn.Module):
+    """Post-LN encoder block (attention, add & norm, GELU MLP, add & norm); no dropout, so runs are exact."""
+
+    def __init__(self, width, heads, mlp, eps):
+        super().__init__()
+        self.heads = heads
+        self.attention = nn.ModuleDict({
+            "self": nn.ModuleDict({name: nn.Linear(width, width) for name in ("query", "key", "value")}),
+            "output": nn.ModuleDict({"dense": nn.Linear(width, width), "LayerNorm": nn.LayerNorm(width, eps=eps)})})
+        self.intermediate = nn.ModuleDict({"dense": nn.Linear(width, mlp)})
+        self.output = nn.ModuleDict({"dense": nn.Linear(mlp, width), "LayerNorm": nn.LayerNorm(width, eps=eps)})
+
+    def forward(self, x, mask):
+        b, n, w = x.shape
+        att, out = self.attention["self"], self.attention["output"]
+        q, k, v = (att[name](x).view(b, n, self.heads, -1).transpose(1, 2) for name in ("query", "key", "value"))
+        # mask [B, N]: True for real tokens; padding is never attended to (padded queries still run).
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        x = out["LayerNorm"](x + out["dense"](a.transpose(1, 2).reshape(b, n, w)))
+        h = self.output["dense"](F.gelu(self.intermediate["dense"](x)))
+        return self.output["LayerNorm"](x + h)
+
+
+# Copied from brivl.py: Bert
+class Bert(nn.Module):
+    """BERT, or RoBERTa / XLM-R (roberta=True: positions count real tokens from pad_id + 1, fairseq's rule)."""
+
+    def __init__(self, vocab_size, width, layers, heads, mlp, max_positions, type_vocab_size=2, eps=1e-12,
+                 pad_id=0, roberta=False):
+        super().__init__()
+        self.pad_id, self.roberta = pad_id, roberta
+        self.embeddings = BertEmbeddings(vocab_size, width, max_positions, type_vocab_size, eps, pad_id)
+        self.encoder = nn.ModuleDict({"layer": nn.ModuleList([BertLayer(width, heads, mlp, eps) for _ in range(layers)])})
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):  # BERT's initialisation
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+    def forward(self, ids, mask):
+        if self.roberta:
+            positions = torch.cumsum(mask, 1) * mask + self.pad_id
+        else:
+            positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        x = self.embeddings(ids, positions)
+        for layer in self.encoder["layer"]:
+            x = layer(x, mask)
+        return x
+
+
+# Copied from brivl.py: read_hf_weights
+def read_hf_weights(folder, config_only=False):
+    """(config dict, state dict) of an HF model folder: config.json plus pytorch_model.bin or model.safetensors."""
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{folder}: no config.json; pass the folder of an HF model (config.json + weights)")
+    with open(cfg_path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config_only:
+        return config
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        if name.endswith(".safetensors"):
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
+            return config, load_file(path)
+        return config, torch.load(path, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin beside config.json")
+
+
+# Copied from brivl.py: bert_state_dict
+def bert_state_dict(sd, prefixes=("bert.", "roberta.")):
+    """An HF BertModel / RobertaModel state dict in Bert's names: prefix and pooler dropped, old spellings mapped."""
+    out = {}
+    for k, v in sd.items():
+        k = next((k[len(p):] for p in prefixes if k.startswith(p)), k)
+        if k.startswith(("pooler.", "cls.", "lm_head.")) or k.endswith("position_ids"):
+            continue
+        k = k.replace("encoder.layers.", "encoder.layer.").replace("LayerNorm.gamma", "LayerNorm.weight")
+        out[k.replace("LayerNorm.beta", "LayerNorm.bias")] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Towers
+
+
+# Copied from clip.py: VisionTransformer
+class VisionTransformer(nn.Module):
+    def __init__(self, image_size, patch_size, width, layers, heads, embed_dim, quick_gelu=False):
+        super().__init__()
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, quick_gelu)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
+        self.transformer.init_weights(width, layers)
+
+    def forward(self, x):
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+class TeacherText(nn.Module):
+    """CLIP's text tower up to the end-of-text hidden state (before text_projection), OpenAI's names."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.teacher_vocab, cfg.teacher_width)
+        self.positional_embedding = nn.Parameter(torch.zeros(cfg.teacher_context, cfg.teacher_width))
+        self.transformer = Transformer(cfg.teacher_width, cfg.teacher_layers, cfg.teacher_heads, cfg.quick_gelu)
+        self.ln_final = nn.LayerNorm(cfg.teacher_width)
+
+    def forward(self, tokens):
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+        x = self.ln_final(self.transformer(x, causal=True))
+        return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(-1)]  # EOT has the highest id
+
+
+class StudentText(nn.Module):
+    """XLM-R, then pre_LN -> transformation (to the teacher's width) -> the first token; HF's names."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.roberta = Bert(cfg.vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.text_mlp,
+                            cfg.text_max_positions, cfg.text_type_vocab, cfg.text_eps, cfg.pad_id, roberta=True)
+        self.pre_LN = nn.LayerNorm(cfg.text_width, eps=cfg.text_eps)
+        self.transformation = nn.Linear(cfg.text_width, cfg.teacher_width)
+
+    def forward(self, ids, mask):
+        return self.transformation(self.pre_LN(self.roberta(ids, mask)))[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss: CLIP's symmetric InfoNCE over the global batch (clip.py explains the tiles and the kernels)
+
+try:  # Triton ships with CUDA builds of torch; without it the blockwise PyTorch path runs everywhere.
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+# Copied from clip.py: BLOCK
+BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
+
+
+# Copied from clip.py: _use_triton
+def _use_triton(x):
+    # TRITON_INTERPRET=1 runs the kernels on the CPU (slowly): that is how CI tests them.
+    return (triton is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+
+
+# Copied from clip.py: _acc_dtype
+def _acc_dtype(x):
+    return torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least
+
+
+# Copied from clip.py: _lse_torch
+def _lse_torch(x, y, scale, two_way):
+    n, k = x.shape[0], y.shape[0]
+    acc = _acc_dtype(x)
+    s = scale.to(acc)
+    row = torch.full((n,), -math.inf, device=x.device, dtype=acc)
+    col = torch.full((k if two_way else 0,), -math.inf, device=x.device, dtype=acc)
+    for i in range(0, n, BLOCK):
+        for j in range(0, k, BLOCK):
+            t = (x[i:i + BLOCK] @ y[j:j + BLOCK].T).to(acc) * s
+            row[i:i + BLOCK] = torch.logaddexp(row[i:i + BLOCK], t.logsumexp(1))
+            if two_way:  # the same tile gives the column statistics: one pass for both directions
+                col[j:j + BLOCK] = torch.logaddexp(col[j:j + BLOCK], t.logsumexp(0))
+    return row, col
+
+
+# Copied from clip.py: _lse_backward_torch
+def _lse_backward_torch(x, y, scale, row, col, g_row, g_col):
+    n, k = x.shape[0], y.shape[0]
+    acc = row.dtype
+    s = scale.to(acc)
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device)
+    dy = torch.zeros(y.shape, dtype=acc, device=x.device)
+    ds = torch.zeros((), dtype=acc, device=x.device)
+    for i in range(0, n, BLOCK):
+        xi = x[i:i + BLOCK]
+        for j in range(0, k, BLOCK):
+            yj = y[j:j + BLOCK]
+            raw = (xi @ yj.T).to(acc)
+            t = raw * s
+            g = torch.exp(t - row[i:i + BLOCK, None]) * g_row[i:i + BLOCK, None]
+            if col.numel():
+                g += torch.exp(t - col[None, j:j + BLOCK]) * g_col[None, j:j + BLOCK]
+            ds += (g * raw).sum()
+            g = g.to(x.dtype)
+            dx[i:i + BLOCK] += (g @ yj).to(acc) * s
+            dy[j:j + BLOCK] += (g.T @ xi).to(acc) * s
+    return dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype)
+
+
+if triton is not None:
+    # Copied from clip.py: _tile
+    @triton.jit
+    def _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              BD: tl.constexpr):
+        # x[rm] @ y[rn].T in fp32, D in chunks of BD; rows and columns past the ends read as zeros.
+        raw = tl.zeros([BM, BN], dtype=tl.float32)
+        for d0 in range(0, d, BD):
+            rd = d0 + tl.arange(0, BD)
+            xa = tl.load(X + rm[:, None] * sxn + rd[None, :] * sxd, mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
+            yb = tl.load(Y + rn[:, None] * syn + rd[None, :] * syd, mask=(rn[:, None] < k) & (rd[None, :] < d), other=0.0)
+            raw += tl.dot(xa, tl.trans(yb), input_precision=PREC)
+        return raw
+
+    # Copied from clip.py: _lse_fwd_kernel
+    @triton.jit
+    def _lse_fwd_kernel(X, Y, SCALE, OFFSET, ROW, COL, n, k, d, sxn, sxd, syn, syd,
+                        TWO_WAY: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        # Program (row block, column split): sums of exp(t - offset) over its tiles, added atomically.
+        # offset = the largest |t| possible less 80, so no exp overflows fp32 (see _lse_triton).
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        s = tl.load(SCALE).to(tl.float32)
+        c = tl.load(OFFSET)
+        row_sum = tl.zeros([BM], dtype=tl.float32)
+        for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
+            rn = jb * BN + tl.arange(0, BN)
+            raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
+            e = tl.where((rm[:, None] < n) & (rn[None, :] < k), tl.exp(raw * s - c), 0.0)
+            row_sum += tl.sum(e, 1)
+            if TWO_WAY:
+                tl.atomic_add(COL + rn, tl.sum(e, 0), mask=rn < k)
+        tl.atomic_add(ROW + rm, row_sum, mask=rm < n)
+
+    # Copied from clip.py: _lse_bwd_kernel
+    @triton.jit
+    def _lse_bwd_kernel(X, Y, SCALE, ROW, COL, GROW, GCOL, DX, DY, DS, n, k, d, sxn, sxd, syn, syd,
+                        TWO_WAY: tl.constexpr, NEED_X: tl.constexpr, NEED_Y: tl.constexpr, SPLIT: tl.constexpr,
+                        PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        s = tl.load(SCALE).to(tl.float32)
+        row = tl.load(ROW + rm, mask=rm < n, other=0.0)
+        g_row = tl.load(GROW + rm, mask=rm < n, other=0.0)
+        ds = tl.zeros([BM], dtype=tl.float32)
+        for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
+            rn = jb * BN + tl.arange(0, BN)
+            raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
+            t = raw * s
+            g = tl.exp(t - row[:, None]) * g_row[:, None]
+            if TWO_WAY:
+                col = tl.load(COL + rn, mask=rn < k, other=0.0)
+                g_col = tl.load(GCOL + rn, mask=rn < k, other=0.0)
+                g += tl.exp(t - col[None, :]) * g_col[None, :]
+            g = tl.where((rm[:, None] < n) & (rn[None, :] < k), g, 0.0)
+            ds += tl.sum(g * raw, 1)
+            gq = g.to(X.dtype.element_ty)
+            for d0 in range(0, d, BD):  # both gradients from the one recomputed tile
+                rd = d0 + tl.arange(0, BD)
+                if NEED_X:
+                    yb = tl.load(Y + rn[:, None] * syn + rd[None, :] * syd, mask=(rn[:, None] < k) & (rd[None, :] < d), other=0.0)
+                    tl.atomic_add(DX + rm[:, None] * d + rd[None, :], tl.dot(gq, yb, input_precision=PREC) * s,
+                                  mask=(rm[:, None] < n) & (rd[None, :] < d))
+                if NEED_Y:
+                    xa = tl.load(X + rm[:, None] * sxn + rd[None, :] * sxd, mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
+                    tl.atomic_add(DY + rn[:, None] * d + rd[None, :], tl.dot(tl.trans(gq), xa, input_precision=PREC) * s,
+                                  mask=(rn[:, None] < k) & (rd[None, :] < d))
+        tl.atomic_add(DS, tl.sum(ds, 0))
+
+
+# Copied from clip.py: _triton_launch
+def _triton_launch(x, y):
+    n, k = x.shape[0], y.shape[0]
+    big = x.dtype in (torch.float16, torch.bfloat16)
+    bm = bn = 128 if big and x.is_cuda else 64
+    bd = 64 if x.shape[1] >= 64 else 32
+    # Enough programs to fill the GPU: split the columns when there are few row blocks.
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    split = max(1, min(triton.cdiv(k, bn), triton.cdiv(4 * sms, triton.cdiv(n, bm))))
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"  # exact fp32; half types use their own dot
+    return dict(SPLIT=split, PREC=prec, BM=bm, BN=bn, BD=bd), (triton.cdiv(n, bm), split)
+
+
+# Copied from clip.py: _lse_triton
+def _lse_triton(x, y, scale, two_way):
+    n, k = x.shape[0], y.shape[0]
+    # exp(t - offset) must neither overflow (t - offset <= 80 < 88) nor, for a whole row or column,
+    # underflow: exact while a row or column has a logit within 167 of the largest possible |t|,
+    # which always holds for unit features with scale <= 83, and in practice at CLIP's cap of 100.
+    bound = scale.float().abs() * x.float().norm(dim=1).max() * y.float().norm(dim=1).max()
+    offset = torch.clamp(bound - 80, min=0).reshape(1)
+    row = torch.zeros(n, device=x.device, dtype=torch.float32)
+    col = torch.zeros(k if two_way else 0, device=x.device, dtype=torch.float32)
+    meta, grid = _triton_launch(x, y)
+    _lse_fwd_kernel[grid](x, y, scale.reshape(1), offset, row, col, n, k, x.shape[1], x.stride(0), x.stride(1),
+                          y.stride(0), y.stride(1), TWO_WAY=two_way, **meta)
+    return row.log() + offset, col.log() + offset
+
+
+# Copied from clip.py: _lse_backward_triton
+def _lse_backward_triton(x, y, scale, row, col, g_row, g_col, need_x, need_y):
+    n, k = x.shape[0], y.shape[0]
+    dx = torch.zeros(x.shape if need_x else (1,), device=x.device, dtype=torch.float32)
+    dy = torch.zeros(y.shape if need_y else (1,), device=x.device, dtype=torch.float32)
+    ds = torch.zeros(1, device=x.device, dtype=torch.float32)
+    two_way = col.numel() > 0
+    meta, grid = _triton_launch(x, y)
+    _lse_bwd_kernel[grid](x, y, scale.reshape(1), row.float(), col.float() if two_way else row, g_row.float(),
+                          g_col.float() if two_way else g_row, dx, dy, ds, n, k, x.shape[1], x.stride(0), x.stride(1),
+                          y.stride(0), y.stride(1), TWO_WAY=two_way, NEED_X=need_x, NEED_Y=need_y, **meta)
+    return dx.to(x.dtype), dy.to(y.dtype), ds.reshape(()).to(scale.dtype)
+
+
+# Copied from clip.py: _NS
+_NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
+
+
+# Copied from clip.py: lse_tiles
+@torch.library.custom_op(f"{_NS}::lse_tiles", mutates_args=())
+def lse_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, two_way: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_lse [n], col_lse [k] or [0]) of scale * x @ y.T, never materialising it."""
+    if _use_triton(x):
+        row, col = _lse_triton(x.contiguous(), y.contiguous(), scale, two_way)
+        return row.to(_acc_dtype(x)), col.to(_acc_dtype(x))
+    return _lse_torch(x, y, scale, two_way)
+
+
+# Copied from clip.py: _lse_tiles_fake
+@lse_tiles.register_fake
+def _lse_tiles_fake(x, y, scale, two_way):
+    return x.new_empty(x.shape[0], dtype=_acc_dtype(x)), x.new_empty(y.shape[0] if two_way else 0, dtype=_acc_dtype(x))
+
+
+# Copied from clip.py: lse_tiles_backward
+@torch.library.custom_op(f"{_NS}::lse_tiles_backward", mutates_args=())
+def lse_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+                       g_row: torch.Tensor, g_col: torch.Tensor, need_x: bool, need_y: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(x):
+        return _lse_backward_triton(x.contiguous(), y.contiguous(), scale, row, col, g_row, g_col, need_x, need_y)
+    return _lse_backward_torch(x, y, scale, row, col, g_row, g_col)
+
+
+# Copied from clip.py: _lse_tiles_backward_fake
+@lse_tiles_backward.register_fake
+def _lse_tiles_backward_fake(x, y, scale, row, col, g_row, g_col, need_x, need_y):
+    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
+
+
+# Copied from clip.py: _lse_setup
+def _lse_setup(ctx, inputs, output):
+    x, y, scale, _ = inputs
+    ctx.save_for_backward(x, y, scale, *output)
+
+
+# Copied from clip.py: _lse_backward
+def _lse_backward(ctx, g_row, g_col):
+    x, y, scale, row, col = ctx.saved_tensors
+    g_row = torch.zeros_like(row) if g_row is None else g_row
+    g_col = torch.zeros_like(col) if g_col is None else g_col
+    need_x, need_y, need_s = ctx.needs_input_grad[:3]
+    dx, dy, ds = lse_tiles_backward(x, y, scale, row, col, g_row, g_col, need_x, need_y)
+    return dx if need_x else None, dy if need_y else None, ds if need_s else None, None
+
+
+lse_tiles.register_autograd(_lse_backward, setup_context=_lse_setup)
+
+
+# Copied from clip.py: _AllGather
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient into the rows this rank owns."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        n = grad.shape[0] // world
+        if dist.get_backend(ctx.group) == "nccl":
+            out = grad.new_empty(n, *grad.shape[1:])
+            dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+            return out, None
+        grad = grad.contiguous().clone()  # gloo has no reduce_scatter
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[rank * n:(rank + 1) * n], None
+
+
+# Copied from clip.py: _AllReduceSum
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; every rank's loss depends on the sum, so the backward sums the gradients too."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+# Copied from clip.py: _distributed
+def _distributed(group):
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+# Copied from clip.py: all_gather_with_grad
+def all_gather_with_grad(x, group=None):
+    return _AllGather.apply(x, group) if _distributed(group) else x
+
+
+# Copied from clip.py: global_logsumexp
+def global_logsumexp(lse, group=None):
+    """Combine per-rank log-sum-exp vectors into the global one: O(len) traffic, differentiable."""
+    if not _distributed(group):
+        return lse
+    top = lse.detach().clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return _AllReduceSum.apply(torch.exp(lse - top), group).log() + top
+
+
+# Copied from clip.py: infonce
+def infonce(x, y, logit_scale, pos, two_way=False, group=None):
+    """Mean over the rows of x of InfoNCE against the keys y; row i's positive is column pos[i].
+
+    Rows-only (two_way=False): y is any key set (BriVL: positives plus a queue; pass y detached for
+    no gradient to the keys). two_way also takes the column direction: y must then be the gather of
+    every rank's equal-sized shard and pos this rank's columns; column statistics are combined across
+    ranks. Under DDP's gradient averaging the result is the exact gradient of the global mean.
+    """
+    row, col = lse_tiles(x, y, logit_scale, two_way)
+    pos_logit = (x * y[pos]).sum(1).to(row.dtype) * logit_scale.to(row.dtype)
+    loss = row - pos_logit
+    if two_way:
+        loss = (loss + global_logsumexp(col, group)[pos] - pos_logit) / 2
+    return loss.mean()
+
+
+# Copied from clip.py: contrastive_loss
+def contrastive_loss(image_features, text_features, logit_scale, group=None):
+    """Symmetric InfoNCE over the global batch (open_clip's meaning: logit_scale is already exp'd).
+
+    Each rank computes its own image rows against the texts of all ranks (gathered with gradient);
+    the text -> image direction reuses the same tiles, its column statistics combined across ranks.
+    Every rank must pass the same number of rows. text_features may hold several positive text sets,
+    [M, B, D] (LaCLIP-MT): the loss is then the mean of the M losses.
+    """
+    if text_features.dim() == 3:
+        return sum(contrastive_loss(image_features, t, logit_scale, group) for t in text_features) / len(text_features)
+    n = image_features.shape[0]
+    offset = 0
+    if _distributed(group):
+        text_features = all_gather_with_grad(text_features, group)
+        if text_features.shape[0] != n * dist.get_world_size(group):
+            raise ValueError("contrastive_loss needs the same batch size on every rank")
+        offset = dist.get_rank(group) * n
+    pos = torch.arange(offset, offset + n, device=image_features.device)
+    return infonce(image_features, text_features, logit_scale, pos, True, group)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+# Copied from clip.py: ImageTransform
+class ImageTransform:
+    """PIL image -> normalised tensor; train: RandomResizedCrop(scale 0.9-1) drawn from the sample's rng."""
+
+    def __init__(self, size, train, scale=(0.9, 1.0), mean=MEAN, std=STD):
+        self.size, self.train, self.scale = size, train, scale
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __call__(self, img, rng=None):
+        from PIL import Image
+
+        img = img.convert("RGB")
+        w, h = img.size
+        if self.train:
+            box = None
+            for _ in range(10):  # torchvision's RandomResizedCrop rule, with our own rng
+                area = w * h * rng.uniform(*self.scale)
+                ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+                cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+                if 0 < cw <= w and 0 < ch <= h:
+                    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                    box = (x0, y0, x0 + cw, y0 + ch)
+                    break
+            if box is None:
+                side = min(w, h)
+                box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+            img = img.resize((self.size, self.size), Image.BICUBIC, box=box)
+        else:  # resize the short side, centre crop (OpenAI's preprocess)
+            r = self.size / min(w, h)
+            img = img.resize((max(self.size, round(w * r)), max(self.size, round(h * r))), Image.BICUBIC)
+            w, h = img.size
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            img = img.crop((left, top, left + self.size, top + self.size))
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        return (x - self.mean) / self.std
+
+
+class Transform:
+    """One sample -> model inputs. Stage 1 trains on text: the teacher reads the English caption, the
+    student one of the sample's texts (English included) drawn from its rng. Stage 2: an image and one
+    of its texts. Evaluation: the image and the English caption."""
+
+    def __init__(self, cfg, tokenizer, teacher_tokenizer, train):
+        self.stage, self.train = cfg.stage, train
+        self.image = ImageTransform(cfg.image_size, train)
+        self.tokenizer, self.teacher_tokenizer = tokenizer, teacher_tokenizer
+
+    def __call__(self, sample, rng):
+        text = sample["text"]
+        if self.train and sample.get("texts"):
+            options = sorted(sample["texts"].items())
+            text = options[int(rng.integers(len(options)))][1]
+        ids, mask = self.tokenizer([text])
+        out = {"text": ids[0], "text_mask": mask[0]}
+        if not self.train or self.stage == "contrastive":
+            out["image"] = self.image(sample["image"], rng)
+        if self.stage == "distill" and self.teacher_tokenizer is not None:
+            out["teacher_text"] = self.teacher_tokenizer([sample["text"]])[0]
+        return out
+
+
+class AltCLIP(nn.Module):
+    def __init__(self, cfg: Config, tokenizer=None, teacher_tokenizer=None):
+        super().__init__()
+        self.cfg, self.tokenizer, self.teacher_tokenizer = cfg, tokenizer, teacher_tokenizer
+        self.visual = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
+                                        cfg.vision_heads, cfg.embed_dim, cfg.quick_gelu)
+        self.text_model = StudentText(cfg)
+        self.text_projection = nn.Linear(cfg.teacher_width, cfg.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # The image tower is the teacher's and stays frozen in both stages. In stage 1 the loss reaches
+        # neither the projection nor the temperature; DDP must not wait for their gradients.
+        self.visual.requires_grad_(False)
+        if cfg.stage == "distill":
+            self.teacher = TeacherText(cfg).requires_grad_(False)
+            self.text_projection.requires_grad_(False)
+            self.logit_scale.requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.visual.eval()  # frozen: eval mode too
+        return self
+
+    def encode_image(self, images, normalize=False):
+        x = self.visual(images)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, input_ids, attention_mask, normalize=False):
+        x = self.text_projection(self.text_model(input_ids, attention_mask))
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, batch):
+        student = self.text_model(batch["text"], batch["text_mask"])
+        out = {"text": F.normalize(self.text_projection(student), dim=-1), "scale": self.logit_scale.exp()}
+        if "image" in batch:
+            out["image"] = self.encode_image(batch["image"], normalize=True)
+        if self.cfg.stage == "distill" and "teacher_text" in batch:
+            out["student"] = student
+            with torch.no_grad():
+                out["teacher"] = self.teacher(batch["teacher_text"])
+        return out
+
+    def loss(self, out):
+        if self.cfg.stage == "distill":
+            # Mean over rows and features: each rank's mean over equal shares, which DDP averages.
+            return F.mse_loss(out["student"].float(), out["teacher"].float())
+        return contrastive_loss(out["image"], out["text"], out["scale"])
+
+    @torch.no_grad()
+    def after_step(self):
+        self.logit_scale.clamp_(0, math.log(100))
+
+    def transform(self, train):
+        return Transform(self.cfg, self.tokenizer, self.teacher_tokenizer, train)
+
+    def encode_texts(self, texts):
+        ids, mask = self.tokenizer(texts)
+        device = self.logit_scale.device
+        return self.encode_text(ids.to(device), mask.to(device), normalize=True)
+
+    def extra_state(self):
+        return {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None,
+                "teacher_tokenizer": self.teacher_tokenizer.tokenizer.to_str() if self.teacher_tokenizer else None}
+
+
+def add_args(parser):
+    parser.add_argument("--stage", default="distill", choices=["distill", "contrastive"],
+                        help="distill: stage 1, teacher learning on parallel text; contrastive: stage 2")
+    parser.add_argument("--teacher", default=None,
+                        help="stage 1: the CLIP to learn from: a train.py checkpoint of clip, or an OpenAI / "
+                             "open_clip ViT file")
+    parser.add_argument("--teacher-tokenizer", default=None,
+                        help="the teacher's tokenizer (bpe_simple_vocab_16e6.txt.gz or tokenizer.json), for "
+                             "teacher files that do not carry one")
+    parser.add_argument("--init", default=None, help="stage 2: the stage-1 checkpoint to start from")
+    parser.add_argument("--student", default=None,
+                        help="an HF XLM-R folder (config.json, weights, tokenizer.json) to start the student from")
+    parser.add_argument("--tokenizer", default=None, help="the student's tokenizer.json (default: --student's, "
+                        "else a WordPiece vocabulary built from the captions in every language)")
+
+
+def finish_args(args):
+    # Stage 1 needs no images: the data loader then reads parallel text (the synthetic data's
+    # captions in every language, or a TSV of translations).
+    args.parallel_text = args.stage == "distill"
+
+
+def read_teacher(path, tokenizer=None):
+    """(state dict, shapes, CLIP Tokenizer or None) of a CLIP: our checkpoint, OpenAI's or open_clip's file."""
+    sd, extra = read_state_dict(path)
+    for key in ("input_resolution", "context_length", "vocab_size"):  # metadata in OpenAI's archives
+        sd.pop(key, None)
+    if "visual.conv1.weight" not in sd or "token_embedding.weight" not in sd:
+        raise ValueError(f"{path}: not a CLIP ViT checkpoint (no visual.conv1.weight / token_embedding.weight); "
+                         "the teacher must be a clip.py checkpoint or an OpenAI-layout file")
+    c = (extra or {}).get("config") or {}
+    width, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
+
+    def count(prefix):
+        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+    text_width = sd["ln_final.weight"].shape[0]
+    shapes = dict(embed_dim=sd["text_projection"].shape[1], image_size=patch * round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5),
+                  patch_size=patch, vision_width=width, vision_layers=count("visual.transformer.resblocks."),
+                  vision_heads=c.get("vision_heads", width // 64), quick_gelu=c.get("quick_gelu", True),
+                  teacher_context=sd["positional_embedding"].shape[0], teacher_vocab=sd["token_embedding.weight"].shape[0],
+                  teacher_width=text_width, teacher_layers=count("transformer.resblocks."),
+                  teacher_heads=c.get("text_heads", text_width // 64))
+    if tokenizer:
+        tok = Tokenizer.from_file(tokenizer, shapes["teacher_context"])
+    elif extra and extra.get("tokenizer"):
+        tok = Tokenizer.from_str(extra["tokenizer"], shapes["teacher_context"])
+    else:
+        tok = None
+    return sd, shapes, tok
+
+
+def load_teacher(model, sd):
+    """The teacher CLIP's image tower, text tower, projection and temperature into the model."""
+    model.visual.load_state_dict({k[len("visual."):]: v.float() for k, v in sd.items() if k.startswith("visual.")})
+    model.text_projection.weight.data.copy_(sd["text_projection"].T)
+    model.logit_scale.data.copy_(sd["logit_scale"])
+    if hasattr(model, "teacher"):
+        names = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.")
+        model.teacher.load_state_dict({k: v.float() for k, v in sd.items() if k.startswith(names)})
+
+
+def create(args, captions=(), extra=None):
+    if extra is not None:  # a checkpoint's model, or the one rank 0 built for the other ranks
+        cfg = Config(**extra["config"])
+        tok = BertTokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None
+        teacher_tok = Tokenizer.from_str(extra["teacher_tokenizer"], cfg.teacher_context) \
+            if extra.get("teacher_tokenizer") else None
+        model = AltCLIP(cfg, tok, teacher_tok)
+        if args is not None:  # on --resume the checkpoint's weights replace these
+            load_weights(model, args)
+        return model
+    if args.size not in CONFIGS:
+        raise ValueError(f"unknown --size {args.size!r}; choose one of {', '.join(CONFIGS)}")
+    if args.stage == "contrastive":
+        if not args.init:
+            raise ValueError("altclip --stage contrastive needs --init STAGE1_CHECKPOINT (a checkpoint of --stage distill)")
+        _, extra = _read_stage1(args.init)
+        cfg = Config(**{**extra["config"], "stage": "contrastive"})
+        model = AltCLIP(cfg, BertTokenizer.from_str(extra["tokenizer"], cfg.context_length))
+        load_weights(model, args)
+        return model
+    if not args.teacher:
+        raise ValueError("altclip --stage distill needs --teacher CLIP_CHECKPOINT (train one with "
+                         "`train.py --model clip`, or pass an OpenAI ViT file with --teacher-tokenizer)")
+    _, shapes, teacher_tok = read_teacher(args.teacher, args.teacher_tokenizer)
+    if teacher_tok is None:
+        raise ValueError(f"{args.teacher} carries no tokenizer: pass the teacher's with --teacher-tokenizer "
+                         "(bpe_simple_vocab_16e6.txt.gz or tokenizer.json)")
+    cfg = Config(**{**asdict(CONFIGS[args.size]), **shapes, "stage": "distill"})
+    if args.student:
+        hf = read_hf_weights(args.student, config_only=True)
+        cfg.vocab_size, cfg.text_width, cfg.text_layers = hf["vocab_size"], hf["hidden_size"], hf["num_hidden_layers"]
+        cfg.text_heads, cfg.text_mlp = hf["num_attention_heads"], hf["intermediate_size"]
+        cfg.text_max_positions, cfg.text_type_vocab = hf["max_position_embeddings"], hf.get("type_vocab_size", 1)
+        cfg.text_eps = hf.get("layer_norm_eps", 1e-5)
+    if args.tokenizer or args.student:
+        tok = BertTokenizer.from_file(args.tokenizer or args.student, cfg.context_length)
+    else:
+        tok = BertTokenizer.train(captions, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
+        cfg.vocab_size = tok.vocab_size
+    cfg.pad_id = tok.pad_id
+    model = AltCLIP(cfg, tok, teacher_tok)
+    load_weights(model, args)
+    return model
+
+
+def load_weights(model, args):
+    """What a run starts from: stage 1, the teacher CLIP (and an HF XLM-R student); stage 2, stage 1's checkpoint."""
+    if model.cfg.stage == "distill":
+        load_teacher(model, read_teacher(args.teacher)[0])
+        if getattr(args, "student", None):
+            _, sd = read_hf_weights(args.student)
+            model.text_model.roberta.load_state_dict(bert_state_dict(sd, ("roberta.",)), strict=True)
+    elif getattr(args, "init", None):
+        sd, _ = _read_stage1(args.init)
+        model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("teacher.")}, strict=True)
+
+
+def _read_stage1(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint; --init takes the checkpoint.pt of an altclip --stage distill run")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    extra = ckpt.get("extra") or {}
+    if (extra.get("config") or {}).get("stage") != "distill":
+        raise ValueError(f"{path}: not a checkpoint of altclip --stage distill")
+    return ckpt["model"], extra
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: zero-shot classifier and retrieval, in chunks
+
+# Copied from clip.py: zero_shot_classifier
+@torch.no_grad()
+def zero_shot_classifier(model, classnames, templates):
+    """[C, D]: per class, the mean of its normalised prompt embeddings, re-normalised."""
+    weights = []
+    for name in classnames:
+        e = model.encode_texts([t.format(name) for t in templates]).float()
+        weights.append(F.normalize(e.mean(0), dim=-1))
+    return torch.stack(weights)
+
+
+# Copied from clip.py: retrieval_metrics
+@torch.no_grad()
+def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
+    """R@k both ways for paired rows, chunked so N x N similarities are never held at once."""
+    out = {}
+    for name, q, k in (("i2t", image_features, text_features), ("t2i", text_features, image_features)):
+        ranks = []
+        for i in range(0, q.shape[0], chunk):
+            sims = q[i:i + chunk] @ k.T
+            target = sims[torch.arange(sims.shape[0]), torch.arange(i, i + sims.shape[0])]
+            ranks.append((sims > target[:, None]).sum(1))
+        ranks = torch.cat(ranks)
+        for kk in ks:
+            out[f"{name}_r{kk}"] = (ranks < kk).float().mean().item()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight loading: HF AltCLIPModel folders, OpenAI-layout CLIP files, this repository's checkpoints
+
+# Copied from clip.py: read_state_dict
+def read_state_dict(path):
+    """A TorchScript archive (OpenAI's releases), a plain state dict (.pt/.bin/.pth) or .safetensors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
+        return load_file(path), None
+    try:
+        sd = torch.jit.load(path, map_location="cpu").state_dict()
+    except RuntimeError:  # not TorchScript
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    extra = None
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):  # our train.py checkpoint
+        extra = sd.get("extra")
+        sd = sd["model"]
+    elif isinstance(sd, dict) and "state_dict" in sd:  # open_clip training checkpoint
+        sd = sd["state_dict"]
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return sd, extra
+
+
+def hf_vision_to_openai(sd, prefix="vision_model."):
+    """HF CLIPVisionTransformer names -> OpenAI's (clip.py's VisionTransformer); q, k, v joined."""
+    # Releases spell the blocks encoder.layers.{i} (CLIP's) or encoder.layer.{i} (AltCLIP's, newer).
+    sd = {k.replace(prefix + "encoder.layer.", prefix + "encoder.layers."): v for k, v in sd.items()}
+    out = {"class_embedding": sd[prefix + "embeddings.class_embedding"],
+           "conv1.weight": sd[prefix + "embeddings.patch_embedding.weight"],
+           "positional_embedding": sd[prefix + "embeddings.position_embedding.weight"]}
+    for ours, theirs in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):  # (sic) HF's spelling
+        for p in ("weight", "bias"):
+            out[f"{ours}.{p}"] = sd[f"{prefix}{theirs}.{p}"]
+    i = 0
+    while f"{prefix}encoder.layers.{i}.layer_norm1.weight" in sd:
+        src, dst = f"{prefix}encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for p in ("weight", "bias"):
+            out[dst + f"attn.in_proj_{p}"] = torch.cat([sd[src + f"self_attn.{n}_proj.{p}"] for n in "qkv"])
+            for ours, theirs in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
+                                 ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"), ("ln_2", "layer_norm2")):
+                out[f"{dst}{ours}.{p}"] = sd[f"{src}{theirs}.{p}"]
+        i += 1
+    return out
+
+
+def load(path, device="cpu", tokenizer=None):
+    """(model, preprocess) from an HF AltCLIPModel folder or a train.py checkpoint of altclip.
+
+    HF folders: config.json plus pytorch_model.bin or model.safetensors (the latter needs the
+    safetensors package); the tokenizer.json in the folder (or the one given) serves encode_texts.
+    Features: model.encode_text(input_ids, attention_mask), model.encode_image(images).
+    """
+    if os.path.isfile(path):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if "extra" not in ckpt or "model" not in ckpt:
+            raise ValueError(f"{path}: not a train.py checkpoint of altclip; pass an HF AltCLIP folder or a checkpoint")
+        model = create(None, extra=ckpt["extra"])
+        model.load_state_dict(ckpt["model"], strict=True)
+        return model.to(device).eval(), ImageTransform(model.cfg.image_size, train=False)
+    hf, sd = read_hf_weights(path)
+    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    text_cfg, vision_cfg = hf.get("text_config", {}), hf.get("vision_config", {})
+    student = bert_state_dict({k[len("text_model."):]: v for k, v in sd.items() if k.startswith("text_model.roberta.")},
+                              ("roberta.",))
+    vision = hf_vision_to_openai(sd)
+    width = vision["conv1.weight"].shape[0]
+    text_width = sd["text_model.pre_LN.weight"].shape[0]
+    cfg = Config(
+        stage="contrastive", embed_dim=sd["text_projection.weight"].shape[0],
+        image_size=vision_cfg.get("image_size", 224), patch_size=vision["conv1.weight"].shape[-1],
+        vision_width=width, vision_layers=sum(k.endswith("ln_1.weight") for k in vision),
+        vision_heads=vision_cfg.get("num_attention_heads", width // 64),
+        quick_gelu=vision_cfg.get("hidden_act", "quick_gelu") == "quick_gelu",
+        teacher_width=sd["text_model.transformation.weight"].shape[0],
+        context_length=text_cfg.get("max_position_embeddings", 514) - text_cfg.get("pad_token_id", 1) - 1,
+        vocab_size=student["embeddings.word_embeddings.weight"].shape[0], text_width=text_width,
+        text_layers=sum(k.endswith("attention.self.query.weight") for k in student),
+        text_heads=text_cfg.get("num_attention_heads", 16), text_mlp=student["encoder.layer.0.intermediate.dense.weight"].shape[0],
+        text_max_positions=student["embeddings.position_embeddings.weight"].shape[0],
+        text_type_vocab=student["embeddings.token_type_embeddings.weight"].shape[0],
+        text_eps=text_cfg.get("layer_norm_eps", 1e-5), pad_id=text_cfg.get("pad_token_id", 1))
+    if vision["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] != 4 * width:
+        raise ValueError(f"{path}: the vision MLP is not 4x its width, as CLIP's ViT blocks are")
+    if vision_cfg.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
+        raise ValueError(f"{path}: vision hidden_act {vision_cfg['hidden_act']!r} is not implemented")
+    if cfg.image_size != cfg.patch_size * round((vision["positional_embedding"].shape[0] - 1) ** 0.5):
+        cfg.image_size = cfg.patch_size * round((vision["positional_embedding"].shape[0] - 1) ** 0.5)
+    tok_path = tokenizer or (path if os.path.isfile(os.path.join(path, "tokenizer.json")) else None)
+    model = AltCLIP(cfg, BertTokenizer.from_file(tok_path, cfg.context_length) if tok_path else None)
+    model.visual.load_state_dict({**vision, "proj": sd["visual_projection.weight"].T}, strict=True)
+    model.text_model.roberta.load_state_dict(student, strict=True)
+    for name in ("pre_LN", "transformation"):
+        getattr(model.text_model, name).load_state_dict(
+            {p: sd[f"text_model.{name}.{p}"] for p in ("weight", "bias")}, strict=True)
+    model.text_projection.weight.data.copy_(sd["text_projection.weight"])
+    model.logit_scale.data.copy_(sd["logit_scale"].reshape(()))
+    return model.to(device).eval(), ImageTransform(cfg.image_size, train=False)

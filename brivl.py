@@ -1,0 +1,932 @@
+"""BriVL / WenLan (Huo et al. 2021, "WenLan: Bridging Vision and Language by Large-Scale Multi-Modal
+Pre-Training") in one file: two towers trained MoCo-style, with momentum encoders and queues.
+
+Image side: a CNN, region features pooled from its feature map over boxes (a grid of boxes plus the
+whole image by default, as brivl-nmi does; detector boxes when the data brings them), self-attention
+over the regions, masked mean, an MLP. Text side: a BERT encoder (initialised from a local HF
+BERT/RoBERTa directory if you have one), self-attention over its tokens, masked mean, an MLP. Each
+tower has a momentum copy (k <- m k + (1 - m) q after every step) whose outputs, the keys, fill one
+queue per modality; an image is contrasted with its text's key against the text queue, and a text
+with its image's key against the image queue.
+
+Where the official inference code (BAAI-WuDao/BriVL, models/vl_model.py) and the paper differ, this
+file follows the code and says so.
+
+Copy this file alone into another project and it works: it imports nothing from this repository.
+Same interface as clip.py (see its docstring): create, add_args, model.transform / forward / loss /
+after_step / encode_texts / extra_state, zero_shot_classifier, retrieval_metrics.
+"""
+import copy
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    embed_dim: int = 2048
+    image_size: int = 456  # images are resized to a square, never cropped: the boxes keep their meaning
+    backbone: str = "efficientnet_b5"  # any torchvision ResNet or EfficientNet, or "tiny" (below)
+    grid: int = 6  # default boxes: grid x grid cells plus the whole image
+    max_boxes: int = 36  # detector boxes kept per image (plus the whole image)
+    pool_size: int = 4  # each box is sampled to pool_size x pool_size before its 1x1 conv and mean
+    image_heads: int = 4  # self-attention over the regions, as wide as the CNN's features
+    image_layers: int = 4
+    image_mlp: int = 2048  # feed-forward width of those layers (nn.TransformerEncoderLayer's default)
+    context_length: int = 80
+    vocab_size: int = 21128
+    text_width: int = 768
+    text_layers: int = 12  # the BERT encoder
+    text_heads: int = 12
+    text_mlp: int = 3072
+    text_max_positions: int = 512
+    text_attn_heads: int = 4  # self-attention over the BERT tokens
+    text_attn_layers: int = 4
+    text_attn_mlp: int = 2048
+    # Frozen in the official code: the CNN's stem and first three block stages, BERT's embeddings
+    # and its lower 8 layers (only the top 4 train).
+    freeze_cnn: int = 4  # leading stages of the backbone
+    freeze_text: int = 8  # BERT layers from the bottom (its embeddings too, when > 0)
+    momentum: float = 0.99
+    queue_size: int = 9600
+    temperature: float = 0.07
+    # Train augmentation: colour jitter (0.4, 0.4, 0.4, 0.1) with this probability, grayscale with that one.
+    jitter: float = 0.8
+    grayscale: float = 0.2
+
+
+CONFIGS = {
+    # Small enough to train on two CPU cores in minutes on the synthetic data. No colour augmentation:
+    # there, colour is half of what a caption says.
+    "tiny": Config(embed_dim=128, image_size=64, backbone="tiny", grid=4, max_boxes=16, image_layers=2,
+                   image_mlp=256, context_length=24, vocab_size=1024, text_width=128, text_layers=2,
+                   text_heads=4, text_mlp=256, text_max_positions=24, text_attn_layers=2, text_attn_mlp=256,
+                   freeze_cnn=0, freeze_text=0, jitter=0.0, grayscale=0.0),
+    # The released model: EfficientNet-B5 at 456 px, Chinese RoBERTa-wwm-ext (BERT-base shapes).
+    "efficientnet-b5": Config(),
+}
+
+MEAN = (0.485, 0.456, 0.406)  # ImageNet's normalisation, which the torchvision backbones expect
+STD = (0.229, 0.224, 0.225)
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer: any HF tokenizer.json, or a BERT vocab.txt (WordPiece)
+
+
+class BertTokenizer:
+    """A BERT-family tokenizer (BERT's WordPiece, XLM-R's Unigram: any HF tokenizer.json, or a BERT vocab.txt).
+
+    __call__(list of str) -> (ids [N, context], mask [N, context]); the special tokens come from the
+    tokenizer's own template ([CLS] ... [SEP], <s> ... </s>).
+    """
+
+    def __init__(self, tokenizer, context_length=80):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        pad = next((t for t in ("[PAD]", "<pad>") if tokenizer.token_to_id(t) is not None), None)
+        if pad is None:
+            raise ValueError("the tokenizer has no [PAD] or <pad> token")
+        self.pad_id = tokenizer.token_to_id(pad)
+        tokenizer.enable_truncation(context_length)  # keeps room for [CLS] ... [SEP]
+        tokenizer.enable_padding(pad_id=self.pad_id, pad_token=pad, length=context_length)
+
+    @property
+    def vocab_size(self):
+        return self.tokenizer.get_vocab_size()
+
+    @staticmethod
+    def wordpiece(vocab, lowercase=True):
+        """BERT's tokenizer: normalise, split on spaces, punctuation and CJK characters, WordPiece."""
+        from tokenizers import Tokenizer as HFTokenizer, normalizers, pre_tokenizers, processors
+        from tokenizers.models import WordPiece
+
+        tok = HFTokenizer(WordPiece(vocab, unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, handle_chinese_chars=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        return tok
+
+    @classmethod
+    def from_file(cls, path, context_length=80, lowercase=True):
+        """A tokenizer.json (any HF tokenizer), or a BERT vocab.txt, one token a line."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if os.path.isdir(path):
+            found = [os.path.join(path, f) for f in ("tokenizer.json", "vocab.txt") if os.path.isfile(os.path.join(path, f))]
+            if not found:
+                raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt in this folder")
+            path = found[0]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such tokenizer file; pass a tokenizer.json or a BERT vocab.txt")
+        if path.endswith(".json"):
+            return cls(HFTokenizer.from_file(path), context_length)
+        with open(path, encoding="utf-8") as f:
+            vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+        missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if t not in vocab]
+        if missing:
+            raise ValueError(f"{path}: not a BERT vocab.txt (no {', '.join(missing)})")
+        return cls(cls.wordpiece(vocab, lowercase), context_length)
+
+    @classmethod
+    def train(cls, texts, vocab_size=1024, context_length=80):
+        """A WordPiece vocabulary from the captions at hand: specials, every character seen (alone and
+        as a ##continuation), then whole words by frequency. Deterministic: ties go alphabetically."""
+        from collections import Counter
+
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        probe = cls.wordpiece({t: i for i, t in enumerate(specials)})
+        words = Counter()
+        for t in texts:
+            words.update(w for w, _ in probe.pre_tokenizer.pre_tokenize_str(probe.normalizer.normalize_str(t)))
+        chars = sorted({c for w in words for c in w})
+        vocab = specials + chars + ["##" + c for c in chars]
+        vocab += [w for w, _ in sorted(words.items(), key=lambda wc: (-wc[1], wc[0])) if len(w) > 1]
+        vocab = vocab[:max(vocab_size, len(specials) + 2 * len(chars))]
+        return cls(cls.wordpiece({t: i for i, t in enumerate(vocab)}), context_length)
+
+    def to_str(self):
+        return self.tokenizer.to_str()
+
+    @classmethod
+    def from_str(cls, s, context_length=80):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(s), context_length)
+
+    def __call__(self, texts):
+        if isinstance(texts, str):
+            texts = [texts]
+        encs = self.tokenizer.encode_batch(list(texts))
+        ids = torch.tensor([e.ids for e in encs], dtype=torch.long)
+        return ids, torch.tensor([e.attention_mask for e in encs], dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers: a BERT encoder with HF's parameter names, so BERT / RoBERTa weights load as they are
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, vocab_size, width, max_positions, type_vocab_size, eps, pad_id):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, width, padding_idx=pad_id)
+        self.position_embeddings = nn.Embedding(max_positions, width)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, ids, positions):
+        # One segment only: every token has token type 0.
+        x = self.word_embeddings(ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+        return self.LayerNorm(x)
+
+
+class BertLayer(nn.Module):
+    """Post-LN encoder block (attention, add & norm, GELU MLP, add & norm); no dropout, so runs are exact."""
+
+    def __init__(self, width, heads, mlp, eps):
+        super().__init__()
+        self.heads = heads
+        self.attention = nn.ModuleDict({
+            "self": nn.ModuleDict({name: nn.Linear(width, width) for name in ("query", "key", "value")}),
+            "output": nn.ModuleDict({"dense": nn.Linear(width, width), "LayerNorm": nn.LayerNorm(width, eps=eps)})})
+        self.intermediate = nn.ModuleDict({"dense": nn.Linear(width, mlp)})
+        self.output = nn.ModuleDict({"dense": nn.Linear(mlp, width), "LayerNorm": nn.LayerNorm(width, eps=eps)})
+
+    def forward(self, x, mask):
+        b, n, w = x.shape
+        att, out = self.attention["self"], self.attention["output"]
+        q, k, v = (att[name](x).view(b, n, self.heads, -1).transpose(1, 2) for name in ("query", "key", "value"))
+        # mask [B, N]: True for real tokens; padding is never attended to (padded queries still run).
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        x = out["LayerNorm"](x + out["dense"](a.transpose(1, 2).reshape(b, n, w)))
+        h = self.output["dense"](F.gelu(self.intermediate["dense"](x)))
+        return self.output["LayerNorm"](x + h)
+
+
+class Bert(nn.Module):
+    """BERT, or RoBERTa / XLM-R (roberta=True: positions count real tokens from pad_id + 1, fairseq's rule)."""
+
+    def __init__(self, vocab_size, width, layers, heads, mlp, max_positions, type_vocab_size=2, eps=1e-12,
+                 pad_id=0, roberta=False):
+        super().__init__()
+        self.pad_id, self.roberta = pad_id, roberta
+        self.embeddings = BertEmbeddings(vocab_size, width, max_positions, type_vocab_size, eps, pad_id)
+        self.encoder = nn.ModuleDict({"layer": nn.ModuleList([BertLayer(width, heads, mlp, eps) for _ in range(layers)])})
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):  # BERT's initialisation
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+    def forward(self, ids, mask):
+        if self.roberta:
+            positions = torch.cumsum(mask, 1) * mask + self.pad_id
+        else:
+            positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        x = self.embeddings(ids, positions)
+        for layer in self.encoder["layer"]:
+            x = layer(x, mask)
+        return x
+
+
+def read_hf_weights(folder, config_only=False):
+    """(config dict, state dict) of an HF model folder: config.json plus pytorch_model.bin or model.safetensors."""
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{folder}: no config.json; pass the folder of an HF model (config.json + weights)")
+    with open(cfg_path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config_only:
+        return config
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        if name.endswith(".safetensors"):
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
+            return config, load_file(path)
+        return config, torch.load(path, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin beside config.json")
+
+
+def bert_state_dict(sd, prefixes=("bert.", "roberta.")):
+    """An HF BertModel / RobertaModel state dict in Bert's names: prefix and pooler dropped, old spellings mapped."""
+    out = {}
+    for k, v in sd.items():
+        k = next((k[len(p):] for p in prefixes if k.startswith(p)), k)
+        if k.startswith(("pooler.", "cls.", "lm_head.")) or k.endswith("position_ids"):
+            continue
+        k = k.replace("encoder.layers.", "encoder.layer.").replace("LayerNorm.gamma", "LayerNorm.weight")
+        out[k.replace("LayerNorm.beta", "LayerNorm.bias")] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Towers
+
+
+def _group_norm(c):
+    return nn.GroupNorm(8, c)
+
+
+def tiny_cnn():
+    """Three stages, stride 8, 128 channels; GroupNorm, so a sample's features never depend on its batch."""
+    def conv(i, o, stride):
+        return [nn.Conv2d(i, o, 3, stride, 1, bias=False), _group_norm(o), nn.ReLU(inplace=True)]
+
+    return nn.Sequential(nn.Sequential(*conv(3, 32, 2)), nn.Sequential(*conv(32, 64, 2)),
+                         nn.Sequential(*conv(64, 128, 2), *conv(128, 128, 1)))
+
+
+def cnn_backbone(name):
+    """(stages as an nn.Sequential, output channels). Random weights: --backbone-weights loads yours."""
+    if name == "tiny":
+        return tiny_cnn(), 128
+    import torchvision
+
+    if not hasattr(torchvision.models, name) or not name.startswith(("resnet", "efficientnet")):
+        raise ValueError(f"unknown backbone {name!r}: use 'tiny' or a torchvision ResNet / EfficientNet name "
+                         "(resnet50, efficientnet_b5, ...)")
+    m = getattr(torchvision.models, name)(weights=None)
+    if name.startswith("resnet"):
+        stem = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool)
+        return nn.Sequential(stem, m.layer1, m.layer2, m.layer3, m.layer4), m.fc.in_features
+    return m.features, m.classifier[1].in_features  # stem, 7 block stages, head conv (timm's blocks 0-6 are 1-7)
+
+
+def _bilinear_weights(coords, size):
+    """[..., n] sample coordinates -> [..., size]: each one's bilinear weights on a feature-map axis,
+    averaged over the n samples, with RoIAlign's border rules (torchvision's roi_align kernel)."""
+    valid = (coords >= -1) & (coords <= size)  # further out, a sample reads as zero
+    c = coords.clamp(min=0)
+    low = c.floor().clamp(max=size - 1)
+    frac = torch.where(low >= size - 1, torch.zeros_like(c), c - low)
+    high = (low + 1).clamp(max=size - 1)
+    axis = torch.arange(size, device=coords.device, dtype=coords.dtype)
+    w = (1 - frac)[..., None] * (axis == low[..., None]) + frac[..., None] * (axis == high[..., None])
+    return (w * valid[..., None]).mean(-2)
+
+
+class RegionPool(nn.Module):
+    """Per box: RoIAlign to pool x pool (aligned, 2 x 2 samples a bin), a 1x1 conv, the mean.
+
+    All three are linear, so the mean of the bins is taken first, as weights on the feature map:
+    the same numbers as torchvision.ops.roi_align (tested), at a fraction of its CPU cost. The
+    bilinear weights are separable, one vector per axis. The official code samples with grid_sample.
+    """
+
+    def __init__(self, channels, pool, ratio=2):
+        super().__init__()
+        self.pool, self.ratio = pool, ratio
+        self.conv = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, fmap, boxes, image_size):
+        h, w = fmap.shape[-2:]
+        x0, y0, x1, y1 = (boxes.float() * (w / image_size) - 0.5).unbind(-1)  # aligned: pixel centres
+        n = self.pool * self.ratio  # bin p's sample i sits at (p * ratio + i + 0.5) / n of the box
+        t = (torch.arange(n, device=boxes.device, dtype=torch.float32) + 0.5) / n
+        wy = _bilinear_weights(y0[..., None] + t * (y1 - y0)[..., None], h)
+        wx = _bilinear_weights(x0[..., None] + t * (x1 - x0)[..., None], w)
+        x = torch.einsum("bry,brx,bcyx->brc", wy.to(fmap.dtype), wx.to(fmap.dtype), fmap)
+        return F.linear(x, self.conv.weight[:, :, 0, 0], self.conv.bias)
+
+
+def attention_layers(width, heads, mlp, layers):
+    # nn.TransformerEncoderLayer (post-LN, ReLU), as the official code; dropout off, so runs are exact.
+    layer = nn.TransformerEncoderLayer(width, heads, mlp, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+def masked_mean(x, mask):
+    m = mask.to(x.dtype)[..., None]
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.backbone, width = cnn_backbone(cfg.backbone)
+        self.pool = RegionPool(width, cfg.pool_size)
+        self.attn = attention_layers(width, cfg.image_heads, cfg.image_mlp, cfg.image_layers)
+        self.mlp = nn.Sequential(nn.Linear(width, cfg.embed_dim), nn.ReLU(), nn.Linear(cfg.embed_dim, cfg.embed_dim))
+        for stage in self.backbone[:cfg.freeze_cnn]:
+            stage.requires_grad_(False)
+
+    def forward(self, images, boxes, box_mask):
+        x = F.normalize(self.pool(self.backbone(images), boxes, images.shape[-1]), dim=-1)
+        x = self.attn(x, src_key_padding_mask=~box_mask)
+        return self.mlp(masked_mean(x, box_mask))
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: Config, pad_id=0):
+        super().__init__()
+        self.bert = Bert(cfg.vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.text_mlp,
+                         cfg.text_max_positions, pad_id=pad_id)
+        self.attn = attention_layers(cfg.text_width, cfg.text_attn_heads, cfg.text_attn_mlp, cfg.text_attn_layers)
+        self.mlp = nn.Sequential(nn.Linear(cfg.text_width, cfg.embed_dim), nn.ReLU(), nn.Linear(cfg.embed_dim, cfg.embed_dim))
+        if cfg.freeze_text > 0:
+            self.bert.embeddings.requires_grad_(False)
+            for layer in self.bert.encoder["layer"][:cfg.freeze_text]:
+                layer.requires_grad_(False)
+
+    def forward(self, ids, mask):
+        x = F.normalize(self.bert(ids, mask), dim=-1)  # per token, as the official code
+        x = self.attn(x, src_key_padding_mask=~mask)
+        return self.mlp(masked_mean(x, mask))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss: MoCo's InfoNCE against a queue, the queue's log-sum-exp from CLIP's fused tiles
+# (clip.py explains the tiles and the kernels; only the rows-only form is used here)
+
+try:  # Triton ships with CUDA builds of torch; without it the blockwise PyTorch path runs everywhere.
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+# Copied from clip.py: BLOCK
+BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
+
+
+# Copied from clip.py: _use_triton
+def _use_triton(x):
+    # TRITON_INTERPRET=1 runs the kernels on the CPU (slowly): that is how CI tests them.
+    return (triton is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+
+
+# Copied from clip.py: _acc_dtype
+def _acc_dtype(x):
+    return torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least
+
+
+# Copied from clip.py: _lse_torch
+def _lse_torch(x, y, scale, two_way):
+    n, k = x.shape[0], y.shape[0]
+    acc = _acc_dtype(x)
+    s = scale.to(acc)
+    row = torch.full((n,), -math.inf, device=x.device, dtype=acc)
+    col = torch.full((k if two_way else 0,), -math.inf, device=x.device, dtype=acc)
+    for i in range(0, n, BLOCK):
+        for j in range(0, k, BLOCK):
+            t = (x[i:i + BLOCK] @ y[j:j + BLOCK].T).to(acc) * s
+            row[i:i + BLOCK] = torch.logaddexp(row[i:i + BLOCK], t.logsumexp(1))
+            if two_way:  # the same tile gives the column statistics: one pass for both directions
+                col[j:j + BLOCK] = torch.logaddexp(col[j:j + BLOCK], t.logsumexp(0))
+    return row, col
+
+
+# Copied from clip.py: _lse_backward_torch
+def _lse_backward_torch(x, y, scale, row, col, g_row, g_col):
+    n, k = x.shape[0], y.shape[0]
+    acc = row.dtype
+    s = scale.to(acc)
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device)
+    dy = torch.zeros(y.shape, dtype=acc, device=x.device)
+    ds = torch.zeros((), dtype=acc, device=x.device)
+    for i in range(0, n, BLOCK):
+        xi = x[i:i + BLOCK]
+        for j in range(0, k, BLOCK):
+            yj = y[j:j + BLOCK]
+            raw = (xi @ yj.T).to(acc)
+            t = raw * s
+            g = torch.exp(t - row[i:i + BLOCK, None]) * g_row[i:i + BLOCK, None]
+            if col.numel():
+                g += torch.exp(t - col[None, j:j + BLOCK]) * g_col[None, j:j + BLOCK]
+            ds += (g * raw).sum()
+            g = g.to(x.dtype)
+            dx[i:i + BLOCK] += (g @ yj).to(acc) * s
+            dy[j:j + BLOCK] += (g.T @ xi).to(acc) * s
+    return dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype)
+
+
+if triton is not None:
+    # Copied from clip.py: _tile
+    @triton.jit
+    def _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              BD: tl.constexpr):
+        # x[rm] @ y[rn].T in fp32, D in chunks of BD; rows and columns past the ends read as zeros.
+        raw = tl.zeros([BM, BN], dtype=tl.float32)
+        for d0 in range(0, d, BD):
+            rd = d0 + tl.arange(0, BD)
+            xa = tl.load(X + rm[:, None] * sxn + rd[None, :] * sxd, mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
+            yb = tl.load(Y + rn[:, None] * syn + rd[None, :] * syd, mask=(rn[:, None] < k) & (rd[None, :] < d), other=0.0)
+            raw += tl.dot(xa, tl.trans(yb), input_precision=PREC)
+        return raw
+
+    # Copied from clip.py: _lse_fwd_kernel
+    @triton.jit
+    def _lse_fwd_kernel(X, Y, SCALE, OFFSET, ROW, COL, n, k, d, sxn, sxd, syn, syd,
+                        TWO_WAY: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        # Program (row block, column split): sums of exp(t - offset) over its tiles, added atomically.
+        # offset = the largest |t| possible less 80, so no exp overflows fp32 (see _lse_triton).
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        s = tl.load(SCALE).to(tl.float32)
+        c = tl.load(OFFSET)
+        row_sum = tl.zeros([BM], dtype=tl.float32)
+        for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
+            rn = jb * BN + tl.arange(0, BN)
+            raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
+            e = tl.where((rm[:, None] < n) & (rn[None, :] < k), tl.exp(raw * s - c), 0.0)
+            row_sum += tl.sum(e, 1)
+            if TWO_WAY:
+                tl.atomic_add(COL + rn, tl.sum(e, 0), mask=rn < k)
+        tl.atomic_add(ROW + rm, row_sum, mask=rm < n)
+
+    # Copied from clip.py: _lse_bwd_kernel
+    @triton.jit
+    def _lse_bwd_kernel(X, Y, SCALE, ROW, COL, GROW, GCOL, DX, DY, DS, n, k, d, sxn, sxd, syn, syd,
+                        TWO_WAY: tl.constexpr, NEED_X: tl.constexpr, NEED_Y: tl.constexpr, SPLIT: tl.constexpr,
+                        PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        s = tl.load(SCALE).to(tl.float32)
+        row = tl.load(ROW + rm, mask=rm < n, other=0.0)
+        g_row = tl.load(GROW + rm, mask=rm < n, other=0.0)
+        ds = tl.zeros([BM], dtype=tl.float32)
+        for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
+            rn = jb * BN + tl.arange(0, BN)
+            raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
+            t = raw * s
+            g = tl.exp(t - row[:, None]) * g_row[:, None]
+            if TWO_WAY:
+                col = tl.load(COL + rn, mask=rn < k, other=0.0)
+                g_col = tl.load(GCOL + rn, mask=rn < k, other=0.0)
+                g += tl.exp(t - col[None, :]) * g_col[None, :]
+            g = tl.where((rm[:, None] < n) & (rn[None, :] < k), g, 0.0)
+            ds += tl.sum(g * raw, 1)
+            gq = g.to(X.dtype.element_ty)
+            for d0 in range(0, d, BD):  # both gradients from the one recomputed tile
+                rd = d0 + tl.arange(0, BD)
+                if NEED_X:
+                    yb = tl.load(Y + rn[:, None] * syn + rd[None, :] * syd, mask=(rn[:, None] < k) & (rd[None, :] < d), other=0.0)
+                    tl.atomic_add(DX + rm[:, None] * d + rd[None, :], tl.dot(gq, yb, input_precision=PREC) * s,
+                                  mask=(rm[:, None] < n) & (rd[None, :] < d))
+                if NEED_Y:
+                    xa = tl.load(X + rm[:, None] * sxn + rd[None, :] * sxd, mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
+                    tl.atomic_add(DY + rn[:, None] * d + rd[None, :], tl.dot(tl.trans(gq), xa, input_precision=PREC) * s,
+                                  mask=(rn[:, None] < k) & (rd[None, :] < d))
+        tl.atomic_add(DS, tl.sum(ds, 0))
+
+
+# Copied from clip.py: _triton_launch
+def _triton_launch(x, y):
+    n, k = x.shape[0], y.shape[0]
+    big = x.dtype in (torch.float16, torch.bfloat16)
+    bm = bn = 128 if big and x.is_cuda else 64
+    bd = 64 if x.shape[1] >= 64 else 32
+    # Enough programs to fill the GPU: split the columns when there are few row blocks.
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    split = max(1, min(triton.cdiv(k, bn), triton.cdiv(4 * sms, triton.cdiv(n, bm))))
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"  # exact fp32; half types use their own dot
+    return dict(SPLIT=split, PREC=prec, BM=bm, BN=bn, BD=bd), (triton.cdiv(n, bm), split)
+
+
+# Copied from clip.py: _lse_triton
+def _lse_triton(x, y, scale, two_way):
+    n, k = x.shape[0], y.shape[0]
+    # exp(t - offset) must neither overflow (t - offset <= 80 < 88) nor, for a whole row or column,
+    # underflow: exact while a row or column has a logit within 167 of the largest possible |t|,
+    # which always holds for unit features with scale <= 83, and in practice at CLIP's cap of 100.
+    bound = scale.float().abs() * x.float().norm(dim=1).max() * y.float().norm(dim=1).max()
+    offset = torch.clamp(bound - 80, min=0).reshape(1)
+    row = torch.zeros(n, device=x.device, dtype=torch.float32)
+    col = torch.zeros(k if two_way else 0, device=x.device, dtype=torch.float32)
+    meta, grid = _triton_launch(x, y)
+    _lse_fwd_kernel[grid](x, y, scale.reshape(1), offset, row, col, n, k, x.shape[1], x.stride(0), x.stride(1),
+                          y.stride(0), y.stride(1), TWO_WAY=two_way, **meta)
+    return row.log() + offset, col.log() + offset
+
+
+# Copied from clip.py: _lse_backward_triton
+def _lse_backward_triton(x, y, scale, row, col, g_row, g_col, need_x, need_y):
+    n, k = x.shape[0], y.shape[0]
+    dx = torch.zeros(x.shape if need_x else (1,), device=x.device, dtype=torch.float32)
+    dy = torch.zeros(y.shape if need_y else (1,), device=x.device, dtype=torch.float32)
+    ds = torch.zeros(1, device=x.device, dtype=torch.float32)
+    two_way = col.numel() > 0
+    meta, grid = _triton_launch(x, y)
+    _lse_bwd_kernel[grid](x, y, scale.reshape(1), row.float(), col.float() if two_way else row, g_row.float(),
+                          g_col.float() if two_way else g_row, dx, dy, ds, n, k, x.shape[1], x.stride(0), x.stride(1),
+                          y.stride(0), y.stride(1), TWO_WAY=two_way, NEED_X=need_x, NEED_Y=need_y, **meta)
+    return dx.to(x.dtype), dy.to(y.dtype), ds.reshape(()).to(scale.dtype)
+
+
+# Copied from clip.py: _NS
+_NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
+
+
+# Copied from clip.py: lse_tiles
+@torch.library.custom_op(f"{_NS}::lse_tiles", mutates_args=())
+def lse_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, two_way: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_lse [n], col_lse [k] or [0]) of scale * x @ y.T, never materialising it."""
+    if _use_triton(x):
+        row, col = _lse_triton(x.contiguous(), y.contiguous(), scale, two_way)
+        return row.to(_acc_dtype(x)), col.to(_acc_dtype(x))
+    return _lse_torch(x, y, scale, two_way)
+
+
+# Copied from clip.py: _lse_tiles_fake
+@lse_tiles.register_fake
+def _lse_tiles_fake(x, y, scale, two_way):
+    return x.new_empty(x.shape[0], dtype=_acc_dtype(x)), x.new_empty(y.shape[0] if two_way else 0, dtype=_acc_dtype(x))
+
+
+# Copied from clip.py: lse_tiles_backward
+@torch.library.custom_op(f"{_NS}::lse_tiles_backward", mutates_args=())
+def lse_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+                       g_row: torch.Tensor, g_col: torch.Tensor, need_x: bool, need_y: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(x):
+        return _lse_backward_triton(x.contiguous(), y.contiguous(), scale, row, col, g_row, g_col, need_x, need_y)
+    return _lse_backward_torch(x, y, scale, row, col, g_row, g_col)
+
+
+# Copied from clip.py: _lse_tiles_backward_fake
+@lse_tiles_backward.register_fake
+def _lse_tiles_backward_fake(x, y, scale, row, col, g_row, g_col, need_x, need_y):
+    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
+
+
+# Copied from clip.py: _lse_setup
+def _lse_setup(ctx, inputs, output):
+    x, y, scale, _ = inputs
+    ctx.save_for_backward(x, y, scale, *output)
+
+
+# Copied from clip.py: _lse_backward
+def _lse_backward(ctx, g_row, g_col):
+    x, y, scale, row, col = ctx.saved_tensors
+    g_row = torch.zeros_like(row) if g_row is None else g_row
+    g_col = torch.zeros_like(col) if g_col is None else g_col
+    need_x, need_y, need_s = ctx.needs_input_grad[:3]
+    dx, dy, ds = lse_tiles_backward(x, y, scale, row, col, g_row, g_col, need_x, need_y)
+    return dx if need_x else None, dy if need_y else None, ds if need_s else None, None
+
+
+lse_tiles.register_autograd(_lse_backward, setup_context=_lse_setup)
+
+
+# Copied from clip.py: _distributed
+def _distributed(group):
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def queue_infonce(q, k, queue, scale):
+    """Mean over rows of -log softmax at the positive, row i's logits being [q_i.k_i; q_i.queue] * scale.
+
+    No gradient reaches the keys or the queue. The queue's log-sum-exp comes from the fused tiles, so
+    the B x K logits are never held; under DDP's gradient averaging this is the global batch mean.
+    """
+    k, queue = k.detach().to(q.dtype), queue.detach().to(q.dtype)
+    neg, _ = lse_tiles(q, queue, scale, False)
+    pos = (q * k).sum(1).to(neg.dtype) * scale.to(neg.dtype)
+    return (torch.logaddexp(neg, pos) - pos).mean()
+
+
+@torch.no_grad()
+def gather(x, group=None):
+    """Every rank's rows, in rank order (the order of the global batch); no gradient."""
+    if not _distributed(group):
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+def grid_boxes(grid, size):
+    """The whole image, then grid x grid cells, row by row, as (x0, y0, x1, y1) in pixels."""
+    edges = np.linspace(0, size, grid + 1)
+    cells = [(edges[j], edges[i], edges[j + 1], edges[i + 1]) for i in range(grid) for j in range(grid)]
+    return [(0.0, 0.0, float(size), float(size))] + cells
+
+
+class ImageTransform:
+    """PIL image -> (tensor, boxes [R, 4], box mask [R]). Square resize, no crop; train: colour jitter, grayscale."""
+
+    def __init__(self, cfg: Config, train):
+        self.size, self.grid, self.max_boxes, self.train = cfg.image_size, cfg.grid, cfg.max_boxes, train
+        self.jitter, self.grayscale = cfg.jitter, cfg.grayscale
+        self.mean = torch.tensor(MEAN).view(3, 1, 1)
+        self.std = torch.tensor(STD).view(3, 1, 1)
+
+    def colour_jitter(self, img, rng):
+        # torchvision's ColorJitter(0.4, 0.4, 0.4, 0.1), drawn from the sample's rng (fixed order).
+        from PIL import Image, ImageEnhance
+
+        for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            img = enhance(img).enhance(rng.uniform(0.6, 1.4))
+        h, s, v = img.convert("HSV").split()
+        shift = int(round(rng.uniform(-0.1, 0.1) * 255))
+        h = Image.fromarray(((np.asarray(h, dtype=np.int16) + shift) % 256).astype(np.uint8))
+        return Image.merge("HSV", (h, s, v)).convert("RGB")
+
+    def boxes(self, boxes, w, h):
+        """The whole image first, then the data's boxes (scaled to the resize) or the grid; padded to R."""
+        s = self.size
+        if boxes:
+            scaled = [(x0 * s / w, y0 * s / h, x1 * s / w, y1 * s / h) for x0, y0, x1, y1 in boxes]
+            clipped = [tuple(min(max(c, 0.0), s) for c in b) for b in scaled]
+            kept = [b for b in clipped if b[2] > b[0] and b[3] > b[1]][:self.max_boxes]
+            out = [(0.0, 0.0, float(s), float(s))] + kept
+        else:
+            out = grid_boxes(self.grid, s)[:self.max_boxes + 1]
+        mask = torch.zeros(self.max_boxes + 1, dtype=torch.bool)
+        mask[:len(out)] = True
+        padded = torch.zeros(self.max_boxes + 1, 4)
+        padded[:len(out)] = torch.tensor(out, dtype=torch.float32)
+        return padded, mask
+
+    def __call__(self, img, rng=None, boxes=None):
+        from PIL import Image
+
+        img = img.convert("RGB")
+        w, h = img.size
+        img = img.resize((self.size, self.size), Image.BICUBIC)
+        if self.train and rng.random() < self.jitter:
+            img = self.colour_jitter(img, rng)
+        if self.train and rng.random() < self.grayscale:
+            img = img.convert("L").convert("RGB")
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        return ((x - self.mean) / self.std, *self.boxes(boxes, w, h))
+
+
+class Transform:
+    """One sample (image, caption, optional 'boxes') -> model inputs; runs in the loader workers."""
+
+    def __init__(self, cfg, tokenizer, train):
+        self.image = ImageTransform(cfg, train)
+        self.tokenizer = tokenizer
+
+    def __call__(self, sample, rng):
+        image, boxes, box_mask = self.image(sample["image"], rng, sample.get("boxes"))
+        ids, mask = self.tokenizer([sample["text"]])
+        return {"image": image, "boxes": boxes, "box_mask": box_mask, "text": ids[0], "text_mask": mask[0]}
+
+
+class BriVL(nn.Module):
+    def __init__(self, cfg: Config, tokenizer=None):
+        super().__init__()
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.visual = ImageEncoder(cfg)
+        self.textual = TextEncoder(cfg, tokenizer.pad_id if tokenizer else 0)
+        # The momentum (key) encoders start as copies and only ever move by the momentum update.
+        self.visual_momentum = copy.deepcopy(self.visual).requires_grad_(False)
+        self.textual_momentum = copy.deepcopy(self.textual).requires_grad_(False)
+        # Random unit vectors stand in for keys until the first K have been enqueued. The buffers are
+        # saved with the weights, so a resumed run has the same queues; every rank enqueues the same
+        # gathered keys, so the queues stay identical across ranks without being broadcast.
+        self.register_buffer("image_queue", F.normalize(torch.randn(cfg.queue_size, cfg.embed_dim), dim=1))
+        self.register_buffer("text_queue", F.normalize(torch.randn(cfg.queue_size, cfg.embed_dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self._keys = None  # this step's keys, enqueued by after_step
+
+    def train(self, mode=True):
+        # BatchNorm keeps its (pretrained) statistics: a sample's features then never depend on the
+        # rest of its batch, so DDP and accumulation are exact. The official code shuffles batches
+        # across GPUs for BatchNorm instead.
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+    def encode_image(self, images, boxes, box_mask, normalize=False, momentum=False):
+        x = (self.visual_momentum if momentum else self.visual)(images, boxes, box_mask)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, ids, mask, normalize=False, momentum=False):
+        x = (self.textual_momentum if momentum else self.textual)(ids, mask)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, batch):
+        image = (batch["image"], batch["boxes"], batch["box_mask"])
+        text = (batch["text"], batch["text_mask"])
+        with torch.no_grad():
+            keys = {"image_key": self.encode_image(*image, normalize=True, momentum=True),
+                    "text_key": self.encode_text(*text, normalize=True, momentum=True)}
+        return {"image": self.encode_image(*image, normalize=True), "text": self.encode_text(*text, normalize=True),
+                **keys, "scale": torch.tensor(1 / self.cfg.temperature, device=self.queue_ptr.device)}
+
+    def loss(self, out):
+        if self.training:
+            self._keys = (out["image_key"].detach(), out["text_key"].detach())
+        # Both directions summed, as the official code: image vs text keys, text vs image keys.
+        return (queue_infonce(out["image"], out["text_key"], self.text_queue, out["scale"])
+                + queue_infonce(out["text"], out["image_key"], self.image_queue, out["scale"]))
+
+    @torch.no_grad()
+    def after_step(self):
+        if self._keys is None:
+            return
+        image_keys, text_keys = (gather(k) for k in self._keys)
+        self._keys = None
+        n, k = image_keys.shape[0], self.cfg.queue_size
+        if k % n:
+            raise ValueError(f"brivl: the queue size {k} is not a multiple of the global batch {n}; "
+                             f"pass --queue-size {max(n, round(k / n) * n)}")
+        ptr = int(self.queue_ptr)
+        self.image_queue[ptr:ptr + n] = image_keys
+        self.text_queue[ptr:ptr + n] = text_keys
+        self.queue_ptr.fill_((ptr + n) % k)
+        for query, key in ((self.visual, self.visual_momentum), (self.textual, self.textual_momentum)):
+            for pq, pk in zip(query.parameters(), key.parameters()):
+                pk.lerp_(pq.detach(), 1 - self.cfg.momentum)
+
+    def transform(self, train):
+        return Transform(self.cfg, self.tokenizer, train)
+
+    def encode_texts(self, texts):
+        ids, mask = self.tokenizer(texts)
+        device = self.queue_ptr.device
+        return self.encode_text(ids.to(device), mask.to(device), normalize=True)
+
+    def extra_state(self):
+        return {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None}
+
+
+def add_args(parser):
+    parser.add_argument("--backbone", default=None, help="CNN: tiny, or a torchvision ResNet / EfficientNet name "
+                        "(default: the --size preset's)")
+    parser.add_argument("--backbone-weights", default=None, help="a torchvision state dict (.pth) for the CNN")
+    parser.add_argument("--text-encoder", default=None,
+                        help="an HF BERT / RoBERTa folder (config.json + weights; its tokenizer.json or vocab.txt "
+                             "is used too), e.g. chinese-roberta-wwm-ext")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.json or BERT vocab.txt (default: the "
+                        "--text-encoder's, else a WordPiece vocabulary built from the captions)")
+    parser.add_argument("--queue-size", type=int, default=None, help="negatives per queue (default 9600); "
+                        "a multiple of the global batch")
+    parser.add_argument("--momentum", type=float, default=None, help="momentum of the key encoders (default 0.99)")
+    parser.add_argument("--temperature", type=float, default=None, help="fixed softmax temperature (default 0.07)")
+    parser.add_argument("--freeze-cnn", type=int, default=None, help="leading CNN stages kept frozen")
+    parser.add_argument("--freeze-text", type=int, default=None, help="lower BERT layers kept frozen")
+
+
+def create(args, captions=(), extra=None):
+    if extra is not None:
+        cfg = Config(**extra["config"])
+        tok = BertTokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None
+        return BriVL(cfg, tok)
+    if args.size not in CONFIGS:
+        raise ValueError(f"unknown --size {args.size!r}; choose one of {', '.join(CONFIGS)}")
+    cfg = Config(**asdict(CONFIGS[args.size]))
+    for name in ("backbone", "queue_size", "momentum", "temperature", "freeze_cnn", "freeze_text"):
+        if getattr(args, name, None) is not None:
+            setattr(cfg, name, getattr(args, name))
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    batch = getattr(args, "batch_size", None)
+    if batch and cfg.queue_size % (batch * world):
+        g = batch * world
+        raise ValueError(f"brivl: --queue-size {cfg.queue_size} must be a multiple of the global batch {g} "
+                         f"(--batch-size {batch} x {world} ranks); e.g. --queue-size {max(g, round(cfg.queue_size / g) * g)}")
+    text_sd = None
+    encoder = getattr(args, "text_encoder", None)
+    if encoder:
+        hf, text_sd = read_hf_weights(encoder)
+        cfg.vocab_size, cfg.text_width, cfg.text_layers = hf["vocab_size"], hf["hidden_size"], hf["num_hidden_layers"]
+        cfg.text_heads, cfg.text_mlp = hf["num_attention_heads"], hf["intermediate_size"]
+        cfg.text_max_positions = hf["max_position_embeddings"]
+        if hf.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"{encoder}: hidden_act {hf['hidden_act']!r}; only BERT's exact GELU is implemented")
+    if getattr(args, "tokenizer", None) or encoder:
+        tok = BertTokenizer.from_file(args.tokenizer or encoder, cfg.context_length)
+    else:
+        tok = BertTokenizer.train(captions, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
+        cfg.vocab_size = tok.vocab_size
+    model = BriVL(cfg, tok)
+    if text_sd is not None:
+        for tower in (model.textual, model.textual_momentum):
+            tower.bert.load_state_dict(bert_state_dict(text_sd), strict=True)
+    if getattr(args, "backbone_weights", None):
+        load_backbone(model, args.backbone_weights)
+    return model
+
+
+def load_backbone(model, path):
+    """A torchvision classification state dict into both CNNs (its classifier is not used)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file; pass a torchvision state dict of the --backbone")
+    import torchvision
+
+    full = getattr(torchvision.models, model.cfg.backbone)(weights=None)
+    missing, unexpected = full.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=False)
+    if [k for k in missing if not k.startswith(("fc.", "classifier."))] or unexpected:
+        raise ValueError(f"{path}: not a state dict of torchvision's {model.cfg.backbone} "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if model.cfg.backbone.startswith("resnet"):
+        stages = nn.Sequential(nn.Sequential(full.conv1, full.bn1, full.relu, full.maxpool), full.layer1, full.layer2,
+                               full.layer3, full.layer4)
+    else:
+        stages = full.features
+    for tower in (model.visual, model.visual_momentum):
+        tower.backbone.load_state_dict(stages.state_dict(), strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: zero-shot classifier and retrieval, in chunks
+
+# Copied from clip.py: zero_shot_classifier
+@torch.no_grad()
+def zero_shot_classifier(model, classnames, templates):
+    """[C, D]: per class, the mean of its normalised prompt embeddings, re-normalised."""
+    weights = []
+    for name in classnames:
+        e = model.encode_texts([t.format(name) for t in templates]).float()
+        weights.append(F.normalize(e.mean(0), dim=-1))
+    return torch.stack(weights)
+
+
+# Copied from clip.py: retrieval_metrics
+@torch.no_grad()
+def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
+    """R@k both ways for paired rows, chunked so N x N similarities are never held at once."""
+    out = {}
+    for name, q, k in (("i2t", image_features, text_features), ("t2i", text_features, image_features)):
+        ranks = []
+        for i in range(0, q.shape[0], chunk):
+            sims = q[i:i + chunk] @ k.T
+            target = sims[torch.arange(sims.shape[0]), torch.arange(i, i + sims.shape[0])]
+            ranks.append((sims > target[:, None]).sum(1))
+        ranks = torch.cat(ranks)
+        for kk in ks:
+            out[f"{name}_r{kk}"] = (ranks < kk).float().mean().item()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight loading: this repository's checkpoints
+
+
+def load(path, device="cpu"):
+    """(model, preprocess) from a train.py checkpoint; preprocess(img, boxes=None) -> (image, boxes, box_mask)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "extra" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path}: not a train.py checkpoint of brivl (no 'model' and 'extra')")
+    model = create(None, extra=ckpt["extra"])
+    model.load_state_dict(ckpt["model"], strict=True)
+    model.to(device).eval()
+    return model, ImageTransform(model.cfg, train=False)

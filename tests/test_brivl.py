@@ -1,0 +1,340 @@
+"""brivl.py: queue loss vs a naive one, momentum and queue updates, queues across ranks, region
+pooling vs torchvision's roi_align, the BERT encoder vs a plain reimplementation, boxes, checkpoints."""
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from PIL import Image
+
+import brivl
+import data
+import train
+from conftest import free_port
+
+CAPTIONS = [data.Synthetic().captions(i)[0][j] for i in range(60) for j in range(5)]
+
+
+def args(**kw):
+    base = dict(size="tiny", batch_size=8, backbone=None, backbone_weights=None, text_encoder=None, tokenizer=None,
+                queue_size=32, momentum=None, temperature=None, freeze_cnn=None, freeze_text=None)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def make_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return brivl.create(args(**kw), CAPTIONS)
+
+
+def batch(model, start=0, n=8, train=True):
+    ds, t = data.Synthetic(), model.transform(train)
+    items = [t(ds.sample(i, np.random.default_rng(i)), np.random.default_rng(i)) for i in range(start, start + n)]
+    return data.collate(items)
+
+
+def test_queue_loss_matches_naive_cross_entropy():
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(37, 24, dtype=torch.float64), dim=1).requires_grad_()
+    k = F.normalize(torch.randn(37, 24, dtype=torch.float64), dim=1).requires_grad_()
+    queue = F.normalize(torch.randn(1500, 24, dtype=torch.float64), dim=1)  # > one 1024 tile
+    scale = torch.tensor(1 / 0.07, dtype=torch.float64)
+    ours = brivl.queue_infonce(q, k, queue, scale)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) * scale  # MoCo's: positive first
+    naive = F.cross_entropy(logits, torch.zeros(37, dtype=torch.long))
+    assert ours.item() == pytest.approx(naive.item(), rel=1e-10)
+    g_ours, = torch.autograd.grad(ours, q)
+    g_naive, = torch.autograd.grad(naive, q)
+    assert torch.allclose(g_ours, g_naive, rtol=1e-9, atol=1e-12)
+    assert torch.autograd.grad(brivl.queue_infonce(q, k, queue, scale), k, allow_unused=True)[0] is None
+
+
+def test_model_loss_is_both_directions_summed():
+    model = make_model()
+    out = model(batch(model))
+    s = out["scale"]
+    i2t = torch.cat([(out["image"] * out["text_key"]).sum(1, keepdim=True), out["image"] @ model.text_queue.T], 1) * s
+    t2i = torch.cat([(out["text"] * out["image_key"]).sum(1, keepdim=True), out["text"] @ model.image_queue.T], 1) * s
+    target = torch.zeros(8, dtype=torch.long)
+    naive = F.cross_entropy(i2t, target) + F.cross_entropy(t2i, target)
+    assert model.loss(out).item() == pytest.approx(naive.item(), rel=1e-5)
+    assert s.item() == pytest.approx(1 / 0.07)
+
+
+def test_after_step_enqueues_keys_and_moves_the_key_encoders():
+    model = make_model()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    keys = []
+    for step in range(5):  # 5 x 8 keys into a queue of 32: the pointer wraps once
+        out = model(batch(model, start=8 * step))
+        model.loss(out).backward()
+        opt.step()
+        opt.zero_grad()
+        keys.append((out["image_key"].detach(), out["text_key"].detach()))
+        if step == 0:
+            q_params = dict(model.named_parameters())
+            model.after_step()
+            for name, p in model.visual_momentum.named_parameters():
+                expected = 0.99 * before[f"visual_momentum.{name}"] + 0.01 * q_params[f"visual.{name}"].detach()
+                assert torch.allclose(p, expected, atol=1e-7), name
+            for name, p in model.textual_momentum.named_parameters():
+                expected = 0.99 * before[f"textual_momentum.{name}"] + 0.01 * q_params[f"textual.{name}"].detach()
+                assert torch.allclose(p, expected, atol=1e-7), name
+            assert torch.equal(model.image_queue[:8], keys[0][0]) and torch.equal(model.text_queue[:8], keys[0][1])
+            assert torch.equal(model.image_queue[8:], before["image_queue"][8:])  # the rest: still the random init
+            assert int(model.queue_ptr) == 8
+        else:
+            model.after_step()
+    assert int(model.queue_ptr) == 8  # 40 keys through 32 slots
+    assert torch.equal(model.image_queue[:8], keys[4][0]) and torch.equal(model.text_queue[8:16], keys[1][1])
+    # The initial momentum copies are exact copies, and they never get gradients.
+    assert all(not p.requires_grad for p in model.visual_momentum.parameters())
+    assert all(p.grad is None for p in model.textual_momentum.parameters())
+
+
+def test_queue_size_must_be_a_multiple_of_the_global_batch():
+    with pytest.raises(ValueError, match="--queue-size 30 must be a multiple of the global batch 8.*--queue-size 32"):
+        brivl.create(args(queue_size=30), CAPTIONS)
+
+
+def _rank_step(rank, world, port, n, queue):
+    # One training step of a fresh model on this rank's share of a global batch of n.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = make_model()
+    b = batch(model, start=rank * n // world, n=n // world)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, **train.NO_BUFFER_SYNC)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        model.loss(ddp(b)).backward()
+        opt.step()
+        opt.zero_grad()
+        model.after_step()
+    # numpy arrays travel by value (tensors would go through shared memory that dies with this process)
+    queue.put((rank, model.image_queue.numpy().copy(), model.text_queue.numpy().copy(), int(model.queue_ptr),
+               model.textual_momentum.mlp[0].weight.detach().numpy().copy()))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_queues_identical_across_ranks_and_equal_to_one_process():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_step, args=(r, 2, port, 16, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = {r[0]: [torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in r[1:]]
+           for r in (queue.get(timeout=120) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+    single = make_model()
+    b = batch(single, n=16)
+    opt = torch.optim.SGD([p for p in single.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        single.loss(single(b)).backward()
+        opt.step()
+        opt.zero_grad()
+        single.after_step()
+    for r in (0, 1):
+        image_q, text_q, ptr, w = got[r]
+        assert ptr == int(single.queue_ptr) == 0  # 2 steps x 16 keys filled the queue of 32
+        assert torch.equal(image_q, got[0][0]) and torch.equal(text_q, got[0][1])  # same on every rank
+        assert torch.allclose(image_q, single.image_queue, atol=1e-5)
+        assert torch.allclose(text_q, single.text_queue, atol=1e-5)
+        assert torch.allclose(w, single.textual_momentum.mlp[0].weight, atol=1e-6)
+    assert not torch.allclose(single.image_queue[:32], make_model().image_queue[:32])  # the keys did go in
+
+
+def test_region_pool_equals_roi_align():
+    from torchvision.ops import roi_align
+
+    torch.manual_seed(0)
+    fmap = torch.randn(3, 16, 8, 8, requires_grad=True)
+    pool = brivl.RegionPool(16, 4)
+    boxes = torch.rand(3, 6, 4) * 80 - 8  # some reach past the image, some are tiny
+    boxes[..., 2:] = boxes[..., :2] + torch.rand(3, 6, 2) * 50
+    boxes[0, 0] = torch.tensor([0.0, 0.0, 64.0, 64.0])
+    ours = pool(fmap, boxes, 64)
+    rois = torch.cat([torch.arange(3.0).repeat_interleave(6)[:, None], boxes.reshape(-1, 4)], 1)
+    ref = roi_align(fmap, rois, 4, spatial_scale=8 / 64, sampling_ratio=2, aligned=True)
+    ref = pool.conv(ref).mean((2, 3)).view(3, 6, -1)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    g_ours, = torch.autograd.grad(ours.square().sum(), fmap)
+    g_ref, = torch.autograd.grad(ref.square().sum(), fmap)
+    assert torch.allclose(g_ours, g_ref, atol=1e-5)
+
+
+def test_boxes_from_the_data_are_scaled_and_padding_is_ignored():
+    model = make_model().eval()
+    t = model.transform(False)
+    img = Image.new("RGB", (128, 96), (200, 30, 30))
+    x, boxes, mask = t.image(img, None, [[0, 0, 64, 48], [64, 48, 128, 96], [5, 5, 5, 50]])  # the last is empty
+    assert mask.tolist() == [True] * 3 + [False] * 14
+    assert boxes[:3].tolist() == [[0, 0, 64, 64], [0, 0, 32, 32], [32, 32, 64, 64]]
+    x2, grid_boxes, grid_mask = t.image(img, None, None)
+    assert grid_mask.all() and grid_boxes[1].tolist() == [0, 0, 16, 16]  # whole image, then 4 x 4 cells
+    with torch.no_grad():
+        a = model.encode_image(x[None], boxes[None], mask[None])
+        junk = boxes.clone()
+        junk[3:] = torch.rand(14, 4) * 64  # what sits in padded rows must not matter
+        b = model.encode_image(x[None], junk[None], mask[None])
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_shard_json_boxes_reach_the_transform(tmp_path):
+    import io
+    import tarfile
+
+    def member(tar, name, payload):
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (0, 200, 0)).save(buf, "PNG")
+    with tarfile.open(tmp_path / "0.tar", "w") as tar:
+        member(tar, "a.png", buf.getvalue())
+        member(tar, "a.txt", b"a green square")
+        member(tar, "a.json", json.dumps({"boxes": [[0, 0, 16, 16]]}).encode())
+        member(tar, "b.png", buf.getvalue())
+        member(tar, "b.txt", b"a green square")
+        member(tar, "b.json", json.dumps({"boxes": [[0, 0, "x", 16]]}).encode())
+    groups = list(data.read_shard(str(tmp_path / "0.tar"), []))
+    sample = data.decode_sample(*groups[0], "0.tar")
+    assert sample["boxes"] == [[0, 0, 16, 16]]
+    with pytest.raises(data.SampleError, match="bad boxes"):
+        data.decode_sample(*groups[1], "0.tar")
+    model = make_model()
+    out = model.transform(False)(sample, None)
+    assert out["box_mask"].sum() == 2 and out["boxes"][1].tolist() == [0, 0, 32, 32]  # 32 px image -> 64 px
+
+
+class NaiveBert(torch.nn.Module):
+    """BERT written out from the paper's equations over a state dict, for comparison."""
+
+    def __init__(self, sd, heads, eps=1e-12):
+        super().__init__()
+        self.sd, self.heads, self.eps = sd, heads, eps
+
+    def forward(self, ids, mask, positions):
+        sd = self.sd
+        ln = lambda x, p: F.layer_norm(x, x.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], self.eps)
+        lin = lambda x, p: x @ sd[p + ".weight"].T + sd[p + ".bias"]
+        x = sd["embeddings.word_embeddings.weight"][ids] + sd["embeddings.position_embeddings.weight"][positions]
+        x = ln(x + sd["embeddings.token_type_embeddings.weight"][0], "embeddings.LayerNorm")
+        i = 0
+        while f"encoder.layer.{i}.attention.self.query.weight" in sd:
+            p = f"encoder.layer.{i}."
+            b, n, w = x.shape
+            split = lambda t: t.view(b, n, self.heads, -1).transpose(1, 2)
+            q, k, v = (split(lin(x, p + "attention.self." + m)) for m in ("query", "key", "value"))
+            scores = q @ k.transpose(-1, -2) / math.sqrt(w // self.heads)
+            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+            a = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, w)
+            x = ln(x + lin(a, p + "attention.output.dense"), p + "attention.output.LayerNorm")
+            h = lin(x, p + "intermediate.dense")
+            h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+            x = ln(x + lin(h, p + "output.dense"), p + "output.LayerNorm")
+            i += 1
+        return x
+
+
+@pytest.mark.parametrize("roberta", [False, True])
+def test_bert_matches_a_plain_reimplementation_and_loads_hf_names(tmp_path, roberta):
+    torch.manual_seed(0)
+    pad = 1 if roberta else 0
+    bert = brivl.Bert(50, 32, 2, 4, 64, 40, pad_id=pad, roberta=roberta).eval()
+    # An HF-style file: model prefix, pooler, position_ids, old gamma/beta spellings.
+    prefix = "roberta." if roberta else "bert."
+    hf = {prefix + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+          for k, v in bert.state_dict().items()}
+    hf[prefix + "pooler.dense.weight"] = torch.zeros(32, 32)
+    hf[prefix + "embeddings.position_ids"] = torch.arange(40)[None]
+    fresh = brivl.Bert(50, 32, 2, 4, 64, 40, pad_id=pad, roberta=roberta).eval()
+    fresh.load_state_dict(brivl.bert_state_dict(hf), strict=True)
+    ids = torch.randint(3, 50, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    mask[2, 2:] = False
+    ids[~mask] = pad
+    if roberta:  # fairseq: the first real token has position pad + 1; padding sits at position pad
+        positions = torch.where(mask, torch.cumsum(mask, 1) + pad, torch.full_like(ids, pad))
+    else:
+        positions = torch.arange(9).expand(3, 9)
+    with torch.no_grad():
+        ours = fresh(ids, mask)
+        ref = NaiveBert(bert.state_dict(), 4)(ids, mask, positions)
+    assert torch.allclose(ours[mask], ref[mask], atol=1e-5)
+
+
+def test_text_encoder_from_an_hf_folder(tmp_path):
+    torch.manual_seed(0)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "红", "色", "##s"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    cfg = {"model_type": "bert", "vocab_size": len(vocab), "hidden_size": 32, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": 40, "hidden_act": "gelu"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    src = brivl.Bert(len(vocab), 32, 2, 4, 64, 40)
+    torch.save({"bert." + k: v for k, v in src.state_dict().items()}, tmp_path / "pytorch_model.bin")
+    model = brivl.create(args(text_encoder=str(tmp_path), freeze_text=1), CAPTIONS)
+    for tower in (model.textual, model.textual_momentum):
+        assert all(torch.equal(v, src.state_dict()[k]) for k, v in tower.bert.state_dict().items())
+    ids, mask = model.tokenizer(["A red circles", "红色"])
+    assert model.tokenizer.tokenizer.decode(ids[0].tolist(), skip_special_tokens=False).startswith("[CLS] a red circle ##s [SEP]")
+    assert ids[1, :4].tolist() == [2, 8, 9, 3] and mask[1].sum() == 4  # CJK split per character
+    frozen = [n for n, p in model.textual.named_parameters() if not p.requires_grad]
+    assert any(n.startswith("bert.embeddings") for n in frozen) and any("layer.0." in n for n in frozen)
+    assert not any("layer.1." in n for n in frozen)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        brivl.create(args(text_encoder=str(tmp_path / "nothere")), CAPTIONS)
+
+
+def test_tokenizer_built_from_captions_is_deterministic_and_truncates_keeping_sep():
+    a = brivl.BertTokenizer.train(CAPTIONS, context_length=8)
+    b = brivl.BertTokenizer.train(list(CAPTIONS), context_length=8)
+    assert a.to_str() == b.to_str()
+    ids, mask = a(["a small red circle on a black background with many words", "red"])
+    toks = [a.tokenizer.id_to_token(i) for i in ids[0].tolist()]
+    assert toks[0] == "[CLS]" and toks[-1] == "[SEP]" and mask[0].all()
+    assert mask[1].sum() == 3 and ids[1, 3:].eq(a.pad_id).all()
+    assert a.tokenizer.id_to_token(ids[1, 1].item()) == "red"
+
+
+def test_backbone_weights_and_frozen_stages(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None)
+    torch.save(net.state_dict(), tmp_path / "r18.pth")
+    model = brivl.create(args(backbone="resnet18", backbone_weights=str(tmp_path / "r18.pth"), freeze_cnn=2), CAPTIONS)
+    assert torch.equal(model.visual.backbone[1][0].conv1.weight, net.layer1[0].conv1.weight)
+    assert torch.equal(model.visual_momentum.backbone[4][1].conv2.weight, net.layer4[1].conv2.weight)
+    assert not any(p.requires_grad for p in model.visual.backbone[:2].parameters())
+    assert all(p.requires_grad for p in model.visual.backbone[2:].parameters())
+    model.train()
+    assert not any(m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with pytest.raises(ValueError, match="unknown backbone"):
+        brivl.create(args(backbone="vgg16"), CAPTIONS)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(["--model", "brivl", "--steps", "2", "--batch-size", "8", "--queue-size", "32", "--out", out,
+                "--workers", "0", "--val-size", "16", "--save-every", "0"])
+    path = os.path.join(out, "checkpoint.pt")
+    ckpt = torch.load(path, weights_only=True)
+    assert int(ckpt["model"]["queue_ptr"]) == 16
+    model, preprocess = brivl.load(path)
+    assert torch.equal(model.image_queue, ckpt["model"]["image_queue"])
+    image, boxes, mask = preprocess(Image.new("RGB", (64, 64)))
+    with torch.no_grad():
+        assert model.encode_image(image[None], boxes[None], mask[None], normalize=True).shape == (1, 128)
+        assert model.encode_texts(["a red circle"]).norm(dim=-1).item() == pytest.approx(1.0, abs=1e-5)
