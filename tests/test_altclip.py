@@ -1,20 +1,16 @@
 """altclip.py: stage 1 learns the teacher's hidden states, stage 2 keeps the image tower frozen,
 HF AltCLIP folders reproduce transformers' features, both stages are exact under DDP and resume."""
-import json
 import os
-import signal
-import time
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import altclip
 import clip
 import data
 import train
-from test_train import finish, max_diff, rows, torchrun, weights
+from test_train import check_sigterm_then_resume, check_two_ranks_equal_one_rank, rows
 
 FAST = ["--workers", "0", "--val-size", "32", "--log-every", "1", "--warmup", "2", "--save-every", "0"]
 
@@ -222,30 +218,10 @@ STAGE_ARGS = {"distill": lambda t, s: ["--teacher", t], "contrastive": lambda t,
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", list(STAGE_ARGS))
 def test_two_ranks_equal_one_rank(tmp_path, teacher, stage1, stage):
-    model = ["--model", "altclip", *STAGE_ARGS[stage](teacher, stage1)]
-    a, b = str(tmp_path / "one"), str(tmp_path / "two")
-    finish(torchrun(1, *model, "--steps", "3", "--batch-size", "16", "--out", a, *FAST))
-    finish(torchrun(2, *model, "--steps", "3", "--batch-size", "8", "--out", b, *FAST))
-    assert max_diff(weights(a), weights(b)) < 1e-5
-    assert rows(b)[0]["loss"] == pytest.approx(rows(a)[0]["loss"], rel=1e-5)
-    assert torch.load(os.path.join(a, "checkpoint.pt"), weights_only=False)["optimizer"]["state"]
+    check_two_ranks_equal_one_rank(tmp_path, ["--model", "altclip", *STAGE_ARGS[stage](teacher, stage1)])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", list(STAGE_ARGS))
 def test_sigterm_then_resume_equals_uninterrupted(tmp_path, teacher, stage1, stage):
-    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
-    run = ["--model", "altclip", *STAGE_ARGS[stage](teacher, stage1), "--steps", "30", "--batch-size", "16", *FAST]
-    finish(torchrun(1, *run, "--out", whole))
-    proc = torchrun(1, *run, "--out", cut, start_new_session=True)
-    metrics = os.path.join(cut, "metrics.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    stopped = torch.load(os.path.join(cut, "checkpoint.pt"), weights_only=False)["step"]
-    assert 3 <= stopped < 30, out
-    finish(torchrun(1, *run, "--out", cut, "--resume"))
-    assert max_diff(weights(whole), weights(cut)) < 1e-6
-    assert [r["step"] for r in rows(cut) if "loss" in r] == list(range(1, 31))
+    check_sigterm_then_resume(tmp_path, ["--model", "altclip", *STAGE_ARGS[stage](teacher, stage1)])
