@@ -1037,7 +1037,7 @@ class AltCLIP(nn.Module):
 
     def extra_state(self):
         return {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None,
-                "teacher_tokenizer": self.teacher_tokenizer.tokenizer.to_str() if self.teacher_tokenizer else None}
+                "teacher_tokenizer": self.teacher_tokenizer.to_str() if self.teacher_tokenizer else None}
 
 
 def add_args(parser):
@@ -1274,7 +1274,8 @@ def load(path, device="cpu", tokenizer=None):
     text_width = sd["text_model.pre_LN.weight"].shape[0]
     cfg = Config(
         stage="contrastive", embed_dim=sd["text_projection.weight"].shape[0],
-        image_size=vision_cfg.get("image_size", 224), patch_size=vision["conv1.weight"].shape[-1],
+        image_size=vision["conv1.weight"].shape[-1] * round((vision["positional_embedding"].shape[0] - 1) ** 0.5),
+        patch_size=vision["conv1.weight"].shape[-1],
         vision_width=width, vision_layers=sum(k.endswith("ln_1.weight") for k in vision),
         vision_heads=vision_cfg.get("num_attention_heads", width // 64),
         quick_gelu=vision_cfg.get("hidden_act", "quick_gelu") == "quick_gelu",
@@ -1290,8 +1291,6 @@ def load(path, device="cpu", tokenizer=None):
         raise ValueError(f"{path}: the vision MLP is not 4x its width, as CLIP's ViT blocks are")
     if vision_cfg.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
         raise ValueError(f"{path}: vision hidden_act {vision_cfg['hidden_act']!r} is not implemented")
-    if cfg.image_size != cfg.patch_size * round((vision["positional_embedding"].shape[0] - 1) ** 0.5):
-        cfg.image_size = cfg.patch_size * round((vision["positional_embedding"].shape[0] - 1) ** 0.5)
     tok_path = tokenizer or (path if os.path.isfile(os.path.join(path, "tokenizer.json")) else None)
     model = AltCLIP(cfg, BertTokenizer.from_file(tok_path, cfg.context_length) if tok_path else None)
     model.visual.load_state_dict({**vision, "proj": sd["visual_projection.weight"].T}, strict=True)
