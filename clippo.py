@@ -335,7 +335,8 @@ class MAPHead(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """Patches -> pre-LN transformer -> final LayerNorm -> pooling -> linear head (big_vision's ViT)."""
+    """Patches -> LayerNorm -> pre-LN transformer -> final LayerNorm -> pooling -> linear head (big_vision's ViT,
+    plus CLIP's ln_pre)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -343,9 +344,17 @@ class VisionTransformer(nn.Module):
         if cfg.pool not in ("map", "cls", "mean"):
             raise ValueError(f"pool {cfg.pool!r}: choose map, cls or mean")
         tokens = (cfg.image_size // cfg.patch_size) ** 2 + (cfg.pool == "cls")
+        # big_vision's initialisation: LeCun-normal patch embedding, position embeddings of std width^-0.5.
         self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.positional_embedding = nn.Parameter(torch.randn(tokens, cfg.width) * 0.02)
-        self.class_embedding = nn.Parameter(torch.zeros(cfg.width)) if cfg.pool == "cls" else None
+        nn.init.normal_(self.conv1.weight, std=(3 * cfg.patch_size ** 2) ** -0.5)
+        nn.init.zeros_(self.conv1.bias)
+        self.positional_embedding = nn.Parameter(torch.randn(tokens, cfg.width) * cfg.width ** -0.5)
+        self.class_embedding = nn.Parameter(torch.randn(cfg.width) * cfg.width ** -0.5) if cfg.pool == "cls" else None
+        # CLIP's LayerNorm on the embedded patches: text (mostly blank) and images enter the blocks at
+        # one scale. Without it, and with the old 0.02 initialisations, the tiny tower learned
+        # colour but stayed at chance on shape for hundreds of steps on the synthetic data, even
+        # with shape labels.
+        self.ln_pre = nn.LayerNorm(cfg.width)
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads)
         self.ln_post = nn.LayerNorm(cfg.width)
         self.map_head = MAPHead(cfg.width, cfg.heads) if cfg.pool == "map" else None
@@ -356,7 +365,7 @@ class VisionTransformer(nn.Module):
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
         if self.class_embedding is not None:
             x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
-        x = self.ln_post(self.transformer(x + self.positional_embedding.to(x.dtype)))
+        x = self.ln_post(self.transformer(self.ln_pre(x + self.positional_embedding.to(x.dtype))))
         x = self.map_head(x) if self.pool == "map" else x[:, 0] if self.pool == "cls" else x.mean(1)
         return self.proj(x)
 

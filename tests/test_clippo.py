@@ -173,6 +173,18 @@ def test_one_vit_and_nothing_modality_specific():
     assert emb.shape == (2, 32) and torch.allclose(emb.norm(dim=1), torch.ones(2))
 
 
+def test_text_and_image_tokens_enter_the_transformer_at_one_scale():
+    # Without ln_pre, text tokens (mostly blank) entered at half an image's scale, and the tiny ViT
+    # learned colour but not shape on the synthetic data.
+    torch.manual_seed(0)
+    model = tiny()
+    seen = []
+    model.visual.transformer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].std(-1).mean().item()))
+    model.encode_texts(["a red circle"])
+    model.encode_image(torch.rand(1, 3, 48, 48) * 2 - 1)
+    assert seen == [pytest.approx(1.0, abs=0.05)] * 2
+
+
 def test_map_head_is_multi_head_attention_pooling():
     torch.manual_seed(0)
     head = clippo.MAPHead(32, 4)
