@@ -199,6 +199,15 @@ def test_map_head_is_multi_head_attention_pooling():
     torch.testing.assert_close(head(x), expected)
 
 
+def test_pool_defaults_to_the_preset():
+    # The paper's MAP head for the paper's models; the tiny CPU preset uses a class token (README).
+    assert clippo.CONFIGS["ViT-B-16"].pool == clippo.CONFIGS["ViT-L-16"].pool == "map"
+    args = SimpleNamespace(size="tiny", font=None, pool=None)
+    assert clippo.create(args).cfg.pool == "cls" and clippo.create(args).visual.map_head is None
+    args.pool = "map"
+    assert clippo.create(args).cfg.pool == "map" and clippo.create(args).visual.map_head is not None
+
+
 @pytest.mark.parametrize("pool", ["map", "cls", "mean"])
 def test_pooling_options_train(pool):
     torch.manual_seed(0)
