@@ -103,6 +103,16 @@ def test_queue_size_must_be_a_multiple_of_the_global_batch():
         brivl.create(args(queue_size=30), CAPTIONS)
 
 
+def two_steps(model, forward, b):
+    # Two SGD steps with the queue and momentum updates after each; forward is the model or its DDP wrapper.
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        model.loss(forward(b)).backward()
+        opt.step()
+        opt.zero_grad()
+        model.after_step()
+
+
 def _rank_step(rank, world, port, n, queue):
     # One training step of a fresh model on this rank's share of a global batch of n.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -110,13 +120,7 @@ def _rank_step(rank, world, port, n, queue):
     torch.set_num_threads(1)
     model = make_model()
     b = batch(model, start=rank * n // world, n=n // world)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, **train.NO_BUFFER_SYNC)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    for _ in range(2):
-        model.loss(ddp(b)).backward()
-        opt.step()
-        opt.zero_grad()
-        model.after_step()
+    two_steps(model, torch.nn.parallel.DistributedDataParallel(model, **train.NO_BUFFER_SYNC), b)
     # numpy arrays travel by value (tensors would go through shared memory that dies with this process)
     queue.put((rank, model.image_queue.numpy().copy(), model.text_queue.numpy().copy(), int(model.queue_ptr),
                model.textual_momentum.mlp[0].weight.detach().numpy().copy()))
@@ -137,12 +141,7 @@ def test_queues_identical_across_ranks_and_equal_to_one_process():
         p.join(timeout=60)
     single = make_model()
     b = batch(single, n=16)
-    opt = torch.optim.SGD([p for p in single.parameters() if p.requires_grad], lr=0.5)
-    for _ in range(2):
-        single.loss(single(b)).backward()
-        opt.step()
-        opt.zero_grad()
-        single.after_step()
+    two_steps(single, single, b)
     for r in (0, 1):
         image_q, text_q, ptr, w = got[r]
         assert ptr == int(single.queue_ptr) == 0  # 2 steps x 16 keys filled the queue of 32

@@ -202,10 +202,10 @@ def test_map_head_is_multi_head_attention_pooling():
 def test_pool_defaults_to_the_preset():
     # The paper's MAP head for the paper's models; the tiny CPU preset uses a class token (README).
     assert clippo.CONFIGS["ViT-B-16"].pool == clippo.CONFIGS["ViT-L-16"].pool == "map"
-    args = SimpleNamespace(size="tiny", font=None, pool=None)
-    assert clippo.create(args).cfg.pool == "cls" and clippo.create(args).visual.map_head is None
-    args.pool = "map"
-    assert clippo.create(args).cfg.pool == "map" and clippo.create(args).visual.map_head is not None
+    default = clippo.create(SimpleNamespace(size="tiny", font=None, pool=None))
+    assert default.cfg.pool == "cls" and default.visual.map_head is None
+    chosen = clippo.create(SimpleNamespace(size="tiny", font=None, pool="map"))
+    assert chosen.cfg.pool == "map" and chosen.visual.map_head is not None
 
 
 @pytest.mark.parametrize("pool", ["map", "cls", "mean"])
