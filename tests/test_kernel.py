@@ -21,6 +21,7 @@ TRITON_CHECK = textwrap.dedent("""
     import clip
     assert clip._use_triton(torch.zeros(1)), "the Triton path is not selected"
     torch.manual_seed(0)
+    clip.WORKSPACE = 64  # the backward's floor of 4 k d elements then rules: (300, 320, 40) takes 3 chunks
 
     def naive(x, y, s, two_way):
         logits = s * x @ y.T
@@ -31,7 +32,8 @@ TRITON_CHECK = textwrap.dedent("""
     worst = {}
     # Sizes that are not multiples of the 64-wide tiles, D not a multiple of the 32/64 chunk.
     for b, k, d, dtype, two_way in [(100, 100, 48, torch.float32, True), (70, 70, 100, torch.float32, True),
-                                    (40, 130, 40, torch.float32, False), (70, 70, 32, torch.float16, True)]:
+                                    (40, 130, 40, torch.float32, False), (300, 320, 40, torch.float32, False),
+                                    (70, 70, 32, torch.float16, True)]:
         x = F.normalize(torch.randn(b, d, dtype=torch.float64), dim=-1)
         y = F.normalize(torch.randn(k, d, dtype=torch.float64), dim=-1)
         y[:b] = F.normalize(x + 1.5 * y[:b], dim=-1)  # positives clear but not trivial: loss ~1
@@ -54,7 +56,9 @@ TRITON_CHECK = textwrap.dedent("""
 
 
 @pytest.mark.skipif(triton is None, reason="triton is not installed")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="test_gpu.py checks the compiled kernels")
 def test_triton_kernels_in_interpreter():
+    # (Triton 3.6's interpreter also breaks under numpy 2: int() of a 1-element array in range().)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
