@@ -751,8 +751,9 @@ def _lse_backward_triton(x, y, scale, row, col, g_row, g_col, need_x, need_y):
     rows = min(n, max(bm, max(WORKSPACE, 4 * k * d) // max(k, 1) // bm * bm))
     work = torch.empty(rows, k, device=x.device, dtype=x.dtype)
     dsp = torch.empty(triton.cdiv(rows, bm) * triton.cdiv(k, bn), device=x.device, dtype=torch.float32)
-    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_x else x.new_zeros(1)
-    dy = torch.zeros(y.shape if need_y else (1,), device=x.device, dtype=torch.float32)
+    # Full-size outputs even when not needed: the op's fake (for torch.compile) promises these shapes.
+    dx = torch.empty_like(x) if need_x else torch.zeros_like(x)
+    dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
     ds = torch.zeros((), device=x.device, dtype=torch.float32)
     row, g_row = row.float(), g_row.float()
     col, g_col = (col.float(), g_col.float()) if two_way else (row, g_row)
