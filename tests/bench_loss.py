@@ -132,7 +132,7 @@ def main():
     print(f"# {args.device} {torch.cuda.get_device_name() if args.device == 'cuda' else os.cpu_count()} "
           f"{'' if args.device == 'cuda' else 'cores'}, torch {torch.__version__}, D={args.dim}, {dtype_name}, "
           f"{time.strftime('%Y-%m-%d')}")
-    head = f"{'B':>8} {'naive s':>9} {'fused s':>9} {'time x':>7} {'naive MB':>9} {'fused MB':>9} {'mem x':>7}"
+    head = f"{'B':>8} {'naive ms':>9} {'fused ms':>9} {'time x':>7} {'naive MB':>9} {'fused MB':>9} {'mem x':>7}"
     if args.device == "cuda":
         head += f" {'fused TF/s':>10} {'mm TF/s':>8} {'of mm':>6} {'naive GPU ms':>12} {'fused GPU ms':>12} {'GPU x':>6}"
     print(head)
@@ -140,7 +140,7 @@ def main():
         nv = child("naive", b, args.dim, args.device, dtype_name, args.repeats)
         fu = child("fused", b, args.dim, args.device, dtype_name, args.repeats)
         cell = lambda r, k, f: f"{r[k] / f:9.3f}" if r else f"{'OOM':>9}"  # noqa: E731
-        line = f"{b:>8} {cell(nv, 'seconds', 1)} {cell(fu, 'seconds', 1)} "
+        line = f"{b:>8} {cell(nv, 'seconds', 1e-3)} {cell(fu, 'seconds', 1e-3)} "
         line += f"{fu['seconds'] / nv['seconds']:7.2f}" if nv and fu else f"{'-':>7}"
         line += f" {cell(nv, 'peak_bytes', 2 ** 20)} {cell(fu, 'peak_bytes', 2 ** 20)} "
         line += f"{fu['peak_bytes'] / max(nv['peak_bytes'], 1):7.3f}" if nv and fu else f"{'-':>7}"
