@@ -35,6 +35,29 @@ def test_triton_matches_naive_on_cuda(dtype, rtol, b):
         assert ((a - r).abs().max() / r.abs().max()).item() < rtol
 
 
+def check_chunked_backward(device, frozen, n=1000, d=64):
+    # WORKSPACE at 1 leaves the floor of 4 k d elements: 256 rows per chunk, so n = 1000 takes 4 chunks.
+    torch.manual_seed(0)
+    x = F.normalize(torch.randn(n, d, device=device, dtype=torch.float64), dim=-1)
+    y = F.normalize(x + 1.5 * torch.randn(n, d, device=device, dtype=torch.float64), dim=-1)
+    out = []
+    for fn, dt in ((naive, torch.float64), (clip.contrastive_loss, torch.float32)):
+        xx = x.to(dt).clone().requires_grad_(frozen != "x")
+        yy = y.to(dt).clone().requires_grad_(frozen != "y")
+        s = torch.tensor(20.0, device=device, dtype=dt, requires_grad=True)
+        fn(xx, yy, s).backward()
+        out.append([g.grad.double() for g in (xx, yy, s) if g.requires_grad])
+    for a, r in zip(out[1], out[0]):
+        assert ((a - r).abs().max() / r.abs().max()).item() < 1e-5
+
+
+@cuda
+@pytest.mark.parametrize("frozen", [None, "x", "y"])
+def test_triton_backward_in_chunks_and_with_a_frozen_side(monkeypatch, frozen):
+    monkeypatch.setattr(clip, "WORKSPACE", 1)
+    check_chunked_backward("cuda", frozen)
+
+
 @cuda
 def test_fused_loss_memory_is_flat_on_cuda():
     b = 65536
