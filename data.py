@@ -24,6 +24,10 @@ from PIL import Image
 CONTENT, CAPTION, AUGMENT, ORDER = 101, 102, 103, 104
 
 
+class DataError(RuntimeError):
+    """The data as a whole cannot be used (every sample in a row unreadable): the message names the files."""
+
+
 class SampleError(Exception):
     """One unusable sample (unreadable image, empty caption): skipped and counted, never fatal."""
 
@@ -478,7 +482,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
                     skips.append(e.reason)
                     first_error = first_error or str(e)
                     if len(skips) >= MAX_TRIES and not items:
-                        raise RuntimeError(f"{self.data.spec}: {MAX_TRIES} samples in a row could not be used "
+                        raise DataError(f"{self.data.spec}: {MAX_TRIES} samples in a row could not be used "
                                            f"(first: {first_error})") from None
                     continue
                 if "label" in sample:
@@ -493,7 +497,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
                     yield batch
                     problems, skips, notes, items = [], [], [], []
             if seen == 0:
-                raise RuntimeError(f"{self.data.spec}: no readable sample in the shards of slot {slot} "
+                raise DataError(f"{self.data.spec}: no readable sample in the shards of slot {slot} "
                                    f"({', '.join(self.shards_of(slot, epoch)[0][:3])} ...); check the files")
             epoch, consumed = epoch + 1, 0
 
@@ -634,7 +638,7 @@ def load_sample(data, transform, index, epoch, seed, skips, notes=None):
         if notes is not None and "rewrites" in sample and not sample["rewrites"]:
             notes.append("no rewrites: original caption used")
         return out
-    raise RuntimeError(f"{getattr(data, 'path', 'data')}: {MAX_TRIES} samples in a row could not be read "
+    raise DataError(f"{getattr(data, 'path', 'data')}: {MAX_TRIES} samples in a row could not be read "
                        f"(first: {first_error}); check the image paths and captions")
 
 

@@ -10,12 +10,13 @@ import inspect
 import json
 import math
 import os
-import random
+import datetime
+import re
+import shutil
 import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -32,7 +33,7 @@ def import_model(name):
     return importlib.import_module(name)
 
 
-def parse_args(argv=None):
+def build_parser(model):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="clip", help=f"one of {', '.join(MODELS)}")
     p.add_argument("--size", default="tiny", help="a config preset of the model file (tiny, ViT-B-32, ...)")
@@ -44,9 +45,16 @@ def parse_args(argv=None):
     p.add_argument("--wd", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
-    p.add_argument("--out", default="out", help="folder for metrics.jsonl and checkpoint.pt")
+    p.add_argument("--out", default="out", help="folder for metrics.jsonl and the checkpoints")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from OUT/checkpoint.pt, or from the file given")
+                   help="continue from the newest loadable checkpoint in --out, or start a new run if there is none "
+                        "(one command for the first start and every restart); or continue from the file given")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that holds one, deleting its checkpoints and metrics.jsonl")
+    p.add_argument("--allow-flag-changes", action="store_true",
+                   help="--resume even where flags that change the run differ from the checkpoint's")
+    p.add_argument("--keep", type=int, default=2,
+                   help="step-numbered checkpoints kept (checkpoint-STEP.pt; checkpoint.pt is the newest)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evals (0: only at the end)")
@@ -57,16 +65,26 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--dist-timeout", type=float, default=30,
+                   help="minutes a rank waits for its peers in a collective before it fails (a dead peer)")
     datalib.add_args(p)
-    known, _ = p.parse_known_args(argv)
-    module = import_model(known.model)
-    if hasattr(module, "add_args"):
-        module.add_args(p)
+    if model is not None and hasattr(model, "add_args"):
+        model.add_args(p)
+    return p
+
+
+def parse_args(argv=None):
+    first = argparse.ArgumentParser(add_help=False)  # --help then lists the chosen model's flags too
+    first.add_argument("--model", default="clip")
+    module = import_model(first.parse_known_args(argv)[0].model)
+    p = build_parser(module)
     args = p.parse_args(argv)
     if hasattr(module, "finish_args"):  # flags that follow from others (altclip: stage 1 reads text only)
         module.finish_args(args)
     if args.accum < 1 or args.batch_size % args.accum:
         p.error(f"--batch-size {args.batch_size} must be a multiple of --accum {args.accum}")
+    if args.keep < 1:
+        p.error("--keep must be at least 1")
     return args, module
 
 
@@ -89,10 +107,33 @@ def setup(args):
         args.workers = max(0, min(8, (os.cpu_count() or 1) // local_world - 2))
     control = None
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        # Stop requests travel on a CPU group, so checking for one never waits on the GPU.
-        control = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+        timeout = datetime.timedelta(minutes=args.dist_timeout)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=rendezvous_store(rank, world, timeout),
+                                rank=rank, world_size=world, timeout=timeout)
+        # Stop requests and checkpoint decisions travel on a CPU group, so they never wait on the GPU.
+        control = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD
     return rank, world, device, control
+
+
+def rendezvous_store(rank, world, timeout):
+    """torchrun's store, with a key prefix per restart round.
+
+    torchrun --max-restarts keeps its store across rounds: without the prefix the restarted workers
+    read the previous round's addresses and dial ports that no longer listen.
+    """
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(host, port, world, is_master=rank == 0 and not agent_hosts, timeout=timeout)
+    return dist.PrefixStore(f"train/round{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def rank0_decides(value, control, world):
+    """Rank 0's value on every rank (decisions about files only rank 0 reads or writes)."""
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=control)
+    return box[0]
 
 
 class StopRequest:
@@ -149,7 +190,7 @@ def rng_state(device):
 
 def set_rng_state(state, device):
     torch.set_rng_state(state[0])
-    if state[1] is not None:
+    if state[1] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state[1], device)
 
 
@@ -245,40 +286,195 @@ def evaluate(model, module, sets, args, rank, world, device, autocast):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints: OUT/checkpoint-STEP.pt, the newest also as OUT/checkpoint.pt (a hard link to it)
+#
+# A checkpoint file appears only once it is whole (written under a temporary name, flushed, renamed)
+# and an older one is deleted only after its successor has appeared: a kill at any instant leaves at
+# least one good checkpoint, and resume falls back to an older one if the newest will not load.
+
+LATEST = "checkpoint.pt"
+NUMBERED = re.compile(r"checkpoint-(\d+)\.pt")
+# Flags that may differ when a run is resumed: where files go, how often to log, save and evaluate,
+# what to evaluate on, and knobs that leave the arithmetic alone (--accum is exact). The global batch
+# is checked on its own, so ranks x --batch-size may be regrouped. Every other flag changes the run.
+MAY_CHANGE_ON_RESUME = {"steps", "out", "resume", "overwrite", "allow_flag_changes", "keep", "workers", "log_every",
+                        "save_every", "eval_every", "compile", "device", "dist_timeout", "val_data", "val_size",
+                        "zeroshot_data", "zeroshot_templates", "accum", "batch_size"}
 
 
-def save_checkpoint(path, model, opt, step, args, world, device, data_position=None):
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "data": data_position,
-             "samples_seen": step * args.batch_size * world, "extra": model.extra_state(), "args": vars(args),
-             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                     # numpy's key as a list: the checkpoint then loads with weights_only=True
-                     "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
-                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a reader sees the old checkpoint or the new one, never half of one
+def reason(e):
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first.split('. ')[0][:200]}"
 
 
-def find_checkpoint(args):
-    path = os.path.join(args.out, "checkpoint.pt") if args.resume == "auto" else args.resume
-    if not os.path.isfile(path):
-        raise SystemExit(f"train.py: --resume: no checkpoint at {path}; drop --resume to start a new run")
-    return path
+def numbered_checkpoints(out):
+    """OUT/checkpoint-STEP.pt files, the most recently written first."""
+    if not os.path.isdir(out):
+        return []
+    found = [os.path.join(out, f) for f in os.listdir(out) if NUMBERED.fullmatch(f)]
+    return sorted(found, key=lambda f: (os.path.getmtime(f), int(NUMBERED.fullmatch(os.path.basename(f))[1])),
+                  reverse=True)
+
+
+def checkpoints(out):
+    """Every checkpoint file in out, newest first: checkpoint.pt, then the numbered ones."""
+    return ([os.path.join(out, LATEST)] if os.path.isfile(os.path.join(out, LATEST)) else []) + numbered_checkpoints(out)
+
+
+def read_checkpoint(path):
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "step"} <= ckpt.keys():
+        raise ValueError("not a train.py checkpoint (it has no model, optimizer and step)")
+    return ckpt
+
+
+def step_reached(path):
+    try:  # mmap: reads the step without reading the weights
+        return f"step {torch.load(path, map_location='cpu', weights_only=True, mmap=True)['step']}"
+    except Exception:
+        return "an unknown step (the checkpoint does not load)"
+
+
+def start_or_resume(args):
+    """(path, checkpoint) to continue from, or (None, None) to start a new run. Rank 0 only."""
+    found = checkpoints(args.out)
+    if args.resume is None:
+        if found and not args.overwrite:
+            raise SystemExit(f"train.py: {args.out} already holds a run, at {step_reached(found[0])} ({found[0]}); "
+                             f"add --resume to continue it, or --overwrite to delete it and start again")
+        return None, None
+    if args.resume != "auto":  # the file the user named, or nothing
+        if not os.path.isfile(args.resume):
+            raise SystemExit(f"train.py: --resume: no checkpoint at {args.resume}; pass an existing file, or --resume "
+                             f"alone to continue from --out")
+        try:
+            return args.resume, read_checkpoint(args.resume)
+        except Exception as e:
+            raise SystemExit(f"train.py: --resume: {args.resume} does not load ({reason(e)})") from None
+    bad = []
+    for path in found:
+        if any(os.path.samefile(path, f) for f in bad):  # checkpoint.pt and its numbered name: one file
+            bad.append(path)
+            continue
+        try:
+            ckpt = read_checkpoint(path)
+        except Exception as e:
+            print(f"train.py: {path} does not load ({reason(e)}); trying the one before it", flush=True)
+            bad.append(path)
+            continue
+        for f in bad:  # set aside, so that it is neither tried again nor counted among the --keep newest
+            os.replace(f, f + ".unreadable")
+            print(f"train.py: kept the unreadable file as {f}.unreadable", flush=True)
+        return path, ckpt
+    if found:
+        raise SystemExit(f"train.py: no checkpoint in {args.out} loads (tried {', '.join(found)}); pass --resume FILE, "
+                         f"or --overwrite to start again")
+    return None, None
+
+
+def changed_flags(saved, args, defaults, world):
+    """The flags that would make a resumed run a different run, as 'flag: before -> now' lines."""
+    diffs = []
+    for key, now in sorted(vars(args).items()):
+        before = saved["args"].get(key, defaults.get(key)) if isinstance(saved.get("args"), dict) else now
+        if key not in MAY_CHANGE_ON_RESUME and before != now:
+            diffs.append(f"--{key.replace('_', '-')}: {before} -> {now}")
+    old_steps = saved.get("args", {}).get("steps", args.steps)
+    if args.steps < old_steps:
+        diffs.append(f"--steps: {old_steps} -> {args.steps} (a run may be extended, not shortened)")
+    step, seen = saved["step"], saved.get("samples_seen")
+    if step and seen is not None and seen != step * args.batch_size * world:
+        diffs.append(f"global batch (ranks x --batch-size): {seen // step} -> {args.batch_size * world}")
+    return diffs
+
+
+def clear_run(out):
+    """--overwrite: the old run's checkpoints and metrics go before the new run writes its own."""
+    for f in checkpoints(out) + [os.path.join(out, "metrics.jsonl")]:
+        if os.path.exists(f):
+            os.remove(f)
+
+
+def save_checkpoint(out, state, keep):
+    """Write OUT/checkpoint-STEP.pt whole, make it OUT/checkpoint.pt, then keep only the newest `keep`.
+
+    Returns None, or why the save failed (disk full, permissions); the files already there are untouched.
+    """
+    path = os.path.join(out, f"checkpoint-{state['step']:07d}.pt")
+    tmp, link = f"{path}.tmp{os.getpid()}", os.path.join(out, f"{LATEST}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        try:
+            os.link(path, link)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(path, link)
+        os.replace(link, os.path.join(out, LATEST))
+        fd = os.open(out, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the renames themselves survive a power cut
+        finally:
+            os.close(fd)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        for f in (tmp, link):
+            with contextlib.suppress(OSError):
+                os.remove(f)
+        return f"could not write {path} ({reason(e)})"
+    for old in numbered_checkpoints(out)[keep:]:
+        if not os.path.samefile(old, path):
+            os.remove(old)
+    return None
+
+
+def checkpoint_state(model, opt, step, args, world, device, data_position=None):
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "data": data_position,
+            "samples_seen": step * args.batch_size * world, "extra": model.extra_state(), "args": vars(args),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
 
 
 def main(argv=None):
     args, module = parse_args(argv)
     rank, world, device, control = setup(args)
     os.makedirs(args.out, exist_ok=True)
-    ckpt_path, metrics_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "metrics.jsonl")
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    random.seed(args.seed)
+    ckpt_path, metrics_path = os.path.join(args.out, LATEST), os.path.join(args.out, "metrics.jsonl")
 
-    ckpt = None
-    if args.resume:
-        ckpt = torch.load(find_checkpoint(args), map_location="cpu", weights_only=True)
+    # Start or resume: rank 0 reads the folder and decides, every rank follows.
+    plan = (None, None)
+    if rank == 0:
+        try:
+            if args.resume and args.overwrite:
+                raise SystemExit("train.py: --resume continues the run in --out and --overwrite deletes it: pass one")
+            path, ckpt = start_or_resume(args)
+            defaults = {a.dest: a.default for a in build_parser(module)._actions}
+            diffs = changed_flags(ckpt, args, defaults, world) if ckpt else []
+            if diffs and not args.allow_flag_changes:
+                raise SystemExit(f"train.py: {path} was written by a different run; these flags differ:\n  "
+                                 + "\n  ".join(diffs) + "\nresume with the checkpoint's flags (--steps may grow), "
+                                 "pass --allow-flag-changes to continue anyway, or start a new --out")
+            if args.overwrite:
+                clear_run(args.out)
+            for f in os.listdir(args.out):  # what a kill during a save left behind
+                if re.fullmatch(r"checkpoint.*\.tmp\d+", f):
+                    os.remove(os.path.join(args.out, f))
+            plan = (path, None)
+            if args.resume:
+                print(f"resuming from {path} (step {ckpt['step']})" if path else
+                      f"no checkpoint in {args.out}: starting a new run", flush=True)
+        except SystemExit as e:
+            plan = (None, str(e.code))
+    path, refusal = rank0_decides(plan, control, world)
+    if refusal:
+        raise SystemExit(refusal if rank == 0 else 1)
+    if path and rank != 0:
+        ckpt = read_checkpoint(path)
+    elif not path:
+        ckpt = None
+
+    torch.manual_seed(args.seed)
     train_data, val_data, zeroshot_data = datalib.build(args)
     extra = ckpt["extra"] if ckpt else None
     if extra is None and world > 1:  # rank 0 builds (e.g. trains the tokenizer), the others copy it
@@ -296,13 +492,7 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        if ckpt["samples_seen"] != step * args.batch_size * world:
-            raise SystemExit(f"train.py: the checkpoint was written with a global batch of "
-                             f"{ckpt['samples_seen'] // max(step, 1)}; resume with the same --batch-size x ranks")
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        name, key, *rest = ckpt["rng"]["numpy"]
-        np.random.set_state((name, np.array(key, dtype=np.uint32), *rest))
-        random.setstate(ckpt["rng"]["python"])
+        set_rng_state((ckpt["rng"]["torch"], ckpt["rng"].get("cuda")), device)
         if rank == 0 and os.path.exists(metrics_path):  # drop rows the resumed run will write again
             rows = [r for r in open(metrics_path) if r.strip() and json.loads(r)["step"] <= step]
             with open(metrics_path, "w") as f:
@@ -410,8 +600,16 @@ def main(argv=None):
                     every = [None] * world
                     dist.all_gather_object(every, positions, group=control)
                 data_position = {"slots": batches.slots, "at": {str(k): list(v) for p in every for k, v in p.items()}}
+            failed = None
             if rank == 0:
-                save_checkpoint(ckpt_path, model, opt, step, args, world, device, data_position)
+                failed = save_checkpoint(args.out, checkpoint_state(model, opt, step, args, world, device, data_position),
+                                         args.keep)
+            failed = rank0_decides(failed, control, world)
+            if failed:  # every rank stops; the checkpoints already written are untouched
+                before = (f"the last good checkpoint, {ckpt_path}, is intact" if os.path.exists(ckpt_path)
+                          else "no earlier checkpoint exists")
+                raise SystemExit(f"train.py: {failed}; stopping at step {step}: {before}. Free space or fix the "
+                                 f"folder's permissions, then run again with --resume" if rank == 0 else 1)
         if stopping:
             if rank == 0:
                 print(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with --resume", flush=True)
@@ -422,5 +620,19 @@ def main(argv=None):
     return metrics
 
 
+# Errors in what the user gave (a missing file, a bad flag value, data that cannot be read, an optional
+# package not installed) are told in one line; anything else keeps its traceback. TRAIN_TRACEBACK=1
+# shows the traceback of those too.
+INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError, ImportError,
+                datalib.DataError)
+
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    try:
+        main()
+    except INPUT_ERRORS as e:
+        if os.environ.get("TRAIN_TRACEBACK"):
+            raise
+        # an error raised in a loader worker arrives with the worker's traceback in its message
+        lines = [line for line in str(e).strip().splitlines() if line.strip()]
+        message = re.sub(r"^[\w.]+: ", "", lines[-1].strip()) if "Traceback" in str(e) else " ".join(lines)
+        sys.exit(f"train.py: error: {message or type(e).__name__}")

@@ -142,9 +142,9 @@ def test_unknown_model_lists_choices():
         train.main(["--model", "vit"])
 
 
-def test_resume_without_checkpoint_says_so(tmp_path):
+def test_resume_from_a_missing_file_says_so(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint at"):
-        train.main(["--out", str(tmp_path), "--resume"])
+        train.main(["--out", str(tmp_path), "--resume", str(tmp_path / "nothere.pt")])
 
 
 def test_missing_data_file_names_it(tmp_path):
