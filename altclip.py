@@ -15,6 +15,8 @@ Same interface as clip.py (see its docstring): create, add_args, model.transform
 after_step / encode_texts / extra_state, zero_shot_classifier, retrieval_metrics; finish_args
 tells the data loader that stage 1 trains on text alone.
 """
+import argparse
+import contextlib
 import gzip
 import html
 import json
@@ -46,6 +48,7 @@ class Config:
     vision_layers: int = 24
     vision_heads: int = 16
     quick_gelu: bool = True
+    vision_mlp: int = 0  # the image tower's MLP width; 0: 4 x vision_width
     # The teacher: a CLIP text tower (stage 1 only)
     teacher_context: int = 77
     teacher_vocab: int = 49408
@@ -377,15 +380,16 @@ class Attention(nn.Module):
 
 # Copied from clip.py: ResidualAttentionBlock
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width, heads, quick_gelu=False):
+    def __init__(self, width, heads, quick_gelu=False, mlp_width=None):
         super().__init__()
+        mlp_width = mlp_width or 4 * width
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, width * 4)),
+            ("c_fc", nn.Linear(width, mlp_width)),
             ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
-            ("c_proj", nn.Linear(width * 4, width))]))
+            ("c_proj", nn.Linear(mlp_width, width))]))
 
     def forward(self, x, causal=False):
         x = x + self.attn(self.ln_1(x), causal)
@@ -394,9 +398,9 @@ class ResidualAttentionBlock(nn.Module):
 
 # Copied from clip.py: Transformer
 class Transformer(nn.Module):
-    def __init__(self, width, layers, heads, quick_gelu=False):
+    def __init__(self, width, layers, heads, quick_gelu=False, mlp_width=None):
         super().__init__()
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu, mlp_width) for _ in range(layers)])
 
     def forward(self, x, causal=False):
         for block in self.resblocks:
@@ -412,6 +416,18 @@ class Transformer(nn.Module):
             nn.init.zeros_(block.attn.out_proj.bias)
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+
+# Copied from clip.py: freeze
+def freeze(head, blocks, tail, unlocked_layers=0):
+    """Freeze a tower's parts (LiT) but its last `unlocked_layers` blocks and, if any block stays
+    trainable, the tail after them. Returns the frozen modules, which the model keeps in eval mode."""
+    if not 0 <= unlocked_layers <= len(blocks):
+        raise ValueError(f"unlocked layers must be from 0 to {len(blocks)} (the tower's blocks), not {unlocked_layers}")
+    parts = list(head) + list(blocks)[:len(blocks) - unlocked_layers] + (list(tail) if unlocked_layers == 0 else [])
+    for part in parts:
+        part.requires_grad_(False)
+    return [part for part in parts if isinstance(part, nn.Module)]
 
 
 # Copied from brivl.py: BertEmbeddings
@@ -473,6 +489,7 @@ class Bert(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, ids, mask):
+        mask = mask.bool()  # HF tokenizers hand out int 0/1 masks; attention takes bool ones
         if self.roberta:
             positions = torch.cumsum(mask, 1) * mask + self.pad_id
         else:
@@ -526,14 +543,14 @@ def bert_state_dict(sd, prefixes=("bert.", "roberta.")):
 
 # Copied from clip.py: VisionTransformer
 class VisionTransformer(nn.Module):
-    def __init__(self, image_size, patch_size, width, layers, heads, embed_dim, quick_gelu=False):
+    def __init__(self, image_size, patch_size, width, layers, heads, embed_dim, quick_gelu=False, mlp_width=None):
         super().__init__()
         scale = width ** -0.5
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2 + 1, width))
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads, quick_gelu)
+        self.transformer = Transformer(width, layers, heads, quick_gelu, mlp_width)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
         self.transformer.init_weights(width, layers)
@@ -1001,21 +1018,21 @@ class AltCLIP(nn.Module):
         super().__init__()
         self.cfg, self.tokenizer, self.teacher_tokenizer = cfg, tokenizer, teacher_tokenizer
         self.visual = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
-                                        cfg.vision_heads, cfg.embed_dim, cfg.quick_gelu)
+                                        cfg.vision_heads, cfg.embed_dim, cfg.quick_gelu, cfg.vision_mlp or None)
         self.text_model = StudentText(cfg)
         self.text_projection = nn.Linear(cfg.teacher_width, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        # The image tower is the teacher's and stays frozen in both stages. In stage 1 the loss reaches
-        # neither the projection nor the temperature; DDP must not wait for their gradients.
-        self.visual.requires_grad_(False)
+        # The image tower is the teacher's and stays locked in both stages (LiT). In stage 1 the loss
+        # reaches neither the projection nor the temperature; DDP must not wait for their gradients.
+        self.locked = freeze([self.visual], [], [])
         if cfg.stage == "distill":
-            self.teacher = TeacherText(cfg).requires_grad_(False)
-            self.text_projection.requires_grad_(False)
-            self.logit_scale.requires_grad_(False)
+            self.teacher = TeacherText(cfg)
+            self.locked += freeze([self.teacher, self.text_projection, self.logit_scale], [], [])
 
     def train(self, mode=True):
         super().train(mode)
-        self.visual.eval()  # frozen: eval mode too
+        for m in self.locked:  # frozen: eval mode too
+            m.eval()
         return self
 
     def encode_image(self, images, normalize=False):
@@ -1069,7 +1086,6 @@ def add_args(parser):
     parser.add_argument("--teacher-tokenizer", default=None,
                         help="the teacher's tokenizer (bpe_simple_vocab_16e6.txt.gz or tokenizer.json), for "
                              "teacher files that do not carry one")
-    parser.add_argument("--init", default=None, help="stage 2: the stage-1 checkpoint to start from")
     parser.add_argument("--student", default=None,
                         help="an HF XLM-R folder (config.json, weights, tokenizer.json) to start the student from")
     parser.add_argument("--tokenizer", default=None, help="the student's tokenizer.json (default: --student's, "
@@ -1099,6 +1115,7 @@ def read_teacher(path, tokenizer=None):
     text_width = sd["ln_final.weight"].shape[0]
     shapes = dict(embed_dim=sd["text_projection"].shape[1], image_size=patch * round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5),
                   patch_size=patch, vision_width=width, vision_layers=count("visual.transformer.resblocks."),
+                  vision_mlp=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
                   vision_heads=c.get("vision_heads", width // 64), quick_gelu=c.get("quick_gelu", True),
                   teacher_context=sd["positional_embedding"].shape[0], teacher_vocab=sd["token_embedding.weight"].shape[0],
                   teacher_width=text_width, teacher_layers=count("transformer.resblocks."),
@@ -1135,7 +1152,7 @@ def create(args, captions=(), extra=None):
     if args.size not in CONFIGS:
         raise ValueError(f"unknown --size {args.size!r}; choose one of {', '.join(CONFIGS)}")
     if args.stage == "contrastive":
-        if not args.init:
+        if not getattr(args, "init", None):
             raise ValueError("altclip --stage contrastive needs --init STAGE1_CHECKPOINT (a checkpoint of --stage distill)")
         _, extra = _read_stage1(args.init)
         cfg = Config(**{**extra["config"], "stage": "contrastive"})
@@ -1234,9 +1251,13 @@ def read_state_dict(path):
         except ImportError:
             raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
         return load_file(path), None
-    try:
+    import zipfile
+
+    with zipfile.ZipFile(path) if zipfile.is_zipfile(path) else contextlib.nullcontext() as archive:
+        scripted = archive is not None and any(n.endswith("/constants.pkl") for n in archive.namelist())
+    if scripted:  # OpenAI's releases are TorchScript archives
         sd = torch.jit.load(path, map_location="cpu").state_dict()
-    except RuntimeError:  # not TorchScript
+    else:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     extra = None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):  # our train.py checkpoint
@@ -1245,6 +1266,8 @@ def read_state_dict(path):
     elif isinstance(sd, dict) and "state_dict" in sd:  # open_clip training checkpoint
         sd = sd["state_dict"]
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    for key in ("input_resolution", "context_length", "vocab_size"):  # metadata in OpenAI's archives
+        sd.pop(key, None)
     return sd, extra
 
 
@@ -1268,6 +1291,16 @@ def hf_vision_to_openai(sd, prefix="vision_model."):
                 out[f"{dst}{ours}.{p}"] = sd[f"{src}{theirs}.{p}"]
         i += 1
     return out
+
+
+def context_length(folder, text_cfg):
+    """Tokens per text: tokenizer_config.json's model_max_length, else what the position table holds."""
+    tok_cfg = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(tok_cfg):
+        n = json.load(open(tok_cfg)).get("model_max_length")
+        if isinstance(n, int) and n < 100_000:  # transformers writes a huge number for "no limit"
+            return n
+    return text_cfg.get("max_position_embeddings", 514) - text_cfg.get("pad_token_id", 1) - 1
 
 
 def load(path, device="cpu", tokenizer=None):
@@ -1297,18 +1330,17 @@ def load(path, device="cpu", tokenizer=None):
         image_size=vision["conv1.weight"].shape[-1] * round((vision["positional_embedding"].shape[0] - 1) ** 0.5),
         patch_size=vision["conv1.weight"].shape[-1],
         vision_width=width, vision_layers=sum(k.endswith("ln_1.weight") for k in vision),
+        vision_mlp=vision["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
         vision_heads=vision_cfg.get("num_attention_heads", width // 64),
         quick_gelu=vision_cfg.get("hidden_act", "quick_gelu") == "quick_gelu",
         teacher_width=sd["text_model.transformation.weight"].shape[0],
-        context_length=text_cfg.get("max_position_embeddings", 514) - text_cfg.get("pad_token_id", 1) - 1,
+        context_length=context_length(path, text_cfg),
         vocab_size=student["embeddings.word_embeddings.weight"].shape[0], text_width=text_width,
         text_layers=sum(k.endswith("attention.self.query.weight") for k in student),
         text_heads=text_cfg.get("num_attention_heads", 16), text_mlp=student["encoder.layer.0.intermediate.dense.weight"].shape[0],
         text_max_positions=student["embeddings.position_embeddings.weight"].shape[0],
         text_type_vocab=student["embeddings.token_type_embeddings.weight"].shape[0],
         text_eps=text_cfg.get("layer_norm_eps", 1e-5), pad_id=text_cfg.get("pad_token_id", 1))
-    if vision["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] != 4 * width:
-        raise ValueError(f"{path}: the vision MLP is not 4x its width, as CLIP's ViT blocks are")
     if vision_cfg.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
         raise ValueError(f"{path}: vision hidden_act {vision_cfg['hidden_act']!r} is not implemented")
     tok_path = tokenizer or (path if os.path.isfile(os.path.join(path, "tokenizer.json")) else None)
@@ -1321,3 +1353,137 @@ def load(path, device="cpu", tokenizer=None):
     model.text_projection.weight.data.copy_(sd["text_projection.weight"])
     model.logit_scale.data.copy_(sd["logit_scale"].reshape(()))
     return model.to(device).eval(), ImageTransform(cfg.image_size, train=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights out: `python altclip.py export CKPT OUT --format hf` writes a transformers AltCLIPModel folder
+
+
+# Copied from clip.py: hf_names
+def hf_names(cfg):
+    """[(our key, transformers' CLIPModel key, how)]: how is '' (same tensor), 'T' (transposed) or 'qkv'
+    (our in_proj is HF's q, k and v projections concatenated in that order)."""
+    names = [("token_embedding.weight", "text_model.embeddings.token_embedding.weight", ""),
+             ("positional_embedding", "text_model.embeddings.position_embedding.weight", ""),
+             ("text_projection", "text_projection.weight", "T"),
+             ("visual.class_embedding", "vision_model.embeddings.class_embedding", ""),
+             ("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight", ""),
+             ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight", ""),
+             ("visual.proj", "visual_projection.weight", "T"),
+             ("logit_scale", "logit_scale", "")]
+    for kind in ("weight", "bias"):
+        names += [(f"ln_final.{kind}", f"text_model.final_layer_norm.{kind}", ""),
+                  (f"visual.ln_pre.{kind}", f"vision_model.pre_layrnorm.{kind}", ""),  # sic: transformers' spelling
+                  (f"visual.ln_post.{kind}", f"vision_model.post_layernorm.{kind}", "")]
+    block = [("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"),
+             ("attn.out_proj", "self_attn.out_proj")]
+    for ours, theirs, layers in (("transformer.resblocks", "text_model.encoder.layers", cfg.text_layers),
+                                 ("visual.transformer.resblocks", "vision_model.encoder.layers", cfg.vision_layers)):
+        for i in range(layers):
+            for kind in ("weight", "bias"):
+                names.append((f"{ours}.{i}.attn.in_proj_{kind}", f"{theirs}.{i}.self_attn.{{}}_proj.{kind}", "qkv"))
+                names += [(f"{ours}.{i}.{a}.{kind}", f"{theirs}.{i}.{b}.{kind}", "") for a, b in block]
+    return names
+
+
+# Copied from clip.py: save_weights
+def save_weights(sd, path_without_ext):
+    """.safetensors where the safetensors package is installed, else a torch state dict (.bin)."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        torch.save(sd, path_without_ext + ".bin")
+        return path_without_ext + ".bin"
+    save_file(sd, path_without_ext + ".safetensors", metadata={"format": "pt"})
+    return path_without_ext + ".safetensors"
+
+
+def export(path, out, fmt="hf", tokenizer=None):
+    """An AltCLIPModel folder (config.json, weights, tokenizer.json) from a checkpoint; the text tower is
+    the student (a stage-1 checkpoint's teacher is left out). Returns what to tell the user."""
+    if fmt != "hf":
+        raise ValueError("altclip exports --format hf only (transformers' AltCLIPModel); open_clip has no AltCLIP")
+    model, _ = load(path, tokenizer=tokenizer)
+    cfg, tok = model.cfg, model.tokenizer
+    if tok is None:
+        raise ValueError(f"{path} carries no tokenizer: pass --tokenizer (the student's tokenizer.json)")
+    os.makedirs(out, exist_ok=True)
+    sd = {f"text_model.roberta.{k}": v for k, v in model.text_model.roberta.state_dict().items()}
+    for name in ("pre_LN", "transformation"):
+        sd.update({f"text_model.{name}.{k}": v for k, v in getattr(model.text_model, name).state_dict().items()})
+    visual = model.visual.state_dict()
+    layers = type("Layers", (), {"text_layers": 0, "vision_layers": cfg.vision_layers})
+    for ours, theirs, how in hf_names(layers):
+        if not ours.startswith("visual."):
+            continue
+        v = visual[ours[len("visual."):]]
+        if how == "qkv":
+            sd.update({theirs.format(p): part for p, part in zip("qkv", v.chunk(3))})
+        else:
+            sd[theirs] = v.T if how == "T" else v
+    sd["text_projection.weight"] = model.text_projection.weight
+    sd["logit_scale"] = model.logit_scale
+    weights = save_weights(sd, os.path.join(out, "model"))
+    config = {"architectures": ["AltCLIPModel"], "model_type": "altclip", "projection_dim": cfg.embed_dim,
+              "logit_scale_init_value": 2.6592, "torch_dtype": "float32",
+              "text_config": {"model_type": "altclip_text_model", "vocab_size": cfg.vocab_size,
+                              "hidden_size": cfg.text_width, "num_hidden_layers": cfg.text_layers,
+                              "num_attention_heads": cfg.text_heads, "intermediate_size": cfg.text_mlp,
+                              "hidden_act": "gelu", "max_position_embeddings": cfg.text_max_positions,
+                              "type_vocab_size": cfg.text_type_vocab, "layer_norm_eps": cfg.text_eps,
+                              "pad_token_id": cfg.pad_id, "project_dim": cfg.teacher_width,
+                              "position_embedding_type": "absolute"},
+              "vision_config": {"model_type": "altclip_vision_model", "hidden_size": cfg.vision_width,
+                                "intermediate_size": cfg.vision_mlp or 4 * cfg.vision_width,
+                                "num_hidden_layers": cfg.vision_layers, "num_attention_heads": cfg.vision_heads,
+                                "image_size": cfg.image_size, "patch_size": cfg.patch_size, "num_channels": 3,
+                                "hidden_act": "quick_gelu" if cfg.quick_gelu else "gelu", "layer_norm_eps": 1e-5,
+                                "projection_dim": cfg.embed_dim}}
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as f:
+        f.write(tok.to_str())
+    vocab = tok.tokenizer.get_vocab()
+    special = {role: name for role, names in (("pad_token", ("<pad>", "[PAD]")), ("unk_token", ("<unk>", "[UNK]")),
+                                              ("bos_token", ("<s>", "[CLS]")), ("eos_token", ("</s>", "[SEP]")),
+                                              ("cls_token", ("<s>", "[CLS]")), ("sep_token", ("</s>", "[SEP]")),
+                                              ("mask_token", ("<mask>", "[MASK]")))
+               for name in names if name in vocab}
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.context_length, **special}, f,
+                  indent=2)
+    size = {"height": cfg.image_size, "width": cfg.image_size}
+    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": cfg.image_size},
+                   "resample": 3, "do_center_crop": True, "crop_size": size, "do_rescale": True, "rescale_factor": 1 / 255,
+                   "do_normalize": True, "do_convert_rgb": True, "image_mean": list(MEAN), "image_std": list(STD)}, f,
+                  indent=2)
+    return [f"wrote {out}: config.json, {os.path.basename(weights)}, tokenizer.json, preprocessor_config.json",
+            f"transformers: AltCLIPModel.from_pretrained({out!r}); its tokenizer: AutoTokenizer.from_pretrained({out!r}) "
+            f"(this model's own, not necessarily XLM-R's: AltCLIPProcessor expects XLM-R's)"]
+
+
+# Copied from clip.py: export_main
+def export_main(argv=None):
+    p = argparse.ArgumentParser(prog=f"{os.path.basename(__file__)} export",
+                                description="write weights in open_clip's or transformers' layout")
+    p.add_argument("checkpoint", help="OUT/checkpoint.pt of train.py, or any weights load() reads")
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--format", required=True, choices=["open_clip", "hf"])
+    p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer")
+    args = p.parse_args(argv)
+    try:
+        for line in export(args.checkpoint, args.out, args.format, args.tokenizer):
+            print(line)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise SystemExit(f"{p.prog}: {err}") from None
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["export"]:
+        raise SystemExit("usage: python altclip.py export CHECKPOINT OUT_DIR --format hf "
+                         "(train with: torchrun train.py --model altclip)")
+    export_main(sys.argv[2:])

@@ -232,6 +232,7 @@ class Bert(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, ids, mask):
+        mask = mask.bool()  # HF tokenizers hand out int 0/1 masks; attention takes bool ones
         if self.roberta:
             positions = torch.cumsum(mask, 1) * mask + self.pad_id
         else:
@@ -777,7 +778,7 @@ class BriVL(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, ids, mask, normalize=False, momentum=False):
-        x = (self.textual_momentum if momentum else self.textual)(ids, mask)
+        x = (self.textual_momentum if momentum else self.textual)(ids, mask.bool())  # int 0/1 masks too
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, batch):
@@ -844,6 +845,11 @@ def add_args(parser):
 
 
 def create(args, captions=(), extra=None):
+    if extra is None and getattr(args, "init", None):  # fine-tuning a brivl checkpoint
+        ckpt = read_checkpoint(args.init)
+        model = create(args, extra=ckpt["extra"])
+        model.load_state_dict(ckpt["model"], strict=True)
+        return model
     if extra is not None:
         cfg = Config(**extra["config"])
         tok = BertTokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None
@@ -938,13 +944,18 @@ def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
 # Weight loading: this repository's checkpoints
 
 
-def load(path, device="cpu"):
-    """(model, preprocess) from a train.py checkpoint; preprocess(img, boxes=None) -> (image, boxes, box_mask)."""
+def read_checkpoint(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if "extra" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path}: not a train.py checkpoint of brivl (no 'model' and 'extra')")
+    return ckpt
+
+
+def load(path, device="cpu"):
+    """(model, preprocess) from a train.py checkpoint; preprocess(img, boxes=None) -> (image, boxes, box_mask)."""
+    ckpt = read_checkpoint(path)
     model = create(None, extra=ckpt["extra"])
     model.load_state_dict(ckpt["model"], strict=True)
     model.to(device).eval()

@@ -2,7 +2,8 @@
 
 Copy this file alone into another project and it works: it imports nothing from this repository.
 Parameter names follow OpenAI's CLIP state_dict, so OpenAI and open_clip ViT checkpoints load with a
-strict load_state_dict.
+strict load_state_dict; load() also reads open_clip folders and Hugging Face CLIPModel folders, and
+`python clip.py export CKPT OUT --format open_clip|hf` writes weights those tools load.
 
 The interface train.py and data.py use (every model file implements it the same way):
     create(args, captions, extra=None) -> model    build a model (extra: what a checkpoint saved)
@@ -14,8 +15,11 @@ The interface train.py and data.py use (every model file implements it the same 
     model.extra_state() -> dict                 config and tokenizer, saved beside the weights
     zero_shot_classifier(model, classnames, templates), retrieval_metrics(image, text)
 """
+import argparse
+import contextlib
 import gzip
 import html
+import json
 import math
 import os
 import re
@@ -31,6 +35,9 @@ import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
 # Config
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's normalisation, used by every CLIP checkpoint
+STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -48,6 +55,16 @@ class Config:
     text_heads: int = 8
     # OpenAI's released weights were trained with QuickGELU; new training uses exact GELU.
     quick_gelu: bool = False
+    vision_mlp: int = 0  # MLP hidden width; 0: 4 x the tower's width
+    text_mlp: int = 0
+    ln_eps: float = 1e-5
+    image_mean: tuple = MEAN  # the preprocessing the weights expect
+    image_std: tuple = STD
+
+    def __post_init__(self):
+        self.vision_mlp = self.vision_mlp or 4 * self.vision_width
+        self.text_mlp = self.text_mlp or 4 * self.text_width
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
 
 
 CONFIGS = {
@@ -60,9 +77,6 @@ CONFIGS = {
     "ViT-L-14": Config(embed_dim=768, patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16,
                        text_width=768, text_layers=12, text_heads=12),
 }
-
-MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's normalisation, used by every CLIP checkpoint
-STD = (0.26862954, 0.26130258, 0.27577711)
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
@@ -258,15 +272,16 @@ class Attention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width, heads, quick_gelu=False):
+    def __init__(self, width, heads, quick_gelu=False, mlp_width=None):
         super().__init__()
+        mlp_width = mlp_width or 4 * width
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, width * 4)),
+            ("c_fc", nn.Linear(width, mlp_width)),
             ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
-            ("c_proj", nn.Linear(width * 4, width))]))
+            ("c_proj", nn.Linear(mlp_width, width))]))
 
     def forward(self, x, causal=False):
         x = x + self.attn(self.ln_1(x), causal)
@@ -274,9 +289,9 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width, layers, heads, quick_gelu=False):
+    def __init__(self, width, layers, heads, quick_gelu=False, mlp_width=None):
         super().__init__()
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu, mlp_width) for _ in range(layers)])
 
     def forward(self, x, causal=False):
         for block in self.resblocks:
@@ -294,19 +309,30 @@ class Transformer(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
 
+def freeze(head, blocks, tail, unlocked_layers=0):
+    """Freeze a tower's parts (LiT) but its last `unlocked_layers` blocks and, if any block stays
+    trainable, the tail after them. Returns the frozen modules, which the model keeps in eval mode."""
+    if not 0 <= unlocked_layers <= len(blocks):
+        raise ValueError(f"unlocked layers must be from 0 to {len(blocks)} (the tower's blocks), not {unlocked_layers}")
+    parts = list(head) + list(blocks)[:len(blocks) - unlocked_layers] + (list(tail) if unlocked_layers == 0 else [])
+    for part in parts:
+        part.requires_grad_(False)
+    return [part for part in parts if isinstance(part, nn.Module)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Towers
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, image_size, patch_size, width, layers, heads, embed_dim, quick_gelu=False):
+    def __init__(self, image_size, patch_size, width, layers, heads, embed_dim, quick_gelu=False, mlp_width=None):
         super().__init__()
         scale = width ** -0.5
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2 + 1, width))
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads, quick_gelu)
+        self.transformer = Transformer(width, layers, heads, quick_gelu, mlp_width)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
         self.transformer.init_weights(width, layers)
@@ -698,8 +724,8 @@ class ImageTransform:
 class Transform:
     """One sample (image, caption) -> model inputs; runs in the loader workers, so it is picklable."""
 
-    def __init__(self, image_size, tokenizer, train):
-        self.image = ImageTransform(image_size, train)
+    def __init__(self, image_size, tokenizer, train, mean=MEAN, std=STD):
+        self.image = ImageTransform(image_size, train, mean=mean, std=std)
         self.tokenizer = tokenizer
 
     def __call__(self, sample, rng):
@@ -711,10 +737,10 @@ class CLIP(nn.Module):
         super().__init__()
         self.cfg, self.tokenizer = cfg, tokenizer
         self.visual = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
-                                        cfg.vision_heads, cfg.embed_dim, cfg.quick_gelu)
+                                        cfg.vision_heads, cfg.embed_dim, cfg.quick_gelu, cfg.vision_mlp)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
-        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.quick_gelu)
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.quick_gelu, cfg.text_mlp)
         self.ln_final = nn.LayerNorm(cfg.text_width)
         self.text_projection = nn.Parameter(torch.empty(cfg.text_width, cfg.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -722,6 +748,28 @@ class CLIP(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=cfg.text_width ** -0.5)
         self.transformer.init_weights(cfg.text_width, cfg.text_layers)
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.eps = cfg.ln_eps
+        self.locked = []  # modules frozen by lock(): they stay in eval mode
+
+    def lock(self, image=False, text=False, image_unlocked_layers=0, text_unlocked_layers=0):
+        """LiT (open_clip's --lock-image / --lock-text): a locked tower gets no gradient and no optimizer
+        state and runs in eval mode, except its last N residual blocks and the layers after them."""
+        v = self.visual
+        if image:
+            self.locked += freeze([v.conv1, v.class_embedding, v.positional_embedding, v.ln_pre],
+                                  v.transformer.resblocks, [v.ln_post, v.proj], image_unlocked_layers)
+        if text:
+            self.locked += freeze([self.token_embedding, self.positional_embedding],
+                                  self.transformer.resblocks, [self.ln_final, self.text_projection], text_unlocked_layers)
+        return self.train(self.training)
+
+    def train(self, mode=True):
+        super().train(mode)
+        for m in self.locked:
+            m.eval()
+        return self
 
     def encode_image(self, images, normalize=False):
         x = self.visual(images)
@@ -747,7 +795,11 @@ class CLIP(nn.Module):
         self.logit_scale.clamp_(0, math.log(100))
 
     def transform(self, train):
-        return Transform(self.cfg.image_size, self.tokenizer, train)
+        return Transform(self.cfg.image_size, self.tokenizer, train, self.cfg.image_mean, self.cfg.image_std)
+
+    def preprocess(self):
+        """PIL image -> normalised tensor, as the weights expect it (resize the short side, centre crop)."""
+        return ImageTransform(self.cfg.image_size, train=False, mean=self.cfg.image_mean, std=self.cfg.image_std)
 
     def encode_texts(self, texts):
         device = self.logit_scale.device
@@ -759,29 +811,56 @@ class CLIP(nn.Module):
 
 def add_args(parser):
     parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer.json or bpe_simple_vocab_16e6.txt.gz; default: a BPE trained on the captions")
-    parser.add_argument("--quick-gelu", action="store_true", help="QuickGELU, as OpenAI's released weights")
+                        help="tokenizer.json or bpe_simple_vocab_16e6.txt.gz; default: the --init weights' own, "
+                             "else a BPE trained on the captions")
+    parser.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                        help="QuickGELU (OpenAI's released weights) or, with --no-quick-gelu, exact GELU; default: "
+                             "exact for new models, QuickGELU for --init files that carry no config (OpenAI layout)")
+    parser.add_argument("--lock-image", action="store_true", help="LiT: freeze the image tower")
+    parser.add_argument("--lock-image-unlocked-layers", type=int, default=0,
+                        help="with --lock-image: the last N residual blocks (and the layers after them) still train")
+    parser.add_argument("--lock-text", action="store_true", help="freeze the text tower")
+    parser.add_argument("--lock-text-unlocked-layers", type=int, default=0,
+                        help="with --lock-text: the last N residual blocks (and the layers after them) still train")
 
 
 def config_and_tokenizer(args, captions=(), extra=None):
-    """From a preset (args.size) and flags, or from what a checkpoint saved (extra)."""
+    """(config, tokenizer, weights or None): from a checkpoint's extra, from --init weights, or a preset."""
     if extra is not None:
         cfg = Config(**extra["config"])
-        return cfg, Tokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None
+        return cfg, Tokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None, None
+    if getattr(args, "init", None):  # fine-tuning: shapes, tokenizer and preprocessing come from the weights
+        cfg, tok, sd = read_weights(args.init, args.quick_gelu, args.tokenizer)
+        if tok is None:
+            raise ValueError(f"{args.init} carries no tokenizer: pass the one it was trained with, --tokenizer "
+                             f"bpe_simple_vocab_16e6.txt.gz (OpenAI's) or a tokenizer.json")
+        return cfg, tok, sd
     if args.size not in CONFIGS:
         raise ValueError(f"unknown --size {args.size!r}; choose one of {', '.join(CONFIGS)}")
     cfg = Config(**asdict(CONFIGS[args.size]))
-    cfg.quick_gelu = getattr(args, "quick_gelu", False)
+    cfg.quick_gelu = bool(getattr(args, "quick_gelu", False))
     if getattr(args, "tokenizer", None):
         tok = Tokenizer.from_file(args.tokenizer, cfg.context_length)
     else:
         tok = Tokenizer.train(captions, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
     cfg.vocab_size = tok.vocab_size
-    return cfg, tok
+    return cfg, tok, None
+
+
+def start(model, weights, args):
+    """The --init weights and the --lock-* flags applied to a new model."""
+    if weights is not None:
+        model.load_state_dict(weights, strict=True)
+    flag = lambda name, default=False: getattr(args, name, default)  # noqa: E731
+    if flag("lock_image") or flag("lock_text"):
+        model.lock(flag("lock_image"), flag("lock_text"), flag("lock_image_unlocked_layers", 0),
+                   flag("lock_text_unlocked_layers", 0))
+    return model
 
 
 def create(args, captions=(), extra=None):
-    return CLIP(*config_and_tokenizer(args, captions, extra))
+    cfg, tok, weights = config_and_tokenizer(args, captions, extra)
+    return start(CLIP(cfg, tok), weights, args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -815,7 +894,8 @@ def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
 
 
 # ----------------------------------------------------------------------------------------------
-# Weight loading: OpenAI / open_clip layouts and this repository's checkpoints
+# Weights in: this repository's checkpoints, OpenAI's and open_clip's files and folders, Hugging Face
+# CLIPModel folders. Everything becomes OpenAI's state-dict layout, which is this file's.
 
 
 def read_state_dict(path):
@@ -828,9 +908,13 @@ def read_state_dict(path):
         except ImportError:
             raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
         return load_file(path), None
-    try:
+    import zipfile
+
+    with zipfile.ZipFile(path) if zipfile.is_zipfile(path) else contextlib.nullcontext() as archive:
+        scripted = archive is not None and any(n.endswith("/constants.pkl") for n in archive.namelist())
+    if scripted:  # OpenAI's releases are TorchScript archives
         sd = torch.jit.load(path, map_location="cpu").state_dict()
-    except RuntimeError:  # not TorchScript
+    else:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     extra = None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):  # our train.py checkpoint
@@ -839,11 +923,17 @@ def read_state_dict(path):
     elif isinstance(sd, dict) and "state_dict" in sd:  # open_clip training checkpoint
         sd = sd["state_dict"]
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    for key in ("input_resolution", "context_length", "vocab_size"):  # metadata in OpenAI's archives
+        sd.pop(key, None)
     return sd, extra
 
 
-def config_from_state_dict(sd, quick_gelu=True):
-    """Infer the shapes from an OpenAI-layout state dict, as OpenAI's build_model does."""
+def _count(sd, prefix):
+    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+
+def config_from_state_dict(sd, quick_gelu=True, **known):
+    """Infer the shapes from an OpenAI-layout state dict, as OpenAI's build_model does; `known` overrides."""
     if "visual.conv1.weight" not in sd:
         if "visual.layer1.0.conv1.weight" in sd:
             raise ValueError("ResNet CLIP checkpoints are not supported: clip.py implements the ViT models")
@@ -851,32 +941,333 @@ def config_from_state_dict(sd, quick_gelu=True):
     width, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     text_width = sd["ln_final.weight"].shape[0]
-
-    def count(prefix):
-        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-
-    return Config(embed_dim=sd["text_projection"].shape[1], image_size=patch * grid, patch_size=patch,
-                  vision_width=width, vision_layers=count("visual.transformer.resblocks."), vision_heads=width // 64,
+    shapes = dict(embed_dim=sd["text_projection"].shape[1], image_size=patch * grid, patch_size=patch,
+                  vision_width=width, vision_layers=_count(sd, "visual.transformer.resblocks."), vision_heads=width // 64,
+                  vision_mlp=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
                   context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
-                  text_width=text_width, text_layers=count("transformer.resblocks."), text_heads=text_width // 64,
-                  quick_gelu=quick_gelu)
+                  text_width=text_width, text_layers=_count(sd, "transformer.resblocks."), text_heads=text_width // 64,
+                  text_mlp=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], quick_gelu=quick_gelu)
+    return Config(**{**shapes, **known})
+
+
+def hf_names(cfg):
+    """[(our key, transformers' CLIPModel key, how)]: how is '' (same tensor), 'T' (transposed) or 'qkv'
+    (our in_proj is HF's q, k and v projections concatenated in that order)."""
+    names = [("token_embedding.weight", "text_model.embeddings.token_embedding.weight", ""),
+             ("positional_embedding", "text_model.embeddings.position_embedding.weight", ""),
+             ("text_projection", "text_projection.weight", "T"),
+             ("visual.class_embedding", "vision_model.embeddings.class_embedding", ""),
+             ("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight", ""),
+             ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight", ""),
+             ("visual.proj", "visual_projection.weight", "T"),
+             ("logit_scale", "logit_scale", "")]
+    for kind in ("weight", "bias"):
+        names += [(f"ln_final.{kind}", f"text_model.final_layer_norm.{kind}", ""),
+                  (f"visual.ln_pre.{kind}", f"vision_model.pre_layrnorm.{kind}", ""),  # sic: transformers' spelling
+                  (f"visual.ln_post.{kind}", f"vision_model.post_layernorm.{kind}", "")]
+    block = [("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"),
+             ("attn.out_proj", "self_attn.out_proj")]
+    for ours, theirs, layers in (("transformer.resblocks", "text_model.encoder.layers", cfg.text_layers),
+                                 ("visual.transformer.resblocks", "vision_model.encoder.layers", cfg.vision_layers)):
+        for i in range(layers):
+            for kind in ("weight", "bias"):
+                names.append((f"{ours}.{i}.attn.in_proj_{kind}", f"{theirs}.{i}.self_attn.{{}}_proj.{kind}", "qkv"))
+                names += [(f"{ours}.{i}.{a}.{kind}", f"{theirs}.{i}.{b}.{kind}", "") for a, b in block]
+    return names
+
+
+def from_hf(sd, cfg):
+    out = {}
+    for ours, theirs, how in hf_names(cfg):
+        if how == "qkv":
+            out[ours] = torch.cat([sd[theirs.format(p)] for p in "qkv"])
+        else:
+            out[ours] = sd[theirs].T if how == "T" else sd[theirs]
+    return out
+
+
+def read_hf_weights(folder):
+    """The state dict of a transformers folder: model.safetensors or pytorch_model.bin, sharded or not."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        index = os.path.join(folder, name + ".index.json")
+        files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.isfile(index) else [name]
+        if all(os.path.isfile(os.path.join(folder, f)) for f in files):
+            sd = {}
+            for f in files:
+                sd.update(read_state_dict(os.path.join(folder, f))[0])
+            return {k: v for k, v in sd.items() if not k.endswith("position_ids")}  # buffers older versions saved
+    raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded or not)")
+
+
+def tokenizer_in(folder, context_length):
+    """The folder's tokenizer.json, or vocab.json + merges.txt; None if it has neither."""
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return Tokenizer.from_file(os.path.join(folder, "tokenizer.json"), context_length)
+    if os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")):
+        from tokenizers.models import BPE
+
+        bpe = BPE.from_file(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), end_of_word_suffix="</w>")
+        tok = Tokenizer._skeleton(bpe)
+        tok.add_special_tokens([SOT, EOT])
+        return Tokenizer(tok, context_length)
+    return None
+
+
+def read_hf_folder(folder):
+    """(config, tokenizer, state dict) of a transformers CLIPModel folder."""
+    config = json.load(open(os.path.join(folder, "config.json")))
+    if config.get("model_type", "clip") != "clip":
+        raise ValueError(f"{folder}: a {config['model_type']!r} model, not a CLIPModel (AltCLIP folders: altclip.load)")
+    sd = read_hf_weights(folder)
+    text = config.get("text_config") or config.get("text_config_dict") or {}
+    vision = config.get("vision_config") or config.get("vision_config_dict") or {}
+    acts = {text.get("hidden_act", "quick_gelu"), vision.get("hidden_act", "quick_gelu")}
+    if len(acts) > 1 or not acts <= {"quick_gelu", "gelu"}:
+        raise ValueError(f"{folder}: hidden_act {sorted(acts)}; clip.py runs quick_gelu or gelu, the same in both towers")
+    eps = {text.get("layer_norm_eps", 1e-5), vision.get("layer_norm_eps", 1e-5)}
+    if len(eps) > 1:
+        raise ValueError(f"{folder}: layer_norm_eps differs between the towers ({sorted(eps)}); clip.py takes one")
+    sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
+    layers = dict(text_layers=_count(sd, "text_model.encoder.layers."), vision_layers=_count(sd, "vision_model.encoder.layers."))
+    sd = from_hf(sd, Config(**layers))
+    pre = {}
+    if os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+        pre = json.load(open(os.path.join(folder, "preprocessor_config.json")))
+    cfg = config_from_state_dict(sd, acts == {"quick_gelu"}, ln_eps=eps.pop(),
+                                 vision_heads=vision.get("num_attention_heads", sd["visual.conv1.weight"].shape[0] // 64),
+                                 text_heads=text.get("num_attention_heads", sd["ln_final.weight"].shape[0] // 64),
+                                 image_mean=tuple(pre.get("image_mean", MEAN)), image_std=tuple(pre.get("image_std", STD)))
+    return cfg, tokenizer_in(folder, cfg.context_length), sd
+
+
+def read_open_clip_folder(folder):
+    """(config, tokenizer or None, state dict) of an open_clip local-dir folder (open_clip_config.json + weights)."""
+    config = json.load(open(os.path.join(folder, "open_clip_config.json")))
+    model_cfg, pre = config.get("model_cfg", {}), config.get("preprocess_cfg", {})
+    text_cfg, vision_cfg = model_cfg.get("text_cfg", {}), model_cfg.get("vision_cfg", {})
+    custom = [k for k in ("hf_model_name", "attentional_pool", "timm_model_name") if text_cfg.get(k) or vision_cfg.get(k)]
+    if custom:
+        raise ValueError(f"{folder}: open_clip model with {', '.join(custom)}; clip.py implements the plain ViT CLIP")
+    names = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+             "open_clip_pytorch_model.pth")
+    path = next((os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))), None)
+    if path is None:
+        raise FileNotFoundError(f"{folder}: no open_clip weights ({', '.join(names)})")
+    sd = read_state_dict(path)[0]
+    width = sd["visual.conv1.weight"].shape[0]
+    cfg = config_from_state_dict(sd, bool(model_cfg.get("quick_gelu", False)),
+                                 vision_heads=width // vision_cfg.get("head_width", 64),
+                                 text_heads=text_cfg.get("heads", sd["ln_final.weight"].shape[0] // 64),
+                                 image_mean=tuple(pre.get("mean", MEAN)), image_std=tuple(pre.get("std", STD)))
+    tok = tokenizer_in(folder, cfg.context_length) if text_cfg.get("hf_tokenizer_name") else None
+    return cfg, tok, sd
+
+
+def read_weights(path, quick_gelu=None, tokenizer=None):
+    """(config, tokenizer or None, OpenAI-layout state dict) from any CLIP weights on disk: a checkpoint of
+    this repository, OpenAI's TorchScript or state-dict files, open_clip's .bin / .safetensors files or
+    local-dir folders, transformers' CLIPModel folders.
+
+    Files with no config are taken as OpenAI's: QuickGELU unless quick_gelu=False (open_clip models
+    trained with exact GELU). tokenizer: a tokenizer file, for weights that carry none.
+    """
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "open_clip_config.json")):
+            cfg, tok, sd = read_open_clip_folder(path)
+        elif os.path.isfile(os.path.join(path, "config.json")):
+            cfg, tok, sd = read_hf_folder(path)
+        else:
+            raise FileNotFoundError(f"{path}: a folder with neither config.json (transformers) nor "
+                                    f"open_clip_config.json (open_clip)")
+    else:
+        sd, extra = read_state_dict(path)
+        if extra is not None:
+            cfg = Config(**extra["config"])
+            tok = Tokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None
+        else:
+            cfg, tok = config_from_state_dict(sd, True if quick_gelu is None else quick_gelu), None
+    if tokenizer:
+        tok = Tokenizer.from_file(tokenizer, cfg.context_length)
+    return cfg, tok, {k: v.float() for k, v in sd.items()}
 
 
 def load(path, device="cpu", quick_gelu=None, tokenizer=None):
-    """(model, preprocess) from a checkpoint, like OpenAI's clip.load but from a local file only.
+    """(model, preprocess) from any weights read_weights reads, like OpenAI's clip.load but from local
+    files only. The model is in eval mode; preprocess maps a PIL image to the tensor it expects."""
+    cfg, tok, sd = read_weights(path, quick_gelu, tokenizer)
+    model = start(CLIP(cfg, tok), sd, None).to(device).eval()
+    return model, model.preprocess()
 
-    OpenAI-layout files carry no config: shapes are inferred and QuickGELU is assumed (OpenAI's
-    weights need it; pass quick_gelu=False for open_clip models trained with GELU). tokenizer: a
-    tokenizer file for model.encode_texts (this repository's checkpoints carry their own).
-    """
-    sd, extra = read_state_dict(path)
-    if extra is not None:
-        model = create(None, extra=extra)
-    else:
-        cfg = config_from_state_dict(sd, True if quick_gelu is None else quick_gelu)
-        model = CLIP(cfg, Tokenizer.from_file(tokenizer, cfg.context_length) if tokenizer else None)
-    for key in ("input_resolution", "context_length", "vocab_size"):  # metadata in OpenAI's archives
-        sd.pop(key, None)
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
-    model.to(device).eval()
-    return model, ImageTransform(model.cfg.image_size, train=False)
+
+# ----------------------------------------------------------------------------------------------
+# Weights out: `python clip.py export CKPT OUT --format open_clip|hf`
+
+# sha256 of OpenAI's vocabulary (its tokens in id order, one a line): open_clip's built-in tokenizer
+OPENAI_VOCAB = "7cccc44d334555d1ff3c0ac5f0246b428fab2918383e77ee745cf30d41010b78"
+
+
+def vocab_sha256(tok):
+    import hashlib
+
+    vocab = tok.tokenizer.get_vocab()
+    return hashlib.sha256("\n".join(sorted(vocab, key=vocab.get)).encode()).hexdigest()
+
+
+def write_hf_tokenizer(tok, out):
+    """tokenizer.json (with the lower-casing and SOT/EOT that __call__ adds in Python), vocab.json, merges.txt
+    and tokenizer_config.json: transformers' CLIPTokenizer and AutoTokenizer read them."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, normalizers, processors
+
+    hf = HFTokenizer.from_str(tok.to_str())
+    hf.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                          normalizers.Lowercase()])
+    hf.post_processor = processors.TemplateProcessing(single=f"{SOT} $A {EOT}", pair=f"{SOT} $A {EOT} $B {EOT}",
+                                                      special_tokens=[(SOT, tok.sot), (EOT, tok.eot)])
+    hf.save(os.path.join(out, "tokenizer.json"))
+    model = json.loads(hf.to_str())["model"]
+    with open(os.path.join(out, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(model["vocab"], f, ensure_ascii=False)
+    with open(os.path.join(out, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join((m if isinstance(m, str) else " ".join(m)) + "\n" for m in model["merges"]))
+    special = {"bos_token": SOT, "eos_token": EOT, "unk_token": EOT, "pad_token": EOT}
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": tok.context_length, "do_lower_case": True,
+                   "clean_up_tokenization_spaces": False, **special}, f, indent=2)
+    with open(os.path.join(out, "special_tokens_map.json"), "w") as f:
+        json.dump(special, f, indent=2)
+
+
+def save_weights(sd, path_without_ext):
+    """.safetensors where the safetensors package is installed, else a torch state dict (.bin)."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        torch.save(sd, path_without_ext + ".bin")
+        return path_without_ext + ".bin"
+    save_file(sd, path_without_ext + ".safetensors", metadata={"format": "pt"})
+    return path_without_ext + ".safetensors"
+
+
+def export_hf(model, out):
+    """A transformers CLIPModel folder: config.json, weights, tokenizer files, preprocessor_config.json."""
+    cfg, tok = model.cfg, model.tokenizer
+    act = "quick_gelu" if cfg.quick_gelu else "gelu"
+    tower = dict(hidden_act=act, layer_norm_eps=cfg.ln_eps, projection_dim=cfg.embed_dim)
+    config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
+              "logit_scale_init_value": 2.6592, "torch_dtype": "float32",
+              "text_config": {"model_type": "clip_text_model", "vocab_size": cfg.vocab_size, "hidden_size": cfg.text_width,
+                              "intermediate_size": cfg.text_mlp, "num_hidden_layers": cfg.text_layers,
+                              "num_attention_heads": cfg.text_heads, "max_position_embeddings": cfg.context_length,
+                              # transformers pools at the first eos_token_id (our EOT): the same token as argmax
+                              "bos_token_id": tok.sot, "eos_token_id": tok.eot, "pad_token_id": tok.eot, **tower},
+              "vision_config": {"model_type": "clip_vision_model", "hidden_size": cfg.vision_width,
+                                "intermediate_size": cfg.vision_mlp, "num_hidden_layers": cfg.vision_layers,
+                                "num_attention_heads": cfg.vision_heads, "image_size": cfg.image_size,
+                                "patch_size": cfg.patch_size, "num_channels": 3, **tower}}
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    sd = model.state_dict()
+    hf = {}
+    for ours, theirs, how in hf_names(cfg):
+        if how == "qkv":
+            hf.update({theirs.format(p): part for p, part in zip("qkv", sd[ours].chunk(3))})
+        else:
+            hf[theirs] = sd[ours].T if how == "T" else sd[ours]
+    weights = save_weights(hf, os.path.join(out, "model"))
+    write_hf_tokenizer(tok, out)
+    size = {"height": cfg.image_size, "width": cfg.image_size}
+    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor", "do_resize": True,
+                   "size": {"shortest_edge": cfg.image_size}, "resample": 3, "do_center_crop": True, "crop_size": size,
+                   "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+                   "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std)}, f, indent=2)
+    return [f"wrote {out}: config.json, {os.path.basename(weights)}, tokenizer files, preprocessor_config.json",
+            f"transformers: CLIPModel.from_pretrained({out!r}), CLIPProcessor.from_pretrained({out!r})"]
+
+
+def open_clip_name(cfg):
+    """open_clip's built-in model name for these shapes (ViT-B-32, ViT-B-16-quickgelu, ...), or None."""
+    shapes = {k: v for k, v in asdict(cfg).items() if k != "quick_gelu"}
+    for name, preset in CONFIGS.items():
+        if name != "tiny" and {k: v for k, v in asdict(preset).items() if k != "quick_gelu"} == shapes:
+            return name + ("-quickgelu" if cfg.quick_gelu else "")  # QuickGELU is part of open_clip's name
+    return None
+
+
+def export_open_clip(model, out):
+    """open_clip's local-dir layout; for a preset's shapes with OpenAI's vocabulary the weights file also
+    loads as pretrained=FILE under the open_clip name of that preset."""
+    cfg, tok = model.cfg, model.tokenizer
+    if cfg.vision_width % cfg.vision_heads or cfg.ln_eps != 1e-5:
+        raise ValueError("open_clip cannot express this model (vision heads of unequal width, or layer-norm eps "
+                         f"{cfg.ln_eps} instead of 1e-5); export --format hf instead")
+    ratio = {}
+    for name, width, mlp in (("vision", cfg.vision_width, cfg.vision_mlp), ("text", cfg.text_width, cfg.text_mlp)):
+        ratio[name] = mlp / width
+        if int(width * ratio[name]) != mlp:  # how open_clip turns mlp_ratio back into a width
+            raise ValueError(f"open_clip cannot express the {name} MLP width {mlp}; export --format hf instead")
+    text_cfg = {"context_length": cfg.context_length, "vocab_size": cfg.vocab_size, "width": cfg.text_width,
+                "heads": cfg.text_heads, "layers": cfg.text_layers, "mlp_ratio": ratio["text"]}
+    openai_vocab = vocab_sha256(tok) == OPENAI_VOCAB
+    lines = []
+    if not openai_vocab:  # open_clip then reads the folder's tokenizer files through transformers
+        write_hf_tokenizer(tok, out)
+        text_cfg["hf_tokenizer_name"] = "."
+        lines.append("open_clip: this model's tokenizer is not OpenAI's; open_clip reads the folder's tokenizer.json "
+                     "through transformers (pip install transformers)")
+    config = {"model_cfg": {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.quick_gelu,
+                            "vision_cfg": {"image_size": cfg.image_size, "layers": cfg.vision_layers,
+                                           "width": cfg.vision_width, "head_width": cfg.vision_width // cfg.vision_heads,
+                                           "mlp_ratio": ratio["vision"], "patch_size": cfg.patch_size},
+                            "text_cfg": text_cfg},
+              "preprocess_cfg": {"mean": list(cfg.image_mean), "std": list(cfg.image_std), "interpolation": "bicubic",
+                                 "resize_mode": "shortest", "size": cfg.image_size}}
+    with open(os.path.join(out, "open_clip_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    weights = os.path.join(out, "open_clip_pytorch_model.bin")
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, weights)
+    lines.insert(0, f"wrote {out}: open_clip_config.json, open_clip_pytorch_model.bin")
+    lines.append(f"open_clip: create_model_and_transforms('local-dir:{out}')")
+    name = open_clip_name(cfg)
+    if name:
+        if openai_vocab:
+            lines.append(f"open_clip: also create_model_and_transforms({name!r}, pretrained={weights!r})")
+        else:
+            lines.append(f"open_clip: not loadable as {name!r} with pretrained=FILE: that name's tokenizer is "
+                         f"OpenAI's and this model's is not; use local-dir")
+    return lines
+
+
+def export(path, out, fmt, tokenizer=None):
+    """Convert any weights load() reads to open_clip's or transformers' layout; returns what to tell the user."""
+    model, _ = load(path, tokenizer=tokenizer)
+    if model.tokenizer is None:
+        raise ValueError(f"{path} carries no tokenizer: pass --tokenizer (bpe_simple_vocab_16e6.txt.gz or a "
+                         f"tokenizer.json) so that it travels with the export")
+    os.makedirs(out, exist_ok=True)
+    return export_hf(model, out) if fmt == "hf" else export_open_clip(model, out)
+
+
+def export_main(argv=None):
+    p = argparse.ArgumentParser(prog=f"{os.path.basename(__file__)} export",
+                                description="write weights in open_clip's or transformers' layout")
+    p.add_argument("checkpoint", help="OUT/checkpoint.pt of train.py, or any weights load() reads")
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--format", required=True, choices=["open_clip", "hf"])
+    p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer")
+    args = p.parse_args(argv)
+    try:
+        for line in export(args.checkpoint, args.out, args.format, args.tokenizer):
+            print(line)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise SystemExit(f"{p.prog}: {err}") from None
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["export"]:
+        raise SystemExit("usage: python clip.py export CHECKPOINT OUT_DIR --format open_clip|hf "
+                         "(train with: torchrun train.py --model clip)")
+    export_main(sys.argv[2:])

@@ -272,15 +272,16 @@ class Attention(nn.Module):
 
 # Copied from clip.py: ResidualAttentionBlock
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width, heads, quick_gelu=False):
+    def __init__(self, width, heads, quick_gelu=False, mlp_width=None):
         super().__init__()
+        mlp_width = mlp_width or 4 * width
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, width * 4)),
+            ("c_fc", nn.Linear(width, mlp_width)),
             ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
-            ("c_proj", nn.Linear(width * 4, width))]))
+            ("c_proj", nn.Linear(mlp_width, width))]))
 
     def forward(self, x, causal=False):
         x = x + self.attn(self.ln_1(x), causal)
@@ -289,9 +290,9 @@ class ResidualAttentionBlock(nn.Module):
 
 # Copied from clip.py: Transformer
 class Transformer(nn.Module):
-    def __init__(self, width, layers, heads, quick_gelu=False):
+    def __init__(self, width, layers, heads, quick_gelu=False, mlp_width=None):
         super().__init__()
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu, mlp_width) for _ in range(layers)])
 
     def forward(self, x, causal=False):
         for block in self.resblocks:
@@ -860,6 +861,11 @@ def add_args(parser):
 
 
 def create(args, captions=(), extra=None):
+    if extra is None and getattr(args, "init", None):  # fine-tuning a clippo checkpoint
+        ckpt = read_checkpoint(args.init)
+        model = create(args, extra=ckpt["extra"])
+        model.load_state_dict(ckpt["model"], strict=True)
+        return model
     pairs = read_text_pairs(args.text_pairs) if getattr(args, "text_pairs", None) else None
     ratio = getattr(args, "text_pair_ratio", 0.0)
     if extra is not None:
@@ -915,13 +921,18 @@ def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
 # Weight loading: this repository's checkpoints
 
 
-def load(path, device="cpu", font=None):
-    """(model, preprocess) from a train.py checkpoint; font overrides the one it was trained with."""
+def read_checkpoint(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if "extra" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path}: not a train.py checkpoint of clippo (no 'model' and 'extra')")
+    return ckpt
+
+
+def load(path, device="cpu", font=None):
+    """(model, preprocess) from a train.py checkpoint; font overrides the one it was trained with."""
+    ckpt = read_checkpoint(path)
     args = type("Args", (), {"font": font})()
     model = create(args, extra=ckpt["extra"])
     model.load_state_dict(ckpt["model"], strict=True)

@@ -55,6 +55,10 @@ def build_parser(model):
                    help="--resume even where flags that change the run differ from the checkpoint's")
     p.add_argument("--keep", type=int, default=2,
                    help="step-numbered checkpoints kept (checkpoint-STEP.pt; checkpoint.pt is the newest)")
+    p.add_argument("--init", default=None,
+                   help="weights to start from (fine-tuning): any file or folder the model file's load() reads "
+                        "(clip: OpenAI, open_clip, Hugging Face, our checkpoints); the architecture, tokenizer and "
+                        "preprocessing come from them. Not read again on --resume")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evals (0: only at the end)")
@@ -477,7 +481,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     train_data, val_data, zeroshot_data = datalib.build(args)
     extra = ckpt["extra"] if ckpt else None
-    if extra is None and world > 1:  # rank 0 builds (e.g. trains the tokenizer), the others copy it
+    # rank 0 builds (e.g. trains the tokenizer), the others copy it; --init weights every rank reads itself
+    if extra is None and world > 1 and not args.init:
         box = [module.create(args, train_data.caption_corpus()).extra_state() if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         extra = box[0]

@@ -1,5 +1,6 @@
 """Repository shape: marked copies match their source; model files stand alone; README and CI agree."""
 import ast
+import functools
 import os
 import re
 
@@ -12,6 +13,7 @@ REPO_MODULES = {m[:-3] for m in MODEL_FILES} | {"data", "train"}
 MARK = re.compile(r"^(\s*)# Copied from (\w+\.py): (\w+)\s*$")
 
 
+@functools.lru_cache(maxsize=None)
 def named_nodes(source):
     """(first line incl. decorators, name, text) of every def/class/single-name assignment, outermost first."""
     lines = source.splitlines()
@@ -102,3 +104,38 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, re.S)
     test_command = commands[1].strip().splitlines()[-1]
     assert "pytest" in test_command and test_command in ci
+
+
+def fix_copies(files):
+    """Re-copy every marked definition from its source (transformers' fix-copies); returns the files changed."""
+    changed = []
+    for path in files:
+        source = open(path, encoding="utf-8").read()
+        lines = source.splitlines(keepends=True)
+        nodes = {start: (name, text) for start, name, text in named_nodes(source)}
+        edits = []  # (first line, last line, new text), applied bottom-up so line numbers stay valid
+        for i, line in enumerate(lines, start=1):
+            m = MARK.match(line.rstrip("\n"))
+            if not m or i + 1 not in nodes or nodes[i + 1][0] != m.group(3):
+                continue
+            src_path = os.path.join(os.path.dirname(path), m.group(2))
+            original = definition(open(src_path, encoding="utf-8").read(), m.group(3)) if os.path.isfile(src_path) else None
+            old = nodes[i + 1][1]
+            if original is not None and original.strip() != old.strip():
+                edits.append((i + 1, i + len(old.splitlines()), original))
+        for first, last, text in sorted(edits, reverse=True):
+            lines[first - 1:last] = [text.rstrip("\n") + "\n"]
+        if edits:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write("".join(lines))
+            changed.append(path)
+    return changed
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--fix"]:
+        sys.exit("usage: python tests/test_copies.py --fix   (re-copies every '# Copied from' definition)")
+    for changed in fix_copies(present(MODEL_FILES + ["data.py", "train.py"])):
+        print(f"re-copied marked definitions in {os.path.relpath(changed, ROOT)}")
