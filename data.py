@@ -801,8 +801,13 @@ def write_shards(csv_path, out, per_shard=10_000, img_key="filepath", caption_ke
 if __name__ == "__main__":
     import argparse
 
-    p = argparse.ArgumentParser(description="data.py shards: write tar shards from a CSV/TSV of local images")
+    p = argparse.ArgumentParser(description="data.py shards: tar shards from a CSV/TSV of local images; "
+                                "data.py sample: held-out synthetic images to try a model on")
     sub = p.add_subparsers(dest="command", required=True)
+    ss = sub.add_parser("sample")
+    ss.add_argument("--out", required=True)
+    ss.add_argument("--n", type=int, default=4)
+    ss.add_argument("--seed", type=int, default=0)
     sp = sub.add_parser("shards")
     sp.add_argument("--csv", required=True)
     sp.add_argument("--out", required=True)
@@ -811,5 +816,12 @@ if __name__ == "__main__":
     sp.add_argument("--csv-caption-key", default="title")
     sp.add_argument("--csv-separator", default=None)
     a = p.parse_args()
+    if a.command == "sample":
+        os.makedirs(a.out, exist_ok=True)
+        held_out = Synthetic(a.seed, "val", a.n)
+        for i in range(a.n):
+            held_out.image(i).save(os.path.join(a.out, f"{i}.png"))
+            print(f"{os.path.join(a.out, f'{i}.png')}: {held_out.captions(i)[0][0]}")
+        raise SystemExit(0)
     written = write_shards(a.csv, a.out, a.per_shard, a.csv_img_key, a.csv_caption_key, a.csv_separator)
     print(f"wrote {len(written)} shards to {a.out}: {os.path.join(a.out, '{' + f'00000..{len(written) - 1:05d}' + '}.tar')}")

@@ -1541,12 +1541,92 @@ def rewrite_main(argv=None):
     print(f"{len(captions) - done} captions rewritten ({done} were already done) -> {', '.join(outs)}")
 
 
+# ----------------------------------------------------------------------------------------------
+# `python laclip.py predict`: labels for images, captions for images, images for a text
+
+
+# Copied from clip.py: IMAGE_FILES
+IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+# Copied from clip.py: embed_images
+@torch.no_grad()
+def embed_images(model, preprocess, paths):
+    """[N, D] normalised image features for image files."""
+    from PIL import Image
+
+    device = next(model.parameters()).device
+    pixels = torch.stack([preprocess(Image.open(p)) for p in paths]).to(device)
+    return model.encode_image(pixels, normalize=True).float()
+
+
+# Copied from clip.py: predict_main
+def predict_main(argv=None):
+    me = os.path.basename(__file__)
+    p = argparse.ArgumentParser(prog=f"{me} predict", description="zero-shot labels for images, captions ranked for "
+                                "images, or images ranked for a text")
+    p.add_argument("--ckpt", required=True, help="OUT/checkpoint.pt, or any weights load() reads")
+    p.add_argument("--image", nargs="+", default=[], help="image files")
+    p.add_argument("--labels", default=None, help="comma-separated labels, e.g. 'a dog,a cat'")
+    p.add_argument("--texts", default=None, help="a file of captions, one a line, to rank for each image")
+    p.add_argument("--images", default=None, help="a folder of images to rank for --query")
+    p.add_argument("--query", action="append", default=[], help="with --images: the text to rank them for")
+    p.add_argument("--top", type=int, default=5, help="rows shown per image or query")
+    p.add_argument("--json", action="store_true", help="one JSON object per image (or query), most probable first")
+    p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    try:
+        if args.images:
+            if not os.path.isdir(args.images):
+                raise FileNotFoundError(f"{args.images}: no such folder (--images takes a folder of images)")
+            images = sorted(os.path.join(args.images, f) for f in os.listdir(args.images) if f.lower().endswith(IMAGE_FILES))
+            if not images or not args.query:
+                raise ValueError(f"--images needs image files in {args.images} and at least one --query")
+            queries, candidates = args.query, images
+        else:
+            if args.texts:
+                with open(args.texts, encoding="utf-8") as f:
+                    texts = [line.strip() for line in f if line.strip()]
+            else:
+                texts = [t.strip() for t in (args.labels or "").split(",") if t.strip()]
+            if not args.image or not texts:
+                raise ValueError("pass --image FILE... with --labels 'a,b,...' or --texts FILE (or --images DIR --query TEXT)")
+            for path in args.image:
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{path}: no such image file")
+            queries, candidates = args.image, texts
+        model, preprocess = load(args.ckpt, **({"tokenizer": args.tokenizer} if args.tokenizer else {}))
+        model.to(args.device)
+        if getattr(model, "tokenizer", True) is None:
+            raise ValueError(f"{args.ckpt} carries no tokenizer: pass --tokenizer")
+        with torch.no_grad():
+            text = model.encode_texts(queries if args.images else candidates).float()
+        image = embed_images(model, preprocess, candidates if args.images else queries)
+    except (FileNotFoundError, ValueError, ImportError, OSError) as err:
+        raise SystemExit(f"{me} predict: {err}") from None
+    scale = model.logit_scale.exp().item() if hasattr(model, "logit_scale") else 1 / model.cfg.temperature
+    sims = (text @ image.T) if args.images else (image @ text.T)  # [queries, candidates]
+    probs = (scale * sims).softmax(-1)
+    key, kind = ("query", "images") if args.images else ("image", "labels")
+    for q, row in zip(queries, probs):
+        order = row.argsort(descending=True).tolist()
+        if args.json:
+            print(json.dumps({key: q, kind: [candidates[i] for i in order], "probs": [round(row[i].item(), 6) for i in order]},
+                             ensure_ascii=False))
+            continue
+        print(q)
+        for i in order[:args.top]:
+            print(f"  {row[i].item():6.1%}  {candidates[i]}")
+
+
 if __name__ == "__main__":
     import sys
 
-    commands = {"rewrite": rewrite_main, "export": export_main}
+    commands = {"rewrite": rewrite_main, "predict": predict_main, "export": export_main}
     if sys.argv[1:2] not in ([c] for c in commands):
         raise SystemExit("usage: python laclip.py rewrite --captions IN.txt --out OUT.txt --endpoint URL\n"
+                         "       python laclip.py predict --ckpt CHECKPOINT --image A.jpg --labels 'a dog,a cat'\n"
                          "       python laclip.py export CHECKPOINT OUT_DIR --format open_clip|hf\n"
                          "(train with: torchrun train.py --model laclip)")
     commands[sys.argv[1]](sys.argv[2:])

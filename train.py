@@ -6,11 +6,13 @@ internals: it uses the interface described at the top of clip.py, which every mo
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import json
 import math
 import os
 import datetime
+import html
 import re
 import shutil
 import signal
@@ -64,6 +66,9 @@ def build_parser(model):
     p.add_argument("--eval-every", type=int, default=0, help="steps between evals (0: only at the end)")
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--report-to", default="",
+                   help="also log to tensorboard (OUT/tensorboard) and/or wandb, comma-separated; metrics.jsonl "
+                        "stays the record")
     p.add_argument("--workers", type=int, default=None,
                    help="loader worker processes per rank (default: the cores left after 2 per rank, at most 8)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -89,6 +94,11 @@ def parse_args(argv=None):
         p.error(f"--batch-size {args.batch_size} must be a multiple of --accum {args.accum}")
     if args.keep < 1:
         p.error("--keep must be at least 1")
+    for name in filter(None, args.report_to.split(",")):
+        if name not in REPORTERS:
+            p.error(f"--report-to {name!r}: choose among {', '.join(REPORTERS)}")
+        if importlib.util.find_spec(REPORTERS[name]) is None:  # every rank stops here, not rank 0 alone later
+            raise ImportError(f"--report-to {name} needs the {REPORTERS[name]} package: pip install {REPORTERS[name]}")
     return args, module
 
 
@@ -290,6 +300,50 @@ def evaluate(model, module, sets, args, rank, world, device, autocast):
 
 
 # ----------------------------------------------------------------------------------------------
+# Logging: OUT/metrics.jsonl is the record; --report-to mirrors each row to TensorBoard and W&B
+
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to name: the package it needs
+
+
+class Reporters:
+    """Rank 0's mirrors of metrics.jsonl rows, as train/... and val/... scalars."""
+
+    def __init__(self, names, out, step, args):
+        self.tensorboard = self.wandb = None
+        if "tensorboard" in names:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: what a stopped run logged after its checkpoint is dropped, as in metrics.jsonl
+            self.tensorboard = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=step + 1 if step else None)
+        if "wandb" in names:
+            import wandb
+
+            id_file = os.path.join(out, "wandb_id")  # a resumed run continues the same W&B run
+            run_id = open(id_file).read().strip() if step and os.path.isfile(id_file) else os.urandom(4).hex()
+            with open(id_file, "w") as f:
+                f.write(run_id)
+            self.wandb = wandb.init(id=run_id, resume="allow", dir=out, name=os.path.basename(os.path.abspath(out)),
+                                    config={k: v for k, v in vars(args).items() if k != "report_to"})
+
+    def __call__(self, row):
+        kind = "train" if "loss" in row else "val"
+        scalars = {f"{kind}/{k}": v for k, v in row.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tensorboard:
+            for name, value in scalars.items():
+                self.tensorboard.add_scalar(name, value, row["step"])
+            self.tensorboard.flush()
+        if self.wandb:
+            self.wandb.log(scalars, step=row["step"])
+
+    def close(self):
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoints: OUT/checkpoint-STEP.pt, the newest also as OUT/checkpoint.pt (a hard link to it)
 #
 # A checkpoint file appears only once it is whole (written under a temporary name, flushed, renamed)
@@ -303,7 +357,7 @@ NUMBERED = re.compile(r"checkpoint-(\d+)\.pt")
 # is checked on its own, so ranks x --batch-size may be regrouped. Every other flag changes the run.
 MAY_CHANGE_ON_RESUME = {"steps", "out", "resume", "overwrite", "allow_flag_changes", "keep", "workers", "log_every",
                         "save_every", "eval_every", "compile", "device", "dist_timeout", "val_data", "val_size",
-                        "zeroshot_data", "zeroshot_templates", "accum", "batch_size"}
+                        "zeroshot_data", "zeroshot_templates", "accum", "batch_size", "report_to"}
 
 
 def reason(e):
@@ -433,6 +487,29 @@ def save_checkpoint(out, state, keep):
     return None
 
 
+def decide_start(args, module, world):
+    """Rank 0: (path, checkpoint) to resume from, or (None, None) for a new run; SystemExit to refuse."""
+    if args.resume and args.overwrite:
+        raise SystemExit("train.py: --resume continues the run in --out and --overwrite deletes it: pass one")
+    path, ckpt = start_or_resume(args)
+    if ckpt:
+        defaults = {a.dest: a.default for a in build_parser(module)._actions}
+        diffs = changed_flags(ckpt, args, defaults, world)
+        if diffs and not args.allow_flag_changes:
+            raise SystemExit(f"train.py: {path} was written by a different run; these flags differ:\n  "
+                             + "\n  ".join(diffs) + "\nresume with the checkpoint's flags (--steps may grow), "
+                             "pass --allow-flag-changes to continue anyway, or start a new --out")
+    if args.overwrite:
+        clear_run(args.out)
+    for f in os.listdir(args.out):  # what a kill during a save left behind
+        if re.fullmatch(r"checkpoint.*\.tmp\d+", f):
+            os.remove(os.path.join(args.out, f))
+    if args.resume:
+        print(f"resuming from {path} (step {ckpt['step']})" if path else
+              f"no checkpoint in {args.out}: starting a new run", flush=True)
+    return path, ckpt
+
+
 def checkpoint_state(model, opt, step, args, world, device, data_position=None):
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "data": data_position,
             "samples_seen": step * args.batch_size * world, "extra": model.extra_state(), "args": vars(args),
@@ -447,36 +524,21 @@ def main(argv=None):
     ckpt_path, metrics_path = os.path.join(args.out, LATEST), os.path.join(args.out, "metrics.jsonl")
 
     # Start or resume: rank 0 reads the folder and decides, every rank follows.
-    plan = (None, None)
+    path = ckpt = refusal = error = None
     if rank == 0:
         try:
-            if args.resume and args.overwrite:
-                raise SystemExit("train.py: --resume continues the run in --out and --overwrite deletes it: pass one")
-            path, ckpt = start_or_resume(args)
-            defaults = {a.dest: a.default for a in build_parser(module)._actions}
-            diffs = changed_flags(ckpt, args, defaults, world) if ckpt else []
-            if diffs and not args.allow_flag_changes:
-                raise SystemExit(f"train.py: {path} was written by a different run; these flags differ:\n  "
-                                 + "\n  ".join(diffs) + "\nresume with the checkpoint's flags (--steps may grow), "
-                                 "pass --allow-flag-changes to continue anyway, or start a new --out")
-            if args.overwrite:
-                clear_run(args.out)
-            for f in os.listdir(args.out):  # what a kill during a save left behind
-                if re.fullmatch(r"checkpoint.*\.tmp\d+", f):
-                    os.remove(os.path.join(args.out, f))
-            plan = (path, None)
-            if args.resume:
-                print(f"resuming from {path} (step {ckpt['step']})" if path else
-                      f"no checkpoint in {args.out}: starting a new run", flush=True)
+            path, ckpt = decide_start(args, module, world)
         except SystemExit as e:
-            plan = (None, str(e.code))
-    path, refusal = rank0_decides(plan, control, world)
+            refusal = str(e.code)
+        except Exception as e:  # the other ranks must not wait for a decision that never comes
+            refusal, error = f"train.py: rank 0 failed: {reason(e)}", e
+    path, refusal = rank0_decides((path, refusal), control, world)
+    if error is not None:
+        raise error
     if refusal:
         raise SystemExit(refusal if rank == 0 else 1)
     if path and rank != 0:
         ckpt = read_checkpoint(path)
-    elif not path:
-        ckpt = None
 
     torch.manual_seed(args.seed)
     train_data, val_data, zeroshot_data = datalib.build(args)
@@ -512,10 +574,14 @@ def main(argv=None):
         fwd = torch.compile(fwd)
     params = [p for p in model.parameters() if p.requires_grad]
 
+    reporters = Reporters(args.report_to.split(","), args.out, step, args) if rank == 0 and args.report_to else None
+
     def log(row):
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if reporters:
+                reporters(row)
 
     stop = StopRequest()
     batches = datalib.train_batches(train_data, model.transform(True), args.batch_size, rank, world, args.seed,
@@ -574,8 +640,10 @@ def main(argv=None):
                 dist.all_reduce(t, group=control)
                 n_skipped = int(t.item())
             row = {"step": step, "loss": mean_loss, "lr": lr, "samples_per_s": sps, "skipped_samples": n_skipped}
+            if skips:
+                row["skips"] = dict(skips)  # by reason: this rank's counts (rank 0's, in the file)
             if notes:
-                row["notes"] = dict(notes)  # this rank's counts (rank 0's, in the file)
+                row["notes"] = dict(notes)
             log(row)
             if rank == 0:
                 eta = (args.steps - step) * (now - t_start) / max(1, step - step_start)
@@ -619,10 +687,146 @@ def main(argv=None):
             if rank == 0:
                 print(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with --resume", flush=True)
             break
+    if reporters:
+        reporters.close()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# `python train.py report OUT`: OUT/report.html, one self-contained page (no server, no network)
+
+
+def svg_plot(xs, ys, title):
+    """A line plot as inline SVG, drawn here (matplotlib draws it where it is installed)."""
+    w, h, pad = 440, 230, 58
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = lambda x: pad + (x - x0) / ((x1 - x0) or 1) * (w - 2 * pad)  # noqa: E731
+    sy = lambda y: h - pad + 10 - (y - y0) / ((y1 - y0) or 1) * (h - 2 * pad)  # noqa: E731
+    points = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(xs, ys))
+    marks = "".join(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5"/>' for x, y in zip(xs, ys)) if len(xs) < 30 else ""
+    label = lambda v: f"{v:.4g}"  # noqa: E731
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img">'
+            f"<title>{html.escape(title)}</title>"
+            f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>'
+            f'<line x1="{pad}" y1="{h - pad + 10}" x2="{w - pad}" y2="{h - pad + 10}" stroke="#999"/>'
+            f'<line x1="{pad}" y1="{pad - 10}" x2="{pad}" y2="{h - pad + 10}" stroke="#999"/>'
+            f'<text x="{pad - 4}" y="{h - pad + 10}" text-anchor="end" font-size="10">{label(y0)}</text>'
+            f'<text x="{pad - 4}" y="{pad - 6}" text-anchor="end" font-size="10">{label(y1)}</text>'
+            f'<text x="{pad}" y="{h - pad + 24}" font-size="10">{label(x0)}</text>'
+            f'<text x="{w - pad}" y="{h - pad + 24}" text-anchor="end" font-size="10">step {label(x1)}</text>'
+            f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.6" points="{points}"/>'
+            f'<g fill="#1f77b4">{marks}</g></svg>')
+
+
+def plot(xs, ys, title):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return svg_plot(xs, ys, title)
+    import io
+
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text: searchable, selectable
+        fig, ax = plt.subplots(figsize=(4.6, 2.4))
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=9)
+        ax.tick_params(labelsize=8)
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", bbox_inches="tight")
+        plt.close(fig)
+    svg = buf.getvalue()
+    return svg[svg.index("<svg"):]
+
+
+def table(rows):
+    return "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                               for k, v in rows) + "</table>"
+
+
+@torch.no_grad()
+def zero_shot_grid(ckpt, n=16):
+    """Held-out synthetic images with the model's top-3 zero-shot labels, the right one marked."""
+    import base64
+    import io
+
+    args = argparse.Namespace(**ckpt["args"])
+    module = import_model(args.model)
+    model = module.create(args, extra=ckpt["extra"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    val = datalib.Synthetic(args.seed, "val", max(n, args.val_size))
+    transform, skips = model.transform(False), []
+    batch = datalib.collate([datalib.load_sample(val, transform, i, 0, args.seed, skips) for i in range(n)])
+    labels = batch.pop("label")
+    image = model(batch)["image"].float()
+    names = val.classnames["en"]
+    top = (image @ module.zero_shot_classifier(model, names, val.templates["en"]).float().T).topk(3, dim=1)
+    cells = []
+    for i in range(n):
+        buf = io.BytesIO()
+        val.image(i).save(buf, format="PNG")
+        guesses = "".join(f'<li class="{"right" if int(c) == int(labels[i]) else ""}">{html.escape(names[int(c)])}</li>'
+                          for c in top.indices[i])
+        cells.append(f'<figure><img alt="{html.escape(names[int(labels[i])])}" src="data:image/png;base64,'
+                     f'{base64.b64encode(buf.getvalue()).decode()}"><figcaption>true: {html.escape(names[int(labels[i])])}'
+                     f"<ol>{guesses}</ol></figcaption></figure>")
+    right = sum(int(top.indices[i, 0]) == int(labels[i]) for i in range(n))
+    return f"<p>top-1 right on {right} of {n} (right labels in green)</p><div class=grid>{''.join(cells)}</div>"
+
+
+def report(out):
+    """Write OUT/report.html from OUT/metrics.jsonl and the checkpoint; returns its path."""
+    metrics = os.path.join(out, "metrics.jsonl")
+    if not os.path.isfile(metrics):
+        raise FileNotFoundError(f"{metrics}: no such file; pass the --out folder of a train.py run")
+    rows = [json.loads(line) for line in open(metrics) if line.strip()]
+    train_rows, eval_rows = [r for r in rows if "loss" in r], [r for r in rows if "loss" not in r]
+    ckpt = None
+    if os.path.isfile(os.path.join(out, LATEST)):
+        ckpt = torch.load(os.path.join(out, LATEST), map_location="cpu", weights_only=True)
+    args = (ckpt or {}).get("args", {})
+    parts = [f"<h1>{html.escape(str(args.get('model', 'run')))} {html.escape(str(args.get('size', '')))}: "
+             f"{html.escape(os.path.abspath(out))}</h1>"]
+    plots = [plot([r["step"] for r in train_rows], [r[k] for r in train_rows], k)
+             for k in ("loss", "lr", "samples_per_s", "skipped_samples") if train_rows and k in train_rows[-1]]
+    for key in sorted({k for r in eval_rows for k in r if k != "step"}):
+        points = [(r["step"], r[key]) for r in eval_rows if isinstance(r.get(key), (int, float))]
+        if points:
+            plots.append(plot([p[0] for p in points], [p[1] for p in points], key))
+    parts.append("<h2>Curves</h2><div class=plots>" + "".join(f"<div>{p}</div>" for p in plots) + "</div>")
+    if eval_rows:
+        last = eval_rows[-1]
+        parts.append(f"<h2>Final evaluation (step {last['step']})</h2>"
+                     + table((k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in last.items() if k != "step"))
+    if train_rows:
+        last = train_rows[-1]
+        reasons = last.get("skips", {})
+        parts.append("<h2>Skipped samples</h2>" + table([("skipped_samples (all ranks, since the last start)", last.get("skipped_samples", 0))]
+                                                       + [(f"{r} (rank 0)", c) for r, c in sorted(reasons.items())]))
+    if ckpt is not None and args.get("data") == "synthetic":
+        try:
+            parts.append("<h2>Held-out images: top-3 zero-shot labels</h2>" + zero_shot_grid(ckpt))
+        except Exception as e:  # a model whose checkpoint cannot embed images alone (altclip stage 1)
+            parts.append(f"<p>no image grid: {html.escape(reason(e))}</p>")
+    if args:
+        parts.append(f"<h2>Flags (step {ckpt['step']})</h2>" + table(sorted(args.items())))
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}.plots{display:flex;flex-wrap:wrap;gap:1em}"
+             "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:2px 8px;text-align:left;font-size:13px}"
+             ".grid{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;width:150px;font-size:12px}"
+             "figure img{width:96px;height:96px;image-rendering:pixelated}ol{margin:2px;padding-left:18px}"
+             ".right{color:#080;font-weight:bold}")
+    page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(out)} report</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    path = os.path.join(out, "report.html")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+    return path
 
 
 # Errors in what the user gave (a missing file, a bad flag value, data that cannot be read, an optional
@@ -633,7 +837,12 @@ INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Permis
 
 if __name__ == "__main__":
     try:
-        main()
+        if sys.argv[1:2] == ["report"]:
+            if len(sys.argv) != 3:
+                raise SystemExit("usage: python train.py report OUT  (writes OUT/report.html)")
+            print(f"wrote {report(sys.argv[2])}")
+        else:
+            main()
     except INPUT_ERRORS as e:
         if os.environ.get("TRAIN_TRACEBACK"):
             raise
