@@ -435,7 +435,8 @@ def changed_flags(saved, args, defaults, world):
     diffs = []
     for key, now in sorted(vars(args).items()):
         before = saved["args"].get(key, defaults.get(key)) if isinstance(saved.get("args"), dict) else now
-        if key not in MAY_CHANGE_ON_RESUME and before != now:
+        unset = (None, False)  # a store_true flag that became tri-state (--quick-gelu) compares equal unset
+        if key not in MAY_CHANGE_ON_RESUME and before != now and not (before in unset and now in unset):
             diffs.append(f"--{key.replace('_', '-')}: {before} -> {now}")
     old_steps = saved.get("args", {}).get("steps", args.steps)
     if args.steps < old_steps:

@@ -180,9 +180,8 @@ def test_export_command_line(tmp_path, tokenizer):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert os.path.isfile(tmp_path / f / "config.json")
-    proc = subprocess.run([sys.executable, "clip.py", "export", str(tmp_path / "nothere.pt"), str(tmp_path / "x"),
-                           "--format", "open_clip"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and proc.stderr.strip() == f"clip.py export: {tmp_path / 'nothere.pt'}: no such checkpoint file"
+    with pytest.raises(SystemExit, match=f"^clip.py export: {tmp_path / 'nothere.pt'}: no such checkpoint file$"):
+        clip.export_main([str(tmp_path / "nothere.pt"), str(tmp_path / "x"), "--format", "open_clip"])
 
 
 # ----------------------------------------------------------------------------------------------

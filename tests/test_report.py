@@ -1,5 +1,6 @@
 """First use and watching a run: `python X.py predict` in every model file (also copied alone),
 --report-to tensorboard, and `python train.py report OUT` (a self-contained page)."""
+import importlib
 import json
 import os
 import re
@@ -22,6 +23,23 @@ LABELS = "a red circle,a blue square,a green cross"
 def run(*args, cwd=ROOT):
     proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=240)
     return proc
+
+
+class Done:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def predict(capsys, model, *args):
+    """`python MODEL.py predict ARGS` in this process (a subprocess would spend seconds importing torch)."""
+    capsys.readouterr()
+    try:
+        importlib.import_module(model).predict_main(list(args))
+        code = 0
+    except SystemExit as e:
+        code, message = 1, str(e.code)
+    captured = capsys.readouterr()
+    return Done(code, captured.out, captured.err if code == 0 else message + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +76,11 @@ def test_predict_prints_label_probabilities(trained):
     assert {line.split("%", 1)[1].strip() for line in lines[1:4]} == set(LABELS.split(","))
 
 
-def test_predict_json_and_text_ranking(trained, tmp_path):
+def test_predict_json_and_text_ranking(trained, tmp_path, capsys):
     texts = tmp_path / "captions.txt"
     texts.write_text("a small red circle on a gray background\na large blue cross on a black background\n")
     for how in (["--labels", LABELS], ["--texts", str(texts)]):
-        proc = run("clip.py", "predict", "--ckpt", trained["clip"], "--image", *trained["images"], *how, "--json")
+        proc = predict(capsys, "clip", "--ckpt", trained["clip"], "--image", *trained["images"], *how, "--json")
         assert proc.returncode == 0, proc.stderr
         objects = [json.loads(line) for line in proc.stdout.splitlines()]
         assert [o["image"] for o in objects] == trained["images"]
@@ -70,13 +88,13 @@ def test_predict_json_and_text_ranking(trained, tmp_path):
             assert o["probs"] == sorted(o["probs"], reverse=True) and abs(sum(o["probs"]) - 1) < 1e-4
             assert len(o["labels"]) == (3 if "--labels" in how else 2)
     folder = os.path.dirname(trained["images"][0])
-    proc = run("clip.py", "predict", "--ckpt", trained["clip"], "--images", folder, "--query", "a red circle", "--json")
+    proc = predict(capsys, "clip", "--ckpt", trained["clip"], "--images", folder, "--query", "a red circle", "--json")
     assert proc.returncode == 0, proc.stderr
     ranked = json.loads(proc.stdout)
     assert ranked["query"] == "a red circle" and sorted(ranked["images"]) == trained["images"]
 
 
-def test_predict_learned_something(trained):
+def test_predict_learned_something(trained, capsys):
     # 60 steps of the tiny CLIP: on held-out images the true class should beat a wrong one more often than not.
     val = data.Synthetic(0, "val", 40)
     names = val.classnames["en"]
@@ -87,17 +105,16 @@ def test_predict_learned_something(trained):
         paths.append(os.path.join(folder, f"{i:02d}.png"))
         val.image(i).save(paths[-1])
         truth.append(names[val.captions(i)[3]])
-    proc = run("clip.py", "predict", "--ckpt", trained["clip"], "--image", *paths, "--labels", ",".join(names), "--json")
+    proc = predict(capsys, "clip", "--ckpt", trained["clip"], "--image", *paths, "--labels", ",".join(names), "--json")
     assert proc.returncode == 0, proc.stderr
     ranks = [json.loads(line)["labels"].index(t) for line, t in zip(proc.stdout.splitlines(), truth)]
     assert sum(ranks) / len(ranks) < 0.4 * len(names), ranks  # chance: 19.5 of 40
 
 
 @pytest.mark.parametrize("model", ["laclip", "clippo", "brivl", "altclip"])
-def test_predict_in_every_model_file(trained, model):
+def test_predict_in_every_model_file(trained, model, capsys):
     labels = "a red circle,ein blauer Kreis,一个绿色的十字" if model == "altclip" else LABELS
-    proc = run(f"{model}.py", "predict", "--ckpt", trained[model], "--image", trained["images"][0], "--labels", labels,
-               "--json")
+    proc = predict(capsys, model, "--ckpt", trained[model], "--image", trained["images"][0], "--labels", labels, "--json")
     assert proc.returncode == 0, proc.stderr
     o = json.loads(proc.stdout)
     assert sorted(o["labels"]) == sorted(labels.split(",")) and abs(sum(o["probs"]) - 1) < 1e-4
@@ -113,23 +130,23 @@ def test_predict_works_from_a_file_copied_alone(trained, tmp_path):
     assert proc.stdout.startswith(trained["images"][0])
 
 
-def test_predict_on_released_format_weights(trained, tmp_path):
+def test_predict_on_released_format_weights(trained, tmp_path, capsys):
     # An OpenAI-layout state dict (no config, no tokenizer) with the tokenizer passed beside it.
     ckpt = torch.load(trained["clip"], weights_only=True)
     torch.save(ckpt["model"], tmp_path / "released.pt")
     from clip import Tokenizer
 
     Tokenizer.from_str(ckpt["extra"]["tokenizer"]).tokenizer.save(str(tmp_path / "tokenizer.json"))
-    proc = run("clip.py", "predict", "--ckpt", str(tmp_path / "released.pt"), "--tokenizer",
+    proc = predict(capsys, "clip", "--ckpt", str(tmp_path / "released.pt"), "--tokenizer",
                str(tmp_path / "tokenizer.json"), "--image", trained["images"][0], "--labels", LABELS)
     assert proc.returncode == 0, proc.stderr
-    proc = run("clip.py", "predict", "--ckpt", str(tmp_path / "released.pt"), "--image", trained["images"][0],
-               "--labels", LABELS)
+    proc = predict(capsys, "clip", "--ckpt", str(tmp_path / "released.pt"), "--image", trained["images"][0],
+                   "--labels", LABELS)
     assert proc.returncode == 1 and "carries no tokenizer: pass --tokenizer" in proc.stderr
 
 
-def test_predict_errors_are_one_line(trained):
-    proc = run("clip.py", "predict", "--ckpt", trained["clip"], "--image", "nothere.jpg", "--labels", LABELS)
+def test_predict_errors_are_one_line(trained, capsys):
+    proc = predict(capsys, "clip", "--ckpt", trained["clip"], "--image", "nothere.jpg", "--labels", LABELS)
     assert proc.returncode == 1 and proc.stderr.strip() == "clip.py predict: nothere.jpg: no such image file"
 
 
@@ -198,7 +215,7 @@ def test_report_renders_in_a_browser(trained, tmp_path):
     if browser is None:
         pytest.skip("no browser engine installed")
     out = os.path.dirname(trained["clip"])
-    run("train.py", "report", out)
+    train.report(out)
     shot = tmp_path / "report.png"
     proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
                            "--window-size=1400,2400", f"file://{os.path.join(out, 'report.html')}"],
