@@ -1387,16 +1387,16 @@ def hf_names(cfg):
 
 
 # Copied from clip.py: save_weights
-def save_weights(sd, path_without_ext):
-    """.safetensors where the safetensors package is installed, else a torch state dict (.bin)."""
+def save_weights(sd, folder):
+    """transformers' weight file: model.safetensors where safetensors is installed, else pytorch_model.bin."""
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     try:
         from safetensors.torch import save_file
     except ImportError:
-        torch.save(sd, path_without_ext + ".bin")
-        return path_without_ext + ".bin"
-    save_file(sd, path_without_ext + ".safetensors", metadata={"format": "pt"})
-    return path_without_ext + ".safetensors"
+        torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
+        return os.path.join(folder, "pytorch_model.bin")
+    save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    return os.path.join(folder, "model.safetensors")
 
 
 def export(path, out, fmt="hf", tokenizer=None):
@@ -1424,7 +1424,7 @@ def export(path, out, fmt="hf", tokenizer=None):
             sd[theirs] = v.T if how == "T" else v
     sd["text_projection.weight"] = model.text_projection.weight
     sd["logit_scale"] = model.logit_scale
-    weights = save_weights(sd, os.path.join(out, "model"))
+    weights = save_weights(sd, out)
     config = {"architectures": ["AltCLIPModel"], "model_type": "altclip", "projection_dim": cfg.embed_dim,
               "logit_scale_init_value": 2.6592, "torch_dtype": "float32",
               "text_config": {"model_type": "altclip_text_model", "vocab_size": cfg.vocab_size,

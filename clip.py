@@ -1137,16 +1137,16 @@ def write_hf_tokenizer(tok, out):
         json.dump(special, f, indent=2)
 
 
-def save_weights(sd, path_without_ext):
-    """.safetensors where the safetensors package is installed, else a torch state dict (.bin)."""
+def save_weights(sd, folder):
+    """transformers' weight file: model.safetensors where safetensors is installed, else pytorch_model.bin."""
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     try:
         from safetensors.torch import save_file
     except ImportError:
-        torch.save(sd, path_without_ext + ".bin")
-        return path_without_ext + ".bin"
-    save_file(sd, path_without_ext + ".safetensors", metadata={"format": "pt"})
-    return path_without_ext + ".safetensors"
+        torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
+        return os.path.join(folder, "pytorch_model.bin")
+    save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    return os.path.join(folder, "model.safetensors")
 
 
 def export_hf(model, out):
@@ -1174,7 +1174,7 @@ def export_hf(model, out):
             hf.update({theirs.format(p): part for p, part in zip("qkv", sd[ours].chunk(3))})
         else:
             hf[theirs] = sd[ours].T if how == "T" else sd[ours]
-    weights = save_weights(hf, os.path.join(out, "model"))
+    weights = save_weights(hf, out)
     write_hf_tokenizer(tok, out)
     size = {"height": cfg.image_size, "width": cfg.image_size}
     with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
