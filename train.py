@@ -601,8 +601,8 @@ def main(argv=None):
     model.train()
     while step < args.steps:
         batch = next(data_iter)
-        for reason in batch.pop("_skips"):
-            skips[reason] = skips.get(reason, 0) + 1
+        for why in batch.pop("_skips"):
+            skips[why] = skips.get(why, 0) + 1
         for note in batch.pop("_notes"):
             notes[note] = notes.get(note, 0) + 1
         batch.pop("label", None)

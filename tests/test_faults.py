@@ -99,6 +99,15 @@ def test_resume_refuses_flags_that_change_the_run(tmp_path):
     assert ckpt_step(os.path.join(out, "checkpoint.pt")) == 4
 
 
+def test_an_unexpected_error_while_deciding_keeps_its_type(tmp_path, monkeypatch):
+    def broken(args):
+        raise RuntimeError("disk went away")
+
+    monkeypatch.setattr(train, "start_or_resume", broken)
+    with pytest.raises(RuntimeError, match="disk went away"):
+        train.main(["--steps", "1", "--out", str(tmp_path / "run"), *RUN])
+
+
 @pytest.mark.parametrize("argv, named", [
     (["--data", "nothere.tsv"], "nothere.tsv: no such data file"),
     (["--tokenizer", "nothere.json"], "nothere.json: no such tokenizer file"),
