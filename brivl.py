@@ -10,7 +10,11 @@ queue per modality; an image is contrasted with its text's key against the text 
 with its image's key against the image queue.
 
 Where the official inference code (BAAI-WuDao/BriVL, models/vl_model.py) and the paper differ, this
-file follows the code and says so.
+file follows the code and says so. The default configuration trains from scratch on CPU-friendly parts;
+`--size brivl-official` reproduces the official code's numerics (timm's TF EfficientNet, grid_sample
+pooling, unmasked BERT, its resize), and load() reads the released checkpoints into it:
+
+    model, preprocess = load("brivl-with-roberta-base.pth", image_size=456, tokenizer="vocab.txt")
 
 Copy this file alone into another project and it works: it imports nothing from this repository.
 Same interface as clip.py (see its docstring): create, add_args, model.transform / forward / loss /
@@ -37,10 +41,11 @@ import torch.nn.functional as F
 class Config:
     embed_dim: int = 2048
     image_size: int = 456  # images are resized to a square, never cropped: the boxes keep their meaning
-    backbone: str = "efficientnet_b5"  # any torchvision ResNet or EfficientNet, or "tiny" (below)
+    backbone: str = "efficientnet_b5"  # any torchvision ResNet or EfficientNet, "tf_efficientnet_b0".."b7", or "tiny"
     grid: int = 6  # default boxes: grid x grid cells plus the whole image
     max_boxes: int = 36  # detector boxes kept per image (plus the whole image)
     pool_size: int = 4  # each box is sampled to pool_size x pool_size before its 1x1 conv and mean
+    pooling: str = "roi_align"  # or "grid_sample": the official code's sampling (one sample a bin, zero padding)
     image_heads: int = 4  # self-attention over the regions, as wide as the CNN's features
     image_layers: int = 4
     image_mlp: int = 2048  # feed-forward width of those layers (nn.TransformerEncoderLayer's default)
@@ -54,10 +59,13 @@ class Config:
     text_attn_heads: int = 4  # self-attention over the BERT tokens
     text_attn_layers: int = 4
     text_attn_mlp: int = 2048
+    bert_mask: bool = True  # False: BERT attends to the padding too, as the official code (it passes no mask)
+    resize: str = "bicubic"  # Pillow's; or "bilinear": the official tensor resize (no antialiasing)
     # Frozen in the official code: the CNN's stem and first three block stages, BERT's embeddings
     # and its lower 8 layers (only the top 4 train).
     freeze_cnn: int = 4  # leading stages of the backbone
     freeze_text: int = 8  # BERT layers from the bottom (its embeddings too, when > 0)
+    freeze_cnn_head: bool = False  # the CNN's last 1x1 conv and norm too (the official code freezes them)
     momentum: float = 0.99
     queue_size: int = 9600
     temperature: float = 0.07
@@ -73,8 +81,14 @@ CONFIGS = {
                    image_mlp=256, context_length=24, vocab_size=1024, text_width=128, text_layers=2,
                    text_heads=4, text_mlp=256, text_max_positions=24, text_attn_layers=2, text_attn_mlp=256,
                    freeze_cnn=0, freeze_text=0, jitter=0.0, grayscale=0.0),
-    # The released model: EfficientNet-B5 at 456 px, Chinese RoBERTa-wwm-ext (BERT-base shapes).
+    # The released model's shapes: EfficientNet-B5 at 456 px, Chinese RoBERTa-wwm-ext (BERT-base shapes).
     "efficientnet-b5": Config(),
+    # The official code's numerics, so the released weights (load() reads them) give their features: timm's
+    # tf_efficientnet_b5 (TensorFlow "same" padding, timm's parameter names), grid_sample region pooling, BERT
+    # without an attention mask, the tensor resize, and the official freezing (the CNN's stem, first three
+    # block stages and head; BERT's embeddings and lower 8 layers).
+    "brivl-official": Config(backbone="tf_efficientnet_b5", pooling="grid_sample", bert_mask=False,
+                             resize="bilinear", freeze_cnn_head=True),
 }
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet's normalisation, which the torchvision backbones expect
@@ -300,6 +314,9 @@ def cnn_backbone(name):
     """(stages as an nn.Sequential, output channels). Random weights: --backbone-weights loads yours."""
     if name == "tiny":
         return tiny_cnn(), 128
+    if name.startswith("tf_efficientnet_b"):
+        net = TFEfficientNet.variant(name)
+        return net, net.width
     import torchvision
 
     if not hasattr(torchvision.models, name) or not name.startswith(("resnet", "efficientnet")):
@@ -310,6 +327,176 @@ def cnn_backbone(name):
         stem = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool)
         return nn.Sequential(stem, m.layer1, m.layer2, m.layer3, m.layer4), m.fc.in_features
     return m.features, m.classifier[1].in_features  # stem, 7 block stages, head conv (timm's blocks 0-6 are 1-7)
+
+
+# The released BriVL's CNN: timm's tf_efficientnet_bN (EfficientNet ported from TensorFlow), written out
+# here with timm's parameter names so BriVL's checkpoints load as they are and timm is not needed.
+
+
+class SameConv2d(nn.Conv2d):
+    """TensorFlow's "same" padding: for stride 2 the padding is asymmetric (the extra row and column go
+    bottom and right) and depends on the input size, so it is computed per call. torchvision's
+    EfficientNet pads symmetrically, which shifts every feature of a strided layer by half a pixel."""
+
+    def forward(self, x):
+        pads = []
+        for size, k, s in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1]):  # W, then H
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def same_conv(i, o, k, stride=1, groups=1, bias=False):
+    # Stride 1 with an odd kernel pads the same on both sides: a plain convolution does it.
+    if stride == 1:
+        return nn.Conv2d(i, o, k, 1, (k - 1) // 2, groups=groups, bias=bias)
+    return SameConv2d(i, o, k, stride, groups=groups, bias=bias)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """BatchNorm, then SiLU if act (timm's BatchNormAct2d: the same parameter names as BatchNorm2d)."""
+
+    def __init__(self, c, act=True):
+        super().__init__(c, eps=1e-3)  # TensorFlow's epsilon
+        self.act = act
+
+    def forward(self, x):
+        x = super().forward(x)
+        return F.silu(x) if self.act else x
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c, reduced):
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(c, reduced, 1)
+        self.conv_expand = nn.Conv2d(reduced, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.conv_expand(F.silu(self.conv_reduce(x.mean((2, 3), keepdim=True)))))
+
+
+class MBConv(nn.Module):
+    """EfficientNet's block: [1x1 expand] -> depthwise k x k -> squeeze-excite -> 1x1 project, plus the input
+    when the shapes allow. expand == 1 is timm's DepthwiseSeparableConv (no expansion conv, its norms
+    named bn1 and bn2); otherwise InvertedResidual (bn1, bn2, bn3)."""
+
+    def __init__(self, i, o, k, stride, expand, reduced):
+        super().__init__()
+        mid = i * expand
+        self.expand = expand
+        if expand != 1:
+            self.conv_pw = nn.Conv2d(i, mid, 1, bias=False)
+            self.bn1 = BatchNormAct(mid)
+        self.conv_dw = same_conv(mid, mid, k, stride, groups=mid)
+        norms = ("bn2", "bn3") if expand != 1 else ("bn1", "bn2")
+        setattr(self, norms[0], BatchNormAct(mid))
+        self.se = SqueezeExcite(mid, reduced)
+        setattr(self, "conv_pwl" if expand != 1 else "conv_pw", nn.Conv2d(mid, o, 1, bias=False))
+        setattr(self, norms[1], BatchNormAct(o, act=False))
+        self.skip = stride == 1 and i == o
+
+    def forward(self, x):
+        if self.expand != 1:
+            y = self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))
+            y = self.bn3(self.conv_pwl(self.se(y)))
+        else:
+            y = self.bn2(self.conv_pw(self.se(self.bn1(self.conv_dw(x)))))
+        return x + y if self.skip else y
+
+
+# EfficientNet-B0's stages (expansion, kernel, first stride, repeats, channels) and the (width, depth)
+# multipliers of B0-B7 (Tan & Le 2019; timm's efficientnet.py).
+EFFNET_STAGES = ((1, 3, 1, 1, 16), (6, 3, 2, 2, 24), (6, 5, 2, 2, 40), (6, 3, 2, 3, 80), (6, 5, 1, 3, 112),
+                 (6, 5, 2, 4, 192), (6, 3, 1, 1, 320))
+EFFNET_SCALES = {"b0": (1.0, 1.0), "b1": (1.0, 1.1), "b2": (1.1, 1.2), "b3": (1.2, 1.4), "b4": (1.4, 1.8),
+                 "b5": (1.6, 2.2), "b6": (1.8, 2.6), "b7": (2.0, 3.1)}
+
+
+def _round_channels(c, width):
+    # timm's make_divisible: to a multiple of 8, never more than 10% below
+    v = c * width
+    out = max(8, int(v + 4) // 8 * 8)
+    return out + 8 if out < 0.9 * v else out
+
+
+def effnet_spec(name):
+    """(stem channels, blocks per stage, head channels) of tf_efficientnet_bN; a block is (in, out,
+    kernel, stride, expansion, squeeze-excite channels)."""
+    key = name.rsplit("_", 1)[-1]
+    if not name.startswith("tf_efficientnet_") or key not in EFFNET_SCALES:
+        raise ValueError(f"unknown backbone {name!r}: tf_efficientnet_b0 ... tf_efficientnet_b7")
+    width, depth = EFFNET_SCALES[key]
+    stem = c = _round_channels(32, width)
+    blocks = []
+    for expand, k, stride, repeats, out in EFFNET_STAGES:
+        out = _round_channels(out, width)
+        blocks.append([])
+        for j in range(math.ceil(repeats * depth)):
+            i = c if j == 0 else out
+            blocks[-1].append((i, out, k, stride if j == 0 else 1, expand, round(i * 0.25)))  # SE: a quarter of the input
+        c = out
+    return stem, blocks, _round_channels(1280, width)
+
+
+def effnet_spec_of(sd):
+    """The spec (as effnet_spec) a timm tf_efficientnet state dict, in timm's names, was saved from."""
+    stages = {}
+    for k in sd:
+        if k.startswith("blocks.") and k.endswith(".conv_dw.weight"):
+            s, b = (int(x) for x in k.split(".")[1:3])
+            stages.setdefault(s, set()).add(b)
+    if "conv_stem.weight" not in sd or "conv_head.weight" not in sd or sorted(stages) != list(range(len(EFFNET_STAGES))):
+        raise ValueError("not a timm tf_efficientnet state dict (conv_stem, blocks.0-6, conv_head)")
+    blocks = []
+    for s in sorted(stages):
+        blocks.append([])
+        for b in sorted(stages[s]):
+            p = f"blocks.{s}.{b}."
+            mid, _, k, _ = sd[p + "conv_dw.weight"].shape
+            expanded = p + "conv_pwl.weight" in sd
+            o = sd[p + ("conv_pwl.weight" if expanded else "conv_pw.weight")].shape[0]
+            i = sd[p + "conv_pw.weight"].shape[1] if expanded else mid
+            blocks[-1].append((i, o, k, EFFNET_STAGES[s][2] if b == 0 else 1, mid // i,
+                               sd[p + "se.conv_reduce.weight"].shape[0]))
+    return sd["conv_stem.weight"].shape[0], blocks, sd["conv_head.weight"].shape[0]
+
+
+class TFEfficientNet(nn.Module):
+    """timm's tf_efficientnet_bN up to its last feature map (forward_features): stem, block stages, 1x1 head.
+
+    blocks: per stage, a list of (in, out, kernel, stride, expand, squeeze-excite width). Eval BatchNorm
+    with eps 1e-3 and SiLU throughout, as the TensorFlow original.
+    """
+
+    def __init__(self, stem, blocks, width):
+        super().__init__()
+        self.width = width
+        self.conv_stem = same_conv(3, stem, 3, 2)
+        self.bn1 = BatchNormAct(stem)
+        self.blocks = nn.ModuleList(nn.Sequential(*(MBConv(*b) for b in stage)) for stage in blocks)
+        self.conv_head = nn.Conv2d(blocks[-1][-1][1], width, 1, bias=False)
+        self.bn2 = BatchNormAct(width)
+
+    @classmethod
+    def variant(cls, name):
+        return cls(*effnet_spec(name))
+
+    @classmethod
+    def from_state_dict(cls, sd):
+        return cls(*effnet_spec_of(sd))
+
+    def stages(self):
+        """The units frozen from the front by freeze_cnn: the stem, then each block stage."""
+        return [nn.ModuleList([self.conv_stem, self.bn1]), *self.blocks]
+
+    def head(self):
+        return nn.ModuleList([self.conv_head, self.bn2])
+
+    def forward(self, x):
+        x = self.bn1(self.conv_stem(x))
+        for stage in self.blocks:
+            x = stage(x)
+        return self.bn2(self.conv_head(x))
 
 
 def _bilinear_weights(coords, size):
@@ -349,6 +536,46 @@ class RegionPool(nn.Module):
         return F.linear(x, self.conv.weight[:, :, 0, 0], self.conv.bias)
 
 
+def _grid_sample_weights(coords, size):
+    """[..., n] sample coordinates (pixel units) -> [..., size]: each one's bilinear weights on a feature-map
+    axis, averaged over the n samples, with grid_sample's zero padding (a tap outside the map reads 0)."""
+    low = coords.floor()
+    frac = coords - low
+    axis = torch.arange(size, device=coords.device, dtype=coords.dtype)
+    w = (1 - frac)[..., None] * (axis == low[..., None]) + frac[..., None] * (axis == low[..., None] + 1)
+    return w.mean(-2)
+
+
+class GridPool(nn.Module):
+    """The official region pooling: per box, affine_grid + grid_sample to pool x pool (one bilinear sample a
+    bin, align_corners=False, zero padding), a 1x1 conv, the mean (AvgPool).
+
+    Boxes are in pixels of an image_size image. The official code maps them to the map by image_size / H
+    and then spans (x1 - x0) / (W - 1) of the normalised grid: boxes come out slightly wider than RoIAlign's,
+    which this reproduces rather than corrects. As in RegionPool, sampling, conv and mean are linear, so the
+    mean of the samples is taken first, as separable weights on the feature map (tested against the loop).
+    """
+
+    def __init__(self, channels, pool):
+        super().__init__()
+        self.pool = pool
+        self.conv = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, fmap, boxes, image_size):
+        h, w = fmap.shape[-2:]
+        x0, y0, x1, y1 = (boxes.float() * (h / image_size)).unbind(-1)
+        base = (2 * torch.arange(self.pool, device=boxes.device, dtype=torch.float32) + 1) / self.pool - 1
+
+        def taps(lo, hi, size):  # affine_grid's normalised coordinates, then grid_sample's pixel ones
+            norm = ((hi - lo) / (size - 1))[..., None] * base + ((lo + hi - size + 1) / (size - 1))[..., None]
+            return ((norm + 1) * size - 1) / 2
+
+        wy = _grid_sample_weights(taps(y0, y1, h), h)
+        wx = _grid_sample_weights(taps(x0, x1, w), w)
+        x = torch.einsum("bry,brx,bcyx->brc", wy.to(fmap.dtype), wx.to(fmap.dtype), fmap)
+        return F.linear(x, self.conv.weight[:, :, 0, 0], self.conv.bias)
+
+
 def attention_layers(width, heads, mlp, layers):
     # nn.TransformerEncoderLayer (post-LN, ReLU), as the official code; dropout off, so runs are exact.
     layer = nn.TransformerEncoderLayer(width, heads, mlp, dropout=0.0, batch_first=True)
@@ -364,14 +591,22 @@ class ImageEncoder(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.backbone, width = cnn_backbone(cfg.backbone)
-        self.pool = RegionPool(width, cfg.pool_size)
+        if cfg.pooling not in ("roi_align", "grid_sample"):
+            raise ValueError(f"unknown pooling {cfg.pooling!r}: roi_align or grid_sample")
+        self.pool = RegionPool(width, cfg.pool_size) if cfg.pooling == "roi_align" else GridPool(width, cfg.pool_size)
+        # grid_sample maps boxes by the configured size, as the official code (its IMG_SIZE), not the input's
+        self.box_scale = cfg.image_size if cfg.pooling == "grid_sample" else None
         self.attn = attention_layers(width, cfg.image_heads, cfg.image_mlp, cfg.image_layers)
         self.mlp = nn.Sequential(nn.Linear(width, cfg.embed_dim), nn.ReLU(), nn.Linear(cfg.embed_dim, cfg.embed_dim))
-        for stage in self.backbone[:cfg.freeze_cnn]:
+        stages = self.backbone.stages() if isinstance(self.backbone, TFEfficientNet) else self.backbone
+        for stage in stages[:cfg.freeze_cnn]:
             stage.requires_grad_(False)
+        if cfg.freeze_cnn_head:
+            (self.backbone.head() if isinstance(self.backbone, TFEfficientNet) else self.backbone[-1]).requires_grad_(False)
 
     def forward(self, images, boxes, box_mask):
-        x = F.normalize(self.pool(self.backbone(images), boxes, images.shape[-1]), dim=-1)
+        box_mask = box_mask.bool()  # the official code's masks are float 0/1
+        x = F.normalize(self.pool(self.backbone(images), boxes, self.box_scale or images.shape[-1]), dim=-1)
         x = self.attn(x, src_key_padding_mask=~box_mask)
         return self.mlp(masked_mean(x, box_mask))
 
@@ -383,13 +618,16 @@ class TextEncoder(nn.Module):
                          cfg.text_max_positions, pad_id=pad_id)
         self.attn = attention_layers(cfg.text_width, cfg.text_attn_heads, cfg.text_attn_mlp, cfg.text_attn_layers)
         self.mlp = nn.Sequential(nn.Linear(cfg.text_width, cfg.embed_dim), nn.ReLU(), nn.Linear(cfg.embed_dim, cfg.embed_dim))
+        self.bert_mask = cfg.bert_mask
         if cfg.freeze_text > 0:
             self.bert.embeddings.requires_grad_(False)
             for layer in self.bert.encoder["layer"][:cfg.freeze_text]:
                 layer.requires_grad_(False)
 
     def forward(self, ids, mask):
-        x = F.normalize(self.bert(ids, mask), dim=-1)  # per token, as the official code
+        mask = mask.bool()
+        x = self.bert(ids, mask if self.bert_mask else torch.ones_like(mask))
+        x = F.normalize(x, dim=-1)  # per token, as the official code
         x = self.attn(x, src_key_padding_mask=~mask)
         return self.mlp(masked_mean(x, mask))
 
@@ -689,7 +927,7 @@ class ImageTransform:
 
     def __init__(self, cfg: Config, train):
         self.size, self.grid, self.max_boxes, self.train = cfg.image_size, cfg.grid, cfg.max_boxes, train
-        self.jitter, self.grayscale = cfg.jitter, cfg.grayscale
+        self.jitter, self.grayscale, self.resize = cfg.jitter, cfg.grayscale, cfg.resize
         self.mean = torch.tensor(MEAN).view(3, 1, 1)
         self.std = torch.tensor(STD).view(3, 1, 1)
 
@@ -720,11 +958,29 @@ class ImageTransform:
         padded[:len(out)] = torch.tensor(out, dtype=torch.float32)
         return padded, mask
 
+    def colour_jitter_tensor(self, x, rng):
+        # The same draws as colour_jitter, on a float image (the official pipeline jitters after its resize).
+        import torchvision.transforms.functional as TF
+
+        for adjust in (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation):
+            x = adjust(x, rng.uniform(0.6, 1.4))
+        return TF.adjust_hue(x, rng.uniform(-0.1, 0.1))
+
     def __call__(self, img, rng=None, boxes=None):
         from PIL import Image
 
         img = img.convert("RGB")
         w, h = img.size
+        if self.resize == "bilinear":
+            # The official pipeline: ToTensor, then torchvision 0.9's tensor resize (bilinear, no antialiasing).
+            x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+            x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", align_corners=False,
+                              antialias=False)[0]
+            if self.train and rng.random() < self.jitter:
+                x = self.colour_jitter_tensor(x, rng)
+            if self.train and rng.random() < self.grayscale:
+                x = (x * torch.tensor([0.2989, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True).expand(3, -1, -1)
+            return ((x - self.mean) / self.std, *self.boxes(boxes, w, h))
         img = img.resize((self.size, self.size), Image.BICUBIC)
         if self.train and rng.random() < self.jitter:
             img = self.colour_jitter(img, rng)
@@ -800,6 +1056,8 @@ class BriVL(nn.Module):
 
     @torch.no_grad()
     def after_step(self):
+        # The momentum encoders move after the optimizer step; the official forward moves them just before
+        # it computes the keys: the same updates, one step apart at the start.
         if self._keys is None:
             return
         image_keys, text_keys = (gather(k) for k in self._keys)
@@ -843,13 +1101,36 @@ def add_args(parser):
     parser.add_argument("--temperature", type=float, default=None, help="fixed softmax temperature (default 0.07)")
     parser.add_argument("--freeze-cnn", type=int, default=None, help="leading CNN stages kept frozen")
     parser.add_argument("--freeze-text", type=int, default=None, help="lower BERT layers kept frozen")
+    parser.add_argument("--image-size", type=int, default=None, help="square input size (default: the preset's; "
+                        "456 for official weights, as brivl-nmi; BAAI-WuDao's config uses 380)")
+
+
+OVERRIDES = ("backbone", "image_size", "queue_size", "momentum", "temperature", "freeze_cnn", "freeze_text")
+
+
+def _check_queue(cfg, args):
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    batch = getattr(args, "batch_size", None)
+    if batch and cfg.queue_size % (batch * world):
+        g = batch * world
+        raise ValueError(f"brivl: --queue-size {cfg.queue_size} must be a multiple of the global batch {g} "
+                         f"(--batch-size {batch} x {world} ranks); e.g. --queue-size {max(g, round(cfg.queue_size / g) * g)}")
 
 
 def create(args, captions=(), extra=None):
-    if extra is None and getattr(args, "init", None):  # fine-tuning a brivl checkpoint
-        ckpt = read_checkpoint(args.init)
-        model = create(args, extra=ckpt["extra"])
-        model.load_state_dict(ckpt["model"], strict=True)
+    if extra is None and getattr(args, "init", None):  # fine-tuning a brivl checkpoint or the released weights
+        weights = read_weights(args.init)
+        if "learnable" in weights:
+            source = getattr(args, "tokenizer", None) or getattr(args, "text_encoder", None)
+            if not source:
+                raise ValueError(f"{args.init} is an official BriVL checkpoint, which carries no tokenizer: pass "
+                                 "--tokenizer vocab.txt (chinese-roberta-wwm-ext's)")
+            overrides = {k: getattr(args, k) for k in OVERRIDES if k != "backbone" and getattr(args, k, None) is not None}
+            model = from_official(weights["learnable"], source, **overrides)
+            _check_queue(model.cfg, args)
+            return model
+        model = create(args, extra=weights["extra"])
+        model.load_state_dict(weights["model"], strict=True)
         return model
     if extra is not None:
         cfg = Config(**extra["config"])
@@ -858,15 +1139,10 @@ def create(args, captions=(), extra=None):
     if args.size not in CONFIGS:
         raise ValueError(f"unknown --size {args.size!r}; choose one of {', '.join(CONFIGS)}")
     cfg = Config(**asdict(CONFIGS[args.size]))
-    for name in ("backbone", "queue_size", "momentum", "temperature", "freeze_cnn", "freeze_text"):
+    for name in OVERRIDES:
         if getattr(args, name, None) is not None:
             setattr(cfg, name, getattr(args, name))
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    batch = getattr(args, "batch_size", None)
-    if batch and cfg.queue_size % (batch * world):
-        g = batch * world
-        raise ValueError(f"brivl: --queue-size {cfg.queue_size} must be a multiple of the global batch {g} "
-                         f"(--batch-size {batch} x {world} ranks); e.g. --queue-size {max(g, round(cfg.queue_size / g) * g)}")
+    _check_queue(cfg, args)
     text_sd = None
     encoder = getattr(args, "text_encoder", None)
     if encoder:
@@ -894,6 +1170,14 @@ def load_backbone(model, path):
     """A torchvision classification state dict into both CNNs (its classifier is not used)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file; pass a torchvision state dict of the --backbone")
+    if isinstance(model.visual.backbone, TFEfficientNet):  # timm's weights, e.g. tf_efficientnet_b5_ns
+        sd = {k: v for k, v in read_weights(path).items() if not k.startswith("classifier.")}
+        for tower in (model.visual, model.visual_momentum):
+            missing, unexpected = tower.backbone.load_state_dict(sd, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"{path}: not a timm {model.cfg.backbone} state dict (missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]})")
+        return
     import torchvision
 
     full = getattr(torchvision.models, model.cfg.backbone)(weights=None)
@@ -945,20 +1229,176 @@ def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
 # Weight loading: this repository's checkpoints
 
 
-def read_checkpoint(path):
+def read_weights(path):
+    """Whatever the file holds, read safely: a train.py checkpoint, an official {"learnable": ...} one, a
+    state dict (.pth, .bin or .safetensors)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
+        return load_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not readable as tensors only ({str(e).splitlines()[0][:120]}); if you trust the "
+                         "file, keep only its weights: torch.save({'learnable': torch.load(f, weights_only=False)"
+                         "['learnable']}, 'weights.pth')") from None
+
+
+def read_checkpoint(path):
+    ckpt = read_weights(path)
     if "extra" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path}: not a train.py checkpoint of brivl (no 'model' and 'extra')")
     return ckpt
 
 
-def load(path, device="cpu"):
-    """(model, preprocess) from a train.py checkpoint; preprocess(img, boxes=None) -> (image, boxes, box_mask)."""
-    ckpt = read_checkpoint(path)
-    model = create(None, extra=ckpt["extra"])
-    model.load_state_dict(ckpt["model"], strict=True)
+# ----------------------------------------------------------------------------------------------
+# The released weights: official checkpoints ({"learnable": ...}, BAAI-WuDao/BriVL and brivl-nmi)
+#
+# Their four encoders map onto this file's towers; inside each, official sub-modules map by prefix.
+# `models/vl_model.py` names: imgFC / textFC (Linear, ReLU, Linear as fc1, fc2), imgAtt / textAtt
+# (nn.TransformerEncoder: the same names here), max_pool.0 (the 1x1 conv), the timm CNN, HF's BertModel.
+
+OFFICIAL_TOWERS = {"imgencoder": "visual", "imgencoder_mom": "visual_momentum", "textencoder": "textual",
+                   "textencoder_mom": "textual_momentum"}
+OFFICIAL_NAMES = {
+    "image": (("backbone.", "backbone."), ("learnable.max_pool.0.", "pool.conv."), ("learnable.imgAtt.", "attn."),
+              ("learnable.imgFC.fc1.", "mlp.0."), ("learnable.imgFC.fc2.", "mlp.2.")),
+    "text": (("backbone.bert.", "bert."), ("learnable.textAtt.", "attn."), ("learnable.textFC.fc1.", "mlp.0."),
+             ("learnable.textFC.fc2.", "mlp.2.")),
+}
+# Saved but unused: the CNN's classifier, BERT's pooler, and buffers older libraries saved.
+OFFICIAL_UNUSED = ("backbone.classifier.", "backbone.bert.pooler.")
+
+
+def from_official_names(sd):
+    """An official state dict (VL_model's, or its .learnable's as released) in this file's names, queues
+    transposed to [K, D]. Unknown keys raise, naming them."""
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    out, unknown = {}, []
+    for k, v in sd.items():
+        key = k[len("learnable."):] if k.startswith("learnable.") else k
+        if key in ("img_queue", "text_queue"):
+            out["image_queue" if key == "img_queue" else "text_queue"] = v.T.contiguous()
+            continue
+        if key == "img_queue_ptr":
+            out["queue_ptr"] = v.reshape(())
+            continue
+        tower, _, rest = key.partition(".")
+        if key == "text_queue_ptr" or rest.endswith(("position_ids", "token_type_ids")) or rest.startswith(OFFICIAL_UNUSED):
+            continue
+        if tower not in OFFICIAL_TOWERS:
+            unknown.append(k)
+            continue
+        names = OFFICIAL_NAMES["image" if tower.startswith("img") else "text"]
+        ours = next((new + rest[len(old):] for old, new in names if rest.startswith(old)), None)
+        if ours is None:
+            unknown.append(k)
+            continue
+        out[f"{OFFICIAL_TOWERS[tower]}.{ours}"] = v
+    if unknown:
+        raise ValueError(f"not an official BriVL state dict: unknown keys {unknown[:4]}")
+    if not any(k.startswith("visual_momentum.") for k in out):  # the query encoders only: keys start equal
+        out.update({k.replace("visual.", "visual_momentum.", 1).replace("textual.", "textual_momentum.", 1): v
+                    for k, v in out.items() if k.startswith(("visual.", "textual."))})
+    return out
+
+
+def to_official_names(sd):
+    """This file's state dict in the official names (model.learnable's), queues as [D, K]: the inverse of
+    from_official_names on everything the official model has."""
+    towers = {v: k for k, v in OFFICIAL_TOWERS.items()}
+    out = {}
+    for k, v in sd.items():
+        if k in ("image_queue", "text_queue"):
+            out["img_queue" if k == "image_queue" else "text_queue"] = v.T.contiguous()
+            continue
+        if k == "queue_ptr":
+            out["img_queue_ptr"] = out["text_queue_ptr"] = v.reshape(1)
+            continue
+        tower, _, rest = k.partition(".")
+        names = OFFICIAL_NAMES["image" if tower.startswith("visual") else "text"]
+        out[f"{towers[tower]}.{next(old + rest[len(new):] for old, new in names if rest.startswith(new))}"] = v
+    return out
+
+
+def official_config(sd, image_size=456):
+    """The brivl-official Config with the shapes of a state dict in this file's names."""
+    cfg = Config(**asdict(CONFIGS["brivl-official"]))
+    cnn = {k[len("visual.backbone."):]: v for k, v in sd.items() if k.startswith("visual.backbone.")}
+    spec = effnet_spec_of(cnn)
+    names = [f"tf_efficientnet_b{i}" for i in range(8)]
+    cfg.backbone = next((n for n in names if effnet_spec(n) == spec), None)
+    if cfg.backbone is None:
+        raise ValueError(f"the image backbone is no tf_efficientnet_b0-b7 (stem {spec[0]}, head {spec[2]} channels)")
+
+    def layers(prefix):
+        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+    emb = sd["textual.bert.embeddings.word_embeddings.weight"]
+    cfg.embed_dim = sd["visual.mlp.2.weight"].shape[0]
+    cfg.image_layers, cfg.image_mlp = layers("visual.attn.layers."), sd["visual.attn.layers.0.linear1.weight"].shape[0]
+    cfg.vocab_size, cfg.text_width = emb.shape
+    cfg.text_layers = layers("textual.bert.encoder.layer.")
+    cfg.text_heads = cfg.text_width // 64  # BERT's head width
+    cfg.text_mlp = sd["textual.bert.encoder.layer.0.intermediate.dense.weight"].shape[0]
+    cfg.text_max_positions = sd["textual.bert.embeddings.position_embeddings.weight"].shape[0]
+    cfg.context_length = min(cfg.context_length, cfg.text_max_positions)  # 80, the official MAX_TEXT_LEN
+    cfg.text_attn_layers = layers("textual.attn.layers.")
+    cfg.text_attn_mlp = sd["textual.attn.layers.0.linear1.weight"].shape[0]
+    cfg.image_size = image_size
+    cfg.freeze_text = max(0, cfg.text_layers - 4)  # the official code trains BERT's top 4 layers (base and large)
+    return cfg
+
+
+def from_official(sd, tokenizer=None, image_size=456, **overrides):
+    """A BriVL in the official-compatible configuration holding an official state dict's weights.
+
+    tokenizer: a BertTokenizer, or a vocab.txt / tokenizer.json / folder (chinese-roberta-wwm-ext's), or None.
+    The queues are random unit vectors unless the state dict holds them, as the official code's.
+    """
+    sd = from_official_names(sd)
+    cfg = official_config(sd, image_size)
+    if "image_queue" in sd:  # a whole VL_model's state dict: its queues come along
+        cfg.queue_size = sd["image_queue"].shape[0]
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    if isinstance(tokenizer, str):
+        tokenizer = BertTokenizer.from_file(tokenizer, cfg.context_length)
+    model = BriVL(cfg, tokenizer)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k not in ("image_queue", "text_queue", "queue_ptr")
+               and not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"official BriVL weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return model
+
+
+def load(path, device="cpu", image_size=None, tokenizer=None):
+    """(model, preprocess) from a train.py checkpoint or an official BriVL one ({"learnable": ...});
+    preprocess(img, boxes=None) -> (image, boxes, box_mask).
+
+    image_size: official weights only (default 456, brivl-nmi's; BAAI-WuDao's config says 380): the input size,
+    which also maps the boxes onto the feature map. tokenizer: a vocab.txt, tokenizer.json or folder, for
+    official weights (they carry none) or to replace a checkpoint's.
+    """
+    weights = read_weights(path)
+    if "learnable" in weights:
+        model = from_official(weights["learnable"], tokenizer, image_size or 456)
+    elif "extra" in weights and "model" in weights:
+        extra = weights["extra"]
+        if image_size is not None:
+            extra = {**extra, "config": {**extra["config"], "image_size": image_size}}
+        model = create(None, extra=extra)
+        model.load_state_dict(weights["model"], strict=True)
+        if tokenizer is not None:
+            model.tokenizer = BertTokenizer.from_file(tokenizer, model.cfg.context_length)
+    else:
+        raise ValueError(f"{path}: neither a train.py checkpoint of brivl ('model', 'extra') nor an official "
+                         "BriVL one ('learnable')")
     model.to(device).eval()
     return model, ImageTransform(model.cfg, train=False)
 

@@ -337,3 +337,182 @@ def test_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         assert model.encode_image(image[None], boxes[None], mask[None], normalize=True).shape == (1, 128)
         assert model.encode_texts(["a red circle"]).norm(dim=-1).item() == pytest.approx(1.0, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# The official-compatible configuration and the released checkpoints' format
+
+
+def test_same_padding_is_tensorflows_asymmetric_pad():
+    torch.manual_seed(0)
+    # (input size, kernel) -> (left/top, right/bottom) padding by TensorFlow's rule for stride 2, by hand:
+    # total = (ceil(n / 2) - 1) * 2 + k - n, the odd pixel going right/bottom.
+    for n, k, pad in ((8, 3, (0, 1)), (7, 3, (1, 1)), (8, 5, (1, 2)), (9, 5, (2, 2))):
+        conv = brivl.same_conv(4, 6, k, stride=2)
+        x = torch.randn(2, 4, n, n)
+        want = F.conv2d(F.pad(x, (*pad, *pad)), conv.weight, stride=2)
+        assert conv(x).shape[-1] == math.ceil(n / 2)
+        torch.testing.assert_close(conv(x), want, rtol=0, atol=1e-6)
+    conv = brivl.same_conv(4, 6, 5)  # stride 1: symmetric
+    x = torch.randn(1, 4, 9, 9)
+    torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, padding=2), rtol=0, atol=0)
+
+
+def test_tf_efficientnet_shapes():
+    # EfficientNet-B5 and -B7 (Tan & Le 2019; timm's tf_efficientnet_b5 / _b7): stem, blocks per stage, head.
+    # Parameter counts: timm 1.0's tf_efficientnet_b5 / _b7 (30,389,784 / 66,347,960) less the classifier.
+    for name, stem, depths, head, params in (("tf_efficientnet_b5", 48, [3, 5, 5, 7, 7, 9, 3], 2048, 30389784),
+                                             ("tf_efficientnet_b7", 64, [4, 7, 7, 10, 10, 13, 4], 2560, 66347960)):
+        s, blocks, h = brivl.effnet_spec(name)
+        assert (s, [len(b) for b in blocks], h) == (stem, depths, head)
+        net = brivl.TFEfficientNet.variant(name)
+        assert sum(p.numel() for p in net.parameters()) == params - (head * 1000 + 1000)
+        assert brivl.effnet_spec_of(net.state_dict()) == brivl.effnet_spec(name)
+
+
+def test_tf_efficientnet_matches_timm():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ref = timm.create_model("tf_efficientnet_b0", pretrained=False).eval()
+    for m in ref.modules():  # statistics that matter
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    sd = {k: v for k, v in ref.state_dict().items() if not k.startswith("classifier.")}
+    net = brivl.TFEfficientNet.from_state_dict(sd).eval()
+    net.load_state_dict(sd, strict=True)
+    for size in (64, 77):  # even and odd sizes: the padding differs
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), ref.forward_features(x), rtol=0, atol=1e-5)
+    b5 = timm.create_model("tf_efficientnet_b5", pretrained=False).state_dict()
+    ours = brivl.TFEfficientNet.variant("tf_efficientnet_b5").state_dict()
+    assert {k: v.shape for k, v in b5.items() if not k.startswith("classifier.")} == {k: v.shape for k, v in ours.items()}
+
+
+def test_grid_pool_equals_the_official_per_box_loop():
+    torch.manual_seed(0)
+    pool = brivl.GridPool(8, 4)
+    fmap = torch.randn(2, 8, 15, 15)
+    size = 456
+    boxes = torch.tensor(brivl.grid_boxes(6, size), dtype=torch.float32)[:10]
+    boxes = torch.stack([boxes, torch.cat([torch.tensor([[-40.0, 10, 500, 300], [100, 120, 101, 121]]), boxes[2:],
+                                           ])]).clone()
+    boxes[1, -1] = 0  # a padding box
+    want = []
+    for b in range(2):  # affine_grid + grid_sample per image, a 1x1 conv, then AvgPool, as the official code
+        h, w = fmap.shape[-2:]
+        x0, y0, x1, y1 = (boxes[b, :, i] * h / size for i in range(4))
+        z = torch.zeros_like(x0)
+        theta = torch.stack([(x1 - x0) / (w - 1), z, (x0 + x1 - w + 1) / (w - 1),
+                             z, (y1 - y0) / (h - 1), (y0 + y1 - h + 1) / (h - 1)], 1).view(-1, 2, 3)
+        grid = F.affine_grid(theta, [boxes.shape[1], 8, 4, 4], align_corners=False)
+        sampled = F.grid_sample(fmap[b:b + 1].expand(boxes.shape[1], -1, -1, -1), grid, align_corners=False)
+        want.append(F.avg_pool2d(pool.conv(sampled), 4).flatten(1))
+    torch.testing.assert_close(pool(fmap, boxes, size), torch.stack(want), rtol=0, atol=1e-5)
+
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "一", "只", "狗", "猫", "红", "色", "的", "圆", "a", "red", "circle"]
+
+
+def official_model(tmp_path, seed=0):
+    """A small model in the official configuration (EfficientNet-B0, a 5-layer BERT 64 wide) and the
+    official-format file of its weights."""
+    (tmp_path / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    cfg = brivl.Config(**{**vars(brivl.CONFIGS["brivl-official"]),
+                          **dict(backbone="tf_efficientnet_b0", embed_dim=1280, image_size=64, image_layers=1,
+                                 image_mlp=64, context_length=16, vocab_size=len(VOCAB), text_width=64, text_layers=5,
+                                 text_heads=1, text_mlp=128, text_max_positions=32, text_attn_layers=2,
+                                 text_attn_mlp=64, queue_size=32, freeze_text=1)})
+    torch.manual_seed(seed)
+    model = brivl.BriVL(cfg, brivl.BertTokenizer.from_file(str(tmp_path / "vocab.txt"), 16)).eval()
+    with torch.no_grad():  # momentum encoders that differ from the query ones, and BatchNorm statistics that matter
+        for p in model.visual_momentum.parameters():
+            p.add_(torch.randn_like(p), alpha=0.01)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 1.5)
+    sd = {k: v for k, v in brivl.to_official_names(model.state_dict()).items() if "queue" not in k}
+    # What released files also hold: the classifier, BERT's pooler and position_ids
+    sd["imgencoder.backbone.classifier.weight"] = torch.zeros(1000, 1280)
+    sd["textencoder.backbone.bert.pooler.dense.weight"] = torch.zeros(64, 64)
+    sd["textencoder_mom.backbone.bert.embeddings.position_ids"] = torch.arange(32)[None]
+    torch.save({"learnable": sd}, tmp_path / "official.pth")
+    return model, str(tmp_path / "official.pth")
+
+
+def test_official_names_round_trip_and_load(tmp_path):
+    model, path = official_model(tmp_path)
+    sd = model.state_dict()
+    back = brivl.from_official_names(brivl.to_official_names(sd))
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    loaded, preprocess = brivl.load(path, image_size=64, tokenizer=str(tmp_path / "vocab.txt"))
+    assert loaded.cfg.backbone == "tf_efficientnet_b0" and loaded.cfg.text_layers == 5 and loaded.cfg.freeze_text == 1
+    got = loaded.state_dict()
+    assert all(torch.equal(got[k], sd[k]) for k in sd if "queue" not in k)  # momentum encoders included
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    image, boxes, mask = (x[None] for x in preprocess(img))
+    ids, tmask = loaded.tokenizer(["一只红色的狗"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(image, boxes, mask.float(), normalize=True),
+                                   model.encode_image(image, boxes, mask, normalize=True), rtol=0, atol=1e-6)
+        torch.testing.assert_close(loaded.encode_text(ids, tmask.long(), normalize=True),
+                                   model.encode_text(ids, tmask, normalize=True), rtol=0, atol=1e-6)
+    # The whole VL_model's state dict (prefix "learnable.", queues [D, K]) and a DDP "module." prefix load too.
+    whole = {f"module.learnable.{k}": v for k, v in torch.load(path, weights_only=True)["learnable"].items()}
+    whole["module.img_queue"] = F.normalize(torch.randn(1280, 64), dim=0)
+    whole["module.text_queue"] = F.normalize(torch.randn(1280, 64), dim=0)
+    whole["module.img_queue_ptr"] = whole["module.text_queue_ptr"] = torch.tensor([32])
+    m2 = brivl.from_official(whole, image_size=64)
+    assert torch.equal(m2.image_queue, whole["module.img_queue"].T) and int(m2.queue_ptr) == 32
+    with pytest.raises(ValueError, match="unknown keys.*imgencoder.extra"):
+        brivl.from_official({**whole, "imgencoder.extra.weight": torch.zeros(1)})
+
+
+def test_official_preprocessing_is_the_tensor_resize():
+    import torchvision.transforms as T
+
+    cfg = brivl.Config(**{**vars(brivl.CONFIGS["brivl-official"]), "image_size": 40})
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 130, 3), dtype=np.uint8))
+    ref = T.Compose([T.ToTensor(), T.Resize((40, 40), antialias=False), T.Normalize(brivl.MEAN, brivl.STD)])(img)
+    image, boxes, mask = brivl.ImageTransform(cfg, train=False)(img)
+    torch.testing.assert_close(image, ref, rtol=0, atol=1e-5)
+    assert mask.sum() == 37 and boxes[0].tolist() == [0, 0, 40, 40]  # the whole image and a 6 x 6 grid
+
+
+def test_official_bert_attends_to_padding(tmp_path):
+    model, _ = official_model(tmp_path)
+    ids, mask = model.tokenizer(["一只狗", "一只狗"])
+    ids[1, mask[1].sum():] = 5  # other ids where the mask says padding
+    with torch.no_grad():
+        a, b = model.encode_text(ids, mask)
+        assert not torch.allclose(a, b)  # the official text tower lets padding tokens into BERT
+        model.textual.bert_mask = True
+        a, b = model.encode_text(ids, mask)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_fine_tune_from_official_weights(tmp_path):
+    model, path = official_model(tmp_path)
+    out = str(tmp_path / "run")
+    vocab = str(tmp_path / "vocab.txt")
+    with pytest.raises(ValueError, match="pass --tokenizer"):
+        train.main(["--model", "brivl", "--init", path, "--out", out, "--steps", "1"])
+    train.main(["--model", "brivl", "--init", path, "--tokenizer", vocab, "--image-size", "64", "--steps", "2",
+                "--batch-size", "8", "--queue-size", "32", "--out", out, "--workers", "0", "--val-size", "16",
+                "--save-every", "0", "--lr", "1e-3"])
+    tuned, _ = brivl.load(os.path.join(out, "checkpoint.pt"))
+    before, after = model.state_dict(), tuned.state_dict()
+
+    def moved(prefix):
+        return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)
+                   and before[k].is_floating_point() and "running" not in k)
+
+    # The official freezing: the CNN's stem, blocks 0-2 and head; BERT's embeddings and all but its top 4 layers.
+    for frozen in ("visual.backbone.conv_stem", "visual.backbone.blocks.2.", "visual.backbone.conv_head",
+                   "visual.backbone.bn2", "textual.bert.embeddings.", "textual.bert.encoder.layer.0."):
+        assert not moved(frozen), frozen
+    for trained in ("visual.backbone.blocks.3.", "visual.backbone.blocks.6.", "visual.attn.", "visual.pool.",
+                    "textual.bert.encoder.layer.1.", "textual.mlp.", "visual_momentum.mlp."):
+        assert moved(trained), trained
+    assert tuned.cfg.pooling == "grid_sample" and not tuned.cfg.bert_mask and int(tuned.queue_ptr) == 16
