@@ -1072,6 +1072,14 @@ class AltCLIP(nn.Module):
         device = self.logit_scale.device
         return self.encode_text(ids.to(device), mask.to(device), normalize=True)
 
+    def shard_units(self):
+        # (residual blocks, towers) for train.py's --fsdp and --grad-checkpointing
+        towers = [self.visual, self.text_model] + ([self.teacher] if hasattr(self, "teacher") else [])
+        blocks = [*self.visual.transformer.resblocks, *self.text_model.roberta.encoder["layer"]]
+        if hasattr(self, "teacher"):
+            blocks += list(self.teacher.transformer.resblocks)
+        return blocks, towers
+
     def extra_state(self):
         return {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None,
                 "teacher_tokenizer": self.teacher_tokenizer.to_str() if self.teacher_tokenizer else None}

@@ -1085,6 +1085,16 @@ class BriVL(nn.Module):
     def extra_state(self):
         return {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None}
 
+    def shard_units(self):
+        # (residual blocks, towers) for train.py's --fsdp and --grad-checkpointing; the momentum
+        # encoders are sharded like the query ones, so the momentum update pairs shards with shards.
+        blocks = []
+        for image, text in ((self.visual, self.textual), (self.visual_momentum, self.textual_momentum)):
+            cnn = image.backbone
+            blocks += [b for stage in cnn.blocks for b in stage] if isinstance(cnn, TFEfficientNet) else list(cnn)
+            blocks += [*image.attn.layers, *text.bert.encoder["layer"], *text.attn.layers]
+        return blocks, [self.visual, self.visual_momentum, self.textual, self.textual_momentum]
+
 
 def add_args(parser):
     parser.add_argument("--backbone", default=None, help="CNN: tiny, or a torchvision ResNet / EfficientNet name "

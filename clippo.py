@@ -844,6 +844,10 @@ class CLIPPO(nn.Module):
         rendered = torch.from_numpy(self.renderer(list(texts))).to(self.logit_scale.device)
         return self.encode_text(rendered, normalize=True)
 
+    def shard_units(self):
+        # (residual blocks, towers) for train.py's --fsdp and --grad-checkpointing: one tower reads both
+        return list(self.visual.transformer.resblocks), [self.visual]
+
     def extra_state(self):
         # The glyphs of printable Latin-1 travel with the weights: a Pillow font may rasterise a
         # little differently on another machine, and a .hex file may not be there at all.

@@ -75,6 +75,13 @@ CONFIGS = {
     "ViT-B-16": Config(patch_size=16),
     "ViT-L-14": Config(embed_dim=768, patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16,
                        text_width=768, text_layers=12, text_heads=12),
+    # LAION's large models, with open_clip's shapes (its model_configs/*.json of the same names).
+    "ViT-H-14": Config(embed_dim=1024, patch_size=14, vision_width=1280, vision_layers=32, vision_heads=16,
+                       text_width=1024, text_layers=24, text_heads=16),
+    "ViT-g-14": Config(embed_dim=1024, patch_size=14, vision_width=1408, vision_layers=40, vision_heads=16,
+                       vision_mlp=6144, text_width=1024, text_layers=24, text_heads=16),
+    "ViT-bigG-14": Config(embed_dim=1280, patch_size=14, vision_width=1664, vision_layers=48, vision_heads=16,
+                          vision_mlp=8192, text_width=1280, text_layers=32, text_heads=20),
 }
 
 
@@ -849,6 +856,10 @@ class CLIP(nn.Module):
 
     def extra_state(self):
         return {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None}
+
+    def shard_units(self):
+        # The text tower's embeddings, final norm and projection stay with the root, as the logit scale.
+        return [*self.visual.transformer.resblocks, *self.transformer.resblocks], [self.visual, self.transformer]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,6 +46,13 @@ def build_parser(model):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--wd", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "const", "const-cooldown"],
+                   help="after the linear warmup: cosine to 0, constant, or constant then a linear cooldown to 0 "
+                        "over the last --cooldown-steps (open_clip's schedules)")
+    p.add_argument("--cooldown-steps", type=int, default=0, help="with --lr-schedule const-cooldown")
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW")
+    p.add_argument("--beta2", type=float, default=0.98)
+    p.add_argument("--eps", type=float, default=1e-6)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
     p.add_argument("--out", default="out", help="folder for metrics.jsonl and the checkpoints")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
@@ -72,8 +79,16 @@ def build_parser(model):
     p.add_argument("--workers", type=int, default=None,
                    help="loader worker processes per rank (default: the cores left after 2 per rank, at most 8)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16: autocast with a gradient scaler (V100, T4)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients and optimizer state over the ranks (FSDP2: each residual "
+                        "block, each tower, the root); the loss stays exact")
+    p.add_argument("--sharded-checkpoint", action="store_true",
+                   help="with --fsdp: each rank writes its shards (torch.distributed.checkpoint, "
+                        "OUT/checkpoint-STEP.dcp) instead of rank 0 gathering the whole model")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each residual block's activations in the backward: less memory, same gradients")
     p.add_argument("--dist-timeout", type=float, default=30,
                    help="minutes a rank waits for its peers in a collective before it fails (a dead peer)")
     datalib.add_args(p)
@@ -94,6 +109,10 @@ def parse_args(argv=None):
         p.error(f"--batch-size {args.batch_size} must be a multiple of --accum {args.accum}")
     if args.keep < 1:
         p.error("--keep must be at least 1")
+    if args.lr_schedule == "const-cooldown" and not 0 < args.cooldown_steps <= args.steps:
+        p.error("--lr-schedule const-cooldown needs --cooldown-steps between 1 and --steps")
+    if args.sharded_checkpoint and not args.fsdp:
+        p.error("--sharded-checkpoint goes with --fsdp")
     for name in filter(None, args.report_to.split(",")):
         if name not in REPORTERS:
             p.error(f"--report-to {name!r}: choose among {', '.join(REPORTERS)}")
@@ -120,12 +139,15 @@ def setup(args):
     if args.workers is None:  # on a small machine a loader process only steals cycles from the model
         args.workers = max(0, min(8, (os.cpu_count() or 1) // local_world - 2))
     control = None
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if world > 1:
         timeout = datetime.timedelta(minutes=args.dist_timeout)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=rendezvous_store(rank, world, timeout),
+        dist.init_process_group(backend, store=rendezvous_store(rank, world, timeout),
                                 rank=rank, world_size=world, timeout=timeout)
         # Stop requests and checkpoint decisions travel on a CPU group, so they never wait on the GPU.
         control = dist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else dist.group.WORLD
+    elif args.fsdp:  # FSDP2 needs a process group, even of one
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return rank, world, device, control
 
 
@@ -194,8 +216,65 @@ def param_groups(model, wd):
 def lr_at(step, args):
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
+    if args.lr_schedule == "const":
+        return args.lr
+    if args.lr_schedule == "const-cooldown":
+        start = args.steps - args.cooldown_steps
+        return args.lr if step < start else args.lr * (1 - (step - start) / args.cooldown_steps)
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
     return 0.5 * args.lr * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: activation checkpointing and FSDP2, over the units the model names (model.shard_units())
+
+
+def checkpoint_blocks(model):
+    """Recompute each residual block's activations in the backward instead of keeping them.
+
+    Non-reentrant torch.utils.checkpoint restores the RNG state and takes keyword arguments, so the
+    gradients are the plain forward's; under no_grad (evaluation, GradCache's first pass) it is skipped."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.shard_units()[0]:
+        def forward(*a, _inner=block.forward, **kw):
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *a, use_reentrant=False, **kw)
+            return _inner(*a, **kw)
+
+        block.forward = forward
+
+
+def shard(model, device, precision):
+    """FSDP2: each residual block, then each tower, then the root holds its parameters' shards only,
+    gathering a unit's whole weights just before its forward (and backward) and freeing them after."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if device.type == "cuda" else None
+    policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
+    # FSDP2 cannot shard 0-d parameters (the logit scale): every rank keeps them whole, and their
+    # gradients are averaged by reduce_scalars() as DDP would.
+    scalars = {p for p in model.parameters() if p.dim() == 0}
+    blocks, towers = model.shard_units()
+    for unit in [*blocks, *towers, model]:
+        fully_shard(unit, mp_policy=policy, ignored_params=scalars)
+    register_fsdp_forward_method(model, "encode_texts")  # evaluation's text embeddings read the root's weights
+    return [p for p in scalars if p.requires_grad]
+
+
+def reduce_scalars(params, world):
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def gradient_sync(ddp, fsdp, model, on):
+    """Gradients are reduced over the ranks only with a step's last micro-batch."""
+    if fsdp:
+        model.set_requires_gradient_sync(on)
+        return contextlib.nullcontext()
+    return ddp.no_sync() if ddp is not None and not on else contextlib.nullcontext()
 
 
 def rng_state(device):
@@ -208,12 +287,13 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state[1], device)
 
 
-def train_step(fwd, ddp, model, batch, accum, autocast, device):
+def train_step(fwd, ddp, model, batch, accum, autocast, device, scaler=None, fsdp=False):
     """Forward + backward of one global batch; returns the loss (a tensor, not synced)."""
+    scale = scaler.scale if scaler is not None else (lambda x: x)  # fp16: gradients scaled up, unscaled at the step
     if accum == 1:
         with autocast:
             loss = model.loss(fwd(batch))
-        loss.backward()
+        scale(loss).backward()
         return loss.detach()
     # Exact accumulation (the GradCache recipe): embed every micro-batch without a graph, take the loss
     # and its gradient w.r.t. the features over all of them, then re-embed each micro-batch with a graph
@@ -227,14 +307,13 @@ def train_step(fwd, ddp, model, batch, accum, autocast, device):
     feats = {k: (torch.cat([o[k] for o in outs]) if outs[0][k].dim() else outs[0][k]).detach().float().requires_grad_()
              for k in outs[0]}
     loss = model.loss(feats)
-    loss.backward()
+    scale(loss).backward()
     grads = {k: (f.grad.split([o[k].shape[0] for o in outs]) if f.dim() else f.grad) for k, f in feats.items()
              if f.grad is not None}
     for m, mb in enumerate(micro):
         set_rng_state(states[m], device)
         last = m == accum - 1
-        sync = contextlib.nullcontext() if last or ddp is None else ddp.no_sync()
-        with sync:
+        with gradient_sync(ddp, fsdp, model, last):
             with autocast:
                 out = fwd(mb)
             # Per-batch scalars (the logit scale) get their gradient once, with the synced micro-batch.
@@ -278,6 +357,11 @@ def evaluate(model, module, sets, args, rank, world, device, autocast):
         if world > 1:
             parts = [None] * world
             dist.all_gather_object(parts, local)
+        classifiers = {}
+        if parts[0][2] is not None and hasattr(data, "classnames"):
+            for lang, names in data.classnames.items():  # every rank: under FSDP the text tower is sharded
+                with autocast:
+                    classifiers[lang] = module.zero_shot_classifier(model, names, data.templates[lang]).float().cpu()
         if rank != 0:
             continue
         image, text = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -286,10 +370,9 @@ def evaluate(model, module, sets, args, rank, world, device, autocast):
             metrics.update(module.retrieval_metrics(image, text))
             if parts[0][4]:
                 metrics["val_loss"] = sum(p[3] for p in parts) / sum(p[4] for p in parts)
-        if label is not None and hasattr(data, "classnames"):
-            for lang, names in data.classnames.items():
-                with autocast:
-                    clf = module.zero_shot_classifier(model, names, data.templates[lang]).float().cpu()
+        if label is not None:
+            for lang, clf in classifiers.items():
+                names = data.classnames[lang]
                 top = (image @ clf.T).topk(min(5, len(names)), dim=1).indices
                 suffix = "" if lang == "en" else f"_{lang}"
                 metrics[f"zeroshot_top1{suffix}"] = (top[:, 0] == label).float().mean().item()
@@ -353,11 +436,13 @@ class Reporters:
 LATEST = "checkpoint.pt"
 NUMBERED = re.compile(r"checkpoint-(\d+)\.pt")
 # Flags that may differ when a run is resumed: where files go, how often to log, save and evaluate,
-# what to evaluate on, and knobs that leave the arithmetic alone (--accum is exact). The global batch
+# what to evaluate on, and knobs that leave the arithmetic alone (--accum, --fsdp and activation
+# checkpointing are exact; a run may move between FSDP and DDP at the same world size). The global batch
 # is checked on its own, so ranks x --batch-size may be regrouped. Every other flag changes the run.
 MAY_CHANGE_ON_RESUME = {"steps", "out", "resume", "overwrite", "allow_flag_changes", "keep", "workers", "log_every",
                         "save_every", "eval_every", "compile", "device", "dist_timeout", "val_data", "val_size",
-                        "zeroshot_data", "zeroshot_templates", "accum", "batch_size", "report_to"}
+                        "zeroshot_data", "zeroshot_templates", "accum", "batch_size", "report_to", "fsdp",
+                        "sharded_checkpoint", "grad_checkpointing"}
 
 
 def reason(e):
@@ -452,6 +537,9 @@ def clear_run(out):
     for f in checkpoints(out) + [os.path.join(out, "metrics.jsonl")]:
         if os.path.exists(f):
             os.remove(f)
+    for f in os.listdir(out):
+        if f.endswith((".dcp", ".dcp.tmp")):
+            shutil.rmtree(os.path.join(out, f))
 
 
 def save_checkpoint(out, state, keep):
@@ -485,6 +573,9 @@ def save_checkpoint(out, state, keep):
     for old in numbered_checkpoints(out)[keep:]:
         if not os.path.samefile(old, path):
             os.remove(old)
+            shards = old[:-len(".pt")] + ".dcp"  # a sharded checkpoint's folder goes with the file naming it
+            if os.path.isdir(shards):
+                shutil.rmtree(shards)
     return None
 
 
@@ -505,17 +596,98 @@ def decide_start(args, module, world):
     for f in os.listdir(args.out):  # what a kill during a save left behind
         if re.fullmatch(r"checkpoint.*\.tmp\d+", f):
             os.remove(os.path.join(args.out, f))
+        elif f.endswith(".dcp.tmp"):
+            shutil.rmtree(os.path.join(args.out, f))
     if args.resume:
         print(f"resuming from {path} (step {ckpt['step']})" if path else
               f"no checkpoint in {args.out}: starting a new run", flush=True)
     return path, ckpt
 
 
-def checkpoint_state(model, opt, step, args, world, device, data_position=None):
-    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "data": data_position,
+def checkpoint_state(model, opt, step, args, world, device, data_position=None, scaler=None):
+    """What a checkpoint holds. Under --fsdp every rank calls it: the whole weights are gathered to rank 0
+    (others get None), or with --sharded-checkpoint every rank writes its shards to OUT/checkpoint-STEP.dcp."""
+    weights = optimizer = sharded = None
+    if args.sharded_checkpoint:
+        sharded = write_shards(model, opt, args.out, step)
+    elif args.fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights, optimizer = get_model_state_dict(model, options=whole), get_optimizer_state_dict(model, opt, options=whole)
+        if dist.get_rank() == 0:
+            optimizer = optimizer_by_index(optimizer, model, opt)  # the same file as a DDP run's
+    else:
+        weights, optimizer = model.state_dict(), opt.state_dict()
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    return {"model": weights, "optimizer": optimizer, "sharded": sharded, "step": step, "data": data_position,
             "samples_seen": step * args.batch_size * world, "extra": model.extra_state(), "args": vars(args),
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+
+
+def param_names(model, opt):
+    """The optimizer's parameters by name, in its order (the order of opt.state_dict()'s indices)."""
+    name = {id(p): n for n, p in model.named_parameters()}
+    return [name[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def optimizer_by_index(osd, model, opt):
+    """An optimizer state keyed by parameter name (torch.distributed.checkpoint's) as opt.state_dict() keys it."""
+    index = {n: i for i, n in enumerate(param_names(model, opt))}
+    return {"state": {index[n]: v for n, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]}
+
+
+def optimizer_by_name(osd, model, opt):
+    names = param_names(model, opt)
+    return {"state": {names[i]: v for i, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}
+
+
+def write_shards(model, opt, out, step):
+    """Every rank writes its shards of weights and optimizer state; returns the folder's name."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    name = f"checkpoint-{step:07d}.dcp"
+    tmp = os.path.join(out, name + ".tmp")
+    if dist.get_rank() == 0 and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    dist.barrier()
+    weights, optimizer = get_state_dict(model, opt)
+    dcp.save({"model": weights, "optimizer": optimizer}, checkpoint_id=tmp)
+    dist.barrier()
+    if dist.get_rank() == 0:  # whole once renamed; the .pt that names it is written after
+        final = os.path.join(out, name)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    return name
+
+
+def restore(model, opt, ckpt, args, scaler):
+    """Weights (unless already loaded whole before sharding) and optimizer state into this run's layout."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_optimizer_state_dict,
+                                                         set_state_dict)
+
+    if ckpt.get("sharded"):
+        import torch.distributed.checkpoint as dcp
+
+        weights, optimizer = get_state_dict(model, opt)
+        state = {"model": weights, "optimizer": optimizer}
+        dcp.load(state, checkpoint_id=os.path.join(args.out, ckpt["sharded"]))
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    elif args.fsdp:  # a whole checkpoint (FSDP's or DDP's): every rank keeps its shards of it
+        set_optimizer_state_dict(model, opt, optimizer_by_name(ckpt["optimizer"], model, opt),
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
 
 
 def main(argv=None):
@@ -551,14 +723,20 @@ def main(argv=None):
         extra = box[0]
     torch.manual_seed(args.seed)  # the same initial weights however many times create() ran before
     model = module.create(args, train_data.caption_corpus(), extra=extra).to(device)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    opt = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.98), eps=1e-6,
-                            fused=device.type == "cuda")
+    if ckpt and ckpt["model"] is not None:  # whole weights load before sharding; shards after
+        model.load_state_dict(ckpt["model"])
+    if args.grad_checkpointing:
+        checkpoint_blocks(model)
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    scalars = shard(model, device, precision) if args.fsdp else []
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None  # fp16's range needs loss scaling
+    opt = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
+                            fused=device.type == "cuda" and not args.fsdp)
     step = 0
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        restore(model, opt, ckpt, args, scaler)
         step = ckpt["step"]
         set_rng_state((ckpt["rng"]["torch"], ckpt["rng"].get("cuda")), device)
         if rank == 0 and os.path.exists(metrics_path):  # drop rows the resumed run will write again
@@ -569,7 +747,7 @@ def main(argv=None):
         os.remove(metrics_path)
 
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                    **NO_BUFFER_SYNC) if world > 1 else None
+                                                    **NO_BUFFER_SYNC) if world > 1 and not args.fsdp else None
     fwd = ddp or model
     if args.compile:
         fwd = torch.compile(fwd)
@@ -613,10 +791,17 @@ def main(argv=None):
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = train_step(fwd, ddp, model, batch, args.accum, autocast, device)
+        loss = train_step(fwd, ddp, model, batch, args.accum, autocast, device, scaler, args.fsdp)
+        reduce_scalars(scalars, world)
+        if scaler is not None:
+            scaler.unscale_(opt)  # clip the true gradients; a step with inf/nan ones is skipped
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
         model.after_step()
         step += 1
@@ -675,9 +860,10 @@ def main(argv=None):
                     dist.all_gather_object(every, positions, group=control)
                 data_position = {"slots": batches.slots, "at": {str(k): list(v) for p in every for k, v in p.items()}}
             failed = None
+            state = (checkpoint_state(model, opt, step, args, world, device, data_position, scaler)
+                     if rank == 0 or args.fsdp else None)  # FSDP: every rank takes part in gathering or writing
             if rank == 0:
-                failed = save_checkpoint(args.out, checkpoint_state(model, opt, step, args, world, device, data_position),
-                                         args.keep)
+                failed = save_checkpoint(args.out, state, args.keep)
             failed = rank0_decides(failed, control, world)
             if failed:  # every rank stops; the checkpoints already written are untouched
                 before = (f"the last good checkpoint, {ckpt_path}, is intact" if os.path.exists(ckpt_path)
@@ -690,7 +876,7 @@ def main(argv=None):
             break
     if reporters:
         reporters.close()
-    if world > 1:
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     return metrics
