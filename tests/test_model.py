@@ -132,3 +132,21 @@ def test_create_trains_tokenizer_and_rebuilds_from_extra_state():
     again = clip.create(None, extra=model.extra_state())
     assert again.cfg == model.cfg
     torch.testing.assert_close(again.tokenizer(["a red square"]), model.tokenizer(["a red square"]))
+
+
+# open_clip 3.3.0's models of these names, counted on the meta device (logit_scale included).
+LARGE = {"ViT-H-14": 986_109_441, "ViT-g-14": 1_366_678_273, "ViT-bigG-14": 2_539_567_105}
+
+
+@pytest.mark.parametrize("name", LARGE)
+def test_large_presets_have_open_clips_parameter_counts(name):
+    with torch.device("meta"):
+        ours = sum(p.numel() for p in clip.CLIP(clip.CONFIGS[name]).parameters())
+    assert ours == LARGE[name] and clip.open_clip_name(clip.CONFIGS[name]) == name
+    try:
+        import open_clip
+    except ImportError:
+        return
+    with torch.device("meta"):
+        theirs = open_clip.create_model(name, device="meta")
+    assert sum(p.numel() for p in theirs.parameters()) == ours

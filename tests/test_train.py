@@ -53,7 +53,7 @@ def test_two_ranks_equal_one_rank(tmp_path, model):
 def check_two_ranks_equal_one_rank(tmp_path, model):
     # The global batch is the same 16 samples either way; the loss is exact over it, so the weights agree.
     a, b = str(tmp_path / "one"), str(tmp_path / "two")
-    finish(torchrun(1, *model, "--steps", "3", "--batch-size", "16", "--out", a, *FAST))
+    train.main([*model, "--steps", "3", "--batch-size", "16", "--out", a, *FAST])  # in this process: no start-up
     finish(torchrun(2, *model, "--steps", "3", "--batch-size", "8", "--out", b, *FAST))
     assert max_diff(weights(a), weights(b)) < 1e-5
     assert rows(b)[0]["loss"] == pytest.approx(rows(a)[0]["loss"], rel=1e-5)
@@ -71,7 +71,7 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, model):
 def check_sigterm_then_resume(tmp_path, model):
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
     args = [*model, "--steps", "30", "--batch-size", "16", *FAST]
-    finish(torchrun(1, *args, "--out", whole))
+    train.main([*args, "--out", whole])
     proc = torchrun(1, *args, "--out", cut, start_new_session=True)
     metrics = os.path.join(cut, "metrics.jsonl")
     deadline = time.time() + 120
@@ -81,7 +81,7 @@ def check_sigterm_then_resume(tmp_path, model):
     out, _ = proc.communicate(timeout=120)
     stopped = torch.load(os.path.join(cut, "checkpoint.pt"), weights_only=False)["step"]
     assert 3 <= stopped < 30, out
-    finish(torchrun(1, *args, "--out", cut, "--resume"))
+    train.main([*args, "--out", cut, "--resume"])
     assert max_diff(weights(whole), weights(cut)) < 1e-6
     assert [r["step"] for r in rows(cut) if "loss" in r] == list(range(1, 31))
 

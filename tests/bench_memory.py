@@ -1,0 +1,108 @@
+"""Memory per rank: DDP against FSDP (train.py's --fsdp) at 1, 2 and 4 ranks, with and without activation
+checkpointing (--grad-checkpointing), on CPU with gloo and a CLIP of small towers.
+
+    .venv/bin/python tests/bench_memory.py [--ranks 1 2 4] [--batch 16]
+
+Per rank it prints what is measured, not assumed:
+- weights, gradients and AdamW state: the bytes of the tensors this rank holds (its shards under FSDP);
+- peak RSS: the process's high-water mark (getrusage) over one training step, less its size just
+  before the model was built;
+- activations per sample: the growth of that peak from --batch to 2 x --batch samples, divided by
+  --batch (weights and optimizer state do not grow with the batch, activations do).
+The README turns the bytes per parameter and per sample into estimates for ViT-L/14 and ViT-bigG-14.
+"""
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import clip  # noqa: E402
+import train  # noqa: E402
+
+# Small towers, large enough that weights and optimizer state stand well above the noise.
+CFG = dict(embed_dim=384, image_size=64, patch_size=8, vision_width=384, vision_layers=8, vision_heads=6,
+           context_length=32, vocab_size=4096, text_width=384, text_layers=8, text_heads=6)
+
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def nbytes(t):
+    t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this rank's shard
+    return t.numel() * t.element_size()
+
+
+def worker(rank, world, port, fsdp, checkpointing, batch, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    base = peak_mb()
+    model = clip.CLIP(clip.Config(**CFG))
+    if checkpointing:
+        train.checkpoint_blocks(model)
+    scalars = train.shard(model, torch.device("cpu"), "fp32") if fsdp else []
+    fwd = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not fsdp else model
+    opt = torch.optim.AdamW(train.param_groups(model, 0.1), lr=1e-4)
+    g = torch.Generator().manual_seed(rank)
+    data = {"image": torch.randn(batch, 3, CFG["image_size"], CFG["image_size"], generator=g),
+            "text": torch.randint(1, CFG["vocab_size"], (batch, CFG["context_length"]), generator=g)}
+    for _ in range(2):  # the second step runs with the optimizer state in place
+        model.loss(fwd(data)).backward()
+        train.reduce_scalars(scalars, world)
+        opt.step()
+        grads = sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None)
+        opt.zero_grad(set_to_none=True)
+    row = {"params": sum(p.numel() for p in model.parameters()) if not fsdp else None,
+           "weights": sum(nbytes(p) for p in model.parameters()), "grads": grads,
+           "adam": sum(nbytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()),
+           "peak_mb": peak_mb() - base}
+    with open(os.path.join(out, f"{rank}.json"), "w") as f:
+        json.dump(row, f)
+    dist.destroy_process_group()
+
+
+def measure(world, fsdp, checkpointing, batch):
+    with tempfile.TemporaryDirectory() as out:
+        from conftest import free_port
+
+        mp.spawn(worker, args=(world, free_port(), fsdp, checkpointing, batch, out), nprocs=world)
+        rows = [json.load(open(os.path.join(out, f"{r}.json"))) for r in range(world)]
+    return {k: max(r[k] or 0 for r in rows) for k in rows[0]}  # the largest rank's
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--batch", type=int, default=16, help="samples per rank")
+    args = p.parse_args()
+    n = measure(1, False, False, 2)["params"]
+    print(f"clip with {n / 1e6:.1f}M parameters, {args.batch} samples per rank, fp32, CPU/gloo "
+          f"({torch.__version__})")
+    print(f"{'ranks':>5} {'mode':>4} {'ckpt':>4} | {'weights':>8} {'grads':>8} {'adam':>8} {'B/param':>8} | "
+          f"{'peak RSS':>9} | {'act/sample':>10}")
+    for world in args.ranks:
+        for fsdp in (False, True):
+            for checkpointing in (False, True):
+                a = measure(world, fsdp, checkpointing, args.batch)
+                b = measure(world, fsdp, checkpointing, 2 * args.batch)
+                states = a["weights"] + a["grads"] + a["adam"]
+                print(f"{world:>5} {'fsdp' if fsdp else 'ddp':>4} {'on' if checkpointing else 'off':>4} | "
+                      f"{a['weights'] / 2**20:7.1f}M {a['grads'] / 2**20:7.1f}M {a['adam'] / 2**20:7.1f}M "
+                      f"{states / n:8.2f} | {a['peak_mb']:8.0f}M | {(b['peak_mb'] - a['peak_mb']) / args.batch:9.2f}M",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    main()
