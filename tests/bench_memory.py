@@ -5,13 +5,15 @@ checkpointing (--grad-checkpointing), on CPU with gloo and a CLIP of small tower
 
 Per rank it prints what is measured, not assumed:
 - weights, gradients and AdamW state: the bytes of the tensors this rank holds (its shards under FSDP);
-- peak RSS: the process's high-water mark (getrusage) over one training step, less its size just
-  before the model was built;
-- activations per sample: the growth of that peak from --batch to 2 x --batch samples, divided by
-  --batch (weights and optimizer state do not grow with the batch, activations do).
+- activations per sample: the memory in use (glibc's mallinfo2: heap plus mmapped blocks) once the
+  forward and the loss are done, less the memory in use just before the forward, over the batch: what
+  the backward needs kept, which activation checkpointing cuts;
+- peak RSS: the process's high-water mark (getrusage) over the steps, less its size before the model
+  was built (allocator slack included).
 The README turns the bytes per parameter and per sample into estimates for ViT-L/14 and ViT-bigG-14.
 """
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -31,6 +33,19 @@ import train  # noqa: E402
 # Small towers, large enough that weights and optimizer state stand well above the noise.
 CFG = dict(embed_dim=384, image_size=64, patch_size=8, vision_width=384, vision_layers=8, vision_heads=6,
            context_length=32, vocab_size=4096, text_width=384, text_layers=8, text_heads=6)
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def in_use():
+    """Bytes the C allocator has handed out and not taken back (torch's CPU tensors live there)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
 
 
 def peak_mb():
@@ -58,7 +73,10 @@ def worker(rank, world, port, fsdp, checkpointing, batch, out):
     data = {"image": torch.randn(batch, 3, CFG["image_size"], CFG["image_size"], generator=g),
             "text": torch.randint(1, CFG["vocab_size"], (batch, CFG["context_length"]), generator=g)}
     for _ in range(2):  # the second step runs with the optimizer state in place
-        model.loss(fwd(data)).backward()
+        before = in_use()
+        loss = model.loss(fwd(data))
+        held = in_use() - before
+        loss.backward()
         train.reduce_scalars(scalars, world)
         opt.step()
         grads = sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None)
@@ -66,7 +84,7 @@ def worker(rank, world, port, fsdp, checkpointing, batch, out):
     row = {"params": sum(p.numel() for p in model.parameters()) if not fsdp else None,
            "weights": sum(nbytes(p) for p in model.parameters()), "grads": grads,
            "adam": sum(nbytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()),
-           "peak_mb": peak_mb() - base}
+           "act_per_sample": held / batch, "peak_mb": peak_mb() - base}
     with open(os.path.join(out, f"{rank}.json"), "w") as f:
         json.dump(row, f)
     dist.destroy_process_group()
@@ -90,17 +108,15 @@ def main():
     print(f"clip with {n / 1e6:.1f}M parameters, {args.batch} samples per rank, fp32, CPU/gloo "
           f"({torch.__version__})")
     print(f"{'ranks':>5} {'mode':>4} {'ckpt':>4} | {'weights':>8} {'grads':>8} {'adam':>8} {'B/param':>8} | "
-          f"{'peak RSS':>9} | {'act/sample':>10}")
+          f"{'act/sample':>10} | {'peak RSS':>9}  (MiB)")
     for world in args.ranks:
         for fsdp in (False, True):
             for checkpointing in (False, True):
                 a = measure(world, fsdp, checkpointing, args.batch)
-                b = measure(world, fsdp, checkpointing, 2 * args.batch)
                 states = a["weights"] + a["grads"] + a["adam"]
                 print(f"{world:>5} {'fsdp' if fsdp else 'ddp':>4} {'on' if checkpointing else 'off':>4} | "
-                      f"{a['weights'] / 2**20:7.1f}M {a['grads'] / 2**20:7.1f}M {a['adam'] / 2**20:7.1f}M "
-                      f"{states / n:8.2f} | {a['peak_mb']:8.0f}M | {(b['peak_mb'] - a['peak_mb']) / args.batch:9.2f}M",
-                      flush=True)
+                      f"{a['weights'] / 2**20:8.1f} {a['grads'] / 2**20:8.1f} {a['adam'] / 2**20:8.1f} "
+                      f"{states / n:8.2f} | {a['act_per_sample'] / 2**20:10.2f} | {a['peak_mb']:9.0f}", flush=True)
 
 
 if __name__ == "__main__":
