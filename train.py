@@ -942,6 +942,8 @@ def zero_shot_grid(ckpt, n=16):
     import base64
     import io
 
+    if ckpt["model"] is None:
+        raise ValueError(f"a sharded checkpoint: the weights are in {ckpt.get('sharded')}")
     args = argparse.Namespace(**ckpt["args"])
     module = import_model(args.model)
     model = module.create(args, extra=ckpt["extra"])
