@@ -491,10 +491,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
                     notes.append("no rewrites: original caption used")
                 items.append(out)
                 if len(items) == self.b:
-                    batch = collate(items)
-                    batch["_skips"], batch["_notes"] = skips + problems, notes
-                    batch["_position"] = (slot, epoch, seen)
-                    yield batch
+                    yield collate(items), {"skips": skips + problems, "notes": notes, "position": (slot, epoch, seen)}
                     problems, skips, notes, items = [], [], [], []
             if seen == 0:
                 raise DataError(f"{self.data.spec}: no readable sample in the shards of slot {slot} "
@@ -667,15 +664,13 @@ class TrainBatches(torch.utils.data.Dataset):
         for p in range(first, first + self.b):
             epoch, i = divmod(p, len(self.data))
             items.append(load_sample(self.data, self.transform, int(self.order(epoch)[i]), epoch, self.seed, skips, notes))
-        batch = collate(items)
-        batch["_skips"], batch["_notes"] = skips, notes
-        return batch
+        return collate(items), {"skips": skips, "notes": notes}
 
 
 class EvalBatches(torch.utils.data.Dataset):
     """The data in order, in global batches of batch_size x world; each rank gets its slice of each.
 
-    Every rank has the same number of full global batches first (those carry '_full', and the
+    Every rank has the same number of full global batches first (their info says 'full', and the
     validation loss is taken over them in lockstep); the remainder is spread over the ranks."""
 
     def __init__(self, data, transform, batch_size, rank=0, world=1, seed=0):
@@ -694,8 +689,7 @@ class EvalBatches(torch.utils.data.Dataset):
     def __getitem__(self, k):
         skips = []
         batch = collate([load_sample(self.data, self.transform, i, 0, self.seed, skips) for i in self.ranges[k]])
-        batch["_skips"], batch["_notes"], batch["_full"] = skips, [], k < self.full
-        return batch
+        return batch, {"skips": skips, "notes": [], "full": k < self.full}
 
 
 def _worker_init(_):
@@ -703,8 +697,9 @@ def _worker_init(_):
 
 
 def loader(batches, start=0, stop=None, workers=0):
-    """Batches start..stop-1 of a TrainBatches / EvalBatches, each built whole by one worker; a
-    ShardBatches streams from where it was set up to start."""
+    """(batch, info) for batches start..stop-1 of a TrainBatches / EvalBatches, each built whole by one
+    worker; a ShardBatches streams from where it was set up to start. info: 'skips' and 'notes' (reasons,
+    one per sample), and 'position' (shards) or 'full' (evaluation)."""
     kw = dict(batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
               prefetch_factor=4 if workers else None, persistent_workers=False)
     if isinstance(batches, torch.utils.data.IterableDataset):
@@ -734,6 +729,30 @@ def build(args):
     if args.val_data:
         val = ShardIndex(args.val_data) if is_shards(args.val_data) else CsvData(args.val_data, **kw)
     return train, val, zeroshot
+
+
+class Position:
+    """Where this rank's loader slots stand in a shard stream, (epoch, raw samples consumed) each, after
+    the last batch trained on: what a checkpoint stores so a resumed run continues mid-epoch."""
+
+    def __init__(self, batches, rank):
+        self.slots = batches.slots if isinstance(batches, ShardBatches) else None
+        self.at = {k: v for k, v in getattr(batches, "position", {}).items() if k // getattr(batches, "workers", 1) == rank}
+
+    def update(self, info):
+        if "position" in info:
+            slot, epoch, consumed = info["position"]
+            self.at[int(slot)] = (int(epoch), int(consumed))
+
+    def state(self, world, group=None):
+        """Every rank's slots, for the checkpoint (a collective when world > 1); None for other data."""
+        if self.slots is None:
+            return None
+        every = [self.at]
+        if world > 1:
+            every = [None] * world
+            torch.distributed.all_gather_object(every, self.at, group=group)
+        return {"slots": self.slots, "at": {str(k): list(v) for p in every for k, v in p.items()}}
 
 
 def train_batches(data, transform, batch_size, rank, world, seed, workers, position=None, start=0):

@@ -339,9 +339,8 @@ def evaluate(model, module, sets, args, rank, world, device, autocast):
         folder = isinstance(data, datalib.ImageFolder)  # labels only: no captions to retrieve
         batches = datalib.EvalBatches(data, model.transform(False), args.batch_size, rank, world, args.seed)
         images, texts, labels, loss_sum, n_full = [], [], [], 0.0, 0
-        for batch in datalib.loader(batches, workers=args.workers):
-            batch.pop("_skips"), batch.pop("_notes")
-            full = batch.pop("_full")
+        for batch, info in datalib.loader(batches, workers=args.workers):
+            full = info["full"]
             label = batch.pop("label", None)
             with autocast:
                 out = model({k: v.to(device, non_blocking=True) for k, v in batch.items()})
@@ -690,13 +689,8 @@ def restore(model, opt, ckpt, args, scaler):
         scaler.load_state_dict(ckpt["scaler"])
 
 
-def main(argv=None):
-    args, module = parse_args(argv)
-    rank, world, device, control = setup(args)
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path, metrics_path = os.path.join(args.out, LATEST), os.path.join(args.out, "metrics.jsonl")
-
-    # Start or resume: rank 0 reads the folder and decides, every rank follows.
+def start_or_resume_all(args, module, rank, world, control):
+    """The checkpoint to resume from (or None): rank 0 reads the folder and decides, every rank follows."""
     path = ckpt = refusal = error = None
     if rank == 0:
         try:
@@ -712,17 +706,19 @@ def main(argv=None):
         raise SystemExit(refusal if rank == 0 else 1)
     if path and rank != 0:
         ckpt = read_checkpoint(path)
+    return ckpt
 
-    torch.manual_seed(args.seed)
-    train_data, val_data, zeroshot_data = datalib.build(args)
+
+def build_model(args, module, ckpt, captions, rank, world, device):
+    """The model on its device (resumed, checkpointed, sharded as asked), its optimizer and precision."""
     extra = ckpt["extra"] if ckpt else None
     # rank 0 builds (e.g. trains the tokenizer), the others copy it; --init weights every rank reads itself
     if extra is None and world > 1 and not args.init:
-        box = [module.create(args, train_data.caption_corpus()).extra_state() if rank == 0 else None]
+        box = [module.create(args, captions()).extra_state() if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         extra = box[0]
     torch.manual_seed(args.seed)  # the same initial weights however many times create() ran before
-    model = module.create(args, train_data.caption_corpus(), extra=extra).to(device)
+    model = module.create(args, captions(), extra=extra).to(device)
     if ckpt and ckpt["model"] is not None:  # whole weights load before sharding; shards after
         model.load_state_dict(ckpt["model"])
     if args.grad_checkpointing:
@@ -734,60 +730,151 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None  # fp16's range needs loss scaling
     opt = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
                             fused=device.type == "cuda" and not args.fsdp)
-    step = 0
     if ckpt:
         restore(model, opt, ckpt, args, scaler)
-        step = ckpt["step"]
         set_rng_state((ckpt["rng"]["torch"], ckpt["rng"].get("cuda")), device)
-        if rank == 0 and os.path.exists(metrics_path):  # drop rows the resumed run will write again
+    return model, opt, scaler, scalars, autocast
+
+
+class Progress:
+    """Loss, throughput and skipped samples since the last log line; rows go to metrics.jsonl (and the
+    reporters) from rank 0."""
+
+    def __init__(self, args, rank, world, device, control, step):
+        self.args, self.rank, self.world, self.device, self.control = args, rank, world, device, control
+        self.path = os.path.join(args.out, "metrics.jsonl")
+        self.reporters = Reporters(args.report_to.split(","), args.out, step, args) if rank == 0 and args.report_to else None
+        self.skips, self.notes = {}, {}
+        self.t_start = self.t_last = time.time()
+        self.step_start = self.step_last = step
+        self.reset()
+
+    def reset(self):
+        self.loss_sum, self.loss_n = torch.zeros((), device=self.device), 0
+
+    def count(self, info):
+        for why in info["skips"]:
+            self.skips[why] = self.skips.get(why, 0) + 1
+        for note in info["notes"]:
+            self.notes[note] = self.notes.get(note, 0) + 1
+
+    def add(self, loss):
+        self.loss_sum += loss
+        self.loss_n += 1
+
+    def write(self, row):
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.reporters:
+                self.reporters(row)
+
+    def log(self, step, lr, ckpt_path):
+        args, world = self.args, self.world
+        mean_loss = self.loss_sum / self.loss_n
+        if world > 1:
+            dist.all_reduce(mean_loss)
+            mean_loss /= world
+        mean_loss = mean_loss.item()
+        if not math.isfinite(mean_loss):
+            raise SystemExit(f"train.py: the loss became {mean_loss} by step {step}; stopping. The last good "
+                             f"checkpoint is kept at {ckpt_path}; lower --lr or raise --warmup and --resume")
+        now = time.time()
+        sps = args.batch_size * world * (step - self.step_last) / (now - self.t_last)
+        n_skipped = sum(self.skips.values())
+        if world > 1:
+            t = torch.tensor([n_skipped])
+            dist.all_reduce(t, group=self.control)
+            n_skipped = int(t.item())
+        row = {"step": step, "loss": mean_loss, "lr": lr, "samples_per_s": sps, "skipped_samples": n_skipped}
+        if self.skips:
+            row["skips"] = dict(self.skips)  # by reason: this rank's counts (rank 0's, in the file)
+        if self.notes:
+            row["notes"] = dict(self.notes)
+        self.write(row)
+        if self.rank == 0:
+            eta = (args.steps - step) * (now - self.t_start) / max(1, step - self.step_start)
+            print(f"step {step}/{args.steps} | loss {mean_loss:.4f} | lr {lr:.2e} | {sps:.0f} samples/s | "
+                  f"eta {int(eta // 60)}m{int(eta % 60):02d}s" + (f" | skipped {self.skips}" if self.skips else "")
+                  + (f" | {self.notes}" if self.notes else ""), flush=True)
+        self.reset()
+        self.t_last, self.step_last = now, step
+
+    def check_finite(self, step, ckpt_path):
+        """Before a save: the steps since the last log line must not have gone non-finite."""
+        if not self.loss_n:
+            return
+        pending = self.loss_sum.clone()
+        if self.world > 1:
+            dist.all_reduce(pending)
+        if not torch.isfinite(pending):
+            raise SystemExit(f"train.py: the loss became non-finite before step {step}; stopping. The last "
+                             f"good checkpoint is kept at {ckpt_path}")
+
+    def close(self):
+        if self.reporters:
+            self.reporters.close()
+
+
+def save(model, opt, step, args, rank, world, device, control, data_position, scaler, ckpt_path):
+    """A checkpoint from rank 0 (every rank under --fsdp takes part); a failed write stops every rank."""
+    failed = None
+    state = (checkpoint_state(model, opt, step, args, world, device, data_position, scaler)
+             if rank == 0 or args.fsdp else None)  # FSDP: every rank takes part in gathering or writing
+    if rank == 0:
+        failed = save_checkpoint(args.out, state, args.keep)
+    failed = rank0_decides(failed, control, world)
+    if failed:  # every rank stops; the checkpoints already written are untouched
+        before = (f"the last good checkpoint, {ckpt_path}, is intact" if os.path.exists(ckpt_path)
+                  else "no earlier checkpoint exists")
+        raise SystemExit(f"train.py: {failed}; stopping at step {step}: {before}. Free space or fix the "
+                         f"folder's permissions, then run again with --resume" if rank == 0 else 1)
+
+
+def main(argv=None):
+    # Set-up: flags, processes, the start-or-resume decision, data, model and optimizer.
+    args, module = parse_args(argv)
+    rank, world, device, control = setup(args)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path, metrics_path = os.path.join(args.out, LATEST), os.path.join(args.out, "metrics.jsonl")
+    ckpt = start_or_resume_all(args, module, rank, world, control)
+    torch.manual_seed(args.seed)
+    train_data, val_data, zeroshot_data = datalib.build(args)
+    model, opt, scaler, scalars, autocast = build_model(args, module, ckpt, train_data.caption_corpus, rank, world,
+                                                        device)
+    step = ckpt["step"] if ckpt else 0
+    if rank == 0 and os.path.exists(metrics_path):
+        if ckpt:  # a resumed run drops the rows it will write again
             rows = [r for r in open(metrics_path) if r.strip() and json.loads(r)["step"] <= step]
             with open(metrics_path, "w") as f:
                 f.writelines(rows)
-    elif rank == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)
-
+        else:
+            os.remove(metrics_path)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                     **NO_BUFFER_SYNC) if world > 1 and not args.fsdp else None
     fwd = ddp or model
     if args.compile:
         fwd = torch.compile(fwd)
     params = [p for p in model.parameters() if p.requires_grad]
-
-    reporters = Reporters(args.report_to.split(","), args.out, step, args) if rank == 0 and args.report_to else None
-
-    def log(row):
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if reporters:
-                reporters(row)
-
-    stop = StopRequest()
+    progress, stop, metrics = Progress(args, rank, world, device, control, step), StopRequest(), {}
     batches = datalib.train_batches(train_data, model.transform(True), args.batch_size, rank, world, args.seed,
                                     args.workers, ckpt.get("data") if ckpt else None, step)
-    # Shards: this rank's slots -> (epoch, samples consumed) after the last batch trained on.
-    positions = {k: v for k, v in getattr(batches, "position", {}).items() if k // max(1, args.workers) == rank}
+    position = datalib.Position(batches, rank)
     data_iter = iter(datalib.loader(batches, start=step, stop=args.steps, workers=args.workers))
-    global_batch = args.batch_size * world
-    loss_sum, loss_n, skips, notes = torch.zeros((), device=device), 0, {}, {}
-    t_last, step_last, t_start, step_start = time.time(), step, time.time(), step
-    metrics = {}
     if rank == 0:
         nparams = sum(p.numel() for p in model.parameters())
         print(f"{args.model} {args.size}: {nparams / 1e6:.2f}M parameters, {world} rank(s) on {device}, "
-              f"global batch {global_batch}, steps {step}->{args.steps}", flush=True)
+              f"global batch {args.batch_size * world}, steps {step}->{args.steps}", flush=True)
+
     model.train()
     while step < args.steps:
-        batch = next(data_iter)
-        for why in batch.pop("_skips"):
-            skips[why] = skips.get(why, 0) + 1
-        for note in batch.pop("_notes"):
-            notes[note] = notes.get(note, 0) + 1
+        # the next batch (and what the loader skipped to make it)
+        batch, info = next(data_iter)
+        progress.count(info)
+        position.update(info)
         batch.pop("label", None)
-        if "_position" in batch:
-            slot, epoch, consumed = batch.pop("_position")
-            positions[int(slot)] = (int(epoch), int(consumed))
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        # forward, backward over the global batch, optimizer step
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -803,79 +890,28 @@ def main(argv=None):
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
-        model.after_step()
+        model.after_step()  # the model's own bookkeeping: logit-scale clamp, momentum encoders, queues
         step += 1
-        loss_sum += loss
-        loss_n += 1
-
+        progress.add(loss)
         last = step == args.steps
+        # log, evaluate, checkpoint
         if step % args.log_every == 0 or last:
-            mean_loss = loss_sum / loss_n
-            if world > 1:
-                dist.all_reduce(mean_loss)
-                mean_loss /= world
-            mean_loss = mean_loss.item()
-            if not math.isfinite(mean_loss):
-                raise SystemExit(f"train.py: the loss became {mean_loss} by step {step}; stopping. The last good "
-                                 f"checkpoint is kept at {ckpt_path}; lower --lr or raise --warmup and --resume")
-            now = time.time()
-            sps = global_batch * (step - step_last) / (now - t_last)
-            n_skipped = sum(skips.values())
-            if world > 1:
-                t = torch.tensor([n_skipped])
-                dist.all_reduce(t, group=control)
-                n_skipped = int(t.item())
-            row = {"step": step, "loss": mean_loss, "lr": lr, "samples_per_s": sps, "skipped_samples": n_skipped}
-            if skips:
-                row["skips"] = dict(skips)  # by reason: this rank's counts (rank 0's, in the file)
-            if notes:
-                row["notes"] = dict(notes)
-            log(row)
-            if rank == 0:
-                eta = (args.steps - step) * (now - t_start) / max(1, step - step_start)
-                print(f"step {step}/{args.steps} | loss {mean_loss:.4f} | lr {lr:.2e} | {sps:.0f} samples/s | "
-                      f"eta {int(eta // 60)}m{int(eta % 60):02d}s" + (f" | skipped {skips}" if skips else "")
-                      + (f" | {notes}" if notes else ""),
-                      flush=True)
-            loss_sum, loss_n, t_last, step_last = torch.zeros((), device=device), 0, now, step
+            progress.log(step, lr, ckpt_path)
         if (val_data or zeroshot_data) is not None and ((args.eval_every and step % args.eval_every == 0) or last):
             metrics = evaluate(model, module, (val_data, zeroshot_data), args, rank, world, device, autocast)
+            progress.write({"step": step, **metrics})
             if rank == 0:
-                log({"step": step, **metrics})
                 print("eval " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
-        stopping = stop.agreed(control, world)
+        stopping = stop.agreed(control, world)  # SIGTERM / Ctrl-C on any rank: save, then stop
         if (args.save_every and step % args.save_every == 0) or last or stopping:
-            if loss_n:  # steps since the last check: make sure they did not go non-finite before saving
-                pending = loss_sum.clone()
-                if world > 1:
-                    dist.all_reduce(pending)
-                if not torch.isfinite(pending):
-                    raise SystemExit(f"train.py: the loss became non-finite before step {step}; stopping. The last "
-                                     f"good checkpoint is kept at {ckpt_path}")
-            data_position = None
-            if isinstance(batches, datalib.ShardBatches):
-                every = [positions]
-                if world > 1:
-                    every = [None] * world
-                    dist.all_gather_object(every, positions, group=control)
-                data_position = {"slots": batches.slots, "at": {str(k): list(v) for p in every for k, v in p.items()}}
-            failed = None
-            state = (checkpoint_state(model, opt, step, args, world, device, data_position, scaler)
-                     if rank == 0 or args.fsdp else None)  # FSDP: every rank takes part in gathering or writing
-            if rank == 0:
-                failed = save_checkpoint(args.out, state, args.keep)
-            failed = rank0_decides(failed, control, world)
-            if failed:  # every rank stops; the checkpoints already written are untouched
-                before = (f"the last good checkpoint, {ckpt_path}, is intact" if os.path.exists(ckpt_path)
-                          else "no earlier checkpoint exists")
-                raise SystemExit(f"train.py: {failed}; stopping at step {step}: {before}. Free space or fix the "
-                                 f"folder's permissions, then run again with --resume" if rank == 0 else 1)
+            progress.check_finite(step, ckpt_path)
+            save(model, opt, step, args, rank, world, device, control, position.state(world, control), scaler,
+                 ckpt_path)
         if stopping:
             if rank == 0:
                 print(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with --resume", flush=True)
             break
-    if reporters:
-        reporters.close()
+    progress.close()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -48,7 +48,7 @@ def loader_rate(shards, transform, batch, workers, images):
     next(it)  # start-up (worker processes, first shard) is not throughput
     start, n = time.perf_counter(), 0
     while n < images:
-        n += len(next(it)["image"])
+        n += len(next(it)[0]["image"])
     return n / (time.perf_counter() - start)
 
 
@@ -74,8 +74,8 @@ def main():
         device = torch.device(args.device)
         model.to(device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        batch = next(iter(data.loader(data.ShardBatches(shards, transform, args.batch), workers=0)))
-        batch = {k: v.to(device) for k, v in batch.items() if not k.startswith("_")}
+        batch, _ = next(iter(data.loader(data.ShardBatches(shards, transform, args.batch), workers=0)))
+        batch = {k: v.to(device) for k, v in batch.items()}
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         times = []
         for _ in range(4):

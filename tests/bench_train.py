@@ -79,9 +79,8 @@ def main():
     ds = datalib.Synthetic(0, "train", 10_000)
     model = module.create(margs, ds.caption_corpus()).to(device)
     batches = datalib.TrainBatches(ds, model.transform(True), args.batch_size)
-    batch = batches[0]
-    for k in ("_skips", "_notes", "label"):
-        batch.pop(k, None)
+    batch, _ = batches[0]
+    batch.pop("label", None)
     batch = {k: v.to(device) for k, v in batch.items()}
     print(f"# {args.model} {args.size}, batch {args.batch_size}, {device} "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else ''}, torch {torch.__version__}, "
@@ -129,7 +128,7 @@ def main():
             next(it)
         t = time.perf_counter()
         n = 0
-        for b in it:
+        for b, _ in it:
             n += b["image"].shape[0]
         rate = n / (time.perf_counter() - t)
         print(f"loader, {args.loader} workers:      {rate:10.1f} samples/s "

@@ -39,11 +39,11 @@ def test_batches_do_not_depend_on_world_size(transform):
     one = data.TrainBatches(ds, transform, 16, 0, 1, seed=1)
     two = [data.TrainBatches(ds, transform, 8, r, 2, seed=1) for r in range(2)]
     for k in (0, 3, 7):
-        whole = one[k]
-        halves = [t[k] for t in two]
+        whole, _ = one[k]
+        halves = [t[k][0] for t in two]
         for key in ("image", "text", "label"):
             torch.testing.assert_close(whole[key], torch.cat([h[key] for h in halves]))
-    assert not torch.equal(one[0]["image"], one[1]["image"])
+    assert not torch.equal(one[0][0]["image"], one[1][0]["image"])
 
 
 def test_batches_do_not_depend_on_loader_workers(transform):
@@ -51,7 +51,7 @@ def test_batches_do_not_depend_on_loader_workers(transform):
     batches = data.TrainBatches(ds, transform, 8, seed=2)
     plain = list(data.loader(batches, start=2, stop=6, workers=0))
     workers = list(data.loader(batches, start=2, stop=6, workers=2))
-    for a, b in zip(plain, workers):
+    for (a, _), (b, _) in zip(plain, workers):
         torch.testing.assert_close(a["image"], b["image"])
         torch.testing.assert_close(a["text"], b["text"])
 
@@ -59,7 +59,7 @@ def test_batches_do_not_depend_on_loader_workers(transform):
 def test_epochs_are_reshuffled_and_augmentation_depends_on_epoch(transform):
     ds = data.Synthetic(0, "train", 32)
     batches = data.TrainBatches(ds, transform, 32, seed=0)
-    e0, e1 = batches[0]["label"], batches[1]["label"]
+    e0, e1 = batches[0][0]["label"], batches[1][0]["label"]
     assert sorted(e0.tolist()) == sorted(e1.tolist()) and not torch.equal(e0, e1)
 
 

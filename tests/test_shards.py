@@ -110,8 +110,8 @@ def test_slots_split_an_epoch_without_overlap(tmp_path, n_shards):
 
 def collect(batches, n, workers=0):
     out = []
-    for batch in data.loader(batches, workers=workers):
-        out.append((batch["image"].clone(), batch.pop("_position")))
+    for batch, info in data.loader(batches, workers=workers):
+        out.append((batch["image"].clone(), info["position"]))
         if len(out) == n:
             return out
 
