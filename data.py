@@ -1,10 +1,14 @@
-"""Data for every model: the embedded synthetic set, CSV/TSV files, and a deterministic loader.
+"""Data for every model: the embedded synthetic set, CSV/TSV files, tar shards, and a deterministic loader.
 
 A data set yields raw samples (dicts with a PIL 'image', a caption 'text' and whatever else it has:
-'captions' paraphrases, 'texts' per language, 'label'); the model's transform turns a sample into
-tensors inside the loader workers. Every random choice for a sample is drawn from (seed, epoch,
-sample index), and global batch k always holds the same samples, so batches do not depend on the
-number of ranks or loader workers, and a run resumes mid-epoch from its step alone.
+'rewrites', 'texts' per language, 'label', detector 'boxes'); the model's transform turns a sample
+into tensors inside the loader workers, and the loader hands out (batch, info) pairs, info saying
+which samples were skipped and why. Every random choice for a sample is drawn from (seed, epoch,
+sample index). Synthetic and CSV data: global batch k always holds the same samples, so batches do not
+depend on the number of ranks or loader workers, and a run resumes mid-epoch from its step alone.
+Shards are streamed: each loader slot (rank x worker) reads its shards through a shuffle buffer, and
+a checkpoint records each slot's position (Position), so a resume with the same ranks and workers
+continues the stream exactly.
 """
 import csv
 import io
@@ -425,7 +429,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
         self.position = {}
         if position:  # {slot: (epoch, consumed)} from a checkpoint
             if position["slots"] != self.slots:
-                raise SystemExit(f"train.py: the checkpoint's data position is for {position['slots']} slots (ranks x "
+                raise DataError(f"the checkpoint's data position is for {position['slots']} slots (ranks x "
                                  f"--workers); resume with the same number of ranks and workers to continue the "
                                  f"stream exactly")
             self.position = {int(k): tuple(v) for k, v in position["at"].items()}

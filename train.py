@@ -689,7 +689,7 @@ def restore(model, opt, ckpt, args, scaler):
         scaler.load_state_dict(ckpt["scaler"])
 
 
-def start_or_resume_all(args, module, rank, world, control):
+def agree_on_start(args, module, rank, world, control):
     """The checkpoint to resume from (or None): rank 0 reads the folder and decides, every rank follows."""
     path = ckpt = refusal = error = None
     if rank == 0:
@@ -837,7 +837,7 @@ def main(argv=None):
     rank, world, device, control = setup(args)
     os.makedirs(args.out, exist_ok=True)
     ckpt_path, metrics_path = os.path.join(args.out, LATEST), os.path.join(args.out, "metrics.jsonl")
-    ckpt = start_or_resume_all(args, module, rank, world, control)
+    ckpt = agree_on_start(args, module, rank, world, control)
     torch.manual_seed(args.seed)
     train_data, val_data, zeroshot_data = datalib.build(args)
     model, opt, scaler, scalars, autocast = build_model(args, module, ckpt, train_data.caption_corpus, rank, world,

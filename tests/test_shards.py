@@ -132,7 +132,7 @@ def test_mid_epoch_resume_continues_the_stream(tmp_path, workers):
     for (a, _), (b, _) in zip(whole[5:], rest):
         assert torch.equal(a, b)
     assert any(p[1] >= 1 for _, p in whole)  # the stream went on into a second epoch
-    with pytest.raises(SystemExit, match="same number of ranks and workers"):
+    with pytest.raises(data.DataError, match="same number of ranks and workers"):
         data.ShardBatches(shards, transform, 8, workers=workers + 3, position=position)
 
 
