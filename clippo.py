@@ -867,29 +867,41 @@ def add_args(parser):
     parser.add_argument("--text-pair-ratio", type=float, default=0.25, help="share of each batch that is text pairs")
 
 
+def build(size="tiny", font=None, pool=None, pairs=None, pair_ratio=0.0):
+    """A new CLIPPO of a preset's shapes. font: a .hex (GNU Unifont) or .ttf/.otf file, else the
+    built-in glyphs; pool: map, cls or mean; pairs: (text, text) pairs mixed into batches at pair_ratio."""
+    if size not in CONFIGS:
+        raise ValueError(f"unknown --size {size!r}; choose one of {', '.join(CONFIGS)}")
+    cfg = Config(**asdict(CONFIGS[size]))
+    cfg.font, cfg.pool = font, pool or cfg.pool
+    return CLIPPO(cfg, None, pairs, pair_ratio)
+
+
+def from_extra(extra, font=None, pairs=None, pair_ratio=0.0):
+    """The model a checkpoint's extra_state() describes (weights not loaded); font overrides its font."""
+    cfg = Config(**extra["config"])
+    font = font or cfg.font
+    glyphs = extra.get("glyphs", ())
+    if font and font.endswith((".hex", ".hex.gz")) and not os.path.isfile(font):
+        # The saved glyphs cover Latin-1; other code points render empty, as Unifont's gaps do.
+        renderer = TextRenderer(None, cfg.image_size, glyphs=glyphs, rasterise=False)
+    else:
+        renderer = TextRenderer(font, cfg.image_size, glyphs=glyphs)
+    return CLIPPO(cfg, renderer, pairs, pair_ratio)
+
+
 def create(args, captions=(), extra=None):
-    if extra is None and getattr(args, "init", None):  # fine-tuning a clippo checkpoint
-        ckpt = read_checkpoint(args.init)
-        model = create(args, extra=ckpt["extra"])
-        model.load_state_dict(ckpt["model"], strict=True)
-        return model
+    """train.py's entry: build() from the flags, from_extra() on resume, a checkpoint's weights for --init."""
     pairs = read_text_pairs(args.text_pairs) if getattr(args, "text_pairs", None) else None
     ratio = getattr(args, "text_pair_ratio", 0.0)
+    if extra is None and getattr(args, "init", None):  # fine-tuning a clippo checkpoint
+        ckpt = read_checkpoint(args.init)
+        model = from_extra(ckpt["extra"], getattr(args, "font", None), pairs, ratio)
+        model.load_state_dict(ckpt["model"], strict=True)
+        return model
     if extra is not None:
-        cfg = Config(**extra["config"])
-        font = getattr(args, "font", None) or cfg.font
-        glyphs = extra.get("glyphs", ())
-        if font and font.endswith((".hex", ".hex.gz")) and not os.path.isfile(font):
-            # The saved glyphs cover Latin-1; other code points render empty, as Unifont's gaps do.
-            renderer = TextRenderer(None, cfg.image_size, glyphs=glyphs, rasterise=False)
-        else:
-            renderer = TextRenderer(font, cfg.image_size, glyphs=glyphs)
-        return CLIPPO(cfg, renderer, pairs, ratio)
-    if args.size not in CONFIGS:
-        raise ValueError(f"unknown --size {args.size!r}; choose one of {', '.join(CONFIGS)}")
-    cfg = Config(**asdict(CONFIGS[args.size]))
-    cfg.font, cfg.pool = args.font, getattr(args, "pool", None) or cfg.pool
-    return CLIPPO(cfg, None, pairs, ratio)
+        return from_extra(extra, getattr(args, "font", None), pairs, ratio)
+    return build(args.size, args.font, getattr(args, "pool", None), pairs, ratio)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -940,8 +952,7 @@ def read_checkpoint(path):
 def load(path, device="cpu", font=None):
     """(model, preprocess) from a train.py checkpoint; font overrides the one it was trained with."""
     ckpt = read_checkpoint(path)
-    args = type("Args", (), {"font": font})()
-    model = create(args, extra=ckpt["extra"])
+    model = from_extra(ckpt["extra"], font)
     model.load_state_dict(ckpt["model"], strict=True)
     model.to(device).eval()
     return model, ImageTransform(model.cfg.image_size, train=False)
