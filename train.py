@@ -467,6 +467,7 @@ def read_checkpoint(path):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or not {"model", "optimizer", "step"} <= ckpt.keys():
         raise ValueError("not a train.py checkpoint (it has no model, optimizer and step)")
+    ckpt["folder"] = os.path.dirname(os.path.abspath(path))  # where a sharded checkpoint's shards lie
     return ckpt
 
 
@@ -678,7 +679,7 @@ def restore(model, opt, ckpt, args, scaler):
 
         weights, optimizer = get_state_dict(model, opt)
         state = {"model": weights, "optimizer": optimizer}
-        dcp.load(state, checkpoint_id=os.path.join(args.out, ckpt["sharded"]))
+        dcp.load(state, checkpoint_id=os.path.join(ckpt.get("folder", args.out), ckpt["sharded"]))
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     elif args.fsdp:  # a whole checkpoint (FSDP's or DDP's): every rank keeps its shards of it
         set_optimizer_state_dict(model, opt, optimizer_by_name(ckpt["optimizer"], model, opt),
