@@ -864,8 +864,11 @@ def main(argv=None):
     data_iter = iter(datalib.loader(batches, start=step, stop=args.steps, workers=args.workers))
     if rank == 0:
         nparams = sum(p.numel() for p in model.parameters())
-        print(f"{args.model} {args.size}: {nparams / 1e6:.2f}M parameters, {world} rank(s) on {device}, "
-              f"global batch {args.batch_size * world}, steps {step}->{args.steps}", flush=True)
+        held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())  # FSDP: shards
+        print(f"{args.model} {args.size}: {nparams / 1e6:.2f}M parameters"
+              + (f" ({held / 1e6:.2f}M held by each rank, FSDP)" if args.fsdp else "")
+              + f", {world} rank(s) on {device}, global batch {args.batch_size * world}, steps {step}->{args.steps}",
+              flush=True)
 
     model.train()
     while step < args.steps:

@@ -2,6 +2,7 @@
 checkpoints), activation checkpointing exact, fp16 with a gradient scaler, schedules, two "nodes"."""
 import copy
 import json
+import re
 import os
 import signal
 import subprocess
@@ -82,6 +83,8 @@ def test_ddp_then_fsdp_with_accumulation_equals_one_process(tmp_path):
     finish(ranks(2, "--steps", "3", "--batch-size", "8", "--out", run, *args))
     out = finish(ranks(2, "--steps", "5", "--batch-size", "8", "--accum", "2", "--out", run, "--resume", "--fsdp", *args))
     assert "resuming from" in out and "zeroshot_top1" in out
+    total, held = map(float, re.search(r"([\d.]+)M parameters \(([\d.]+)M held by each rank, FSDP\)", out).groups())
+    assert held < 0.52 * total  # the weights are sharded over the 2 ranks (the 0-d logit scale stays whole)
     a, b = checkpoint(one), checkpoint(run)
     assert max_diff(a["model"], b["model"]) < 1e-5
     assert b["optimizer"]["state"].keys() == a["optimizer"]["state"].keys()  # opt.state_dict()'s layout, as DDP's
