@@ -481,10 +481,6 @@ class TFEfficientNet(nn.Module):
     def variant(cls, name):
         return cls(*effnet_spec(name))
 
-    @classmethod
-    def from_state_dict(cls, sd):
-        return cls(*effnet_spec_of(sd))
-
     def stages(self):
         """The units frozen from the front by freeze_cnn: the stem, then each block stage."""
         return [nn.ModuleList([self.conv_stem, self.bn1]), *self.blocks]

@@ -357,8 +357,8 @@ def evaluate(model, module, sets, args, rank, world, device, autocast):
             parts = [None] * world
             dist.all_gather_object(parts, local)
         classifiers = {}
-        if parts[0][2] is not None and hasattr(data, "classnames"):
-            for lang, names in data.classnames.items():  # every rank: under FSDP the text tower is sharded
+        if parts[0][2] is not None and hasattr(data, "classnames") and (rank == 0 or args.fsdp):
+            for lang, names in data.classnames.items():  # under FSDP every rank: the text tower is sharded
                 with autocast:
                     classifiers[lang] = module.zero_shot_classifier(model, names, data.templates[lang]).float().cpu()
         if rank != 0:
@@ -538,7 +538,7 @@ def clear_run(out):
         if os.path.exists(f):
             os.remove(f)
     for f in os.listdir(out):
-        if f.endswith((".dcp", ".dcp.tmp")):
+        if f.endswith((".dcp", ".dcp.tmp", ".dcp.old")):
             shutil.rmtree(os.path.join(out, f))
 
 
@@ -596,7 +596,7 @@ def decide_start(args, module, world):
     for f in os.listdir(args.out):  # what a kill during a save left behind
         if re.fullmatch(r"checkpoint.*\.tmp\d+", f):
             os.remove(os.path.join(args.out, f))
-        elif f.endswith(".dcp.tmp"):
+        elif f.endswith((".dcp.tmp", ".dcp.old")):
             shutil.rmtree(os.path.join(args.out, f))
     if args.resume:
         print(f"resuming from {path} (step {ckpt['step']})" if path else
@@ -663,9 +663,12 @@ def write_shards(model, opt, out, step):
     dist.barrier()
     if dist.get_rank() == 0:  # whole once renamed; the .pt that names it is written after
         final = os.path.join(out, name)
+        old = final + ".old"  # a folder of that step from an earlier attempt goes only once the new one is in place
         if os.path.isdir(final):
-            shutil.rmtree(final)
+            os.replace(final, old)
         os.replace(tmp, final)
+        if os.path.isdir(old):
+            shutil.rmtree(old)
     return name
 
 

@@ -379,7 +379,7 @@ def test_tf_efficientnet_matches_timm():
             m.running_mean.normal_(0, 0.1)
             m.running_var.uniform_(0.5, 1.5)
     sd = {k: v for k, v in ref.state_dict().items() if not k.startswith("classifier.")}
-    net = brivl.TFEfficientNet.from_state_dict(sd).eval()
+    net = brivl.TFEfficientNet(*brivl.effnet_spec_of(sd)).eval()
     net.load_state_dict(sd, strict=True)
     for size in (64, 77):  # even and odd sizes: the padding differs
         x = torch.randn(2, 3, size, size)
