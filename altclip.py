@@ -8,13 +8,21 @@ squared error, to produce the teacher's end-of-text hidden state. The student th
 text projection, so after stage 1 it already points into CLIP's image space in every language.
 Stage 2 (--stage contrastive): CLIP's loss on image-text pairs, the CLIP image tower frozen.
 
-load(folder) reads HF AltCLIPModel folders (BAAI/AltCLIP and the like) and reproduces their features.
-
-Copy this file alone into another project and it works: it imports nothing from this repository.
-Same interface as clip.py (see its docstring): create, add_args, model.transform / forward / loss /
-after_step / encode_texts / extra_state, zero_shot_classifier, retrieval_metrics; finish_args
+Use it alone (it imports nothing from this repository):
+    model, preprocess = load("AltCLIP/")      # HF AltCLIPModel folders (BAAI/AltCLIP), features reproduced
+    model = build("tiny", teacher="clip.pt", student="xlm-roberta-base/")   # stage 1, from keywords
+    python altclip.py export CKPT OUT --format hf; python altclip.py predict --ckpt CKPT ...
+train.py drives it through the interface every model file implements (clip.py's docstring lists
+it): add_args, create(args, captions, extra), model.transform / forward / loss / after_step /
+encode_texts / extra_state / shard_units, zero_shot_classifier, retrieval_metrics; finish_args
 tells the data loader that stage 1 trains on text alone.
+
+Layout: the method (config, the teacher and student text towers, the model and its two losses),
+building, weights in and out; then, behind banners, the regions copied from clip.py (tokenizer,
+transformer blocks, ViT, contrastive loss, inputs, evaluation, weight files, export and predict
+commands, the fused loss kernel) and brivl.py's BERT.
 """
+
 import argparse
 import contextlib
 import gzip
@@ -26,12 +34,12 @@ import re
 import unicodedata
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -77,18 +85,447 @@ CONFIGS = {
     "xlm-roberta-large": Config(),
 }
 
-# Copied from clip.py: MEAN
-MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's normalisation, used by every CLIP checkpoint
 
-
-# Copied from clip.py: STD
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # the CLIP teacher's image normalisation (OpenAI's)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
+
 # ----------------------------------------------------------------------------------------------
-# Tokenizers: the teacher's CLIP BPE (copied from clip.py) and the student's (copied from brivl.py)
+# Towers: the teacher's CLIP text tower and the student, a multilingual BERT/RoBERTa with a projection
+# (CLIP's ViT and transformer blocks and brivl.py's BERT are copied at the end of this file)
 
 
-# Copied from clip.py: bytes_to_unicode
+class TeacherText(nn.Module):
+    """CLIP's text tower up to the end-of-text hidden state (before text_projection), OpenAI's names."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.teacher_vocab, cfg.teacher_width)
+        self.positional_embedding = nn.Parameter(torch.zeros(cfg.teacher_context, cfg.teacher_width))
+        self.transformer = Transformer(cfg.teacher_width, cfg.teacher_layers, cfg.teacher_heads, cfg.quick_gelu)
+        self.ln_final = nn.LayerNorm(cfg.teacher_width)
+
+    def forward(self, tokens):
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+        x = self.ln_final(self.transformer(x, causal=True))
+        return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(-1)]  # EOT has the highest id
+
+
+class StudentText(nn.Module):
+    """XLM-R, then pre_LN -> transformation (to the teacher's width) -> the first token; HF's names."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.roberta = Bert(cfg.vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.text_mlp,
+                            cfg.text_max_positions, cfg.text_type_vocab, cfg.text_eps, cfg.pad_id, roberta=True)
+        self.pre_LN = nn.LayerNorm(cfg.text_width, eps=cfg.text_eps)
+        self.transformation = nn.Linear(cfg.text_width, cfg.teacher_width)
+
+    def forward(self, ids, mask):
+        return self.transformation(self.pre_LN(self.roberta(ids, mask)))[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: stage 1 distils the teacher's text features into the student; stage 2 trains contrastively
+
+
+class AltCLIP(nn.Module):
+    def __init__(self, cfg: Config, tokenizer=None, teacher_tokenizer=None):
+        super().__init__()
+        self.cfg, self.tokenizer, self.teacher_tokenizer = cfg, tokenizer, teacher_tokenizer
+        self.visual = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
+                                        cfg.vision_heads, cfg.embed_dim, cfg.quick_gelu, cfg.vision_mlp or None)
+        self.text_model = StudentText(cfg)
+        self.text_projection = nn.Linear(cfg.teacher_width, cfg.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # The image tower is the teacher's and stays locked in both stages (LiT). In stage 1 the loss
+        # reaches neither the projection nor the temperature; DDP must not wait for their gradients.
+        self.locked = freeze([self.visual], [], [])
+        if cfg.stage == "distill":
+            self.teacher = TeacherText(cfg)
+            self.locked += freeze([self.teacher, self.text_projection, self.logit_scale], [], [])
+
+    def train(self, mode=True):
+        super().train(mode)
+        for m in self.locked:  # frozen: eval mode too
+            m.eval()
+        return self
+
+    def encode_image(self, images, normalize=False):
+        x = self.visual(images)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, input_ids, attention_mask, normalize=False):
+        x = self.text_projection(self.text_model(input_ids, attention_mask))
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, batch):
+        student = self.text_model(batch["text"], batch["text_mask"])
+        out = {"text": F.normalize(self.text_projection(student), dim=-1), "scale": self.logit_scale.exp()}
+        if "image" in batch:
+            out["image"] = self.encode_image(batch["image"], normalize=True)
+        if self.cfg.stage == "distill" and "teacher_text" in batch:
+            out["student"] = student
+            with torch.no_grad():
+                out["teacher"] = self.teacher(batch["teacher_text"])
+        return out
+
+    def loss(self, out):
+        if self.cfg.stage == "distill":
+            # Mean over rows and features: each rank's mean over equal shares, which DDP averages.
+            return F.mse_loss(out["student"].float(), out["teacher"].float())
+        return contrastive_loss(out["image"], out["text"], out["scale"])
+
+    @torch.no_grad()
+    def after_step(self):
+        self.logit_scale.clamp_(0, math.log(100))
+
+    def transform(self, train):
+        return Transform(self.cfg, self.tokenizer, self.teacher_tokenizer, train)
+
+    def encode_texts(self, texts):
+        ids, mask = self.tokenizer(texts)
+        device = self.logit_scale.device
+        return self.encode_text(ids.to(device), mask.to(device), normalize=True)
+
+    def shard_units(self):
+        # (residual blocks, towers) for train.py's --fsdp and --grad-checkpointing
+        towers = [self.visual, self.text_model] + ([self.teacher] if hasattr(self, "teacher") else [])
+        blocks = [*self.visual.transformer.resblocks, *self.text_model.roberta.encoder["layer"]]
+        if hasattr(self, "teacher"):
+            blocks += list(self.teacher.transformer.resblocks)
+        return blocks, towers
+
+    def extra_state(self):
+        return {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None,
+                "teacher_tokenizer": self.teacher_tokenizer.to_str() if self.teacher_tokenizer else None}
+
+
+class Transform:
+    """One sample -> model inputs. Stage 1 trains on text: the teacher reads the English caption, the
+    student one of the sample's texts (English included) drawn from its rng. Stage 2: an image and one
+    of its texts. Evaluation: the image and the English caption."""
+
+    def __init__(self, cfg, tokenizer, teacher_tokenizer, train):
+        self.stage, self.train = cfg.stage, train
+        self.image = ImageTransform(cfg.image_size, train)
+        self.tokenizer, self.teacher_tokenizer = tokenizer, teacher_tokenizer
+
+    def __call__(self, sample, rng):
+        text = sample["text"]
+        if self.train and sample.get("texts"):
+            options = sorted(sample["texts"].items())
+            text = options[int(rng.integers(len(options)))][1]
+        ids, mask = self.tokenizer([text])
+        out = {"text": ids[0], "text_mask": mask[0]}
+        if not self.train or self.stage == "contrastive":
+            out["image"] = self.image(sample["image"], rng)
+        if self.stage == "distill" and self.teacher_tokenizer is not None:
+            out["teacher_text"] = self.teacher_tokenizer([sample["text"]])[0]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a model for train.py
+
+
+def add_args(parser):
+    parser.add_argument("--stage", default="distill", choices=["distill", "contrastive"],
+                        help="distill: stage 1, teacher learning on parallel text; contrastive: stage 2")
+    parser.add_argument("--teacher", default=None,
+                        help="stage 1: the CLIP to learn from: a train.py checkpoint of clip, or an OpenAI / "
+                             "open_clip ViT file")
+    parser.add_argument("--teacher-tokenizer", default=None,
+                        help="the teacher's tokenizer (bpe_simple_vocab_16e6.txt.gz or tokenizer.json), for "
+                             "teacher files that do not carry one")
+    parser.add_argument("--student", default=None,
+                        help="an HF XLM-R folder (config.json, weights, tokenizer.json) to start the student from")
+    parser.add_argument("--tokenizer", default=None, help="the student's tokenizer.json (default: --student's, "
+                        "else a WordPiece vocabulary built from the captions in every language)")
+
+
+def finish_args(args):
+    # Stage 1 needs no images: the data loader then reads parallel text (the synthetic data's
+    # captions in every language, or a TSV of translations).
+    args.parallel_text = args.stage == "distill"
+
+
+def read_teacher(path, tokenizer=None):
+    """(state dict, shapes, CLIP Tokenizer or None) of a CLIP: our checkpoint, OpenAI's or open_clip's file."""
+    sd, extra = read_state_dict(path)
+    for key in ("input_resolution", "context_length", "vocab_size"):  # metadata in OpenAI's archives
+        sd.pop(key, None)
+    if "visual.conv1.weight" not in sd or "token_embedding.weight" not in sd:
+        raise ValueError(f"{path}: not a CLIP ViT checkpoint (no visual.conv1.weight / token_embedding.weight); "
+                         "the teacher must be a clip.py checkpoint or an OpenAI-layout file")
+    c = (extra or {}).get("config") or {}
+    width, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
+
+    def count(prefix):
+        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+    text_width = sd["ln_final.weight"].shape[0]
+    shapes = dict(embed_dim=sd["text_projection"].shape[1], image_size=patch * round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5),
+                  patch_size=patch, vision_width=width, vision_layers=count("visual.transformer.resblocks."),
+                  vision_mlp=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                  vision_heads=c.get("vision_heads", width // 64), quick_gelu=c.get("quick_gelu", True),
+                  teacher_context=sd["positional_embedding"].shape[0], teacher_vocab=sd["token_embedding.weight"].shape[0],
+                  teacher_width=text_width, teacher_layers=count("transformer.resblocks."),
+                  teacher_heads=c.get("text_heads", text_width // 64))
+    if tokenizer:
+        tok = Tokenizer.from_file(tokenizer, shapes["teacher_context"])
+    elif extra and extra.get("tokenizer"):
+        tok = Tokenizer.from_str(extra["tokenizer"], shapes["teacher_context"])
+    else:
+        tok = None
+    return sd, shapes, tok
+
+
+def load_teacher(model, sd):
+    """The teacher CLIP's image tower, text tower, projection and temperature into the model."""
+    model.visual.load_state_dict({k[len("visual."):]: v.float() for k, v in sd.items() if k.startswith("visual.")})
+    model.text_projection.weight.data.copy_(sd["text_projection"].T)
+    model.logit_scale.data.copy_(sd["logit_scale"])
+    if hasattr(model, "teacher"):
+        names = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.")
+        model.teacher.load_state_dict({k: v.float() for k, v in sd.items() if k.startswith(names)})
+
+
+def build(size="tiny", stage="distill", teacher=None, teacher_tokenizer=None, student=None, tokenizer=None,
+          init=None, captions=(), extra=None):
+    """An AltCLIP from keywords. Stage 1 (distill): the teacher CLIP file, optionally an HF XLM-R folder
+    to start the student from and the student's tokenizer (else a WordPiece trained on `captions`).
+    Stage 2 (contrastive): init, stage 1's checkpoint. extra: a checkpoint's extra_state(); the weights
+    named by teacher / student / init are then loaded into it too (a resumed run replaces them)."""
+    if extra is not None:  # a checkpoint's model, or the one rank 0 built for the other ranks
+        cfg = Config(**extra["config"])
+        tok = BertTokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None
+        teacher_tok = Tokenizer.from_str(extra["teacher_tokenizer"], cfg.teacher_context) \
+            if extra.get("teacher_tokenizer") else None
+        model = AltCLIP(cfg, tok, teacher_tok)
+        if teacher or init:
+            load_weights(model, teacher, student, init)
+        return model
+    if size not in CONFIGS:
+        raise ValueError(f"unknown --size {size!r}; choose one of {', '.join(CONFIGS)}")
+    if stage == "contrastive":
+        if not init:
+            raise ValueError("altclip --stage contrastive needs --init STAGE1_CHECKPOINT (a checkpoint of --stage distill)")
+        _, extra = _read_stage1(init)
+        cfg = Config(**{**extra["config"], "stage": "contrastive"})
+        model = AltCLIP(cfg, BertTokenizer.from_str(extra["tokenizer"], cfg.context_length))
+        load_weights(model, init=init)
+        return model
+    if not teacher:
+        raise ValueError("altclip --stage distill needs --teacher CLIP_CHECKPOINT (train one with "
+                         "`train.py --model clip`, or pass an OpenAI ViT file with --teacher-tokenizer)")
+    _, shapes, teacher_tok = read_teacher(teacher, teacher_tokenizer)
+    if teacher_tok is None:
+        raise ValueError(f"{teacher} carries no tokenizer: pass the teacher's with --teacher-tokenizer "
+                         "(bpe_simple_vocab_16e6.txt.gz or tokenizer.json)")
+    cfg = Config(**{**asdict(CONFIGS[size]), **shapes, "stage": "distill"})
+    if student:
+        hf = read_hf_weights(student, config_only=True)
+        cfg.vocab_size, cfg.text_width, cfg.text_layers = hf["vocab_size"], hf["hidden_size"], hf["num_hidden_layers"]
+        cfg.text_heads, cfg.text_mlp = hf["num_attention_heads"], hf["intermediate_size"]
+        cfg.text_max_positions, cfg.text_type_vocab = hf["max_position_embeddings"], hf.get("type_vocab_size", 1)
+        cfg.text_eps = hf.get("layer_norm_eps", 1e-5)
+    if tokenizer or student:
+        tok = BertTokenizer.from_file(tokenizer or student, cfg.context_length)
+    else:
+        tok = BertTokenizer.train(captions, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
+        cfg.vocab_size = tok.vocab_size
+    cfg.pad_id = tok.pad_id
+    model = AltCLIP(cfg, tok, teacher_tok)
+    load_weights(model, teacher, student)
+    return model
+
+
+def create(args, captions=(), extra=None):
+    names = ("size", "stage", "teacher", "teacher_tokenizer", "student", "tokenizer", "init")
+    return build(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None}, captions=captions, extra=extra)
+
+
+def load_weights(model, teacher=None, student=None, init=None):
+    """What a run starts from: stage 1, the teacher CLIP (and an HF XLM-R student); stage 2, stage 1's checkpoint."""
+    if model.cfg.stage == "distill":
+        load_teacher(model, read_teacher(teacher)[0])
+        if student:
+            _, sd = read_hf_weights(student)
+            model.text_model.roberta.load_state_dict(bert_state_dict(sd, ("roberta.",)), strict=True)
+    elif init:
+        sd, _ = _read_stage1(init)
+        model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("teacher.")}, strict=True)
+
+
+def _read_stage1(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint; --init takes the checkpoint.pt of an altclip --stage distill run")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    extra = ckpt.get("extra") or {}
+    if (extra.get("config") or {}).get("stage") != "distill":
+        raise ValueError(f"{path}: not a checkpoint of altclip --stage distill")
+    return ckpt["model"], extra
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights in: HF AltCLIPModel folders, OpenAI-layout CLIP files, this repository's checkpoints
+
+
+def hf_vision_to_openai(sd, prefix="vision_model."):
+    """HF CLIPVisionTransformer names -> OpenAI's (clip.py's VisionTransformer); q, k, v joined."""
+    # Releases spell the blocks encoder.layers.{i} (CLIP's) or encoder.layer.{i} (AltCLIP's, newer).
+    sd = {k.replace(prefix + "encoder.layer.", prefix + "encoder.layers."): v for k, v in sd.items()}
+    out = {"class_embedding": sd[prefix + "embeddings.class_embedding"],
+           "conv1.weight": sd[prefix + "embeddings.patch_embedding.weight"],
+           "positional_embedding": sd[prefix + "embeddings.position_embedding.weight"]}
+    for ours, theirs in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):  # (sic) HF's spelling
+        for p in ("weight", "bias"):
+            out[f"{ours}.{p}"] = sd[f"{prefix}{theirs}.{p}"]
+    i = 0
+    while f"{prefix}encoder.layers.{i}.layer_norm1.weight" in sd:
+        src, dst = f"{prefix}encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for p in ("weight", "bias"):
+            out[dst + f"attn.in_proj_{p}"] = torch.cat([sd[src + f"self_attn.{n}_proj.{p}"] for n in "qkv"])
+            for ours, theirs in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
+                                 ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"), ("ln_2", "layer_norm2")):
+                out[f"{dst}{ours}.{p}"] = sd[f"{src}{theirs}.{p}"]
+        i += 1
+    return out
+
+
+def context_length(folder, text_cfg):
+    """Tokens per text: tokenizer_config.json's model_max_length, else what the position table holds."""
+    tok_cfg = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(tok_cfg):
+        n = json.load(open(tok_cfg)).get("model_max_length")
+        if isinstance(n, int) and n < 100_000:  # transformers writes a huge number for "no limit"
+            return n
+    return text_cfg.get("max_position_embeddings", 514) - text_cfg.get("pad_token_id", 1) - 1
+
+
+def load(path, device="cpu", tokenizer=None):
+    """(model, preprocess) from an HF AltCLIPModel folder or a train.py checkpoint of altclip.
+
+    HF folders: config.json plus pytorch_model.bin or model.safetensors (the latter needs the
+    safetensors package); the tokenizer.json in the folder (or the one given) serves encode_texts.
+    Features: model.encode_text(input_ids, attention_mask), model.encode_image(images).
+    """
+    if os.path.isfile(path):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if "extra" not in ckpt or "model" not in ckpt:
+            raise ValueError(f"{path}: not a train.py checkpoint of altclip; pass an HF AltCLIP folder or a checkpoint")
+        model = build(extra=ckpt["extra"])
+        model.load_state_dict(ckpt["model"], strict=True)
+        return model.to(device).eval(), ImageTransform(model.cfg.image_size, train=False)
+    hf, sd = read_hf_weights(path)
+    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    text_cfg, vision_cfg = hf.get("text_config", {}), hf.get("vision_config", {})
+    student = bert_state_dict({k[len("text_model."):]: v for k, v in sd.items() if k.startswith("text_model.roberta.")},
+                              ("roberta.",))
+    vision = hf_vision_to_openai(sd)
+    width = vision["conv1.weight"].shape[0]
+    text_width = sd["text_model.pre_LN.weight"].shape[0]
+    cfg = Config(
+        stage="contrastive", embed_dim=sd["text_projection.weight"].shape[0],
+        image_size=vision["conv1.weight"].shape[-1] * round((vision["positional_embedding"].shape[0] - 1) ** 0.5),
+        patch_size=vision["conv1.weight"].shape[-1],
+        vision_width=width, vision_layers=sum(k.endswith("ln_1.weight") for k in vision),
+        vision_mlp=vision["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        vision_heads=vision_cfg.get("num_attention_heads", width // 64),
+        quick_gelu=vision_cfg.get("hidden_act", "quick_gelu") == "quick_gelu",
+        teacher_width=sd["text_model.transformation.weight"].shape[0],
+        context_length=context_length(path, text_cfg),
+        vocab_size=student["embeddings.word_embeddings.weight"].shape[0], text_width=text_width,
+        text_layers=sum(k.endswith("attention.self.query.weight") for k in student),
+        text_heads=text_cfg.get("num_attention_heads", 16), text_mlp=student["encoder.layer.0.intermediate.dense.weight"].shape[0],
+        text_max_positions=student["embeddings.position_embeddings.weight"].shape[0],
+        text_type_vocab=student["embeddings.token_type_embeddings.weight"].shape[0],
+        text_eps=text_cfg.get("layer_norm_eps", 1e-5), pad_id=text_cfg.get("pad_token_id", 1))
+    if vision_cfg.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
+        raise ValueError(f"{path}: vision hidden_act {vision_cfg['hidden_act']!r} is not implemented")
+    tok_path = tokenizer or (path if os.path.isfile(os.path.join(path, "tokenizer.json")) else None)
+    model = AltCLIP(cfg, BertTokenizer.from_file(tok_path, cfg.context_length) if tok_path else None)
+    model.visual.load_state_dict({**vision, "proj": sd["visual_projection.weight"].T}, strict=True)
+    model.text_model.roberta.load_state_dict(student, strict=True)
+    for name in ("pre_LN", "transformation"):
+        getattr(model.text_model, name).load_state_dict(
+            {p: sd[f"text_model.{name}.{p}"] for p in ("weight", "bias")}, strict=True)
+    model.text_projection.weight.data.copy_(sd["text_projection.weight"])
+    model.logit_scale.data.copy_(sd["logit_scale"].reshape(()))
+    return model.to(device).eval(), ImageTransform(cfg.image_size, train=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights out: `python altclip.py export CKPT OUT --format hf` writes a transformers AltCLIPModel folder
+
+
+def export(path, out, fmt="hf", tokenizer=None):
+    """An AltCLIPModel folder (config.json, weights, tokenizer.json) from a checkpoint; the text tower is
+    the student (a stage-1 checkpoint's teacher is left out). Returns what to tell the user."""
+    if fmt != "hf":
+        raise ValueError("altclip exports --format hf only (transformers' AltCLIPModel); open_clip has no AltCLIP")
+    model, _ = load(path, tokenizer=tokenizer)
+    cfg, tok = model.cfg, model.tokenizer
+    if tok is None:
+        raise ValueError(f"{path} carries no tokenizer: pass --tokenizer (the student's tokenizer.json)")
+    os.makedirs(out, exist_ok=True)
+    sd = {f"text_model.roberta.{k}": v for k, v in model.text_model.roberta.state_dict().items()}
+    for name in ("pre_LN", "transformation"):
+        sd.update({f"text_model.{name}.{k}": v for k, v in getattr(model.text_model, name).state_dict().items()})
+    visual = model.visual.state_dict()
+    layers = type("Layers", (), {"text_layers": 0, "vision_layers": cfg.vision_layers})
+    for ours, theirs, how in hf_names(layers):
+        if not ours.startswith("visual."):
+            continue
+        v = visual[ours[len("visual."):]]
+        if how == "qkv":
+            sd.update({theirs.format(p): part for p, part in zip("qkv", v.chunk(3))})
+        else:
+            sd[theirs] = v.T if how == "T" else v
+    sd["text_projection.weight"] = model.text_projection.weight
+    sd["logit_scale"] = model.logit_scale
+    weights = save_weights(sd, out)
+    config = {"architectures": ["AltCLIPModel"], "model_type": "altclip", "projection_dim": cfg.embed_dim,
+              "logit_scale_init_value": 2.6592, "torch_dtype": "float32",
+              "text_config": {"model_type": "altclip_text_model", "vocab_size": cfg.vocab_size,
+                              "hidden_size": cfg.text_width, "num_hidden_layers": cfg.text_layers,
+                              "num_attention_heads": cfg.text_heads, "intermediate_size": cfg.text_mlp,
+                              "hidden_act": "gelu", "max_position_embeddings": cfg.text_max_positions,
+                              "type_vocab_size": cfg.text_type_vocab, "layer_norm_eps": cfg.text_eps,
+                              "pad_token_id": cfg.pad_id, "project_dim": cfg.teacher_width,
+                              "position_embedding_type": "absolute"},
+              "vision_config": {"model_type": "altclip_vision_model", "hidden_size": cfg.vision_width,
+                                "intermediate_size": cfg.vision_mlp or 4 * cfg.vision_width,
+                                "num_hidden_layers": cfg.vision_layers, "num_attention_heads": cfg.vision_heads,
+                                "image_size": cfg.image_size, "patch_size": cfg.patch_size, "num_channels": 3,
+                                "hidden_act": "quick_gelu" if cfg.quick_gelu else "gelu", "layer_norm_eps": 1e-5,
+                                "projection_dim": cfg.embed_dim}}
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as f:
+        f.write(tok.to_str())
+    vocab = tok.tokenizer.get_vocab()
+    special = {role: name for role, names in (("pad_token", ("<pad>", "[PAD]")), ("unk_token", ("<unk>", "[UNK]")),
+                                              ("bos_token", ("<s>", "[CLS]")), ("eos_token", ("</s>", "[SEP]")),
+                                              ("cls_token", ("<s>", "[CLS]")), ("sep_token", ("</s>", "[SEP]")),
+                                              ("mask_token", ("<mask>", "[MASK]")))
+               for name in names if name in vocab}
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.context_length, **special}, f,
+                  indent=2)
+    size = {"height": cfg.image_size, "width": cfg.image_size}
+    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": cfg.image_size},
+                   "resample": 3, "do_center_crop": True, "crop_size": size, "do_rescale": True, "rescale_factor": 1 / 255,
+                   "do_normalize": True, "do_convert_rgb": True, "image_mean": list(MEAN), "image_std": list(STD)}, f,
+                  indent=2)
+    return [f"wrote {out}: config.json, {os.path.basename(weights)}, tokenizer.json, preprocessor_config.json",
+            f"transformers: AltCLIPModel.from_pretrained({out!r}); its tokenizer: AutoTokenizer.from_pretrained({out!r}) "
+            f"(this model's own, not necessarily XLM-R's: AltCLIPProcessor expects XLM-R's)"]
+
+
+# ==== copied from clip.py: tokenizer (edit clip.py, then: python tests/test_copies.py --fix) ====
 def bytes_to_unicode():
     # GPT-2's reversible map from bytes to printable characters: BPE then never sees whitespace or
     # control bytes, and every byte has a symbol, so no text is ever unknown.
@@ -103,19 +540,16 @@ def bytes_to_unicode():
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-# Copied from clip.py: CLIP_PATTERN
+# OpenAI's pre-tokenizer pattern (simple_tokenizer.py): contractions, letter runs, single digits, punctuation.
 CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
-# Copied from clip.py: SOT
 SOT = "<|startoftext|>"
 
 
-# Copied from clip.py: EOT
 EOT = "<|endoftext|>"
 
 
-# Copied from clip.py: clean_text
 def clean_text(text):
     # OpenAI runs ftfy.fix_text (which ends in NFC), unescapes HTML twice, collapses whitespace and
     # lower-cases. ftfy is not a dependency: its mojibake repair is the one step left out.
@@ -123,7 +557,6 @@ def clean_text(text):
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
-# Copied from clip.py: Tokenizer
 class Tokenizer:
     """CLIP's byte-level BPE on the tokenizers library; __call__(list of str) -> LongTensor [N, context]."""
 
@@ -258,9 +691,433 @@ class Tokenizer:
         text = "".join(self.tokenizer.id_to_token(i) for i in ids if i not in (0, self.sot, self.eot))
         words = [bytes(byte_decoder[c] for c in w).decode("utf-8", errors="replace") for w in text.split("</w>")]
         return " ".join(words).strip()
+# ==== end of copy: tokenizer ====
 
 
-# Copied from brivl.py: BertTokenizer
+# ==== copied from clip.py: transformer (edit clip.py, then: python tests/test_copies.py --fix) ====
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention holding nn.MultiheadAttention's parameter names, run through SDPA."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, causal=False):
+        b, n, w = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(x.transpose(1, 2).reshape(b, n, w))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width, heads, quick_gelu=False, mlp_width=None):
+        super().__init__()
+        mlp_width = mlp_width or 4 * width
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, mlp_width)),
+            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
+            ("c_proj", nn.Linear(mlp_width, width))]))
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, quick_gelu=False, mlp_width=None):
+        super().__init__()
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu, mlp_width) for _ in range(layers)])
+
+    def forward(self, x, causal=False):
+        for block in self.resblocks:
+            x = block(x, causal)
+        return x
+
+    def init_weights(self, width, layers):
+        # OpenAI's initialisation: residual projections shrink with depth so the stream's variance stays put.
+        attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.zeros_(block.attn.out_proj.bias)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+# ==== end of copy: transformer ====
+
+
+# ==== copied from clip.py: vision (edit clip.py, then: python tests/test_copies.py --fix) ====
+def freeze(head, blocks, tail, unlocked_layers=0):
+    """Freeze a tower's parts (LiT) but its last `unlocked_layers` blocks and, if any block stays
+    trainable, the tail after them. Returns the frozen modules, which the model keeps in eval mode."""
+    if not 0 <= unlocked_layers <= len(blocks):
+        raise ValueError(f"unlocked layers must be from 0 to {len(blocks)} (the tower's blocks), not {unlocked_layers}")
+    parts = list(head) + list(blocks)[:len(blocks) - unlocked_layers] + (list(tail) if unlocked_layers == 0 else [])
+    for part in parts:
+        part.requires_grad_(False)
+    return [part for part in parts if isinstance(part, nn.Module)]
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, image_size, patch_size, width, layers, heads, embed_dim, quick_gelu=False, mlp_width=None):
+        super().__init__()
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, quick_gelu, mlp_width)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
+        self.transformer.init_weights(width, layers)
+
+    def forward(self, x):
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj
+# ==== end of copy: vision ====
+
+
+# ==== copied from clip.py: loss (edit clip.py, then: python tests/test_copies.py --fix) ====
+def contrastive_loss(image_features, text_features, logit_scale, group=None):
+    """Symmetric InfoNCE over the global batch (open_clip's meaning: logit_scale is already exp'd).
+
+    On one process it equals the naive form, which holds the whole B x B logit matrix:
+        logits = logit_scale * image_features @ text_features.T
+        labels = torch.arange(len(logits))
+        (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    Here each rank computes its own image rows against the texts of all ranks (gathered with
+    gradient); the text -> image direction reuses the same tiles, its column statistics combined
+    across ranks. Every rank must pass the same number of rows.
+    """
+    n = image_features.shape[0]
+    offset = 0
+    if _distributed(group):
+        text_features = all_gather_with_grad(text_features, group)
+        if text_features.shape[0] != n * dist.get_world_size(group):
+            raise ValueError("contrastive_loss needs the same batch size on every rank")
+        offset = dist.get_rank(group) * n
+    pos = torch.arange(offset, offset + n, device=image_features.device)
+    return infonce(image_features, text_features, logit_scale, pos, True, group)
+
+
+def infonce(x, y, logit_scale, pos, two_way=False, group=None):
+    """Mean over the rows of x of InfoNCE against the keys y; row i's positive is column pos[i].
+
+    Rows only (two_way=False): y is any key set (pass it detached for no gradient to the keys).
+    two_way also takes the column direction: y must then be the gather of every rank's equal-sized
+    shard and pos this rank's columns; column statistics are combined across ranks. Under DDP's
+    gradient averaging the result is the exact gradient of the global mean.
+    """
+    row, col = lse_tiles(x, y, logit_scale, two_way)
+    # index_select, not y[pos]: its backward adds rows in place where indexing's sorts the indices
+    pos_logit = (x * y.index_select(0, pos)).sum(1).to(row.dtype) * logit_scale.to(row.dtype)
+    loss = row - pos_logit
+    if two_way:
+        loss = (loss + global_logsumexp(col, group).index_select(0, pos) - pos_logit) / 2
+    return loss.mean()
+
+
+def _distributed(group):
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def all_gather_with_grad(x, group=None):
+    return _AllGather.apply(x, group) if _distributed(group) else x
+
+
+def global_logsumexp(lse, group=None):
+    """Combine per-rank log-sum-exp vectors into the global one: O(len) traffic, differentiable."""
+    if not _distributed(group):
+        return lse
+    top = lse.detach().clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return _AllReduceSum.apply(torch.exp(lse - top), group).log() + top
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient into the rows this rank owns."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        n = grad.shape[0] // world
+        if dist.get_backend(ctx.group) == "nccl":
+            out = grad.new_empty(n, *grad.shape[1:])
+            dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+            return out, None
+        grad = grad.contiguous().clone()  # gloo has no reduce_scatter
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[rank * n:(rank + 1) * n], None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; every rank's loss depends on the sum, so the backward sums the gradients too."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+# ==== end of copy: loss ====
+
+
+# ==== copied from clip.py: image-transform (edit clip.py, then: python tests/test_copies.py --fix) ====
+class ImageTransform:
+    """PIL image -> normalised tensor; train: RandomResizedCrop(scale 0.9-1) drawn from the sample's rng."""
+
+    def __init__(self, size, train, scale=(0.9, 1.0), mean=MEAN, std=STD):
+        self.size, self.train, self.scale = size, train, scale
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __call__(self, img, rng=None):
+        from PIL import Image
+
+        img = img.convert("RGB")
+        w, h = img.size
+        if self.train:
+            box = None
+            for _ in range(10):  # torchvision's RandomResizedCrop rule, with our own rng
+                area = w * h * rng.uniform(*self.scale)
+                ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+                cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+                if 0 < cw <= w and 0 < ch <= h:
+                    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                    box = (x0, y0, x0 + cw, y0 + ch)
+                    break
+            if box is None:
+                side = min(w, h)
+                box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+            img = img.resize((self.size, self.size), Image.BICUBIC, box=box)
+        else:  # resize the short side, centre crop (OpenAI's preprocess)
+            r = self.size / min(w, h)
+            img = img.resize((max(self.size, round(w * r)), max(self.size, round(h * r))), Image.BICUBIC)
+            w, h = img.size
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            img = img.crop((left, top, left + self.size, top + self.size))
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        return (x - self.mean) / self.std
+# ==== end of copy: image-transform ====
+
+
+# ==== copied from clip.py: evaluation (edit clip.py, then: python tests/test_copies.py --fix) ====
+@torch.no_grad()
+def zero_shot_classifier(model, classnames, templates):
+    """[C, D]: per class, the mean of its normalised prompt embeddings, re-normalised."""
+    weights = []
+    for name in classnames:
+        e = model.encode_texts([t.format(name) for t in templates]).float()
+        weights.append(F.normalize(e.mean(0), dim=-1))
+    return torch.stack(weights)
+
+
+@torch.no_grad()
+def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
+    """R@k both ways for paired rows, chunked so N x N similarities are never held at once."""
+    out = {}
+    for name, q, k in (("i2t", image_features, text_features), ("t2i", text_features, image_features)):
+        ranks = []
+        for i in range(0, q.shape[0], chunk):
+            sims = q[i:i + chunk] @ k.T
+            target = sims[torch.arange(sims.shape[0]), torch.arange(i, i + sims.shape[0])]
+            ranks.append((sims > target[:, None]).sum(1))
+        ranks = torch.cat(ranks)
+        for kk in ks:
+            out[f"{name}_r{kk}"] = (ranks < kk).float().mean().item()
+    return out
+# ==== end of copy: evaluation ====
+
+
+# ==== copied from clip.py: weight-files (edit clip.py, then: python tests/test_copies.py --fix) ====
+def read_state_dict(path):
+    """A TorchScript archive (OpenAI's releases), a plain state dict (.pt/.bin/.pth) or .safetensors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
+        return load_file(path), None
+    import zipfile
+
+    with zipfile.ZipFile(path) if zipfile.is_zipfile(path) else contextlib.nullcontext() as archive:
+        scripted = archive is not None and any(n.endswith("/constants.pkl") for n in archive.namelist())
+    if scripted:  # OpenAI's releases are TorchScript archives
+        sd = torch.jit.load(path, map_location="cpu").state_dict()
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    extra = None
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):  # our train.py checkpoint
+        extra = sd.get("extra")
+        sd = sd["model"]
+    elif isinstance(sd, dict) and "state_dict" in sd:  # open_clip training checkpoint
+        sd = sd["state_dict"]
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    for key in ("input_resolution", "context_length", "vocab_size"):  # metadata in OpenAI's archives
+        sd.pop(key, None)
+    return sd, extra
+
+
+def hf_names(cfg):
+    """[(our key, transformers' CLIPModel key, how)]: how is '' (same tensor), 'T' (transposed) or 'qkv'
+    (our in_proj is HF's q, k and v projections concatenated in that order)."""
+    names = [("token_embedding.weight", "text_model.embeddings.token_embedding.weight", ""),
+             ("positional_embedding", "text_model.embeddings.position_embedding.weight", ""),
+             ("text_projection", "text_projection.weight", "T"),
+             ("visual.class_embedding", "vision_model.embeddings.class_embedding", ""),
+             ("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight", ""),
+             ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight", ""),
+             ("visual.proj", "visual_projection.weight", "T"),
+             ("logit_scale", "logit_scale", "")]
+    for kind in ("weight", "bias"):
+        names += [(f"ln_final.{kind}", f"text_model.final_layer_norm.{kind}", ""),
+                  (f"visual.ln_pre.{kind}", f"vision_model.pre_layrnorm.{kind}", ""),  # sic: transformers' spelling
+                  (f"visual.ln_post.{kind}", f"vision_model.post_layernorm.{kind}", "")]
+    block = [("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"),
+             ("attn.out_proj", "self_attn.out_proj")]
+    for ours, theirs, layers in (("transformer.resblocks", "text_model.encoder.layers", cfg.text_layers),
+                                 ("visual.transformer.resblocks", "vision_model.encoder.layers", cfg.vision_layers)):
+        for i in range(layers):
+            for kind in ("weight", "bias"):
+                names.append((f"{ours}.{i}.attn.in_proj_{kind}", f"{theirs}.{i}.self_attn.{{}}_proj.{kind}", "qkv"))
+                names += [(f"{ours}.{i}.{a}.{kind}", f"{theirs}.{i}.{b}.{kind}", "") for a, b in block]
+    return names
+
+
+def save_weights(sd, folder):
+    """transformers' weight file: model.safetensors where safetensors is installed, else pytorch_model.bin."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
+        return os.path.join(folder, "pytorch_model.bin")
+    save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    return os.path.join(folder, "model.safetensors")
+# ==== end of copy: weight-files ====
+
+
+# ==== copied from clip.py: export-cli (edit clip.py, then: python tests/test_copies.py --fix) ====
+def export_main(argv=None):
+    p = argparse.ArgumentParser(prog=f"{os.path.basename(__file__)} export",
+                                description="write weights in open_clip's or transformers' layout")
+    p.add_argument("checkpoint", help="OUT/checkpoint.pt of train.py, or any weights load() reads")
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--format", required=True, choices=["open_clip", "hf"])
+    p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer")
+    args = p.parse_args(argv)
+    try:
+        for line in export(args.checkpoint, args.out, args.format, args.tokenizer):
+            print(line)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise SystemExit(f"{p.prog}: {err}") from None
+# ==== end of copy: export-cli ====
+
+
+# ==== copied from clip.py: predict (edit clip.py, then: python tests/test_copies.py --fix) ====
+IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@torch.no_grad()
+def embed_images(model, preprocess, paths):
+    """[N, D] normalised image features for image files."""
+    from PIL import Image
+
+    device = next(model.parameters()).device
+    pixels = torch.stack([preprocess(Image.open(p)) for p in paths]).to(device)
+    return model.encode_image(pixels, normalize=True).float()
+
+
+def predict_main(argv=None):
+    me = os.path.basename(__file__)
+    p = argparse.ArgumentParser(prog=f"{me} predict", description="zero-shot labels for images, captions ranked for "
+                                "images, or images ranked for a text")
+    p.add_argument("--ckpt", required=True, help="OUT/checkpoint.pt, or any weights load() reads")
+    p.add_argument("--image", nargs="+", default=[], help="image files")
+    p.add_argument("--labels", default=None, help="comma-separated labels, e.g. 'a dog,a cat'")
+    p.add_argument("--texts", default=None, help="a file of captions, one a line, to rank for each image")
+    p.add_argument("--images", default=None, help="a folder of images to rank for --query")
+    p.add_argument("--query", action="append", default=[], help="with --images: the text to rank them for")
+    p.add_argument("--top", type=int, default=5, help="rows shown per image or query")
+    p.add_argument("--json", action="store_true", help="one JSON object per image (or query), most probable first")
+    p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    try:
+        if args.images:
+            if not os.path.isdir(args.images):
+                raise FileNotFoundError(f"{args.images}: no such folder (--images takes a folder of images)")
+            images = sorted(os.path.join(args.images, f) for f in os.listdir(args.images) if f.lower().endswith(IMAGE_FILES))
+            if not images or not args.query:
+                raise ValueError(f"--images needs image files in {args.images} and at least one --query")
+            queries, candidates = args.query, images
+        else:
+            if args.texts:
+                with open(args.texts, encoding="utf-8") as f:
+                    texts = [line.strip() for line in f if line.strip()]
+            else:
+                texts = [t.strip() for t in (args.labels or "").split(",") if t.strip()]
+            if not args.image or not texts:
+                raise ValueError("pass --image FILE... with --labels 'a,b,...' or --texts FILE (or --images DIR --query TEXT)")
+            for path in args.image:
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{path}: no such image file")
+            queries, candidates = args.image, texts
+        model, preprocess = load(args.ckpt, **({"tokenizer": args.tokenizer} if args.tokenizer else {}))
+        model.to(args.device)
+        if getattr(model, "tokenizer", True) is None:
+            raise ValueError(f"{args.ckpt} carries no tokenizer: pass --tokenizer")
+        with torch.no_grad():
+            text = model.encode_texts(queries if args.images else candidates).float()
+        image = embed_images(model, preprocess, candidates if args.images else queries)
+    except (FileNotFoundError, ValueError, ImportError, OSError) as err:
+        raise SystemExit(f"{me} predict: {err}") from None
+    scale = model.logit_scale.exp().item() if hasattr(model, "logit_scale") else 1 / model.cfg.temperature
+    sims = (text @ image.T) if args.images else (image @ text.T)  # [queries, candidates]
+    probs = (scale * sims).softmax(-1)
+    key, kind = ("query", "images") if args.images else ("image", "labels")
+    for q, row in zip(queries, probs):
+        order = row.argsort(descending=True).tolist()
+        if args.json:
+            print(json.dumps({key: q, kind: [candidates[i] for i in order], "probs": [round(row[i].item(), 6) for i in order]},
+                             ensure_ascii=False))
+            continue
+        print(q)
+        for i in order[:args.top]:
+            print(f"  {row[i].item():6.1%}  {candidates[i]}")
+# ==== end of copy: predict ====
+
+
+# ==== copied from brivl.py: bert (edit brivl.py, then: python tests/test_copies.py --fix) ====
 class BertTokenizer:
     """A BERT-family tokenizer (BERT's WordPiece, XLM-R's Unigram: any HF tokenizer.json, or a BERT vocab.txt).
 
@@ -350,87 +1207,6 @@ class BertTokenizer:
         return ids, torch.tensor([e.attention_mask for e in encs], dtype=torch.bool)
 
 
-# ----------------------------------------------------------------------------------------------
-# Layers: CLIP's transformer blocks and BERT's (RoBERTa is BERT with other positions)
-
-
-# Copied from clip.py: QuickGELU
-class QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-# Copied from clip.py: Attention
-class Attention(nn.Module):
-    """Multi-head self-attention holding nn.MultiheadAttention's parameter names, run through SDPA."""
-
-    def __init__(self, width, heads):
-        super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
-
-    def forward(self, x, causal=False):
-        b, n, w = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.out_proj(x.transpose(1, 2).reshape(b, n, w))
-
-
-# Copied from clip.py: ResidualAttentionBlock
-class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width, heads, quick_gelu=False, mlp_width=None):
-        super().__init__()
-        mlp_width = mlp_width or 4 * width
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, mlp_width)),
-            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
-            ("c_proj", nn.Linear(mlp_width, width))]))
-
-    def forward(self, x, causal=False):
-        x = x + self.attn(self.ln_1(x), causal)
-        return x + self.mlp(self.ln_2(x))
-
-
-# Copied from clip.py: Transformer
-class Transformer(nn.Module):
-    def __init__(self, width, layers, heads, quick_gelu=False, mlp_width=None):
-        super().__init__()
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu, mlp_width) for _ in range(layers)])
-
-    def forward(self, x, causal=False):
-        for block in self.resblocks:
-            x = block(x, causal)
-        return x
-
-    def init_weights(self, width, layers):
-        # OpenAI's initialisation: residual projections shrink with depth so the stream's variance stays put.
-        attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
-        for block in self.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.zeros_(block.attn.out_proj.bias)
-            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-
-
-# Copied from clip.py: freeze
-def freeze(head, blocks, tail, unlocked_layers=0):
-    """Freeze a tower's parts (LiT) but its last `unlocked_layers` blocks and, if any block stays
-    trainable, the tail after them. Returns the frozen modules, which the model keeps in eval mode."""
-    if not 0 <= unlocked_layers <= len(blocks):
-        raise ValueError(f"unlocked layers must be from 0 to {len(blocks)} (the tower's blocks), not {unlocked_layers}")
-    parts = list(head) + list(blocks)[:len(blocks) - unlocked_layers] + (list(tail) if unlocked_layers == 0 else [])
-    for part in parts:
-        part.requires_grad_(False)
-    return [part for part in parts if isinstance(part, nn.Module)]
-
-
-# Copied from brivl.py: BertEmbeddings
 class BertEmbeddings(nn.Module):
     def __init__(self, vocab_size, width, max_positions, type_vocab_size, eps, pad_id):
         super().__init__()
@@ -445,7 +1221,6 @@ class BertEmbeddings(nn.Module):
         return self.LayerNorm(x)
 
 
-# Copied from brivl.py: BertLayer
 class BertLayer(nn.Module):
     """Post-LN encoder block (attention, add & norm, GELU MLP, add & norm); no dropout, so runs are exact."""
 
@@ -469,7 +1244,6 @@ class BertLayer(nn.Module):
         return self.output["LayerNorm"](x + h)
 
 
-# Copied from brivl.py: Bert
 class Bert(nn.Module):
     """BERT, or RoBERTa / XLM-R (roberta=True: positions count real tokens from pad_id + 1, fairseq's rule)."""
 
@@ -500,7 +1274,6 @@ class Bert(nn.Module):
         return x
 
 
-# Copied from brivl.py: read_hf_weights
 def read_hf_weights(folder, config_only=False):
     """(config dict, state dict) of an HF model folder: config.json plus pytorch_model.bin or model.safetensors."""
     cfg_path = os.path.join(folder, "config.json")
@@ -524,7 +1297,6 @@ def read_hf_weights(folder, config_only=False):
     raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin beside config.json")
 
 
-# Copied from brivl.py: bert_state_dict
 def bert_state_dict(sd, prefixes=("bert.", "roberta.")):
     """An HF BertModel / RobertaModel state dict in Bert's names: prefix and pooler dropped, old spellings mapped."""
     out = {}
@@ -535,67 +1307,19 @@ def bert_state_dict(sd, prefixes=("bert.", "roberta.")):
         k = k.replace("encoder.layers.", "encoder.layer.").replace("LayerNorm.gamma", "LayerNorm.weight")
         out[k.replace("LayerNorm.beta", "LayerNorm.bias")] = v
     return out
+# ==== end of copy: bert ====
 
 
-# ----------------------------------------------------------------------------------------------
-# Towers
+# ==== copied from clip.py: kernel (edit clip.py, then: python tests/test_copies.py --fix) ====
+# One local op does the heavy work of the loss: lse_tiles(x, y, scale, two_way) -> (row_lse, col_lse),
+# the log-sum-exp of t = scale * x @ y.T along rows and (two_way) along columns, from the same tiles
+# in one pass, never holding t. Its backward recomputes each tile once and gets dx, dy and d(scale):
+#     G_ij = g_row_i * exp(t_ij - row_lse_i) + g_col_j * exp(t_ij - col_lse_j)
+#     dx = scale * G @ y,  dy = scale * G.T @ x,  d(scale) = sum(G * x @ y.T)
+# Cost: 2 B^2 D forward + 6 B^2 D backward; memory O(B D). Below: the op's contract (a torch custom
+# op, so torch.compile sees one node), the blockwise PyTorch backend, which is the reference and runs
+# everywhere, then the Triton kernels used on CUDA.
 
-
-# Copied from clip.py: VisionTransformer
-class VisionTransformer(nn.Module):
-    def __init__(self, image_size, patch_size, width, layers, heads, embed_dim, quick_gelu=False, mlp_width=None):
-        super().__init__()
-        scale = width ** -0.5
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2 + 1, width))
-        self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads, quick_gelu, mlp_width)
-        self.ln_post = nn.LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
-        self.transformer.init_weights(width, layers)
-
-    def forward(self, x):
-        x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj
-
-
-class TeacherText(nn.Module):
-    """CLIP's text tower up to the end-of-text hidden state (before text_projection), OpenAI's names."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.token_embedding = nn.Embedding(cfg.teacher_vocab, cfg.teacher_width)
-        self.positional_embedding = nn.Parameter(torch.zeros(cfg.teacher_context, cfg.teacher_width))
-        self.transformer = Transformer(cfg.teacher_width, cfg.teacher_layers, cfg.teacher_heads, cfg.quick_gelu)
-        self.ln_final = nn.LayerNorm(cfg.teacher_width)
-
-    def forward(self, tokens):
-        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
-        x = self.ln_final(self.transformer(x, causal=True))
-        return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(-1)]  # EOT has the highest id
-
-
-class StudentText(nn.Module):
-    """XLM-R, then pre_LN -> transformation (to the teacher's width) -> the first token; HF's names."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.roberta = Bert(cfg.vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.text_mlp,
-                            cfg.text_max_positions, cfg.text_type_vocab, cfg.text_eps, cfg.pad_id, roberta=True)
-        self.pre_LN = nn.LayerNorm(cfg.text_width, eps=cfg.text_eps)
-        self.transformation = nn.Linear(cfg.text_width, cfg.teacher_width)
-
-    def forward(self, ids, mask):
-        return self.transformation(self.pre_LN(self.roberta(ids, mask)))[:, 0]
-
-
-# ----------------------------------------------------------------------------------------------
-# Loss: CLIP's symmetric InfoNCE over the global batch, its log-sum-exps from the fused lse_tiles op
-# (tiles of scale * x @ y.T, never the whole matrix; the op is CLIP's, copied below)
 
 try:  # Triton ships with CUDA builds of torch; without it the blockwise PyTorch path runs everywhere.
     import triton
@@ -603,25 +1327,71 @@ try:  # Triton ships with CUDA builds of torch; without it the blockwise PyTorch
 except ImportError:
     triton = None
 
-# Copied from clip.py: BLOCK
+
 BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
-# Copied from clip.py: WORKSPACE
+
+
 WORKSPACE = 2 ** 27  # elements of the Triton backward's G chunk, or 4 k d if larger: memory stays O(B D)
 
 
-# Copied from clip.py: _use_triton
+_NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
+
+
+@torch.library.custom_op(f"{_NS}::lse_tiles", mutates_args=())
+def lse_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, two_way: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_lse [n], col_lse [k] or [0]) of scale * x @ y.T, never materialising it."""
+    if _use_triton(x):
+        row, col = _lse_triton(x.contiguous(), y.contiguous(), scale, two_way)
+        return row.to(_acc_dtype(x)), col.to(_acc_dtype(x))
+    return _lse_torch(x, y, scale, two_way)
+
+
+@lse_tiles.register_fake
+def _lse_tiles_fake(x, y, scale, two_way):
+    return x.new_empty(x.shape[0], dtype=_acc_dtype(x)), x.new_empty(y.shape[0] if two_way else 0, dtype=_acc_dtype(x))
+
+
+@torch.library.custom_op(f"{_NS}::lse_tiles_backward", mutates_args=())
+def lse_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+                       g_row: torch.Tensor, g_col: torch.Tensor, need_x: bool, need_y: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(x):
+        return _lse_backward_triton(x.contiguous(), y.contiguous(), scale, row, col, g_row, g_col, need_x, need_y)
+    return _lse_backward_torch(x, y, scale, row, col, g_row, g_col)
+
+
+@lse_tiles_backward.register_fake
+def _lse_tiles_backward_fake(x, y, scale, row, col, g_row, g_col, need_x, need_y):
+    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
+
+
+def _lse_setup(ctx, inputs, output):
+    x, y, scale, _ = inputs
+    ctx.save_for_backward(x, y, scale, *output)
+
+
+def _lse_backward(ctx, g_row, g_col):
+    x, y, scale, row, col = ctx.saved_tensors
+    g_row = torch.zeros_like(row) if g_row is None else g_row
+    g_col = torch.zeros_like(col) if g_col is None else g_col
+    need_x, need_y, need_s = ctx.needs_input_grad[:3]
+    dx, dy, ds = lse_tiles_backward(x, y, scale, row, col, g_row, g_col, need_x, need_y)
+    return dx if need_x else None, dy if need_y else None, ds if need_s else None, None
+
+
+lse_tiles.register_autograd(_lse_backward, setup_context=_lse_setup)
+
+
 def _use_triton(x):
     # TRITON_INTERPRET=1 runs the kernels on the CPU (slowly): that is how CI tests them.
     return (triton is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
 
 
-# Copied from clip.py: _acc_dtype
 def _acc_dtype(x):
     return torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least
 
 
-# Copied from clip.py: _lse_torch
 def _lse_torch(x, y, scale, two_way):
     n, k = x.shape[0], y.shape[0]
     acc = _acc_dtype(x)
@@ -637,7 +1407,6 @@ def _lse_torch(x, y, scale, two_way):
     return row, col
 
 
-# Copied from clip.py: _lse_backward_torch
 def _lse_backward_torch(x, y, scale, row, col, g_row, g_col):
     n, k = x.shape[0], y.shape[0]
     acc = row.dtype
@@ -662,7 +1431,6 @@ def _lse_backward_torch(x, y, scale, row, col, g_row, g_col):
 
 
 if triton is not None:
-    # Copied from clip.py: _tile
     @triton.jit
     def _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
               BD: tl.constexpr):
@@ -675,7 +1443,6 @@ if triton is not None:
             raw += tl.dot(xa, tl.trans(yb), input_precision=PREC)
         return raw
 
-    # Copied from clip.py: _lse_fwd_kernel
     @triton.jit
     def _lse_fwd_kernel(X, Y, SCALE, OFFSET, ROW, COL, n, k, d, sxn, sxd, syn, syd,
                         TWO_WAY: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
@@ -695,7 +1462,6 @@ if triton is not None:
                 tl.atomic_add(COL + rn, tl.sum(e, 0), mask=rn < k)
         tl.atomic_add(ROW + rm, row_sum, mask=rm < n)
 
-    # Copied from clip.py: _grad_tile_kernel
     @triton.jit
     def _grad_tile_kernel(X, Y, SCALE, ROW, COL, GROW, GCOL, G, DSP, n, k, d, sxn, sxd, syn, syd, sgn,
                           TWO_WAY: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -717,7 +1483,6 @@ if triton is not None:
         tl.store(G + rm[:, None] * sgn + rn[None, :], (g * s).to(G.dtype.element_ty), mask=inside)
 
 
-# Copied from clip.py: _tiles
 def _tiles(x):
     big = x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda
     prec = "ieee" if x.dtype == torch.float32 else "tf32"  # exact fp32; half types use their own dot
@@ -725,7 +1490,6 @@ def _tiles(x):
                 num_warps=4, num_stages=3)
 
 
-# Copied from clip.py: _lse_triton
 def _lse_triton(x, y, scale, two_way):
     n, k = x.shape[0], y.shape[0]
     # exp(t - offset) must neither overflow (t - offset <= 80 < 88) nor, for a whole row or column,
@@ -746,7 +1510,6 @@ def _lse_triton(x, y, scale, two_way):
     return row.log() + offset, col.log() + offset
 
 
-# Copied from clip.py: _mm_f32
 def _mm_f32(a, b):
     # fp32 result of a half-precision product, accumulated and written in fp32 by cuBLAS where torch can
     if a.dtype != torch.float32 and a.is_cuda:
@@ -757,7 +1520,6 @@ def _mm_f32(a, b):
     return (a @ b).float()
 
 
-# Copied from clip.py: _lse_backward_triton
 def _lse_backward_triton(x, y, scale, row, col, g_row, g_col, need_x, need_y):
     # The kernel writes scale * G for a chunk of rows into a workspace; dx and dy are then plain matrix
     # products (cuBLAS's speed) and each tile is recomputed once. Adding into dx and dy from inside the
@@ -788,784 +1550,7 @@ def _lse_backward_triton(x, y, scale, row, col, g_row, g_col, need_x, need_y):
         if need_y:
             dy += _mm_f32(g.T, xi)
     return dx, dy.to(y.dtype), ds.to(scale.dtype)
-
-
-# Copied from clip.py: _NS
-_NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
-
-
-# Copied from clip.py: lse_tiles
-@torch.library.custom_op(f"{_NS}::lse_tiles", mutates_args=())
-def lse_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, two_way: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row_lse [n], col_lse [k] or [0]) of scale * x @ y.T, never materialising it."""
-    if _use_triton(x):
-        row, col = _lse_triton(x.contiguous(), y.contiguous(), scale, two_way)
-        return row.to(_acc_dtype(x)), col.to(_acc_dtype(x))
-    return _lse_torch(x, y, scale, two_way)
-
-
-# Copied from clip.py: _lse_tiles_fake
-@lse_tiles.register_fake
-def _lse_tiles_fake(x, y, scale, two_way):
-    return x.new_empty(x.shape[0], dtype=_acc_dtype(x)), x.new_empty(y.shape[0] if two_way else 0, dtype=_acc_dtype(x))
-
-
-# Copied from clip.py: lse_tiles_backward
-@torch.library.custom_op(f"{_NS}::lse_tiles_backward", mutates_args=())
-def lse_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
-                       g_row: torch.Tensor, g_col: torch.Tensor, need_x: bool, need_y: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _use_triton(x):
-        return _lse_backward_triton(x.contiguous(), y.contiguous(), scale, row, col, g_row, g_col, need_x, need_y)
-    return _lse_backward_torch(x, y, scale, row, col, g_row, g_col)
-
-
-# Copied from clip.py: _lse_tiles_backward_fake
-@lse_tiles_backward.register_fake
-def _lse_tiles_backward_fake(x, y, scale, row, col, g_row, g_col, need_x, need_y):
-    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
-
-
-# Copied from clip.py: _lse_setup
-def _lse_setup(ctx, inputs, output):
-    x, y, scale, _ = inputs
-    ctx.save_for_backward(x, y, scale, *output)
-
-
-# Copied from clip.py: _lse_backward
-def _lse_backward(ctx, g_row, g_col):
-    x, y, scale, row, col = ctx.saved_tensors
-    g_row = torch.zeros_like(row) if g_row is None else g_row
-    g_col = torch.zeros_like(col) if g_col is None else g_col
-    need_x, need_y, need_s = ctx.needs_input_grad[:3]
-    dx, dy, ds = lse_tiles_backward(x, y, scale, row, col, g_row, g_col, need_x, need_y)
-    return dx if need_x else None, dy if need_y else None, ds if need_s else None, None
-
-
-lse_tiles.register_autograd(_lse_backward, setup_context=_lse_setup)
-
-
-# Copied from clip.py: _AllGather
-class _AllGather(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient into the rows this rank owns."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
-        n = grad.shape[0] // world
-        if dist.get_backend(ctx.group) == "nccl":
-            out = grad.new_empty(n, *grad.shape[1:])
-            dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
-            return out, None
-        grad = grad.contiguous().clone()  # gloo has no reduce_scatter
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[rank * n:(rank + 1) * n], None
-
-
-# Copied from clip.py: _AllReduceSum
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; every rank's loss depends on the sum, so the backward sums the gradients too."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-# Copied from clip.py: _distributed
-def _distributed(group):
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
-# Copied from clip.py: all_gather_with_grad
-def all_gather_with_grad(x, group=None):
-    return _AllGather.apply(x, group) if _distributed(group) else x
-
-
-# Copied from clip.py: global_logsumexp
-def global_logsumexp(lse, group=None):
-    """Combine per-rank log-sum-exp vectors into the global one: O(len) traffic, differentiable."""
-    if not _distributed(group):
-        return lse
-    top = lse.detach().clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    return _AllReduceSum.apply(torch.exp(lse - top), group).log() + top
-
-
-# Copied from clip.py: infonce
-def infonce(x, y, logit_scale, pos, two_way=False, group=None):
-    """Mean over the rows of x of InfoNCE against the keys y; row i's positive is column pos[i].
-
-    Rows-only (two_way=False): y is any key set (BriVL: positives plus a queue; pass y detached for
-    no gradient to the keys). two_way also takes the column direction: y must then be the gather of
-    every rank's equal-sized shard and pos this rank's columns; column statistics are combined across
-    ranks. Under DDP's gradient averaging the result is the exact gradient of the global mean.
-    """
-    row, col = lse_tiles(x, y, logit_scale, two_way)
-    # index_select, not y[pos]: its backward adds rows in place where indexing's sorts the indices
-    pos_logit = (x * y.index_select(0, pos)).sum(1).to(row.dtype) * logit_scale.to(row.dtype)
-    loss = row - pos_logit
-    if two_way:
-        loss = (loss + global_logsumexp(col, group).index_select(0, pos) - pos_logit) / 2
-    return loss.mean()
-
-
-# Copied from clip.py: contrastive_loss
-def contrastive_loss(image_features, text_features, logit_scale, group=None):
-    """Symmetric InfoNCE over the global batch (open_clip's meaning: logit_scale is already exp'd).
-
-    Each rank computes its own image rows against the texts of all ranks (gathered with gradient);
-    the text -> image direction reuses the same tiles, its column statistics combined across ranks.
-    Every rank must pass the same number of rows. text_features may hold several positive text sets,
-    [M, B, D] (LaCLIP-MT): the loss is then the mean of the M losses.
-    """
-    if text_features.dim() == 3:
-        return sum(contrastive_loss(image_features, t, logit_scale, group) for t in text_features) / len(text_features)
-    n = image_features.shape[0]
-    offset = 0
-    if _distributed(group):
-        text_features = all_gather_with_grad(text_features, group)
-        if text_features.shape[0] != n * dist.get_world_size(group):
-            raise ValueError("contrastive_loss needs the same batch size on every rank")
-        offset = dist.get_rank(group) * n
-    pos = torch.arange(offset, offset + n, device=image_features.device)
-    return infonce(image_features, text_features, logit_scale, pos, True, group)
-
-
-# ----------------------------------------------------------------------------------------------
-# Model
-
-
-# Copied from clip.py: ImageTransform
-class ImageTransform:
-    """PIL image -> normalised tensor; train: RandomResizedCrop(scale 0.9-1) drawn from the sample's rng."""
-
-    def __init__(self, size, train, scale=(0.9, 1.0), mean=MEAN, std=STD):
-        self.size, self.train, self.scale = size, train, scale
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-
-    def __call__(self, img, rng=None):
-        from PIL import Image
-
-        img = img.convert("RGB")
-        w, h = img.size
-        if self.train:
-            box = None
-            for _ in range(10):  # torchvision's RandomResizedCrop rule, with our own rng
-                area = w * h * rng.uniform(*self.scale)
-                ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-                cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-                if 0 < cw <= w and 0 < ch <= h:
-                    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-                    box = (x0, y0, x0 + cw, y0 + ch)
-                    break
-            if box is None:
-                side = min(w, h)
-                box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-            img = img.resize((self.size, self.size), Image.BICUBIC, box=box)
-        else:  # resize the short side, centre crop (OpenAI's preprocess)
-            r = self.size / min(w, h)
-            img = img.resize((max(self.size, round(w * r)), max(self.size, round(h * r))), Image.BICUBIC)
-            w, h = img.size
-            left, top = (w - self.size) // 2, (h - self.size) // 2
-            img = img.crop((left, top, left + self.size, top + self.size))
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-        return (x - self.mean) / self.std
-
-
-class Transform:
-    """One sample -> model inputs. Stage 1 trains on text: the teacher reads the English caption, the
-    student one of the sample's texts (English included) drawn from its rng. Stage 2: an image and one
-    of its texts. Evaluation: the image and the English caption."""
-
-    def __init__(self, cfg, tokenizer, teacher_tokenizer, train):
-        self.stage, self.train = cfg.stage, train
-        self.image = ImageTransform(cfg.image_size, train)
-        self.tokenizer, self.teacher_tokenizer = tokenizer, teacher_tokenizer
-
-    def __call__(self, sample, rng):
-        text = sample["text"]
-        if self.train and sample.get("texts"):
-            options = sorted(sample["texts"].items())
-            text = options[int(rng.integers(len(options)))][1]
-        ids, mask = self.tokenizer([text])
-        out = {"text": ids[0], "text_mask": mask[0]}
-        if not self.train or self.stage == "contrastive":
-            out["image"] = self.image(sample["image"], rng)
-        if self.stage == "distill" and self.teacher_tokenizer is not None:
-            out["teacher_text"] = self.teacher_tokenizer([sample["text"]])[0]
-        return out
-
-
-class AltCLIP(nn.Module):
-    def __init__(self, cfg: Config, tokenizer=None, teacher_tokenizer=None):
-        super().__init__()
-        self.cfg, self.tokenizer, self.teacher_tokenizer = cfg, tokenizer, teacher_tokenizer
-        self.visual = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
-                                        cfg.vision_heads, cfg.embed_dim, cfg.quick_gelu, cfg.vision_mlp or None)
-        self.text_model = StudentText(cfg)
-        self.text_projection = nn.Linear(cfg.teacher_width, cfg.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        # The image tower is the teacher's and stays locked in both stages (LiT). In stage 1 the loss
-        # reaches neither the projection nor the temperature; DDP must not wait for their gradients.
-        self.locked = freeze([self.visual], [], [])
-        if cfg.stage == "distill":
-            self.teacher = TeacherText(cfg)
-            self.locked += freeze([self.teacher, self.text_projection, self.logit_scale], [], [])
-
-    def train(self, mode=True):
-        super().train(mode)
-        for m in self.locked:  # frozen: eval mode too
-            m.eval()
-        return self
-
-    def encode_image(self, images, normalize=False):
-        x = self.visual(images)
-        return F.normalize(x, dim=-1) if normalize else x
-
-    def encode_text(self, input_ids, attention_mask, normalize=False):
-        x = self.text_projection(self.text_model(input_ids, attention_mask))
-        return F.normalize(x, dim=-1) if normalize else x
-
-    def forward(self, batch):
-        student = self.text_model(batch["text"], batch["text_mask"])
-        out = {"text": F.normalize(self.text_projection(student), dim=-1), "scale": self.logit_scale.exp()}
-        if "image" in batch:
-            out["image"] = self.encode_image(batch["image"], normalize=True)
-        if self.cfg.stage == "distill" and "teacher_text" in batch:
-            out["student"] = student
-            with torch.no_grad():
-                out["teacher"] = self.teacher(batch["teacher_text"])
-        return out
-
-    def loss(self, out):
-        if self.cfg.stage == "distill":
-            # Mean over rows and features: each rank's mean over equal shares, which DDP averages.
-            return F.mse_loss(out["student"].float(), out["teacher"].float())
-        return contrastive_loss(out["image"], out["text"], out["scale"])
-
-    @torch.no_grad()
-    def after_step(self):
-        self.logit_scale.clamp_(0, math.log(100))
-
-    def transform(self, train):
-        return Transform(self.cfg, self.tokenizer, self.teacher_tokenizer, train)
-
-    def encode_texts(self, texts):
-        ids, mask = self.tokenizer(texts)
-        device = self.logit_scale.device
-        return self.encode_text(ids.to(device), mask.to(device), normalize=True)
-
-    def shard_units(self):
-        # (residual blocks, towers) for train.py's --fsdp and --grad-checkpointing
-        towers = [self.visual, self.text_model] + ([self.teacher] if hasattr(self, "teacher") else [])
-        blocks = [*self.visual.transformer.resblocks, *self.text_model.roberta.encoder["layer"]]
-        if hasattr(self, "teacher"):
-            blocks += list(self.teacher.transformer.resblocks)
-        return blocks, towers
-
-    def extra_state(self):
-        return {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None,
-                "teacher_tokenizer": self.teacher_tokenizer.to_str() if self.teacher_tokenizer else None}
-
-
-def add_args(parser):
-    parser.add_argument("--stage", default="distill", choices=["distill", "contrastive"],
-                        help="distill: stage 1, teacher learning on parallel text; contrastive: stage 2")
-    parser.add_argument("--teacher", default=None,
-                        help="stage 1: the CLIP to learn from: a train.py checkpoint of clip, or an OpenAI / "
-                             "open_clip ViT file")
-    parser.add_argument("--teacher-tokenizer", default=None,
-                        help="the teacher's tokenizer (bpe_simple_vocab_16e6.txt.gz or tokenizer.json), for "
-                             "teacher files that do not carry one")
-    parser.add_argument("--student", default=None,
-                        help="an HF XLM-R folder (config.json, weights, tokenizer.json) to start the student from")
-    parser.add_argument("--tokenizer", default=None, help="the student's tokenizer.json (default: --student's, "
-                        "else a WordPiece vocabulary built from the captions in every language)")
-
-
-def finish_args(args):
-    # Stage 1 needs no images: the data loader then reads parallel text (the synthetic data's
-    # captions in every language, or a TSV of translations).
-    args.parallel_text = args.stage == "distill"
-
-
-def read_teacher(path, tokenizer=None):
-    """(state dict, shapes, CLIP Tokenizer or None) of a CLIP: our checkpoint, OpenAI's or open_clip's file."""
-    sd, extra = read_state_dict(path)
-    for key in ("input_resolution", "context_length", "vocab_size"):  # metadata in OpenAI's archives
-        sd.pop(key, None)
-    if "visual.conv1.weight" not in sd or "token_embedding.weight" not in sd:
-        raise ValueError(f"{path}: not a CLIP ViT checkpoint (no visual.conv1.weight / token_embedding.weight); "
-                         "the teacher must be a clip.py checkpoint or an OpenAI-layout file")
-    c = (extra or {}).get("config") or {}
-    width, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
-
-    def count(prefix):
-        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-
-    text_width = sd["ln_final.weight"].shape[0]
-    shapes = dict(embed_dim=sd["text_projection"].shape[1], image_size=patch * round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5),
-                  patch_size=patch, vision_width=width, vision_layers=count("visual.transformer.resblocks."),
-                  vision_mlp=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                  vision_heads=c.get("vision_heads", width // 64), quick_gelu=c.get("quick_gelu", True),
-                  teacher_context=sd["positional_embedding"].shape[0], teacher_vocab=sd["token_embedding.weight"].shape[0],
-                  teacher_width=text_width, teacher_layers=count("transformer.resblocks."),
-                  teacher_heads=c.get("text_heads", text_width // 64))
-    if tokenizer:
-        tok = Tokenizer.from_file(tokenizer, shapes["teacher_context"])
-    elif extra and extra.get("tokenizer"):
-        tok = Tokenizer.from_str(extra["tokenizer"], shapes["teacher_context"])
-    else:
-        tok = None
-    return sd, shapes, tok
-
-
-def load_teacher(model, sd):
-    """The teacher CLIP's image tower, text tower, projection and temperature into the model."""
-    model.visual.load_state_dict({k[len("visual."):]: v.float() for k, v in sd.items() if k.startswith("visual.")})
-    model.text_projection.weight.data.copy_(sd["text_projection"].T)
-    model.logit_scale.data.copy_(sd["logit_scale"])
-    if hasattr(model, "teacher"):
-        names = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.")
-        model.teacher.load_state_dict({k: v.float() for k, v in sd.items() if k.startswith(names)})
-
-
-def create(args, captions=(), extra=None):
-    if extra is not None:  # a checkpoint's model, or the one rank 0 built for the other ranks
-        cfg = Config(**extra["config"])
-        tok = BertTokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None
-        teacher_tok = Tokenizer.from_str(extra["teacher_tokenizer"], cfg.teacher_context) \
-            if extra.get("teacher_tokenizer") else None
-        model = AltCLIP(cfg, tok, teacher_tok)
-        if args is not None:  # on --resume the checkpoint's weights replace these
-            load_weights(model, args)
-        return model
-    if args.size not in CONFIGS:
-        raise ValueError(f"unknown --size {args.size!r}; choose one of {', '.join(CONFIGS)}")
-    if args.stage == "contrastive":
-        if not getattr(args, "init", None):
-            raise ValueError("altclip --stage contrastive needs --init STAGE1_CHECKPOINT (a checkpoint of --stage distill)")
-        _, extra = _read_stage1(args.init)
-        cfg = Config(**{**extra["config"], "stage": "contrastive"})
-        model = AltCLIP(cfg, BertTokenizer.from_str(extra["tokenizer"], cfg.context_length))
-        load_weights(model, args)
-        return model
-    if not args.teacher:
-        raise ValueError("altclip --stage distill needs --teacher CLIP_CHECKPOINT (train one with "
-                         "`train.py --model clip`, or pass an OpenAI ViT file with --teacher-tokenizer)")
-    _, shapes, teacher_tok = read_teacher(args.teacher, args.teacher_tokenizer)
-    if teacher_tok is None:
-        raise ValueError(f"{args.teacher} carries no tokenizer: pass the teacher's with --teacher-tokenizer "
-                         "(bpe_simple_vocab_16e6.txt.gz or tokenizer.json)")
-    cfg = Config(**{**asdict(CONFIGS[args.size]), **shapes, "stage": "distill"})
-    if args.student:
-        hf = read_hf_weights(args.student, config_only=True)
-        cfg.vocab_size, cfg.text_width, cfg.text_layers = hf["vocab_size"], hf["hidden_size"], hf["num_hidden_layers"]
-        cfg.text_heads, cfg.text_mlp = hf["num_attention_heads"], hf["intermediate_size"]
-        cfg.text_max_positions, cfg.text_type_vocab = hf["max_position_embeddings"], hf.get("type_vocab_size", 1)
-        cfg.text_eps = hf.get("layer_norm_eps", 1e-5)
-    if args.tokenizer or args.student:
-        tok = BertTokenizer.from_file(args.tokenizer or args.student, cfg.context_length)
-    else:
-        tok = BertTokenizer.train(captions, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
-        cfg.vocab_size = tok.vocab_size
-    cfg.pad_id = tok.pad_id
-    model = AltCLIP(cfg, tok, teacher_tok)
-    load_weights(model, args)
-    return model
-
-
-def load_weights(model, args):
-    """What a run starts from: stage 1, the teacher CLIP (and an HF XLM-R student); stage 2, stage 1's checkpoint."""
-    if model.cfg.stage == "distill":
-        load_teacher(model, read_teacher(args.teacher)[0])
-        if getattr(args, "student", None):
-            _, sd = read_hf_weights(args.student)
-            model.text_model.roberta.load_state_dict(bert_state_dict(sd, ("roberta.",)), strict=True)
-    elif getattr(args, "init", None):
-        sd, _ = _read_stage1(args.init)
-        model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("teacher.")}, strict=True)
-
-
-def _read_stage1(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint; --init takes the checkpoint.pt of an altclip --stage distill run")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    extra = ckpt.get("extra") or {}
-    if (extra.get("config") or {}).get("stage") != "distill":
-        raise ValueError(f"{path}: not a checkpoint of altclip --stage distill")
-    return ckpt["model"], extra
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation: zero-shot classifier and retrieval, in chunks
-
-# Copied from clip.py: zero_shot_classifier
-@torch.no_grad()
-def zero_shot_classifier(model, classnames, templates):
-    """[C, D]: per class, the mean of its normalised prompt embeddings, re-normalised."""
-    weights = []
-    for name in classnames:
-        e = model.encode_texts([t.format(name) for t in templates]).float()
-        weights.append(F.normalize(e.mean(0), dim=-1))
-    return torch.stack(weights)
-
-
-# Copied from clip.py: retrieval_metrics
-@torch.no_grad()
-def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
-    """R@k both ways for paired rows, chunked so N x N similarities are never held at once."""
-    out = {}
-    for name, q, k in (("i2t", image_features, text_features), ("t2i", text_features, image_features)):
-        ranks = []
-        for i in range(0, q.shape[0], chunk):
-            sims = q[i:i + chunk] @ k.T
-            target = sims[torch.arange(sims.shape[0]), torch.arange(i, i + sims.shape[0])]
-            ranks.append((sims > target[:, None]).sum(1))
-        ranks = torch.cat(ranks)
-        for kk in ks:
-            out[f"{name}_r{kk}"] = (ranks < kk).float().mean().item()
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Weight loading: HF AltCLIPModel folders, OpenAI-layout CLIP files, this repository's checkpoints
-
-# Copied from clip.py: read_state_dict
-def read_state_dict(path):
-    """A TorchScript archive (OpenAI's releases), a plain state dict (.pt/.bin/.pth) or .safetensors."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
-        return load_file(path), None
-    import zipfile
-
-    with zipfile.ZipFile(path) if zipfile.is_zipfile(path) else contextlib.nullcontext() as archive:
-        scripted = archive is not None and any(n.endswith("/constants.pkl") for n in archive.namelist())
-    if scripted:  # OpenAI's releases are TorchScript archives
-        sd = torch.jit.load(path, map_location="cpu").state_dict()
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    extra = None
-    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):  # our train.py checkpoint
-        extra = sd.get("extra")
-        sd = sd["model"]
-    elif isinstance(sd, dict) and "state_dict" in sd:  # open_clip training checkpoint
-        sd = sd["state_dict"]
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    for key in ("input_resolution", "context_length", "vocab_size"):  # metadata in OpenAI's archives
-        sd.pop(key, None)
-    return sd, extra
-
-
-def hf_vision_to_openai(sd, prefix="vision_model."):
-    """HF CLIPVisionTransformer names -> OpenAI's (clip.py's VisionTransformer); q, k, v joined."""
-    # Releases spell the blocks encoder.layers.{i} (CLIP's) or encoder.layer.{i} (AltCLIP's, newer).
-    sd = {k.replace(prefix + "encoder.layer.", prefix + "encoder.layers."): v for k, v in sd.items()}
-    out = {"class_embedding": sd[prefix + "embeddings.class_embedding"],
-           "conv1.weight": sd[prefix + "embeddings.patch_embedding.weight"],
-           "positional_embedding": sd[prefix + "embeddings.position_embedding.weight"]}
-    for ours, theirs in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):  # (sic) HF's spelling
-        for p in ("weight", "bias"):
-            out[f"{ours}.{p}"] = sd[f"{prefix}{theirs}.{p}"]
-    i = 0
-    while f"{prefix}encoder.layers.{i}.layer_norm1.weight" in sd:
-        src, dst = f"{prefix}encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for p in ("weight", "bias"):
-            out[dst + f"attn.in_proj_{p}"] = torch.cat([sd[src + f"self_attn.{n}_proj.{p}"] for n in "qkv"])
-            for ours, theirs in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
-                                 ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"), ("ln_2", "layer_norm2")):
-                out[f"{dst}{ours}.{p}"] = sd[f"{src}{theirs}.{p}"]
-        i += 1
-    return out
-
-
-def context_length(folder, text_cfg):
-    """Tokens per text: tokenizer_config.json's model_max_length, else what the position table holds."""
-    tok_cfg = os.path.join(folder, "tokenizer_config.json")
-    if os.path.isfile(tok_cfg):
-        n = json.load(open(tok_cfg)).get("model_max_length")
-        if isinstance(n, int) and n < 100_000:  # transformers writes a huge number for "no limit"
-            return n
-    return text_cfg.get("max_position_embeddings", 514) - text_cfg.get("pad_token_id", 1) - 1
-
-
-def load(path, device="cpu", tokenizer=None):
-    """(model, preprocess) from an HF AltCLIPModel folder or a train.py checkpoint of altclip.
-
-    HF folders: config.json plus pytorch_model.bin or model.safetensors (the latter needs the
-    safetensors package); the tokenizer.json in the folder (or the one given) serves encode_texts.
-    Features: model.encode_text(input_ids, attention_mask), model.encode_image(images).
-    """
-    if os.path.isfile(path):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if "extra" not in ckpt or "model" not in ckpt:
-            raise ValueError(f"{path}: not a train.py checkpoint of altclip; pass an HF AltCLIP folder or a checkpoint")
-        model = create(None, extra=ckpt["extra"])
-        model.load_state_dict(ckpt["model"], strict=True)
-        return model.to(device).eval(), ImageTransform(model.cfg.image_size, train=False)
-    hf, sd = read_hf_weights(path)
-    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
-    text_cfg, vision_cfg = hf.get("text_config", {}), hf.get("vision_config", {})
-    student = bert_state_dict({k[len("text_model."):]: v for k, v in sd.items() if k.startswith("text_model.roberta.")},
-                              ("roberta.",))
-    vision = hf_vision_to_openai(sd)
-    width = vision["conv1.weight"].shape[0]
-    text_width = sd["text_model.pre_LN.weight"].shape[0]
-    cfg = Config(
-        stage="contrastive", embed_dim=sd["text_projection.weight"].shape[0],
-        image_size=vision["conv1.weight"].shape[-1] * round((vision["positional_embedding"].shape[0] - 1) ** 0.5),
-        patch_size=vision["conv1.weight"].shape[-1],
-        vision_width=width, vision_layers=sum(k.endswith("ln_1.weight") for k in vision),
-        vision_mlp=vision["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-        vision_heads=vision_cfg.get("num_attention_heads", width // 64),
-        quick_gelu=vision_cfg.get("hidden_act", "quick_gelu") == "quick_gelu",
-        teacher_width=sd["text_model.transformation.weight"].shape[0],
-        context_length=context_length(path, text_cfg),
-        vocab_size=student["embeddings.word_embeddings.weight"].shape[0], text_width=text_width,
-        text_layers=sum(k.endswith("attention.self.query.weight") for k in student),
-        text_heads=text_cfg.get("num_attention_heads", 16), text_mlp=student["encoder.layer.0.intermediate.dense.weight"].shape[0],
-        text_max_positions=student["embeddings.position_embeddings.weight"].shape[0],
-        text_type_vocab=student["embeddings.token_type_embeddings.weight"].shape[0],
-        text_eps=text_cfg.get("layer_norm_eps", 1e-5), pad_id=text_cfg.get("pad_token_id", 1))
-    if vision_cfg.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
-        raise ValueError(f"{path}: vision hidden_act {vision_cfg['hidden_act']!r} is not implemented")
-    tok_path = tokenizer or (path if os.path.isfile(os.path.join(path, "tokenizer.json")) else None)
-    model = AltCLIP(cfg, BertTokenizer.from_file(tok_path, cfg.context_length) if tok_path else None)
-    model.visual.load_state_dict({**vision, "proj": sd["visual_projection.weight"].T}, strict=True)
-    model.text_model.roberta.load_state_dict(student, strict=True)
-    for name in ("pre_LN", "transformation"):
-        getattr(model.text_model, name).load_state_dict(
-            {p: sd[f"text_model.{name}.{p}"] for p in ("weight", "bias")}, strict=True)
-    model.text_projection.weight.data.copy_(sd["text_projection.weight"])
-    model.logit_scale.data.copy_(sd["logit_scale"].reshape(()))
-    return model.to(device).eval(), ImageTransform(cfg.image_size, train=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# Weights out: `python altclip.py export CKPT OUT --format hf` writes a transformers AltCLIPModel folder
-
-
-# Copied from clip.py: hf_names
-def hf_names(cfg):
-    """[(our key, transformers' CLIPModel key, how)]: how is '' (same tensor), 'T' (transposed) or 'qkv'
-    (our in_proj is HF's q, k and v projections concatenated in that order)."""
-    names = [("token_embedding.weight", "text_model.embeddings.token_embedding.weight", ""),
-             ("positional_embedding", "text_model.embeddings.position_embedding.weight", ""),
-             ("text_projection", "text_projection.weight", "T"),
-             ("visual.class_embedding", "vision_model.embeddings.class_embedding", ""),
-             ("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight", ""),
-             ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight", ""),
-             ("visual.proj", "visual_projection.weight", "T"),
-             ("logit_scale", "logit_scale", "")]
-    for kind in ("weight", "bias"):
-        names += [(f"ln_final.{kind}", f"text_model.final_layer_norm.{kind}", ""),
-                  (f"visual.ln_pre.{kind}", f"vision_model.pre_layrnorm.{kind}", ""),  # sic: transformers' spelling
-                  (f"visual.ln_post.{kind}", f"vision_model.post_layernorm.{kind}", "")]
-    block = [("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"),
-             ("attn.out_proj", "self_attn.out_proj")]
-    for ours, theirs, layers in (("transformer.resblocks", "text_model.encoder.layers", cfg.text_layers),
-                                 ("visual.transformer.resblocks", "vision_model.encoder.layers", cfg.vision_layers)):
-        for i in range(layers):
-            for kind in ("weight", "bias"):
-                names.append((f"{ours}.{i}.attn.in_proj_{kind}", f"{theirs}.{i}.self_attn.{{}}_proj.{kind}", "qkv"))
-                names += [(f"{ours}.{i}.{a}.{kind}", f"{theirs}.{i}.{b}.{kind}", "") for a, b in block]
-    return names
-
-
-# Copied from clip.py: save_weights
-def save_weights(sd, folder):
-    """transformers' weight file: model.safetensors where safetensors is installed, else pytorch_model.bin."""
-    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
-        return os.path.join(folder, "pytorch_model.bin")
-    save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    return os.path.join(folder, "model.safetensors")
-
-
-def export(path, out, fmt="hf", tokenizer=None):
-    """An AltCLIPModel folder (config.json, weights, tokenizer.json) from a checkpoint; the text tower is
-    the student (a stage-1 checkpoint's teacher is left out). Returns what to tell the user."""
-    if fmt != "hf":
-        raise ValueError("altclip exports --format hf only (transformers' AltCLIPModel); open_clip has no AltCLIP")
-    model, _ = load(path, tokenizer=tokenizer)
-    cfg, tok = model.cfg, model.tokenizer
-    if tok is None:
-        raise ValueError(f"{path} carries no tokenizer: pass --tokenizer (the student's tokenizer.json)")
-    os.makedirs(out, exist_ok=True)
-    sd = {f"text_model.roberta.{k}": v for k, v in model.text_model.roberta.state_dict().items()}
-    for name in ("pre_LN", "transformation"):
-        sd.update({f"text_model.{name}.{k}": v for k, v in getattr(model.text_model, name).state_dict().items()})
-    visual = model.visual.state_dict()
-    layers = type("Layers", (), {"text_layers": 0, "vision_layers": cfg.vision_layers})
-    for ours, theirs, how in hf_names(layers):
-        if not ours.startswith("visual."):
-            continue
-        v = visual[ours[len("visual."):]]
-        if how == "qkv":
-            sd.update({theirs.format(p): part for p, part in zip("qkv", v.chunk(3))})
-        else:
-            sd[theirs] = v.T if how == "T" else v
-    sd["text_projection.weight"] = model.text_projection.weight
-    sd["logit_scale"] = model.logit_scale
-    weights = save_weights(sd, out)
-    config = {"architectures": ["AltCLIPModel"], "model_type": "altclip", "projection_dim": cfg.embed_dim,
-              "logit_scale_init_value": 2.6592, "torch_dtype": "float32",
-              "text_config": {"model_type": "altclip_text_model", "vocab_size": cfg.vocab_size,
-                              "hidden_size": cfg.text_width, "num_hidden_layers": cfg.text_layers,
-                              "num_attention_heads": cfg.text_heads, "intermediate_size": cfg.text_mlp,
-                              "hidden_act": "gelu", "max_position_embeddings": cfg.text_max_positions,
-                              "type_vocab_size": cfg.text_type_vocab, "layer_norm_eps": cfg.text_eps,
-                              "pad_token_id": cfg.pad_id, "project_dim": cfg.teacher_width,
-                              "position_embedding_type": "absolute"},
-              "vision_config": {"model_type": "altclip_vision_model", "hidden_size": cfg.vision_width,
-                                "intermediate_size": cfg.vision_mlp or 4 * cfg.vision_width,
-                                "num_hidden_layers": cfg.vision_layers, "num_attention_heads": cfg.vision_heads,
-                                "image_size": cfg.image_size, "patch_size": cfg.patch_size, "num_channels": 3,
-                                "hidden_act": "quick_gelu" if cfg.quick_gelu else "gelu", "layer_norm_eps": 1e-5,
-                                "projection_dim": cfg.embed_dim}}
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as f:
-        f.write(tok.to_str())
-    vocab = tok.tokenizer.get_vocab()
-    special = {role: name for role, names in (("pad_token", ("<pad>", "[PAD]")), ("unk_token", ("<unk>", "[UNK]")),
-                                              ("bos_token", ("<s>", "[CLS]")), ("eos_token", ("</s>", "[SEP]")),
-                                              ("cls_token", ("<s>", "[CLS]")), ("sep_token", ("</s>", "[SEP]")),
-                                              ("mask_token", ("<mask>", "[MASK]")))
-               for name in names if name in vocab}
-    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.context_length, **special}, f,
-                  indent=2)
-    size = {"height": cfg.image_size, "width": cfg.image_size}
-    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
-        json.dump({"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": cfg.image_size},
-                   "resample": 3, "do_center_crop": True, "crop_size": size, "do_rescale": True, "rescale_factor": 1 / 255,
-                   "do_normalize": True, "do_convert_rgb": True, "image_mean": list(MEAN), "image_std": list(STD)}, f,
-                  indent=2)
-    return [f"wrote {out}: config.json, {os.path.basename(weights)}, tokenizer.json, preprocessor_config.json",
-            f"transformers: AltCLIPModel.from_pretrained({out!r}); its tokenizer: AutoTokenizer.from_pretrained({out!r}) "
-            f"(this model's own, not necessarily XLM-R's: AltCLIPProcessor expects XLM-R's)"]
-
-
-# Copied from clip.py: export_main
-def export_main(argv=None):
-    p = argparse.ArgumentParser(prog=f"{os.path.basename(__file__)} export",
-                                description="write weights in open_clip's or transformers' layout")
-    p.add_argument("checkpoint", help="OUT/checkpoint.pt of train.py, or any weights load() reads")
-    p.add_argument("out", help="folder to write")
-    p.add_argument("--format", required=True, choices=["open_clip", "hf"])
-    p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer")
-    args = p.parse_args(argv)
-    try:
-        for line in export(args.checkpoint, args.out, args.format, args.tokenizer):
-            print(line)
-    except (FileNotFoundError, ValueError, ImportError) as err:
-        raise SystemExit(f"{p.prog}: {err}") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# `python altclip.py predict`: labels for images, captions for images, images for a text
-
-
-# Copied from clip.py: IMAGE_FILES
-IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-# Copied from clip.py: embed_images
-@torch.no_grad()
-def embed_images(model, preprocess, paths):
-    """[N, D] normalised image features for image files."""
-    from PIL import Image
-
-    device = next(model.parameters()).device
-    pixels = torch.stack([preprocess(Image.open(p)) for p in paths]).to(device)
-    return model.encode_image(pixels, normalize=True).float()
-
-
-# Copied from clip.py: predict_main
-def predict_main(argv=None):
-    me = os.path.basename(__file__)
-    p = argparse.ArgumentParser(prog=f"{me} predict", description="zero-shot labels for images, captions ranked for "
-                                "images, or images ranked for a text")
-    p.add_argument("--ckpt", required=True, help="OUT/checkpoint.pt, or any weights load() reads")
-    p.add_argument("--image", nargs="+", default=[], help="image files")
-    p.add_argument("--labels", default=None, help="comma-separated labels, e.g. 'a dog,a cat'")
-    p.add_argument("--texts", default=None, help="a file of captions, one a line, to rank for each image")
-    p.add_argument("--images", default=None, help="a folder of images to rank for --query")
-    p.add_argument("--query", action="append", default=[], help="with --images: the text to rank them for")
-    p.add_argument("--top", type=int, default=5, help="rows shown per image or query")
-    p.add_argument("--json", action="store_true", help="one JSON object per image (or query), most probable first")
-    p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer")
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-    try:
-        if args.images:
-            if not os.path.isdir(args.images):
-                raise FileNotFoundError(f"{args.images}: no such folder (--images takes a folder of images)")
-            images = sorted(os.path.join(args.images, f) for f in os.listdir(args.images) if f.lower().endswith(IMAGE_FILES))
-            if not images or not args.query:
-                raise ValueError(f"--images needs image files in {args.images} and at least one --query")
-            queries, candidates = args.query, images
-        else:
-            if args.texts:
-                with open(args.texts, encoding="utf-8") as f:
-                    texts = [line.strip() for line in f if line.strip()]
-            else:
-                texts = [t.strip() for t in (args.labels or "").split(",") if t.strip()]
-            if not args.image or not texts:
-                raise ValueError("pass --image FILE... with --labels 'a,b,...' or --texts FILE (or --images DIR --query TEXT)")
-            for path in args.image:
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(f"{path}: no such image file")
-            queries, candidates = args.image, texts
-        model, preprocess = load(args.ckpt, **({"tokenizer": args.tokenizer} if args.tokenizer else {}))
-        model.to(args.device)
-        if getattr(model, "tokenizer", True) is None:
-            raise ValueError(f"{args.ckpt} carries no tokenizer: pass --tokenizer")
-        with torch.no_grad():
-            text = model.encode_texts(queries if args.images else candidates).float()
-        image = embed_images(model, preprocess, candidates if args.images else queries)
-    except (FileNotFoundError, ValueError, ImportError, OSError) as err:
-        raise SystemExit(f"{me} predict: {err}") from None
-    scale = model.logit_scale.exp().item() if hasattr(model, "logit_scale") else 1 / model.cfg.temperature
-    sims = (text @ image.T) if args.images else (image @ text.T)  # [queries, candidates]
-    probs = (scale * sims).softmax(-1)
-    key, kind = ("query", "images") if args.images else ("image", "labels")
-    for q, row in zip(queries, probs):
-        order = row.argsort(descending=True).tolist()
-        if args.json:
-            print(json.dumps({key: q, kind: [candidates[i] for i in order], "probs": [round(row[i].item(), 6) for i in order]},
-                             ensure_ascii=False))
-            continue
-        print(q)
-        for i in order[:args.top]:
-            print(f"  {row[i].item():6.1%}  {candidates[i]}")
+# ==== end of copy: kernel ====
 
 
 if __name__ == "__main__":

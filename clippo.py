@@ -7,10 +7,19 @@ a Unifont .hex file is given), pooled by a MAP head (a class token in the CPU-si
 and trained with CLIP's contrastive loss over the global batch. Optionally, a share of each batch
 are pairs of neighbouring sentences from a text corpus, both sides rendered (--text-pairs).
 
-Copy this file alone into another project and it works: it imports nothing from this repository.
-Same interface as clip.py (see its docstring): create, add_args, model.transform / forward / loss /
-after_step / encode_texts / extra_state, zero_shot_classifier, retrieval_metrics.
+Use it alone (it imports nothing from this repository):
+    model, preprocess = load("checkpoint.pt", font="unifont-15.1.05.hex")
+    model = build("ViT-B-16", font="unifont-15.1.05.hex")   # a new model from keywords
+    python clippo.py predict --ckpt CKPT --image a.jpg --labels 'a dog,a cat'
+train.py drives it through the interface every model file implements (clip.py's docstring lists
+it): add_args, create(args, captions, extra), model.transform / forward / loss / after_step /
+encode_texts / extra_state / shard_units, zero_shot_classifier, retrieval_metrics.
+
+Layout: the method (config, text rendering, the one tower, the model), building, weight loading;
+then, behind banners, the regions copied from clip.py: transformer blocks, the contrastive loss,
+image inputs, evaluation, predict and the fused loss kernel.
 """
+
 import argparse
 import gzip
 import json
@@ -19,12 +28,12 @@ import os
 import unicodedata
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -53,9 +62,13 @@ CONFIGS = {
     "ViT-L-16": Config(embed_dim=1024, width=1024, layers=24, heads=16),
 }
 
+
 # Images and rendered text both enter the ViT in [-1, 1] (big_vision's value_range(-1, 1)).
 MEAN = (0.5, 0.5, 0.5)
+
+
 STD = (0.5, 0.5, 0.5)
+
 
 # ----------------------------------------------------------------------------------------------
 # Text rendering: render_unifont's layout over a glyph atlas, as array work
@@ -64,6 +77,7 @@ STD = (0.5, 0.5, 0.5)
 # point missing from the font is an empty cell). A glyph keeps its inked columns plus one blank
 # column on the left, at least 4 columns wide; glyph i goes to row floor(cumwidth_i / (size -
 # max width)) in float32, rows are 16 px apart, and whatever falls below the image is cut.
+
 
 CELL = 16
 
@@ -245,71 +259,7 @@ def pixels(rendered):
 
 
 # ----------------------------------------------------------------------------------------------
-# Layers
-
-
-# Copied from clip.py: QuickGELU
-class QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-# Copied from clip.py: Attention
-class Attention(nn.Module):
-    """Multi-head self-attention holding nn.MultiheadAttention's parameter names, run through SDPA."""
-
-    def __init__(self, width, heads):
-        super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
-
-    def forward(self, x, causal=False):
-        b, n, w = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.out_proj(x.transpose(1, 2).reshape(b, n, w))
-
-
-# Copied from clip.py: ResidualAttentionBlock
-class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width, heads, quick_gelu=False, mlp_width=None):
-        super().__init__()
-        mlp_width = mlp_width or 4 * width
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, mlp_width)),
-            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
-            ("c_proj", nn.Linear(mlp_width, width))]))
-
-    def forward(self, x, causal=False):
-        x = x + self.attn(self.ln_1(x), causal)
-        return x + self.mlp(self.ln_2(x))
-
-
-# Copied from clip.py: Transformer
-class Transformer(nn.Module):
-    def __init__(self, width, layers, heads, quick_gelu=False, mlp_width=None):
-        super().__init__()
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu, mlp_width) for _ in range(layers)])
-
-    def forward(self, x, causal=False):
-        for block in self.resblocks:
-            x = block(x, causal)
-        return x
-
-    def init_weights(self, width, layers):
-        # OpenAI's initialisation: residual projections shrink with depth so the stream's variance stays put.
-        attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
-        for block in self.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.zeros_(block.attn.out_proj.bias)
-            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+# Tower: the one ViT for both modalities (CLIP's transformer blocks, copied at the end of this file)
 
 
 class MAPHead(nn.Module):
@@ -333,10 +283,6 @@ class MAPHead(nn.Module):
         k, v = self.kv(x).view(b, n, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
         x = self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 1, w))
         return (x + self.mlp(self.ln(x)))[:, 0]
-
-
-# ----------------------------------------------------------------------------------------------
-# Tower: the one ViT for both modalities
 
 
 class VisionTransformer(nn.Module):
@@ -376,437 +322,7 @@ class VisionTransformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss: CLIP's symmetric InfoNCE over the global batch, its log-sum-exps from the fused lse_tiles op
-# (tiles of scale * x @ y.T, never the whole matrix; the op is CLIP's, copied below)
-
-try:  # Triton ships with CUDA builds of torch; without it the blockwise PyTorch path runs everywhere.
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
-# Copied from clip.py: BLOCK
-BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
-# Copied from clip.py: WORKSPACE
-WORKSPACE = 2 ** 27  # elements of the Triton backward's G chunk, or 4 k d if larger: memory stays O(B D)
-
-
-# Copied from clip.py: _use_triton
-def _use_triton(x):
-    # TRITON_INTERPRET=1 runs the kernels on the CPU (slowly): that is how CI tests them.
-    return (triton is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
-
-
-# Copied from clip.py: _acc_dtype
-def _acc_dtype(x):
-    return torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least
-
-
-# Copied from clip.py: _lse_torch
-def _lse_torch(x, y, scale, two_way):
-    n, k = x.shape[0], y.shape[0]
-    acc = _acc_dtype(x)
-    s = scale.to(acc)
-    row = torch.full((n,), -math.inf, device=x.device, dtype=acc)
-    col = torch.full((k if two_way else 0,), -math.inf, device=x.device, dtype=acc)
-    for i in range(0, n, BLOCK):
-        for j in range(0, k, BLOCK):
-            t = (x[i:i + BLOCK] @ y[j:j + BLOCK].T).to(acc) * s
-            row[i:i + BLOCK] = torch.logaddexp(row[i:i + BLOCK], t.logsumexp(1))
-            if two_way:  # the same tile gives the column statistics: one pass for both directions
-                col[j:j + BLOCK] = torch.logaddexp(col[j:j + BLOCK], t.logsumexp(0))
-    return row, col
-
-
-# Copied from clip.py: _lse_backward_torch
-def _lse_backward_torch(x, y, scale, row, col, g_row, g_col):
-    n, k = x.shape[0], y.shape[0]
-    acc = row.dtype
-    s = scale.to(acc)
-    dx = torch.zeros(x.shape, dtype=acc, device=x.device)
-    dy = torch.zeros(y.shape, dtype=acc, device=x.device)
-    ds = torch.zeros((), dtype=acc, device=x.device)
-    for i in range(0, n, BLOCK):
-        xi = x[i:i + BLOCK]
-        for j in range(0, k, BLOCK):
-            yj = y[j:j + BLOCK]
-            raw = (xi @ yj.T).to(acc)
-            t = raw * s
-            g = torch.exp(t - row[i:i + BLOCK, None]) * g_row[i:i + BLOCK, None]
-            if col.numel():
-                g += torch.exp(t - col[None, j:j + BLOCK]) * g_col[None, j:j + BLOCK]
-            ds += (g * raw).sum()
-            g = g.to(x.dtype)
-            dx[i:i + BLOCK] += (g @ yj).to(acc) * s
-            dy[j:j + BLOCK] += (g.T @ xi).to(acc) * s
-    return dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype)
-
-
-if triton is not None:
-    # Copied from clip.py: _tile
-    @triton.jit
-    def _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-              BD: tl.constexpr):
-        # x[rm] @ y[rn].T in fp32, D in chunks of BD; rows and columns past the ends read as zeros.
-        raw = tl.zeros([BM, BN], dtype=tl.float32)
-        for d0 in range(0, d, BD):
-            rd = d0 + tl.arange(0, BD)
-            xa = tl.load(X + rm[:, None] * sxn + rd[None, :] * sxd, mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
-            yb = tl.load(Y + rn[:, None] * syn + rd[None, :] * syd, mask=(rn[:, None] < k) & (rd[None, :] < d), other=0.0)
-            raw += tl.dot(xa, tl.trans(yb), input_precision=PREC)
-        return raw
-
-    # Copied from clip.py: _lse_fwd_kernel
-    @triton.jit
-    def _lse_fwd_kernel(X, Y, SCALE, OFFSET, ROW, COL, n, k, d, sxn, sxd, syn, syd,
-                        TWO_WAY: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-        # Program (row block, column split): sums of exp(t - offset) over its tiles, added atomically.
-        # offset = the largest |t| possible less 80, so no exp overflows fp32 (see _lse_triton).
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
-        s = tl.load(SCALE).to(tl.float32)
-        c = tl.load(OFFSET)
-        row_sum = tl.zeros([BM], dtype=tl.float32)
-        for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
-            rn = jb * BN + tl.arange(0, BN)
-            raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
-            e = tl.where((rm[:, None] < n) & (rn[None, :] < k), tl.exp(raw * s - c), 0.0)
-            row_sum += tl.sum(e, 1)
-            if TWO_WAY:
-                tl.atomic_add(COL + rn, tl.sum(e, 0), mask=rn < k)
-        tl.atomic_add(ROW + rm, row_sum, mask=rm < n)
-
-    # Copied from clip.py: _grad_tile_kernel
-    @triton.jit
-    def _grad_tile_kernel(X, Y, SCALE, ROW, COL, GROW, GCOL, G, DSP, n, k, d, sxn, sxd, syn, syd, sgn,
-                          TWO_WAY: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                          BD: tl.constexpr):
-        # One tile of scale * G for a chunk of rows, written out, and the tile's share of d(scale).
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
-        rn = tl.program_id(1) * BN + tl.arange(0, BN)
-        s = tl.load(SCALE).to(tl.float32)
-        raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
-        t = raw * s
-        row = tl.load(ROW + rm, mask=rm < n, other=0.0)
-        g = tl.exp(t - row[:, None]) * tl.load(GROW + rm, mask=rm < n, other=0.0)[:, None]
-        if TWO_WAY:
-            col = tl.load(COL + rn, mask=rn < k, other=0.0)
-            g += tl.exp(t - col[None, :]) * tl.load(GCOL + rn, mask=rn < k, other=0.0)[None, :]
-        inside = (rm[:, None] < n) & (rn[None, :] < k)
-        g = tl.where(inside, g, 0.0)
-        tl.store(DSP + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g * raw, 1), 0))
-        tl.store(G + rm[:, None] * sgn + rn[None, :], (g * s).to(G.dtype.element_ty), mask=inside)
-
-
-# Copied from clip.py: _tiles
-def _tiles(x):
-    big = x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda
-    prec = "ieee" if x.dtype == torch.float32 else "tf32"  # exact fp32; half types use their own dot
-    return dict(PREC=prec, BM=128 if big else 64, BN=128 if big else 64, BD=64 if x.shape[1] >= 64 else 32,
-                num_warps=4, num_stages=3)
-
-
-# Copied from clip.py: _lse_triton
-def _lse_triton(x, y, scale, two_way):
-    n, k = x.shape[0], y.shape[0]
-    # exp(t - offset) must neither overflow (t - offset <= 80 < 88) nor, for a whole row or column,
-    # underflow: exact while a row or column has a logit within 167 of the largest possible |t|,
-    # which always holds for unit features with scale <= 83, and in practice at CLIP's cap of 100.
-    bound = (scale.float().abs() * torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).max()
-             * torch.linalg.vector_norm(y, dim=1, dtype=torch.float32).max())
-    offset = torch.clamp(bound - 80, min=0).reshape(1)
-    row = torch.zeros(n, device=x.device, dtype=torch.float32)
-    col = torch.zeros(k if two_way else 0, device=x.device, dtype=torch.float32)
-    meta = _tiles(x)
-    # Enough programs to fill the GPU: split the columns when there are few row blocks.
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    blocks = triton.cdiv(n, meta["BM"])
-    split = max(1, min(triton.cdiv(k, meta["BN"]), triton.cdiv(4 * sms, blocks)))
-    _lse_fwd_kernel[(blocks, split)](x, y, scale.reshape(1), offset, row, col, n, k, x.shape[1], x.stride(0),
-                                     x.stride(1), y.stride(0), y.stride(1), TWO_WAY=two_way, SPLIT=split, **meta)
-    return row.log() + offset, col.log() + offset
-
-
-# Copied from clip.py: _mm_f32
-def _mm_f32(a, b):
-    # fp32 result of a half-precision product, accumulated and written in fp32 by cuBLAS where torch can
-    if a.dtype != torch.float32 and a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # torch < 2.8
-            pass
-    return (a @ b).float()
-
-
-# Copied from clip.py: _lse_backward_triton
-def _lse_backward_triton(x, y, scale, row, col, g_row, g_col, need_x, need_y):
-    # The kernel writes scale * G for a chunk of rows into a workspace; dx and dy are then plain matrix
-    # products (cuBLAS's speed) and each tile is recomputed once. Adding into dx and dy from inside the
-    # kernel instead costs an atomic per element per tile, an order of magnitude slower.
-    n, k, d = x.shape[0], y.shape[0], x.shape[1]
-    two_way = col.numel() > 0
-    meta = _tiles(x)
-    bm, bn = meta["BM"], meta["BN"]
-    rows = min(n, max(bm, max(WORKSPACE, 4 * k * d) // max(k, 1) // bm * bm))
-    work = torch.empty(rows, k, device=x.device, dtype=x.dtype)
-    dsp = torch.empty(triton.cdiv(rows, bm) * triton.cdiv(k, bn), device=x.device, dtype=torch.float32)
-    # Full-size outputs even when not needed: the op's fake (for torch.compile) promises these shapes.
-    dx = torch.empty_like(x) if need_x else torch.zeros_like(x)
-    dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
-    ds = torch.zeros((), device=x.device, dtype=torch.float32)
-    row, g_row = row.float(), g_row.float()
-    col, g_col = (col.float(), g_col.float()) if two_way else (row, g_row)
-    for i in range(0, n, rows):
-        m = min(rows, n - i)
-        g, xi = work[:m], x[i:i + m]
-        grid = (triton.cdiv(m, bm), triton.cdiv(k, bn))
-        _grad_tile_kernel[grid](xi, y, scale.reshape(1), row[i:i + m], col, g_row[i:i + m], g_col, g, dsp, m, k, d,
-                                xi.stride(0), xi.stride(1), y.stride(0), y.stride(1), g.stride(0),
-                                TWO_WAY=two_way, **meta)
-        ds += dsp[:grid[0] * grid[1]].sum()
-        if need_x:
-            torch.mm(g, y, out=dx[i:i + m])
-        if need_y:
-            dy += _mm_f32(g.T, xi)
-    return dx, dy.to(y.dtype), ds.to(scale.dtype)
-
-
-# Copied from clip.py: _NS
-_NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
-
-
-# Copied from clip.py: lse_tiles
-@torch.library.custom_op(f"{_NS}::lse_tiles", mutates_args=())
-def lse_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, two_way: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row_lse [n], col_lse [k] or [0]) of scale * x @ y.T, never materialising it."""
-    if _use_triton(x):
-        row, col = _lse_triton(x.contiguous(), y.contiguous(), scale, two_way)
-        return row.to(_acc_dtype(x)), col.to(_acc_dtype(x))
-    return _lse_torch(x, y, scale, two_way)
-
-
-# Copied from clip.py: _lse_tiles_fake
-@lse_tiles.register_fake
-def _lse_tiles_fake(x, y, scale, two_way):
-    return x.new_empty(x.shape[0], dtype=_acc_dtype(x)), x.new_empty(y.shape[0] if two_way else 0, dtype=_acc_dtype(x))
-
-
-# Copied from clip.py: lse_tiles_backward
-@torch.library.custom_op(f"{_NS}::lse_tiles_backward", mutates_args=())
-def lse_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
-                       g_row: torch.Tensor, g_col: torch.Tensor, need_x: bool, need_y: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _use_triton(x):
-        return _lse_backward_triton(x.contiguous(), y.contiguous(), scale, row, col, g_row, g_col, need_x, need_y)
-    return _lse_backward_torch(x, y, scale, row, col, g_row, g_col)
-
-
-# Copied from clip.py: _lse_tiles_backward_fake
-@lse_tiles_backward.register_fake
-def _lse_tiles_backward_fake(x, y, scale, row, col, g_row, g_col, need_x, need_y):
-    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
-
-
-# Copied from clip.py: _lse_setup
-def _lse_setup(ctx, inputs, output):
-    x, y, scale, _ = inputs
-    ctx.save_for_backward(x, y, scale, *output)
-
-
-# Copied from clip.py: _lse_backward
-def _lse_backward(ctx, g_row, g_col):
-    x, y, scale, row, col = ctx.saved_tensors
-    g_row = torch.zeros_like(row) if g_row is None else g_row
-    g_col = torch.zeros_like(col) if g_col is None else g_col
-    need_x, need_y, need_s = ctx.needs_input_grad[:3]
-    dx, dy, ds = lse_tiles_backward(x, y, scale, row, col, g_row, g_col, need_x, need_y)
-    return dx if need_x else None, dy if need_y else None, ds if need_s else None, None
-
-
-lse_tiles.register_autograd(_lse_backward, setup_context=_lse_setup)
-
-
-# Copied from clip.py: _AllGather
-class _AllGather(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient into the rows this rank owns."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
-        n = grad.shape[0] // world
-        if dist.get_backend(ctx.group) == "nccl":
-            out = grad.new_empty(n, *grad.shape[1:])
-            dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
-            return out, None
-        grad = grad.contiguous().clone()  # gloo has no reduce_scatter
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[rank * n:(rank + 1) * n], None
-
-
-# Copied from clip.py: _AllReduceSum
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; every rank's loss depends on the sum, so the backward sums the gradients too."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-# Copied from clip.py: _distributed
-def _distributed(group):
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
-# Copied from clip.py: all_gather_with_grad
-def all_gather_with_grad(x, group=None):
-    return _AllGather.apply(x, group) if _distributed(group) else x
-
-
-# Copied from clip.py: global_logsumexp
-def global_logsumexp(lse, group=None):
-    """Combine per-rank log-sum-exp vectors into the global one: O(len) traffic, differentiable."""
-    if not _distributed(group):
-        return lse
-    top = lse.detach().clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    return _AllReduceSum.apply(torch.exp(lse - top), group).log() + top
-
-
-# Copied from clip.py: infonce
-def infonce(x, y, logit_scale, pos, two_way=False, group=None):
-    """Mean over the rows of x of InfoNCE against the keys y; row i's positive is column pos[i].
-
-    Rows-only (two_way=False): y is any key set (BriVL: positives plus a queue; pass y detached for
-    no gradient to the keys). two_way also takes the column direction: y must then be the gather of
-    every rank's equal-sized shard and pos this rank's columns; column statistics are combined across
-    ranks. Under DDP's gradient averaging the result is the exact gradient of the global mean.
-    """
-    row, col = lse_tiles(x, y, logit_scale, two_way)
-    # index_select, not y[pos]: its backward adds rows in place where indexing's sorts the indices
-    pos_logit = (x * y.index_select(0, pos)).sum(1).to(row.dtype) * logit_scale.to(row.dtype)
-    loss = row - pos_logit
-    if two_way:
-        loss = (loss + global_logsumexp(col, group).index_select(0, pos) - pos_logit) / 2
-    return loss.mean()
-
-
-# Copied from clip.py: contrastive_loss
-def contrastive_loss(image_features, text_features, logit_scale, group=None):
-    """Symmetric InfoNCE over the global batch (open_clip's meaning: logit_scale is already exp'd).
-
-    Each rank computes its own image rows against the texts of all ranks (gathered with gradient);
-    the text -> image direction reuses the same tiles, its column statistics combined across ranks.
-    Every rank must pass the same number of rows. text_features may hold several positive text sets,
-    [M, B, D] (LaCLIP-MT): the loss is then the mean of the M losses.
-    """
-    if text_features.dim() == 3:
-        return sum(contrastive_loss(image_features, t, logit_scale, group) for t in text_features) / len(text_features)
-    n = image_features.shape[0]
-    offset = 0
-    if _distributed(group):
-        text_features = all_gather_with_grad(text_features, group)
-        if text_features.shape[0] != n * dist.get_world_size(group):
-            raise ValueError("contrastive_loss needs the same batch size on every rank")
-        offset = dist.get_rank(group) * n
-    pos = torch.arange(offset, offset + n, device=image_features.device)
-    return infonce(image_features, text_features, logit_scale, pos, True, group)
-
-
-# ----------------------------------------------------------------------------------------------
-# Model
-
-
-# Copied from clip.py: ImageTransform
-class ImageTransform:
-    """PIL image -> normalised tensor; train: RandomResizedCrop(scale 0.9-1) drawn from the sample's rng."""
-
-    def __init__(self, size, train, scale=(0.9, 1.0), mean=MEAN, std=STD):
-        self.size, self.train, self.scale = size, train, scale
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-
-    def __call__(self, img, rng=None):
-        from PIL import Image
-
-        img = img.convert("RGB")
-        w, h = img.size
-        if self.train:
-            box = None
-            for _ in range(10):  # torchvision's RandomResizedCrop rule, with our own rng
-                area = w * h * rng.uniform(*self.scale)
-                ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-                cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-                if 0 < cw <= w and 0 < ch <= h:
-                    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-                    box = (x0, y0, x0 + cw, y0 + ch)
-                    break
-            if box is None:
-                side = min(w, h)
-                box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-            img = img.resize((self.size, self.size), Image.BICUBIC, box=box)
-        else:  # resize the short side, centre crop (OpenAI's preprocess)
-            r = self.size / min(w, h)
-            img = img.resize((max(self.size, round(w * r)), max(self.size, round(h * r))), Image.BICUBIC)
-            w, h = img.size
-            left, top = (w - self.size) // 2, (h - self.size) // 2
-            img = img.crop((left, top, left + self.size, top + self.size))
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-        return (x - self.mean) / self.std
-
-
-def read_text_pairs(path):
-    """Pairs of neighbouring sentences: consecutive non-empty lines of a text file (one sentence a
-    line), never across a blank line (a document or paragraph break)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such text corpus (--text-pairs); give a text file, one sentence a line")
-    pairs, previous = [], None
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if line and previous:
-                pairs.append((previous, line))
-            previous = line
-    if not pairs:
-        raise ValueError(f"{path}: no two neighbouring non-empty lines, so no text pairs (--text-pairs)")
-    return pairs
-
-
-class Transform:
-    """One sample -> {'image': [3, H, W] in [-1, 1], 'text': uint8 [H, W] rendered caption}.
-
-    With text pairs, each training sample is replaced with probability pair_ratio by a pair of
-    neighbouring sentences (both rendered), drawn from the sample's own rng: the batches stay the
-    same for any number of ranks and workers.
-    """
-
-    def __init__(self, image_size, renderer, train, pairs=None, pair_ratio=0.0):
-        self.image = ImageTransform(image_size, train, mean=MEAN, std=STD)
-        self.renderer, self.pairs, self.pair_ratio = renderer, pairs if train else None, pair_ratio
-
-    def __call__(self, sample, rng):
-        if self.pairs and rng.random() < self.pair_ratio:
-            a, b = self.pairs[rng.integers(len(self.pairs))]
-            rendered = torch.from_numpy(self.renderer([a, b]))
-            return {"image": pixels(rendered[0]), "text": rendered[1]}
-        return {"image": self.image(sample["image"], rng), "text": torch.from_numpy(self.renderer(sample["text"])[0])}
+# Model: images and rendered texts through the same tower, CLIP's contrastive loss
 
 
 class CLIPPO(nn.Module):
@@ -854,6 +370,47 @@ class CLIPPO(nn.Module):
         # little differently on another machine, and a .hex file may not be there at all.
         latin = [cp for cp in range(0x20, 0x100) if chr(cp).isprintable()]
         return {"config": asdict(self.cfg), "glyphs": self.renderer.hex_lines(latin)}
+
+
+def read_text_pairs(path):
+    """Pairs of neighbouring sentences: consecutive non-empty lines of a text file (one sentence a
+    line), never across a blank line (a document or paragraph break)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such text corpus (--text-pairs); give a text file, one sentence a line")
+    pairs, previous = [], None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if line and previous:
+                pairs.append((previous, line))
+            previous = line
+    if not pairs:
+        raise ValueError(f"{path}: no two neighbouring non-empty lines, so no text pairs (--text-pairs)")
+    return pairs
+
+
+class Transform:
+    """One sample -> {'image': [3, H, W] in [-1, 1], 'text': uint8 [H, W] rendered caption}.
+
+    With text pairs, each training sample is replaced with probability pair_ratio by a pair of
+    neighbouring sentences (both rendered), drawn from the sample's own rng: the batches stay the
+    same for any number of ranks and workers.
+    """
+
+    def __init__(self, image_size, renderer, train, pairs=None, pair_ratio=0.0):
+        self.image = ImageTransform(image_size, train, mean=MEAN, std=STD)
+        self.renderer, self.pairs, self.pair_ratio = renderer, pairs if train else None, pair_ratio
+
+    def __call__(self, sample, rng):
+        if self.pairs and rng.random() < self.pair_ratio:
+            a, b = self.pairs[rng.integers(len(self.pairs))]
+            rendered = torch.from_numpy(self.renderer([a, b]))
+            return {"image": pixels(rendered[0]), "text": rendered[1]}
+        return {"image": self.image(sample["image"], rng), "text": torch.from_numpy(self.renderer(sample["text"])[0])}
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a model: build() from keywords, create() for train.py
 
 
 def add_args(parser):
@@ -905,38 +462,6 @@ def create(args, captions=(), extra=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: zero-shot classifier (prompts rendered like captions) and retrieval, in chunks
-
-
-# Copied from clip.py: zero_shot_classifier
-@torch.no_grad()
-def zero_shot_classifier(model, classnames, templates):
-    """[C, D]: per class, the mean of its normalised prompt embeddings, re-normalised."""
-    weights = []
-    for name in classnames:
-        e = model.encode_texts([t.format(name) for t in templates]).float()
-        weights.append(F.normalize(e.mean(0), dim=-1))
-    return torch.stack(weights)
-
-
-# Copied from clip.py: retrieval_metrics
-@torch.no_grad()
-def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
-    """R@k both ways for paired rows, chunked so N x N similarities are never held at once."""
-    out = {}
-    for name, q, k in (("i2t", image_features, text_features), ("t2i", text_features, image_features)):
-        ranks = []
-        for i in range(0, q.shape[0], chunk):
-            sims = q[i:i + chunk] @ k.T
-            target = sims[torch.arange(sims.shape[0]), torch.arange(i, i + sims.shape[0])]
-            ranks.append((sims > target[:, None]).sum(1))
-        ranks = torch.cat(ranks)
-        for kk in ks:
-            out[f"{name}_r{kk}"] = (ranks < kk).float().mean().item()
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
 # Weight loading: this repository's checkpoints
 
 
@@ -958,15 +483,238 @@ def load(path, device="cpu", font=None):
     return model, ImageTransform(model.cfg.image_size, train=False)
 
 
-# ----------------------------------------------------------------------------------------------
-# `python clippo.py predict`: labels for images, captions for images, images for a text
+# ==== copied from clip.py: transformer (edit clip.py, then: python tests/test_copies.py --fix) ====
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
 
 
-# Copied from clip.py: IMAGE_FILES
+class Attention(nn.Module):
+    """Multi-head self-attention holding nn.MultiheadAttention's parameter names, run through SDPA."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, causal=False):
+        b, n, w = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(x.transpose(1, 2).reshape(b, n, w))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width, heads, quick_gelu=False, mlp_width=None):
+        super().__init__()
+        mlp_width = mlp_width or 4 * width
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, mlp_width)),
+            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
+            ("c_proj", nn.Linear(mlp_width, width))]))
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, quick_gelu=False, mlp_width=None):
+        super().__init__()
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu, mlp_width) for _ in range(layers)])
+
+    def forward(self, x, causal=False):
+        for block in self.resblocks:
+            x = block(x, causal)
+        return x
+
+    def init_weights(self, width, layers):
+        # OpenAI's initialisation: residual projections shrink with depth so the stream's variance stays put.
+        attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.zeros_(block.attn.out_proj.bias)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+# ==== end of copy: transformer ====
+
+
+# ==== copied from clip.py: loss (edit clip.py, then: python tests/test_copies.py --fix) ====
+def contrastive_loss(image_features, text_features, logit_scale, group=None):
+    """Symmetric InfoNCE over the global batch (open_clip's meaning: logit_scale is already exp'd).
+
+    On one process it equals the naive form, which holds the whole B x B logit matrix:
+        logits = logit_scale * image_features @ text_features.T
+        labels = torch.arange(len(logits))
+        (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    Here each rank computes its own image rows against the texts of all ranks (gathered with
+    gradient); the text -> image direction reuses the same tiles, its column statistics combined
+    across ranks. Every rank must pass the same number of rows.
+    """
+    n = image_features.shape[0]
+    offset = 0
+    if _distributed(group):
+        text_features = all_gather_with_grad(text_features, group)
+        if text_features.shape[0] != n * dist.get_world_size(group):
+            raise ValueError("contrastive_loss needs the same batch size on every rank")
+        offset = dist.get_rank(group) * n
+    pos = torch.arange(offset, offset + n, device=image_features.device)
+    return infonce(image_features, text_features, logit_scale, pos, True, group)
+
+
+def infonce(x, y, logit_scale, pos, two_way=False, group=None):
+    """Mean over the rows of x of InfoNCE against the keys y; row i's positive is column pos[i].
+
+    Rows only (two_way=False): y is any key set (pass it detached for no gradient to the keys).
+    two_way also takes the column direction: y must then be the gather of every rank's equal-sized
+    shard and pos this rank's columns; column statistics are combined across ranks. Under DDP's
+    gradient averaging the result is the exact gradient of the global mean.
+    """
+    row, col = lse_tiles(x, y, logit_scale, two_way)
+    # index_select, not y[pos]: its backward adds rows in place where indexing's sorts the indices
+    pos_logit = (x * y.index_select(0, pos)).sum(1).to(row.dtype) * logit_scale.to(row.dtype)
+    loss = row - pos_logit
+    if two_way:
+        loss = (loss + global_logsumexp(col, group).index_select(0, pos) - pos_logit) / 2
+    return loss.mean()
+
+
+def _distributed(group):
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def all_gather_with_grad(x, group=None):
+    return _AllGather.apply(x, group) if _distributed(group) else x
+
+
+def global_logsumexp(lse, group=None):
+    """Combine per-rank log-sum-exp vectors into the global one: O(len) traffic, differentiable."""
+    if not _distributed(group):
+        return lse
+    top = lse.detach().clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return _AllReduceSum.apply(torch.exp(lse - top), group).log() + top
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient into the rows this rank owns."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        n = grad.shape[0] // world
+        if dist.get_backend(ctx.group) == "nccl":
+            out = grad.new_empty(n, *grad.shape[1:])
+            dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+            return out, None
+        grad = grad.contiguous().clone()  # gloo has no reduce_scatter
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[rank * n:(rank + 1) * n], None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; every rank's loss depends on the sum, so the backward sums the gradients too."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+# ==== end of copy: loss ====
+
+
+# ==== copied from clip.py: image-transform (edit clip.py, then: python tests/test_copies.py --fix) ====
+class ImageTransform:
+    """PIL image -> normalised tensor; train: RandomResizedCrop(scale 0.9-1) drawn from the sample's rng."""
+
+    def __init__(self, size, train, scale=(0.9, 1.0), mean=MEAN, std=STD):
+        self.size, self.train, self.scale = size, train, scale
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __call__(self, img, rng=None):
+        from PIL import Image
+
+        img = img.convert("RGB")
+        w, h = img.size
+        if self.train:
+            box = None
+            for _ in range(10):  # torchvision's RandomResizedCrop rule, with our own rng
+                area = w * h * rng.uniform(*self.scale)
+                ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+                cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+                if 0 < cw <= w and 0 < ch <= h:
+                    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                    box = (x0, y0, x0 + cw, y0 + ch)
+                    break
+            if box is None:
+                side = min(w, h)
+                box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+            img = img.resize((self.size, self.size), Image.BICUBIC, box=box)
+        else:  # resize the short side, centre crop (OpenAI's preprocess)
+            r = self.size / min(w, h)
+            img = img.resize((max(self.size, round(w * r)), max(self.size, round(h * r))), Image.BICUBIC)
+            w, h = img.size
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            img = img.crop((left, top, left + self.size, top + self.size))
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        return (x - self.mean) / self.std
+# ==== end of copy: image-transform ====
+
+
+# ==== copied from clip.py: evaluation (edit clip.py, then: python tests/test_copies.py --fix) ====
+@torch.no_grad()
+def zero_shot_classifier(model, classnames, templates):
+    """[C, D]: per class, the mean of its normalised prompt embeddings, re-normalised."""
+    weights = []
+    for name in classnames:
+        e = model.encode_texts([t.format(name) for t in templates]).float()
+        weights.append(F.normalize(e.mean(0), dim=-1))
+    return torch.stack(weights)
+
+
+@torch.no_grad()
+def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
+    """R@k both ways for paired rows, chunked so N x N similarities are never held at once."""
+    out = {}
+    for name, q, k in (("i2t", image_features, text_features), ("t2i", text_features, image_features)):
+        ranks = []
+        for i in range(0, q.shape[0], chunk):
+            sims = q[i:i + chunk] @ k.T
+            target = sims[torch.arange(sims.shape[0]), torch.arange(i, i + sims.shape[0])]
+            ranks.append((sims > target[:, None]).sum(1))
+        ranks = torch.cat(ranks)
+        for kk in ks:
+            out[f"{name}_r{kk}"] = (ranks < kk).float().mean().item()
+    return out
+# ==== end of copy: evaluation ====
+
+
+# ==== copied from clip.py: predict (edit clip.py, then: python tests/test_copies.py --fix) ====
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-# Copied from clip.py: embed_images
 @torch.no_grad()
 def embed_images(model, preprocess, paths):
     """[N, D] normalised image features for image files."""
@@ -977,7 +725,6 @@ def embed_images(model, preprocess, paths):
     return model.encode_image(pixels, normalize=True).float()
 
 
-# Copied from clip.py: predict_main
 def predict_main(argv=None):
     me = os.path.basename(__file__)
     p = argparse.ArgumentParser(prog=f"{me} predict", description="zero-shot labels for images, captions ranked for "
@@ -1035,6 +782,250 @@ def predict_main(argv=None):
         print(q)
         for i in order[:args.top]:
             print(f"  {row[i].item():6.1%}  {candidates[i]}")
+# ==== end of copy: predict ====
+
+
+# ==== copied from clip.py: kernel (edit clip.py, then: python tests/test_copies.py --fix) ====
+# One local op does the heavy work of the loss: lse_tiles(x, y, scale, two_way) -> (row_lse, col_lse),
+# the log-sum-exp of t = scale * x @ y.T along rows and (two_way) along columns, from the same tiles
+# in one pass, never holding t. Its backward recomputes each tile once and gets dx, dy and d(scale):
+#     G_ij = g_row_i * exp(t_ij - row_lse_i) + g_col_j * exp(t_ij - col_lse_j)
+#     dx = scale * G @ y,  dy = scale * G.T @ x,  d(scale) = sum(G * x @ y.T)
+# Cost: 2 B^2 D forward + 6 B^2 D backward; memory O(B D). Below: the op's contract (a torch custom
+# op, so torch.compile sees one node), the blockwise PyTorch backend, which is the reference and runs
+# everywhere, then the Triton kernels used on CUDA.
+
+
+try:  # Triton ships with CUDA builds of torch; without it the blockwise PyTorch path runs everywhere.
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
+
+
+WORKSPACE = 2 ** 27  # elements of the Triton backward's G chunk, or 4 k d if larger: memory stays O(B D)
+
+
+_NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
+
+
+@torch.library.custom_op(f"{_NS}::lse_tiles", mutates_args=())
+def lse_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, two_way: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_lse [n], col_lse [k] or [0]) of scale * x @ y.T, never materialising it."""
+    if _use_triton(x):
+        row, col = _lse_triton(x.contiguous(), y.contiguous(), scale, two_way)
+        return row.to(_acc_dtype(x)), col.to(_acc_dtype(x))
+    return _lse_torch(x, y, scale, two_way)
+
+
+@lse_tiles.register_fake
+def _lse_tiles_fake(x, y, scale, two_way):
+    return x.new_empty(x.shape[0], dtype=_acc_dtype(x)), x.new_empty(y.shape[0] if two_way else 0, dtype=_acc_dtype(x))
+
+
+@torch.library.custom_op(f"{_NS}::lse_tiles_backward", mutates_args=())
+def lse_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+                       g_row: torch.Tensor, g_col: torch.Tensor, need_x: bool, need_y: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(x):
+        return _lse_backward_triton(x.contiguous(), y.contiguous(), scale, row, col, g_row, g_col, need_x, need_y)
+    return _lse_backward_torch(x, y, scale, row, col, g_row, g_col)
+
+
+@lse_tiles_backward.register_fake
+def _lse_tiles_backward_fake(x, y, scale, row, col, g_row, g_col, need_x, need_y):
+    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
+
+
+def _lse_setup(ctx, inputs, output):
+    x, y, scale, _ = inputs
+    ctx.save_for_backward(x, y, scale, *output)
+
+
+def _lse_backward(ctx, g_row, g_col):
+    x, y, scale, row, col = ctx.saved_tensors
+    g_row = torch.zeros_like(row) if g_row is None else g_row
+    g_col = torch.zeros_like(col) if g_col is None else g_col
+    need_x, need_y, need_s = ctx.needs_input_grad[:3]
+    dx, dy, ds = lse_tiles_backward(x, y, scale, row, col, g_row, g_col, need_x, need_y)
+    return dx if need_x else None, dy if need_y else None, ds if need_s else None, None
+
+
+lse_tiles.register_autograd(_lse_backward, setup_context=_lse_setup)
+
+
+def _use_triton(x):
+    # TRITON_INTERPRET=1 runs the kernels on the CPU (slowly): that is how CI tests them.
+    return (triton is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+
+
+def _acc_dtype(x):
+    return torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least
+
+
+def _lse_torch(x, y, scale, two_way):
+    n, k = x.shape[0], y.shape[0]
+    acc = _acc_dtype(x)
+    s = scale.to(acc)
+    row = torch.full((n,), -math.inf, device=x.device, dtype=acc)
+    col = torch.full((k if two_way else 0,), -math.inf, device=x.device, dtype=acc)
+    for i in range(0, n, BLOCK):
+        for j in range(0, k, BLOCK):
+            t = (x[i:i + BLOCK] @ y[j:j + BLOCK].T).to(acc) * s
+            row[i:i + BLOCK] = torch.logaddexp(row[i:i + BLOCK], t.logsumexp(1))
+            if two_way:  # the same tile gives the column statistics: one pass for both directions
+                col[j:j + BLOCK] = torch.logaddexp(col[j:j + BLOCK], t.logsumexp(0))
+    return row, col
+
+
+def _lse_backward_torch(x, y, scale, row, col, g_row, g_col):
+    n, k = x.shape[0], y.shape[0]
+    acc = row.dtype
+    s = scale.to(acc)
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device)
+    dy = torch.zeros(y.shape, dtype=acc, device=x.device)
+    ds = torch.zeros((), dtype=acc, device=x.device)
+    for i in range(0, n, BLOCK):
+        xi = x[i:i + BLOCK]
+        for j in range(0, k, BLOCK):
+            yj = y[j:j + BLOCK]
+            raw = (xi @ yj.T).to(acc)
+            t = raw * s
+            g = torch.exp(t - row[i:i + BLOCK, None]) * g_row[i:i + BLOCK, None]
+            if col.numel():
+                g += torch.exp(t - col[None, j:j + BLOCK]) * g_col[None, j:j + BLOCK]
+            ds += (g * raw).sum()
+            g = g.to(x.dtype)
+            dx[i:i + BLOCK] += (g @ yj).to(acc) * s
+            dy[j:j + BLOCK] += (g.T @ xi).to(acc) * s
+    return dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              BD: tl.constexpr):
+        # x[rm] @ y[rn].T in fp32, D in chunks of BD; rows and columns past the ends read as zeros.
+        raw = tl.zeros([BM, BN], dtype=tl.float32)
+        for d0 in range(0, d, BD):
+            rd = d0 + tl.arange(0, BD)
+            xa = tl.load(X + rm[:, None] * sxn + rd[None, :] * sxd, mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
+            yb = tl.load(Y + rn[:, None] * syn + rd[None, :] * syd, mask=(rn[:, None] < k) & (rd[None, :] < d), other=0.0)
+            raw += tl.dot(xa, tl.trans(yb), input_precision=PREC)
+        return raw
+
+    @triton.jit
+    def _lse_fwd_kernel(X, Y, SCALE, OFFSET, ROW, COL, n, k, d, sxn, sxd, syn, syd,
+                        TWO_WAY: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        # Program (row block, column split): sums of exp(t - offset) over its tiles, added atomically.
+        # offset = the largest |t| possible less 80, so no exp overflows fp32 (see _lse_triton).
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        s = tl.load(SCALE).to(tl.float32)
+        c = tl.load(OFFSET)
+        row_sum = tl.zeros([BM], dtype=tl.float32)
+        for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
+            rn = jb * BN + tl.arange(0, BN)
+            raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
+            e = tl.where((rm[:, None] < n) & (rn[None, :] < k), tl.exp(raw * s - c), 0.0)
+            row_sum += tl.sum(e, 1)
+            if TWO_WAY:
+                tl.atomic_add(COL + rn, tl.sum(e, 0), mask=rn < k)
+        tl.atomic_add(ROW + rm, row_sum, mask=rm < n)
+
+    @triton.jit
+    def _grad_tile_kernel(X, Y, SCALE, ROW, COL, GROW, GCOL, G, DSP, n, k, d, sxn, sxd, syn, syd, sgn,
+                          TWO_WAY: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          BD: tl.constexpr):
+        # One tile of scale * G for a chunk of rows, written out, and the tile's share of d(scale).
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        s = tl.load(SCALE).to(tl.float32)
+        raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
+        t = raw * s
+        row = tl.load(ROW + rm, mask=rm < n, other=0.0)
+        g = tl.exp(t - row[:, None]) * tl.load(GROW + rm, mask=rm < n, other=0.0)[:, None]
+        if TWO_WAY:
+            col = tl.load(COL + rn, mask=rn < k, other=0.0)
+            g += tl.exp(t - col[None, :]) * tl.load(GCOL + rn, mask=rn < k, other=0.0)[None, :]
+        inside = (rm[:, None] < n) & (rn[None, :] < k)
+        g = tl.where(inside, g, 0.0)
+        tl.store(DSP + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g * raw, 1), 0))
+        tl.store(G + rm[:, None] * sgn + rn[None, :], (g * s).to(G.dtype.element_ty), mask=inside)
+
+
+def _tiles(x):
+    big = x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"  # exact fp32; half types use their own dot
+    return dict(PREC=prec, BM=128 if big else 64, BN=128 if big else 64, BD=64 if x.shape[1] >= 64 else 32,
+                num_warps=4, num_stages=3)
+
+
+def _lse_triton(x, y, scale, two_way):
+    n, k = x.shape[0], y.shape[0]
+    # exp(t - offset) must neither overflow (t - offset <= 80 < 88) nor, for a whole row or column,
+    # underflow: exact while a row or column has a logit within 167 of the largest possible |t|,
+    # which always holds for unit features with scale <= 83, and in practice at CLIP's cap of 100.
+    bound = (scale.float().abs() * torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).max()
+             * torch.linalg.vector_norm(y, dim=1, dtype=torch.float32).max())
+    offset = torch.clamp(bound - 80, min=0).reshape(1)
+    row = torch.zeros(n, device=x.device, dtype=torch.float32)
+    col = torch.zeros(k if two_way else 0, device=x.device, dtype=torch.float32)
+    meta = _tiles(x)
+    # Enough programs to fill the GPU: split the columns when there are few row blocks.
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    blocks = triton.cdiv(n, meta["BM"])
+    split = max(1, min(triton.cdiv(k, meta["BN"]), triton.cdiv(4 * sms, blocks)))
+    _lse_fwd_kernel[(blocks, split)](x, y, scale.reshape(1), offset, row, col, n, k, x.shape[1], x.stride(0),
+                                     x.stride(1), y.stride(0), y.stride(1), TWO_WAY=two_way, SPLIT=split, **meta)
+    return row.log() + offset, col.log() + offset
+
+
+def _mm_f32(a, b):
+    # fp32 result of a half-precision product, accumulated and written in fp32 by cuBLAS where torch can
+    if a.dtype != torch.float32 and a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch < 2.8
+            pass
+    return (a @ b).float()
+
+
+def _lse_backward_triton(x, y, scale, row, col, g_row, g_col, need_x, need_y):
+    # The kernel writes scale * G for a chunk of rows into a workspace; dx and dy are then plain matrix
+    # products (cuBLAS's speed) and each tile is recomputed once. Adding into dx and dy from inside the
+    # kernel instead costs an atomic per element per tile, an order of magnitude slower.
+    n, k, d = x.shape[0], y.shape[0], x.shape[1]
+    two_way = col.numel() > 0
+    meta = _tiles(x)
+    bm, bn = meta["BM"], meta["BN"]
+    rows = min(n, max(bm, max(WORKSPACE, 4 * k * d) // max(k, 1) // bm * bm))
+    work = torch.empty(rows, k, device=x.device, dtype=x.dtype)
+    dsp = torch.empty(triton.cdiv(rows, bm) * triton.cdiv(k, bn), device=x.device, dtype=torch.float32)
+    # Full-size outputs even when not needed: the op's fake (for torch.compile) promises these shapes.
+    dx = torch.empty_like(x) if need_x else torch.zeros_like(x)
+    dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
+    ds = torch.zeros((), device=x.device, dtype=torch.float32)
+    row, g_row = row.float(), g_row.float()
+    col, g_col = (col.float(), g_col.float()) if two_way else (row, g_row)
+    for i in range(0, n, rows):
+        m = min(rows, n - i)
+        g, xi = work[:m], x[i:i + m]
+        grid = (triton.cdiv(m, bm), triton.cdiv(k, bn))
+        _grad_tile_kernel[grid](xi, y, scale.reshape(1), row[i:i + m], col, g_row[i:i + m], g_col, g, dsp, m, k, d,
+                                xi.stride(0), xi.stride(1), y.stride(0), y.stride(1), g.stride(0),
+                                TWO_WAY=two_way, **meta)
+        ds += dsp[:grid[0] * grid[1]].sum()
+        if need_x:
+            torch.mm(g, y, out=dx[i:i + m])
+        if need_y:
+            dy += _mm_f32(g.T, xi)
+    return dx, dy.to(y.dtype), ds.to(scale.dtype)
+# ==== end of copy: kernel ====
 
 
 if __name__ == "__main__":

@@ -2,13 +2,22 @@
 
 Each training step draws every sample's text uniformly from {original caption, its rewrites} (a
 draw of fewer than 2 words falls back to the original); --multi-text (LaCLIP-MT) instead makes each
-image a positive for all of its texts and averages the contrastive loss over the text sets. The
-model, the loss and weight loading are CLIP's, copied from clip.py (marked), so this file stands
-alone. `python laclip.py rewrite ...` writes the rewrites with a local OpenAI-compatible LLM server.
+image a positive for all of its texts and averages the contrastive loss over the text sets.
+`python laclip.py rewrite ...` writes the rewrites with a local OpenAI-compatible LLM server.
 
-Same interface as clip.py (see its docstring): create, add_args, model.transform / forward / loss /
-after_step / encode_texts / extra_state, zero_shot_classifier, retrieval_metrics.
+Use it alone (it imports nothing from this repository):
+    model, preprocess = load("checkpoint.pt")          # LaCLIP checkpoints are CLIP checkpoints
+    model = build("ViT-B-32", tokenizer="bpe_simple_vocab_16e6.txt.gz", text_sets=5)   # LaCLIP-MT
+    python laclip.py rewrite --captions IN.txt --out OUT.txt --endpoint URL
+train.py drives it through the interface every model file implements (clip.py's docstring lists
+it): add_args, create(args, captions, extra), model.transform / forward / loss / after_step /
+encode_texts / extra_state / shard_units, zero_shot_classifier, retrieval_metrics.
+
+Layout: the method (rewrite sampling, the multi-text loss, what LaCLIP changes in CLIP), building,
+rewrite generation; then, behind banners, CLIP itself (model, loss, weights, export, predict,
+tokenizer, the fused kernel) copied from clip.py, and the LaCLIP class that mixes the two.
 """
+
 import argparse
 import contextlib
 import gzip
@@ -20,846 +29,11 @@ import re
 import unicodedata
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
-# ----------------------------------------------------------------------------------------------
-# Config
-
-
-# Copied from clip.py: MEAN
-MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's normalisation, used by every CLIP checkpoint
-# Copied from clip.py: STD
-STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-# Copied from clip.py: Config
-@dataclass
-class Config:
-    embed_dim: int = 512
-    image_size: int = 224
-    patch_size: int = 32
-    vision_width: int = 768
-    vision_layers: int = 12
-    vision_heads: int = 12
-    context_length: int = 77
-    vocab_size: int = 49408
-    text_width: int = 512
-    text_layers: int = 12
-    text_heads: int = 8
-    # OpenAI's released weights were trained with QuickGELU; new training uses exact GELU.
-    quick_gelu: bool = False
-    vision_mlp: int = 0  # MLP hidden width; 0: 4 x the tower's width
-    text_mlp: int = 0
-    ln_eps: float = 1e-5
-    image_mean: tuple = MEAN  # the preprocessing the weights expect
-    image_std: tuple = STD
-
-    def __post_init__(self):
-        self.vision_mlp = self.vision_mlp or 4 * self.vision_width
-        self.text_mlp = self.text_mlp or 4 * self.text_width
-        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
-
-
-# Copied from clip.py: CONFIGS
-CONFIGS = {
-    # Small enough to train on two CPU cores in minutes on the synthetic data (vocab from the tokenizer).
-    "tiny": Config(embed_dim=128, image_size=48, patch_size=8, vision_width=128, vision_layers=4,
-                   vision_heads=4, context_length=24, vocab_size=1024, text_width=128, text_layers=4,
-                   text_heads=4),
-    "ViT-B-32": Config(),
-    "ViT-B-16": Config(patch_size=16),
-    "ViT-L-14": Config(embed_dim=768, patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16,
-                       text_width=768, text_layers=12, text_heads=12),
-    # LAION's large models, with open_clip's shapes (its model_configs/*.json of the same names).
-    "ViT-H-14": Config(embed_dim=1024, patch_size=14, vision_width=1280, vision_layers=32, vision_heads=16,
-                       text_width=1024, text_layers=24, text_heads=16),
-    "ViT-g-14": Config(embed_dim=1024, patch_size=14, vision_width=1408, vision_layers=40, vision_heads=16,
-                       vision_mlp=6144, text_width=1024, text_layers=24, text_heads=16),
-    "ViT-bigG-14": Config(embed_dim=1280, patch_size=14, vision_width=1664, vision_layers=48, vision_heads=16,
-                          vision_mlp=8192, text_width=1280, text_layers=32, text_heads=20),
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-# Copied from clip.py: bytes_to_unicode
-def bytes_to_unicode():
-    # GPT-2's reversible map from bytes to printable characters: BPE then never sees whitespace or
-    # control bytes, and every byte has a symbol, so no text is ever unknown.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
-# OpenAI's pre-tokenizer pattern (simple_tokenizer.py): contractions, letter runs, single digits, punctuation.
-# Copied from clip.py: CLIP_PATTERN
-CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-# Copied from clip.py: SOT
-SOT = "<|startoftext|>"
-# Copied from clip.py: EOT
-EOT = "<|endoftext|>"
-
-
-# Copied from clip.py: clean_text
-def clean_text(text):
-    # OpenAI runs ftfy.fix_text (which ends in NFC), unescapes HTML twice, collapses whitespace and
-    # lower-cases. ftfy is not a dependency: its mojibake repair is the one step left out.
-    text = html.unescape(html.unescape(unicodedata.normalize("NFC", text)))
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
-# Copied from clip.py: Tokenizer
-class Tokenizer:
-    """CLIP's byte-level BPE on the tokenizers library; __call__(list of str) -> LongTensor [N, context]."""
-
-    def __init__(self, tokenizer, context_length=77):
-        self.tokenizer = tokenizer
-        self.context_length = context_length
-        self.sot = tokenizer.token_to_id(SOT)
-        self.eot = tokenizer.token_to_id(EOT)
-        if self.sot is None or self.eot is None:
-            raise ValueError(f"tokenizer has no {SOT} / {EOT} tokens: it is not a CLIP tokenizer")
-        # The text tower finds the end of each text with argmax over ids (as OpenAI's does).
-        if self.eot != tokenizer.get_vocab_size() - 1:
-            raise ValueError(f"{EOT} must have the highest id (it has {self.eot} of {tokenizer.get_vocab_size()})")
-
-    @property
-    def vocab_size(self):
-        return self.tokenizer.get_vocab_size()
-
-    @staticmethod
-    def _skeleton(model):
-        from tokenizers import Regex, Tokenizer as HFTokenizer, pre_tokenizers
-
-        tok = HFTokenizer(model)
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        return tok
-
-    @classmethod
-    def from_merges(cls, merges, context_length=77):
-        """OpenAI's vocabulary layout: 256 byte symbols, the same with </w>, one per merge, SOT, EOT."""
-        from tokenizers.models import BPE
-
-        symbols = list(bytes_to_unicode().values())
-        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
-        tok = cls._skeleton(BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, end_of_word_suffix="</w>"))
-        tok.add_special_tokens([SOT, EOT])  # already in the vocabulary: keeps their ids
-        return cls(tok, context_length)
-
-    @classmethod
-    def from_file(cls, path, context_length=77):
-        """An HF CLIP tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz (merges, one per line)."""
-        from tokenizers import Tokenizer as HFTokenizer
-
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such tokenizer file; pass a tokenizer.json or bpe_simple_vocab_16e6.txt.gz")
-        if path.endswith(".json"):
-            return cls(HFTokenizer.from_file(path), context_length)
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        # OpenAI keeps the first 49152 - 256 - 2 merges after the version line; smaller files keep all.
-        return cls.from_merges([tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1] if m.strip()], context_length)
-
-    @classmethod
-    def train(cls, texts, vocab_size=1024, context_length=77):
-        """A small BPE fitted to the captions at hand (the synthetic default needs no vocabulary file).
-
-        Learnt here rather than by the tokenizers library's trainer, whose choice among equally frequent
-        pairs changes from call to call: the same data and seed must give the same vocabulary.
-        """
-        import heapq
-        from collections import Counter, defaultdict
-
-        from tokenizers.models import BPE
-
-        pre = cls._skeleton(BPE()).pre_tokenizer
-        words = Counter()
-        for t in texts:
-            for piece, _ in pre.pre_tokenize_str(clean_text(t)):
-                words[tuple(piece[:-1]) + (piece[-1] + "</w>",)] += 1
-        words = [[list(w), c] for w, c in sorted(words.items())]
-        counts, where = Counter(), defaultdict(set)
-        for i, (w, c) in enumerate(words):
-            for p in zip(w, w[1:]):
-                counts[p] += c
-                where[p].add(i)
-        heap = [(-c, p) for p, c in counts.items()]
-        heapq.heapify(heap)
-        merges = []
-        while heap and len(merges) < vocab_size - 512 - 2:
-            c, best = heapq.heappop(heap)
-            if counts.get(best, 0) != -c or c == 0:
-                continue  # a stale entry: its count changed after it was pushed
-            merges.append(best)
-            touched = set()
-            for i in sorted(where.pop(best)):
-                w, n = words[i]
-                for p in zip(w, w[1:]):
-                    counts[p] -= n
-                    touched.add(p)
-                j, out = 0, []
-                while j < len(w):
-                    if j < len(w) - 1 and (w[j], w[j + 1]) == best:
-                        out.append(w[j] + w[j + 1])
-                        j += 2
-                    else:
-                        out.append(w[j])
-                        j += 1
-                words[i][0] = out
-                for p in zip(out, out[1:]):
-                    counts[p] += n
-                    where[p].add(i)
-                    touched.add(p)
-            counts.pop(best, None)
-            for p in touched:
-                if counts.get(p, 0) > 0:
-                    heapq.heappush(heap, (-counts[p], p))
-        return cls.from_merges(merges, context_length)
-
-    def to_str(self):
-        return self.tokenizer.to_str()
-
-    @classmethod
-    def from_str(cls, s, context_length=77):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        return cls(HFTokenizer.from_str(s), context_length)
-
-    def __call__(self, texts):
-        if isinstance(texts, str):
-            texts = [texts]
-        encs = self.tokenizer.encode_batch([clean_text(t) for t in texts], add_special_tokens=False)
-        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
-        for i, e in enumerate(encs):
-            ids = [self.sot] + e.ids[: self.context_length - 2] + [self.eot]  # truncation keeps EOT last
-            out[i, : len(ids)] = torch.tensor(ids)
-        return out
-
-    def decode(self, ids):
-        byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
-        text = "".join(self.tokenizer.id_to_token(i) for i in ids if i not in (0, self.sot, self.eot))
-        words = [bytes(byte_decoder[c] for c in w).decode("utf-8", errors="replace") for w in text.split("</w>")]
-        return " ".join(words).strip()
-
-
-# ----------------------------------------------------------------------------------------------
-# Layers
-
-
-# Copied from clip.py: QuickGELU
-class QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-# Copied from clip.py: Attention
-class Attention(nn.Module):
-    """Multi-head self-attention holding nn.MultiheadAttention's parameter names, run through SDPA."""
-
-    def __init__(self, width, heads):
-        super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
-
-    def forward(self, x, causal=False):
-        b, n, w = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.out_proj(x.transpose(1, 2).reshape(b, n, w))
-
-
-# Copied from clip.py: ResidualAttentionBlock
-class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width, heads, quick_gelu=False, mlp_width=None):
-        super().__init__()
-        mlp_width = mlp_width or 4 * width
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, mlp_width)),
-            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
-            ("c_proj", nn.Linear(mlp_width, width))]))
-
-    def forward(self, x, causal=False):
-        x = x + self.attn(self.ln_1(x), causal)
-        return x + self.mlp(self.ln_2(x))
-
-
-# Copied from clip.py: Transformer
-class Transformer(nn.Module):
-    def __init__(self, width, layers, heads, quick_gelu=False, mlp_width=None):
-        super().__init__()
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu, mlp_width) for _ in range(layers)])
-
-    def forward(self, x, causal=False):
-        for block in self.resblocks:
-            x = block(x, causal)
-        return x
-
-    def init_weights(self, width, layers):
-        # OpenAI's initialisation: residual projections shrink with depth so the stream's variance stays put.
-        attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
-        for block in self.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.zeros_(block.attn.out_proj.bias)
-            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-
-
-# Copied from clip.py: freeze
-def freeze(head, blocks, tail, unlocked_layers=0):
-    """Freeze a tower's parts (LiT) but its last `unlocked_layers` blocks and, if any block stays
-    trainable, the tail after them. Returns the frozen modules, which the model keeps in eval mode."""
-    if not 0 <= unlocked_layers <= len(blocks):
-        raise ValueError(f"unlocked layers must be from 0 to {len(blocks)} (the tower's blocks), not {unlocked_layers}")
-    parts = list(head) + list(blocks)[:len(blocks) - unlocked_layers] + (list(tail) if unlocked_layers == 0 else [])
-    for part in parts:
-        part.requires_grad_(False)
-    return [part for part in parts if isinstance(part, nn.Module)]
-
-
-# ----------------------------------------------------------------------------------------------
-# Towers
-
-
-# Copied from clip.py: VisionTransformer
-class VisionTransformer(nn.Module):
-    def __init__(self, image_size, patch_size, width, layers, heads, embed_dim, quick_gelu=False, mlp_width=None):
-        super().__init__()
-        scale = width ** -0.5
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2 + 1, width))
-        self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads, quick_gelu, mlp_width)
-        self.ln_post = nn.LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
-        self.transformer.init_weights(width, layers)
-
-    def forward(self, x):
-        x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj
-
-
-# ----------------------------------------------------------------------------------------------
-# Loss: symmetric InfoNCE over the global batch, tile by tile, never holding the B_local x B logits
-#
-# One local op does the heavy work: lse_tiles(x, y, scale) -> (row_lse, col_lse), the log-sum-exp of
-# t = scale * x @ y.T along rows and (two-way) along columns, from the same tiles in one pass. Its
-# backward recomputes each tile once and gets dx, dy and d(scale) from it:
-#     G_ij = g_row_i * exp(t_ij - row_lse_i) + g_col_j * exp(t_ij - col_lse_j)
-#     dx = scale * G @ y,  dy = scale * G.T @ x,  d(scale) = sum(G * x @ y.T)
-# Cost: 2 B^2 D forward + 6 B^2 D backward; memory O(B D). The collectives (gathering the texts,
-# combining column statistics over ranks) stay outside the op, in plain autograd functions.
-
-try:  # Triton ships with CUDA builds of torch; without it the blockwise PyTorch path runs everywhere.
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
-# Copied from clip.py: BLOCK
-BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
-# Copied from clip.py: WORKSPACE
-WORKSPACE = 2 ** 27  # elements of the Triton backward's G chunk, or 4 k d if larger: memory stays O(B D)
-
-
-# Copied from clip.py: _use_triton
-def _use_triton(x):
-    # TRITON_INTERPRET=1 runs the kernels on the CPU (slowly): that is how CI tests them.
-    return (triton is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
-
-
-# Copied from clip.py: _acc_dtype
-def _acc_dtype(x):
-    return torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least
-
-
-# Copied from clip.py: _lse_torch
-def _lse_torch(x, y, scale, two_way):
-    n, k = x.shape[0], y.shape[0]
-    acc = _acc_dtype(x)
-    s = scale.to(acc)
-    row = torch.full((n,), -math.inf, device=x.device, dtype=acc)
-    col = torch.full((k if two_way else 0,), -math.inf, device=x.device, dtype=acc)
-    for i in range(0, n, BLOCK):
-        for j in range(0, k, BLOCK):
-            t = (x[i:i + BLOCK] @ y[j:j + BLOCK].T).to(acc) * s
-            row[i:i + BLOCK] = torch.logaddexp(row[i:i + BLOCK], t.logsumexp(1))
-            if two_way:  # the same tile gives the column statistics: one pass for both directions
-                col[j:j + BLOCK] = torch.logaddexp(col[j:j + BLOCK], t.logsumexp(0))
-    return row, col
-
-
-# Copied from clip.py: _lse_backward_torch
-def _lse_backward_torch(x, y, scale, row, col, g_row, g_col):
-    n, k = x.shape[0], y.shape[0]
-    acc = row.dtype
-    s = scale.to(acc)
-    dx = torch.zeros(x.shape, dtype=acc, device=x.device)
-    dy = torch.zeros(y.shape, dtype=acc, device=x.device)
-    ds = torch.zeros((), dtype=acc, device=x.device)
-    for i in range(0, n, BLOCK):
-        xi = x[i:i + BLOCK]
-        for j in range(0, k, BLOCK):
-            yj = y[j:j + BLOCK]
-            raw = (xi @ yj.T).to(acc)
-            t = raw * s
-            g = torch.exp(t - row[i:i + BLOCK, None]) * g_row[i:i + BLOCK, None]
-            if col.numel():
-                g += torch.exp(t - col[None, j:j + BLOCK]) * g_col[None, j:j + BLOCK]
-            ds += (g * raw).sum()
-            g = g.to(x.dtype)
-            dx[i:i + BLOCK] += (g @ yj).to(acc) * s
-            dy[j:j + BLOCK] += (g.T @ xi).to(acc) * s
-    return dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype)
-
-
-if triton is not None:
-    # Copied from clip.py: _tile
-    @triton.jit
-    def _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-              BD: tl.constexpr):
-        # x[rm] @ y[rn].T in fp32, D in chunks of BD; rows and columns past the ends read as zeros.
-        raw = tl.zeros([BM, BN], dtype=tl.float32)
-        for d0 in range(0, d, BD):
-            rd = d0 + tl.arange(0, BD)
-            xa = tl.load(X + rm[:, None] * sxn + rd[None, :] * sxd, mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
-            yb = tl.load(Y + rn[:, None] * syn + rd[None, :] * syd, mask=(rn[:, None] < k) & (rd[None, :] < d), other=0.0)
-            raw += tl.dot(xa, tl.trans(yb), input_precision=PREC)
-        return raw
-
-    # Copied from clip.py: _lse_fwd_kernel
-    @triton.jit
-    def _lse_fwd_kernel(X, Y, SCALE, OFFSET, ROW, COL, n, k, d, sxn, sxd, syn, syd,
-                        TWO_WAY: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-        # Program (row block, column split): sums of exp(t - offset) over its tiles, added atomically.
-        # offset = the largest |t| possible less 80, so no exp overflows fp32 (see _lse_triton).
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
-        s = tl.load(SCALE).to(tl.float32)
-        c = tl.load(OFFSET)
-        row_sum = tl.zeros([BM], dtype=tl.float32)
-        for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
-            rn = jb * BN + tl.arange(0, BN)
-            raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
-            e = tl.where((rm[:, None] < n) & (rn[None, :] < k), tl.exp(raw * s - c), 0.0)
-            row_sum += tl.sum(e, 1)
-            if TWO_WAY:
-                tl.atomic_add(COL + rn, tl.sum(e, 0), mask=rn < k)
-        tl.atomic_add(ROW + rm, row_sum, mask=rm < n)
-
-    # Copied from clip.py: _grad_tile_kernel
-    @triton.jit
-    def _grad_tile_kernel(X, Y, SCALE, ROW, COL, GROW, GCOL, G, DSP, n, k, d, sxn, sxd, syn, syd, sgn,
-                          TWO_WAY: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                          BD: tl.constexpr):
-        # One tile of scale * G for a chunk of rows, written out, and the tile's share of d(scale).
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
-        rn = tl.program_id(1) * BN + tl.arange(0, BN)
-        s = tl.load(SCALE).to(tl.float32)
-        raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
-        t = raw * s
-        row = tl.load(ROW + rm, mask=rm < n, other=0.0)
-        g = tl.exp(t - row[:, None]) * tl.load(GROW + rm, mask=rm < n, other=0.0)[:, None]
-        if TWO_WAY:
-            col = tl.load(COL + rn, mask=rn < k, other=0.0)
-            g += tl.exp(t - col[None, :]) * tl.load(GCOL + rn, mask=rn < k, other=0.0)[None, :]
-        inside = (rm[:, None] < n) & (rn[None, :] < k)
-        g = tl.where(inside, g, 0.0)
-        tl.store(DSP + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g * raw, 1), 0))
-        tl.store(G + rm[:, None] * sgn + rn[None, :], (g * s).to(G.dtype.element_ty), mask=inside)
-
-
-# Copied from clip.py: _tiles
-def _tiles(x):
-    big = x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda
-    prec = "ieee" if x.dtype == torch.float32 else "tf32"  # exact fp32; half types use their own dot
-    return dict(PREC=prec, BM=128 if big else 64, BN=128 if big else 64, BD=64 if x.shape[1] >= 64 else 32,
-                num_warps=4, num_stages=3)
-
-
-# Copied from clip.py: _lse_triton
-def _lse_triton(x, y, scale, two_way):
-    n, k = x.shape[0], y.shape[0]
-    # exp(t - offset) must neither overflow (t - offset <= 80 < 88) nor, for a whole row or column,
-    # underflow: exact while a row or column has a logit within 167 of the largest possible |t|,
-    # which always holds for unit features with scale <= 83, and in practice at CLIP's cap of 100.
-    bound = (scale.float().abs() * torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).max()
-             * torch.linalg.vector_norm(y, dim=1, dtype=torch.float32).max())
-    offset = torch.clamp(bound - 80, min=0).reshape(1)
-    row = torch.zeros(n, device=x.device, dtype=torch.float32)
-    col = torch.zeros(k if two_way else 0, device=x.device, dtype=torch.float32)
-    meta = _tiles(x)
-    # Enough programs to fill the GPU: split the columns when there are few row blocks.
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    blocks = triton.cdiv(n, meta["BM"])
-    split = max(1, min(triton.cdiv(k, meta["BN"]), triton.cdiv(4 * sms, blocks)))
-    _lse_fwd_kernel[(blocks, split)](x, y, scale.reshape(1), offset, row, col, n, k, x.shape[1], x.stride(0),
-                                     x.stride(1), y.stride(0), y.stride(1), TWO_WAY=two_way, SPLIT=split, **meta)
-    return row.log() + offset, col.log() + offset
-
-
-# Copied from clip.py: _mm_f32
-def _mm_f32(a, b):
-    # fp32 result of a half-precision product, accumulated and written in fp32 by cuBLAS where torch can
-    if a.dtype != torch.float32 and a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # torch < 2.8
-            pass
-    return (a @ b).float()
-
-
-# Copied from clip.py: _lse_backward_triton
-def _lse_backward_triton(x, y, scale, row, col, g_row, g_col, need_x, need_y):
-    # The kernel writes scale * G for a chunk of rows into a workspace; dx and dy are then plain matrix
-    # products (cuBLAS's speed) and each tile is recomputed once. Adding into dx and dy from inside the
-    # kernel instead costs an atomic per element per tile, an order of magnitude slower.
-    n, k, d = x.shape[0], y.shape[0], x.shape[1]
-    two_way = col.numel() > 0
-    meta = _tiles(x)
-    bm, bn = meta["BM"], meta["BN"]
-    rows = min(n, max(bm, max(WORKSPACE, 4 * k * d) // max(k, 1) // bm * bm))
-    work = torch.empty(rows, k, device=x.device, dtype=x.dtype)
-    dsp = torch.empty(triton.cdiv(rows, bm) * triton.cdiv(k, bn), device=x.device, dtype=torch.float32)
-    # Full-size outputs even when not needed: the op's fake (for torch.compile) promises these shapes.
-    dx = torch.empty_like(x) if need_x else torch.zeros_like(x)
-    dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
-    ds = torch.zeros((), device=x.device, dtype=torch.float32)
-    row, g_row = row.float(), g_row.float()
-    col, g_col = (col.float(), g_col.float()) if two_way else (row, g_row)
-    for i in range(0, n, rows):
-        m = min(rows, n - i)
-        g, xi = work[:m], x[i:i + m]
-        grid = (triton.cdiv(m, bm), triton.cdiv(k, bn))
-        _grad_tile_kernel[grid](xi, y, scale.reshape(1), row[i:i + m], col, g_row[i:i + m], g_col, g, dsp, m, k, d,
-                                xi.stride(0), xi.stride(1), y.stride(0), y.stride(1), g.stride(0),
-                                TWO_WAY=two_way, **meta)
-        ds += dsp[:grid[0] * grid[1]].sum()
-        if need_x:
-            torch.mm(g, y, out=dx[i:i + m])
-        if need_y:
-            dy += _mm_f32(g.T, xi)
-    return dx, dy.to(y.dtype), ds.to(scale.dtype)
-
-
-# Copied from clip.py: _NS
-_NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
-
-
-# Copied from clip.py: lse_tiles
-@torch.library.custom_op(f"{_NS}::lse_tiles", mutates_args=())
-def lse_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, two_way: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row_lse [n], col_lse [k] or [0]) of scale * x @ y.T, never materialising it."""
-    if _use_triton(x):
-        row, col = _lse_triton(x.contiguous(), y.contiguous(), scale, two_way)
-        return row.to(_acc_dtype(x)), col.to(_acc_dtype(x))
-    return _lse_torch(x, y, scale, two_way)
-
-
-# Copied from clip.py: _lse_tiles_fake
-@lse_tiles.register_fake
-def _lse_tiles_fake(x, y, scale, two_way):
-    return x.new_empty(x.shape[0], dtype=_acc_dtype(x)), x.new_empty(y.shape[0] if two_way else 0, dtype=_acc_dtype(x))
-
-
-# Copied from clip.py: lse_tiles_backward
-@torch.library.custom_op(f"{_NS}::lse_tiles_backward", mutates_args=())
-def lse_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
-                       g_row: torch.Tensor, g_col: torch.Tensor, need_x: bool, need_y: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _use_triton(x):
-        return _lse_backward_triton(x.contiguous(), y.contiguous(), scale, row, col, g_row, g_col, need_x, need_y)
-    return _lse_backward_torch(x, y, scale, row, col, g_row, g_col)
-
-
-# Copied from clip.py: _lse_tiles_backward_fake
-@lse_tiles_backward.register_fake
-def _lse_tiles_backward_fake(x, y, scale, row, col, g_row, g_col, need_x, need_y):
-    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
-
-
-# Copied from clip.py: _lse_setup
-def _lse_setup(ctx, inputs, output):
-    x, y, scale, _ = inputs
-    ctx.save_for_backward(x, y, scale, *output)
-
-
-# Copied from clip.py: _lse_backward
-def _lse_backward(ctx, g_row, g_col):
-    x, y, scale, row, col = ctx.saved_tensors
-    g_row = torch.zeros_like(row) if g_row is None else g_row
-    g_col = torch.zeros_like(col) if g_col is None else g_col
-    need_x, need_y, need_s = ctx.needs_input_grad[:3]
-    dx, dy, ds = lse_tiles_backward(x, y, scale, row, col, g_row, g_col, need_x, need_y)
-    return dx if need_x else None, dy if need_y else None, ds if need_s else None, None
-
-
-lse_tiles.register_autograd(_lse_backward, setup_context=_lse_setup)
-
-
-# Copied from clip.py: _AllGather
-class _AllGather(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient into the rows this rank owns."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
-        n = grad.shape[0] // world
-        if dist.get_backend(ctx.group) == "nccl":
-            out = grad.new_empty(n, *grad.shape[1:])
-            dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
-            return out, None
-        grad = grad.contiguous().clone()  # gloo has no reduce_scatter
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[rank * n:(rank + 1) * n], None
-
-
-# Copied from clip.py: _AllReduceSum
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; every rank's loss depends on the sum, so the backward sums the gradients too."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-# Copied from clip.py: _distributed
-def _distributed(group):
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
-# Copied from clip.py: all_gather_with_grad
-def all_gather_with_grad(x, group=None):
-    return _AllGather.apply(x, group) if _distributed(group) else x
-
-
-# Copied from clip.py: global_logsumexp
-def global_logsumexp(lse, group=None):
-    """Combine per-rank log-sum-exp vectors into the global one: O(len) traffic, differentiable."""
-    if not _distributed(group):
-        return lse
-    top = lse.detach().clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    return _AllReduceSum.apply(torch.exp(lse - top), group).log() + top
-
-
-# Copied from clip.py: infonce
-def infonce(x, y, logit_scale, pos, two_way=False, group=None):
-    """Mean over the rows of x of InfoNCE against the keys y; row i's positive is column pos[i].
-
-    Rows-only (two_way=False): y is any key set (BriVL: positives plus a queue; pass y detached for
-    no gradient to the keys). two_way also takes the column direction: y must then be the gather of
-    every rank's equal-sized shard and pos this rank's columns; column statistics are combined across
-    ranks. Under DDP's gradient averaging the result is the exact gradient of the global mean.
-    """
-    row, col = lse_tiles(x, y, logit_scale, two_way)
-    # index_select, not y[pos]: its backward adds rows in place where indexing's sorts the indices
-    pos_logit = (x * y.index_select(0, pos)).sum(1).to(row.dtype) * logit_scale.to(row.dtype)
-    loss = row - pos_logit
-    if two_way:
-        loss = (loss + global_logsumexp(col, group).index_select(0, pos) - pos_logit) / 2
-    return loss.mean()
-
-
-# Copied from clip.py: contrastive_loss
-def contrastive_loss(image_features, text_features, logit_scale, group=None):
-    """Symmetric InfoNCE over the global batch (open_clip's meaning: logit_scale is already exp'd).
-
-    Each rank computes its own image rows against the texts of all ranks (gathered with gradient);
-    the text -> image direction reuses the same tiles, its column statistics combined across ranks.
-    Every rank must pass the same number of rows. text_features may hold several positive text sets,
-    [M, B, D] (LaCLIP-MT): the loss is then the mean of the M losses.
-    """
-    if text_features.dim() == 3:
-        return sum(contrastive_loss(image_features, t, logit_scale, group) for t in text_features) / len(text_features)
-    n = image_features.shape[0]
-    offset = 0
-    if _distributed(group):
-        text_features = all_gather_with_grad(text_features, group)
-        if text_features.shape[0] != n * dist.get_world_size(group):
-            raise ValueError("contrastive_loss needs the same batch size on every rank")
-        offset = dist.get_rank(group) * n
-    pos = torch.arange(offset, offset + n, device=image_features.device)
-    return infonce(image_features, text_features, logit_scale, pos, True, group)
-
-
-# ----------------------------------------------------------------------------------------------
-# Model
-
-
-# Copied from clip.py: ImageTransform
-class ImageTransform:
-    """PIL image -> normalised tensor; train: RandomResizedCrop(scale 0.9-1) drawn from the sample's rng."""
-
-    def __init__(self, size, train, scale=(0.9, 1.0), mean=MEAN, std=STD):
-        self.size, self.train, self.scale = size, train, scale
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-
-    def __call__(self, img, rng=None):
-        from PIL import Image
-
-        img = img.convert("RGB")
-        w, h = img.size
-        if self.train:
-            box = None
-            for _ in range(10):  # torchvision's RandomResizedCrop rule, with our own rng
-                area = w * h * rng.uniform(*self.scale)
-                ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-                cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-                if 0 < cw <= w and 0 < ch <= h:
-                    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-                    box = (x0, y0, x0 + cw, y0 + ch)
-                    break
-            if box is None:
-                side = min(w, h)
-                box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-            img = img.resize((self.size, self.size), Image.BICUBIC, box=box)
-        else:  # resize the short side, centre crop (OpenAI's preprocess)
-            r = self.size / min(w, h)
-            img = img.resize((max(self.size, round(w * r)), max(self.size, round(h * r))), Image.BICUBIC)
-            w, h = img.size
-            left, top = (w - self.size) // 2, (h - self.size) // 2
-            img = img.crop((left, top, left + self.size, top + self.size))
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-        return (x - self.mean) / self.std
-
-
-# Copied from clip.py: Transform
-class Transform:
-    """One sample (image, caption) -> model inputs; runs in the loader workers, so it is picklable."""
-
-    def __init__(self, image_size, tokenizer, train, mean=MEAN, std=STD):
-        self.image = ImageTransform(image_size, train, mean=mean, std=std)
-        self.tokenizer = tokenizer
-
-    def __call__(self, sample, rng):
-        return {"image": self.image(sample["image"], rng), "text": self.tokenizer([sample["text"]])[0]}
-
-
-# Copied from clip.py: CLIP
-class CLIP(nn.Module):
-    def __init__(self, cfg: Config, tokenizer=None):
-        super().__init__()
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self.visual = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
-                                        cfg.vision_heads, cfg.embed_dim, cfg.quick_gelu, cfg.vision_mlp)
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
-        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
-        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.quick_gelu, cfg.text_mlp)
-        self.ln_final = nn.LayerNorm(cfg.text_width)
-        self.text_projection = nn.Parameter(torch.empty(cfg.text_width, cfg.embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=cfg.text_width ** -0.5)
-        self.transformer.init_weights(cfg.text_width, cfg.text_layers)
-        for m in self.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.eps = cfg.ln_eps
-        self.locked = []  # modules frozen by lock(): they stay in eval mode
-
-    def lock(self, image=False, text=False, image_unlocked_layers=0, text_unlocked_layers=0):
-        """LiT (open_clip's --lock-image / --lock-text): a locked tower gets no gradient and no optimizer
-        state and runs in eval mode, except its last N residual blocks and the layers after them."""
-        v = self.visual
-        if image:
-            self.locked += freeze([v.conv1, v.class_embedding, v.positional_embedding, v.ln_pre],
-                                  v.transformer.resblocks, [v.ln_post, v.proj], image_unlocked_layers)
-        if text:
-            self.locked += freeze([self.token_embedding, self.positional_embedding],
-                                  self.transformer.resblocks, [self.ln_final, self.text_projection], text_unlocked_layers)
-        return self.train(self.training)
-
-    def train(self, mode=True):
-        super().train(mode)
-        for m in self.locked:
-            m.eval()
-        return self
-
-    def encode_image(self, images, normalize=False):
-        x = self.visual(images)
-        return F.normalize(x, dim=-1) if normalize else x
-
-    def encode_text(self, tokens, normalize=False):
-        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
-        x = self.ln_final(self.transformer(x, causal=True))
-        # EOT has the highest id, so argmax finds each text's end (OpenAI's rule).
-        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(-1)] @ self.text_projection
-        return F.normalize(x, dim=-1) if normalize else x
-
-    def forward(self, batch):
-        return {"image": self.encode_image(batch["image"], normalize=True),
-                "text": self.encode_text(batch["text"], normalize=True),
-                "scale": self.logit_scale.exp()}
-
-    def loss(self, out):
-        return contrastive_loss(out["image"], out["text"], out["scale"])
-
-    @torch.no_grad()
-    def after_step(self):
-        self.logit_scale.clamp_(0, math.log(100))
-
-    def transform(self, train):
-        return Transform(self.cfg.image_size, self.tokenizer, train, self.cfg.image_mean, self.cfg.image_std)
-
-    def preprocess(self):
-        """PIL image -> normalised tensor, as the weights expect it (resize the short side, centre crop)."""
-        return ImageTransform(self.cfg.image_size, train=False, mean=self.cfg.image_mean, std=self.cfg.image_std)
-
-    def encode_texts(self, texts):
-        device = self.logit_scale.device
-        return self.encode_text(self.tokenizer(texts).to(device), normalize=True)
-
-    def extra_state(self):
-        return {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None}
-
-    def shard_units(self):
-        # The text tower's embeddings, final norm and projection stay with the root, as the logit scale.
-        return [*self.visual.transformer.resblocks, *self.transformer.resblocks], [self.visual, self.transformer]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -874,7 +48,7 @@ class RewriteTransform:
     sets (LaCLIP-MT) every text is kept: [original, rewrites...], padded with the original to `sets`.
     """
 
-    def __init__(self, image_size, tokenizer, sets=0, mean=MEAN, std=STD):
+    def __init__(self, image_size, tokenizer, sets, mean, std):
         self.image = ImageTransform(image_size, train=True, mean=mean, std=std)
         self.tokenizer, self.sets = tokenizer, sets
 
@@ -890,8 +64,21 @@ class RewriteTransform:
         return {"image": self.image(sample["image"], rng), "text": tokens}
 
 
-class LaCLIP(CLIP):
-    """CLIP's model and loss; training texts come from RewriteTransform. Eval uses the original captions."""
+def multi_text_loss(image_features, text_features, logit_scale, group=None):
+    """LaCLIP-MT: each image is a positive for each of its M texts, text_features [B, M, D].
+
+    The mean over the M text sets of CLIP's loss, each set against the images:
+        sum(contrastive_loss(image_features, text_features[:, m], logit_scale) for m in range(M)) / M
+    """
+    sets = text_features.shape[1]
+    return sum(contrastive_loss(image_features, text_features[:, m], logit_scale, group) for m in range(sets)) / sets
+
+
+class LaCLIPMethod:
+    """What LaCLIP changes in CLIP: its training texts come from RewriteTransform, and with text sets
+    (LaCLIP-MT) the text features are [B, sets, D] and the loss is multi_text_loss. Evaluation uses the
+    original captions. Mixed into the CLIP model (copied from clip.py below) as `class LaCLIP` at the
+    end of this file, because CLIP is defined further down."""
 
     def __init__(self, cfg, tokenizer=None, text_sets=0):
         super().__init__(cfg, tokenizer)
@@ -910,12 +97,16 @@ class LaCLIP(CLIP):
         return {"image": self.encode_image(batch["image"], normalize=True), "text": text, "scale": self.logit_scale.exp()}
 
     def loss(self, out):
-        # Batch first everywhere (so train.py can split and join batches); the loss wants [sets, B, D].
-        text = out["text"].transpose(0, 1) if out["text"].dim() == 3 else out["text"]
-        return contrastive_loss(out["image"], text, out["scale"])
+        if out["text"].dim() == 3:
+            return multi_text_loss(out["image"], out["text"], out["scale"])
+        return contrastive_loss(out["image"], out["text"], out["scale"])
 
     def extra_state(self):
         return {**super().extra_state(), "text_sets": self.text_sets}
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a model for train.py
 
 
 def add_args(parser):
@@ -936,468 +127,19 @@ def add_args(parser):
     parser.add_argument("--max-rewrites", type=int, default=4, help="with --multi-text: rewrites used per caption")
 
 
-def create(args, captions=(), extra=None):
-    sets = extra.get("text_sets", 0) if extra is not None else (args.max_rewrites + 1 if args.multi_text else 0)
-    cfg, tok, weights = config_and_tokenizer(args, captions, extra)
-    return start(LaCLIP(cfg, tok, text_sets=sets), weights, args)
-
-
-# Copied from clip.py: config_and_tokenizer
-def config_and_tokenizer(args, captions=(), extra=None):
-    """(config, tokenizer, weights or None): from a checkpoint's extra, from --init weights, or a preset."""
+def build(size="ViT-B-32", tokenizer=None, captions=(), init=None, quick_gelu=None, lock_image=False,
+          lock_image_unlocked_layers=0, lock_text=False, lock_text_unlocked_layers=0, text_sets=0, extra=None):
+    """A LaCLIP from keywords, as clip.build; text_sets > 0 is LaCLIP-MT with that many texts per image."""
     if extra is not None:
-        cfg = Config(**extra["config"])
-        return cfg, Tokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None, None
-    if getattr(args, "init", None):  # fine-tuning: shapes, tokenizer and preprocessing come from the weights
-        cfg, tok, sd = read_weights(args.init, args.quick_gelu, args.tokenizer)
-        if tok is None:
-            raise ValueError(f"{args.init} carries no tokenizer: pass the one it was trained with, --tokenizer "
-                             f"bpe_simple_vocab_16e6.txt.gz (OpenAI's) or a tokenizer.json")
-        return cfg, tok, sd
-    if args.size not in CONFIGS:
-        raise ValueError(f"unknown --size {args.size!r}; choose one of {', '.join(CONFIGS)}")
-    cfg = Config(**asdict(CONFIGS[args.size]))
-    cfg.quick_gelu = bool(getattr(args, "quick_gelu", False))
-    if getattr(args, "tokenizer", None):
-        tok = Tokenizer.from_file(args.tokenizer, cfg.context_length)
-    else:
-        tok = Tokenizer.train(captions, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
-    cfg.vocab_size = tok.vocab_size
-    return cfg, tok, None
+        text_sets = extra.get("text_sets", 0)
+    cfg, tok, weights = config_and_tokenizer(size, tokenizer, captions, init, quick_gelu, extra)
+    return start(LaCLIP(cfg, tok, text_sets), weights, lock_image, lock_image_unlocked_layers, lock_text,
+                 lock_text_unlocked_layers)
 
 
-# Copied from clip.py: start
-def start(model, weights, args):
-    """The --init weights and the --lock-* flags applied to a new model."""
-    if weights is not None:
-        model.load_state_dict(weights, strict=True)
-    flag = lambda name, default=False: getattr(args, name, default)  # noqa: E731
-    if flag("lock_image") or flag("lock_text"):
-        model.lock(flag("lock_image"), flag("lock_text"), flag("lock_image_unlocked_layers", 0),
-                   flag("lock_text_unlocked_layers", 0))
-    return model
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation: zero-shot classifier and retrieval, in chunks
-
-
-# Copied from clip.py: zero_shot_classifier
-@torch.no_grad()
-def zero_shot_classifier(model, classnames, templates):
-    """[C, D]: per class, the mean of its normalised prompt embeddings, re-normalised."""
-    weights = []
-    for name in classnames:
-        e = model.encode_texts([t.format(name) for t in templates]).float()
-        weights.append(F.normalize(e.mean(0), dim=-1))
-    return torch.stack(weights)
-
-
-# Copied from clip.py: retrieval_metrics
-@torch.no_grad()
-def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
-    """R@k both ways for paired rows, chunked so N x N similarities are never held at once."""
-    out = {}
-    for name, q, k in (("i2t", image_features, text_features), ("t2i", text_features, image_features)):
-        ranks = []
-        for i in range(0, q.shape[0], chunk):
-            sims = q[i:i + chunk] @ k.T
-            target = sims[torch.arange(sims.shape[0]), torch.arange(i, i + sims.shape[0])]
-            ranks.append((sims > target[:, None]).sum(1))
-        ranks = torch.cat(ranks)
-        for kk in ks:
-            out[f"{name}_r{kk}"] = (ranks < kk).float().mean().item()
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Weights in: CLIP's loaders, copied from clip.py (LaCLIP checkpoints are CLIP checkpoints)
-
-
-# Copied from clip.py: read_state_dict
-def read_state_dict(path):
-    """A TorchScript archive (OpenAI's releases), a plain state dict (.pt/.bin/.pth) or .safetensors."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
-        return load_file(path), None
-    import zipfile
-
-    with zipfile.ZipFile(path) if zipfile.is_zipfile(path) else contextlib.nullcontext() as archive:
-        scripted = archive is not None and any(n.endswith("/constants.pkl") for n in archive.namelist())
-    if scripted:  # OpenAI's releases are TorchScript archives
-        sd = torch.jit.load(path, map_location="cpu").state_dict()
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    extra = None
-    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):  # our train.py checkpoint
-        extra = sd.get("extra")
-        sd = sd["model"]
-    elif isinstance(sd, dict) and "state_dict" in sd:  # open_clip training checkpoint
-        sd = sd["state_dict"]
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    for key in ("input_resolution", "context_length", "vocab_size"):  # metadata in OpenAI's archives
-        sd.pop(key, None)
-    return sd, extra
-
-
-# Copied from clip.py: _count
-def _count(sd, prefix):
-    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-
-
-# Copied from clip.py: config_from_state_dict
-def config_from_state_dict(sd, quick_gelu=True, **known):
-    """Infer the shapes from an OpenAI-layout state dict, as OpenAI's build_model does; `known` overrides."""
-    if "visual.conv1.weight" not in sd:
-        if "visual.layer1.0.conv1.weight" in sd:
-            raise ValueError("ResNet CLIP checkpoints are not supported: clip.py implements the ViT models")
-        raise ValueError("not an OpenAI-layout CLIP state dict (no visual.conv1.weight)")
-    width, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
-    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    text_width = sd["ln_final.weight"].shape[0]
-    shapes = dict(embed_dim=sd["text_projection"].shape[1], image_size=patch * grid, patch_size=patch,
-                  vision_width=width, vision_layers=_count(sd, "visual.transformer.resblocks."), vision_heads=width // 64,
-                  vision_mlp=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                  context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
-                  text_width=text_width, text_layers=_count(sd, "transformer.resblocks."), text_heads=text_width // 64,
-                  text_mlp=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], quick_gelu=quick_gelu)
-    return Config(**{**shapes, **known})
-
-
-# Copied from clip.py: hf_names
-def hf_names(cfg):
-    """[(our key, transformers' CLIPModel key, how)]: how is '' (same tensor), 'T' (transposed) or 'qkv'
-    (our in_proj is HF's q, k and v projections concatenated in that order)."""
-    names = [("token_embedding.weight", "text_model.embeddings.token_embedding.weight", ""),
-             ("positional_embedding", "text_model.embeddings.position_embedding.weight", ""),
-             ("text_projection", "text_projection.weight", "T"),
-             ("visual.class_embedding", "vision_model.embeddings.class_embedding", ""),
-             ("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight", ""),
-             ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight", ""),
-             ("visual.proj", "visual_projection.weight", "T"),
-             ("logit_scale", "logit_scale", "")]
-    for kind in ("weight", "bias"):
-        names += [(f"ln_final.{kind}", f"text_model.final_layer_norm.{kind}", ""),
-                  (f"visual.ln_pre.{kind}", f"vision_model.pre_layrnorm.{kind}", ""),  # sic: transformers' spelling
-                  (f"visual.ln_post.{kind}", f"vision_model.post_layernorm.{kind}", "")]
-    block = [("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"),
-             ("attn.out_proj", "self_attn.out_proj")]
-    for ours, theirs, layers in (("transformer.resblocks", "text_model.encoder.layers", cfg.text_layers),
-                                 ("visual.transformer.resblocks", "vision_model.encoder.layers", cfg.vision_layers)):
-        for i in range(layers):
-            for kind in ("weight", "bias"):
-                names.append((f"{ours}.{i}.attn.in_proj_{kind}", f"{theirs}.{i}.self_attn.{{}}_proj.{kind}", "qkv"))
-                names += [(f"{ours}.{i}.{a}.{kind}", f"{theirs}.{i}.{b}.{kind}", "") for a, b in block]
-    return names
-
-
-# Copied from clip.py: from_hf
-def from_hf(sd, cfg):
-    out = {}
-    for ours, theirs, how in hf_names(cfg):
-        if how == "qkv":
-            out[ours] = torch.cat([sd[theirs.format(p)] for p in "qkv"])
-        else:
-            out[ours] = sd[theirs].T if how == "T" else sd[theirs]
-    return out
-
-
-# Copied from clip.py: read_hf_weights
-def read_hf_weights(folder):
-    """The state dict of a transformers folder: model.safetensors or pytorch_model.bin, sharded or not."""
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        index = os.path.join(folder, name + ".index.json")
-        files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.isfile(index) else [name]
-        if all(os.path.isfile(os.path.join(folder, f)) for f in files):
-            sd = {}
-            for f in files:
-                sd.update(read_state_dict(os.path.join(folder, f))[0])
-            return {k: v for k, v in sd.items() if not k.endswith("position_ids")}  # buffers older versions saved
-    raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded or not)")
-
-
-# Copied from clip.py: tokenizer_in
-def tokenizer_in(folder, context_length):
-    """The folder's tokenizer.json, or vocab.json + merges.txt; None if it has neither."""
-    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        return Tokenizer.from_file(os.path.join(folder, "tokenizer.json"), context_length)
-    if os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")):
-        from tokenizers.models import BPE
-
-        bpe = BPE.from_file(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), end_of_word_suffix="</w>")
-        tok = Tokenizer._skeleton(bpe)
-        tok.add_special_tokens([SOT, EOT])
-        return Tokenizer(tok, context_length)
-    return None
-
-
-# Copied from clip.py: read_hf_folder
-def read_hf_folder(folder):
-    """(config, tokenizer, state dict) of a transformers CLIPModel folder."""
-    config = json.load(open(os.path.join(folder, "config.json")))
-    if config.get("model_type", "clip") != "clip":
-        raise ValueError(f"{folder}: a {config['model_type']!r} model, not a CLIPModel (AltCLIP folders: altclip.load)")
-    sd = read_hf_weights(folder)
-    text = config.get("text_config") or config.get("text_config_dict") or {}
-    vision = config.get("vision_config") or config.get("vision_config_dict") or {}
-    acts = {text.get("hidden_act", "quick_gelu"), vision.get("hidden_act", "quick_gelu")}
-    if len(acts) > 1 or not acts <= {"quick_gelu", "gelu"}:
-        raise ValueError(f"{folder}: hidden_act {sorted(acts)}; clip.py runs quick_gelu or gelu, the same in both towers")
-    eps = {text.get("layer_norm_eps", 1e-5), vision.get("layer_norm_eps", 1e-5)}
-    if len(eps) > 1:
-        raise ValueError(f"{folder}: layer_norm_eps differs between the towers ({sorted(eps)}); clip.py takes one")
-    sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
-    layers = dict(text_layers=_count(sd, "text_model.encoder.layers."), vision_layers=_count(sd, "vision_model.encoder.layers."))
-    sd = from_hf(sd, Config(**layers))
-    pre = {}
-    if os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
-        pre = json.load(open(os.path.join(folder, "preprocessor_config.json")))
-    cfg = config_from_state_dict(sd, acts == {"quick_gelu"}, ln_eps=eps.pop(),
-                                 vision_heads=vision.get("num_attention_heads", sd["visual.conv1.weight"].shape[0] // 64),
-                                 text_heads=text.get("num_attention_heads", sd["ln_final.weight"].shape[0] // 64),
-                                 image_mean=tuple(pre.get("image_mean", MEAN)), image_std=tuple(pre.get("image_std", STD)))
-    return cfg, tokenizer_in(folder, cfg.context_length), sd
-
-
-# Copied from clip.py: read_open_clip_folder
-def read_open_clip_folder(folder):
-    """(config, tokenizer or None, state dict) of an open_clip local-dir folder (open_clip_config.json + weights)."""
-    config = json.load(open(os.path.join(folder, "open_clip_config.json")))
-    model_cfg, pre = config.get("model_cfg", {}), config.get("preprocess_cfg", {})
-    text_cfg, vision_cfg = model_cfg.get("text_cfg", {}), model_cfg.get("vision_cfg", {})
-    custom = [k for k in ("hf_model_name", "attentional_pool", "timm_model_name") if text_cfg.get(k) or vision_cfg.get(k)]
-    if custom:
-        raise ValueError(f"{folder}: open_clip model with {', '.join(custom)}; clip.py implements the plain ViT CLIP")
-    names = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
-             "open_clip_pytorch_model.pth")
-    path = next((os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))), None)
-    if path is None:
-        raise FileNotFoundError(f"{folder}: no open_clip weights ({', '.join(names)})")
-    sd = read_state_dict(path)[0]
-    width = sd["visual.conv1.weight"].shape[0]
-    cfg = config_from_state_dict(sd, bool(model_cfg.get("quick_gelu", False)),
-                                 vision_heads=width // vision_cfg.get("head_width", 64),
-                                 text_heads=text_cfg.get("heads", sd["ln_final.weight"].shape[0] // 64),
-                                 image_mean=tuple(pre.get("mean", MEAN)), image_std=tuple(pre.get("std", STD)))
-    tok = tokenizer_in(folder, cfg.context_length) if text_cfg.get("hf_tokenizer_name") else None
-    return cfg, tok, sd
-
-
-# Copied from clip.py: read_weights
-def read_weights(path, quick_gelu=None, tokenizer=None):
-    """(config, tokenizer or None, OpenAI-layout state dict) from any CLIP weights on disk: a checkpoint of
-    this repository, OpenAI's TorchScript or state-dict files, open_clip's .bin / .safetensors files or
-    local-dir folders, transformers' CLIPModel folders.
-
-    Files with no config are taken as OpenAI's: QuickGELU unless quick_gelu=False (open_clip models
-    trained with exact GELU). tokenizer: a tokenizer file, for weights that carry none.
-    """
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "open_clip_config.json")):
-            cfg, tok, sd = read_open_clip_folder(path)
-        elif os.path.isfile(os.path.join(path, "config.json")):
-            cfg, tok, sd = read_hf_folder(path)
-        else:
-            raise FileNotFoundError(f"{path}: a folder with neither config.json (transformers) nor "
-                                    f"open_clip_config.json (open_clip)")
-    else:
-        sd, extra = read_state_dict(path)
-        if extra is not None:
-            cfg = Config(**extra["config"])
-            tok = Tokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None
-        else:
-            cfg, tok = config_from_state_dict(sd, True if quick_gelu is None else quick_gelu), None
-    if tokenizer:
-        tok = Tokenizer.from_file(tokenizer, cfg.context_length)
-    return cfg, tok, {k: v.float() for k, v in sd.items()}
-
-
-# Copied from clip.py: load
-def load(path, device="cpu", quick_gelu=None, tokenizer=None):
-    """(model, preprocess) from any weights read_weights reads, like OpenAI's clip.load but from local
-    files only. The model is in eval mode; preprocess maps a PIL image to the tensor it expects."""
-    cfg, tok, sd = read_weights(path, quick_gelu, tokenizer)
-    model = start(CLIP(cfg, tok), sd, None).to(device).eval()
-    return model, model.preprocess()
-
-
-# ----------------------------------------------------------------------------------------------
-# Weights out: `python laclip.py export CKPT OUT --format open_clip|hf`
-
-
-# Copied from clip.py: OPENAI_VOCAB
-OPENAI_VOCAB = "7cccc44d334555d1ff3c0ac5f0246b428fab2918383e77ee745cf30d41010b78"
-
-
-# Copied from clip.py: vocab_sha256
-def vocab_sha256(tok):
-    import hashlib
-
-    vocab = tok.tokenizer.get_vocab()
-    return hashlib.sha256("\n".join(sorted(vocab, key=vocab.get)).encode()).hexdigest()
-
-
-# Copied from clip.py: write_hf_tokenizer
-def write_hf_tokenizer(tok, out):
-    """tokenizer.json (with the lower-casing and SOT/EOT that __call__ adds in Python), vocab.json, merges.txt
-    and tokenizer_config.json: transformers' CLIPTokenizer and AutoTokenizer read them."""
-    from tokenizers import Regex, Tokenizer as HFTokenizer, normalizers, processors
-
-    hf = HFTokenizer.from_str(tok.to_str())
-    hf.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                          normalizers.Lowercase()])
-    hf.post_processor = processors.TemplateProcessing(single=f"{SOT} $A {EOT}", pair=f"{SOT} $A {EOT} $B {EOT}",
-                                                      special_tokens=[(SOT, tok.sot), (EOT, tok.eot)])
-    hf.save(os.path.join(out, "tokenizer.json"))
-    model = json.loads(hf.to_str())["model"]
-    with open(os.path.join(out, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(model["vocab"], f, ensure_ascii=False)
-    with open(os.path.join(out, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join((m if isinstance(m, str) else " ".join(m)) + "\n" for m in model["merges"]))
-    special = {"bos_token": SOT, "eos_token": EOT, "unk_token": EOT, "pad_token": EOT}
-    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": tok.context_length, "do_lower_case": True,
-                   "clean_up_tokenization_spaces": False, **special}, f, indent=2)
-    with open(os.path.join(out, "special_tokens_map.json"), "w") as f:
-        json.dump(special, f, indent=2)
-
-
-# Copied from clip.py: save_weights
-def save_weights(sd, folder):
-    """transformers' weight file: model.safetensors where safetensors is installed, else pytorch_model.bin."""
-    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
-        return os.path.join(folder, "pytorch_model.bin")
-    save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    return os.path.join(folder, "model.safetensors")
-
-
-# Copied from clip.py: export_hf
-def export_hf(model, out):
-    """A transformers CLIPModel folder: config.json, weights, tokenizer files, preprocessor_config.json."""
-    cfg, tok = model.cfg, model.tokenizer
-    act = "quick_gelu" if cfg.quick_gelu else "gelu"
-    tower = dict(hidden_act=act, layer_norm_eps=cfg.ln_eps, projection_dim=cfg.embed_dim)
-    config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
-              "logit_scale_init_value": 2.6592, "torch_dtype": "float32",
-              "text_config": {"model_type": "clip_text_model", "vocab_size": cfg.vocab_size, "hidden_size": cfg.text_width,
-                              "intermediate_size": cfg.text_mlp, "num_hidden_layers": cfg.text_layers,
-                              "num_attention_heads": cfg.text_heads, "max_position_embeddings": cfg.context_length,
-                              # transformers pools at the first eos_token_id (our EOT): the same token as argmax
-                              "bos_token_id": tok.sot, "eos_token_id": tok.eot, "pad_token_id": tok.eot, **tower},
-              "vision_config": {"model_type": "clip_vision_model", "hidden_size": cfg.vision_width,
-                                "intermediate_size": cfg.vision_mlp, "num_hidden_layers": cfg.vision_layers,
-                                "num_attention_heads": cfg.vision_heads, "image_size": cfg.image_size,
-                                "patch_size": cfg.patch_size, "num_channels": 3, **tower}}
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    sd = model.state_dict()
-    hf = {}
-    for ours, theirs, how in hf_names(cfg):
-        if how == "qkv":
-            hf.update({theirs.format(p): part for p, part in zip("qkv", sd[ours].chunk(3))})
-        else:
-            hf[theirs] = sd[ours].T if how == "T" else sd[ours]
-    weights = save_weights(hf, out)
-    write_hf_tokenizer(tok, out)
-    size = {"height": cfg.image_size, "width": cfg.image_size}
-    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
-        json.dump({"image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor", "do_resize": True,
-                   "size": {"shortest_edge": cfg.image_size}, "resample": 3, "do_center_crop": True, "crop_size": size,
-                   "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
-                   "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std)}, f, indent=2)
-    return [f"wrote {out}: config.json, {os.path.basename(weights)}, tokenizer files, preprocessor_config.json",
-            f"transformers: CLIPModel.from_pretrained({out!r}), CLIPProcessor.from_pretrained({out!r})"]
-
-
-# Copied from clip.py: open_clip_name
-def open_clip_name(cfg):
-    """open_clip's built-in model name for these shapes (ViT-B-32, ViT-B-16-quickgelu, ...), or None."""
-    shapes = {k: v for k, v in asdict(cfg).items() if k != "quick_gelu"}
-    for name, preset in CONFIGS.items():
-        if name != "tiny" and {k: v for k, v in asdict(preset).items() if k != "quick_gelu"} == shapes:
-            return name + ("-quickgelu" if cfg.quick_gelu else "")  # QuickGELU is part of open_clip's name
-    return None
-
-
-# Copied from clip.py: export_open_clip
-def export_open_clip(model, out):
-    """open_clip's local-dir layout; for a preset's shapes with OpenAI's vocabulary the weights file also
-    loads as pretrained=FILE under the open_clip name of that preset."""
-    cfg, tok = model.cfg, model.tokenizer
-    if cfg.vision_width % cfg.vision_heads or cfg.ln_eps != 1e-5:
-        raise ValueError("open_clip cannot express this model (vision heads of unequal width, or layer-norm eps "
-                         f"{cfg.ln_eps} instead of 1e-5); export --format hf instead")
-    ratio = {}
-    for name, width, mlp in (("vision", cfg.vision_width, cfg.vision_mlp), ("text", cfg.text_width, cfg.text_mlp)):
-        ratio[name] = mlp / width
-        if int(width * ratio[name]) != mlp:  # how open_clip turns mlp_ratio back into a width
-            raise ValueError(f"open_clip cannot express the {name} MLP width {mlp}; export --format hf instead")
-    text_cfg = {"context_length": cfg.context_length, "vocab_size": cfg.vocab_size, "width": cfg.text_width,
-                "heads": cfg.text_heads, "layers": cfg.text_layers, "mlp_ratio": ratio["text"]}
-    openai_vocab = vocab_sha256(tok) == OPENAI_VOCAB
-    lines = []
-    if not openai_vocab:  # open_clip then reads the folder's tokenizer files through transformers
-        write_hf_tokenizer(tok, out)
-        text_cfg["hf_tokenizer_name"] = "."
-        lines.append("open_clip: this model's tokenizer is not OpenAI's; open_clip reads the folder's tokenizer.json "
-                     "through transformers (pip install transformers)")
-    config = {"model_cfg": {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.quick_gelu,
-                            "vision_cfg": {"image_size": cfg.image_size, "layers": cfg.vision_layers,
-                                           "width": cfg.vision_width, "head_width": cfg.vision_width // cfg.vision_heads,
-                                           "mlp_ratio": ratio["vision"], "patch_size": cfg.patch_size},
-                            "text_cfg": text_cfg},
-              "preprocess_cfg": {"mean": list(cfg.image_mean), "std": list(cfg.image_std), "interpolation": "bicubic",
-                                 "resize_mode": "shortest", "size": cfg.image_size}}
-    with open(os.path.join(out, "open_clip_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    weights = os.path.join(out, "open_clip_pytorch_model.bin")
-    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, weights)
-    lines.insert(0, f"wrote {out}: open_clip_config.json, open_clip_pytorch_model.bin")
-    lines.append(f"open_clip: create_model_and_transforms('local-dir:{out}')")
-    name = open_clip_name(cfg)
-    if name:
-        if openai_vocab:
-            lines.append(f"open_clip: also create_model_and_transforms({name!r}, pretrained={weights!r})")
-        else:
-            lines.append(f"open_clip: not loadable as {name!r} with pretrained=FILE: that name's tokenizer is "
-                         f"OpenAI's and this model's is not; use local-dir")
-    return lines
-
-
-# Copied from clip.py: export
-def export(path, out, fmt, tokenizer=None):
-    """Convert any weights load() reads to open_clip's or transformers' layout; returns what to tell the user."""
-    model, _ = load(path, tokenizer=tokenizer)
-    if model.tokenizer is None:
-        raise ValueError(f"{path} carries no tokenizer: pass --tokenizer (bpe_simple_vocab_16e6.txt.gz or a "
-                         f"tokenizer.json) so that it travels with the export")
-    os.makedirs(out, exist_ok=True)
-    return export_hf(model, out) if fmt == "hf" else export_open_clip(model, out)
-
-
-# Copied from clip.py: export_main
-def export_main(argv=None):
-    p = argparse.ArgumentParser(prog=f"{os.path.basename(__file__)} export",
-                                description="write weights in open_clip's or transformers' layout")
-    p.add_argument("checkpoint", help="OUT/checkpoint.pt of train.py, or any weights load() reads")
-    p.add_argument("out", help="folder to write")
-    p.add_argument("--format", required=True, choices=["open_clip", "hf"])
-    p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer")
-    args = p.parse_args(argv)
-    try:
-        for line in export(args.checkpoint, args.out, args.format, args.tokenizer):
-            print(line)
-    except (FileNotFoundError, ValueError, ImportError) as err:
-        raise SystemExit(f"{p.prog}: {err}") from None
+def create(args, captions=(), extra=None):
+    sets = args.max_rewrites + 1 if getattr(args, "multi_text", False) else 0
+    return build(**build_kwargs(args), captions=captions, text_sets=sets, extra=extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1407,7 +149,10 @@ def export_main(argv=None):
 # in-context prompt: an instruction, three "source => target" examples drawn from a pool of meta
 # pairs, then "caption =>"; the first generated line is the rewrite. Standard-library HTTP only.
 
+
 PROMPT_HEAD = "write image captions differently,"
+
+
 # Our own pool of 16 meta pairs (the paper's pairs came from chatbots and humans; any will do).
 META_PAIRS = [
     ("a dog running on the beach", "a happy dog sprints along the sandy shore at low tide"),
@@ -1552,15 +297,830 @@ def rewrite_main(argv=None):
     print(f"{len(captions) - done} captions rewritten ({done} were already done) -> {', '.join(outs)}")
 
 
-# ----------------------------------------------------------------------------------------------
-# `python laclip.py predict`: labels for images, captions for images, images for a text
+# ==== copied from clip.py: config (edit clip.py, then: python tests/test_copies.py --fix) ====
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's normalisation, used by every CLIP checkpoint
 
 
-# Copied from clip.py: IMAGE_FILES
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class Config:
+    embed_dim: int = 512
+    image_size: int = 224
+    patch_size: int = 32
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    # OpenAI's released weights were trained with QuickGELU; new training uses exact GELU.
+    quick_gelu: bool = False
+    vision_mlp: int = 0  # MLP hidden width; 0: 4 x the tower's width
+    text_mlp: int = 0
+    ln_eps: float = 1e-5
+    image_mean: tuple = MEAN  # the preprocessing the weights expect
+    image_std: tuple = STD
+
+    def __post_init__(self):
+        self.vision_mlp = self.vision_mlp or 4 * self.vision_width
+        self.text_mlp = self.text_mlp or 4 * self.text_width
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
+
+
+CONFIGS = {
+    # Small enough to train on two CPU cores in minutes on the synthetic data (vocab from the tokenizer).
+    "tiny": Config(embed_dim=128, image_size=48, patch_size=8, vision_width=128, vision_layers=4,
+                   vision_heads=4, context_length=24, vocab_size=1024, text_width=128, text_layers=4,
+                   text_heads=4),
+    "ViT-B-32": Config(),
+    "ViT-B-16": Config(patch_size=16),
+    "ViT-L-14": Config(embed_dim=768, patch_size=14, vision_width=1024, vision_layers=24, vision_heads=16,
+                       text_width=768, text_layers=12, text_heads=12),
+    # LAION's large models, with open_clip's shapes (its model_configs/*.json of the same names).
+    "ViT-H-14": Config(embed_dim=1024, patch_size=14, vision_width=1280, vision_layers=32, vision_heads=16,
+                       text_width=1024, text_layers=24, text_heads=16),
+    "ViT-g-14": Config(embed_dim=1024, patch_size=14, vision_width=1408, vision_layers=40, vision_heads=16,
+                       vision_mlp=6144, text_width=1024, text_layers=24, text_heads=16),
+    "ViT-bigG-14": Config(embed_dim=1280, patch_size=14, vision_width=1664, vision_layers=48, vision_heads=16,
+                          vision_mlp=8192, text_width=1280, text_layers=32, text_heads=20),
+}
+# ==== end of copy: config ====
+
+
+# ==== copied from clip.py: transformer (edit clip.py, then: python tests/test_copies.py --fix) ====
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention holding nn.MultiheadAttention's parameter names, run through SDPA."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, causal=False):
+        b, n, w = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(x.transpose(1, 2).reshape(b, n, w))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width, heads, quick_gelu=False, mlp_width=None):
+        super().__init__()
+        mlp_width = mlp_width or 4 * width
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, mlp_width)),
+            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
+            ("c_proj", nn.Linear(mlp_width, width))]))
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, quick_gelu=False, mlp_width=None):
+        super().__init__()
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu, mlp_width) for _ in range(layers)])
+
+    def forward(self, x, causal=False):
+        for block in self.resblocks:
+            x = block(x, causal)
+        return x
+
+    def init_weights(self, width, layers):
+        # OpenAI's initialisation: residual projections shrink with depth so the stream's variance stays put.
+        attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.zeros_(block.attn.out_proj.bias)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+# ==== end of copy: transformer ====
+
+
+# ==== copied from clip.py: vision (edit clip.py, then: python tests/test_copies.py --fix) ====
+def freeze(head, blocks, tail, unlocked_layers=0):
+    """Freeze a tower's parts (LiT) but its last `unlocked_layers` blocks and, if any block stays
+    trainable, the tail after them. Returns the frozen modules, which the model keeps in eval mode."""
+    if not 0 <= unlocked_layers <= len(blocks):
+        raise ValueError(f"unlocked layers must be from 0 to {len(blocks)} (the tower's blocks), not {unlocked_layers}")
+    parts = list(head) + list(blocks)[:len(blocks) - unlocked_layers] + (list(tail) if unlocked_layers == 0 else [])
+    for part in parts:
+        part.requires_grad_(False)
+    return [part for part in parts if isinstance(part, nn.Module)]
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, image_size, patch_size, width, layers, heads, embed_dim, quick_gelu=False, mlp_width=None):
+        super().__init__()
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, quick_gelu, mlp_width)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
+        self.transformer.init_weights(width, layers)
+
+    def forward(self, x):
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj
+# ==== end of copy: vision ====
+
+
+# ==== copied from clip.py: model (edit clip.py, then: python tests/test_copies.py --fix) ====
+class CLIP(nn.Module):
+    def __init__(self, cfg: Config, tokenizer=None):
+        super().__init__()
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.visual = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
+                                        cfg.vision_heads, cfg.embed_dim, cfg.quick_gelu, cfg.vision_mlp)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.quick_gelu, cfg.text_mlp)
+        self.ln_final = nn.LayerNorm(cfg.text_width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.text_width, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=cfg.text_width ** -0.5)
+        self.transformer.init_weights(cfg.text_width, cfg.text_layers)
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.eps = cfg.ln_eps
+        self.locked = []  # modules frozen by lock(): they stay in eval mode
+
+    def lock(self, image=False, text=False, image_unlocked_layers=0, text_unlocked_layers=0):
+        """LiT (open_clip's --lock-image / --lock-text): a locked tower gets no gradient and no optimizer
+        state and runs in eval mode, except its last N residual blocks and the layers after them."""
+        v = self.visual
+        if image:
+            self.locked += freeze([v.conv1, v.class_embedding, v.positional_embedding, v.ln_pre],
+                                  v.transformer.resblocks, [v.ln_post, v.proj], image_unlocked_layers)
+        if text:
+            self.locked += freeze([self.token_embedding, self.positional_embedding],
+                                  self.transformer.resblocks, [self.ln_final, self.text_projection], text_unlocked_layers)
+        return self.train(self.training)
+
+    def train(self, mode=True):
+        super().train(mode)
+        for m in self.locked:
+            m.eval()
+        return self
+
+    def encode_image(self, images, normalize=False):
+        x = self.visual(images)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens, normalize=False):
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+        x = self.ln_final(self.transformer(x, causal=True))
+        # EOT has the highest id, so argmax finds each text's end (OpenAI's rule).
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(-1)] @ self.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, batch):
+        return {"image": self.encode_image(batch["image"], normalize=True),
+                "text": self.encode_text(batch["text"], normalize=True),
+                "scale": self.logit_scale.exp()}
+
+    def loss(self, out):
+        return contrastive_loss(out["image"], out["text"], out["scale"])
+
+    @torch.no_grad()
+    def after_step(self):
+        self.logit_scale.clamp_(0, math.log(100))
+
+    def transform(self, train):
+        return Transform(self.cfg.image_size, self.tokenizer, train, self.cfg.image_mean, self.cfg.image_std)
+
+    def preprocess(self):
+        """PIL image -> normalised tensor, as the weights expect it (resize the short side, centre crop)."""
+        return ImageTransform(self.cfg.image_size, train=False, mean=self.cfg.image_mean, std=self.cfg.image_std)
+
+    def encode_texts(self, texts):
+        device = self.logit_scale.device
+        return self.encode_text(self.tokenizer(texts).to(device), normalize=True)
+
+    def extra_state(self):
+        return {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None}
+
+    def shard_units(self):
+        # The text tower's embeddings, final norm and projection stay with the root, as the logit scale.
+        return [*self.visual.transformer.resblocks, *self.transformer.resblocks], [self.visual, self.transformer]
+
+
+class Transform:
+    """One sample (image, caption) -> model inputs; runs in the loader workers, so it is picklable."""
+
+    def __init__(self, image_size, tokenizer, train, mean=MEAN, std=STD):
+        self.image = ImageTransform(image_size, train, mean=mean, std=std)
+        self.tokenizer = tokenizer
+
+    def __call__(self, sample, rng):
+        return {"image": self.image(sample["image"], rng), "text": self.tokenizer([sample["text"]])[0]}
+# ==== end of copy: model ====
+
+
+# ==== copied from clip.py: loss (edit clip.py, then: python tests/test_copies.py --fix) ====
+def contrastive_loss(image_features, text_features, logit_scale, group=None):
+    """Symmetric InfoNCE over the global batch (open_clip's meaning: logit_scale is already exp'd).
+
+    On one process it equals the naive form, which holds the whole B x B logit matrix:
+        logits = logit_scale * image_features @ text_features.T
+        labels = torch.arange(len(logits))
+        (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    Here each rank computes its own image rows against the texts of all ranks (gathered with
+    gradient); the text -> image direction reuses the same tiles, its column statistics combined
+    across ranks. Every rank must pass the same number of rows.
+    """
+    n = image_features.shape[0]
+    offset = 0
+    if _distributed(group):
+        text_features = all_gather_with_grad(text_features, group)
+        if text_features.shape[0] != n * dist.get_world_size(group):
+            raise ValueError("contrastive_loss needs the same batch size on every rank")
+        offset = dist.get_rank(group) * n
+    pos = torch.arange(offset, offset + n, device=image_features.device)
+    return infonce(image_features, text_features, logit_scale, pos, True, group)
+
+
+def infonce(x, y, logit_scale, pos, two_way=False, group=None):
+    """Mean over the rows of x of InfoNCE against the keys y; row i's positive is column pos[i].
+
+    Rows only (two_way=False): y is any key set (pass it detached for no gradient to the keys).
+    two_way also takes the column direction: y must then be the gather of every rank's equal-sized
+    shard and pos this rank's columns; column statistics are combined across ranks. Under DDP's
+    gradient averaging the result is the exact gradient of the global mean.
+    """
+    row, col = lse_tiles(x, y, logit_scale, two_way)
+    # index_select, not y[pos]: its backward adds rows in place where indexing's sorts the indices
+    pos_logit = (x * y.index_select(0, pos)).sum(1).to(row.dtype) * logit_scale.to(row.dtype)
+    loss = row - pos_logit
+    if two_way:
+        loss = (loss + global_logsumexp(col, group).index_select(0, pos) - pos_logit) / 2
+    return loss.mean()
+
+
+def _distributed(group):
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def all_gather_with_grad(x, group=None):
+    return _AllGather.apply(x, group) if _distributed(group) else x
+
+
+def global_logsumexp(lse, group=None):
+    """Combine per-rank log-sum-exp vectors into the global one: O(len) traffic, differentiable."""
+    if not _distributed(group):
+        return lse
+    top = lse.detach().clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return _AllReduceSum.apply(torch.exp(lse - top), group).log() + top
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient into the rows this rank owns."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        n = grad.shape[0] // world
+        if dist.get_backend(ctx.group) == "nccl":
+            out = grad.new_empty(n, *grad.shape[1:])
+            dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+            return out, None
+        grad = grad.contiguous().clone()  # gloo has no reduce_scatter
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[rank * n:(rank + 1) * n], None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; every rank's loss depends on the sum, so the backward sums the gradients too."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+# ==== end of copy: loss ====
+
+
+# ==== copied from clip.py: image-transform (edit clip.py, then: python tests/test_copies.py --fix) ====
+class ImageTransform:
+    """PIL image -> normalised tensor; train: RandomResizedCrop(scale 0.9-1) drawn from the sample's rng."""
+
+    def __init__(self, size, train, scale=(0.9, 1.0), mean=MEAN, std=STD):
+        self.size, self.train, self.scale = size, train, scale
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __call__(self, img, rng=None):
+        from PIL import Image
+
+        img = img.convert("RGB")
+        w, h = img.size
+        if self.train:
+            box = None
+            for _ in range(10):  # torchvision's RandomResizedCrop rule, with our own rng
+                area = w * h * rng.uniform(*self.scale)
+                ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+                cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+                if 0 < cw <= w and 0 < ch <= h:
+                    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                    box = (x0, y0, x0 + cw, y0 + ch)
+                    break
+            if box is None:
+                side = min(w, h)
+                box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+            img = img.resize((self.size, self.size), Image.BICUBIC, box=box)
+        else:  # resize the short side, centre crop (OpenAI's preprocess)
+            r = self.size / min(w, h)
+            img = img.resize((max(self.size, round(w * r)), max(self.size, round(h * r))), Image.BICUBIC)
+            w, h = img.size
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            img = img.crop((left, top, left + self.size, top + self.size))
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        return (x - self.mean) / self.std
+# ==== end of copy: image-transform ====
+
+
+# ==== copied from clip.py: create (edit clip.py, then: python tests/test_copies.py --fix) ====
+def build_kwargs(args):
+    """train.py's flags as build()'s keywords (a flag a caller's namespace lacks takes build()'s default)."""
+    names = ("size", "tokenizer", "init", "quick_gelu", "lock_image", "lock_image_unlocked_layers", "lock_text",
+             "lock_text_unlocked_layers")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def config_and_tokenizer(size, tokenizer=None, captions=(), init=None, quick_gelu=None, extra=None):
+    """(config, tokenizer, weights or None): from a checkpoint's extra, from init weights, or a preset."""
+    if extra is not None:
+        cfg = Config(**extra["config"])
+        return cfg, Tokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None, None
+    if init:  # fine-tuning: shapes, tokenizer and preprocessing come from the weights
+        cfg, tok, sd = read_weights(init, quick_gelu, tokenizer)
+        if tok is None:
+            raise ValueError(f"{init} carries no tokenizer: pass the one it was trained with, --tokenizer "
+                             f"bpe_simple_vocab_16e6.txt.gz (OpenAI's) or a tokenizer.json")
+        return cfg, tok, sd
+    if size not in CONFIGS:
+        raise ValueError(f"unknown --size {size!r}; choose one of {', '.join(CONFIGS)}")
+    cfg = Config(**asdict(CONFIGS[size]))
+    cfg.quick_gelu = bool(quick_gelu)
+    if tokenizer:
+        tok = Tokenizer.from_file(tokenizer, cfg.context_length)
+    else:
+        tok = Tokenizer.train(captions, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
+    cfg.vocab_size = tok.vocab_size
+    return cfg, tok, None
+
+
+def start(model, weights=None, lock_image=False, lock_image_unlocked_layers=0, lock_text=False, lock_text_unlocked_layers=0):
+    """Initial weights and the LiT locks applied to a new model."""
+    if weights is not None:
+        model.load_state_dict(weights, strict=True)
+    if lock_image or lock_text:
+        model.lock(lock_image, lock_text, lock_image_unlocked_layers, lock_text_unlocked_layers)
+    return model
+# ==== end of copy: create ====
+
+
+# ==== copied from clip.py: evaluation (edit clip.py, then: python tests/test_copies.py --fix) ====
+@torch.no_grad()
+def zero_shot_classifier(model, classnames, templates):
+    """[C, D]: per class, the mean of its normalised prompt embeddings, re-normalised."""
+    weights = []
+    for name in classnames:
+        e = model.encode_texts([t.format(name) for t in templates]).float()
+        weights.append(F.normalize(e.mean(0), dim=-1))
+    return torch.stack(weights)
+
+
+@torch.no_grad()
+def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
+    """R@k both ways for paired rows, chunked so N x N similarities are never held at once."""
+    out = {}
+    for name, q, k in (("i2t", image_features, text_features), ("t2i", text_features, image_features)):
+        ranks = []
+        for i in range(0, q.shape[0], chunk):
+            sims = q[i:i + chunk] @ k.T
+            target = sims[torch.arange(sims.shape[0]), torch.arange(i, i + sims.shape[0])]
+            ranks.append((sims > target[:, None]).sum(1))
+        ranks = torch.cat(ranks)
+        for kk in ks:
+            out[f"{name}_r{kk}"] = (ranks < kk).float().mean().item()
+    return out
+# ==== end of copy: evaluation ====
+
+
+# ==== copied from clip.py: weight-files (edit clip.py, then: python tests/test_copies.py --fix) ====
+def read_state_dict(path):
+    """A TorchScript archive (OpenAI's releases), a plain state dict (.pt/.bin/.pth) or .safetensors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
+        return load_file(path), None
+    import zipfile
+
+    with zipfile.ZipFile(path) if zipfile.is_zipfile(path) else contextlib.nullcontext() as archive:
+        scripted = archive is not None and any(n.endswith("/constants.pkl") for n in archive.namelist())
+    if scripted:  # OpenAI's releases are TorchScript archives
+        sd = torch.jit.load(path, map_location="cpu").state_dict()
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    extra = None
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):  # our train.py checkpoint
+        extra = sd.get("extra")
+        sd = sd["model"]
+    elif isinstance(sd, dict) and "state_dict" in sd:  # open_clip training checkpoint
+        sd = sd["state_dict"]
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    for key in ("input_resolution", "context_length", "vocab_size"):  # metadata in OpenAI's archives
+        sd.pop(key, None)
+    return sd, extra
+
+
+def hf_names(cfg):
+    """[(our key, transformers' CLIPModel key, how)]: how is '' (same tensor), 'T' (transposed) or 'qkv'
+    (our in_proj is HF's q, k and v projections concatenated in that order)."""
+    names = [("token_embedding.weight", "text_model.embeddings.token_embedding.weight", ""),
+             ("positional_embedding", "text_model.embeddings.position_embedding.weight", ""),
+             ("text_projection", "text_projection.weight", "T"),
+             ("visual.class_embedding", "vision_model.embeddings.class_embedding", ""),
+             ("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight", ""),
+             ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight", ""),
+             ("visual.proj", "visual_projection.weight", "T"),
+             ("logit_scale", "logit_scale", "")]
+    for kind in ("weight", "bias"):
+        names += [(f"ln_final.{kind}", f"text_model.final_layer_norm.{kind}", ""),
+                  (f"visual.ln_pre.{kind}", f"vision_model.pre_layrnorm.{kind}", ""),  # sic: transformers' spelling
+                  (f"visual.ln_post.{kind}", f"vision_model.post_layernorm.{kind}", "")]
+    block = [("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"),
+             ("attn.out_proj", "self_attn.out_proj")]
+    for ours, theirs, layers in (("transformer.resblocks", "text_model.encoder.layers", cfg.text_layers),
+                                 ("visual.transformer.resblocks", "vision_model.encoder.layers", cfg.vision_layers)):
+        for i in range(layers):
+            for kind in ("weight", "bias"):
+                names.append((f"{ours}.{i}.attn.in_proj_{kind}", f"{theirs}.{i}.self_attn.{{}}_proj.{kind}", "qkv"))
+                names += [(f"{ours}.{i}.{a}.{kind}", f"{theirs}.{i}.{b}.{kind}", "") for a, b in block]
+    return names
+
+
+def save_weights(sd, folder):
+    """transformers' weight file: model.safetensors where safetensors is installed, else pytorch_model.bin."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
+        return os.path.join(folder, "pytorch_model.bin")
+    save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    return os.path.join(folder, "model.safetensors")
+# ==== end of copy: weight-files ====
+
+
+# ==== copied from clip.py: weights (edit clip.py, then: python tests/test_copies.py --fix) ====
+def _count(sd, prefix):
+    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+
+def config_from_state_dict(sd, quick_gelu=True, **known):
+    """Infer the shapes from an OpenAI-layout state dict, as OpenAI's build_model does; `known` overrides."""
+    if "visual.conv1.weight" not in sd:
+        if "visual.layer1.0.conv1.weight" in sd:
+            raise ValueError("ResNet CLIP checkpoints are not supported: clip.py implements the ViT models")
+        raise ValueError("not an OpenAI-layout CLIP state dict (no visual.conv1.weight)")
+    width, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    text_width = sd["ln_final.weight"].shape[0]
+    shapes = dict(embed_dim=sd["text_projection"].shape[1], image_size=patch * grid, patch_size=patch,
+                  vision_width=width, vision_layers=_count(sd, "visual.transformer.resblocks."), vision_heads=width // 64,
+                  vision_mlp=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                  context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
+                  text_width=text_width, text_layers=_count(sd, "transformer.resblocks."), text_heads=text_width // 64,
+                  text_mlp=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], quick_gelu=quick_gelu)
+    return Config(**{**shapes, **known})
+
+
+def from_hf(sd, cfg):
+    out = {}
+    for ours, theirs, how in hf_names(cfg):
+        if how == "qkv":
+            out[ours] = torch.cat([sd[theirs.format(p)] for p in "qkv"])
+        else:
+            out[ours] = sd[theirs].T if how == "T" else sd[theirs]
+    return out
+
+
+def read_hf_weights(folder):
+    """The state dict of a transformers folder: model.safetensors or pytorch_model.bin, sharded or not."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        index = os.path.join(folder, name + ".index.json")
+        files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.isfile(index) else [name]
+        if all(os.path.isfile(os.path.join(folder, f)) for f in files):
+            sd = {}
+            for f in files:
+                sd.update(read_state_dict(os.path.join(folder, f))[0])
+            return {k: v for k, v in sd.items() if not k.endswith("position_ids")}  # buffers older versions saved
+    raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded or not)")
+
+
+def tokenizer_in(folder, context_length):
+    """The folder's tokenizer.json, or vocab.json + merges.txt; None if it has neither."""
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return Tokenizer.from_file(os.path.join(folder, "tokenizer.json"), context_length)
+    if os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")):
+        from tokenizers.models import BPE
+
+        bpe = BPE.from_file(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), end_of_word_suffix="</w>")
+        tok = Tokenizer._skeleton(bpe)
+        tok.add_special_tokens([SOT, EOT])
+        return Tokenizer(tok, context_length)
+    return None
+
+
+def read_hf_folder(folder):
+    """(config, tokenizer, state dict) of a transformers CLIPModel folder."""
+    config = json.load(open(os.path.join(folder, "config.json")))
+    if config.get("model_type", "clip") != "clip":
+        raise ValueError(f"{folder}: a {config['model_type']!r} model, not a CLIPModel (AltCLIP folders: altclip.load)")
+    sd = read_hf_weights(folder)
+    text = config.get("text_config") or config.get("text_config_dict") or {}
+    vision = config.get("vision_config") or config.get("vision_config_dict") or {}
+    acts = {text.get("hidden_act", "quick_gelu"), vision.get("hidden_act", "quick_gelu")}
+    if len(acts) > 1 or not acts <= {"quick_gelu", "gelu"}:
+        raise ValueError(f"{folder}: hidden_act {sorted(acts)}; clip.py runs quick_gelu or gelu, the same in both towers")
+    eps = {text.get("layer_norm_eps", 1e-5), vision.get("layer_norm_eps", 1e-5)}
+    if len(eps) > 1:
+        raise ValueError(f"{folder}: layer_norm_eps differs between the towers ({sorted(eps)}); clip.py takes one")
+    sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
+    layers = dict(text_layers=_count(sd, "text_model.encoder.layers."), vision_layers=_count(sd, "vision_model.encoder.layers."))
+    sd = from_hf(sd, Config(**layers))
+    pre = {}
+    if os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+        pre = json.load(open(os.path.join(folder, "preprocessor_config.json")))
+    cfg = config_from_state_dict(sd, acts == {"quick_gelu"}, ln_eps=eps.pop(),
+                                 vision_heads=vision.get("num_attention_heads", sd["visual.conv1.weight"].shape[0] // 64),
+                                 text_heads=text.get("num_attention_heads", sd["ln_final.weight"].shape[0] // 64),
+                                 image_mean=tuple(pre.get("image_mean", MEAN)), image_std=tuple(pre.get("image_std", STD)))
+    return cfg, tokenizer_in(folder, cfg.context_length), sd
+
+
+def read_open_clip_folder(folder):
+    """(config, tokenizer or None, state dict) of an open_clip local-dir folder (open_clip_config.json + weights)."""
+    config = json.load(open(os.path.join(folder, "open_clip_config.json")))
+    model_cfg, pre = config.get("model_cfg", {}), config.get("preprocess_cfg", {})
+    text_cfg, vision_cfg = model_cfg.get("text_cfg", {}), model_cfg.get("vision_cfg", {})
+    custom = [k for k in ("hf_model_name", "attentional_pool", "timm_model_name") if text_cfg.get(k) or vision_cfg.get(k)]
+    if custom:
+        raise ValueError(f"{folder}: open_clip model with {', '.join(custom)}; clip.py implements the plain ViT CLIP")
+    names = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+             "open_clip_pytorch_model.pth")
+    path = next((os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))), None)
+    if path is None:
+        raise FileNotFoundError(f"{folder}: no open_clip weights ({', '.join(names)})")
+    sd = read_state_dict(path)[0]
+    width = sd["visual.conv1.weight"].shape[0]
+    cfg = config_from_state_dict(sd, bool(model_cfg.get("quick_gelu", False)),
+                                 vision_heads=width // vision_cfg.get("head_width", 64),
+                                 text_heads=text_cfg.get("heads", sd["ln_final.weight"].shape[0] // 64),
+                                 image_mean=tuple(pre.get("mean", MEAN)), image_std=tuple(pre.get("std", STD)))
+    tok = tokenizer_in(folder, cfg.context_length) if text_cfg.get("hf_tokenizer_name") else None
+    return cfg, tok, sd
+
+
+def read_weights(path, quick_gelu=None, tokenizer=None):
+    """(config, tokenizer or None, OpenAI-layout state dict) from any CLIP weights on disk: a checkpoint of
+    this repository, OpenAI's TorchScript or state-dict files, open_clip's .bin / .safetensors files or
+    local-dir folders, transformers' CLIPModel folders.
+
+    Files with no config are taken as OpenAI's: QuickGELU unless quick_gelu=False (open_clip models
+    trained with exact GELU). tokenizer: a tokenizer file, for weights that carry none.
+    """
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "open_clip_config.json")):
+            cfg, tok, sd = read_open_clip_folder(path)
+        elif os.path.isfile(os.path.join(path, "config.json")):
+            cfg, tok, sd = read_hf_folder(path)
+        else:
+            raise FileNotFoundError(f"{path}: a folder with neither config.json (transformers) nor "
+                                    f"open_clip_config.json (open_clip)")
+    else:
+        sd, extra = read_state_dict(path)
+        if extra is not None:
+            cfg = Config(**extra["config"])
+            tok = Tokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None
+        else:
+            cfg, tok = config_from_state_dict(sd, True if quick_gelu is None else quick_gelu), None
+    if tokenizer:
+        tok = Tokenizer.from_file(tokenizer, cfg.context_length)
+    return cfg, tok, {k: v.float() for k, v in sd.items()}
+
+
+def load(path, device="cpu", quick_gelu=None, tokenizer=None):
+    """(model, preprocess) from any weights read_weights reads, like OpenAI's clip.load but from local
+    files only. The model is in eval mode; preprocess maps a PIL image to the tensor it expects."""
+    cfg, tok, sd = read_weights(path, quick_gelu, tokenizer)
+    model = start(CLIP(cfg, tok), sd).to(device).eval()
+    return model, model.preprocess()
+
+
+# sha256 of OpenAI's vocabulary (its tokens in id order, one a line): open_clip's built-in tokenizer
+OPENAI_VOCAB = "7cccc44d334555d1ff3c0ac5f0246b428fab2918383e77ee745cf30d41010b78"
+
+
+def vocab_sha256(tok):
+    import hashlib
+
+    vocab = tok.tokenizer.get_vocab()
+    return hashlib.sha256("\n".join(sorted(vocab, key=vocab.get)).encode()).hexdigest()
+
+
+def write_hf_tokenizer(tok, out):
+    """tokenizer.json (with the lower-casing and SOT/EOT that __call__ adds in Python), vocab.json, merges.txt
+    and tokenizer_config.json: transformers' CLIPTokenizer and AutoTokenizer read them."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, normalizers, processors
+
+    hf = HFTokenizer.from_str(tok.to_str())
+    hf.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                          normalizers.Lowercase()])
+    hf.post_processor = processors.TemplateProcessing(single=f"{SOT} $A {EOT}", pair=f"{SOT} $A {EOT} $B {EOT}",
+                                                      special_tokens=[(SOT, tok.sot), (EOT, tok.eot)])
+    hf.save(os.path.join(out, "tokenizer.json"))
+    model = json.loads(hf.to_str())["model"]
+    with open(os.path.join(out, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(model["vocab"], f, ensure_ascii=False)
+    with open(os.path.join(out, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join((m if isinstance(m, str) else " ".join(m)) + "\n" for m in model["merges"]))
+    special = {"bos_token": SOT, "eos_token": EOT, "unk_token": EOT, "pad_token": EOT}
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": tok.context_length, "do_lower_case": True,
+                   "clean_up_tokenization_spaces": False, **special}, f, indent=2)
+    with open(os.path.join(out, "special_tokens_map.json"), "w") as f:
+        json.dump(special, f, indent=2)
+
+
+def export_hf(model, out):
+    """A transformers CLIPModel folder: config.json, weights, tokenizer files, preprocessor_config.json."""
+    cfg, tok = model.cfg, model.tokenizer
+    act = "quick_gelu" if cfg.quick_gelu else "gelu"
+    tower = dict(hidden_act=act, layer_norm_eps=cfg.ln_eps, projection_dim=cfg.embed_dim)
+    config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
+              "logit_scale_init_value": 2.6592, "torch_dtype": "float32",
+              "text_config": {"model_type": "clip_text_model", "vocab_size": cfg.vocab_size, "hidden_size": cfg.text_width,
+                              "intermediate_size": cfg.text_mlp, "num_hidden_layers": cfg.text_layers,
+                              "num_attention_heads": cfg.text_heads, "max_position_embeddings": cfg.context_length,
+                              # transformers pools at the first eos_token_id (our EOT): the same token as argmax
+                              "bos_token_id": tok.sot, "eos_token_id": tok.eot, "pad_token_id": tok.eot, **tower},
+              "vision_config": {"model_type": "clip_vision_model", "hidden_size": cfg.vision_width,
+                                "intermediate_size": cfg.vision_mlp, "num_hidden_layers": cfg.vision_layers,
+                                "num_attention_heads": cfg.vision_heads, "image_size": cfg.image_size,
+                                "patch_size": cfg.patch_size, "num_channels": 3, **tower}}
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    sd = model.state_dict()
+    hf = {}
+    for ours, theirs, how in hf_names(cfg):
+        if how == "qkv":
+            hf.update({theirs.format(p): part for p, part in zip("qkv", sd[ours].chunk(3))})
+        else:
+            hf[theirs] = sd[ours].T if how == "T" else sd[ours]
+    weights = save_weights(hf, out)
+    write_hf_tokenizer(tok, out)
+    size = {"height": cfg.image_size, "width": cfg.image_size}
+    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor", "do_resize": True,
+                   "size": {"shortest_edge": cfg.image_size}, "resample": 3, "do_center_crop": True, "crop_size": size,
+                   "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+                   "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std)}, f, indent=2)
+    return [f"wrote {out}: config.json, {os.path.basename(weights)}, tokenizer files, preprocessor_config.json",
+            f"transformers: CLIPModel.from_pretrained({out!r}), CLIPProcessor.from_pretrained({out!r})"]
+
+
+def open_clip_name(cfg):
+    """open_clip's built-in model name for these shapes (ViT-B-32, ViT-B-16-quickgelu, ...), or None."""
+    shapes = {k: v for k, v in asdict(cfg).items() if k != "quick_gelu"}
+    for name, preset in CONFIGS.items():
+        if name != "tiny" and {k: v for k, v in asdict(preset).items() if k != "quick_gelu"} == shapes:
+            return name + ("-quickgelu" if cfg.quick_gelu else "")  # QuickGELU is part of open_clip's name
+    return None
+
+
+def export_open_clip(model, out):
+    """open_clip's local-dir layout; for a preset's shapes with OpenAI's vocabulary the weights file also
+    loads as pretrained=FILE under the open_clip name of that preset."""
+    cfg, tok = model.cfg, model.tokenizer
+    if cfg.vision_width % cfg.vision_heads or cfg.ln_eps != 1e-5:
+        raise ValueError("open_clip cannot express this model (vision heads of unequal width, or layer-norm eps "
+                         f"{cfg.ln_eps} instead of 1e-5); export --format hf instead")
+    ratio = {}
+    for name, width, mlp in (("vision", cfg.vision_width, cfg.vision_mlp), ("text", cfg.text_width, cfg.text_mlp)):
+        ratio[name] = mlp / width
+        if int(width * ratio[name]) != mlp:  # how open_clip turns mlp_ratio back into a width
+            raise ValueError(f"open_clip cannot express the {name} MLP width {mlp}; export --format hf instead")
+    text_cfg = {"context_length": cfg.context_length, "vocab_size": cfg.vocab_size, "width": cfg.text_width,
+                "heads": cfg.text_heads, "layers": cfg.text_layers, "mlp_ratio": ratio["text"]}
+    openai_vocab = vocab_sha256(tok) == OPENAI_VOCAB
+    lines = []
+    if not openai_vocab:  # open_clip then reads the folder's tokenizer files through transformers
+        write_hf_tokenizer(tok, out)
+        text_cfg["hf_tokenizer_name"] = "."
+        lines.append("open_clip: this model's tokenizer is not OpenAI's; open_clip reads the folder's tokenizer.json "
+                     "through transformers (pip install transformers)")
+    config = {"model_cfg": {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.quick_gelu,
+                            "vision_cfg": {"image_size": cfg.image_size, "layers": cfg.vision_layers,
+                                           "width": cfg.vision_width, "head_width": cfg.vision_width // cfg.vision_heads,
+                                           "mlp_ratio": ratio["vision"], "patch_size": cfg.patch_size},
+                            "text_cfg": text_cfg},
+              "preprocess_cfg": {"mean": list(cfg.image_mean), "std": list(cfg.image_std), "interpolation": "bicubic",
+                                 "resize_mode": "shortest", "size": cfg.image_size}}
+    with open(os.path.join(out, "open_clip_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    weights = os.path.join(out, "open_clip_pytorch_model.bin")
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, weights)
+    lines.insert(0, f"wrote {out}: open_clip_config.json, open_clip_pytorch_model.bin")
+    lines.append(f"open_clip: create_model_and_transforms('local-dir:{out}')")
+    name = open_clip_name(cfg)
+    if name:
+        if openai_vocab:
+            lines.append(f"open_clip: also create_model_and_transforms({name!r}, pretrained={weights!r})")
+        else:
+            lines.append(f"open_clip: not loadable as {name!r} with pretrained=FILE: that name's tokenizer is "
+                         f"OpenAI's and this model's is not; use local-dir")
+    return lines
+
+
+def export(path, out, fmt, tokenizer=None):
+    """Convert any weights load() reads to open_clip's or transformers' layout; returns what to tell the user."""
+    model, _ = load(path, tokenizer=tokenizer)
+    if model.tokenizer is None:
+        raise ValueError(f"{path} carries no tokenizer: pass --tokenizer (bpe_simple_vocab_16e6.txt.gz or a "
+                         f"tokenizer.json) so that it travels with the export")
+    os.makedirs(out, exist_ok=True)
+    return export_hf(model, out) if fmt == "hf" else export_open_clip(model, out)
+# ==== end of copy: weights ====
+
+
+# ==== copied from clip.py: export-cli (edit clip.py, then: python tests/test_copies.py --fix) ====
+def export_main(argv=None):
+    p = argparse.ArgumentParser(prog=f"{os.path.basename(__file__)} export",
+                                description="write weights in open_clip's or transformers' layout")
+    p.add_argument("checkpoint", help="OUT/checkpoint.pt of train.py, or any weights load() reads")
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--format", required=True, choices=["open_clip", "hf"])
+    p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer")
+    args = p.parse_args(argv)
+    try:
+        for line in export(args.checkpoint, args.out, args.format, args.tokenizer):
+            print(line)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise SystemExit(f"{p.prog}: {err}") from None
+# ==== end of copy: export-cli ====
+
+
+# ==== copied from clip.py: predict (edit clip.py, then: python tests/test_copies.py --fix) ====
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-# Copied from clip.py: embed_images
 @torch.no_grad()
 def embed_images(model, preprocess, paths):
     """[N, D] normalised image features for image files."""
@@ -1571,7 +1131,6 @@ def embed_images(model, preprocess, paths):
     return model.encode_image(pixels, normalize=True).float()
 
 
-# Copied from clip.py: predict_main
 def predict_main(argv=None):
     me = os.path.basename(__file__)
     p = argparse.ArgumentParser(prog=f"{me} predict", description="zero-shot labels for images, captions ranked for "
@@ -1629,6 +1188,427 @@ def predict_main(argv=None):
         print(q)
         for i in order[:args.top]:
             print(f"  {row[i].item():6.1%}  {candidates[i]}")
+# ==== end of copy: predict ====
+
+
+# ==== copied from clip.py: tokenizer (edit clip.py, then: python tests/test_copies.py --fix) ====
+def bytes_to_unicode():
+    # GPT-2's reversible map from bytes to printable characters: BPE then never sees whitespace or
+    # control bytes, and every byte has a symbol, so no text is ever unknown.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+# OpenAI's pre-tokenizer pattern (simple_tokenizer.py): contractions, letter runs, single digits, punctuation.
+CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+SOT = "<|startoftext|>"
+
+
+EOT = "<|endoftext|>"
+
+
+def clean_text(text):
+    # OpenAI runs ftfy.fix_text (which ends in NFC), unescapes HTML twice, collapses whitespace and
+    # lower-cases. ftfy is not a dependency: its mojibake repair is the one step left out.
+    text = html.unescape(html.unescape(unicodedata.normalize("NFC", text)))
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+class Tokenizer:
+    """CLIP's byte-level BPE on the tokenizers library; __call__(list of str) -> LongTensor [N, context]."""
+
+    def __init__(self, tokenizer, context_length=77):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.sot = tokenizer.token_to_id(SOT)
+        self.eot = tokenizer.token_to_id(EOT)
+        if self.sot is None or self.eot is None:
+            raise ValueError(f"tokenizer has no {SOT} / {EOT} tokens: it is not a CLIP tokenizer")
+        # The text tower finds the end of each text with argmax over ids (as OpenAI's does).
+        if self.eot != tokenizer.get_vocab_size() - 1:
+            raise ValueError(f"{EOT} must have the highest id (it has {self.eot} of {tokenizer.get_vocab_size()})")
+
+    @property
+    def vocab_size(self):
+        return self.tokenizer.get_vocab_size()
+
+    @staticmethod
+    def _skeleton(model):
+        from tokenizers import Regex, Tokenizer as HFTokenizer, pre_tokenizers
+
+        tok = HFTokenizer(model)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        return tok
+
+    @classmethod
+    def from_merges(cls, merges, context_length=77):
+        """OpenAI's vocabulary layout: 256 byte symbols, the same with </w>, one per merge, SOT, EOT."""
+        from tokenizers.models import BPE
+
+        symbols = list(bytes_to_unicode().values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
+        tok = cls._skeleton(BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, end_of_word_suffix="</w>"))
+        tok.add_special_tokens([SOT, EOT])  # already in the vocabulary: keeps their ids
+        return cls(tok, context_length)
+
+    @classmethod
+    def from_file(cls, path, context_length=77):
+        """An HF CLIP tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz (merges, one per line)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such tokenizer file; pass a tokenizer.json or bpe_simple_vocab_16e6.txt.gz")
+        if path.endswith(".json"):
+            return cls(HFTokenizer.from_file(path), context_length)
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        # OpenAI keeps the first 49152 - 256 - 2 merges after the version line; smaller files keep all.
+        return cls.from_merges([tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1] if m.strip()], context_length)
+
+    @classmethod
+    def train(cls, texts, vocab_size=1024, context_length=77):
+        """A small BPE fitted to the captions at hand (the synthetic default needs no vocabulary file).
+
+        Learnt here rather than by the tokenizers library's trainer, whose choice among equally frequent
+        pairs changes from call to call: the same data and seed must give the same vocabulary.
+        """
+        import heapq
+        from collections import Counter, defaultdict
+
+        from tokenizers.models import BPE
+
+        pre = cls._skeleton(BPE()).pre_tokenizer
+        words = Counter()
+        for t in texts:
+            for piece, _ in pre.pre_tokenize_str(clean_text(t)):
+                words[tuple(piece[:-1]) + (piece[-1] + "</w>",)] += 1
+        words = [[list(w), c] for w, c in sorted(words.items())]
+        counts, where = Counter(), defaultdict(set)
+        for i, (w, c) in enumerate(words):
+            for p in zip(w, w[1:]):
+                counts[p] += c
+                where[p].add(i)
+        heap = [(-c, p) for p, c in counts.items()]
+        heapq.heapify(heap)
+        merges = []
+        while heap and len(merges) < vocab_size - 512 - 2:
+            c, best = heapq.heappop(heap)
+            if counts.get(best, 0) != -c or c == 0:
+                continue  # a stale entry: its count changed after it was pushed
+            merges.append(best)
+            touched = set()
+            for i in sorted(where.pop(best)):
+                w, n = words[i]
+                for p in zip(w, w[1:]):
+                    counts[p] -= n
+                    touched.add(p)
+                j, out = 0, []
+                while j < len(w):
+                    if j < len(w) - 1 and (w[j], w[j + 1]) == best:
+                        out.append(w[j] + w[j + 1])
+                        j += 2
+                    else:
+                        out.append(w[j])
+                        j += 1
+                words[i][0] = out
+                for p in zip(out, out[1:]):
+                    counts[p] += n
+                    where[p].add(i)
+                    touched.add(p)
+            counts.pop(best, None)
+            for p in touched:
+                if counts.get(p, 0) > 0:
+                    heapq.heappush(heap, (-counts[p], p))
+        return cls.from_merges(merges, context_length)
+
+    def to_str(self):
+        return self.tokenizer.to_str()
+
+    @classmethod
+    def from_str(cls, s, context_length=77):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(s), context_length)
+
+    def __call__(self, texts):
+        if isinstance(texts, str):
+            texts = [texts]
+        encs = self.tokenizer.encode_batch([clean_text(t) for t in texts], add_special_tokens=False)
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for i, e in enumerate(encs):
+            ids = [self.sot] + e.ids[: self.context_length - 2] + [self.eot]  # truncation keeps EOT last
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+    def decode(self, ids):
+        byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
+        text = "".join(self.tokenizer.id_to_token(i) for i in ids if i not in (0, self.sot, self.eot))
+        words = [bytes(byte_decoder[c] for c in w).decode("utf-8", errors="replace") for w in text.split("</w>")]
+        return " ".join(words).strip()
+# ==== end of copy: tokenizer ====
+
+
+# ==== copied from clip.py: kernel (edit clip.py, then: python tests/test_copies.py --fix) ====
+# One local op does the heavy work of the loss: lse_tiles(x, y, scale, two_way) -> (row_lse, col_lse),
+# the log-sum-exp of t = scale * x @ y.T along rows and (two_way) along columns, from the same tiles
+# in one pass, never holding t. Its backward recomputes each tile once and gets dx, dy and d(scale):
+#     G_ij = g_row_i * exp(t_ij - row_lse_i) + g_col_j * exp(t_ij - col_lse_j)
+#     dx = scale * G @ y,  dy = scale * G.T @ x,  d(scale) = sum(G * x @ y.T)
+# Cost: 2 B^2 D forward + 6 B^2 D backward; memory O(B D). Below: the op's contract (a torch custom
+# op, so torch.compile sees one node), the blockwise PyTorch backend, which is the reference and runs
+# everywhere, then the Triton kernels used on CUDA.
+
+
+try:  # Triton ships with CUDA builds of torch; without it the blockwise PyTorch path runs everywhere.
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
+
+
+WORKSPACE = 2 ** 27  # elements of the Triton backward's G chunk, or 4 k d if larger: memory stays O(B D)
+
+
+_NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
+
+
+@torch.library.custom_op(f"{_NS}::lse_tiles", mutates_args=())
+def lse_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, two_way: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_lse [n], col_lse [k] or [0]) of scale * x @ y.T, never materialising it."""
+    if _use_triton(x):
+        row, col = _lse_triton(x.contiguous(), y.contiguous(), scale, two_way)
+        return row.to(_acc_dtype(x)), col.to(_acc_dtype(x))
+    return _lse_torch(x, y, scale, two_way)
+
+
+@lse_tiles.register_fake
+def _lse_tiles_fake(x, y, scale, two_way):
+    return x.new_empty(x.shape[0], dtype=_acc_dtype(x)), x.new_empty(y.shape[0] if two_way else 0, dtype=_acc_dtype(x))
+
+
+@torch.library.custom_op(f"{_NS}::lse_tiles_backward", mutates_args=())
+def lse_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+                       g_row: torch.Tensor, g_col: torch.Tensor, need_x: bool, need_y: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(x):
+        return _lse_backward_triton(x.contiguous(), y.contiguous(), scale, row, col, g_row, g_col, need_x, need_y)
+    return _lse_backward_torch(x, y, scale, row, col, g_row, g_col)
+
+
+@lse_tiles_backward.register_fake
+def _lse_tiles_backward_fake(x, y, scale, row, col, g_row, g_col, need_x, need_y):
+    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
+
+
+def _lse_setup(ctx, inputs, output):
+    x, y, scale, _ = inputs
+    ctx.save_for_backward(x, y, scale, *output)
+
+
+def _lse_backward(ctx, g_row, g_col):
+    x, y, scale, row, col = ctx.saved_tensors
+    g_row = torch.zeros_like(row) if g_row is None else g_row
+    g_col = torch.zeros_like(col) if g_col is None else g_col
+    need_x, need_y, need_s = ctx.needs_input_grad[:3]
+    dx, dy, ds = lse_tiles_backward(x, y, scale, row, col, g_row, g_col, need_x, need_y)
+    return dx if need_x else None, dy if need_y else None, ds if need_s else None, None
+
+
+lse_tiles.register_autograd(_lse_backward, setup_context=_lse_setup)
+
+
+def _use_triton(x):
+    # TRITON_INTERPRET=1 runs the kernels on the CPU (slowly): that is how CI tests them.
+    return (triton is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+
+
+def _acc_dtype(x):
+    return torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least
+
+
+def _lse_torch(x, y, scale, two_way):
+    n, k = x.shape[0], y.shape[0]
+    acc = _acc_dtype(x)
+    s = scale.to(acc)
+    row = torch.full((n,), -math.inf, device=x.device, dtype=acc)
+    col = torch.full((k if two_way else 0,), -math.inf, device=x.device, dtype=acc)
+    for i in range(0, n, BLOCK):
+        for j in range(0, k, BLOCK):
+            t = (x[i:i + BLOCK] @ y[j:j + BLOCK].T).to(acc) * s
+            row[i:i + BLOCK] = torch.logaddexp(row[i:i + BLOCK], t.logsumexp(1))
+            if two_way:  # the same tile gives the column statistics: one pass for both directions
+                col[j:j + BLOCK] = torch.logaddexp(col[j:j + BLOCK], t.logsumexp(0))
+    return row, col
+
+
+def _lse_backward_torch(x, y, scale, row, col, g_row, g_col):
+    n, k = x.shape[0], y.shape[0]
+    acc = row.dtype
+    s = scale.to(acc)
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device)
+    dy = torch.zeros(y.shape, dtype=acc, device=x.device)
+    ds = torch.zeros((), dtype=acc, device=x.device)
+    for i in range(0, n, BLOCK):
+        xi = x[i:i + BLOCK]
+        for j in range(0, k, BLOCK):
+            yj = y[j:j + BLOCK]
+            raw = (xi @ yj.T).to(acc)
+            t = raw * s
+            g = torch.exp(t - row[i:i + BLOCK, None]) * g_row[i:i + BLOCK, None]
+            if col.numel():
+                g += torch.exp(t - col[None, j:j + BLOCK]) * g_col[None, j:j + BLOCK]
+            ds += (g * raw).sum()
+            g = g.to(x.dtype)
+            dx[i:i + BLOCK] += (g @ yj).to(acc) * s
+            dy[j:j + BLOCK] += (g.T @ xi).to(acc) * s
+    return dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              BD: tl.constexpr):
+        # x[rm] @ y[rn].T in fp32, D in chunks of BD; rows and columns past the ends read as zeros.
+        raw = tl.zeros([BM, BN], dtype=tl.float32)
+        for d0 in range(0, d, BD):
+            rd = d0 + tl.arange(0, BD)
+            xa = tl.load(X + rm[:, None] * sxn + rd[None, :] * sxd, mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
+            yb = tl.load(Y + rn[:, None] * syn + rd[None, :] * syd, mask=(rn[:, None] < k) & (rd[None, :] < d), other=0.0)
+            raw += tl.dot(xa, tl.trans(yb), input_precision=PREC)
+        return raw
+
+    @triton.jit
+    def _lse_fwd_kernel(X, Y, SCALE, OFFSET, ROW, COL, n, k, d, sxn, sxd, syn, syd,
+                        TWO_WAY: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        # Program (row block, column split): sums of exp(t - offset) over its tiles, added atomically.
+        # offset = the largest |t| possible less 80, so no exp overflows fp32 (see _lse_triton).
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        s = tl.load(SCALE).to(tl.float32)
+        c = tl.load(OFFSET)
+        row_sum = tl.zeros([BM], dtype=tl.float32)
+        for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
+            rn = jb * BN + tl.arange(0, BN)
+            raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
+            e = tl.where((rm[:, None] < n) & (rn[None, :] < k), tl.exp(raw * s - c), 0.0)
+            row_sum += tl.sum(e, 1)
+            if TWO_WAY:
+                tl.atomic_add(COL + rn, tl.sum(e, 0), mask=rn < k)
+        tl.atomic_add(ROW + rm, row_sum, mask=rm < n)
+
+    @triton.jit
+    def _grad_tile_kernel(X, Y, SCALE, ROW, COL, GROW, GCOL, G, DSP, n, k, d, sxn, sxd, syn, syd, sgn,
+                          TWO_WAY: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          BD: tl.constexpr):
+        # One tile of scale * G for a chunk of rows, written out, and the tile's share of d(scale).
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        s = tl.load(SCALE).to(tl.float32)
+        raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
+        t = raw * s
+        row = tl.load(ROW + rm, mask=rm < n, other=0.0)
+        g = tl.exp(t - row[:, None]) * tl.load(GROW + rm, mask=rm < n, other=0.0)[:, None]
+        if TWO_WAY:
+            col = tl.load(COL + rn, mask=rn < k, other=0.0)
+            g += tl.exp(t - col[None, :]) * tl.load(GCOL + rn, mask=rn < k, other=0.0)[None, :]
+        inside = (rm[:, None] < n) & (rn[None, :] < k)
+        g = tl.where(inside, g, 0.0)
+        tl.store(DSP + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g * raw, 1), 0))
+        tl.store(G + rm[:, None] * sgn + rn[None, :], (g * s).to(G.dtype.element_ty), mask=inside)
+
+
+def _tiles(x):
+    big = x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"  # exact fp32; half types use their own dot
+    return dict(PREC=prec, BM=128 if big else 64, BN=128 if big else 64, BD=64 if x.shape[1] >= 64 else 32,
+                num_warps=4, num_stages=3)
+
+
+def _lse_triton(x, y, scale, two_way):
+    n, k = x.shape[0], y.shape[0]
+    # exp(t - offset) must neither overflow (t - offset <= 80 < 88) nor, for a whole row or column,
+    # underflow: exact while a row or column has a logit within 167 of the largest possible |t|,
+    # which always holds for unit features with scale <= 83, and in practice at CLIP's cap of 100.
+    bound = (scale.float().abs() * torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).max()
+             * torch.linalg.vector_norm(y, dim=1, dtype=torch.float32).max())
+    offset = torch.clamp(bound - 80, min=0).reshape(1)
+    row = torch.zeros(n, device=x.device, dtype=torch.float32)
+    col = torch.zeros(k if two_way else 0, device=x.device, dtype=torch.float32)
+    meta = _tiles(x)
+    # Enough programs to fill the GPU: split the columns when there are few row blocks.
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    blocks = triton.cdiv(n, meta["BM"])
+    split = max(1, min(triton.cdiv(k, meta["BN"]), triton.cdiv(4 * sms, blocks)))
+    _lse_fwd_kernel[(blocks, split)](x, y, scale.reshape(1), offset, row, col, n, k, x.shape[1], x.stride(0),
+                                     x.stride(1), y.stride(0), y.stride(1), TWO_WAY=two_way, SPLIT=split, **meta)
+    return row.log() + offset, col.log() + offset
+
+
+def _mm_f32(a, b):
+    # fp32 result of a half-precision product, accumulated and written in fp32 by cuBLAS where torch can
+    if a.dtype != torch.float32 and a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch < 2.8
+            pass
+    return (a @ b).float()
+
+
+def _lse_backward_triton(x, y, scale, row, col, g_row, g_col, need_x, need_y):
+    # The kernel writes scale * G for a chunk of rows into a workspace; dx and dy are then plain matrix
+    # products (cuBLAS's speed) and each tile is recomputed once. Adding into dx and dy from inside the
+    # kernel instead costs an atomic per element per tile, an order of magnitude slower.
+    n, k, d = x.shape[0], y.shape[0], x.shape[1]
+    two_way = col.numel() > 0
+    meta = _tiles(x)
+    bm, bn = meta["BM"], meta["BN"]
+    rows = min(n, max(bm, max(WORKSPACE, 4 * k * d) // max(k, 1) // bm * bm))
+    work = torch.empty(rows, k, device=x.device, dtype=x.dtype)
+    dsp = torch.empty(triton.cdiv(rows, bm) * triton.cdiv(k, bn), device=x.device, dtype=torch.float32)
+    # Full-size outputs even when not needed: the op's fake (for torch.compile) promises these shapes.
+    dx = torch.empty_like(x) if need_x else torch.zeros_like(x)
+    dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
+    ds = torch.zeros((), device=x.device, dtype=torch.float32)
+    row, g_row = row.float(), g_row.float()
+    col, g_col = (col.float(), g_col.float()) if two_way else (row, g_row)
+    for i in range(0, n, rows):
+        m = min(rows, n - i)
+        g, xi = work[:m], x[i:i + m]
+        grid = (triton.cdiv(m, bm), triton.cdiv(k, bn))
+        _grad_tile_kernel[grid](xi, y, scale.reshape(1), row[i:i + m], col, g_row[i:i + m], g_col, g, dsp, m, k, d,
+                                xi.stride(0), xi.stride(1), y.stride(0), y.stride(1), g.stride(0),
+                                TWO_WAY=two_way, **meta)
+        ds += dsp[:grid[0] * grid[1]].sum()
+        if need_x:
+            torch.mm(g, y, out=dx[i:i + m])
+        if need_y:
+            dy += _mm_f32(g.T, xi)
+    return dx, dy.to(y.dtype), ds.to(scale.dtype)
+# ==== end of copy: kernel ====
+
+
+# ----------------------------------------------------------------------------------------------
+# The model: CLIP (copied above) with LaCLIP's training texts and loss mixed in
+
+
+class LaCLIP(LaCLIPMethod, CLIP):
+    pass
 
 
 if __name__ == "__main__":

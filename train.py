@@ -269,12 +269,23 @@ def reduce_scalars(params, world):
             p.grad /= world
 
 
-def gradient_sync(ddp, fsdp, model, on):
-    """Gradients are reduced over the ranks only with a step's last micro-batch."""
-    if fsdp:
-        model.set_requires_gradient_sync(on)
-        return contextlib.nullcontext()
-    return ddp.no_sync() if ddp is not None and not on else contextlib.nullcontext()
+def distribute(model, args, world, device):
+    """(forward, sync): the model's forward under DDP (FSDP already wraps the model itself) and
+    torch.compile, and sync(on), a context in which gradients are reduced over the ranks only if on
+    (with a step's last micro-batch)."""
+    ddp = None
+    if world > 1 and not args.fsdp:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                        **NO_BUFFER_SYNC)
+    forward = torch.compile(ddp or model) if args.compile else (ddp or model)
+
+    def sync(on):
+        if args.fsdp:
+            model.set_requires_gradient_sync(on)
+            return contextlib.nullcontext()
+        return ddp.no_sync() if ddp is not None and not on else contextlib.nullcontext()
+
+    return forward, sync
 
 
 def rng_state(device):
@@ -287,12 +298,12 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state[1], device)
 
 
-def train_step(fwd, ddp, model, batch, accum, autocast, device, scaler=None, fsdp=False):
+def train_step(forward, sync, model, batch, accum, autocast, device, scaler=None):
     """Forward + backward of one global batch; returns the loss (a tensor, not synced)."""
     scale = scaler.scale if scaler is not None else (lambda x: x)  # fp16: gradients scaled up, unscaled at the step
     if accum == 1:
         with autocast:
-            loss = model.loss(fwd(batch))
+            loss = model.loss(forward(batch))
         scale(loss).backward()
         return loss.detach()
     # Exact accumulation (the GradCache recipe): embed every micro-batch without a graph, take the loss
@@ -303,7 +314,7 @@ def train_step(fwd, ddp, model, batch, accum, autocast, device, scaler=None, fsd
     with torch.no_grad(), autocast:
         for mb in micro:
             states.append(rng_state(device))
-            outs.append(fwd(mb))
+            outs.append(forward(mb))
     feats = {k: (torch.cat([o[k] for o in outs]) if outs[0][k].dim() else outs[0][k]).detach().float().requires_grad_()
              for k in outs[0]}
     loss = model.loss(feats)
@@ -313,9 +324,9 @@ def train_step(fwd, ddp, model, batch, accum, autocast, device, scaler=None, fsd
     for m, mb in enumerate(micro):
         set_rng_state(states[m], device)
         last = m == accum - 1
-        with gradient_sync(ddp, fsdp, model, last):
+        with sync(last):
             with autocast:
-                out = fwd(mb)
+                out = forward(mb)
             # Per-batch scalars (the logit scale) get their gradient once, with the synced micro-batch.
             surrogate = sum((out[k].float() * (g[m] if out[k].dim() else g)).sum() for k, g in grads.items()
                             if out[k].dim() or last)
@@ -744,9 +755,16 @@ class Progress:
     """Loss, throughput and skipped samples since the last log line; rows go to metrics.jsonl (and the
     reporters) from rank 0."""
 
-    def __init__(self, args, rank, world, device, control, step):
+    def __init__(self, args, rank, world, device, control, step, resumed):
         self.args, self.rank, self.world, self.device, self.control = args, rank, world, device, control
         self.path = os.path.join(args.out, "metrics.jsonl")
+        if rank == 0 and os.path.exists(self.path):
+            if resumed:  # a resumed run drops the rows it will write again
+                rows = [r for r in open(self.path) if r.strip() and json.loads(r)["step"] <= step]
+                with open(self.path, "w") as f:
+                    f.writelines(rows)
+            else:
+                os.remove(self.path)
         self.reporters = Reporters(args.report_to.split(","), args.out, step, args) if rank == 0 and args.report_to else None
         self.skips, self.notes = {}, {}
         self.t_start = self.t_last = time.time()
@@ -840,27 +858,16 @@ def main(argv=None):
     args, module = parse_args(argv)
     rank, world, device, control = setup(args)
     os.makedirs(args.out, exist_ok=True)
-    ckpt_path, metrics_path = os.path.join(args.out, LATEST), os.path.join(args.out, "metrics.jsonl")
+    ckpt_path = os.path.join(args.out, LATEST)
     ckpt = agree_on_start(args, module, rank, world, control)
     torch.manual_seed(args.seed)
     train_data, val_data, zeroshot_data = datalib.build(args)
     model, opt, scaler, scalars, autocast = build_model(args, module, ckpt, train_data.caption_corpus, rank, world,
                                                         device)
     step = ckpt["step"] if ckpt else 0
-    if rank == 0 and os.path.exists(metrics_path):
-        if ckpt:  # a resumed run drops the rows it will write again
-            rows = [r for r in open(metrics_path) if r.strip() and json.loads(r)["step"] <= step]
-            with open(metrics_path, "w") as f:
-                f.writelines(rows)
-        else:
-            os.remove(metrics_path)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                    **NO_BUFFER_SYNC) if world > 1 and not args.fsdp else None
-    fwd = ddp or model
-    if args.compile:
-        fwd = torch.compile(fwd)
+    forward, sync = distribute(model, args, world, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    progress, stop, metrics = Progress(args, rank, world, device, control, step), StopRequest(), {}
+    progress, stop, metrics = Progress(args, rank, world, device, control, step, ckpt is not None), StopRequest(), {}
     batches = datalib.train_batches(train_data, model.transform(True), args.batch_size, rank, world, args.seed,
                                     args.workers, ckpt.get("data") if ckpt else None, step)
     position = datalib.Position(batches, rank)
@@ -885,7 +892,7 @@ def main(argv=None):
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = train_step(fwd, ddp, model, batch, args.accum, autocast, device, scaler, args.fsdp)
+        loss = train_step(forward, sync, model, batch, args.accum, autocast, device, scaler)
         reduce_scalars(scalars, world)
         if scaler is not None:
             scaler.unscale_(opt)  # clip the true gradients; a step with inf/nan ones is skipped

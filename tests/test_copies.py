@@ -1,94 +1,157 @@
-"""Repository shape: marked copies match their source; model files stand alone; README and CI agree."""
+"""Repository shape: copied regions match their source; model files stand alone and read method-first;
+README and CI agree.
+
+Shared code lives in regions. The source file marks each one
+    # ==== region NAME (copied into a.py, b.py) ====  ...  # ==== end of region NAME ====
+and every file it names carries the same lines, glue included, between
+    # ==== copied from SOURCE.py: NAME (...) ====  ...  # ==== end of copy: NAME ====
+`python tests/test_copies.py --fix` re-copies every region from its source, as transformers'
+`make fix-copies` does: edit the source, run the fixer, commit both.
+"""
 import ast
-import functools
 import os
 import re
+import sys
 
 import pytest
 
 from conftest import ROOT
 
-MODEL_FILES = ["clip.py", "brivl.py", "clippo.py", "altclip.py", "laclip.py"]
-REPO_MODULES = {m[:-3] for m in MODEL_FILES} | {"data", "train"}
-MARK = re.compile(r"^(\s*)# Copied from (\w+\.py): (\w+)\s*$")
+sys.path.insert(0, ROOT)
+from train import MODELS  # noqa: E402  (the one registry of model files)
+
+MODEL_FILES = [f"{m}.py" for m in MODELS]
+REPO_MODULES = set(MODELS) | {"data", "train"}
+SOURCE = re.compile(r"^# ==== region ([\w-]+) \(copied into ([\w., ]+)\) ====\n(.*?)^# ==== end of region \1 ====\n",
+                    re.S | re.M)
+COPY = re.compile(r"^# ==== copied from (\w+\.py): ([\w-]+) \(.*\) ====\n(.*?)^# ==== end of copy: \2 ====\n", re.S | re.M)
+BANNER = re.compile(r"^# ==== (?:region|copied from|end of)", re.M)
+# The class a reader opens each file for, and how far down it may start (the method comes first).
+METHOD_CLASS = {"clip.py": "CLIP", "brivl.py": "BriVL", "clippo.py": "TextRenderer", "altclip.py": "AltCLIP",
+                "laclip.py": "RewriteTransform"}
+METHOD_WITHIN = 300
 
 
-@functools.lru_cache(maxsize=None)
-def named_nodes(source):
-    """(first line incl. decorators, name, text) of every def/class/single-name assignment, outermost first."""
-    lines = source.splitlines()
-    out = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            name = node.name
-        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            name = node.targets[0].id
-        else:
-            continue
-        start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-        out.append((start, name, "\n".join(lines[start - 1:node.end_lineno])))
-    return out
+def read(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
-def definition(source, name):
-    """Source text of the outermost definition called name, or None."""
-    return next((text for _, n, text in named_nodes(source) if n == name), None)
+def regions(source):
+    """{name: (files it is copied into, text)} of the regions a source file marks."""
+    return {m.group(1): ({f.strip() for f in m.group(2).split(",")}, m.group(3)) for m in SOURCE.finditer(source)}
 
 
-def marked_copies(source):
-    """(source file, name, copied text) for each '# Copied from X.py: Name' line in source."""
-    by_start = {start: (name, text) for start, name, text in named_nodes(source)}
-    out = []
-    for i, line in enumerate(source.splitlines(), start=1):
-        m = MARK.match(line)
-        if m:
-            name, text = by_start.get(i + 1, (None, None))
-            out.append((m.group(2), m.group(3), text if name == m.group(3) else None))
-    return out
+def copies(source):
+    """[(source file, region name, text, match)] of the copied regions in a file."""
+    return [(m.group(1), m.group(2), m.group(3), m) for m in COPY.finditer(source)]
 
 
 def check_copies(files):
     problems = []
     for path in files:
-        for src, name, text in marked_copies(open(path, encoding="utf-8").read()):
+        text = read(path)
+        name = os.path.basename(path)
+        banners = len(BANNER.findall(text))
+        if banners != 2 * (len(copies(text)) + len(regions(text))):
+            problems.append(f"{path}: a region or copy banner lacks its partner (or is misspelt)")
+        for src, region, body, _ in copies(text):
             src_path = os.path.join(os.path.dirname(path), src)
             if not os.path.isfile(src_path):
                 problems.append(f"{path}: copied from {src}, which does not exist")
                 continue
-            original = definition(open(src_path, encoding="utf-8").read(), name)
-            if original is None:
-                problems.append(f"{path}: {name} is not defined in {src}")
-            elif text is None or text.strip() != original.strip():
-                problems.append(f"{path}: {name} differs from {src}; copy it again or drop the mark")
+            found = regions(read(src_path)).get(region)
+            if found is None:
+                problems.append(f"{path}: {src} has no region {region}")
+            elif name not in found[0]:
+                problems.append(f"{path}: {src}'s region {region} does not list {name} among its copies")
+            elif found[1] != body:
+                problems.append(f"{path}: region {region} differs from {src}; run python tests/test_copies.py --fix")
+        for region, (users, _) in regions(text).items():
+            for user in sorted(users):
+                user_path = os.path.join(os.path.dirname(path), user)
+                if os.path.isfile(user_path) and (name, region) not in {(s, r) for s, r, _, _ in copies(read(user_path))}:
+                    problems.append(f"{user_path}: lacks region {region} of {name}")
     return problems
+
+
+def fix_copies(files):
+    """Re-copy every copied region from its source; returns the files changed."""
+    changed = []
+    for path in files:
+        text = read(path)
+
+        def fresh(m):
+            src_path = os.path.join(os.path.dirname(path), m.group(1))
+            found = regions(read(src_path)).get(m.group(2)) if os.path.isfile(src_path) else None
+            if found is None:
+                return m.group(0)
+            head, tail = m.group(0).split("\n", 1)[0], m.group(0).rstrip("\n").rsplit("\n", 1)[1]
+            return f"{head}\n{found[1]}{tail}\n"
+
+        new = COPY.sub(fresh, text)
+        if new != text:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(new)
+            changed.append(path)
+    return changed
 
 
 def present(files):
     return [os.path.join(ROOT, f) for f in files if os.path.isfile(os.path.join(ROOT, f))]
 
 
-def test_marked_copies_match_their_source():
+def test_copied_regions_match_their_source():
     files = present(MODEL_FILES + ["data.py", "train.py"])
     assert check_copies(files) == []
-    marks = sum(len(marked_copies(open(f, encoding="utf-8").read())) for f in files)
-    assert marks >= 40 or len(files) == 3  # the model files besides clip.py do carry checked copies
+    if len(files) == len(MODEL_FILES) + 2:
+        assert sum(len(copies(read(f))) for f in files) >= 25  # the copies are really there to be checked
 
 
-def test_checker_catches_a_stale_copy(tmp_path):
-    (tmp_path / "clip.py").write_text("def f(x):\n    return x + 1\n\n\nclass A:\n    pass\n")
-    (tmp_path / "good.py").write_text("# Copied from clip.py: f\ndef f(x):\n    return x + 1\n")
-    (tmp_path / "bad.py").write_text("# Copied from clip.py: f\ndef f(x):\n    return x + 2\n")
-    (tmp_path / "gone.py").write_text("# Copied from clip.py: g\ndef g():\n    pass\n")
-    (tmp_path / "moved.py").write_text("# Copied from clip.py: f\n\ndef f(x):\n    return x + 1\n")
-    assert check_copies([str(tmp_path / "good.py")]) == []
-    assert "differs" in check_copies([str(tmp_path / "bad.py")])[0]
-    assert "not defined" in check_copies([str(tmp_path / "gone.py")])[0]
-    assert "differs" in check_copies([str(tmp_path / "moved.py")])[0]  # a mark must sit right above its copy
+def test_checker_catches_a_stale_copy_and_the_fixer_mends_it(tmp_path):
+    src = ("import os\n\n# ==== region helpers (copied into a.py) ====\ntry:\n    import triton\nexcept ImportError:\n"
+           "    triton = None\n\n\ndef f(x):\n    return x + 1\n# ==== end of region helpers ====\n")
+    (tmp_path / "clip.py").write_text(src)
+    good = "\n\n# ==== copied from clip.py: helpers (edit clip.py) ====\n" + src.split("====\n", 1)[1].split("# ==== end")[0] \
+        + "# ==== end of copy: helpers ====\n"
+    (tmp_path / "a.py").write_text("x = 1\n" + good)
+    assert check_copies([str(tmp_path / "a.py"), str(tmp_path / "clip.py")]) == []
+    # glue outside any definition is compared too
+    (tmp_path / "a.py").write_text("x = 1\n" + good.replace("triton = None", "triton = False"))
+    assert "differs" in check_copies([str(tmp_path / "a.py")])[0]
+    assert fix_copies([str(tmp_path / "a.py")]) == [str(tmp_path / "a.py")]
+    assert check_copies([str(tmp_path / "a.py")]) == [] and (tmp_path / "a.py").read_text() == "x = 1\n" + good
+    (tmp_path / "b.py").write_text(good.replace("helpers", "gone"))
+    assert "no region gone" in check_copies([str(tmp_path / "b.py")])[0]
+    (tmp_path / "c.py").write_text(good)  # a copy the source does not list
+    assert "does not list c.py" in check_copies([str(tmp_path / "c.py")])[0]
+    (tmp_path / "d.py").write_text(good.replace("# ==== end of copy: helpers ====\n", ""))
+    assert "partner" in check_copies([str(tmp_path / "d.py")])[0]
+    (tmp_path / "a.py").write_text("x = 1\n")  # the source lists a.py, which lost its copy
+    assert "lacks region helpers" in check_copies([str(tmp_path / "clip.py")])[0]
+
+
+@pytest.mark.parametrize("path", present(MODEL_FILES))
+def test_model_file_reads_method_first(path):
+    # The method's own class starts near the top; copied regions come last, with nothing of the
+    # file's own between them and at most a few lines (the command-line entry) after them.
+    text = read(path)
+    name = os.path.basename(path)
+    line = next(i for i, l in enumerate(text.splitlines(), 1) if l.startswith(f"class {METHOD_CLASS[name]}"))
+    assert line <= METHOD_WITHIN, f"{name}: class {METHOD_CLASS[name]} starts at line {line}"
+    found = copies(text) + [(None, None, None, m) for m in SOURCE.finditer(text) if m.group(1) == "kernel"]
+    if not found:
+        return
+    spans = sorted(m.span() for *_, m in found)
+    between = "".join(text[a[1]:b[0]] for a, b in zip(spans, spans[1:]))
+    assert not between.strip(), f"{name}: own code between the copied regions: {between.strip()[:80]!r}"
+    after = [l for l in text[spans[-1][1]:].splitlines() if l.strip()]
+    assert len(after) <= 15, f"{name}: {len(after)} lines after the copied regions"
 
 
 @pytest.mark.parametrize("path", present(MODEL_FILES))
 def test_model_file_imports_nothing_from_the_repo(path):
-    tree = ast.parse(open(path, encoding="utf-8").read())
+    tree = ast.parse(read(path))
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -99,43 +162,15 @@ def test_model_file_imports_nothing_from_the_repo(path):
 
 
 def test_ci_runs_the_readme_test_command():
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
+    readme = read(os.path.join(ROOT, "README.md"))
+    ci = read(os.path.join(ROOT, ".ci", "run"))
     commands = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, re.S)
     test_command = commands[1].strip().splitlines()[-1]
     assert "pytest" in test_command and test_command in ci
 
 
-def fix_copies(files):
-    """Re-copy every marked definition from its source (transformers' fix-copies); returns the files changed."""
-    changed = []
-    for path in files:
-        source = open(path, encoding="utf-8").read()
-        lines = source.splitlines(keepends=True)
-        nodes = {start: (name, text) for start, name, text in named_nodes(source)}
-        edits = []  # (first line, last line, new text), applied bottom-up so line numbers stay valid
-        for i, line in enumerate(lines, start=1):
-            m = MARK.match(line.rstrip("\n"))
-            if not m or i + 1 not in nodes or nodes[i + 1][0] != m.group(3):
-                continue
-            src_path = os.path.join(os.path.dirname(path), m.group(2))
-            original = definition(open(src_path, encoding="utf-8").read(), m.group(3)) if os.path.isfile(src_path) else None
-            old = nodes[i + 1][1]
-            if original is not None and original.strip() != old.strip():
-                edits.append((i + 1, i + len(old.splitlines()), original))
-        for first, last, text in sorted(edits, reverse=True):
-            lines[first - 1:last] = [text.rstrip("\n") + "\n"]
-        if edits:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write("".join(lines))
-            changed.append(path)
-    return changed
-
-
 if __name__ == "__main__":
-    import sys
-
     if sys.argv[1:] != ["--fix"]:
-        sys.exit("usage: python tests/test_copies.py --fix   (re-copies every '# Copied from' definition)")
+        sys.exit("usage: python tests/test_copies.py --fix   (re-copies every '# ==== copied from' region)")
     for changed in fix_copies(present(MODEL_FILES + ["data.py", "train.py"])):
-        print(f"re-copied marked definitions in {os.path.relpath(changed, ROOT)}")
+        print(f"re-copied regions in {os.path.relpath(changed, ROOT)}")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import clip
+import laclip
 from conftest import ROOT
 from test_loss import assert_close, features, grads, naive_clip_loss
 
@@ -86,9 +87,9 @@ def test_several_positive_text_sets():
     # LaCLIP-MT: every image is a positive for each of its M texts; the loss is the mean over the sets.
     img, txt = features(30, 16, seed=2)
     _, txt2 = features(30, 16, seed=3)
-    texts = torch.stack([txt, txt2])
+    texts = torch.stack([txt, txt2], dim=1)  # [B, M, D]
     ref = (naive_clip_loss(img, txt, 20.0) + naive_clip_loss(img, txt2, 20.0)) / 2
-    torch.testing.assert_close(clip.contrastive_loss(img, texts, torch.tensor(20.0, dtype=img.dtype)), ref)
+    torch.testing.assert_close(laclip.multi_text_loss(img, texts, torch.tensor(20.0, dtype=img.dtype)), ref)
 
 
 def test_frozen_image_side_gets_no_gradient_and_text_side_is_exact():
