@@ -285,6 +285,7 @@ class BriVL(nn.Module):
         return self
 
     def encode_image(self, images, boxes, box_mask, normalize=False, momentum=False):
+        images = normalize_pixels(images, MEAN, STD)
         x = (self.visual_momentum if momentum else self.visual)(images, boxes, box_mask)
         return F.normalize(x, dim=-1) if normalize else x
 
@@ -382,10 +383,16 @@ def gather(x, group=None):
 
 
 class ImageTransform:
-    """PIL image -> (tensor, boxes [R, 4], box mask [R]). Square resize, no crop; train: colour jitter, grayscale."""
+    """PIL image -> (tensor, boxes [R, 4], box mask [R]). Square resize, no crop; train: colour jitter, grayscale.
 
-    def __init__(self, cfg: Config, train):
+    uint8=True: the default (bicubic) path gives uint8 pixels for the model to normalise on its device,
+    and a JPEG that is not decoded yet is decoded at the smallest scale that keeps the output's
+    resolution (Pillow's draft mode). The official (bilinear) path keeps its float pipeline as it is.
+    """
+
+    def __init__(self, cfg: Config, train, uint8=False):
         self.size, self.grid, self.max_boxes, self.train = cfg.image_size, cfg.grid, cfg.max_boxes, train
+        self.uint8 = uint8 and cfg.resize == "bicubic"
         self.jitter, self.grayscale, self.resize = cfg.jitter, cfg.grayscale, cfg.resize
         self.mean = torch.tensor(MEAN).view(3, 1, 1)
         self.std = torch.tensor(STD).view(3, 1, 1)
@@ -428,8 +435,10 @@ class ImageTransform:
     def __call__(self, img, rng=None, boxes=None):
         from PIL import Image
 
-        img = img.convert("RGB")
         w, h = img.size
+        if self.uint8 and img.format == "JPEG":  # a no-op once decoded, or when the full size is needed
+            img.draft("RGB", (self.size, self.size))
+        img = img.convert("RGB")
         if self.resize == "bilinear":
             # The official pipeline: ToTensor, then torchvision 0.9's tensor resize (bilinear, no antialiasing).
             x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
@@ -445,15 +454,15 @@ class ImageTransform:
             img = self.colour_jitter(img, rng)
         if self.train and rng.random() < self.grayscale:
             img = img.convert("L").convert("RGB")
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-        return ((x - self.mean) / self.std, *self.boxes(boxes, w, h))
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return (x if self.uint8 else normalize_pixels(x, MEAN, STD), *self.boxes(boxes, w, h))
 
 
 class Transform:
     """One sample (image, caption, optional 'boxes') -> model inputs; runs in the loader workers."""
 
     def __init__(self, cfg, tokenizer, train):
-        self.image = ImageTransform(cfg, train)
+        self.image = ImageTransform(cfg, train, uint8=True)
         self.tokenizer = tokenizer
 
     def __call__(self, sample, rng):
@@ -766,6 +775,20 @@ def load(path, device="cpu", image_size=None, tokenizer=None):
                          "BriVL one ('learnable')")
     model.to(device).eval()
     return model, ImageTransform(model.cfg, train=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# `python brivl.py predict`: the query encoder's image features, over the grid's region boxes
+
+
+@torch.no_grad()
+def embed_images(model, preprocess, paths):
+    """[N, D] normalised image features from the query encoder, over the grid's region boxes."""
+    from PIL import Image
+
+    device = next(model.parameters()).device
+    images, boxes, mask = (torch.stack(x).to(device) for x in zip(*(preprocess(Image.open(p)) for p in paths)))
+    return model.encode_image(images, boxes, mask, normalize=True).float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1171,6 +1194,18 @@ def bert_state_dict(sd, prefixes=("bert.", "roberta.")):
 # ==== end of region bert ====
 
 
+# ==== copied from clip.py: normalize-pixels (edit clip.py, then: python tests/test_copies.py --fix) ====
+def normalize_pixels(images, mean, std):
+    """uint8 pixels [..., 3, H, W] -> floats normalised by mean and std, on the pixels' device. Images
+    already in floats are taken as normalised and pass through."""
+    if images.dtype != torch.uint8:
+        return images
+    mean = torch.tensor(mean, device=images.device).view(3, 1, 1)
+    std = torch.tensor(std, device=images.device).view(3, 1, 1)
+    return (images.float().div_(255) - mean) / std
+# ==== end of copy: normalize-pixels ====
+
+
 # ==== copied from clip.py: evaluation (edit clip.py, then: python tests/test_copies.py --fix) ====
 @torch.no_grad()
 def zero_shot_classifier(model, classnames, templates):
@@ -1201,16 +1236,6 @@ def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
 
 # ==== copied from clip.py: predict (edit clip.py, then: python tests/test_copies.py --fix) ====
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-@torch.no_grad()
-def embed_images(model, preprocess, paths):
-    """[N, D] normalised image features for image files."""
-    from PIL import Image
-
-    device = next(model.parameters()).device
-    pixels = torch.stack([preprocess(Image.open(p)) for p in paths]).to(device)
-    return model.encode_image(pixels, normalize=True).float()
 
 
 def predict_main(argv=None):

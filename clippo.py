@@ -335,7 +335,7 @@ class CLIPPO(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
 
     def encode_image(self, images, normalize=False):
-        x = self.visual(images)
+        x = self.visual(normalize_pixels(images, MEAN, STD))
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, rendered, normalize=False):
@@ -390,7 +390,7 @@ def read_text_pairs(path):
 
 
 class Transform:
-    """One sample -> {'image': [3, H, W] in [-1, 1], 'text': uint8 [H, W] rendered caption}.
+    """One sample -> {'image': uint8 [3, H, W], 'text': uint8 [H, W] rendered caption}.
 
     With text pairs, each training sample is replaced with probability pair_ratio by a pair of
     neighbouring sentences (both rendered), drawn from the sample's own rng: the batches stay the
@@ -398,14 +398,14 @@ class Transform:
     """
 
     def __init__(self, image_size, renderer, train, pairs=None, pair_ratio=0.0):
-        self.image = ImageTransform(image_size, train, mean=MEAN, std=STD)
+        self.image = ImageTransform(image_size, train, mean=MEAN, std=STD, uint8=True)
         self.renderer, self.pairs, self.pair_ratio = renderer, pairs if train else None, pair_ratio
 
     def __call__(self, sample, rng):
         if self.pairs and rng.random() < self.pair_ratio:
             a, b = self.pairs[rng.integers(len(self.pairs))]
             rendered = torch.from_numpy(self.renderer([a, b]))
-            return {"image": pixels(rendered[0]), "text": rendered[1]}
+            return {"image": rendered[0].expand(3, *rendered.shape[1:]).clone(), "text": rendered[1]}
         return {"image": self.image(sample["image"], rng), "text": torch.from_numpy(self.renderer(sample["text"])[0])}
 
 
@@ -646,41 +646,68 @@ class _AllReduceSum(torch.autograd.Function):
 
 # ==== copied from clip.py: image-transform (edit clip.py, then: python tests/test_copies.py --fix) ====
 class ImageTransform:
-    """PIL image -> normalised tensor; train: RandomResizedCrop(scale 0.9-1) drawn from the sample's rng."""
+    """PIL image -> 3 x size x size tensor. train: RandomResizedCrop (scale 0.9-1), its box drawn from the
+    sample's rng; otherwise the short side resized to size and the centre cut out (OpenAI's preprocess).
 
-    def __init__(self, size, train, scale=(0.9, 1.0), mean=MEAN, std=STD):
-        self.size, self.train, self.scale = size, train, scale
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
+    uint8=True gives uint8 pixels for the model to normalise on its device (normalize_pixels): train.py's
+    loader ships them, 4x less than float32 between processes, and the float work leaves the loader
+    workers. A JPEG that data.py opened but did not decode yet, much larger than the crop needs, is
+    decoded at 1/2, 1/4 or 1/8 scale by the JPEG decoder itself (Pillow's draft mode, draft=False to
+    turn it off), never below the output's resolution; the crop box is drawn on the full-size image all
+    the same, so the crops do not change, only the pixels, slightly.
+    """
+
+    def __init__(self, size, train, scale=(0.9, 1.0), mean=MEAN, std=STD, uint8=False, draft=True):
+        self.size, self.train, self.scale, self.uint8, self.draft = size, train, scale, uint8, draft
+        self.mean, self.std = mean, std
+
+    def crop_box(self, w, h, rng):
+        for _ in range(10):  # torchvision's RandomResizedCrop rule, with our own rng
+            area = w * h * rng.uniform(*self.scale)
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < cw <= w and 0 < ch <= h:
+                x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                return x0, y0, x0 + cw, y0 + ch
+        side = min(w, h)
+        return (w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side
 
     def __call__(self, img, rng=None):
         from PIL import Image
 
-        img = img.convert("RGB")
         w, h = img.size
         if self.train:
-            box = None
-            for _ in range(10):  # torchvision's RandomResizedCrop rule, with our own rng
-                area = w * h * rng.uniform(*self.scale)
-                ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-                cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-                if 0 < cw <= w and 0 < ch <= h:
-                    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-                    box = (x0, y0, x0 + cw, y0 + ch)
-                    break
-            if box is None:
-                side = min(w, h)
-                box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-            img = img.resize((self.size, self.size), Image.BICUBIC, box=box)
-        else:  # resize the short side, centre crop (OpenAI's preprocess)
+            box = self.crop_box(w, h, rng)
+            need = (w * self.size / (box[2] - box[0]), h * self.size / (box[3] - box[1]))
+        else:
             r = self.size / min(w, h)
-            img = img.resize((max(self.size, round(w * r)), max(self.size, round(h * r))), Image.BICUBIC)
-            w, h = img.size
-            left, top = (w - self.size) // 2, (h - self.size) // 2
+            need = (max(self.size, round(w * r)), max(self.size, round(h * r)))
+        if self.draft and img.format == "JPEG":  # a no-op once decoded, or when the full size is needed
+            img.draft("RGB", (math.ceil(need[0]), math.ceil(need[1])))
+        img = img.convert("RGB")
+        if self.train:
+            fx, fy = img.size[0] / w, img.size[1] / h  # 1 unless drafted
+            img = img.resize((self.size, self.size), Image.BICUBIC, box=(box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy))
+        else:
+            img = img.resize(need, Image.BICUBIC)
+            left, top = (need[0] - self.size) // 2, (need[1] - self.size) // 2
             img = img.crop((left, top, left + self.size, top + self.size))
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-        return (x - self.mean) / self.std
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return x if self.uint8 else normalize_pixels(x, self.mean, self.std)
+
 # ==== end of copy: image-transform ====
+
+
+# ==== copied from clip.py: normalize-pixels (edit clip.py, then: python tests/test_copies.py --fix) ====
+def normalize_pixels(images, mean, std):
+    """uint8 pixels [..., 3, H, W] -> floats normalised by mean and std, on the pixels' device. Images
+    already in floats are taken as normalised and pass through."""
+    if images.dtype != torch.uint8:
+        return images
+    mean = torch.tensor(mean, device=images.device).view(3, 1, 1)
+    std = torch.tensor(std, device=images.device).view(3, 1, 1)
+    return (images.float().div_(255) - mean) / std
+# ==== end of copy: normalize-pixels ====
 
 
 # ==== copied from clip.py: evaluation (edit clip.py, then: python tests/test_copies.py --fix) ====
@@ -711,10 +738,7 @@ def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
 # ==== end of copy: evaluation ====
 
 
-# ==== copied from clip.py: predict (edit clip.py, then: python tests/test_copies.py --fix) ====
-IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
+# ==== copied from clip.py: embed-images (edit clip.py, then: python tests/test_copies.py --fix) ====
 @torch.no_grad()
 def embed_images(model, preprocess, paths):
     """[N, D] normalised image features for image files."""
@@ -723,6 +747,11 @@ def embed_images(model, preprocess, paths):
     device = next(model.parameters()).device
     pixels = torch.stack([preprocess(Image.open(p)) for p in paths]).to(device)
     return model.encode_image(pixels, normalize=True).float()
+# ==== end of copy: embed-images ====
+
+
+# ==== copied from clip.py: predict (edit clip.py, then: python tests/test_copies.py --fix) ====
+IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def predict_main(argv=None):

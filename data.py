@@ -40,6 +40,27 @@ class SampleError(Exception):
         self.reason = reason
 
 
+def open_image(payload, where):
+    """A PIL image of an image file's bytes with only its header read. The model's transform decodes
+    it, and may first ask the JPEG decoder for a smaller version (draft mode) where its crop allows."""
+    try:
+        img = Image.open(io.BytesIO(payload))
+    except Exception as e:
+        raise SampleError("unreadable image", f"{where} ({type(e).__name__}: {e})") from None
+    img.source = where
+    return img
+
+
+def apply(transform, sample, rng, where):
+    """transform(sample, rng). The pixels decode in there, so a truncated or corrupt image fails there:
+    PIL raises OSError (SyntaxError for some PNG damage), which becomes a SampleError naming the file."""
+    try:
+        return transform(sample, rng)
+    except (OSError, SyntaxError) as e:
+        where = getattr(sample.get("image"), "source", where)
+        raise SampleError("unreadable image", f"{where} ({type(e).__name__}: {e})") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # The synthetic default: one coloured shape per image; class = colour x shape (40 classes)
 
@@ -215,13 +236,13 @@ class CsvData:
             raise SampleError("empty caption")
         path = os.path.join(self.root, self.images[index])
         try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")  # decodes now, so a truncated file fails here
+            with open(path, "rb") as f:
+                payload = f.read()
         except FileNotFoundError:
             raise SampleError("missing image", path) from None
-        except Exception as e:
+        except OSError as e:
             raise SampleError("unreadable image", f"{path} ({type(e).__name__}: {e})") from None
-        sample = {"image": img, "text": text}
+        sample = {"image": open_image(payload, path), "text": text}
         if self.rewrites is not None:
             sample["rewrites"] = [r for r in self.rewrites[index] if r.strip()]
         return sample
@@ -363,12 +384,7 @@ def decode_sample(key, group, path):
     ext = next((e for e in IMAGE_EXTS if e in group), None)
     if ext is None:
         raise SampleError("no image", where)
-    try:
-        with Image.open(io.BytesIO(group[ext])) as img:
-            image = img.convert("RGB")
-    except Exception as e:
-        raise SampleError("unreadable image", f"{where}.{ext} ({type(e).__name__}: {e})") from None
-    sample = {"image": image, "text": text}
+    sample = {"image": open_image(group[ext], f"{where}.{ext}"), "text": text}
     if isinstance(meta.get("rewrites"), list):
         sample["rewrites"] = [r for r in meta["rewrites"] if isinstance(r, str) and r.strip()]
     if isinstance(meta.get("texts"), dict):
@@ -481,7 +497,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
                 try:
                     sample = decode_sample(key, group, path)
                     rng = np.random.default_rng([self.seed, epoch, slot, seen, AUGMENT])
-                    out = self.transform(sample, rng)
+                    out = apply(self.transform, sample, rng, f"{path}:{key}")
                 except SampleError as e:
                     skips.append(e.reason)
                     first_error = first_error or str(e)
@@ -606,9 +622,9 @@ class ImageFolder:
     def sample(self, index, rng):
         path, label = self.items[index]
         try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except Exception as e:
+            with open(path, "rb") as f:
+                image = open_image(f.read(), path)
+        except OSError as e:
             raise SampleError("unreadable image", f"{path} ({type(e).__name__}: {e})") from None
         return {"image": image, "text": self.classnames["en"][label], "label": label}
 
@@ -629,7 +645,7 @@ def load_sample(data, transform, index, epoch, seed, skips, notes=None):
         i = (index + t) % len(data)
         try:
             sample = data.sample(i, np.random.default_rng([seed, epoch, i, CAPTION]))
-            out = transform(sample, np.random.default_rng([seed, epoch, i, AUGMENT]))
+            out = apply(transform, sample, np.random.default_rng([seed, epoch, i, AUGMENT]), f"sample {i}")
         except SampleError as e:
             skips.append(e.reason)
             first_error = first_error or f"sample {i}: {e}"
@@ -700,11 +716,12 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def loader(batches, start=0, stop=None, workers=0):
+def loader(batches, start=0, stop=None, workers=0, pin_memory=False):
     """(batch, info) for batches start..stop-1 of a TrainBatches / EvalBatches, each built whole by one
     worker; a ShardBatches streams from where it was set up to start. info: 'skips' and 'notes' (reasons,
-    one per sample), and 'position' (shards) or 'full' (evaluation)."""
-    kw = dict(batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
+    one per sample), and 'position' (shards) or 'full' (evaluation). pin_memory (CUDA): batches land in
+    page-locked memory, so the copies to the GPU can overlap the step (non_blocking)."""
+    kw = dict(batch_size=None, num_workers=workers, worker_init_fn=_worker_init, pin_memory=pin_memory,
               prefetch_factor=4 if workers else None, persistent_workers=False)
     if isinstance(batches, torch.utils.data.IterableDataset):
         return torch.utils.data.DataLoader(batches, **kw)

@@ -871,7 +871,8 @@ def main(argv=None):
     batches = datalib.train_batches(train_data, model.transform(True), args.batch_size, rank, world, args.seed,
                                     args.workers, ckpt.get("data") if ckpt else None, step)
     position = datalib.Position(batches, rank)
-    data_iter = iter(datalib.loader(batches, start=step, stop=args.steps, workers=args.workers))
+    data_iter = iter(datalib.loader(batches, start=step, stop=args.steps, workers=args.workers,
+                                    pin_memory=device.type == "cuda"))
     if rank == 0:
         nparams = sum(p.numel() for p in model.parameters())
         held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())  # FSDP: shards

@@ -1,11 +1,17 @@
-"""Loader throughput from tar shards vs the model's appetite (clip ViT-B-32, 224 px).
+"""Input pipeline throughput per core: today's path against the fast one, side by side in one run.
 
-    python tests/bench_data.py [--images 1024] [--workers 0 1 2] [--device cpu|cuda] [--batch 64]
+    python tests/bench_data.py [--images 512] [--sizes 256 1024] [--workers 1] [--step] [--device cuda]
 
-Writes shards of 224-px JPEGs to a temporary folder, then prints: images/s of one loader worker
-decoding and augmenting them (ShardBatches + clip's train transform), the loader's images/s with N
-worker processes, and the samples/s of one clip ViT-B-32 training step, with the number of workers
-that step rate needs.
+For tar shards of 256-px and 1024-px JPEGs (224-px RandomResizedCrop, clip's train transform) and
+for the embedded synthetic set, the loader's samples/s with N worker processes, divided by N:
+- before:  the pipeline as it was until 2026-11-23: data.py decoded every image in full on reading it,
+           the transform normalised to float32 in the worker, and float32 batches crossed to the
+           main process;
+- now:     data.py reads only the header; the transform asks the JPEG decoder for the smallest
+           version the crop allows (Pillow's draft mode: 1/2, 1/4 or 1/8 scale, in the DCT domain),
+           and ships uint8 pixels that the model normalises on its device.
+The crop boxes are the same on both paths. --step adds the samples/s of one clip ViT-B-32 training
+step on --device and the number of loader workers that rate needs.
 """
 import argparse
 import io
@@ -14,7 +20,6 @@ import sys
 import tarfile
 import tempfile
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -25,15 +30,28 @@ import clip  # noqa: E402
 import data  # noqa: E402
 
 
-def write_shards(root, n, per_shard=256):
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:256, 0:256]
+class Before:
+    """The old path: a full decode as data.py used to do on reading, then float32 out of the worker."""
+
+    def __init__(self, transform):
+        self.transform = transform
+        self.transform.image.uint8, self.transform.image.draft = False, False
+
+    def __call__(self, sample, rng):
+        sample = {**sample, "image": sample["image"].convert("RGB")}
+        return self.transform(sample, rng)
+
+
+def write_shards(root, n, side, per_shard=256):
+    rng = np.random.default_rng(side)
+    yy, xx = np.mgrid[0:side, 0:side]
     for s in range(0, n, per_shard):
         with tarfile.open(os.path.join(root, f"{s // per_shard:05d}.tar"), "w") as tar:
             for i in range(s, min(n, s + per_shard)):
-                # Smooth colour fields plus noise: JPEGs of a realistic size (~20-30 KB).
+                # Smooth colour fields plus noise: JPEGs of a realistic size.
                 c = rng.uniform(0, 255, (3, 3))
-                img = (c[:, 0] + c[:, 1] * np.sin(xx[..., None] / 17 + c[:, 2]) * 0.4 + rng.normal(0, 20, (256, 256, 3)))
+                img = (c[:, 0] + c[:, 1] * np.sin(xx[..., None] / (side / 15) + c[:, 2]) * 0.4 + 0 * yy[..., None]
+                       + rng.normal(0, 20, (side, side, 3)))
                 buf = io.BytesIO()
                 Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
                 for ext, payload in (("jpg", buf.getvalue()), ("txt", f"picture number {i}".encode())):
@@ -42,8 +60,7 @@ def write_shards(root, n, per_shard=256):
                     tar.addfile(info, io.BytesIO(payload))
 
 
-def loader_rate(shards, transform, batch, workers, images):
-    batches = data.ShardBatches(shards, transform, batch, workers=workers)
+def loader_rate(batches, workers, images):
     it = iter(data.loader(batches, workers=workers))
     next(it)  # start-up (worker processes, first shard) is not throughput
     start, n = time.perf_counter(), 0
@@ -54,44 +71,57 @@ def loader_rate(shards, transform, batch, workers, images):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=1024)
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--images", type=int, default=512, help="images timed per path and size")
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
+    p.add_argument("--workers", type=int, default=1, help="loader worker processes (one core each)")
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--step", action="store_true", help="also time a clip ViT-B-32 training step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as root:
-        write_shards(root, args.images)
-        shards = data.Shards(root, buffer=500)
-        model = clip.create(SimpleNamespace(size="ViT-B-32", tokenizer=None, quick_gelu=False), ["picture number 1"])
-        transform = model.transform(True)
-        print(f"{args.images} JPEGs of 256 px -> 224 px RandomResizedCrop, clip's train transform")
-        for w in args.workers:
-            rate = loader_rate(shards, transform, args.batch, w, args.images)
-            label = "in the main process" if w == 0 else f"{w} worker process(es)"
-            print(f"loader, {label}: {rate:,.0f} images/s" + (f" ({rate / max(1, w):,.0f} per worker)" if w else ""))
-        torch.set_num_threads(os.cpu_count() or 1)
-        device = torch.device(args.device)
-        model.to(device).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        batch, _ = next(iter(data.loader(data.ShardBatches(shards, transform, args.batch), workers=0)))
-        batch = {k: v.to(device) for k, v in batch.items()}
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-        times = []
-        for _ in range(4):
-            start = time.perf_counter()
-            with autocast:
-                loss = model.loss(model(batch))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        step_rate = args.batch / min(times[1:])
-        single = loader_rate(shards, transform, args.batch, 0, args.images // 2)
-        print(f"clip ViT-B-32 training step on {device}: {step_rate:,.0f} samples/s; at {single:,.0f} images/s per "
-              f"worker it needs {step_rate / single:.1f} loader workers")
+    model = clip.build("ViT-B-32", captions=["picture number 1"])
+    cores = max(1, args.workers)
+    print(f"{args.workers} loader worker(s); samples/s per core (a worker process is one core)")
+    rates = {}
+    for side in args.sizes:
+        with tempfile.TemporaryDirectory() as root:
+            write_shards(root, args.images + 2 * args.batch, side)
+            shards = data.Shards(root, buffer=500)
+            for name, transform in (("before", Before(model.transform(True))), ("now", model.transform(True))):
+                batches = data.ShardBatches(shards, transform, args.batch, workers=args.workers)
+                rates[side, name] = loader_rate(batches, args.workers, args.images) / cores
+            print(f"{side:5d}-px JPEG shards: before {rates[side, 'before']:7,.0f}/s   now {rates[side, 'now']:7,.0f}/s"
+                  f"   {rates[side, 'now'] / rates[side, 'before']:4.2f}x", flush=True)
+    synthetic = data.Synthetic()
+    for name, transform in (("before", Before(model.transform(True))), ("now", model.transform(True))):
+        rates["synthetic", name] = loader_rate(data.TrainBatches(synthetic, transform, args.batch), args.workers,
+                                               args.images) / cores
+    print(f"synthetic (64 px -> 224): before {rates['synthetic', 'before']:7,.0f}/s   now "
+          f"{rates['synthetic', 'now']:7,.0f}/s   {rates['synthetic', 'now'] / rates['synthetic', 'before']:4.2f}x")
+    if not args.step:
+        return
+    torch.set_num_threads(os.cpu_count() or 1)
+    device = torch.device(args.device)
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch, _ = next(iter(data.loader(data.TrainBatches(synthetic, model.transform(True), args.batch), workers=0)))
+    batch = {k: v.to(device) for k, v in batch.items() if k != "label"}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    times = []
+    for _ in range(4):
+        start = time.perf_counter()
+        with autocast:
+            loss = model.loss(model(batch))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    step_rate = args.batch / min(times[1:])
+    print(f"clip ViT-B-32 training step on {device}: {step_rate:,.0f} samples/s; cores it needs, now: "
+          + ", ".join(f"{k if isinstance(k, str) else f'{k}-px'} {step_rate / rates[k, 'now']:.1f}"
+                      for k in [*args.sizes, "synthetic"]))
 
 
 if __name__ == "__main__":

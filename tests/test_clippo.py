@@ -231,7 +231,10 @@ def test_text_pairs(tmp_path):
     always = clippo.Transform(48, renderer, True, pairs, 1.0)
     out = always(sample, np.random.default_rng(0))
     a, b = next(p for p in pairs if torch.equal(out["text"], torch.from_numpy(renderer(p[1])[0])))
-    assert torch.equal(out["image"], clippo.pixels(torch.from_numpy(renderer(a)[0])))
+    rendered = torch.from_numpy(renderer(a)[0])
+    assert out["image"].dtype == torch.uint8 and torch.equal(out["image"], rendered.expand(3, 48, 48))
+    # the model normalises shipped pixels as the text side's pixels(): [-1, 1]
+    torch.testing.assert_close(clippo.normalize_pixels(out["image"], clippo.MEAN, clippo.STD), clippo.pixels(rendered))
     quarter = clippo.Transform(48, renderer, True, pairs, 0.25)
     caption = torch.from_numpy(renderer("a caption")[0])
     n_pairs = sum(not torch.equal(quarter(sample, np.random.default_rng(i))["text"], caption) for i in range(400))
