@@ -33,6 +33,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -100,8 +101,6 @@ CONFIGS = {
 
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet's normalisation, which the torchvision backbones expect
-
-
 STD = (0.229, 0.224, 0.225)
 
 
@@ -1317,11 +1316,7 @@ except ImportError:
 
 
 BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
-
-
 WORKSPACE = 2 ** 27  # elements of the Triton backward's G chunk, or 4 k d if larger: memory stays O(B D)
-
-
 _NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
 
 

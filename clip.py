@@ -40,6 +40,7 @@ import re
 import unicodedata
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -53,8 +54,6 @@ import torch.nn.functional as F
 
 # ==== region config (copied into laclip.py) ====
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's normalisation, used by every CLIP checkpoint
-
-
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -1079,11 +1078,7 @@ def bytes_to_unicode():
 
 # OpenAI's pre-tokenizer pattern (simple_tokenizer.py): contractions, letter runs, single digits, punctuation.
 CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-
-
 SOT = "<|startoftext|>"
-
-
 EOT = "<|endoftext|>"
 
 
@@ -1254,11 +1249,7 @@ except ImportError:
 
 
 BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
-
-
 WORKSPACE = 2 ** 27  # elements of the Triton backward's G chunk, or 4 k d if larger: memory stays O(B D)
-
-
 _NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
 
 

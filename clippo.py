@@ -28,6 +28,7 @@ import os
 import unicodedata
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -65,8 +66,6 @@ CONFIGS = {
 
 # Images and rendered text both enter the ViT in [-1, 1] (big_vision's value_range(-1, 1)).
 MEAN = (0.5, 0.5, 0.5)
-
-
 STD = (0.5, 0.5, 0.5)
 
 
@@ -851,11 +850,7 @@ except ImportError:
 
 
 BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
-
-
 WORKSPACE = 2 ** 27  # elements of the Triton backward's G chunk, or 4 k d if larger: memory stays O(B D)
-
-
 _NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
 
 

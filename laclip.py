@@ -29,6 +29,7 @@ import re
 import unicodedata
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -151,8 +152,6 @@ def create(args, captions=(), extra=None):
 
 
 PROMPT_HEAD = "write image captions differently,"
-
-
 # Our own pool of 16 meta pairs (the paper's pairs came from chatbots and humans; any will do).
 META_PAIRS = [
     ("a dog running on the beach", "a happy dog sprints along the sandy shore at low tide"),
@@ -299,8 +298,6 @@ def rewrite_main(argv=None):
 
 # ==== copied from clip.py: config (edit clip.py, then: python tests/test_copies.py --fix) ====
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's normalisation, used by every CLIP checkpoint
-
-
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -1256,11 +1253,7 @@ def bytes_to_unicode():
 
 # OpenAI's pre-tokenizer pattern (simple_tokenizer.py): contractions, letter runs, single digits, punctuation.
 CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-
-
 SOT = "<|startoftext|>"
-
-
 EOT = "<|endoftext|>"
 
 
@@ -1427,11 +1420,7 @@ except ImportError:
 
 
 BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
-
-
 WORKSPACE = 2 ** 27  # elements of the Triton backward's G chunk, or 4 k d if larger: memory stays O(B D)
-
-
 _NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
 
 

@@ -1,19 +1,21 @@
-"""Decode + RandomResizedCrop to 224 px on one core, per path: today's Pillow path against candidates
-for a faster CPU path (issue #21's groundwork).
+"""Decode + RandomResizedCrop to 224 px on one core, per path: the old Pillow path against candidates
+for a faster CPU path and the path training now takes.
 
     .venv/bin/python tests/bench_decode.py [--n 200] [--sizes 256 1024]
 
 Paths, each from the JPEG's bytes to a 3 x 224 x 224 tensor, with the same crop box drawn from the
 same rng (torchvision's RandomResizedCrop rule, scale 0.9-1, as clip.py's ImageTransform):
-- pillow:        today's path: data.py's decode (Image.open + convert) then clip's ImageTransform
-                 (Pillow bicubic resize of the box, float normalisation);
+- pillow:        the old path: a full decode (Image.open + convert, as data.py did on reading), Pillow's
+                 bicubic resize of the box, float normalisation;
 - pillow-draft:  Pillow with draft mode (the JPEG decoder scales by 1/2, 1/4 or 1/8 in the DCT domain,
                  never below what the crop needs), bicubic resize, uint8 out;
 - tv-io:         torchvision.io.decode_jpeg (libjpeg-turbo) to a uint8 tensor, crop, antialiased
                  bicubic interpolate, uint8 out;
-- tv-io+pillow:  torchvision.io.decode_jpeg, then Pillow's bicubic resize of the box, uint8 out.
-It prints images/s on one thread (the best of three passes) and the ratio to today's path, and the largest pixel difference from
-today's path (0-255 scale) so a faster path's error is in view.
+- tv-io+pillow:  torchvision.io.decode_jpeg, then Pillow's bicubic resize of the box, uint8 out;
+- now:           the training path since 2026-11-23: clip.ImageTransform(uint8=True) on data.py's
+                 header-only image (draft where the crop allows, torch's antialiased bicubic downscale).
+It prints images/s on one thread (the best of three passes) and the ratio to the old path, and the largest pixel difference from
+the old path (0-255 scale) so a faster path's error is in view.
 """
 import argparse
 import io
@@ -62,9 +64,15 @@ MEAN, STD = torch.tensor(clip.MEAN).view(3, 1, 1), torch.tensor(clip.STD).view(3
 
 
 def pillow(payload, i, transform):
-    sample = data.decode_sample(str(i), {"jpg": payload, "txt": b"x"}, "bench")
-    x = transform(sample["image"], np.random.default_rng(i))
+    img = Image.open(io.BytesIO(payload)).convert("RGB")  # data.py decoded in full on reading, until 2026-11-23
+    img = img.resize((224, 224), Image.BICUBIC, box=crop_box(*img.size, np.random.default_rng(i)))
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+    x = (x - MEAN) / STD
     return (x * STD + MEAN).mul(255)  # back to 0-255 for the comparison (not timed separately: tiny)
+
+
+def now(payload, i, transform):
+    return transform(data.open_image(payload, "bench"), np.random.default_rng(i))
 
 
 def pillow_draft(payload, i, size=224):
@@ -119,9 +127,9 @@ def main():
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
     args = p.parse_args()
     torch.set_num_threads(1)
-    transform = clip.ImageTransform(224, train=True)
+    transform = clip.ImageTransform(224, train=True, uint8=True)
     paths = {"pillow": lambda b, i: pillow(b, i, transform), "pillow-draft": pillow_draft, "tv-io": tv_io,
-             "tv-io+pillow": tv_io_pillow}
+             "tv-io+pillow": tv_io_pillow, "now": lambda b, i: now(b, i, transform)}
     import PIL
     import torchvision
 
