@@ -47,18 +47,7 @@ def jpegs(n, side, seed=0):
     return out
 
 
-def crop_box(w, h, rng, scale=(0.9, 1.0)):
-    # clip.py's ImageTransform rule (torchvision's RandomResizedCrop), drawn the same way
-    for _ in range(10):
-        area = w * h * rng.uniform(*scale)
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-        if 0 < cw <= w and 0 < ch <= h:
-            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            return x0, y0, x0 + cw, y0 + ch
-    side = min(w, h)
-    return (w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side
-
+crop_box = clip.ImageTransform(224, train=True).crop_box  # clip.py's rule: torchvision's RandomResizedCrop
 
 MEAN, STD = torch.tensor(clip.MEAN).view(3, 1, 1), torch.tensor(clip.STD).view(3, 1, 1)
 
