@@ -22,45 +22,31 @@ import tarfile
 import tempfile
 import time
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import clip  # noqa: E402
 import data  # noqa: E402
+from bench_decode import jpegs, old_path  # noqa: E402
 
 
 class Before:
-    """The old path, as it was: a full decode on reading (data.py did that), Pillow's bicubic resize of the
-    crop box, float32 normalised in the worker and shipped as float32."""
+    """The old path (bench_decode.old_path), then float32 batches out of the worker."""
 
     def __init__(self, transform):
-        self.image, self.tokenizer = transform.image, transform.tokenizer
+        self.size, self.tokenizer = transform.image.size, transform.tokenizer
 
     def __call__(self, sample, rng):
-        img = sample["image"].convert("RGB")
-        w, h = img.size
-        size = self.image.size
-        img = img.resize((size, size), Image.BICUBIC, box=self.image.crop_box(w, h, rng))
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-        x = (x - torch.tensor(self.image.mean).view(3, 1, 1)) / torch.tensor(self.image.std).view(3, 1, 1)
-        return {"image": x, "text": self.tokenizer([sample["text"]])[0]}
+        return {"image": old_path(sample["image"], rng, self.size), "text": self.tokenizer([sample["text"]])[0]}
 
 
 def write_shards(root, n, side, per_shard=256):
-    rng = np.random.default_rng(side)
-    yy, xx = np.mgrid[0:side, 0:side]
+    payloads = jpegs(n, side, seed=side)
     for s in range(0, n, per_shard):
         with tarfile.open(os.path.join(root, f"{s // per_shard:05d}.tar"), "w") as tar:
             for i in range(s, min(n, s + per_shard)):
-                # Smooth colour fields plus noise: JPEGs of a realistic size.
-                c = rng.uniform(0, 255, (3, 3))
-                img = (c[:, 0] + c[:, 1] * np.sin(xx[..., None] / (side / 15) + c[:, 2]) * 0.4 + 0 * yy[..., None]
-                       + rng.normal(0, 20, (side, side, 3)))
-                buf = io.BytesIO()
-                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
-                for ext, payload in (("jpg", buf.getvalue()), ("txt", f"picture number {i}".encode())):
+                for ext, payload in (("jpg", payloads[i]), ("txt", f"picture number {i}".encode())):
                     info = tarfile.TarInfo(f"{i:09d}.{ext}")
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))

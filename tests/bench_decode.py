@@ -52,11 +52,17 @@ crop_box = clip.ImageTransform(224, train=True).crop_box  # clip.py's rule: torc
 MEAN, STD = torch.tensor(clip.MEAN).view(3, 1, 1), torch.tensor(clip.STD).view(3, 1, 1)
 
 
-def pillow(payload, i, transform):
-    img = Image.open(io.BytesIO(payload)).convert("RGB")  # data.py decoded in full on reading, until 2026-11-23
-    img = img.resize((224, 224), Image.BICUBIC, box=crop_box(*img.size, np.random.default_rng(i)))
+def old_path(img, rng, size=224):
+    """The training path until 2026-11-23: a full decode (data.py did it on reading), Pillow's bicubic
+    resize of the crop box, float32 normalised in the worker."""
+    img = img.convert("RGB")
+    img = img.resize((size, size), Image.BICUBIC, box=crop_box(*img.size, rng))
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-    x = (x - MEAN) / STD
+    return (x - MEAN) / STD
+
+
+def pillow(payload, i, transform):
+    x = old_path(Image.open(io.BytesIO(payload)), np.random.default_rng(i))
     return (x * STD + MEAN).mul(255)  # back to 0-255 for the comparison (not timed separately: tiny)
 
 

@@ -1,6 +1,5 @@
 """Every model in train.py's registry implements the interface train.py relies on, and builds from
 keywords (build) exactly as train.py's create(args) does."""
-import argparse
 import importlib
 
 import numpy as np
@@ -9,6 +8,7 @@ import torch
 
 import clip
 import data
+import train
 from train import MODELS
 
 MODULE_FUNCTIONS = ("add_args", "create", "build", "load", "zero_shot_classifier", "retrieval_metrics", "predict_main")
@@ -17,13 +17,9 @@ CAPTIONS = [c for i in range(40) for c in data.Synthetic().captions(i)[0]]
 
 
 def parsed(name, *flags):
+    """The model's module and train.py's own parse of its flags."""
     module = importlib.import_module(name)
-    p = argparse.ArgumentParser()
-    p.add_argument("--size", default="tiny")
-    p.add_argument("--init", default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    module.add_args(p)
-    return module, p.parse_args(list(flags))
+    return module, train.build_parser(module).parse_args(["--model", name, "--batch-size", "8", *flags])
 
 
 @pytest.mark.parametrize("name", MODELS)
