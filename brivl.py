@@ -328,7 +328,10 @@ class BriVL(nn.Module):
             for pq, pk in zip(query.parameters(), key.parameters()):
                 pk.lerp_(pq.detach(), 1 - self.cfg.momentum)
 
-    def transform(self, train):
+    def transform(self, train, gpu_decode=False):
+        if gpu_decode:  # its colour jitter and grayscale run in Pillow, after the decode
+            raise ValueError("brivl does not decode on the GPU (its augmentation runs in Pillow in the loader "
+                             "workers); train it without --gpu-decode")
         return Transform(self.cfg, self.tokenizer, train)
 
     def encode_texts(self, texts):

@@ -353,8 +353,8 @@ class CLIPPO(nn.Module):
     def after_step(self):
         self.logit_scale.clamp_(0, math.log(100))
 
-    def transform(self, train):
-        return Transform(self.cfg.image_size, self.renderer, train, self.pairs, self.pair_ratio)
+    def transform(self, train, gpu_decode=False):
+        return Transform(self.cfg.image_size, self.renderer, train, self.pairs, self.pair_ratio, gpu_decode)
 
     def encode_texts(self, texts):
         rendered = torch.from_numpy(self.renderer(list(texts))).to(self.logit_scale.device)
@@ -396,8 +396,8 @@ class Transform:
     same for any number of ranks and workers.
     """
 
-    def __init__(self, image_size, renderer, train, pairs=None, pair_ratio=0.0):
-        self.image = ImageTransform(image_size, train, mean=MEAN, std=STD, uint8=True)
+    def __init__(self, image_size, renderer, train, pairs=None, pair_ratio=0.0, gpu_decode=False):
+        self.image = ImageTransform(image_size, train, mean=MEAN, std=STD, uint8=True, defer=gpu_decode)
         self.renderer, self.pairs, self.pair_ratio = renderer, pairs if train else None, pair_ratio
 
     def __call__(self, sample, rng):
@@ -406,6 +406,10 @@ class Transform:
             rendered = torch.from_numpy(self.renderer([a, b]))
             return {"image": rendered[0].expand(3, *rendered.shape[1:]).clone(), "text": rendered[1]}
         return {"image": self.image(sample["image"], rng), "text": torch.from_numpy(self.renderer(sample["text"])[0])}
+
+    def finish(self, batch, device, notes=None):
+        """The loader's batch on the device (under --gpu-decode its JPEGs are decoded there)."""
+        return to_device(batch, device, self.image, notes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -655,11 +659,17 @@ class ImageTransform:
     turn it off), never below the output's resolution; the crop box is drawn on the full-size image all
     the same, so the crops do not change, only the pixels, slightly. Images decoded from a file are
     downscaled by torch (resize_box), the rest by Pillow.
+
+    defer=True (train.py --gpu-decode) leaves an RGB or grayscale JPEG file undecoded: the transform
+    draws its box as above and returns {"jpeg": the file's bytes, "box", "out"}, and finish() decodes
+    the batch's JPEGs on the training device (nvjpeg on CUDA) at full size, crops and resizes them
+    there. Other images, and JPEGs without their end marker (truncated: decoding them here fails, so
+    the loader skips them as on the CPU path), are decoded here as usual.
     """
 
-    def __init__(self, size, train, scale=(0.9, 1.0), mean=MEAN, std=STD, uint8=False, draft=True):
+    def __init__(self, size, train, scale=(0.9, 1.0), mean=MEAN, std=STD, uint8=False, draft=True, defer=False):
         self.size, self.train, self.scale, self.uint8, self.draft = size, train, scale, uint8, draft
-        self.mean, self.std = mean, std
+        self.mean, self.std, self.defer = mean, std, defer
 
     def crop_box(self, w, h, rng):
         for _ in range(10):  # torchvision's RandomResizedCrop rule, with our own rng
@@ -681,6 +691,9 @@ class ImageTransform:
             r = self.size / min(w, h)
             box, out = (0, 0, w, h), (max(self.size, round(w * r)), max(self.size, round(h * r)))
             need = out
+        if self.defer and deferrable(img):
+            jpeg = torch.from_numpy(np.frombuffer(img.encoded, dtype=np.uint8).copy())
+            return {"jpeg": jpeg, "box": torch.tensor(box), "out": torch.tensor(out)}
         if self.draft and img.format == "JPEG":  # a no-op once decoded, or when the full size is needed
             img.draft("RGB", (math.ceil(need[0]), math.ceil(need[1])))
         from_file = img.format is not None
@@ -694,6 +707,93 @@ class ImageTransform:
             x = x[:, top:top + self.size, left:left + self.size]
         return x if self.uint8 else normalize_pixels(x, self.mean, self.std)
 
+    def finish(self, images, device, notes=None):
+        """uint8 [B, 3, size, size] on the device from a batch's list of ready pixels and deferred JPEGs.
+
+        The JPEGs decode together on the device (torchvision.io.decode_jpeg: nvjpeg on CUDA,
+        libjpeg-turbo on the CPU); each crop is then resized there with the antialiased bicubic of
+        resize_box. A JPEG the device decoder refuses is decoded by Pillow instead; one that Pillow
+        cannot read either (damaged inside, its end marker intact) becomes a black image, counted in
+        notes: the batch keeps its size, as every rank's must."""
+        out = torch.empty(len(images), 3, self.size, self.size, dtype=torch.uint8, device=device)
+        deferred = [i for i, x in enumerate(images) if isinstance(x, dict)]
+        for i, x in enumerate(images):
+            if not isinstance(x, dict):
+                out[i] = x.to(device, non_blocking=True)
+        for i, pixels in zip(deferred, decode_jpegs([images[i]["jpeg"] for i in deferred], device)):
+            box, size = images[i]["box"].tolist(), images[i]["out"].tolist()
+            if pixels is None:
+                pixels = decode_with_pillow(images[i]["jpeg"], device)
+            if pixels is None:
+                pixels = torch.zeros(3, box[3], box[2], dtype=torch.uint8, device=device)
+                if notes is not None:
+                    notes.append("unreadable image on the device: a black image in its place")
+            x = resize_pixels(pixels[:, box[1]:box[3], box[0]:box[2]], size)
+            left, top = (size[0] - self.size) // 2, (size[1] - self.size) // 2
+            out[i] = x[:, top:top + self.size, left:left + self.size]
+        return out
+
+
+def deferrable(img):
+    """A JPEG file opened but not decoded yet (tile set), in a mode every decoder reads, with its end marker."""
+    data = getattr(img, "encoded", None)
+    return (img.format == "JPEG" and img.mode in ("RGB", "L") and bool(getattr(img, "tile", None))
+            and data is not None and data.rstrip(b"\0")[-2:] == b"\xff\xd9")
+
+
+def decode_with_pillow(jpeg, device):
+    """RGB uint8 [3, H, W] on the device from a JPEG's bytes (a 1-D uint8 tensor), or None."""
+    import io
+
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(jpeg.numpy().tobytes())).convert("RGB")
+    except (OSError, SyntaxError):
+        return None
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).to(device)
+
+
+def decode_jpegs(jpegs, device):
+    """RGB uint8 [3, H, W] on the device per JPEG (1-D uint8 CPU tensors), None where one fails."""
+    if not jpegs:
+        return []
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
+        try:
+            return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one bad file fails the batch: decode them one by one
+            decoded = []
+            for jpeg in jpegs:
+                try:
+                    decoded.append(decode_jpeg(jpeg, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    decoded.append(None)
+            return decoded
+
+
+def resize_pixels(x, out):
+    """uint8 [3, h, w] -> uint8 [3, H, W] for out = (W, H), antialiased bicubic (Pillow's kernel) on x's
+    device: on uint8 channels-last on the CPU, as resize_box; in float32, then rounded, elsewhere."""
+    x = x[None].contiguous(memory_format=torch.channels_last)
+    if x.device.type == "cpu":
+        return F.interpolate(x, size=(out[1], out[0]), mode="bicubic", antialias=True)[0]
+    y = F.interpolate(x.float(), size=(out[1], out[0]), mode="bicubic", antialias=True)
+    return y.round_().clamp_(0, 255).to(torch.uint8)[0]
+
+
+def to_device(batch, device, image=None, notes=None):
+    """A loader batch on the device; a list under 'image' (deferred JPEGs) is finished by the image
+    transform there."""
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "image" or isinstance(v, torch.Tensor)}
+    if "image" in batch and not isinstance(batch["image"], torch.Tensor):
+        out["image"] = image.finish(batch["image"], device, notes)
+    return out
+
 
 def resize_box(img, box, out, fast=True):
     """uint8 [3, H, W]: the box (x0, y0, x1, y1) of an RGB PIL image, bicubic-resized to out = (W, H).
@@ -706,10 +806,7 @@ def resize_box(img, box, out, fast=True):
     whole = all(float(c).is_integer() for c in box)
     if fast and whole and box[2] - box[0] >= out[0] and box[3] - box[1] >= out[1]:
         x0, y0, x1, y1 = (int(c) for c in box)
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[None, :, y0:y1, x0:x1]
-        x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(out[1], out[0]), mode="bicubic",
-                          antialias=True)
-        return x[0]
+        return resize_pixels(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[:, y0:y1, x0:x1], out)
     img = img.resize(out, Image.BICUBIC, box=box)
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 # ==== end of copy: image-transform ====

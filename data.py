@@ -42,12 +42,13 @@ class SampleError(Exception):
 
 def open_image(payload, where):
     """A PIL image of an image file's bytes with only its header read. The model's transform decodes
-    it, and may first ask the JPEG decoder for a smaller version (draft mode) where its crop allows."""
+    it, and may first ask the JPEG decoder for a smaller version (draft mode) where its crop allows,
+    or hand the file's bytes (img.encoded) on to be decoded on the GPU (--gpu-decode)."""
     try:
         img = Image.open(io.BytesIO(payload))
     except Exception as e:
         raise SampleError("unreadable image", f"{where} ({type(e).__name__}: {e})") from None
-    img.source = where
+    img.source, img.encoded = where, payload
     return img
 
 
@@ -660,7 +661,13 @@ def load_sample(data, transform, index, epoch, seed, skips, notes=None):
 
 
 def collate(items):
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    """Each key's tensors stacked. A key with other values stays a list: under --gpu-decode, images the
+    transform left encoded (for the model's transform to decode on the device) among ready pixels."""
+    out = {}
+    for k in items[0]:
+        values = [it[k] for it in items]
+        out[k] = torch.stack(values) if all(isinstance(v, torch.Tensor) for v in values) else values
+    return out
 
 
 class TrainBatches(torch.utils.data.Dataset):

@@ -78,6 +78,10 @@ def build_parser(model):
                         "stays the record")
     p.add_argument("--workers", type=int, default=None,
                    help="loader worker processes per rank (default: the cores left after 2 per rank, at most 8)")
+    p.add_argument("--gpu-decode", action="store_true",
+                   help="decode training JPEGs on the training device (nvjpeg on CUDA; on a CPU run, the CPU): "
+                        "loader workers only read the files and draw the crop boxes, the main process decodes, "
+                        "crops and resizes each batch there")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16: autocast with a gradient scaler (V100, T4)")
@@ -868,7 +872,8 @@ def main(argv=None):
     forward, sync = distribute(model, args, world, device)
     params = [p for p in model.parameters() if p.requires_grad]
     progress, stop, metrics = Progress(args, rank, world, device, control, step, ckpt is not None), StopRequest(), {}
-    batches = datalib.train_batches(train_data, model.transform(True), args.batch_size, rank, world, args.seed,
+    transform = model.transform(True, gpu_decode=True) if args.gpu_decode else model.transform(True)
+    batches = datalib.train_batches(train_data, transform, args.batch_size, rank, world, args.seed,
                                     args.workers, ckpt.get("data") if ckpt else None, step)
     position = datalib.Position(batches, rank)
     data_iter = iter(datalib.loader(batches, start=step, stop=args.steps, workers=args.workers,
@@ -885,10 +890,13 @@ def main(argv=None):
     while step < args.steps:
         # the next batch (and what the loader skipped to make it)
         batch, info = next(data_iter)
+        batch.pop("label", None)
+        if args.gpu_decode:  # the JPEGs the workers left encoded are decoded on the device
+            batch = transform.finish(batch, device, info["notes"])
+        else:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         progress.count(info)
         position.update(info)
-        batch.pop("label", None)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         # forward, backward over the global batch, optimizer step
         lr = lr_at(step, args)
         for g in opt.param_groups:

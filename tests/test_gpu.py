@@ -1,4 +1,9 @@
-"""CUDA-only checks (skipped without a GPU): the Triton kernels in bf16/fp32 and a bf16 training step."""
+"""CUDA-only checks (skipped without a GPU): the Triton kernels in bf16/fp32, a bf16 training step, and
+--gpu-decode (nvjpeg)."""
+import json
+import math
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -76,3 +81,30 @@ def test_bf16_training_step_on_cuda(tmp_path):
     metrics = train.main(["--steps", "5", "--batch-size", "32", "--out", str(tmp_path), "--workers", "0",
                           "--val-size", "64", "--device", "cuda"])
     assert "zeroshot_top1" in metrics
+
+
+@cuda
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_nvjpeg_decode_stays_within_the_bounds_of_the_worker_path(train_mode):
+    # --gpu-decode on CUDA: nvjpeg and a float resample against the CPU decode of the same boxes
+    # (tests/test_pipeline.py pins the boxes and the resampler there).
+    from test_pipeline import DRAFT_MAX, DRAFT_MEAN, deferred_and_finished, picture
+
+    for side, seed in ((256, 0), (700, 1), (1024, 2)):
+        payload = picture(side, seed)
+        gpu = deferred_and_finished(payload, train_mode, seed, device="cuda")
+        assert gpu.is_cuda and gpu.dtype == torch.uint8
+        diff = (gpu.cpu().float() - deferred_and_finished(payload, train_mode, seed).float()).abs()
+        assert diff.max() <= DRAFT_MAX and diff.mean() <= DRAFT_MEAN, (side, diff.max(), diff.mean())
+
+
+@cuda
+def test_gpu_decode_trains_on_shards(tmp_path):
+    from test_shards import make_shards
+
+    make_shards(tmp_path / "train", 2, 40, truncated={3})
+    out = str(tmp_path / "run")
+    train.main(["--data", f"{tmp_path}/train/{{00000..00001}}.tar", "--steps", "4", "--batch-size", "16",
+                "--workers", "2", "--out", out, "--device", "cuda", "--gpu-decode", "--log-every", "1"])
+    rows = [json.loads(r) for r in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)

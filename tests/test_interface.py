@@ -1,6 +1,7 @@
 """Every model in train.py's registry implements the interface train.py relies on, and builds from
 keywords (build) exactly as train.py's create(args) does."""
 import importlib
+import io
 
 import numpy as np
 import pytest
@@ -39,6 +40,20 @@ def test_registered_model_has_the_interface(name):
     assert loss.dim() == 0 and torch.isfinite(loss)
     blocks, towers = model.shard_units()
     assert blocks and towers
+    # --gpu-decode: the transform leaves JPEG files encoded and its finish() decodes them on the device
+    if name == "brivl":
+        with pytest.raises(ValueError, match="without --gpu-decode"):
+            model.transform(True, gpu_decode=True)
+        return
+    buf = io.BytesIO()
+    sample["image"].save(buf, format="JPEG")
+    transform = model.transform(True, gpu_decode=True)
+    items = [transform(dict(sample, image=data.open_image(buf.getvalue(), "x.jpg")), np.random.default_rng(i))
+             for i in range(4)]
+    assert all(isinstance(it["image"], dict) for it in items)
+    finished = transform.finish(data.collate(items), torch.device("cpu"), [])
+    assert finished["image"].shape == batch["image"].shape and finished["image"].dtype == torch.uint8
+    assert torch.isfinite(model.loss(model(finished)))
 
 
 CASES = {  # train.py flags, and the same model as build()'s keywords

@@ -119,3 +119,97 @@ def test_a_truncated_jpeg_decodes_in_the_transform_and_is_skipped_and_counted(tm
     with pytest.raises(data.SampleError, match=r"000000\.tar:000000003\.jpg"):
         img = data.open_image(whole[: len(whole) // 2], f"{tmp_path / '000000.tar'}:000000003.jpg")
         data.apply(model.transform(True), {"image": img, "text": "x"}, np.random.default_rng(0), "here")
+
+
+# --gpu-decode: the loader workers leave JPEGs encoded and draw their boxes; ImageTransform.finish
+# decodes, crops and resizes the batch on the device. Run here on the CPU (torchvision's libjpeg-turbo
+# decoder), the tests pin the boxes and the resampling; tests/test_gpu.py bounds nvjpeg's pixels.
+# Upscales: torch's antialiased bicubic against Pillow's (the CPU path's) on noisy 24-64 px JPEGs
+# (measured 2026-11-23: at most 25 levels, 0.11 on average).
+UPSCALE_MAX, UPSCALE_MEAN = 32, 0.3
+
+
+def deferred_and_finished(payload, train, seed, size=224, device="cpu"):
+    item = clip.ImageTransform(size, train, uint8=True, defer=True)(data.open_image(payload, "x"),
+                                                                      np.random.default_rng(seed))
+    assert isinstance(item, dict) and item["jpeg"].dtype == torch.uint8  # left encoded for the device
+    return clip.ImageTransform(size, train).finish([item], device)[0]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_device_decode_draws_the_same_boxes_and_resamples_as_the_worker_path(train):
+    for side, seed in ((256, 0), (700, 1), (1024, 2)):
+        payload = picture(side, seed)
+        device = deferred_and_finished(payload, train, seed).float()
+        full = clip.ImageTransform(224, train, uint8=True, draft=False)(data.open_image(payload, "x"),
+                                                                         np.random.default_rng(seed)).float()
+        drafted = clip.ImageTransform(224, train, uint8=True)(data.open_image(payload, "x"),
+                                                              np.random.default_rng(seed)).float()
+        assert torch.equal(device, full), side  # the same decoder, box and resampler: the same pixels
+        diff = (device - drafted).abs()  # against the default worker path, which drafts
+        assert diff.max() <= DRAFT_MAX and diff.mean() <= DRAFT_MEAN, (side, diff.max(), diff.mean())
+    for side, seed in ((24, 3), (40, 4), (64, 5)):  # upscales to 224: Pillow's kernel on the worker path
+        payload = picture(side, seed)
+        diff = (deferred_and_finished(payload, train, seed).float() - clip.ImageTransform(224, train, uint8=True)(
+            data.open_image(payload, "x"), np.random.default_rng(seed)).float()).abs()
+        assert diff.max() <= UPSCALE_MAX and diff.mean() <= UPSCALE_MEAN, (side, diff.max(), diff.mean())
+
+
+def test_what_the_device_decodes_and_what_the_workers_still_do():
+    defer = clip.ImageTransform(32, True, uint8=True, defer=True)
+    rng = np.random.default_rng
+    whole = picture(64, 0)
+    gray = io.BytesIO()
+    Image.open(io.BytesIO(whole)).convert("L").save(gray, format="JPEG")
+    cmyk = io.BytesIO()
+    Image.open(io.BytesIO(whole)).convert("CMYK").save(cmyk, format="JPEG")
+    assert isinstance(defer(data.open_image(whole + b"\0" * 7, "x"), rng(0)), dict)  # padding after the end marker
+    item = defer(data.open_image(gray.getvalue(), "x"), rng(0))
+    assert isinstance(item, dict)  # grayscale: the device decoder expands it to RGB, as Pillow does
+    assert torch.equal(clip.ImageTransform(32, True).finish([item], "cpu")[0],
+                       clip.ImageTransform(32, True, uint8=True)(data.open_image(gray.getvalue(), "x"), rng(0)))
+    for payload in (picture(64, 1, "PNG"), cmyk.getvalue()):  # other formats and modes: decoded in the worker
+        assert defer(data.open_image(payload, "x"), rng(0)).dtype == torch.uint8
+    assert defer(Image.open(io.BytesIO(whole)), rng(0)).dtype == torch.uint8  # no file bytes attached
+    with pytest.raises(OSError):  # truncated: no end marker, so the worker decodes it, fails, and skips it
+        defer(data.open_image(whole[: len(whole) // 2], "x"), rng(0))
+
+
+def test_finish_falls_back_to_pillow_then_to_a_counted_black_image(monkeypatch):
+    defer = clip.ImageTransform(32, True, uint8=True, defer=True)
+    payloads = [picture(64, s) for s in range(3)]
+    items = [defer(data.open_image(p, "x"), np.random.default_rng(s)) for s, p in enumerate(payloads)]
+    items.append(clip.ImageTransform(32, True, uint8=True)(data.open_image(picture(64, 3, "PNG"), "x"),
+                                                           np.random.default_rng(3)))  # ready pixels pass through
+    no_scan = payloads[1][: payloads[1].find(b"\xff\xda")] + b"\xff\xd9"  # an end marker, no image data
+    items[1] = dict(items[1], jpeg=torch.frombuffer(bytearray(no_scan), dtype=torch.uint8))
+    expected = clip.ImageTransform(32, True).finish(items, "cpu", notes := [])
+    assert expected.shape == (4, 3, 32, 32) and torch.equal(expected[3], items[3])
+    assert notes == ["unreadable image on the device: a black image in its place"] and expected[1].max() == 0
+    # a file the device decoder refuses but Pillow reads: Pillow's pixels, nothing counted
+    real = clip.decode_jpegs
+    monkeypatch.setattr(clip, "decode_jpegs", lambda jpegs, device: [None] + real(jpegs[1:], device))
+    again = clip.ImageTransform(32, True).finish(items, "cpu", notes := [])
+    assert torch.equal(again[0], expected[0]) and notes == ["unreadable image on the device: a black image in its place"]
+
+
+def test_deferred_batches_cross_worker_processes_and_train(tmp_path):
+    with tarfile.open(tmp_path / "000000.tar", "w") as tar:
+        for i in range(12):
+            for ext, body in (("jpg", picture(64, i) if i != 5 else picture(64, i, "PNG")),
+                              ("txt", f"picture {i}".encode())):
+                info = tarfile.TarInfo(f"{i:09d}.{'png' if ext == 'jpg' and i == 5 else ext}")
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    model = clip.build("tiny", captions=["picture 1"] * 10)
+    shards = data.Shards(str(tmp_path / "000000.tar"), buffer=1)
+    worker_path = next(iter(data.loader(data.ShardBatches(shards, model.transform(True), 12, workers=1), workers=1)))[0]
+    transform = model.transform(True, gpu_decode=True)
+    batch, info = next(iter(data.loader(data.ShardBatches(shards, transform, 12, workers=1), workers=1)))
+    assert sum(isinstance(x, dict) for x in batch["image"]) == 11  # the PNG was decoded in the worker
+    finished = transform.finish(batch, torch.device("cpu"), info["notes"])
+    assert finished["image"].shape == worker_path["image"].shape and torch.equal(finished["text"], worker_path["text"])
+    assert torch.equal(finished["image"], worker_path["image"])  # 64 px to 48, no draft: the same pixels
+    loss = model.loss(model(finished))
+    loss.backward()
+    assert torch.isfinite(loss) and model.logit_scale.grad is not None

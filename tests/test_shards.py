@@ -33,8 +33,9 @@ def add(tar, name, payload):
     tar.addfile(info, io.BytesIO(payload))
 
 
-def make_shards(root, n_shards=6, per_shard=20, corrupt=(), captionless=()):
-    """Shards of coloured squares in webdataset's layout; returns {key: colour}."""
+def make_shards(root, n_shards=6, per_shard=20, corrupt=(), captionless=(), truncated=()):
+    """Shards of coloured squares in webdataset's layout; returns {key: colour}. corrupt: no image header;
+    truncated: a header that reads, pixels that do not."""
     os.makedirs(root, exist_ok=True)
     truth, k = {}, 0
     for s in range(n_shards):
@@ -42,7 +43,8 @@ def make_shards(root, n_shards=6, per_shard=20, corrupt=(), captionless=()):
             for _ in range(per_shard):
                 name = list(COLORS)[k % 4]
                 key = f"{k:09d}"
-                add(tar, f"{key}.jpg", b"\xff\xd8 not really a jpeg" if k in corrupt else jpeg(COLORS[name], k))
+                payload = b"\xff\xd8 not really a jpeg" if k in corrupt else jpeg(COLORS[name], k)
+                add(tar, f"{key}.jpg", payload[:len(payload) // 2] if k in truncated else payload)
                 if k not in captionless:
                     add(tar, f"{key}.txt", f"a {name} square".encode())
                 add(tar, f"{key}.json", json.dumps({"key": key, "label": k % 4}).encode())
@@ -174,14 +176,19 @@ def test_image_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_on_shards_with_bad_samples_then_resume(tmp_path, monkeypatch):
-    truth = make_shards(tmp_path / "train", 8, 25, corrupt={2, 111}, captionless={50, 199})
+@pytest.mark.parametrize("decode", ["workers", "gpu-decode"])
+def test_train_on_shards_with_bad_samples_then_resume(tmp_path, monkeypatch, decode):
+    # --gpu-decode: the same skips (the workers still read every header and decode what cannot be
+    # deferred, the truncated JPEGs among them), and the same exact resume.
+    truth = make_shards(tmp_path / "train", 8, 25, corrupt={2, 111}, captionless={50, 199}, truncated={7, 160})
     make_shards(tmp_path / "val", 1, 24)
     image_folder(tmp_path / "folder")
     out = str(tmp_path / "run")
     common = ["--data", f"{tmp_path}/train/{{00000..00007}}.tar", "--val-data", str(tmp_path / "val"),
               "--zeroshot-data", str(tmp_path / "folder"), "--batch-size", "16", "--workers", "0",
               "--log-every", "1", "--warmup", "2", "--out", out, "--shuffle-buffer", "50"]
+    if decode == "gpu-decode":
+        common.append("--gpu-decode")
     calls = []
 
     def stop_after_12(self, control, world):  # as if SIGTERM arrived during step 12
@@ -195,7 +202,8 @@ def test_train_on_shards_with_bad_samples_then_resume(tmp_path, monkeypatch):
     assert ckpt["step"] == 12 and ckpt["data"]["slots"] == 1
     metrics = train.main([*common, "--steps", "24", "--resume"])
     rows = [json.loads(r) for r in open(os.path.join(out, "metrics.jsonl"))]
-    assert sum(r.get("skipped_samples", 0) for r in rows) >= 4  # 4 bad of 200 in the first epoch alone
+    assert sum(r.get("skipped_samples", 0) for r in rows) >= 6  # 6 bad of 200 in the first epoch alone
+    assert sum(r.get("skips", {}).get("unreadable image", 0) for r in rows) >= 4  # corrupt and truncated
     assert {"val_loss", "i2t_r1", "zeroshot_top1", "zeroshot_top5"} <= metrics.keys()
     assert metrics["zeroshot_top5"] == 1.0  # 4 classes: top-5 always holds the right one
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
