@@ -465,8 +465,9 @@ class ImageTransform:
             box, out = (0, 0, w, h), (max(self.size, round(w * r)), max(self.size, round(h * r)))
             need = out
         if self.defer and deferrable(img):
-            jpeg = torch.from_numpy(np.frombuffer(img.encoded, dtype=np.uint8).copy())
-            return {"jpeg": jpeg, "box": torch.tensor(box), "out": torch.tensor(out)}
+            # Plain Python values: a worker pickles them into its pipe in one go, where every small
+            # tensor would cost a shared-memory segment of its own.
+            return {"jpeg": img.encoded, "box": box, "out": out}
         if self.draft and img.format == "JPEG":  # a no-op once decoded, or when the full size is needed
             img.draft("RGB", (math.ceil(need[0]), math.ceil(need[1])))
         from_file = img.format is not None
@@ -493,10 +494,11 @@ class ImageTransform:
         for i, x in enumerate(images):
             if not isinstance(x, dict):
                 out[i] = x.to(device, non_blocking=True)
-        for i, pixels in zip(deferred, decode_jpegs([images[i]["jpeg"] for i in deferred], device)):
-            box, size = images[i]["box"].tolist(), images[i]["out"].tolist()
+        jpegs = [torch.frombuffer(bytearray(images[i]["jpeg"]), dtype=torch.uint8) for i in deferred]
+        for i, jpeg, pixels in zip(deferred, jpegs, decode_jpegs(jpegs, device)):
+            box, size = images[i]["box"], images[i]["out"]
             if pixels is None:
-                pixels = decode_with_pillow(images[i]["jpeg"], device)
+                pixels = decode_with_pillow(jpeg, device)
             if pixels is None:
                 pixels = torch.zeros(3, box[3], box[2], dtype=torch.uint8, device=device)
                 if notes is not None:

@@ -11,7 +11,10 @@ for the embedded synthetic set, the loader's samples/s with N worker processes, 
            version the crop allows (Pillow's draft mode: 1/2, 1/4 or 1/8 scale, in the DCT domain),
            downscales whole-pixel boxes with torch's antialiased bicubic on uint8, and ships uint8
            pixels that the model normalises on its device.
-The crop boxes are the same on both paths. --step adds the samples/s of one clip ViT-B-32 training
+- --gpu-decode: the workers read the files and draw the crop boxes only (samples/s per core), and the
+           main process decodes, crops and resizes each batch on --device (ImageTransform.finish,
+           nvjpeg on CUDA; samples/s of that one process, batches already in memory).
+The crop boxes are the same on every path. --step adds the samples/s of one clip ViT-B-32 training
 step on --device and the number of loader workers that rate needs.
 """
 import argparse
@@ -71,6 +74,20 @@ def side_by_side(make_batches, transforms, workers, images, repeats):
     return best
 
 
+def finish_rate(shards, transform, batch_size, images, device):
+    """Samples/s of transform.finish (decode, crop, resize on the device) over deferred batches."""
+    it = iter(data.loader(data.ShardBatches(shards, transform, batch_size)))
+    batches = [next(it)[0] for _ in range(max(2, images // batch_size + 1))]
+    transform.finish(batches[0], device, [])  # start-up (nvjpeg handles, kernels) is not throughput
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for batch in batches[1:]:
+        transform.finish(batch, device, [])
+    sync()
+    return sum(len(b["image"]) for b in batches[1:]) / (time.perf_counter() - start)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=512, help="images timed per path and size")
@@ -84,17 +101,22 @@ def main():
     torch.set_num_threads(1)
     model = clip.build("ViT-B-32", captions=["picture number 1"])
     transforms = {"before": Before(model.transform(True)), "now": model.transform(True)}
+    device = torch.device(args.device)
+    deferred = model.transform(True, gpu_decode=True)
     print(f"{args.workers} loader worker(s); samples/s per core (a worker process is one core)")
     rates = {}
     for side in args.sizes:
         with tempfile.TemporaryDirectory() as root:
             write_shards(root, args.images + 2 * args.batch, side)
             shards = data.Shards(root, buffer=500)
-            best = side_by_side(lambda t: data.ShardBatches(shards, t, args.batch, workers=args.workers), transforms,
-                                args.workers, args.images, args.repeats)
+            best = side_by_side(lambda t: data.ShardBatches(shards, t, args.batch, workers=args.workers),
+                                {**transforms, "gpu-decode": deferred}, args.workers, args.images, args.repeats)
             rates.update({(side, name): r for name, r in best.items()})
+            rates[side, "finish"] = finish_rate(shards, deferred, args.batch, args.images, device)
             print(f"{side:5d}-px JPEG shards: before {rates[side, 'before']:7,.0f}/s   now {rates[side, 'now']:7,.0f}/s"
-                  f"   {rates[side, 'now'] / rates[side, 'before']:4.2f}x", flush=True)
+                  f"   {rates[side, 'now'] / rates[side, 'before']:4.2f}x   |   --gpu-decode: workers "
+                  f"{rates[side, 'gpu-decode']:7,.0f}/s, decode on {device} {rates[side, 'finish']:7,.0f}/s "
+                  f"(one process)", flush=True)
     synthetic = data.Synthetic()
     best = side_by_side(lambda t: data.TrainBatches(synthetic, t, args.batch), transforms, args.workers, args.images,
                         args.repeats)
@@ -104,7 +126,6 @@ def main():
     if not args.step:
         return
     torch.set_num_threads(os.cpu_count() or 1)
-    device = torch.device(args.device)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch, _ = next(iter(data.loader(data.TrainBatches(synthetic, model.transform(True), args.batch), workers=0)))
@@ -124,7 +145,10 @@ def main():
     step_rate = args.batch / min(times[1:])
     print(f"clip ViT-B-32 training step on {device}: {step_rate:,.0f} samples/s; cores it needs, now: "
           + ", ".join(f"{k if isinstance(k, str) else f'{k}-px'} {step_rate / rates[k, 'now']:.1f}"
-                      for k in [*args.sizes, "synthetic"]))
+                      for k in [*args.sizes, "synthetic"])
+          + "; with --gpu-decode: " + ", ".join(f"{k}-px {step_rate / rates[k, 'gpu-decode']:.1f} (the device decodes "
+                                                  f"{rates[k, 'finish'] / step_rate:.2f}x the step rate)"
+                                                  for k in args.sizes))
 
 
 if __name__ == "__main__":
