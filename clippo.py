@@ -722,10 +722,10 @@ class ImageTransform:
             if not isinstance(x, dict):
                 out[i] = x.to(device, non_blocking=True)
         jpegs = [torch.frombuffer(bytearray(images[i]["jpeg"]), dtype=torch.uint8) for i in deferred]
-        for i, jpeg, pixels in zip(deferred, jpegs, decode_jpegs(jpegs, device)):
+        for i, pixels in zip(deferred, decode_jpegs(jpegs, device)):
             box, size = images[i]["box"], images[i]["out"]
             if pixels is None:
-                pixels = decode_with_pillow(jpeg, device)
+                pixels = decode_with_pillow(images[i]["jpeg"], device)
             if pixels is None:
                 pixels = torch.zeros(3, box[3], box[2], dtype=torch.uint8, device=device)
                 if notes is not None:
@@ -744,13 +744,13 @@ def deferrable(img):
 
 
 def decode_with_pillow(jpeg, device):
-    """RGB uint8 [3, H, W] on the device from a JPEG's bytes (a 1-D uint8 tensor), or None."""
+    """RGB uint8 [3, H, W] on the device from a JPEG file's bytes, or None."""
     import io
 
     from PIL import Image
 
     try:
-        img = Image.open(io.BytesIO(jpeg.numpy().tobytes())).convert("RGB")
+        img = Image.open(io.BytesIO(jpeg)).convert("RGB")
     except (OSError, SyntaxError):
         return None
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).to(device)
@@ -788,7 +788,7 @@ def resize_pixels(x, out):
     return y.round_().clamp_(0, 255).to(torch.uint8)[0]
 
 
-def to_device(batch, device, image=None, notes=None):
+def to_device(batch, device, image, notes=None):
     """A loader batch on the device; a list under 'image' (deferred JPEGs) is finished by the image
     transform there."""
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "image" or isinstance(v, torch.Tensor)}

@@ -661,8 +661,8 @@ def load_sample(data, transform, index, epoch, seed, skips, notes=None):
 
 
 def collate(items):
-    """Each key's tensors stacked. A key with other values stays a list: under --gpu-decode, images the
-    transform left encoded (for the model's transform to decode on the device) among ready pixels."""
+    """Each key's tensors stacked. A key with other values stays a list: under --gpu-decode, the JPEGs
+    the transform left encoded, among ready pixels, for its finish() to decode on the device."""
     out = {}
     for k in items[0]:
         values = [it[k] for it in items]

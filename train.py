@@ -872,7 +872,7 @@ def main(argv=None):
     forward, sync = distribute(model, args, world, device)
     params = [p for p in model.parameters() if p.requires_grad]
     progress, stop, metrics = Progress(args, rank, world, device, control, step, ckpt is not None), StopRequest(), {}
-    transform = model.transform(True, gpu_decode=True) if args.gpu_decode else model.transform(True)
+    transform = model.transform(True, gpu_decode=args.gpu_decode)
     batches = datalib.train_batches(train_data, transform, args.batch_size, rank, world, args.seed,
                                     args.workers, ckpt.get("data") if ckpt else None, step)
     position = datalib.Position(batches, rank)
