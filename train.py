@@ -1091,6 +1091,13 @@ if __name__ == "__main__":
             print(f"wrote {report(sys.argv[2])}")
         else:
             main()
+            if "WORLD_SIZE" in os.environ:
+                # A torchrun rank whose work is saved and closed leaves without the interpreter's teardown:
+                # torch's C++ distributed state can abort there (SIGABRT with no Python frame), and
+                # torchrun then reports a finished run as failed (README: Reliability).
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
     except INPUT_ERRORS as e:
         if os.environ.get("TRAIN_TRACEBACK"):
             raise
