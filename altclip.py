@@ -64,6 +64,7 @@ class Config:
     teacher_width: int = 768
     teacher_layers: int = 12
     teacher_heads: int = 12
+    teacher_eos: int = None  # its end-of-text id: features at the first one; None: at the highest id
     # The student: an XLM-R (RoBERTa) encoder
     context_length: int = 77
     vocab_size: int = 250002
@@ -105,11 +106,13 @@ class TeacherText(nn.Module):
         self.positional_embedding = nn.Parameter(torch.zeros(cfg.teacher_context, cfg.teacher_width))
         self.transformer = Transformer(cfg.teacher_width, cfg.teacher_layers, cfg.teacher_heads, cfg.quick_gelu)
         self.ln_final = nn.LayerNorm(cfg.teacher_width)
+        self.eos = cfg.teacher_eos
 
     def forward(self, tokens):
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
         x = self.ln_final(self.transformer(x, causal=True))
-        return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(-1)]  # EOT has the highest id
+        end = tokens.argmax(-1) if self.eos is None else (tokens == self.eos).int().argmax(-1)  # as clip.py
+        return x[torch.arange(x.shape[0], device=x.device), end]
 
 
 class StudentText(nn.Module):
@@ -283,6 +286,7 @@ def read_teacher(path, tokenizer=None):
         tok = Tokenizer.from_str(extra["tokenizer"], shapes["teacher_context"])
     else:
         tok = None
+    shapes["teacher_eos"] = c["eos_id"] if c.get("eos_id") is not None else tok.eot if tok else None
     return sd, shapes, tok
 
 
@@ -568,9 +572,6 @@ class Tokenizer:
         self.eot = tokenizer.token_to_id(EOT)
         if self.sot is None or self.eot is None:
             raise ValueError(f"tokenizer has no {SOT} / {EOT} tokens: it is not a CLIP tokenizer")
-        # The text tower finds the end of each text with argmax over ids (as OpenAI's does).
-        if self.eot != tokenizer.get_vocab_size() - 1:
-            raise ValueError(f"{EOT} must have the highest id (it has {self.eot} of {tokenizer.get_vocab_size()})")
 
     @property
     def vocab_size(self):
@@ -1110,12 +1111,18 @@ def read_state_dict(path):
         return load_file(path), None
     import zipfile
 
-    with zipfile.ZipFile(path) if zipfile.is_zipfile(path) else contextlib.nullcontext() as archive:
-        scripted = archive is not None and any(n.endswith("/constants.pkl") for n in archive.namelist())
-    if scripted:  # OpenAI's releases are TorchScript archives
-        sd = torch.jit.load(path, map_location="cpu").state_dict()
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with zipfile.ZipFile(path) if zipfile.is_zipfile(path) else contextlib.nullcontext() as archive:
+            scripted = archive is not None and any(n.endswith("/constants.pkl") for n in archive.namelist())
+        if scripted:  # OpenAI's releases are TorchScript archives: read, never run
+            sd = read_torchscript(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except UnsafeWeights as e:
+        raise UnsafeWeights(f"{path}: {e}") from None
+    except Exception as e:  # truncated, empty, garbage, or a pickle asking for more than tensors
+        raise ValueError(f"{path}: not a weights file this reads ({one_line(e)}); check that the download is "
+                         f"complete and that it is a state dict, a TorchScript archive or .safetensors") from None
     extra = None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):  # our train.py checkpoint
         extra = sd.get("extra")
@@ -1126,6 +1133,129 @@ def read_state_dict(path):
     for key in ("input_resolution", "context_length", "vocab_size"):  # metadata in OpenAI's archives
         sd.pop(key, None)
     return sd, extra
+
+
+class UnsafeWeights(ValueError):
+    """A weights file that would run code if loaded the usual way: refused."""
+
+
+def one_line(err):
+    """An exception as one short line (a pickle or zip error can run to many)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
+
+
+STORAGES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+            "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+            "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+            "BoolStorage": torch.bool}
+
+
+def read_torchscript(path):
+    """The state dict of a TorchScript archive, as torch.jit.load(path).state_dict() gives it, without
+    running the archive.
+
+    torch.jit.load compiles the archive's code and calls its classes' __setstate__, so a crafted file
+    runs what it likes while loading. Here nothing is compiled or called: data.pkl (the module tree) goes
+    through an unpickler that rebuilds tensors from the archive's data/ records and records every
+    object's attributes, and refuses any other global; which attributes are parameters and buffers is
+    read off the class declarations in code/ as text. A class that declares its own __setstate__ or
+    __getstate__ (nothing a weights file needs) refuses the file."""
+    import io
+    import pickle
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        members = {i.filename: i for i in z.infolist()}
+        roots = [n[:-len("data.pkl")] for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
+        if not roots:
+            raise ValueError("a zip without <name>/data.pkl")
+        root = roots[0]
+        limit = 1 << 26  # what code/ and data.pkl may unpack to (OpenAI's: tens of KiB)
+
+        def read(info):
+            with z.open(info) as f:
+                data = f.read(limit + 1)
+            if len(data) > limit:
+                raise ValueError(f"{info.filename} unpacks to over {limit >> 20} MiB")
+            return data
+        declared = {}  # class qualname -> (parameters, buffers)
+        for name in members:
+            if name.startswith(root + "code/") and name.endswith(".py"):
+                package = name[len(root + "code/"):-3].replace("/", ".")
+                text = read(members[name]).decode("utf-8", "replace")
+                for m in re.finditer(r"^class (\w+)(?:\(.*?\))?:\n((?:[ \t]+.*\n|\n)*)", text + "\n", re.M):
+                    if re.search(r"^\s+def __(set|get)state__\b", m.group(2), re.M):
+                        raise UnsafeWeights(f"a TorchScript archive whose class {package}.{m.group(1)} runs code of its "
+                                            f"own on load (__setstate__); refused: weights need none")
+                    lists = [re.search(rf"^\s+__{kind}__ = \[(.*)\]", m.group(2), re.M) for kind in ("parameters", "buffers")]
+                    declared[f"{package}.{m.group(1)}"] = tuple(
+                        re.findall(r'"([^"]*)"', found.group(1)) if found else [] for found in lists)
+        storages = {}
+
+        def storage(pid):
+            kind, dtype, key, _, numel = pid
+            if kind != "storage" or not isinstance(dtype, torch.dtype) or not isinstance(key, str):
+                raise ValueError(f"an unexpected record {pid!r:.80}")
+            if key not in storages:
+                info = members.get(f"{root}data/{key}")
+                size = torch.empty(0, dtype=dtype).element_size() * int(numel)
+                if info is None or info.compress_type != zipfile.ZIP_STORED or info.file_size < size:
+                    raise ValueError(f"record data/{key} is missing, packed, or shorter than its {numel} elements")
+                with z.open(info) as f:
+                    raw = bytearray(f.read(size))
+                storages[key] = torch.frombuffer(raw, dtype=dtype) if size else torch.empty(0, dtype=dtype)
+            return storages[key]
+
+        def rebuild_tensor(flat, offset, size, stride, requires_grad=False, *_):
+            return torch.as_strided(flat, tuple(size), tuple(stride), int(offset)).clone()
+
+        class Object:  # an object of the archive: its class name and attributes, nothing more
+            qualname = None
+
+            def __setstate__(self, state):
+                self.state = state
+
+        allowed = {("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor, ("collections", "OrderedDict"): OrderedDict,
+                   ("torch.jit._pickle", "restore_type_tag"): lambda value, _tag: value}
+        for kind in ("intlist", "tensorlist", "doublelist", "boollist"):
+            allowed[("torch.jit._pickle", f"build_{kind}")] = list
+
+        class Reader(pickle.Unpickler):
+            def find_class(self, module, name):
+                if module == "torch" and name in STORAGES:
+                    return STORAGES[name]
+                if (module, name) in allowed:
+                    return allowed[(module, name)]
+                if module.startswith("__torch__.") or module == "__torch__":
+                    return type(name, (Object,), {"qualname": f"{module}.{name}"})
+                raise UnsafeWeights(f"a TorchScript archive whose data.pkl asks for {module}.{name}; refused: "
+                                    f"only tensors and modules are read")
+
+            def persistent_load(self, pid):
+                return storage(pid)
+
+        tree = Reader(io.BytesIO(read(members[root + "data.pkl"]))).load()
+
+    sd = OrderedDict()
+
+    def walk(obj, prefix):
+        state = getattr(obj, "state", None)
+        if not isinstance(state, dict):
+            raise ValueError(f"{obj.qualname} holds no attribute table")
+        params, buffers = declared.get(obj.qualname, ([], []))
+        for names in (params, buffers):
+            for n in names:
+                if isinstance(state.get(n), torch.Tensor):
+                    sd[prefix + n] = state[n]
+        for n, v in state.items():
+            if isinstance(v, Object):
+                walk(v, f"{prefix}{n}.")
+
+    if not isinstance(tree, Object):
+        raise ValueError("data.pkl holds no module")
+    walk(tree, "")
+    return sd
 
 
 def hf_names(cfg):

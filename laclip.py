@@ -324,6 +324,9 @@ class Config:
     vision_mlp: int = 0  # MLP hidden width; 0: 4 x the tower's width
     text_mlp: int = 0
     ln_eps: float = 1e-5
+    # The text's features are read at its end-of-text token: the first eos_id in the ids (transformers'
+    # rule; tokens added to a vocabulary take ids above it), or with None the highest id (OpenAI's rule).
+    eos_id: int = None
     image_mean: tuple = MEAN  # the preprocessing the weights expect
     image_std: tuple = STD
 
@@ -496,8 +499,8 @@ class CLIP(nn.Module):
     def encode_text(self, tokens, normalize=False):
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
         x = self.ln_final(self.transformer(x, causal=True))
-        # EOT has the highest id, so argmax finds each text's end (OpenAI's rule).
-        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(-1)] @ self.text_projection
+        end = tokens.argmax(-1) if self.cfg.eos_id is None else (tokens == self.cfg.eos_id).int().argmax(-1)
+        x = x[torch.arange(x.shape[0], device=x.device), end] @ self.text_projection
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, batch):
@@ -854,7 +857,7 @@ def config_and_tokenizer(size, tokenizer=None, captions=(), init=None, quick_gel
         tok = Tokenizer.from_file(tokenizer, cfg.context_length)
     else:
         tok = Tokenizer.train(captions, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
-    cfg.vocab_size = tok.vocab_size
+    cfg.vocab_size, cfg.eos_id = tok.vocab_size, tok.eot
     return cfg, tok, None
 
 
@@ -909,12 +912,18 @@ def read_state_dict(path):
         return load_file(path), None
     import zipfile
 
-    with zipfile.ZipFile(path) if zipfile.is_zipfile(path) else contextlib.nullcontext() as archive:
-        scripted = archive is not None and any(n.endswith("/constants.pkl") for n in archive.namelist())
-    if scripted:  # OpenAI's releases are TorchScript archives
-        sd = torch.jit.load(path, map_location="cpu").state_dict()
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with zipfile.ZipFile(path) if zipfile.is_zipfile(path) else contextlib.nullcontext() as archive:
+            scripted = archive is not None and any(n.endswith("/constants.pkl") for n in archive.namelist())
+        if scripted:  # OpenAI's releases are TorchScript archives: read, never run
+            sd = read_torchscript(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except UnsafeWeights as e:
+        raise UnsafeWeights(f"{path}: {e}") from None
+    except Exception as e:  # truncated, empty, garbage, or a pickle asking for more than tensors
+        raise ValueError(f"{path}: not a weights file this reads ({one_line(e)}); check that the download is "
+                         f"complete and that it is a state dict, a TorchScript archive or .safetensors") from None
     extra = None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):  # our train.py checkpoint
         extra = sd.get("extra")
@@ -925,6 +934,129 @@ def read_state_dict(path):
     for key in ("input_resolution", "context_length", "vocab_size"):  # metadata in OpenAI's archives
         sd.pop(key, None)
     return sd, extra
+
+
+class UnsafeWeights(ValueError):
+    """A weights file that would run code if loaded the usual way: refused."""
+
+
+def one_line(err):
+    """An exception as one short line (a pickle or zip error can run to many)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
+
+
+STORAGES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+            "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+            "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+            "BoolStorage": torch.bool}
+
+
+def read_torchscript(path):
+    """The state dict of a TorchScript archive, as torch.jit.load(path).state_dict() gives it, without
+    running the archive.
+
+    torch.jit.load compiles the archive's code and calls its classes' __setstate__, so a crafted file
+    runs what it likes while loading. Here nothing is compiled or called: data.pkl (the module tree) goes
+    through an unpickler that rebuilds tensors from the archive's data/ records and records every
+    object's attributes, and refuses any other global; which attributes are parameters and buffers is
+    read off the class declarations in code/ as text. A class that declares its own __setstate__ or
+    __getstate__ (nothing a weights file needs) refuses the file."""
+    import io
+    import pickle
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        members = {i.filename: i for i in z.infolist()}
+        roots = [n[:-len("data.pkl")] for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
+        if not roots:
+            raise ValueError("a zip without <name>/data.pkl")
+        root = roots[0]
+        limit = 1 << 26  # what code/ and data.pkl may unpack to (OpenAI's: tens of KiB)
+
+        def read(info):
+            with z.open(info) as f:
+                data = f.read(limit + 1)
+            if len(data) > limit:
+                raise ValueError(f"{info.filename} unpacks to over {limit >> 20} MiB")
+            return data
+        declared = {}  # class qualname -> (parameters, buffers)
+        for name in members:
+            if name.startswith(root + "code/") and name.endswith(".py"):
+                package = name[len(root + "code/"):-3].replace("/", ".")
+                text = read(members[name]).decode("utf-8", "replace")
+                for m in re.finditer(r"^class (\w+)(?:\(.*?\))?:\n((?:[ \t]+.*\n|\n)*)", text + "\n", re.M):
+                    if re.search(r"^\s+def __(set|get)state__\b", m.group(2), re.M):
+                        raise UnsafeWeights(f"a TorchScript archive whose class {package}.{m.group(1)} runs code of its "
+                                            f"own on load (__setstate__); refused: weights need none")
+                    lists = [re.search(rf"^\s+__{kind}__ = \[(.*)\]", m.group(2), re.M) for kind in ("parameters", "buffers")]
+                    declared[f"{package}.{m.group(1)}"] = tuple(
+                        re.findall(r'"([^"]*)"', found.group(1)) if found else [] for found in lists)
+        storages = {}
+
+        def storage(pid):
+            kind, dtype, key, _, numel = pid
+            if kind != "storage" or not isinstance(dtype, torch.dtype) or not isinstance(key, str):
+                raise ValueError(f"an unexpected record {pid!r:.80}")
+            if key not in storages:
+                info = members.get(f"{root}data/{key}")
+                size = torch.empty(0, dtype=dtype).element_size() * int(numel)
+                if info is None or info.compress_type != zipfile.ZIP_STORED or info.file_size < size:
+                    raise ValueError(f"record data/{key} is missing, packed, or shorter than its {numel} elements")
+                with z.open(info) as f:
+                    raw = bytearray(f.read(size))
+                storages[key] = torch.frombuffer(raw, dtype=dtype) if size else torch.empty(0, dtype=dtype)
+            return storages[key]
+
+        def rebuild_tensor(flat, offset, size, stride, requires_grad=False, *_):
+            return torch.as_strided(flat, tuple(size), tuple(stride), int(offset)).clone()
+
+        class Object:  # an object of the archive: its class name and attributes, nothing more
+            qualname = None
+
+            def __setstate__(self, state):
+                self.state = state
+
+        allowed = {("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor, ("collections", "OrderedDict"): OrderedDict,
+                   ("torch.jit._pickle", "restore_type_tag"): lambda value, _tag: value}
+        for kind in ("intlist", "tensorlist", "doublelist", "boollist"):
+            allowed[("torch.jit._pickle", f"build_{kind}")] = list
+
+        class Reader(pickle.Unpickler):
+            def find_class(self, module, name):
+                if module == "torch" and name in STORAGES:
+                    return STORAGES[name]
+                if (module, name) in allowed:
+                    return allowed[(module, name)]
+                if module.startswith("__torch__.") or module == "__torch__":
+                    return type(name, (Object,), {"qualname": f"{module}.{name}"})
+                raise UnsafeWeights(f"a TorchScript archive whose data.pkl asks for {module}.{name}; refused: "
+                                    f"only tensors and modules are read")
+
+            def persistent_load(self, pid):
+                return storage(pid)
+
+        tree = Reader(io.BytesIO(read(members[root + "data.pkl"]))).load()
+
+    sd = OrderedDict()
+
+    def walk(obj, prefix):
+        state = getattr(obj, "state", None)
+        if not isinstance(state, dict):
+            raise ValueError(f"{obj.qualname} holds no attribute table")
+        params, buffers = declared.get(obj.qualname, ([], []))
+        for names in (params, buffers):
+            for n in names:
+                if isinstance(state.get(n), torch.Tensor):
+                    sd[prefix + n] = state[n]
+        for n, v in state.items():
+            if isinstance(v, Object):
+                walk(v, f"{prefix}{n}.")
+
+    if not isinstance(tree, Object):
+        raise ValueError("data.pkl holds no module")
+    walk(tree, "")
+    return sd
 
 
 def hf_names(cfg):
@@ -1050,6 +1182,10 @@ def read_hf_folder(folder):
                                  vision_heads=vision.get("num_attention_heads", sd["visual.conv1.weight"].shape[0] // 64),
                                  text_heads=text.get("num_attention_heads", sd["ln_final.weight"].shape[0] // 64),
                                  image_mean=tuple(pre.get("image_mean", MEAN)), image_std=tuple(pre.get("image_std", STD)))
+    # transformers' pooling: the first eos_token_id (49407 when the config names none), argmax for the
+    # legacy configs that say 2
+    eos = text.get("eos_token_id", 49407)
+    cfg.eos_id = None if eos == 2 else eos
     return cfg, tokenizer_in(folder, cfg.context_length), sd
 
 
@@ -1059,6 +1195,8 @@ def read_open_clip_folder(folder):
     model_cfg, pre = config.get("model_cfg", {}), config.get("preprocess_cfg", {})
     text_cfg, vision_cfg = model_cfg.get("text_cfg", {}), model_cfg.get("vision_cfg", {})
     custom = [k for k in ("hf_model_name", "attentional_pool", "timm_model_name") if text_cfg.get(k) or vision_cfg.get(k)]
+    if text_cfg.get("pool_type", "argmax") not in ("argmax", "eos"):
+        custom.append(f"text pool_type {text_cfg['pool_type']!r}")
     if custom:
         raise ValueError(f"{folder}: open_clip model with {', '.join(custom)}; clip.py implements the plain ViT CLIP")
     names = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
@@ -1072,6 +1210,8 @@ def read_open_clip_folder(folder):
                                  vision_heads=width // vision_cfg.get("head_width", 64),
                                  text_heads=text_cfg.get("heads", sd["ln_final.weight"].shape[0] // 64),
                                  image_mean=tuple(pre.get("mean", MEAN)), image_std=tuple(pre.get("std", STD)))
+    if text_cfg.get("pool_type") == "eos":
+        cfg.eos_id = text_cfg.get("eos_id", 2)  # open_clip's default
     tok = tokenizer_in(folder, cfg.context_length) if text_cfg.get("hf_tokenizer_name") else None
     return cfg, tok, sd
 
@@ -1101,6 +1241,8 @@ def read_weights(path, quick_gelu=None, tokenizer=None):
             cfg, tok = config_from_state_dict(sd, True if quick_gelu is None else quick_gelu), None
     if tokenizer:
         tok = Tokenizer.from_file(tokenizer, cfg.context_length)
+        if cfg.eos_id is None:  # the same token as argmax, unless the tokenizer has ids above its EOT
+            cfg.eos_id = tok.eot
     return cfg, tok, {k: v.float() for k, v in sd.items()}
 
 
@@ -1147,6 +1289,13 @@ def write_hf_tokenizer(tok, out):
         json.dump(special, f, indent=2)
 
 
+def hf_eos_id(cfg, tok):
+    """transformers pools at the first eos_token_id, or at the highest id for a config that says 2."""
+    if cfg.eos_id is not None:
+        return cfg.eos_id
+    return tok.eot if tok.eot == tok.vocab_size - 1 else 2
+
+
 def export_hf(model, out):
     """A transformers CLIPModel folder: config.json, weights, tokenizer files, preprocessor_config.json."""
     cfg, tok = model.cfg, model.tokenizer
@@ -1157,8 +1306,8 @@ def export_hf(model, out):
               "text_config": {"model_type": "clip_text_model", "vocab_size": cfg.vocab_size, "hidden_size": cfg.text_width,
                               "intermediate_size": cfg.text_mlp, "num_hidden_layers": cfg.text_layers,
                               "num_attention_heads": cfg.text_heads, "max_position_embeddings": cfg.context_length,
-                              # transformers pools at the first eos_token_id (our EOT): the same token as argmax
-                              "bos_token_id": tok.sot, "eos_token_id": tok.eot, "pad_token_id": tok.eot, **tower},
+                              "bos_token_id": tok.sot, "eos_token_id": hf_eos_id(cfg, tok), "pad_token_id": tok.eot,
+                              **tower},
               "vision_config": {"model_type": "clip_vision_model", "hidden_size": cfg.vision_width,
                                 "intermediate_size": cfg.vision_mlp, "num_hidden_layers": cfg.vision_layers,
                                 "num_attention_heads": cfg.vision_heads, "image_size": cfg.image_size,
@@ -1186,9 +1335,10 @@ def export_hf(model, out):
 
 def open_clip_name(cfg):
     """open_clip's built-in model name for these shapes (ViT-B-32, ViT-B-16-quickgelu, ...), or None."""
-    shapes = {k: v for k, v in asdict(cfg).items() if k != "quick_gelu"}
+    # its text pooling is argmax: the same token as ours where nothing follows EOT in the vocabulary
+    shapes = {k: v for k, v in asdict(cfg).items() if k not in ("quick_gelu", "eos_id")}
     for name, preset in CONFIGS.items():
-        if name != "tiny" and {k: v for k, v in asdict(preset).items() if k != "quick_gelu"} == shapes:
+        if name != "tiny" and {k: v for k, v in asdict(preset).items() if k not in ("quick_gelu", "eos_id")} == shapes:
             return name + ("-quickgelu" if cfg.quick_gelu else "")  # QuickGELU is part of open_clip's name
     return None
 
@@ -1207,6 +1357,8 @@ def export_open_clip(model, out):
             raise ValueError(f"open_clip cannot express the {name} MLP width {mlp}; export --format hf instead")
     text_cfg = {"context_length": cfg.context_length, "vocab_size": cfg.vocab_size, "width": cfg.text_width,
                 "heads": cfg.text_heads, "layers": cfg.text_layers, "mlp_ratio": ratio["text"]}
+    if cfg.eos_id is not None:
+        text_cfg.update(pool_type="eos", eos_id=cfg.eos_id)
     openai_vocab = vocab_sha256(tok) == OPENAI_VOCAB
     lines = []
     if not openai_vocab:  # open_clip then reads the folder's tokenizer files through transformers
@@ -1379,9 +1531,6 @@ class Tokenizer:
         self.eot = tokenizer.token_to_id(EOT)
         if self.sot is None or self.eot is None:
             raise ValueError(f"tokenizer has no {SOT} / {EOT} tokens: it is not a CLIP tokenizer")
-        # The text tower finds the end of each text with argmax over ids (as OpenAI's does).
-        if self.eot != tokenizer.get_vocab_size() - 1:
-            raise ValueError(f"{EOT} must have the highest id (it has {self.eot} of {tokenizer.get_vocab_size()})")
 
     @property
     def vocab_size(self):
