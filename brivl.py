@@ -32,6 +32,7 @@ import copy
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -440,7 +441,10 @@ class ImageTransform:
         w, h = img.size
         if self.uint8 and img.format == "JPEG":  # a no-op once decoded, or when the full size is needed
             img.draft("RGB", (self.size, self.size))
-        img = img.convert("RGB")
+        if img.size[0] * img.size[1] > MAX_PIXELS:  # checked before the decode, which would hold it all
+            raise ImageTooLarge(f"{getattr(img, 'source', 'image')}: {img.size[0]} x {img.size[1]} pixels, over "
+                                f"the cap of {MAX_PIXELS}")
+        img = to_rgb(img)
         if self.resize == "bilinear":
             # The official pipeline: ToTensor, then torchvision 0.9's tensor resize (bilinear, no antialiasing).
             x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
@@ -786,10 +790,8 @@ def load(path, device="cpu", image_size=None, tokenizer=None):
 @torch.no_grad()
 def embed_images(model, preprocess, paths):
     """[N, D] normalised image features from the query encoder, over the grid's region boxes."""
-    from PIL import Image
-
     device = next(model.parameters()).device
-    images, boxes, mask = (torch.stack(x).to(device) for x in zip(*(preprocess(Image.open(p)) for p in paths)))
+    images, boxes, mask = (torch.stack(x).to(device) for x in zip(*(preprocess(read_image(p)) for p in paths)))
     return model.encode_image(images, boxes, mask, normalize=True).float()
 
 
@@ -1208,6 +1210,63 @@ def normalize_pixels(images, mean, std):
 # ==== end of copy: normalize-pixels ====
 
 
+# ==== copied from clip.py: image-files (edit clip.py, then: python tests/test_copies.py --fix) ====
+# Decoding holds the whole image (4 bytes a pixel in Pillow, then a copy): larger non-JPEG images are
+# refused before their decode; JPEGs are first drafted down to what the crop needs.
+MAX_PIXELS = 40_000_000
+
+
+class ImageTooLarge(OSError):
+    reason = "image too large"
+
+
+def to_rgb(img):
+    """RGB, with 16-bit and 32-bit integer images scaled to 8 bits (Pillow's convert clips them: white)."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        x = np.asarray(img).astype(np.float32)
+        x = np.clip(x / 257.0 + 0.5, 0, 255).astype(np.uint8)  # 0..65535 -> 0..255
+        from PIL import Image
+
+        return Image.fromarray(x, "L").convert("RGB")
+    return img.convert("RGB")
+
+
+MAX_IMAGE_BYTES = 64 << 20
+
+
+def read_image(path):
+    """A PIL image of a regular file (a FIFO or device would block or never end), decoded here so a
+    damaged or oversized file is one ValueError naming it."""
+    import io
+    import stat
+
+    from PIL import Image
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_IMAGE_BYTES:
+            os.close(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError("not a regular file")
+            raise ValueError(f"{st.st_size} bytes, over the {MAX_IMAGE_BYTES >> 20} MiB an image may have")
+        with os.fdopen(fd, "rb") as f:
+            img = Image.open(io.BytesIO(f.read(MAX_IMAGE_BYTES)))
+            img.source = path
+            if img.size[0] * img.size[1] > MAX_PIXELS and img.format != "JPEG":
+                raise ImageTooLarge(f"{img.size[0]} x {img.size[1]} pixels, over the cap of {MAX_PIXELS}")
+            if img.format != "JPEG":  # a JPEG's decode waits for the preprocess, which may draft it smaller
+                img.load()
+            return img
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such image file") from None
+    except Exception as e:  # Pillow: OSError, SyntaxError, DecompressionBombError, ValueError
+        lines = str(e).strip().splitlines() or [""]
+        reason = lines[0][:200] if type(e) is ValueError else f"{type(e).__name__}: {lines[0][:200]}"
+        raise ValueError(f"{path}: not a readable image ({reason}); check the file or leave it out") from None
+# ==== end of copy: image-files ====
+
+
 # ==== copied from clip.py: evaluation (edit clip.py, then: python tests/test_copies.py --fix) ====
 @torch.no_grad()
 def zero_shot_classifier(model, classnames, templates):
@@ -1260,6 +1319,11 @@ def predict_main(argv=None):
             if not os.path.isdir(args.images):
                 raise FileNotFoundError(f"{args.images}: no such folder (--images takes a folder of images)")
             images = sorted(os.path.join(args.images, f) for f in os.listdir(args.images) if f.lower().endswith(IMAGE_FILES))
+            special = [f for f in images if not os.path.isfile(f)]  # FIFOs, devices, sockets, folders
+            if special:
+                print(f"{me} predict: left out {len(special)} entries of {args.images} that are not regular files "
+                      f"(first: {special[0]})", file=sys.stderr)
+            images = [f for f in images if f not in special]
             if not images or not args.query:
                 raise ValueError(f"--images needs image files in {args.images} and at least one --query")
             queries, candidates = args.query, images
@@ -1272,8 +1336,10 @@ def predict_main(argv=None):
             if not args.image or not texts:
                 raise ValueError("pass --image FILE... with --labels 'a,b,...' or --texts FILE (or --images DIR --query TEXT)")
             for path in args.image:
-                if not os.path.isfile(path):
+                if not os.path.exists(path):
                     raise FileNotFoundError(f"{path}: no such image file")
+                if not os.path.isfile(path):
+                    raise ValueError(f"{path}: not a regular file; pass image files")
             queries, candidates = args.image, texts
         model, preprocess = load(args.ckpt, **({"tokenizer": args.tokenizer} if args.tokenizer else {}))
         model.to(args.device)
@@ -1540,7 +1606,6 @@ def _lse_backward_triton(x, y, scale, row, col, g_row, g_col, need_x, need_y):
 
 
 if __name__ == "__main__":
-    import sys
 
     if sys.argv[1:2] != ["predict"]:
         raise SystemExit("usage: python brivl.py predict --ckpt CHECKPOINT --image A.jpg --labels '一只狗,一只猫' "

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import re
+import sys
 import unicodedata
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -443,9 +444,10 @@ class ImageTransform:
     the loader skips them as on the CPU path), are decoded here as usual.
     """
 
-    def __init__(self, size, train, scale=(0.9, 1.0), mean=MEAN, std=STD, uint8=False, draft=True, defer=False):
+    def __init__(self, size, train, scale=(0.9, 1.0), mean=MEAN, std=STD, uint8=False, draft=True, defer=False,
+                 max_pixels=None):
         self.size, self.train, self.scale, self.uint8, self.draft = size, train, scale, uint8, draft
-        self.mean, self.std, self.defer = mean, std, defer
+        self.mean, self.std, self.defer, self.max_pixels = mean, std, defer, max_pixels or MAX_PIXELS
 
     def crop_box(self, w, h, rng):
         for _ in range(10):  # torchvision's RandomResizedCrop rule, with our own rng
@@ -467,14 +469,17 @@ class ImageTransform:
             r = self.size / min(w, h)
             box, out = (0, 0, w, h), (max(self.size, round(w * r)), max(self.size, round(h * r)))
             need = out
-        if self.defer and deferrable(img):
+        if self.defer and deferrable(img) and w * h <= self.max_pixels:
             # Plain Python values: a worker pickles them into its pipe in one go, where every small
             # tensor would cost a shared-memory segment of its own.
             return {"jpeg": img.encoded, "box": box, "out": out}
         if self.draft and img.format == "JPEG":  # a no-op once decoded, or when the full size is needed
             img.draft("RGB", (math.ceil(need[0]), math.ceil(need[1])))
+        if img.size[0] * img.size[1] > self.max_pixels:  # checked before the decode, which would hold it all
+            raise ImageTooLarge(f"{getattr(img, 'source', 'image')}: {img.size[0]} x {img.size[1]} pixels, over "
+                                f"the cap of {self.max_pixels} (a decompression bomb, or a scan to shrink first)")
         from_file = img.format is not None
-        img = img.convert("RGB")
+        img = to_rgb(img)
         if img.size != (w, h):  # drafted: the box to the nearest whole pixels of the smaller image
             fx, fy = img.size[0] / w, img.size[1] / h
             box = (round(box[0] * fx), round(box[1] * fy), round(box[2] * fx), round(box[3] * fy))
@@ -600,6 +605,63 @@ def normalize_pixels(images, mean, std):
     std = torch.tensor(std, device=images.device).view(3, 1, 1)
     return (images.float().div_(255) - mean) / std
 # ==== end of region normalize-pixels ====
+
+
+# ==== region image-files (copied into brivl.py, clippo.py, altclip.py, laclip.py) ====
+# Decoding holds the whole image (4 bytes a pixel in Pillow, then a copy): larger non-JPEG images are
+# refused before their decode; JPEGs are first drafted down to what the crop needs.
+MAX_PIXELS = 40_000_000
+
+
+class ImageTooLarge(OSError):
+    reason = "image too large"
+
+
+def to_rgb(img):
+    """RGB, with 16-bit and 32-bit integer images scaled to 8 bits (Pillow's convert clips them: white)."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        x = np.asarray(img).astype(np.float32)
+        x = np.clip(x / 257.0 + 0.5, 0, 255).astype(np.uint8)  # 0..65535 -> 0..255
+        from PIL import Image
+
+        return Image.fromarray(x, "L").convert("RGB")
+    return img.convert("RGB")
+
+
+MAX_IMAGE_BYTES = 64 << 20
+
+
+def read_image(path):
+    """A PIL image of a regular file (a FIFO or device would block or never end), decoded here so a
+    damaged or oversized file is one ValueError naming it."""
+    import io
+    import stat
+
+    from PIL import Image
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_IMAGE_BYTES:
+            os.close(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError("not a regular file")
+            raise ValueError(f"{st.st_size} bytes, over the {MAX_IMAGE_BYTES >> 20} MiB an image may have")
+        with os.fdopen(fd, "rb") as f:
+            img = Image.open(io.BytesIO(f.read(MAX_IMAGE_BYTES)))
+            img.source = path
+            if img.size[0] * img.size[1] > MAX_PIXELS and img.format != "JPEG":
+                raise ImageTooLarge(f"{img.size[0]} x {img.size[1]} pixels, over the cap of {MAX_PIXELS}")
+            if img.format != "JPEG":  # a JPEG's decode waits for the preprocess, which may draft it smaller
+                img.load()
+            return img
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such image file") from None
+    except Exception as e:  # Pillow: OSError, SyntaxError, DecompressionBombError, ValueError
+        lines = str(e).strip().splitlines() or [""]
+        reason = lines[0][:200] if type(e) is ValueError else f"{type(e).__name__}: {lines[0][:200]}"
+        raise ValueError(f"{path}: not a readable image ({reason}); check the file or leave it out") from None
+# ==== end of region image-files ====
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1237,10 +1299,8 @@ def export_main(argv=None):
 @torch.no_grad()
 def embed_images(model, preprocess, paths):
     """[N, D] normalised image features for image files."""
-    from PIL import Image
-
     device = next(model.parameters()).device
-    pixels = torch.stack([preprocess(Image.open(p)) for p in paths]).to(device)
+    pixels = torch.stack([preprocess(read_image(p)) for p in paths]).to(device)
     return model.encode_image(pixels, normalize=True).float()
 # ==== end of region embed-images ====
 
@@ -1269,6 +1329,11 @@ def predict_main(argv=None):
             if not os.path.isdir(args.images):
                 raise FileNotFoundError(f"{args.images}: no such folder (--images takes a folder of images)")
             images = sorted(os.path.join(args.images, f) for f in os.listdir(args.images) if f.lower().endswith(IMAGE_FILES))
+            special = [f for f in images if not os.path.isfile(f)]  # FIFOs, devices, sockets, folders
+            if special:
+                print(f"{me} predict: left out {len(special)} entries of {args.images} that are not regular files "
+                      f"(first: {special[0]})", file=sys.stderr)
+            images = [f for f in images if f not in special]
             if not images or not args.query:
                 raise ValueError(f"--images needs image files in {args.images} and at least one --query")
             queries, candidates = args.query, images
@@ -1281,8 +1346,10 @@ def predict_main(argv=None):
             if not args.image or not texts:
                 raise ValueError("pass --image FILE... with --labels 'a,b,...' or --texts FILE (or --images DIR --query TEXT)")
             for path in args.image:
-                if not os.path.isfile(path):
+                if not os.path.exists(path):
                     raise FileNotFoundError(f"{path}: no such image file")
+                if not os.path.isfile(path):
+                    raise ValueError(f"{path}: not a regular file; pass image files")
             queries, candidates = args.image, texts
         model, preprocess = load(args.ckpt, **({"tokenizer": args.tokenizer} if args.tokenizer else {}))
         model.to(args.device)
@@ -1719,7 +1786,6 @@ def _lse_backward_triton(x, y, scale, row, col, g_row, g_col, need_x, need_y):
 
 
 if __name__ == "__main__":
-    import sys
 
     commands = {"predict": predict_main, "export": export_main}
     if sys.argv[1:2] not in ([c] for c in commands):

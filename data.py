@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import stat
 import sys
 import tarfile
 
@@ -54,12 +55,85 @@ def open_image(payload, where):
 
 def apply(transform, sample, rng, where):
     """transform(sample, rng). The pixels decode in there, so a truncated or corrupt image fails there:
-    PIL raises OSError (SyntaxError for some PNG damage), which becomes a SampleError naming the file."""
+    PIL raises OSError (SyntaxError for some PNG damage), which becomes a SampleError naming the file;
+    an image over the model's pixel cap raises an OSError whose reason says so."""
     try:
         return transform(sample, rng)
     except (OSError, SyntaxError) as e:
         where = getattr(sample.get("image"), "source", where)
-        raise SampleError("unreadable image", f"{where} ({type(e).__name__}: {e})") from None
+        raise SampleError(getattr(e, "reason", "unreadable image"), f"{where} ({type(e).__name__}: {e})") from None
+
+
+# A sample's files are read whole into memory: larger ones are skipped unread (--max-sample-bytes).
+MAX_SAMPLE_BYTES = 64 << 20
+
+
+def read_file(path, max_bytes=MAX_SAMPLE_BYTES):
+    """A data file's bytes. Only a regular file is read: a FIFO would block the run and a device never
+    end (they are opened without blocking, then refused); a file over max_bytes is skipped unread."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise SampleError("missing image", path) from None
+    except OSError as e:
+        raise SampleError("unreadable image", f"{path} ({type(e).__name__}: {e})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+        os.close(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SampleError("not a regular file", f"{path} (a FIFO, device, socket or folder)")
+        raise SampleError("sample too large", f"{path} ({st.st_size} bytes, over --max-sample-bytes {max_bytes})")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            payload = f.read(max_bytes + 1)
+        except OSError as e:
+            raise SampleError("unreadable image", f"{path} ({type(e).__name__}: {e})") from None
+    if len(payload) > max_bytes:  # it grew after the size was read
+        raise SampleError("sample too large", f"{path} (over --max-sample-bytes {max_bytes})")
+    return payload
+
+
+def read_table(path, separator):
+    """[(line number, fields or a reason it cannot be read)] of a CSV/TSV file, its header first.
+
+    Tab-separated files are read as their writers mean them: one row a line, split at tabs, no quote
+    processing (a stray quote in a caption cannot swallow the rows after it); a field wholly in
+    double quotes is unquoted. Comma-separated files follow the CSV rules; a quoted field that runs
+    over lines is said once. A line that is not UTF-8 is kept as its reason, to be skipped and counted
+    when its sample is drawn: one bad line never refuses the whole file."""
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", "surrogateescape")  # undecodable bytes become lone surrogates
+    if text.startswith("\ufeff"):  # a byte-order mark, as spreadsheet programs write
+        text = text[1:]
+    rows = []
+    if separator == "\t":
+        for i, line in enumerate(text.split("\n"), 1):  # only \n ends a row: \u2028 in a caption does not
+            line = line[:-1] if line.endswith("\r") else line
+            if line.strip():
+                rows.append((i, [unquote(field) for field in line.split("\t")]))
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator)
+        start, spans = 1, []
+        for fields in reader:
+            if any(field.strip() for field in fields):
+                rows.append((start, fields))
+            if reader.line_num > start and any("\n" in field for field in fields):
+                spans.append(start)
+            start = reader.line_num + 1
+        if spans:
+            print(f"data.py: {path}: {len(spans)} quoted fields run over several lines (first: line {spans[0]}); "
+                  f"each was read as one row. An unbalanced quote? Check those lines", file=sys.stderr)
+    return [(i, fields if not any(has_surrogate(f) for f in fields) else "not UTF-8") for i, fields in rows]
+
+
+def unquote(field):
+    if len(field) >= 2 and field[0] == field[-1] == '"' and '"' not in field[1:-1].replace('""', ""):
+        return field[1:-1].replace('""', '"')
+    return field
+
+
+def has_surrogate(s):
+    return any("\ud800" <= c <= "\udfff" for c in s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,30 +273,43 @@ class CsvData:
     """Image path and caption columns (open_clip's --csv-img-key / --csv-caption-key / --csv-separator)."""
 
     def __init__(self, path, img_key="filepath", caption_key="title", separator=None, rewrite_keys=(),
-                 rewrite_files=()):
+                 rewrite_files=(), max_bytes=MAX_SAMPLE_BYTES):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such data file; pass --data synthetic, a .csv/.tsv file, or fix the path")
         if separator is None:
             separator = "," if path.endswith(".csv") else "\t"
-        self.path, self.root = path, os.path.dirname(os.path.abspath(path))
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=separator)
-            missing = [k for k in (img_key, caption_key, *rewrite_keys) if k not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(f"{path}: no column {' or '.join(map(repr, missing))} (columns: {reader.fieldnames}); "
-                                 f"name yours with --csv-img-key / --csv-caption-key / --rewrite-columns, "
-                                 f"or set --csv-separator")
-            rows = [(r[img_key], r[caption_key], [r[k] or "" for k in rewrite_keys]) for r in reader]
+        self.path, self.root, self.max_bytes = path, os.path.dirname(os.path.abspath(path)), max_bytes
+        table = read_table(path, separator)
+        header = table[0][1] if table and not isinstance(table[0][1], str) else None
+        missing = [k for k in (img_key, caption_key, *rewrite_keys) if k not in (header or [])]
+        if missing:
+            raise ValueError(f"{path}: no column {' or '.join(map(repr, missing))} (columns: {header}); "
+                             f"name yours with --csv-img-key / --csv-caption-key / --rewrite-columns, "
+                             f"or set --csv-separator")
+        columns = [header.index(k) for k in (img_key, caption_key, *rewrite_keys)]
+        rows, self.bad = [], {}  # bad: row -> why it cannot be read (skipped and counted when drawn)
+        for line, fields in table[1:]:
+            if isinstance(fields, str) or len(fields) != len(header):
+                why = fields if isinstance(fields, str) else f"{len(fields)} fields, not {len(header)}"
+                self.bad[len(rows)] = f"{path}:{line}: {why}"
+                fields = [""] * len(header)
+            rows.append((fields[columns[0]], fields[columns[1]], [fields[c] for c in columns[2:]]))
         if not rows:
             raise ValueError(f"{path}: no rows under the header")
+        if self.bad:
+            print(f"data.py: {path}: {len(self.bad)} of {len(rows)} rows cannot be read and will be skipped "
+                  f"(first: {next(iter(self.bad.values()))})", file=sys.stderr)
         self.images, self.texts = [r[0] for r in rows], [r[1] for r in rows]
         # Rewrites: extra columns, and/or LaCLIP's layout of one text file per source aligned by line.
         self.rewrites = [r[2] for r in rows] if rewrite_keys or rewrite_files else None
         for rf in rewrite_files:
             if not os.path.isfile(rf):
                 raise FileNotFoundError(f"{rf}: no such rewrite file (--rewrite-files)")
-            with open(rf, encoding="utf-8") as f:
-                lines = f.read().splitlines()
+            with open(rf, encoding="utf-8", errors="replace", newline="") as f:
+                # one rewrite a line: only \n ends a line (a \u2028 inside a rewrite must not shift the rest)
+                lines = [line[:-1] if line.endswith("\r") else line for line in f.read().split("\n")]
+            if lines and lines[-1] == "":
+                lines.pop()
             if len(lines) != len(rows):  # a short file (a generator still running) leaves the rest without
                 print(f"data.py: {rf} has {len(lines)} lines for {len(rows)} rows of {path}", flush=True)
             for i, r in enumerate(self.rewrites):
@@ -232,18 +319,13 @@ class CsvData:
         return len(self.images)
 
     def sample(self, index, rng):
+        if index in self.bad:
+            raise SampleError("unreadable row", self.bad[index])
         text = (self.texts[index] or "").strip()
         if not text:
             raise SampleError("empty caption")
         path = os.path.join(self.root, self.images[index])
-        try:
-            with open(path, "rb") as f:
-                payload = f.read()
-        except FileNotFoundError:
-            raise SampleError("missing image", path) from None
-        except OSError as e:
-            raise SampleError("unreadable image", f"{path} ({type(e).__name__}: {e})") from None
-        sample = {"image": open_image(payload, path), "text": text}
+        sample = {"image": open_image(read_file(path, self.max_bytes), path), "text": text}
         if self.rewrites is not None:
             sample["rewrites"] = [r for r in self.rewrites[index] if r.strip()]
         return sample
@@ -263,17 +345,18 @@ class ParallelText:
         if separator is None:
             separator = "," if path.endswith(".csv") else "\t"
         self.path = path
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = [r for r in csv.reader(f, delimiter=separator) if r]
-        if not rows:
-            raise ValueError(f"{path}: empty file")
+        table = read_table(path, separator)
+        rows = [fields if not isinstance(fields, str) else None for _, fields in table]
+        self.lines = [line for line, _ in table]
+        if not rows or rows[0] is None:
+            raise ValueError(f"{path}: empty file, or a first line that is not UTF-8")
         header = rows[0]
         english = caption_key if caption_key in header else "en" if "en" in header else None
         if english is None:  # no header: english, then translations
-            header = ["en"] + [f"text{i}" for i in range(1, max(len(r) for r in rows))]
+            header = ["en"] + [f"text{i}" for i in range(1, max(len(r) for r in rows if r))]
             english = "en"
         else:
-            rows = rows[1:]
+            rows, self.lines = rows[1:], self.lines[1:]
         if len(header) < 2:
             raise ValueError(f"{path}: one column only; parallel text needs the English and at least one translation "
                              f"(set --csv-separator if the columns are not tab-separated)")
@@ -284,16 +367,18 @@ class ParallelText:
         return len(self.rows)
 
     def sample(self, index, rng):
-        row = self.rows[index]
+        row, line = self.rows[index], self.lines[index]
+        if row is None:
+            raise SampleError("unreadable row", f"{self.path}:{line}: not UTF-8")
         if len(row) != len(self.header):
-            raise SampleError("malformed line", f"{self.path}: line {index + 2} has {len(row)} fields, not {len(self.header)}")
+            raise SampleError("malformed line", f"{self.path}:{line}: {len(row)} fields, not {len(self.header)}")
         texts = {("en" if i == self.en else name): t.strip() for i, (name, t) in enumerate(zip(self.header, row))}
         if not all(texts.values()):
-            raise SampleError("empty caption", f"{self.path}: line {index + 2}")
+            raise SampleError("empty caption", f"{self.path}:{line}")
         return {"text": texts["en"], "texts": texts}
 
     def caption_corpus(self, limit=100_000):
-        return (t for r in self.rows[:limit] for t in r if t.strip())
+        return (t for r in self.rows[:limit] if r for t in r if t.strip())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,9 +425,10 @@ def shard_list(spec, weights=None):
     return paths, np.array(per_shard) / sum(per_shard)
 
 
-def read_shard(path, problems):
+def read_shard(path, problems, max_bytes=MAX_SAMPLE_BYTES):
     """Yield (key, {extension: bytes}) for the samples of a tar, members grouped by webdataset's key
-    (the path up to the first dot of the file name). A damaged tar ends early, and says so."""
+    (the path up to the first dot of the file name). A damaged tar ends early, and says so. A member
+    over max_bytes is not read (the stream skips past it): its group says so under TOO_LARGE."""
     key, group, n = None, {}, 0
     try:
         with tarfile.open(path, "r|*") as tar:
@@ -358,6 +444,9 @@ def read_shard(path, problems):
                         yield key[1], group
                         n += 1
                     key, group = (folder, stem), {}
+                if member.size > max_bytes:
+                    group[TOO_LARGE] = f"{member.name}: {member.size} bytes, over --max-sample-bytes {max_bytes}"
+                    continue
                 group[ext.lower()] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError) as e:
         problems.append("truncated or unreadable shard")
@@ -370,9 +459,14 @@ def read_shard(path, problems):
         problems.append("empty shard")
 
 
+TOO_LARGE = ""  # a key no file extension can be
+
+
 def decode_sample(key, group, path):
     """{'image', 'text'} plus what a .json member holds ('rewrites', 'texts', 'label', 'boxes'), or SampleError."""
     where = f"{path}:{key}"
+    if TOO_LARGE in group:
+        raise SampleError("sample too large", f"{path}:{group[TOO_LARGE]}")
     meta = {}
     if "json" in group:
         try:
@@ -408,8 +502,9 @@ def decode_sample(key, group, path):
 class Shards:
     """A training set of tar shards, streamed. Only its shard list lives here; ShardBatches reads."""
 
-    def __init__(self, spec, weights=None, resampled=False, buffer=2000):
+    def __init__(self, spec, weights=None, resampled=False, buffer=2000, max_bytes=MAX_SAMPLE_BYTES):
         self.spec, self.paths, self.weights = spec, *shard_list(spec, weights)
+        self.max_bytes = max_bytes
         if weights and not resampled:
             raise ValueError("--data-weights needs --resampled: without it every shard is read once an epoch")
         self.resampled, self.buffer = resampled, buffer
@@ -418,7 +513,7 @@ class Shards:
         """Captions of the first shards, for a tokenizer trained on the data."""
         n = 0
         for path in self.paths:
-            for _, group in read_shard(path, []):
+            for _, group in read_shard(path, [], self.max_bytes):
                 if "txt" in group:
                     yield group["txt"].decode("utf-8", "replace")
                     n += 1
@@ -469,7 +564,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, epoch, slot, ORDER])
         buffer, i = [], 0
         for path in paths:
-            for key, group in read_shard(path, problems):
+            for key, group in read_shard(path, problems, self.data.max_bytes):
                 i += 1
                 if stride > 1 and (i - 1) % stride != slot:
                     continue
@@ -523,8 +618,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
 class ShardIndex:
     """A held-out set of (uncompressed) tar shards, indexed once for random access: validation data."""
 
-    def __init__(self, spec):
-        self.spec, self.path = spec, spec
+    def __init__(self, spec, max_bytes=MAX_SAMPLE_BYTES):
+        self.spec, self.path, self.max_bytes = spec, spec, max_bytes
         paths, _ = shard_list(spec)
         self.items = []  # (path, key, {ext: (offset, size)})
         for path in paths:
@@ -551,6 +646,9 @@ class ShardIndex:
         group = {}
         with open(path, "rb") as f:
             for ext, (offset, size) in members.items():
+                if size > self.max_bytes:
+                    group[TOO_LARGE] = f"{key}.{ext}: {size} bytes, over --max-sample-bytes {self.max_bytes}"
+                    continue
                 f.seek(offset)
                 group[ext] = f.read(size)
         return decode_sample(key, group, path)
@@ -622,11 +720,7 @@ class ImageFolder:
 
     def sample(self, index, rng):
         path, label = self.items[index]
-        try:
-            with open(path, "rb") as f:
-                image = open_image(f.read(), path)
-        except OSError as e:
-            raise SampleError("unreadable image", f"{path} ({type(e).__name__}: {e})") from None
+        image = open_image(read_file(path), path)
         return {"image": image, "text": self.classnames["en"][label], "label": label}
 
 
@@ -743,19 +837,20 @@ def build(args):
     if args.data == "synthetic":
         return (Synthetic(args.seed, "train", args.synthetic_size, args.synthetic_templates, parallel),
                 Synthetic(args.seed, "val", args.val_size), zeroshot)
-    kw = dict(img_key=args.csv_img_key, caption_key=args.csv_caption_key, separator=args.csv_separator)
+    limit = getattr(args, "max_sample_bytes", MAX_SAMPLE_BYTES)
+    kw = dict(img_key=args.csv_img_key, caption_key=args.csv_caption_key, separator=args.csv_separator, max_bytes=limit)
     split = lambda v: [x for x in (v or "").split(",") if x]  # noqa: E731
     if parallel:
         if is_shards(args.data):
             raise ValueError(f"{args.data}: this stage trains on parallel text; pass a TSV of (english, translation) lines")
         train = ParallelText(args.data, args.csv_caption_key, args.csv_separator)
     elif is_shards(args.data):
-        train = Shards(args.data, args.data_weights, args.resampled, args.shuffle_buffer)
+        train = Shards(args.data, args.data_weights, args.resampled, args.shuffle_buffer, limit)
     else:
         train = CsvData(args.data, rewrite_keys=split(args.rewrite_columns), rewrite_files=split(args.rewrite_files), **kw)
     val = None
     if args.val_data:
-        val = ShardIndex(args.val_data) if is_shards(args.val_data) else CsvData(args.val_data, **kw)
+        val = ShardIndex(args.val_data, limit) if is_shards(args.val_data) else CsvData(args.val_data, **kw)
     return train, val, zeroshot
 
 
@@ -804,6 +899,8 @@ def add_args(parser):
     parser.add_argument("--csv-img-key", default="filepath")
     parser.add_argument("--csv-caption-key", default="title")
     parser.add_argument("--csv-separator", default=None, help="default: ',' for .csv, tab otherwise")
+    parser.add_argument("--max-sample-bytes", type=int, default=MAX_SAMPLE_BYTES,
+                        help="a sample's files larger than this are skipped unread and counted (default 64 MiB)")
     parser.add_argument("--synthetic-size", type=int, default=100_000, help="samples in a synthetic epoch")
     parser.add_argument("--val-size", type=int, default=1000, help="held-out synthetic samples for eval")
     parser.add_argument("--synthetic-templates", type=int, default=0,
@@ -817,24 +914,56 @@ def add_args(parser):
 # python data.py shards --csv FILE --out DIR: shards from a CSV of local images
 
 
-def write_shards(csv_path, out, per_shard=10_000, img_key="filepath", caption_key="title", separator=None):
-    """Tar shards in img2dataset's layout (000000123.jpg/.txt/.json) from a CSV; returns the paths."""
+def write_shards(csv_path, out, per_shard=10_000, img_key="filepath", caption_key="title", separator=None,
+                 allow_outside=False, max_bytes=MAX_SAMPLE_BYTES):
+    """Tar shards in img2dataset's layout (000000123.jpg/.txt/.json) from a CSV; returns the paths.
+
+    Only what opens as an image goes in. A row whose path resolves outside the CSV's folder (../, an
+    absolute path, a symlink out) is refused unless allow_outside: a CSV from elsewhere must not pack
+    this machine's files into shards that are then shared. Every row left out is said and counted."""
+    from PIL import Image
+
     data = CsvData(csv_path, img_key, caption_key, separator)
     os.makedirs(out, exist_ok=True)
-    paths = []
+    paths, left_out = [], []
+
+    def leave_out(i, why):
+        left_out.append(i)
+        print(f"data.py: row {i + 2} of {csv_path}: {why}; left out", file=sys.stderr)
+
+    root = os.path.realpath(data.root)
     for s in range(0, len(data), per_shard):
         path = os.path.join(out, f"{s // per_shard:05d}.tar")
         tmp = path + ".tmp"
         with tarfile.open(tmp, "w") as tar:
             for i in range(s, min(s + per_shard, len(data))):
+                if i in data.bad:
+                    leave_out(i, data.bad[i])
+                    continue
                 src = os.path.join(data.root, data.images[i])
                 ext = os.path.splitext(src)[1].lower().lstrip(".")
-                if ext not in IMAGE_EXTS or not os.path.isfile(src):
-                    print(f"data.py: row {i + 2} of {csv_path}: {src} is missing or not a {'/'.join(IMAGE_EXTS)} "
-                          f"file; left out", file=sys.stderr)
+                if ext not in IMAGE_EXTS:
+                    leave_out(i, f"{src} is not a {'/'.join(IMAGE_EXTS)} file")
+                    continue
+                if not allow_outside and os.path.commonpath([root, os.path.realpath(src)]) != root:
+                    leave_out(i, f"{src} resolves outside {data.root} (pass --allow-outside if that is meant)")
+                    continue
+                try:
+                    payload = read_file(src, max_bytes)
+                    with Image.open(io.BytesIO(payload)) as img:
+                        img.verify()  # the file's structure, without a decode
+                    kind = img.format
+                except SampleError as e:
+                    leave_out(i, str(e))
+                    continue
+                except Exception as e:  # Pillow: OSError, SyntaxError, DecompressionBombError ...
+                    leave_out(i, f"{src} does not open as an image ({type(e).__name__})")
+                    continue
+                if kind not in ("JPEG", "PNG", "WEBP"):
+                    leave_out(i, f"{src} is a {kind} image named .{ext}")
                     continue
                 key = f"{i:09d}"
-                members = [(ext, open(src, "rb").read()), ("txt", (data.texts[i] or "").encode()),
+                members = [(ext, payload), ("txt", (data.texts[i] or "").encode()),
                            ("json", json.dumps({"key": key, "caption": data.texts[i], "source": data.images[i]}).encode())]
                 for e, payload in members:
                     info = tarfile.TarInfo(f"{key}.{e}")
@@ -842,6 +971,9 @@ def write_shards(csv_path, out, per_shard=10_000, img_key="filepath", caption_ke
                     tar.addfile(info, io.BytesIO(payload))
         os.replace(tmp, path)
         paths.append(path)
+    if left_out:
+        print(f"data.py: left out {len(left_out)} of {len(data)} rows of {csv_path} (each named above)",
+              file=sys.stderr)
     return paths
 
 
@@ -862,6 +994,8 @@ if __name__ == "__main__":
     sp.add_argument("--csv-img-key", default="filepath")
     sp.add_argument("--csv-caption-key", default="title")
     sp.add_argument("--csv-separator", default=None)
+    sp.add_argument("--allow-outside", action="store_true", help="pack rows whose files lie outside the CSV's folder")
+    sp.add_argument("--max-sample-bytes", type=int, default=MAX_SAMPLE_BYTES)
     a = p.parse_args()
     if a.command == "sample":
         os.makedirs(a.out, exist_ok=True)
@@ -870,5 +1004,9 @@ if __name__ == "__main__":
             held_out.image(i).save(os.path.join(a.out, f"{i}.png"))
             print(f"{os.path.join(a.out, f'{i}.png')}: {held_out.captions(i)[0][0]}")
         raise SystemExit(0)
-    written = write_shards(a.csv, a.out, a.per_shard, a.csv_img_key, a.csv_caption_key, a.csv_separator)
+    try:
+        written = write_shards(a.csv, a.out, a.per_shard, a.csv_img_key, a.csv_caption_key, a.csv_separator,
+                               a.allow_outside, a.max_sample_bytes)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"data.py shards: {e}") from None
     print(f"wrote {len(written)} shards to {a.out}: {os.path.join(a.out, '{' + f'00000..{len(written) - 1:05d}' + '}.tar')}")

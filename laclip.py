@@ -27,6 +27,7 @@ import math
 import os
 import re
 import unicodedata
+import sys
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
@@ -193,13 +194,73 @@ def completions_url(endpoint):
     return url + ("/completions" if url.endswith("/v1") else "/v1/completions")
 
 
-def request_rewrite(url, caption, pairs, args):
-    """One rewrite, retried with exponential backoff on server errors, time-outs and refused connections."""
+MAX_ANSWER_BYTES = 1 << 20  # a completion server's whole answer; more is a failed request
+MAX_REWRITE_CHARS = 1000  # a rewrite is a caption: longer ones are cut at a word
+
+
+def fold(text):
+    """One line: every character str.splitlines splits on (\r, \x0b, \x0c, \x1c-\x1e, \x85, \u2028,
+    \u2029, \n) becomes a space, so each caption's rewrite is exactly one line of the output."""
+    text = " ".join(" ".join(text.splitlines()).split())
+    if len(text) > MAX_REWRITE_CHARS:
+        text = text[:MAX_REWRITE_CHARS].rsplit(" ", 1)[0]
+    return text
+
+
+def post_json(url, payload, timeout):
+    """POST, then the JSON answer, all within `timeout` seconds: a watchdog shuts the socket at the
+    deadline, so a server that drips its answer a byte at a time cannot hold a request past it."""
+    import http.client
     import json
     import socket
+    import threading
+    import urllib.parse
+
+    u = urllib.parse.urlsplit(url)
+    conn_class = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+    conn = conn_class(u.hostname, u.port, timeout=timeout)
+    expired, opened = threading.Event(), []
+
+    def cut():
+        expired.set()
+        for sock in opened:  # the response keeps reading from it after the connection object lets go
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(timeout, cut)
+    timer.start()
+    try:
+        conn.connect()
+        opened.append(conn.sock)
+        if expired.is_set():
+            cut()
+        conn.request("POST", u.path + (f"?{u.query}" if u.query else ""), body=payload,
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        body = response.read(MAX_ANSWER_BYTES + 1)
+        status = response.status
+    except (OSError, http.client.HTTPException) as e:
+        raise TimeoutError(f"no whole answer within --timeout {timeout:g} s") if expired.is_set() else e
+    finally:
+        timer.cancel()
+        conn.close()
+    if expired.is_set():
+        raise TimeoutError(f"no whole answer within --timeout {timeout:g} s")
+    if status >= 400:
+        return status, body[:300]
+    if len(body) > MAX_ANSWER_BYTES:
+        raise ValueError(f"an answer over {MAX_ANSWER_BYTES >> 20} MiB")
+    return status, json.loads(body)
+
+
+def request_rewrite(url, caption, pairs, args):
+    """One rewrite, retried with exponential backoff on server errors, time-outs, refused connections and
+    answers without text."""
+    import http.client
+    import json
     import time
-    import urllib.error
-    import urllib.request
 
     payload = json.dumps({"model": args.model, "prompt": rewrite_prompt(caption, pairs), "max_tokens": args.max_tokens,
                           "temperature": args.temperature, "top_p": args.top_p, "stop": ["\n"]}).encode()
@@ -209,21 +270,36 @@ def request_rewrite(url, caption, pairs, args):
             time.sleep(delay)
             delay = min(2 * delay, 60)
         try:
-            request = urllib.request.Request(url, data=payload, headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=args.timeout) as response:
-                text = json.load(response)["choices"][0]["text"]
-            return text.strip().split("\n")[0].strip()  # the first generated line
-        except urllib.error.HTTPError as e:
-            if e.code < 500 and e.code != 429:  # the request itself is wrong: retrying will not help
-                raise RewriteError(f"{url} refused the request: HTTP {e.code} {e.read()[:300]!r}") from None
-            error = f"HTTP {e.code}"
-        except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
-            error = str(getattr(e, "reason", e))
-        except (ValueError, KeyError, IndexError) as e:
-            raise RewriteError(f"{url} did not answer as an OpenAI-compatible completion server: {e!r}") from None
-    raise RewriteError(f"no answer from {url} after {args.retries + 1} tries (last: {error}). Is the completion "
+            status, answer = post_json(url, payload, args.timeout)
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, cut short, or past the deadline
+            error = f"{type(e).__name__}: {e}"
+            continue
+        except ValueError as e:  # not JSON, or too long
+            error = f"not an OpenAI-compatible answer ({str(e)[:100]})"
+            continue
+        if status >= 400:
+            if status < 500 and status != 429:  # the request itself is wrong: retrying will not help
+                raise RewriteError(f"{url} refused the request: HTTP {status} {answer!r}")
+            error = f"HTTP {status}"
+            continue
+        try:
+            text = answer["choices"][0]["text"]
+        except (TypeError, KeyError, IndexError):
+            text = None
+        if not isinstance(text, str):  # {"text": null}, no choices, or another shape
+            error = "an answer without choices[0].text"
+            continue
+        return fold(text)  # stop=["\n"] asks for one line; whatever else comes is folded into it
+    raise RewriteError(f"no usable answer from {url} after {args.retries + 1} tries (last: {error}). Is the completion "
                        f"server running (llama.cpp: llama-server -m MODEL.gguf --port 8080; vLLM: vllm serve MODEL)? "
                        f"Start it or fix --endpoint, then run the same command again: it continues where it stopped")
+
+
+def read_lines(path):
+    """The lines of a file, split at \n only (a \u2028 inside a caption is not a line break)."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        lines = f.read().split("\n")
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def rewrite_main(argv=None):
@@ -244,52 +320,56 @@ def rewrite_main(argv=None):
     p.add_argument("--temperature", type=float, default=0.9)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-tokens", type=int, default=77)
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request, the whole answer included")
     p.add_argument("--retries", type=int, default=5)
     p.add_argument("--backoff", type=float, default=1.0, help="first wait between tries, doubled each time")
     args = p.parse_args(argv)
 
     if not os.path.isfile(args.captions):
         raise SystemExit(f"laclip.py rewrite: {args.captions}: no such file")
-    with open(args.captions, encoding="utf-8") as f:
-        captions = f.read().splitlines()
+    captions = read_lines(args.captions)
+    if captions and captions[-1] == "":
+        captions.pop()
     pairs = META_PAIRS
     if args.meta_pairs:
-        with open(args.meta_pairs, encoding="utf-8") as f:
+        with open(args.meta_pairs, encoding="utf-8", errors="replace") as f:
             pairs = [tuple(x.strip() for x in line.split("=>", 1)) for line in f if "=>" in line]
         if len(pairs) < 3:
             raise SystemExit(f"laclip.py rewrite: {args.meta_pairs}: needs at least 3 'source => target' lines")
     root, ext = os.path.splitext(args.out)
     outs = [args.out] if args.rewrites == 1 else [f"{root}.{k}{ext}" for k in range(args.rewrites)]
-    # Resume: keep the lines every output already has, drop a partly written last line.
-    done = len(captions)
+    # Resume: each output continues after the lines it has. Nothing is ever cut from a file: one that
+    # does not fit these captions is refused, with what to do.
+    have = []
     for path in outs:
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                done = min(done, len(f.read().split("\n")) - 1)
-        else:
-            done = 0
-    for path in outs:
-        lines = open(path, encoding="utf-8").read().split("\n")[:done] if os.path.exists(path) else []
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
+        lines = read_lines(path) if os.path.exists(path) else [""]
+        if lines[-1] != "":
+            raise SystemExit(f"laclip.py rewrite: {path} ends in a partial line (a run stopped while writing it); "
+                             f"delete that last line, then run the same command again")
+        if len(lines) - 1 > len(captions):
+            raise SystemExit(f"laclip.py rewrite: {path} has {len(lines) - 1} lines for {len(captions)} captions of "
+                             f"{args.captions}: not its rewrites; move it away or pick another --out")
+        have.append(len(lines) - 1)
+    done = min(have)
     url = completions_url(args.endpoint)
 
     def job(item):
         i, k = item
         rng = random.Random(f"{args.seed}-{i}-{k}")
         text = request_rewrite(url, captions[i], rng.sample(pairs, 3), args)
-        return text or captions[i]  # an empty rewrite: keep the original rather than a blank line
+        return text or fold(captions[i])  # an empty rewrite: keep the original rather than a blank line
 
-    files = [open(path, "a", encoding="utf-8") for path in outs]
+    files = [open(path, "a", encoding="utf-8", newline="\n") for path in outs]
     pool = ThreadPoolExecutor(args.concurrency)
     try:
         for start in range(done, len(captions), 256):  # in chunks: results are written in input order
-            items = [(i, k) for i in range(start, min(start + 256, len(captions))) for k in range(args.rewrites)]
-            results = pool.map(job, items)
-            for i in range(start, min(start + 256, len(captions))):
-                for f in files:
-                    f.write(next(results).replace("\n", " ") + "\n")
+            rows = range(start, min(start + 256, len(captions)))
+            items = [(i, k) for i in rows for k in range(args.rewrites) if i >= have[k]]
+            results = pool.map(job, items)  # in the order of items, which is the order written
+            for i in rows:
+                for k, f in enumerate(files):
+                    if i >= have[k]:
+                        f.write(fold(next(results)) + "\n")
                 for f in files:
                     f.flush()
     except RewriteError as e:
@@ -671,9 +751,10 @@ class ImageTransform:
     the loader skips them as on the CPU path), are decoded here as usual.
     """
 
-    def __init__(self, size, train, scale=(0.9, 1.0), mean=MEAN, std=STD, uint8=False, draft=True, defer=False):
+    def __init__(self, size, train, scale=(0.9, 1.0), mean=MEAN, std=STD, uint8=False, draft=True, defer=False,
+                 max_pixels=None):
         self.size, self.train, self.scale, self.uint8, self.draft = size, train, scale, uint8, draft
-        self.mean, self.std, self.defer = mean, std, defer
+        self.mean, self.std, self.defer, self.max_pixels = mean, std, defer, max_pixels or MAX_PIXELS
 
     def crop_box(self, w, h, rng):
         for _ in range(10):  # torchvision's RandomResizedCrop rule, with our own rng
@@ -695,14 +776,17 @@ class ImageTransform:
             r = self.size / min(w, h)
             box, out = (0, 0, w, h), (max(self.size, round(w * r)), max(self.size, round(h * r)))
             need = out
-        if self.defer and deferrable(img):
+        if self.defer and deferrable(img) and w * h <= self.max_pixels:
             # Plain Python values: a worker pickles them into its pipe in one go, where every small
             # tensor would cost a shared-memory segment of its own.
             return {"jpeg": img.encoded, "box": box, "out": out}
         if self.draft and img.format == "JPEG":  # a no-op once decoded, or when the full size is needed
             img.draft("RGB", (math.ceil(need[0]), math.ceil(need[1])))
+        if img.size[0] * img.size[1] > self.max_pixels:  # checked before the decode, which would hold it all
+            raise ImageTooLarge(f"{getattr(img, 'source', 'image')}: {img.size[0]} x {img.size[1]} pixels, over "
+                                f"the cap of {self.max_pixels} (a decompression bomb, or a scan to shrink first)")
         from_file = img.format is not None
-        img = img.convert("RGB")
+        img = to_rgb(img)
         if img.size != (w, h):  # drafted: the box to the nearest whole pixels of the smaller image
             fx, fy = img.size[0] / w, img.size[1] / h
             box = (round(box[0] * fx), round(box[1] * fy), round(box[2] * fx), round(box[3] * fy))
@@ -828,6 +912,63 @@ def normalize_pixels(images, mean, std):
     std = torch.tensor(std, device=images.device).view(3, 1, 1)
     return (images.float().div_(255) - mean) / std
 # ==== end of copy: normalize-pixels ====
+
+
+# ==== copied from clip.py: image-files (edit clip.py, then: python tests/test_copies.py --fix) ====
+# Decoding holds the whole image (4 bytes a pixel in Pillow, then a copy): larger non-JPEG images are
+# refused before their decode; JPEGs are first drafted down to what the crop needs.
+MAX_PIXELS = 40_000_000
+
+
+class ImageTooLarge(OSError):
+    reason = "image too large"
+
+
+def to_rgb(img):
+    """RGB, with 16-bit and 32-bit integer images scaled to 8 bits (Pillow's convert clips them: white)."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        x = np.asarray(img).astype(np.float32)
+        x = np.clip(x / 257.0 + 0.5, 0, 255).astype(np.uint8)  # 0..65535 -> 0..255
+        from PIL import Image
+
+        return Image.fromarray(x, "L").convert("RGB")
+    return img.convert("RGB")
+
+
+MAX_IMAGE_BYTES = 64 << 20
+
+
+def read_image(path):
+    """A PIL image of a regular file (a FIFO or device would block or never end), decoded here so a
+    damaged or oversized file is one ValueError naming it."""
+    import io
+    import stat
+
+    from PIL import Image
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_IMAGE_BYTES:
+            os.close(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError("not a regular file")
+            raise ValueError(f"{st.st_size} bytes, over the {MAX_IMAGE_BYTES >> 20} MiB an image may have")
+        with os.fdopen(fd, "rb") as f:
+            img = Image.open(io.BytesIO(f.read(MAX_IMAGE_BYTES)))
+            img.source = path
+            if img.size[0] * img.size[1] > MAX_PIXELS and img.format != "JPEG":
+                raise ImageTooLarge(f"{img.size[0]} x {img.size[1]} pixels, over the cap of {MAX_PIXELS}")
+            if img.format != "JPEG":  # a JPEG's decode waits for the preprocess, which may draft it smaller
+                img.load()
+            return img
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such image file") from None
+    except Exception as e:  # Pillow: OSError, SyntaxError, DecompressionBombError, ValueError
+        lines = str(e).strip().splitlines() or [""]
+        reason = lines[0][:200] if type(e) is ValueError else f"{type(e).__name__}: {lines[0][:200]}"
+        raise ValueError(f"{path}: not a readable image ({reason}); check the file or leave it out") from None
+# ==== end of copy: image-files ====
 
 
 # ==== copied from clip.py: create (edit clip.py, then: python tests/test_copies.py --fix) ====
@@ -1421,10 +1562,8 @@ def export_main(argv=None):
 @torch.no_grad()
 def embed_images(model, preprocess, paths):
     """[N, D] normalised image features for image files."""
-    from PIL import Image
-
     device = next(model.parameters()).device
-    pixels = torch.stack([preprocess(Image.open(p)) for p in paths]).to(device)
+    pixels = torch.stack([preprocess(read_image(p)) for p in paths]).to(device)
     return model.encode_image(pixels, normalize=True).float()
 # ==== end of copy: embed-images ====
 
@@ -1453,6 +1592,11 @@ def predict_main(argv=None):
             if not os.path.isdir(args.images):
                 raise FileNotFoundError(f"{args.images}: no such folder (--images takes a folder of images)")
             images = sorted(os.path.join(args.images, f) for f in os.listdir(args.images) if f.lower().endswith(IMAGE_FILES))
+            special = [f for f in images if not os.path.isfile(f)]  # FIFOs, devices, sockets, folders
+            if special:
+                print(f"{me} predict: left out {len(special)} entries of {args.images} that are not regular files "
+                      f"(first: {special[0]})", file=sys.stderr)
+            images = [f for f in images if f not in special]
             if not images or not args.query:
                 raise ValueError(f"--images needs image files in {args.images} and at least one --query")
             queries, candidates = args.query, images
@@ -1465,8 +1609,10 @@ def predict_main(argv=None):
             if not args.image or not texts:
                 raise ValueError("pass --image FILE... with --labels 'a,b,...' or --texts FILE (or --images DIR --query TEXT)")
             for path in args.image:
-                if not os.path.isfile(path):
+                if not os.path.exists(path):
                     raise FileNotFoundError(f"{path}: no such image file")
+                if not os.path.isfile(path):
+                    raise ValueError(f"{path}: not a regular file; pass image files")
             queries, candidates = args.image, texts
         model, preprocess = load(args.ckpt, **({"tokenizer": args.tokenizer} if args.tokenizer else {}))
         model.to(args.device)
@@ -1903,7 +2049,6 @@ class LaCLIP(LaCLIPMethod, CLIP):
 
 
 if __name__ == "__main__":
-    import sys
 
     commands = {"rewrite": rewrite_main, "predict": predict_main, "export": export_main}
     if sys.argv[1:2] not in ([c] for c in commands):

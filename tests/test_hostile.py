@@ -1,0 +1,452 @@
+"""Files and servers we did not make: weights that would run code, data rows that would hang a run or
+eat other rows, oversized images and members, a misbehaving rewrite server. Nothing executes, nothing
+hangs, every row is read or counted, and every refusal is one line naming the file."""
+import http.server
+import io
+import json
+import os
+import pickle
+import socketserver
+import struct
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clip
+import data
+import laclip
+import train
+from conftest import ROOT
+from test_train import FAST, rows
+
+TINY = ["--model", "clip", "--size", "tiny", "--batch-size", "4", *FAST]
+
+
+def run(*args, timeout=120):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def one_line(proc):
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line
+             and not line.startswith("  warnings.warn")]
+    return len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights: TorchScript archives are read, never run
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train.main([*TINY, "--steps", "1", "--out", str(out)])
+    return str(out / "checkpoint.pt")
+
+
+def evil_archive(path, target):
+    """A TorchScript module whose __setstate__ creates `target` when torch.jit.load runs it."""
+
+    class Evil(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2))
+            self.target = target
+
+        def forward(self, x):
+            return x * self.w
+
+        @torch.jit.export
+        def __getstate__(self):
+            return (self.w, self.target, self.training)
+
+        @torch.jit.export
+        def __setstate__(self, state: tuple[torch.Tensor, str, bool]):
+            self.w = state[0]
+            self.target = state[1]
+            self.training = state[2]
+            self.w.data.add_(torch.from_file(self.target, shared=True, size=2))
+
+    torch.jit.script(Evil()).save(str(path))
+    return str(path)
+
+
+def reduce_archive(path, target):
+    """A zip in TorchScript's layout whose data.pkl calls os.system through a pickle REDUCE."""
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, (f"touch {target}",))
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("m/data.pkl", pickle.dumps(Boom(), protocol=2))
+        z.writestr("m/constants.pkl", pickle.dumps((), protocol=2))
+        z.writestr("m/version", "3\n")
+    return str(path)
+
+
+def test_torchscript_state_dict_equals_torch_jit_load(tmp_path):
+    model = clip.build("tiny", captions=["a red circle", "a blue square"] * 20).eval()
+    traced = torch.jit.trace_module(model, {"encode_image": (torch.zeros(1, 3, 48, 48, dtype=torch.uint8),)})
+    traced.save(str(tmp_path / "jit.pt"))
+    theirs = torch.jit.load(str(tmp_path / "jit.pt")).state_dict()
+    ours = clip.read_torchscript(str(tmp_path / "jit.pt"))
+    assert list(ours) == list(theirs)
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in theirs)
+
+    class Mixed(torch.nn.Module):  # buffers, half precision, a transposed (non-contiguous) parameter
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 4)
+            self.register_buffer("steps", torch.arange(5))
+            self.t = torch.nn.Parameter(torch.randn(5, 6).t())
+            self.h = torch.nn.Parameter(torch.randn(3).half())
+
+        def forward(self, x):
+            return self.lin(x)
+
+    torch.jit.script(Mixed()).save(str(tmp_path / "mixed.pt"))
+    theirs = torch.jit.load(str(tmp_path / "mixed.pt")).state_dict()
+    ours = clip.read_torchscript(str(tmp_path / "mixed.pt"))
+    assert list(ours) == list(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) and ours[k].stride() == theirs[k].stride() for k in theirs)
+
+
+def test_malicious_archives_run_nothing(tmp_path):
+    target = tmp_path / "pwned"
+    evil = evil_archive(tmp_path / "evil.pt", str(target))
+    torch.jit.load(evil)  # the archive is really hostile: loading it the usual way creates the file
+    assert target.exists()
+    target.unlink()
+    with pytest.raises(clip.UnsafeWeights, match=r"evil.pt: a TorchScript archive whose class .*Evil runs code"):
+        clip.read_state_dict(evil)
+    boom = reduce_archive(tmp_path / "boom.pt", str(target))
+    with pytest.raises(clip.UnsafeWeights, match=r"boom.pt: .*asks for (posix|os)\.system"):
+        clip.read_state_dict(boom)
+    assert not target.exists()
+
+
+@pytest.mark.slow
+def test_every_flag_that_reads_weights_refuses_them_in_one_line(tmp_path, tiny_ckpt):
+    target = tmp_path / "pwned"
+    evil = evil_archive(tmp_path / "evil.pt", str(target))
+    boom = reduce_archive(tmp_path / "boom.pt", str(target))
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    for bad in (evil, boom):
+        for command in (["clip.py", "predict", "--ckpt", bad, "--image", str(image), "--labels", "a,b"],
+                        ["laclip.py", "predict", "--ckpt", bad, "--image", str(image), "--labels", "a,b"],
+                        ["clip.py", "export", bad, str(tmp_path / "x"), "--format", "hf"],
+                        ["train.py", "--model", "clip", "--init", bad, "--steps", "1", "--out", str(tmp_path / "r")],
+                        ["train.py", "--model", "altclip", "--teacher", bad, "--steps", "1", "--out", str(tmp_path / "a")]):
+            proc = run(*command)
+            assert proc.returncode != 0 and one_line(proc)[0], (command, proc.stderr)
+            assert os.path.basename(bad) in proc.stderr and "refused" in proc.stderr, proc.stderr
+            assert not target.exists(), command
+
+
+def test_damaged_checkpoints_are_one_line(tmp_path, tiny_ckpt, capsys):
+    whole = open(tiny_ckpt, "rb").read()
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    for name, payload in (("empty.pt", b""), ("garbage.pt", os.urandom(5000)), ("truncated.pt", whole[: len(whole) // 2])):
+        path = tmp_path / name
+        path.write_bytes(payload)
+        with pytest.raises(SystemExit) as e:
+            clip.predict_main(["--ckpt", str(path), "--image", str(image), "--labels", "a,b"])
+        message = str(e.value.code)
+        assert "\n" not in message and name in message and "not a weights file" in message, message
+        with pytest.raises(ValueError, match=name):
+            clip.build(init=str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data rows: special files, sizes, quotes, encodings
+
+
+def png_header(width, height, mode=2):
+    """A PNG whose header claims width x height (RGB) over one byte of pixels: opens, never decodes."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, mode, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+
+
+def good_images(folder, n):
+    names = []
+    for i in range(n):
+        name = f"good{i}.png"
+        data.Synthetic(0, "train", n).image(i).save(folder / name)
+        names.append(name)
+    return names
+
+
+def test_special_and_oversized_files_are_skipped_and_counted(tmp_path):
+    names = good_images(tmp_path, 6)
+    os.mkfifo(tmp_path / "fifo.jpg")
+    (tmp_path / "folder.jpg").mkdir()
+    (tmp_path / "huge.png").write_bytes(png_header(12000, 12000))
+    with open(tmp_path / "sparse.png", "wb") as f:  # 80 MB on paper, nothing on disk
+        f.truncate(80 << 20)
+    bad = ["fifo.jpg", "/dev/zero", "folder.jpg", "huge.png", "sparse.png"]
+    lines = ["filepath\ttitle"] + [f"{n}\ta caption {i}" for i, n in enumerate(names + bad)]
+    (tmp_path / "d.tsv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    start = time.time()
+    train.main([*TINY, "--data", str(tmp_path / "d.tsv"), "--steps", "3", "--out", str(out), "--val-size", "0"])
+    assert time.time() - start < 60
+    skips = {}
+    for r in rows(out):
+        for why, n in r.get("skips", {}).items():
+            skips[why] = skips.get(why, 0) + n
+    assert {"not a regular file", "sample too large", "image too large"} <= set(skips), skips
+    assert skips["not a regular file"] >= 3  # the FIFO, /dev/zero and the folder, once an epoch each
+
+
+def test_size_cap_skips_members_unread(tmp_path):
+    buf = io.BytesIO()
+    data.Synthetic(0, "train", 1).image(0).save(buf, "PNG")
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for key, payload in (("a", buf.getvalue()), ("b", b"x" * 50_000)):
+            for ext, body in (("png", payload), ("txt", b"a caption")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    groups = list(data.read_shard(str(tmp_path / "s.tar"), [], max_bytes=20_000))
+    assert groups[0][1]["png"] == buf.getvalue()
+    assert "png" not in groups[1][1]
+    with pytest.raises(data.SampleError, match="b.png: 50000 bytes, over --max-sample-bytes 20000"):
+        data.decode_sample(*groups[1], str(tmp_path / "s.tar"))
+    index = data.ShardIndex(str(tmp_path / "s.tar"), max_bytes=20_000)
+    with pytest.raises(data.SampleError, match="sample too large"):
+        index.sample(1, None)
+
+
+def test_a_stray_quote_in_a_tsv_eats_no_rows(tmp_path):
+    lines = ["filepath\ttitle"] + [f"{i}.png\tcaption {i}" for i in range(15)]
+    lines[4] = '3.png\ta "quoted word with no end'
+    lines[6] = '5.png\t"a whole field in quotes, ""doubled"" inside"'
+    (tmp_path / "d.tsv").write_text("\n".join(lines) + "\n")
+    ds = data.CsvData(str(tmp_path / "d.tsv"))
+    assert len(ds) == 15 and ds.texts[3] == 'a "quoted word with no end' and ds.texts[4] == "caption 4"
+    assert ds.texts[5] == 'a whole field in quotes, "doubled" inside'
+    # \u2028 and \x85 inside a caption are characters, not row breaks
+    (tmp_path / "u.tsv").write_text("filepath\ttitle\n0.png\tone\u2028two\x85three\n1.png\tfour\n", encoding="utf-8")
+    assert data.CsvData(str(tmp_path / "u.tsv")).texts == ["one\u2028two\x85three", "four"]
+
+
+def test_a_quoted_field_over_lines_in_a_csv_is_said(tmp_path, capsys):
+    (tmp_path / "d.csv").write_text('filepath,title\n0.png,"an open quote\n1.png,b\n2.png,c\n', encoding="utf-8")
+    ds = data.CsvData(str(tmp_path / "d.csv"))
+    err = capsys.readouterr().err
+    assert len(ds) == 1 and "d.csv: 1 quoted fields run over several lines (first: line 2)" in err
+
+
+def test_bad_utf8_rows_are_skipped_and_counted_with_their_line(tmp_path, capsys):
+    names = good_images(tmp_path, 4)
+    body = b"filepath\ttitle\n" + b"".join(f"{n}\tcaption {i}\n".encode() for i, n in enumerate(names))
+    body = body.replace(b"caption 2", b"caption \xff\xfe 2")
+    (tmp_path / "d.tsv").write_bytes(body)
+    ds = data.CsvData(str(tmp_path / "d.tsv"))
+    assert "d.tsv: 1 of 4 rows cannot be read" in capsys.readouterr().err
+    with pytest.raises(data.SampleError, match=r"d.tsv:4: not UTF-8"):
+        ds.sample(2, None)
+    assert ds.sample(3, None)["text"] == "caption 3"
+    skips = []
+    out = data.load_sample(ds, clip.build("tiny", captions=["a caption"] * 10).transform(True), 2, 0, 0, skips)
+    assert skips == ["unreadable row"] and out["image"].shape[0] == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Images: sizes, bit depth, predict
+
+
+def test_pixels_cap_16_bit_and_predict_messages(tmp_path, tiny_ckpt, capsys):
+    t = clip.ImageTransform(48, train=False)
+    big = Image.open(io.BytesIO(png_header(12000, 12000)))
+    with pytest.raises(clip.ImageTooLarge, match="12000 x 12000 pixels"):
+        t(big)
+    gray = np.full((40, 40), 32896, dtype=np.uint16)  # mid-gray in 16 bits
+    Image.fromarray(gray).save(tmp_path / "g16.png")
+    img = Image.open(tmp_path / "g16.png")
+    assert img.mode.startswith("I")
+    pixels = clip.ImageTransform(48, train=False, uint8=True)(img)
+    assert pixels.float().mean().item() == pytest.approx(128, abs=1)  # scaled, not clipped to white
+    (tmp_path / "huge.png").write_bytes(png_header(12000, 12000))
+    (tmp_path / "bomb.png").write_bytes(png_header(20000, 20000))  # over Pillow's own bomb limit
+    good = tmp_path / "ok.png"
+    data.Synthetic(0, "val", 1).image(0).save(good)
+    (tmp_path / "cut.png").write_bytes(good.read_bytes()[:200])
+    for name in ("huge.png", "bomb.png", "cut.png"):
+        with pytest.raises(SystemExit) as e:
+            clip.predict_main(["--ckpt", tiny_ckpt, "--image", str(tmp_path / name), "--labels", "a,b"])
+        message = str(e.value.code)
+        assert "\n" not in message and name in message and "not a readable image" in message, message
+    folder = tmp_path / "images"
+    folder.mkdir()
+    good.rename(folder / "a.png")
+    os.mkfifo(folder / "z.jpg")
+    start = time.time()
+    clip.predict_main(["--ckpt", tiny_ckpt, "--images", str(folder), "--query", "a red circle", "--json"])
+    captured = capsys.readouterr()
+    assert time.time() - start < 30 and json.loads(captured.out)["images"] == [str(folder / "a.png")]
+    assert "left out 1 entries" in captured.err and "z.jpg" in captured.err
+    with pytest.raises(SystemExit, match="z.jpg: not a regular file"):
+        clip.predict_main(["--ckpt", tiny_ckpt, "--image", str(folder / "z.jpg"), "--labels", "a,b"])
+
+
+# ----------------------------------------------------------------------------------------------
+# data.py shards: only images, only from the CSV's folder
+
+
+def test_shards_pack_only_images_from_the_csv_folder(tmp_path, capsys):
+    root = tmp_path / "set"
+    root.mkdir()
+    names = good_images(root, 2)
+    secret = tmp_path / "secret.png"
+    data.Synthetic(0, "val", 1).image(0).save(secret)
+    os.symlink(secret, root / "link.png")
+    (root / "notes.jpg").write_text("not an image")
+    os.mkfifo(root / "fifo.jpg")
+    lines = ["filepath\ttitle"] + [f"{n}\tc" for n in names + ["link.png", "notes.jpg", "fifo.jpg", "../secret.png"]]
+    (root / "d.tsv").write_text("\n".join(lines) + "\n")
+    paths = data.write_shards(str(root / "d.tsv"), str(tmp_path / "out"))
+    err = capsys.readouterr().err
+    with tarfile.open(paths[0]) as tar:
+        packed = sorted(m.name for m in tar if m.name.endswith((".png", ".jpg")))
+    assert packed == ["000000000.png", "000000001.png"]
+    assert err.count("resolves outside") == 2 and "does not open as an image" in err and "not a regular file" in err
+    assert "left out 4 of 6 rows" in err
+    paths = data.write_shards(str(root / "d.tsv"), str(tmp_path / "out2"), allow_outside=True)
+    with tarfile.open(paths[0]) as tar:
+        assert len([m for m in tar if m.name.endswith(".png")]) == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# laclip.py rewrite against a misbehaving server (127.0.0.1 only, bounded)
+
+
+class Server:
+    """A completion server on 127.0.0.1 whose answers a test scripts: answer(prompt) -> (status, bytes, drip)."""
+
+    def __init__(self, answer):
+        outer = self
+        self.requests = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests += 1
+                status, payload, drip = answer(body["prompt"].rsplit("\n", 1)[-1][:-3])
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                try:
+                    if drip:
+                        for i in range(min(len(payload), 30)):  # bounded: at most 30 s of dripping
+                            self.wfile.write(payload[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(1)
+                    else:
+                        self.wfile.write(payload)
+                except OSError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def completion(text):
+    return 200, json.dumps({"choices": [{"text": text}]}).encode(), False
+
+
+def rewrite(captions, out, server, *extra):
+    return laclip.rewrite_main(["--captions", str(captions), "--out", str(out), "--endpoint", server.url,
+                                "--backoff", "0.01", "--concurrency", "2", *extra])
+
+
+def test_rewrite_writes_one_line_per_caption_whatever_the_server_sends(tmp_path):
+    breaks = ["\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\r\n"]
+    captions = [f"caption {i}" for i in range(len(breaks) + 2)]
+    (tmp_path / "c.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
+
+    def answer(caption):
+        i = int(caption.split()[-1])
+        if i < len(breaks):
+            return completion(f"rewrite{breaks[i]}of {caption}")
+        return completion("x" * 5000 if i == len(breaks) else f"a rewrite of {caption}\nand a second line")
+
+    server = Server(answer)
+    try:
+        rewrite(tmp_path / "c.txt", tmp_path / "r.txt", server)
+    finally:
+        server.close()
+    lines = laclip.read_lines(str(tmp_path / "r.txt"))[:-1]
+    assert len(lines) == len(captions)
+    assert all(line == f"rewrite of caption {i}" for i, line in enumerate(lines[:len(breaks)])), lines
+    assert len(lines[-2]) <= laclip.MAX_REWRITE_CHARS and lines[-1] == "a rewrite of caption 11 and a second line"
+    assert len(open(tmp_path / "r.txt", "rb").read().split(b"\n")) == len(captions) + 1
+
+
+def test_rewrite_null_text_dripping_and_huge_answers_fail_in_one_line(tmp_path):
+    (tmp_path / "c.txt").write_text("a red circle\n", encoding="utf-8")
+    cases = {"null": lambda c: (200, b'{"choices":[{"text":null}]}', False),
+             "nochoices": lambda c: (200, b'{"id": 1}', False),
+             "drip": lambda c: (200, json.dumps({"choices": [{"text": "slow"}]}).encode(), True),
+             "huge": lambda c: (200, b'{"choices":[{"text":"' + b"a" * (11 << 20) + b'"}]}', False)}
+    said = {"null": "without choices[0].text", "nochoices": "without choices[0].text",
+            "drip": "within --timeout 2 s", "huge": "over 1 MiB"}
+    for name, answer in cases.items():
+        server = Server(answer)
+        start = time.time()
+        try:
+            with pytest.raises(SystemExit) as e:
+                rewrite(tmp_path / "c.txt", tmp_path / f"{name}.txt", server, "--timeout", "2", "--retries", "1")
+        finally:
+            server.close()
+        message = str(e.value.code)
+        assert "\n" not in message and "after 2 tries" in message and said[name] in message, (name, message)
+        assert server.requests == 2 and time.time() - start < 15, (name, time.time() - start)
+
+
+def test_rewrite_rerun_never_shortens_a_file(tmp_path):
+    (tmp_path / "c.txt").write_text("".join(f"caption {i}\n" for i in range(6)), encoding="utf-8")
+    server = Server(lambda c: completion(f"new {c}"))
+    try:
+        # a file from another run with more lines than captions is refused, untouched
+        (tmp_path / "long.txt").write_text("".join(f"old {i}\n" for i in range(10)))
+        with pytest.raises(SystemExit, match="long.txt has 10 lines for 6 captions"):
+            rewrite(tmp_path / "c.txt", tmp_path / "long.txt", server)
+        assert (tmp_path / "long.txt").read_text().count("\n") == 10
+        # a partial last line is not cut: the user is told
+        (tmp_path / "part.txt").write_text("old 0\nold 1\nold")
+        with pytest.raises(SystemExit, match="part.txt ends in a partial line"):
+            rewrite(tmp_path / "c.txt", tmp_path / "part.txt", server)
+        assert (tmp_path / "part.txt").read_text() == "old 0\nold 1\nold"
+        # rewrites of unequal length (a run stopped between files) each continue where they are
+        (tmp_path / "r.0.txt").write_text("old 0\nold 1\nold 2\n")
+        (tmp_path / "r.1.txt").write_text("old 0\n")
+        rewrite(tmp_path / "c.txt", tmp_path / "r.txt", server, "--rewrites", "2")
+    finally:
+        server.close()
+    assert (tmp_path / "r.0.txt").read_text().splitlines() == ["old 0", "old 1", "old 2", "new caption 3",
+                                                               "new caption 4", "new caption 5"]
+    assert (tmp_path / "r.1.txt").read_text().splitlines()[:2] == ["old 0", "new caption 1"]
