@@ -289,7 +289,7 @@ def request_rewrite(url, caption, pairs, args):
         if not isinstance(text, str):  # {"text": null}, no choices, or another shape
             error = "an answer without choices[0].text"
             continue
-        return fold(text)  # stop=["\n"] asks for one line; whatever else comes is folded into it
+        return fold(text.split("\n")[0])  # the first generated line (a server may ignore stop=["\n"])
     raise RewriteError(f"no usable answer from {url} after {args.retries + 1} tries (last: {error}). Is the completion "
                        f"server running (llama.cpp: llama-server -m MODEL.gguf --port 8080; vLLM: vllm serve MODEL)? "
                        f"Start it or fix --endpoint, then run the same command again: it continues where it stopped")
