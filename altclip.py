@@ -371,7 +371,7 @@ def load_weights(model, teacher=None, student=None, init=None):
 def _read_stage1(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint; --init takes the checkpoint.pt of an altclip --stage distill run")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_tensors(path)
     extra = ckpt.get("extra") or {}
     if (extra.get("config") or {}).get("stage") != "distill":
         raise ValueError(f"{path}: not a checkpoint of altclip --stage distill")
@@ -422,7 +422,7 @@ def load(path, device="cpu", tokenizer=None):
     Features: model.encode_text(input_ids, attention_mask), model.encode_image(images).
     """
     if os.path.isfile(path):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_tensors(path)
         if "extra" not in ckpt or "model" not in ckpt:
             raise ValueError(f"{path}: not a train.py checkpoint of altclip; pass an HF AltCLIP folder or a checkpoint")
         model = build(extra=ckpt["extra"])
@@ -1160,17 +1160,47 @@ def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
 # ==== end of copy: evaluation ====
 
 
+# ==== copied from clip.py: tensor-files (edit clip.py, then: python tests/test_copies.py --fix) ====
+class UnsafeWeights(ValueError):
+    """A weights file that would run code if loaded the usual way: refused."""
+
+
+def one_line(err):
+    """An exception as one short line (a pickle or zip error can run to many)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    first = lines[0].split(". ")[0][:160] if lines else ""  # torch's messages run to paragraphs
+    return f"{type(err).__name__}: {first}".rstrip(": ")
+
+
+def load_tensors(path):
+    """torch.load of a file that may come from anywhere: tensors and plain containers only (weights_only:
+    nothing in it runs), a .safetensors file through safetensors, and a damaged or foreign file as one
+    ValueError naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        if path.endswith(".safetensors"):
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise
+    except Exception as e:  # truncated, empty, garbage, a TorchScript archive, a pickle of more than tensors
+        raise ValueError(f"{path}: not a weights file this reads ({one_line(e)}); check that the download is "
+                         f"complete and that it holds weights only") from None
+# ==== end of copy: tensor-files ====
+
+
 # ==== copied from clip.py: weight-files (edit clip.py, then: python tests/test_copies.py --fix) ====
 def read_state_dict(path):
     """A TorchScript archive (OpenAI's releases), a plain state dict (.pt/.bin/.pth) or .safetensors."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
-        return load_file(path), None
+        return load_tensors(path), None
     import zipfile
 
     try:
@@ -1195,16 +1225,6 @@ def read_state_dict(path):
     for key in ("input_resolution", "context_length", "vocab_size"):  # metadata in OpenAI's archives
         sd.pop(key, None)
     return sd, extra
-
-
-class UnsafeWeights(ValueError):
-    """A weights file that would run code if loaded the usual way: refused."""
-
-
-def one_line(err):
-    """An exception as one short line (a pickle or zip error can run to many)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
 
 
 STORAGES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
@@ -1633,7 +1653,7 @@ def read_hf_weights(folder, config_only=False):
             except ImportError:
                 raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
             return config, load_file(path)
-        return config, torch.load(path, map_location="cpu", weights_only=True)
+        return config, load_tensors(path)
     raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin beside config.json")
 
 

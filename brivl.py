@@ -587,7 +587,7 @@ def load_backbone(model, path):
     import torchvision
 
     full = getattr(torchvision.models, model.cfg.backbone)(weights=None)
-    missing, unexpected = full.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=False)
+    missing, unexpected = full.load_state_dict(load_tensors(path), strict=False)
     if [k for k in missing if not k.startswith(("fc.", "classifier."))] or unexpected:
         raise ValueError(f"{path}: not a state dict of torchvision's {model.cfg.backbone} "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -618,7 +618,7 @@ def read_weights(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not readable as tensors only ({str(e).splitlines()[0][:120]}); if you trust the "
+        raise ValueError(f"{path}: not readable as tensors only ({one_line(e)}); if you trust the "
                          "file, keep only its weights: torch.save({'learnable': torch.load(f, weights_only=False)"
                          "['learnable']}, 'weights.pth')") from None
 
@@ -1181,7 +1181,7 @@ def read_hf_weights(folder, config_only=False):
             except ImportError:
                 raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
             return config, load_file(path)
-        return config, torch.load(path, map_location="cpu", weights_only=True)
+        return config, load_tensors(path)
     raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin beside config.json")
 
 
@@ -1196,6 +1196,40 @@ def bert_state_dict(sd, prefixes=("bert.", "roberta.")):
         out[k.replace("LayerNorm.beta", "LayerNorm.bias")] = v
     return out
 # ==== end of region bert ====
+
+
+# ==== copied from clip.py: tensor-files (edit clip.py, then: python tests/test_copies.py --fix) ====
+class UnsafeWeights(ValueError):
+    """A weights file that would run code if loaded the usual way: refused."""
+
+
+def one_line(err):
+    """An exception as one short line (a pickle or zip error can run to many)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    first = lines[0].split(". ")[0][:160] if lines else ""  # torch's messages run to paragraphs
+    return f"{type(err).__name__}: {first}".rstrip(": ")
+
+
+def load_tensors(path):
+    """torch.load of a file that may come from anywhere: tensors and plain containers only (weights_only:
+    nothing in it runs), a .safetensors file through safetensors, and a damaged or foreign file as one
+    ValueError naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        if path.endswith(".safetensors"):
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise
+    except Exception as e:  # truncated, empty, garbage, a TorchScript archive, a pickle of more than tensors
+        raise ValueError(f"{path}: not a weights file this reads ({one_line(e)}); check that the download is "
+                         f"complete and that it holds weights only") from None
+# ==== end of copy: tensor-files ====
 
 
 # ==== copied from clip.py: normalize-pixels (edit clip.py, then: python tests/test_copies.py --fix) ====

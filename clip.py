@@ -773,17 +773,47 @@ def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
 # CLIPModel folders. Everything becomes OpenAI's state-dict layout, which is this file's.
 
 
+# ==== region tensor-files (copied into brivl.py, clippo.py, altclip.py, laclip.py) ====
+class UnsafeWeights(ValueError):
+    """A weights file that would run code if loaded the usual way: refused."""
+
+
+def one_line(err):
+    """An exception as one short line (a pickle or zip error can run to many)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    first = lines[0].split(". ")[0][:160] if lines else ""  # torch's messages run to paragraphs
+    return f"{type(err).__name__}: {first}".rstrip(": ")
+
+
+def load_tensors(path):
+    """torch.load of a file that may come from anywhere: tensors and plain containers only (weights_only:
+    nothing in it runs), a .safetensors file through safetensors, and a damaged or foreign file as one
+    ValueError naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        if path.endswith(".safetensors"):
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise
+    except Exception as e:  # truncated, empty, garbage, a TorchScript archive, a pickle of more than tensors
+        raise ValueError(f"{path}: not a weights file this reads ({one_line(e)}); check that the download is "
+                         f"complete and that it holds weights only") from None
+# ==== end of region tensor-files ====
+
+
 # ==== region weight-files (copied into altclip.py, laclip.py) ====
 def read_state_dict(path):
     """A TorchScript archive (OpenAI's releases), a plain state dict (.pt/.bin/.pth) or .safetensors."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
-        return load_file(path), None
+        return load_tensors(path), None
     import zipfile
 
     try:
@@ -808,16 +838,6 @@ def read_state_dict(path):
     for key in ("input_resolution", "context_length", "vocab_size"):  # metadata in OpenAI's archives
         sd.pop(key, None)
     return sd, extra
-
-
-class UnsafeWeights(ValueError):
-    """A weights file that would run code if loaded the usual way: refused."""
-
-
-def one_line(err):
-    """An exception as one short line (a pickle or zip error can run to many)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
 
 
 STORAGES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,

@@ -472,7 +472,7 @@ def create(args, captions=(), extra=None):
 def read_checkpoint(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_tensors(path)
     if "extra" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path}: not a train.py checkpoint of clippo (no 'model' and 'extra')")
     return ckpt
@@ -817,6 +817,40 @@ def resize_box(img, box, out, fast=True):
     img = img.resize(out, Image.BICUBIC, box=box)
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 # ==== end of copy: image-transform ====
+
+
+# ==== copied from clip.py: tensor-files (edit clip.py, then: python tests/test_copies.py --fix) ====
+class UnsafeWeights(ValueError):
+    """A weights file that would run code if loaded the usual way: refused."""
+
+
+def one_line(err):
+    """An exception as one short line (a pickle or zip error can run to many)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    first = lines[0].split(". ")[0][:160] if lines else ""  # torch's messages run to paragraphs
+    return f"{type(err).__name__}: {first}".rstrip(": ")
+
+
+def load_tensors(path):
+    """torch.load of a file that may come from anywhere: tensors and plain containers only (weights_only:
+    nothing in it runs), a .safetensors file through safetensors, and a damaged or foreign file as one
+    ValueError naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        if path.endswith(".safetensors"):
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise
+    except Exception as e:  # truncated, empty, garbage, a TorchScript archive, a pickle of more than tensors
+        raise ValueError(f"{path}: not a weights file this reads ({one_line(e)}); check that the download is "
+                         f"complete and that it holds weights only") from None
+# ==== end of copy: tensor-files ====
 
 
 # ==== copied from clip.py: normalize-pixels (edit clip.py, then: python tests/test_copies.py --fix) ====

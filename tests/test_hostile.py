@@ -450,3 +450,23 @@ def test_rewrite_rerun_never_shortens_a_file(tmp_path):
     assert (tmp_path / "r.0.txt").read_text().splitlines() == ["old 0", "old 1", "old 2", "new caption 3",
                                                                "new caption 4", "new caption 5"]
     assert (tmp_path / "r.1.txt").read_text().splitlines()[:2] == ["old 0", "new caption 1"]
+
+
+@pytest.mark.parametrize("model", ["clip", "laclip", "clippo", "brivl", "altclip"])
+def test_every_model_file_refuses_bad_weights_in_one_line(tmp_path, model):
+    import importlib
+
+    module = importlib.import_module(model)
+    target = tmp_path / "pwned"
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    files = {"empty.pt": b"", "garbage.pt": os.urandom(3000)}
+    for name, payload in files.items():
+        (tmp_path / name).write_bytes(payload)
+    for path in [str(tmp_path / n) for n in files] + [evil_archive(tmp_path / "evil.pt", str(target)),
+                                                      reduce_archive(tmp_path / "boom.pt", str(target))]:
+        with pytest.raises(SystemExit) as e:
+            module.predict_main(["--ckpt", path, "--image", str(image), "--labels", "a,b"])
+        message = str(e.value.code)
+        assert "\n" not in message and os.path.basename(path) in message, message
+    assert not target.exists()
