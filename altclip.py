@@ -146,6 +146,7 @@ class AltCLIP(nn.Module):
         # The image tower is the teacher's and stays locked in both stages (LiT). In stage 1 the loss
         # reaches neither the projection nor the temperature; DDP must not wait for their gradients.
         self.locked = freeze([self.visual], [], [])
+        self.patch_dropout = 0.0  # training's share of image patches dropped (FLIP), stage 2; create() sets it
         if cfg.stage == "distill":
             self.teacher = TeacherText(cfg)
             self.locked += freeze([self.teacher, self.text_projection, self.logit_scale], [], [])
@@ -156,8 +157,8 @@ class AltCLIP(nn.Module):
             m.eval()
         return self
 
-    def encode_image(self, images, normalize=False):
-        x = self.visual(normalize_pixels(images, MEAN, STD))
+    def encode_image(self, images, normalize=False, keep=None):
+        x = self.visual(normalize_pixels(images, MEAN, STD), keep)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, input_ids, attention_mask, normalize=False):
@@ -168,7 +169,7 @@ class AltCLIP(nn.Module):
         student = self.text_model(batch["text"], batch["text_mask"])
         out = {"text": F.normalize(self.text_projection(student), dim=-1), "scale": self.logit_scale.exp()}
         if "image" in batch:
-            out["image"] = self.encode_image(batch["image"], normalize=True)
+            out["image"] = self.encode_image(batch["image"], normalize=True, keep=batch.get("patch_keep"))
         if self.cfg.stage == "distill" and "teacher_text" in batch:
             out["student"] = student
             with torch.no_grad():
@@ -186,7 +187,10 @@ class AltCLIP(nn.Module):
         self.logit_scale.clamp_(0, math.log(100))
 
     def transform(self, train, gpu_decode=False):
-        return Transform(self.cfg, self.tokenizer, self.teacher_tokenizer, train, gpu_decode)
+        t = Transform(self.cfg, self.tokenizer, self.teacher_tokenizer, train, gpu_decode)
+        if train and self.patch_dropout and self.cfg.stage == "contrastive":  # stage 1 reads no images
+            t = PatchDropout(t, (self.cfg.image_size // self.cfg.patch_size) ** 2, self.patch_dropout)
+        return t
 
     def encode_texts(self, texts):
         ids, mask = self.tokenizer(texts)
@@ -353,7 +357,12 @@ def build(size="tiny", stage="distill", teacher=None, teacher_tokenizer=None, st
 
 def create(args, captions=(), extra=None):
     names = ("size", "stage", "teacher", "teacher_tokenizer", "student", "tokenizer", "init")
-    return build(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None}, captions=captions, extra=extra)
+    model = build(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None}, captions=captions, extra=extra)
+    ratio = getattr(args, "patch_dropout", 0.0)
+    if not 0 <= ratio < 1:
+        raise ValueError(f"--patch-dropout {ratio}: the share of patches dropped, from 0 to below 1")
+    model.patch_dropout = ratio  # training's share of image patches dropped (FLIP), stage 2's images
+    return model
 
 
 def load_weights(model, teacher=None, student=None, init=None):
@@ -784,13 +793,44 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
         self.transformer.init_weights(width, layers)
 
-    def forward(self, x):
+    def forward(self, x, keep=None):
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
+        pos = self.positional_embedding.to(x.dtype)
+        x = x + pos[1:]
+        if keep is not None:  # patch dropout: the kept patches, their positions already added
+            x = keep_patches(x, keep)
+        cls = (self.class_embedding.to(x.dtype) + pos[0]).expand(x.shape[0], 1, -1)
+        x = self.transformer(self.ln_pre(torch.cat([cls, x], dim=1)))
         return self.ln_post(x[:, 0]) @ self.proj
 # ==== end of copy: vision ====
+
+
+# ==== copied from clip.py: patch-dropout (edit clip.py, then: python tests/test_copies.py --fix) ====
+class PatchDropout:
+    """FLIP's patch dropout (Li et al. 2023): in training each image keeps a random round((1 - ratio) * N)
+    of its N patch tokens, and the image tower runs on those alone (cheaper in proportion). The transform
+    draws them from the sample's own rng, after every other draw, so the kept patches depend only on
+    (seed, epoch, sample) as every other choice does: ranks, loader workers, --accum replays and resumes
+    all see the same ones. Wraps a model's training transform; the batch carries them as 'patch_keep'."""
+
+    def __init__(self, transform, patches, ratio):
+        if not 0 <= ratio < 1:
+            raise ValueError(f"--patch-dropout {ratio}: the share of patches dropped, from 0 to below 1")
+        self.transform, self.patches, self.keep = transform, patches, max(1, round((1 - ratio) * patches))
+
+    def __call__(self, sample, rng):
+        out = self.transform(sample, rng)
+        out["patch_keep"] = torch.from_numpy(np.sort(rng.permutation(self.patches)[:self.keep]))
+        return out
+
+    def finish(self, batch, device, notes=None):
+        return self.transform.finish(batch, device, notes)
+
+
+def keep_patches(x, keep):
+    """x [B, N, W] -> [B, K, W]: the patches that keep [B, K] names."""
+    return x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+# ==== end of copy: patch-dropout ====
 
 
 # ==== copied from clip.py: loss (edit clip.py, then: python tests/test_copies.py --fix) ====

@@ -568,6 +568,8 @@ def build(size="tiny", tokenizer=None, text_encoder=None, backbone_weights=None,
 
 
 def create(args, captions=(), extra=None):
+    if getattr(args, "patch_dropout", 0.0):
+        raise ValueError("--patch-dropout drops a ViT's patch tokens; BriVL's image tower is a CNN")
     names = ("size", "tokenizer", "text_encoder", "backbone_weights", "init", "batch_size") + OVERRIDES
     return build(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None}, captions=captions, extra=extra)
 

@@ -312,11 +312,16 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Linear(cfg.width, cfg.embed_dim)
         self.transformer.init_weights(cfg.width, cfg.layers)
 
-    def forward(self, x):
+    def forward(self, x, keep=None):
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
-        if self.class_embedding is not None:
-            x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
-        x = self.ln_post(self.transformer(self.ln_pre(x + self.positional_embedding.to(x.dtype))))
+        pos = self.positional_embedding.to(x.dtype)
+        cls = self.class_embedding is not None
+        x = x + pos[int(cls):]
+        if keep is not None:  # patch dropout: the kept patches, their positions already added
+            x = keep_patches(x, keep)
+        if cls:
+            x = torch.cat([(self.class_embedding.to(x.dtype) + pos[0]).expand(x.shape[0], 1, -1), x], dim=1)
+        x = self.ln_post(self.transformer(self.ln_pre(x)))
         x = self.map_head(x) if self.pool == "map" else x[:, 0] if self.pool == "cls" else x.mean(1)
         return self.proj(x)
 
@@ -333,9 +338,10 @@ class CLIPPO(nn.Module):
         self.visual = VisionTransformer(cfg)
         # The paper's temperature: learnable, starting at 10 (CLIP starts at 1/0.07).
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.patch_dropout = 0.0  # training's share of image patches dropped (FLIP); never the rendered texts
 
-    def encode_image(self, images, normalize=False):
-        x = self.visual(normalize_pixels(images, MEAN, STD))
+    def encode_image(self, images, normalize=False, keep=None):
+        x = self.visual(normalize_pixels(images, MEAN, STD), keep)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, rendered, normalize=False):
@@ -343,7 +349,7 @@ class CLIPPO(nn.Module):
         return self.encode_image(pixels(rendered), normalize)
 
     def forward(self, batch):
-        return {"image": self.encode_image(batch["image"], normalize=True),
+        return {"image": self.encode_image(batch["image"], normalize=True, keep=batch.get("patch_keep")),
                 "text": self.encode_text(batch["text"], normalize=True),
                 "scale": self.logit_scale.exp()}
 
@@ -355,7 +361,10 @@ class CLIPPO(nn.Module):
         self.logit_scale.clamp_(0, math.log(100))
 
     def transform(self, train, gpu_decode=False):
-        return Transform(self.cfg.image_size, self.renderer, train, self.pairs, self.pair_ratio, gpu_decode)
+        t = Transform(self.cfg.image_size, self.renderer, train, self.pairs, self.pair_ratio, gpu_decode)
+        if train and self.patch_dropout:
+            t = PatchDropout(t, (self.cfg.image_size // self.cfg.patch_size) ** 2, self.patch_dropout)
+        return t
 
     def encode_texts(self, texts):
         rendered = torch.from_numpy(self.renderer(list(texts))).to(self.logit_scale.device)
@@ -428,14 +437,22 @@ def add_args(parser):
     parser.add_argument("--text-pair-ratio", type=float, default=0.25, help="share of each batch that is text pairs")
 
 
-def build(size="tiny", font=None, pool=None, pairs=None, pair_ratio=0.0):
+def build(size="tiny", font=None, pool=None, pairs=None, pair_ratio=0.0, patch_dropout=0.0):
     """A new CLIPPO of a preset's shapes. font: a .hex (GNU Unifont) or .ttf/.otf file, else the
-    built-in glyphs; pool: map, cls or mean; pairs: (text, text) pairs mixed into batches at pair_ratio."""
+    built-in glyphs; pool: map, cls or mean; pairs: (text, text) pairs mixed into batches at pair_ratio;
+    patch_dropout: training's share of image patches dropped (FLIP)."""
     if size not in CONFIGS:
         raise ValueError(f"unknown --size {size!r}; choose one of {', '.join(CONFIGS)}")
     cfg = Config(**asdict(CONFIGS[size]))
     cfg.font, cfg.pool = font, pool or cfg.pool
-    return CLIPPO(cfg, None, pairs, pair_ratio)
+    return with_patch_dropout(CLIPPO(cfg, None, pairs, pair_ratio), patch_dropout)
+
+
+def with_patch_dropout(model, ratio):
+    if not 0 <= ratio < 1:
+        raise ValueError(f"--patch-dropout {ratio}: the share of patches dropped, from 0 to below 1")
+    model.patch_dropout = ratio
+    return model
 
 
 def from_extra(extra, font=None, pairs=None, pair_ratio=0.0):
@@ -455,14 +472,15 @@ def create(args, captions=(), extra=None):
     """train.py's entry: build() from the flags, from_extra() on resume, a checkpoint's weights for --init."""
     pairs = read_text_pairs(args.text_pairs) if getattr(args, "text_pairs", None) else None
     ratio = getattr(args, "text_pair_ratio", 0.0)
+    dropout = getattr(args, "patch_dropout", 0.0)
     if extra is None and getattr(args, "init", None):  # fine-tuning a clippo checkpoint
         ckpt = read_checkpoint(args.init)
         model = from_extra(ckpt["extra"], getattr(args, "font", None), pairs, ratio)
         model.load_state_dict(ckpt["model"], strict=True)
-        return model
+        return with_patch_dropout(model, dropout)
     if extra is not None:
-        return from_extra(extra, getattr(args, "font", None), pairs, ratio)
-    return build(args.size, args.font, getattr(args, "pool", None), pairs, ratio)
+        return with_patch_dropout(from_extra(extra, getattr(args, "font", None), pairs, ratio), dropout)
+    return build(args.size, args.font, getattr(args, "pool", None), pairs, ratio, dropout)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -547,6 +565,34 @@ class Transformer(nn.Module):
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 # ==== end of copy: transformer ====
+
+
+# ==== copied from clip.py: patch-dropout (edit clip.py, then: python tests/test_copies.py --fix) ====
+class PatchDropout:
+    """FLIP's patch dropout (Li et al. 2023): in training each image keeps a random round((1 - ratio) * N)
+    of its N patch tokens, and the image tower runs on those alone (cheaper in proportion). The transform
+    draws them from the sample's own rng, after every other draw, so the kept patches depend only on
+    (seed, epoch, sample) as every other choice does: ranks, loader workers, --accum replays and resumes
+    all see the same ones. Wraps a model's training transform; the batch carries them as 'patch_keep'."""
+
+    def __init__(self, transform, patches, ratio):
+        if not 0 <= ratio < 1:
+            raise ValueError(f"--patch-dropout {ratio}: the share of patches dropped, from 0 to below 1")
+        self.transform, self.patches, self.keep = transform, patches, max(1, round((1 - ratio) * patches))
+
+    def __call__(self, sample, rng):
+        out = self.transform(sample, rng)
+        out["patch_keep"] = torch.from_numpy(np.sort(rng.permutation(self.patches)[:self.keep]))
+        return out
+
+    def finish(self, batch, device, notes=None):
+        return self.transform.finish(batch, device, notes)
+
+
+def keep_patches(x, keep):
+    """x [B, N, W] -> [B, K, W]: the patches that keep [B, K] names."""
+    return x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+# ==== end of copy: patch-dropout ====
 
 
 # ==== copied from clip.py: loss (edit clip.py, then: python tests/test_copies.py --fix) ====

@@ -93,15 +93,19 @@ class LaCLIPMethod:
     def transform(self, train, gpu_decode=False):
         if not train:
             return super().transform(train, gpu_decode)
-        return RewriteTransform(self.cfg.image_size, self.tokenizer, self.text_sets, self.cfg.image_mean, self.cfg.image_std,
-                                gpu_decode)
+        t = RewriteTransform(self.cfg.image_size, self.tokenizer, self.text_sets, self.cfg.image_mean, self.cfg.image_std,
+                             gpu_decode)
+        if self.patch_dropout:
+            t = PatchDropout(t, (self.cfg.image_size // self.cfg.patch_size) ** 2, self.patch_dropout)
+        return t
 
     def forward(self, batch):
         if batch["text"].dim() == 2:
             return super().forward(batch)
         b, m, c = batch["text"].shape  # LaCLIP-MT: [B, sets, context] -> text features [B, sets, D]
         text = self.encode_text(batch["text"].reshape(b * m, c), normalize=True).view(b, m, -1)
-        return {"image": self.encode_image(batch["image"], normalize=True), "text": text, "scale": self.logit_scale.exp()}
+        return {"image": self.encode_image(batch["image"], normalize=True, keep=batch.get("patch_keep")), "text": text,
+                "scale": self.logit_scale.exp()}
 
     def loss(self, out):
         if out["text"].dim() == 3:
@@ -135,13 +139,14 @@ def add_args(parser):
 
 
 def build(size="ViT-B-32", tokenizer=None, captions=(), init=None, quick_gelu=None, lock_image=False,
-          lock_image_unlocked_layers=0, lock_text=False, lock_text_unlocked_layers=0, text_sets=0, extra=None):
+          lock_image_unlocked_layers=0, lock_text=False, lock_text_unlocked_layers=0, text_sets=0, patch_dropout=0.0,
+          extra=None):
     """A LaCLIP from keywords, as clip.build; text_sets > 0 is LaCLIP-MT with that many texts per image."""
     if extra is not None:
         text_sets = extra.get("text_sets", 0)
     cfg, tok, weights = config_and_tokenizer(size, tokenizer, captions, init, quick_gelu, extra)
     return start(LaCLIP(cfg, tok, text_sets), weights, lock_image, lock_image_unlocked_layers, lock_text,
-                 lock_text_unlocked_layers)
+                 lock_text_unlocked_layers, patch_dropout)
 
 
 def create(args, captions=(), extra=None):
@@ -523,13 +528,44 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
         self.transformer.init_weights(width, layers)
 
-    def forward(self, x):
+    def forward(self, x, keep=None):
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
+        pos = self.positional_embedding.to(x.dtype)
+        x = x + pos[1:]
+        if keep is not None:  # patch dropout: the kept patches, their positions already added
+            x = keep_patches(x, keep)
+        cls = (self.class_embedding.to(x.dtype) + pos[0]).expand(x.shape[0], 1, -1)
+        x = self.transformer(self.ln_pre(torch.cat([cls, x], dim=1)))
         return self.ln_post(x[:, 0]) @ self.proj
 # ==== end of copy: vision ====
+
+
+# ==== copied from clip.py: patch-dropout (edit clip.py, then: python tests/test_copies.py --fix) ====
+class PatchDropout:
+    """FLIP's patch dropout (Li et al. 2023): in training each image keeps a random round((1 - ratio) * N)
+    of its N patch tokens, and the image tower runs on those alone (cheaper in proportion). The transform
+    draws them from the sample's own rng, after every other draw, so the kept patches depend only on
+    (seed, epoch, sample) as every other choice does: ranks, loader workers, --accum replays and resumes
+    all see the same ones. Wraps a model's training transform; the batch carries them as 'patch_keep'."""
+
+    def __init__(self, transform, patches, ratio):
+        if not 0 <= ratio < 1:
+            raise ValueError(f"--patch-dropout {ratio}: the share of patches dropped, from 0 to below 1")
+        self.transform, self.patches, self.keep = transform, patches, max(1, round((1 - ratio) * patches))
+
+    def __call__(self, sample, rng):
+        out = self.transform(sample, rng)
+        out["patch_keep"] = torch.from_numpy(np.sort(rng.permutation(self.patches)[:self.keep]))
+        return out
+
+    def finish(self, batch, device, notes=None):
+        return self.transform.finish(batch, device, notes)
+
+
+def keep_patches(x, keep):
+    """x [B, N, W] -> [B, K, W]: the patches that keep [B, K] names."""
+    return x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+# ==== end of copy: patch-dropout ====
 
 
 # ==== copied from clip.py: model (edit clip.py, then: python tests/test_copies.py --fix) ====
@@ -553,6 +589,7 @@ class CLIP(nn.Module):
             if isinstance(m, nn.LayerNorm):
                 m.eps = cfg.ln_eps
         self.locked = []  # modules frozen by lock(): they stay in eval mode
+        self.patch_dropout = 0.0  # training's share of image patches dropped (FLIP); build() sets it
 
     def lock(self, image=False, text=False, image_unlocked_layers=0, text_unlocked_layers=0):
         """LiT (open_clip's --lock-image / --lock-text): a locked tower gets no gradient and no optimizer
@@ -572,8 +609,8 @@ class CLIP(nn.Module):
             m.eval()
         return self
 
-    def encode_image(self, images, normalize=False):
-        x = self.visual(normalize_pixels(images, self.cfg.image_mean, self.cfg.image_std))
+    def encode_image(self, images, normalize=False, keep=None):
+        x = self.visual(normalize_pixels(images, self.cfg.image_mean, self.cfg.image_std), keep)
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, tokens, normalize=False):
@@ -584,7 +621,7 @@ class CLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, batch):
-        return {"image": self.encode_image(batch["image"], normalize=True),
+        return {"image": self.encode_image(batch["image"], normalize=True, keep=batch.get("patch_keep")),
                 "text": self.encode_text(batch["text"], normalize=True),
                 "scale": self.logit_scale.exp()}
 
@@ -596,8 +633,10 @@ class CLIP(nn.Module):
         self.logit_scale.clamp_(0, math.log(100))
 
     def transform(self, train, gpu_decode=False):
-        return Transform(self.cfg.image_size, self.tokenizer, train, self.cfg.image_mean, self.cfg.image_std,
-                         gpu_decode)
+        t = Transform(self.cfg.image_size, self.tokenizer, train, self.cfg.image_mean, self.cfg.image_std, gpu_decode)
+        if train and self.patch_dropout:
+            t = PatchDropout(t, (self.cfg.image_size // self.cfg.patch_size) ** 2, self.patch_dropout)
+        return t
 
     def preprocess(self):
         """PIL image -> normalised tensor, as the weights expect it (resize the short side, centre crop)."""
@@ -975,7 +1014,7 @@ def read_image(path):
 def build_kwargs(args):
     """train.py's flags as build()'s keywords (a flag a caller's namespace lacks takes build()'s default)."""
     names = ("size", "tokenizer", "init", "quick_gelu", "lock_image", "lock_image_unlocked_layers", "lock_text",
-             "lock_text_unlocked_layers")
+             "lock_text_unlocked_layers", "patch_dropout")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
@@ -1002,8 +1041,12 @@ def config_and_tokenizer(size, tokenizer=None, captions=(), init=None, quick_gel
     return cfg, tok, None
 
 
-def start(model, weights=None, lock_image=False, lock_image_unlocked_layers=0, lock_text=False, lock_text_unlocked_layers=0):
-    """Initial weights and the LiT locks applied to a new model."""
+def start(model, weights=None, lock_image=False, lock_image_unlocked_layers=0, lock_text=False, lock_text_unlocked_layers=0,
+          patch_dropout=0.0):
+    """Initial weights, the LiT locks and training's patch dropout applied to a new model."""
+    if not 0 <= patch_dropout < 1:
+        raise ValueError(f"--patch-dropout {patch_dropout}: the share of patches dropped, from 0 to below 1")
+    model.patch_dropout = patch_dropout
     if weights is not None:
         model.load_state_dict(weights, strict=True)
     if lock_image or lock_text:

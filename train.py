@@ -93,6 +93,12 @@ def build_parser(model):
                         "OUT/checkpoint-STEP.dcp) instead of rank 0 gathering the whole model")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each residual block's activations in the backward: less memory, same gradients")
+    p.add_argument("--patch-dropout", type=float, default=0.0,
+                   help="FLIP: each training image keeps a random (1 - P) of its ViT patch tokens, drawn from "
+                        "(seed, epoch, sample) (clip, laclip, clippo's images, altclip's stage 2; not brivl's CNN). "
+                        "Evaluation, zero-shot and predict see every patch. --force-patch-dropout in open_clip")
+    p.add_argument("--patch-dropout-until", type=int, default=0,
+                   help="with --patch-dropout: train unmasked from this step on (FLIP's unmasked tuning; 0: never)")
     p.add_argument("--dist-timeout", type=float, default=30,
                    help="minutes a rank waits for its peers in a collective before it fails (a dead peer)")
     datalib.add_args(p)
@@ -891,6 +897,8 @@ def main(argv=None):
         # the next batch (and what the loader skipped to make it)
         batch, info = next(data_iter)
         batch.pop("label", None)
+        if args.patch_dropout_until and step >= args.patch_dropout_until:  # FLIP's unmasked tuning
+            batch.pop("patch_keep", None)
         if args.gpu_decode:  # the JPEGs the workers left encoded are decoded on the device
             batch = transform.finish(batch, device, info["notes"])
         else:
