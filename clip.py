@@ -378,6 +378,34 @@ def contrastive_loss(image_features, text_features, logit_scale, group=None):
     return infonce(image_features, text_features, logit_scale, pos, True, group)
 
 
+def sigmoid_loss(image_features, text_features, logit_scale, logit_bias, group=None):
+    """SigLIP's pairwise sigmoid loss over the global batch (Zhai et al. 2023; open_clip's SigLipLoss
+    normalisation: the sum over every image-text pair, divided by the images of the batch).
+
+    On one process it equals the naive form, which holds the whole B x B logit matrix:
+        logits = logit_scale * image_features @ text_features.T + logit_bias
+        labels = 2 * torch.eye(len(logits)) - 1          # +1 for the pair, -1 otherwise
+        -F.logsigmoid(labels * logits).sum() / len(logits)
+    Every pair's term stands alone, so the sum splits into softplus(logit) over all pairs, as if every
+    pair were negative, less each positive's logit (-log sigmoid(u) = softplus(u) - u): the first part
+    is sigmoid_tiles' row sums, the second a dot product per row. Each rank takes its own images
+    against the texts of every rank (gathered with gradient); under DDP's gradient averaging the result
+    is the exact gradient of the global mean. Every rank must pass the same number of rows.
+    """
+    n = image_features.shape[0]
+    offset = 0
+    if _distributed(group):
+        text_features = all_gather_with_grad(text_features, group)
+        if text_features.shape[0] != n * dist.get_world_size(group):
+            raise ValueError("sigmoid_loss needs the same batch size on every rank")
+        offset = dist.get_rank(group) * n
+    pos = torch.arange(offset, offset + n, device=image_features.device)
+    rows = sigmoid_rows(image_features, text_features, logit_scale, logit_bias)
+    pos_logit = ((image_features * text_features.index_select(0, pos)).sum(1).to(rows.dtype) * logit_scale.to(rows.dtype)
+                 + logit_bias.to(rows.dtype))
+    return (rows - pos_logit).mean()
+
+
 def infonce(x, y, logit_scale, pos, two_way=False, group=None):
     """Mean over the rows of x of InfoNCE against the keys y; row i's positive is column pos[i].
 
@@ -1673,6 +1701,105 @@ def _lse_backward(ctx, g_row, g_col):
 lse_tiles.register_autograd(_lse_backward, setup_context=_lse_setup)
 
 
+# The sigmoid loss's op: sigmoid_tiles(x, y, scale, bias, eager) -> sum_j softplus(t_ij) per row, with
+# t = scale * x @ y.T + bias, from tiles, never holding t. Its backward, with P_ij = g_i * sigmoid(t_ij):
+#     dx = scale * P @ y,  dy = scale * P.T @ x,  d(scale) = sum(P * x @ y.T),  d(bias) = sum(P)
+# A loss that is a mean over rows sends the same g to every row, and then these are g times the ones
+# for g = 1. So when a gradient will be wanted (eager) the forward computes them too, from the same
+# tiles, and the backward only scales them: 3 B^2 D in all, as the naive form's one matrix product
+# forward and two backward, where recomputing the tiles would take 4. A backward with unequal g
+# recomputes. Memory O(B D) either way.
+
+
+@torch.library.custom_op(f"{_NS}::sigmoid_tiles", mutates_args=())
+def sigmoid_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, eager: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row sums [n], then for g = 1: dx, dy, and d(scale), d(bias) as [2]; the last three empty unless eager)."""
+    if _use_triton(x):
+        return _sig_triton(x.contiguous(), y.contiguous(), scale, bias, None if eager else False)
+    return _sig_torch(x, y, scale, bias, None if eager else False)
+
+
+@sigmoid_tiles.register_fake
+def _sigmoid_tiles_fake(x, y, scale, bias, eager):
+    acc = _acc_dtype(x)
+    if eager:
+        return x.new_empty(x.shape[0], dtype=acc), torch.empty_like(x), torch.empty_like(y), x.new_empty(2, dtype=acc)
+    return x.new_empty(x.shape[0], dtype=acc), x.new_empty(0), x.new_empty(0), x.new_empty(0, dtype=acc)
+
+
+@torch.library.custom_op(f"{_NS}::sigmoid_tiles_backward", mutates_args=())
+def sigmoid_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                           g: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, dsb: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dy, [d(scale), d(bias)]) for row weights g: the forward's gradients for g = 1 (dx, dy, dsb,
+    when it made them) scaled, if every g is the same; else from the tiles again."""
+    if dsb.numel() and bool((g == g[0]).all()):
+        c = g[0].to(dsb.dtype)
+        return dx * c.to(dx.dtype), dy * c.to(dy.dtype), dsb * c
+    if _use_triton(x):
+        return _sig_triton(x.contiguous(), y.contiguous(), scale, bias, g)[1:]
+    return _sig_torch(x, y, scale, bias, g)[1:]
+
+
+@sigmoid_tiles_backward.register_fake
+def _sigmoid_tiles_backward_fake(x, y, scale, bias, g, dx, dy, dsb):
+    return torch.empty_like(x), torch.empty_like(y), x.new_empty(2, dtype=_acc_dtype(x))
+
+
+def _sig_setup(ctx, inputs, output):
+    x, y, scale, bias, _ = inputs
+    ctx.save_for_backward(x, y, scale, bias, *output[1:])
+
+
+def _sig_backward(ctx, g, *_):
+    x, y, scale, bias, dx, dy, dsb = ctx.saved_tensors
+    dx, dy, dsb = sigmoid_tiles_backward(x, y, scale, bias, g, dx, dy, dsb)
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None, dy if need[1] else None, dsb[0].to(scale.dtype).reshape(scale.shape) if need[2]
+            else None, dsb[1].to(bias.dtype).reshape(bias.shape) if need[3] else None, None)
+
+
+sigmoid_tiles.register_autograd(_sig_backward, setup_context=_sig_setup)
+
+
+def sigmoid_rows(x, y, scale, bias):
+    """sum_j softplus(scale * x_i . y_j + bias) per row i, differentiable in all four, O(B D) memory."""
+    eager = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, scale, bias))
+    return sigmoid_tiles(x, y, scale, bias, eager)[0]
+
+
+def _sig_torch(x, y, scale, bias, g):
+    """Row sums of softplus(t), and with g (None: every g_i = 1) the gradients; g False: sums only."""
+    n, k = x.shape[0], y.shape[0]
+    acc = _acc_dtype(x)
+    s, b = scale.to(acc), bias.to(acc)
+    rows = torch.zeros(n, device=x.device, dtype=acc)
+    grads = g is not False
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device) if grads else x.new_empty(0)
+    dy = torch.zeros(y.shape, dtype=acc, device=x.device) if grads else x.new_empty(0)
+    dsb = torch.zeros(2, dtype=acc, device=x.device) if grads else x.new_empty(0, dtype=acc)
+    for i in range(0, n, BLOCK):
+        xi = x[i:i + BLOCK]
+        for j in range(0, k, BLOCK):
+            yj = y[j:j + BLOCK]
+            raw = (xi @ yj.T).to(acc)
+            t = raw * s + b
+            if g is not False and g is not None:
+                p = torch.sigmoid(t) * g[i:i + BLOCK, None].to(acc)
+            else:
+                rows[i:i + BLOCK] += F.softplus(t).sum(1)
+                if not grads:
+                    continue
+                p = torch.sigmoid(t)
+            dsb[0] += (p * raw).sum()
+            dsb[1] += p.sum()
+            p = p.to(x.dtype)
+            dx[i:i + BLOCK] += (p @ yj).to(acc) * s
+            dy[j:j + BLOCK] += (p.T @ xi).to(acc) * s
+    return rows, dx.to(x.dtype), dy.to(y.dtype), dsb
+
+
 def _use_triton(x):
     # TRITON_INTERPRET=1 runs the kernels on the CPU (slowly): that is how CI tests them.
     return (triton is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
@@ -1841,6 +1968,67 @@ def _lse_backward_triton(x, y, scale, row, col, g_row, g_col, need_x, need_y):
         if need_y:
             dy += _mm_f32(g.T, xi)
     return dx, dy.to(y.dtype), ds.to(scale.dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _sig_tile_kernel(X, Y, SCALE, BIAS, GROW, ROWS, P, DSP, n, k, d, sxn, sxd, syn, syd, spn,
+                         ROWSUM: tl.constexpr, GRAD: tl.constexpr, WEIGHTED: tl.constexpr, PREC: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        # One tile of t = scale * x @ y.T + bias: its softplus row sums (added atomically), and
+        # scale * g * sigmoid(t) written out with the tile's shares of d(scale) and d(bias).
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        s = tl.load(SCALE).to(tl.float32)
+        b = tl.load(BIAS).to(tl.float32)
+        raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
+        t = raw * s + b
+        inside = (rm[:, None] < n) & (rn[None, :] < k)
+        if ROWSUM:  # softplus, stable both ways: max(t, 0) + log(1 + exp(-|t|))
+            sp = tl.where(inside, tl.maximum(t, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(t))), 0.0)
+            tl.atomic_add(ROWS + rm, tl.sum(sp, 1), mask=rm < n)
+        if GRAD:
+            p = 1.0 / (1.0 + tl.exp(-t))
+            if WEIGHTED:
+                p = p * tl.load(GROW + rm, mask=rm < n, other=0.0)[:, None]
+            p = tl.where(inside, p, 0.0)
+            at = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * 2
+            tl.store(DSP + at, tl.sum(tl.sum(p * raw, 1), 0))
+            tl.store(DSP + at + 1, tl.sum(tl.sum(p, 1), 0))
+            tl.store(P + rm[:, None] * spn + rn[None, :], (p * s).to(P.dtype.element_ty), mask=inside)
+
+
+def _sig_triton(x, y, scale, bias, g):
+    # As _lse_backward_triton: the kernel writes a chunk of rows of scale * P into a workspace and dx,
+    # dy are cuBLAS products of it. g None: gradients for g = 1 with the row sums; g False: sums only.
+    n, k, d = x.shape[0], y.shape[0], x.shape[1]
+    meta = _tiles(x)
+    bm, bn = meta["BM"], meta["BN"]
+    rowsum, grad, weighted = g is None or g is False, g is not False, g is not None and g is not False
+    rows = torch.zeros(n, device=x.device, dtype=torch.float32)
+    if not grad:
+        _sig_tile_kernel[(triton.cdiv(n, bm), triton.cdiv(k, bn))](
+            x, y, scale.reshape(1), bias.reshape(1), rows, rows, rows, rows, n, k, d, x.stride(0), x.stride(1),
+            y.stride(0), y.stride(1), 0, ROWSUM=True, GRAD=False, WEIGHTED=False, **meta)
+        return rows, x.new_empty(0), x.new_empty(0), x.new_empty(0, dtype=torch.float32)
+    chunk = min(n, max(bm, max(WORKSPACE, 4 * k * d) // max(k, 1) // bm * bm))
+    work = torch.empty(chunk, k, device=x.device, dtype=x.dtype)
+    dsp = torch.empty(triton.cdiv(chunk, bm) * triton.cdiv(k, bn) * 2, device=x.device, dtype=torch.float32)
+    dx = torch.empty_like(x)
+    dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
+    dsb = torch.zeros(2, device=x.device, dtype=torch.float32)
+    gw = g.float() if weighted else rows
+    for i in range(0, n, chunk):
+        m = min(chunk, n - i)
+        p, xi = work[:m], x[i:i + m]
+        grid = (triton.cdiv(m, bm), triton.cdiv(k, bn))
+        _sig_tile_kernel[grid](xi, y, scale.reshape(1), bias.reshape(1), gw[i:i + m], rows[i:i + m], p, dsp, m, k, d,
+                               xi.stride(0), xi.stride(1), y.stride(0), y.stride(1), p.stride(0),
+                               ROWSUM=rowsum, GRAD=True, WEIGHTED=weighted, **meta)
+        dsb += dsp[:grid[0] * grid[1] * 2].view(-1, 2).sum(0)
+        torch.mm(p, y, out=dx[i:i + m])
+        dy += _mm_f32(p.T, xi)
+    return rows, dx, dy.to(y.dtype), dsb
 # ==== end of region kernel ====
 
 

@@ -3,11 +3,14 @@
     python tests/bench_train.py --model clip --size ViT-B-32 --batch-size 256            # on a GPU
     python tests/bench_train.py --model clip --size ViT-B-16 --compile --loader 8 --open-clip
     python tests/bench_train.py --model clip --size tiny --device cpu --steps 5           # smoke test
+    python tests/bench_train.py --size ViT-B-16 --batch-size 8 --device cpu --steps 6 --patch-dropout 0,0.5,0.75
 
 Data in device memory isolates the model (one real batch, reused); --loader N also times the real
 loader with N workers alone, to show whether it keeps up. --open-clip times open_clip's model of the
 same name and its ClipLoss back to back, when the open_clip package is installed (never a dependency).
 FLOPs are counted by torch's FlopCounterMode on one step (matmuls and attention, forward + backward).
+--patch-dropout R1,R2,... times the train step at each share of image patches dropped (FLIP), the
+shares taking turns step by step, and the activations each keeps for its backward.
 """
 import argparse
 import importlib
@@ -54,6 +57,55 @@ def timed(step, batch, steps, device, eager_step=None):
     return seconds, counter.get_total_flops(), peak
 
 
+def saved_bytes(model, loss_fn, batch):
+    """Bytes of the tensors autograd keeps from one forward for the backward (each storage once)."""
+    seen = {}
+
+    def pack(x):
+        seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = loss_fn(model(batch))
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in seen.items() if ptr not in params)
+
+
+def patch_dropout_turns(model, step, batch, ratios, steps, device):
+    """The train step at each patch-dropout share, taking turns: samples/s (median), saved activations."""
+    import statistics
+
+    b = batch["image"].shape[0]
+    grid = (model.cfg.image_size // model.cfg.patch_size) ** 2
+    g = torch.Generator().manual_seed(0)
+    inputs = {}
+    for r in ratios:
+        inputs[r] = dict(batch)
+        if r:
+            keep = max(1, round((1 - r) * grid))
+            inputs[r]["patch_keep"] = torch.stack([torch.randperm(grid, generator=g)[:keep].sort().values
+                                                   for _ in range(b)]).to(device)
+    times = {r: [] for r in ratios}
+    for r in ratios:
+        step(inputs[r])  # warm-up
+    for _ in range(steps):
+        for r in ratios:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            step(inputs[r]).item()
+            times[r].append(time.perf_counter() - t)
+    base = b / statistics.median(times[ratios[0]])
+    saved0 = None
+    for r in ratios:
+        rate, saved = b / statistics.median(times[r]), saved_bytes(model, model.loss, inputs[r])
+        saved0 = saved0 or saved
+        print(f"patch dropout {r:<5} {rate:8.2f} samples/s ({rate / base:.2f}x)  activations kept for the backward "
+              f"{saved / 2 ** 20:8.1f} MiB ({saved / saved0:.2f}x)", flush=True)
+
+
 def report(name, b, seconds, flops, peak, peak_tflops):
     tflops = flops / seconds / 1e12
     print(f"{name:<28} {b / seconds:10.1f} samples/s {tflops:8.1f} TFLOP/s  MFU {tflops / peak_tflops:6.1%}  "
@@ -71,6 +123,7 @@ def main():
     p.add_argument("--open-clip", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
+    p.add_argument("--patch-dropout", default=None, help="shares of patches dropped to compare, e.g. 0,0.5,0.75")
     args = p.parse_args()
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -88,6 +141,10 @@ def main():
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     fwd = torch.compile(model) if args.compile else model
+    if args.patch_dropout:
+        ratios = [float(r) for r in args.patch_dropout.split(",")]
+        patch_dropout_turns(model, step_fn(fwd, model.loss, opt, device), batch, ratios, args.steps, device)
+        return
     seconds, flops, peak = timed(step_fn(fwd, model.loss, opt, device), batch, args.steps, device,
                                  step_fn(model, model.loss, opt, device))
     report(f"ours{' +compile' if args.compile else ''}", args.batch_size, seconds, flops, peak, args.peak_tflops)
