@@ -1531,7 +1531,10 @@ def predict_main(argv=None):
         raise SystemExit(f"{me} predict: {err}") from None
     scale = model.logit_scale.exp().item() if hasattr(model, "logit_scale") else 1 / model.cfg.temperature
     sims = (text @ image.T) if args.images else (image @ text.T)  # [queries, candidates]
-    probs = (scale * sims).softmax(-1)
+    if getattr(model, "logit_bias", None) is not None:  # a sigmoid-loss model: each label on its own, as SigLIP's demos
+        probs = torch.sigmoid(scale * sims + model.logit_bias.item())
+    else:
+        probs = (scale * sims).softmax(-1)
     key, kind = ("query", "images") if args.images else ("image", "labels")
     for q, row in zip(queries, probs):
         order = row.argsort(descending=True).tolist()

@@ -79,6 +79,8 @@ class Config:
     # The text's features are read at its end-of-text token: the first eos_id in the ids (transformers'
     # rule; tokens added to a vocabulary take ids above it), or with None the highest id (OpenAI's rule).
     eos_id: int = None
+    # softmax: CLIP's InfoNCE; sigmoid: SigLIP's pairwise loss, which adds a learnt logit bias
+    loss: str = "softmax"
     image_mean: tuple = MEAN  # the preprocessing the weights expect
     image_std: tuple = STD
 
@@ -259,7 +261,13 @@ class CLIP(nn.Module):
         self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.quick_gelu, cfg.text_mlp)
         self.ln_final = nn.LayerNorm(cfg.text_width)
         self.text_projection = nn.Parameter(torch.empty(cfg.text_width, cfg.embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        if cfg.loss not in ("softmax", "sigmoid"):
+            raise ValueError(f"loss {cfg.loss!r}: choose softmax (CLIP) or sigmoid (SigLIP)")
+        # SigLIP starts its temperature at 10 and its bias at -10: nearly every pair is a negative, and
+        # sigmoid(-10) starts them all near their target (Zhai et al. 2023).
+        sigmoid = cfg.loss == "sigmoid"
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0 if sigmoid else 1 / 0.07)))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if sigmoid else None
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=cfg.text_width ** -0.5)
@@ -300,11 +308,16 @@ class CLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, batch):
-        return {"image": self.encode_image(batch["image"], normalize=True, keep=batch.get("patch_keep")),
-                "text": self.encode_text(batch["text"], normalize=True),
-                "scale": self.logit_scale.exp()}
+        out = {"image": self.encode_image(batch["image"], normalize=True, keep=batch.get("patch_keep")),
+               "text": self.encode_text(batch["text"], normalize=True),
+               "scale": self.logit_scale.exp()}
+        if self.logit_bias is not None:
+            out["bias"] = self.logit_bias
+        return out
 
     def loss(self, out):
+        if "bias" in out:
+            return sigmoid_loss(out["image"], out["text"], out["scale"], out["bias"])
         return contrastive_loss(out["image"], out["text"], out["scale"])
 
     @torch.no_grad()
@@ -743,13 +756,19 @@ def add_args(parser):
     parser.add_argument("--lock-text", action="store_true", help="freeze the text tower")
     parser.add_argument("--lock-text-unlocked-layers", type=int, default=0,
                         help="with --lock-text: the last N residual blocks (and the layers after them) still train")
+    parser.add_argument("--loss", choices=["softmax", "sigmoid"], default=None,
+                        help="softmax: CLIP's InfoNCE; sigmoid: SigLIP's pairwise loss with a learnt bias (default: "
+                             "the --init weights' own, else softmax)")
+    parser.add_argument("--siglip", dest="loss", action="store_const", const="sigmoid", help="--loss sigmoid")
 
 
 def build(size="ViT-B-32", tokenizer=None, captions=(), init=None, quick_gelu=None, lock_image=False,
-          lock_image_unlocked_layers=0, lock_text=False, lock_text_unlocked_layers=0, patch_dropout=0.0, extra=None):
+          lock_image_unlocked_layers=0, lock_text=False, lock_text_unlocked_layers=0, patch_dropout=0.0, loss=None,
+          extra=None):
     """A CLIP from keywords: a preset with a tokenizer file (or a BPE trained on `captions`), released
-    weights to fine-tune (init), or a checkpoint's extra_state(); then the LiT locks."""
-    cfg, tok, weights = config_and_tokenizer(size, tokenizer, captions, init, quick_gelu, extra)
+    weights to fine-tune (init), or a checkpoint's extra_state(); then the LiT locks. loss: softmax or
+    sigmoid (SigLIP); default the init weights' own, else softmax."""
+    cfg, tok, weights = config_and_tokenizer(size, tokenizer, captions, init, quick_gelu, extra, loss)
     return start(CLIP(cfg, tok), weights, lock_image, lock_image_unlocked_layers, lock_text, lock_text_unlocked_layers,
                  patch_dropout)
 
@@ -762,11 +781,11 @@ def create(args, captions=(), extra=None):
 def build_kwargs(args):
     """train.py's flags as build()'s keywords (a flag a caller's namespace lacks takes build()'s default)."""
     names = ("size", "tokenizer", "init", "quick_gelu", "lock_image", "lock_image_unlocked_layers", "lock_text",
-             "lock_text_unlocked_layers", "patch_dropout")
+             "lock_text_unlocked_layers", "patch_dropout", "loss")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
-def config_and_tokenizer(size, tokenizer=None, captions=(), init=None, quick_gelu=None, extra=None):
+def config_and_tokenizer(size, tokenizer=None, captions=(), init=None, quick_gelu=None, extra=None, loss=None):
     """(config, tokenizer, weights or None): from a checkpoint's extra, from init weights, or a preset."""
     if extra is not None:
         cfg = Config(**extra["config"])
@@ -776,11 +795,15 @@ def config_and_tokenizer(size, tokenizer=None, captions=(), init=None, quick_gel
         if tok is None:
             raise ValueError(f"{init} carries no tokenizer: pass the one it was trained with, --tokenizer "
                              f"bpe_simple_vocab_16e6.txt.gz (OpenAI's) or a tokenizer.json")
+        if loss and loss != cfg.loss:  # a softmax model fine-tuned with the sigmoid loss starts a bias; not back
+            if cfg.loss == "sigmoid":
+                raise ValueError(f"{init} was trained with the sigmoid loss (it has a logit_bias): drop --loss softmax")
+            cfg.loss, sd = loss, {**sd, "logit_bias": torch.tensor(-10.0)}
         return cfg, tok, sd
     if size not in CONFIGS:
         raise ValueError(f"unknown --size {size!r}; choose one of {', '.join(CONFIGS)}")
     cfg = Config(**asdict(CONFIGS[size]))
-    cfg.quick_gelu = bool(quick_gelu)
+    cfg.quick_gelu, cfg.loss = bool(quick_gelu), loss or "softmax"
     if tokenizer:
         tok = Tokenizer.from_file(tokenizer, cfg.context_length)
     else:
@@ -1078,7 +1101,8 @@ def config_from_state_dict(sd, quick_gelu=True, **known):
                   vision_mlp=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
                   context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
                   text_width=text_width, text_layers=_count(sd, "transformer.resblocks."), text_heads=text_width // 64,
-                  text_mlp=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], quick_gelu=quick_gelu)
+                  text_mlp=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], quick_gelu=quick_gelu,
+                  loss="sigmoid" if "logit_bias" in sd else "softmax")  # open_clip's SigLIP-loss checkpoints
     return Config(**{**shapes, **known})
 
 
@@ -1260,6 +1284,9 @@ def hf_eos_id(cfg, tok):
 def export_hf(model, out):
     """A transformers CLIPModel folder: config.json, weights, tokenizer files, preprocessor_config.json."""
     cfg, tok = model.cfg, model.tokenizer
+    if cfg.loss == "sigmoid":
+        raise ValueError("transformers' CLIPModel has no logit_bias for this sigmoid-loss model (and its SiglipModel "
+                         "is another architecture); export --format open_clip, which keeps the bias")
     act = "quick_gelu" if cfg.quick_gelu else "gelu"
     tower = dict(hidden_act=act, layer_norm_eps=cfg.ln_eps, projection_dim=cfg.embed_dim)
     config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
@@ -1297,6 +1324,8 @@ def export_hf(model, out):
 def open_clip_name(cfg):
     """open_clip's built-in model name for these shapes (ViT-B-32, ViT-B-16-quickgelu, ...), or None."""
     # its text pooling is argmax: the same token as ours where nothing follows EOT in the vocabulary
+    if cfg.loss != "softmax":  # the named models have no logit_bias
+        return None
     shapes = {k: v for k, v in asdict(cfg).items() if k not in ("quick_gelu", "eos_id")}
     for name, preset in CONFIGS.items():
         if name != "tiny" and {k: v for k, v in asdict(preset).items() if k not in ("quick_gelu", "eos_id")} == shapes:
@@ -1327,7 +1356,8 @@ def export_open_clip(model, out):
         text_cfg["hf_tokenizer_name"] = "."
         lines.append("open_clip: this model's tokenizer is not OpenAI's; open_clip reads the folder's tokenizer.json "
                      "through transformers (pip install transformers)")
-    config = {"model_cfg": {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.quick_gelu,
+    bias = {"init_logit_bias": model.logit_bias.item()} if cfg.loss == "sigmoid" else {}  # open_clip's SigLIP switch
+    config = {"model_cfg": {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.quick_gelu, **bias,
                             "vision_cfg": {"image_size": cfg.image_size, "layers": cfg.vision_layers,
                                            "width": cfg.vision_width, "head_width": cfg.vision_width // cfg.vision_heads,
                                            "mlp_ratio": ratio["vision"], "patch_size": cfg.patch_size},
@@ -1449,7 +1479,10 @@ def predict_main(argv=None):
         raise SystemExit(f"{me} predict: {err}") from None
     scale = model.logit_scale.exp().item() if hasattr(model, "logit_scale") else 1 / model.cfg.temperature
     sims = (text @ image.T) if args.images else (image @ text.T)  # [queries, candidates]
-    probs = (scale * sims).softmax(-1)
+    if getattr(model, "logit_bias", None) is not None:  # a sigmoid-loss model: each label on its own, as SigLIP's demos
+        probs = torch.sigmoid(scale * sims + model.logit_bias.item())
+    else:
+        probs = (scale * sims).softmax(-1)
     key, kind = ("query", "images") if args.images else ("image", "labels")
     for q, row in zip(queries, probs):
         order = row.argsort(descending=True).tolist()

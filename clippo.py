@@ -52,6 +52,7 @@ class Config:
     pool: str = "map"  # map (attention pooling, the paper's), cls (a class token) or mean
     # A GNU Unifont .hex file (render_unifont's exact output), a .ttf/.otf, or None: Pillow's built-in font.
     font: str = None
+    loss: str = "softmax"  # or sigmoid: SigLIP's pairwise loss, with a learnt logit bias
 
 
 CONFIGS = {
@@ -338,6 +339,10 @@ class CLIPPO(nn.Module):
         self.visual = VisionTransformer(cfg)
         # The paper's temperature: learnable, starting at 10 (CLIP starts at 1/0.07).
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        if cfg.loss not in ("softmax", "sigmoid"):
+            raise ValueError(f"loss {cfg.loss!r}: choose softmax (CLIP) or sigmoid (SigLIP)")
+        # SigLIP's bias starts at -10: nearly every pair is a negative (Zhai et al. 2023)
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if cfg.loss == "sigmoid" else None
         self.patch_dropout = 0.0  # training's share of image patches dropped (FLIP); never the rendered texts
 
     def encode_image(self, images, normalize=False, keep=None):
@@ -349,11 +354,16 @@ class CLIPPO(nn.Module):
         return self.encode_image(pixels(rendered), normalize)
 
     def forward(self, batch):
-        return {"image": self.encode_image(batch["image"], normalize=True, keep=batch.get("patch_keep")),
-                "text": self.encode_text(batch["text"], normalize=True),
-                "scale": self.logit_scale.exp()}
+        out = {"image": self.encode_image(batch["image"], normalize=True, keep=batch.get("patch_keep")),
+               "text": self.encode_text(batch["text"], normalize=True),
+               "scale": self.logit_scale.exp()}
+        if self.logit_bias is not None:
+            out["bias"] = self.logit_bias
+        return out
 
     def loss(self, out):
+        if "bias" in out:
+            return sigmoid_loss(out["image"], out["text"], out["scale"], out["bias"])
         return contrastive_loss(out["image"], out["text"], out["scale"])
 
     @torch.no_grad()
@@ -435,16 +445,20 @@ def add_args(parser):
     parser.add_argument("--text-pairs", default=None,
                         help="text file, one sentence a line: neighbouring sentences become extra rendered pairs")
     parser.add_argument("--text-pair-ratio", type=float, default=0.25, help="share of each batch that is text pairs")
+    parser.add_argument("--loss", choices=["softmax", "sigmoid"], default=None,
+                        help="softmax: CLIP's InfoNCE; sigmoid: SigLIP's pairwise loss with a learnt bias (default: "
+                             "softmax, or an --init checkpoint's own)")
+    parser.add_argument("--siglip", dest="loss", action="store_const", const="sigmoid", help="--loss sigmoid")
 
 
-def build(size="tiny", font=None, pool=None, pairs=None, pair_ratio=0.0, patch_dropout=0.0):
+def build(size="tiny", font=None, pool=None, pairs=None, pair_ratio=0.0, patch_dropout=0.0, loss=None):
     """A new CLIPPO of a preset's shapes. font: a .hex (GNU Unifont) or .ttf/.otf file, else the
     built-in glyphs; pool: map, cls or mean; pairs: (text, text) pairs mixed into batches at pair_ratio;
     patch_dropout: training's share of image patches dropped (FLIP)."""
     if size not in CONFIGS:
         raise ValueError(f"unknown --size {size!r}; choose one of {', '.join(CONFIGS)}")
     cfg = Config(**asdict(CONFIGS[size]))
-    cfg.font, cfg.pool = font, pool or cfg.pool
+    cfg.font, cfg.pool, cfg.loss = font, pool or cfg.pool, loss or "softmax"
     return with_patch_dropout(CLIPPO(cfg, None, pairs, pair_ratio), patch_dropout)
 
 
@@ -480,7 +494,7 @@ def create(args, captions=(), extra=None):
         return with_patch_dropout(model, dropout)
     if extra is not None:
         return with_patch_dropout(from_extra(extra, getattr(args, "font", None), pairs, ratio), dropout)
-    return build(args.size, args.font, getattr(args, "pool", None), pairs, ratio, dropout)
+    return build(args.size, args.font, getattr(args, "pool", None), pairs, ratio, dropout, getattr(args, "loss", None))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1091,7 +1105,10 @@ def predict_main(argv=None):
         raise SystemExit(f"{me} predict: {err}") from None
     scale = model.logit_scale.exp().item() if hasattr(model, "logit_scale") else 1 / model.cfg.temperature
     sims = (text @ image.T) if args.images else (image @ text.T)  # [queries, candidates]
-    probs = (scale * sims).softmax(-1)
+    if getattr(model, "logit_bias", None) is not None:  # a sigmoid-loss model: each label on its own, as SigLIP's demos
+        probs = torch.sigmoid(scale * sims + model.logit_bias.item())
+    else:
+        probs = (scale * sims).softmax(-1)
     key, kind = ("query", "images") if args.images else ("image", "labels")
     for q, row in zip(queries, probs):
         order = row.argsort(descending=True).tolist()

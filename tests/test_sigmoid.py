@@ -164,3 +164,87 @@ def test_triton_kernel_in_interpreter():
     proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# The models: --loss sigmoid (--siglip) for clip, laclip and clippo
+
+
+import json  # noqa: E402
+
+import train  # noqa: E402
+from test_train import FAST, check_two_ranks_equal_one_rank, max_diff, rows, weights  # noqa: E402
+
+
+@pytest.mark.parametrize("model", [["--model", "clip"], ["--model", "laclip"], ["--model", "clippo"]],
+                         ids=lambda m: m[1])
+def test_sigmoid_models_train_with_a_bias_outside_weight_decay(tmp_path, model):
+    out = str(tmp_path / "run")
+    train.main([*model, "--siglip", "--steps", "3", "--batch-size", "8", "--out", out, *FAST, "--wd", "0.5"])
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert ckpt["model"]["logit_bias"].item() != -10.0  # it learns
+    assert ckpt["model"]["logit_scale"].exp().item() == pytest.approx(10.0, rel=0.05)  # SigLIP's start
+    assert ckpt["extra"]["config"]["loss"] == "sigmoid"
+    groups = ckpt["optimizer"]["param_groups"]
+    assert any(g["weight_decay"] == 0 for g in groups)
+    assert all(r["loss"] > 0 for r in rows(out) if "loss" in r)
+
+
+def test_sigmoid_accum_equals_one_big_step(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = ["--model", "clip", "--loss", "sigmoid", "--steps", "2", "--batch-size", "16", *FAST]
+    train.main([*common, "--out", a])
+    train.main([*common, "--out", b, "--accum", "4"])
+    assert max_diff(weights(a), weights(b)) < 1e-5
+
+
+@pytest.mark.slow
+def test_sigmoid_two_ranks_equal_one_rank(tmp_path):
+    check_two_ranks_equal_one_rank(tmp_path, ["--model", "clip", "--loss", "sigmoid"])
+
+
+def test_open_clip_export_keeps_the_bias_and_load_reads_it_back(tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    pytest.importorskip("transformers")
+    out = str(tmp_path / "run")
+    train.main(["--model", "clip", "--siglip", "--steps", "2", "--batch-size", "8", "--out", out, *FAST])
+    exported = str(tmp_path / "oc")
+    clip.export(os.path.join(out, "checkpoint.pt"), exported, "open_clip")
+    config = json.load(open(os.path.join(exported, "open_clip_config.json")))
+    model, _ = clip.load(os.path.join(out, "checkpoint.pt"))
+    assert config["model_cfg"]["init_logit_bias"] == pytest.approx(model.logit_bias.item())
+    oc, _, _ = open_clip.create_model_and_transforms(f"local-dir:{exported}")
+    oc.eval()
+    images = torch.randint(0, 256, (3, 3, 48, 48), dtype=torch.uint8)
+    ids = model.tokenizer(["a red circle", "a blue square", "a green cross"])
+    with torch.no_grad():
+        oc_img = oc.encode_image(clip.normalize_pixels(images, model.cfg.image_mean, model.cfg.image_std), normalize=True)
+        oc_txt = oc.encode_text(ids, normalize=True)
+        img, txt = model.encode_image(images, normalize=True), model.encode_text(ids, normalize=True)
+        oc_logits = oc.logit_scale.exp() * oc_img @ oc_txt.T + oc.logit_bias
+        logits = model.logit_scale.exp() * img @ txt.T + model.logit_bias
+    assert (oc_img - img).abs().max() < 1e-4 and (oc_txt - txt).abs().max() < 1e-4
+    assert (oc_logits - logits).abs().max() < 1e-4
+    back, _ = clip.load(exported)  # the open_clip folder, with its logit_bias key
+    assert back.cfg.loss == "sigmoid" and back.logit_bias.item() == pytest.approx(model.logit_bias.item())
+    with pytest.raises(ValueError, match="no logit_bias"):
+        clip.export(os.path.join(out, "checkpoint.pt"), str(tmp_path / "hf"), "hf")
+
+
+def test_predict_shows_independent_sigmoid_probabilities(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main(["--model", "clip", "--siglip", "--steps", "1", "--batch-size", "8", "--out", out, *FAST])
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (48, 48), "red").save(image)
+    capsys.readouterr()
+    clip.predict_main(["--ckpt", os.path.join(out, "checkpoint.pt"), "--image", str(image), "--labels",
+                       "a red circle,a blue square,a green cross", "--json"])
+    probs = json.loads(capsys.readouterr().out)["probs"]
+    model, preprocess = clip.load(os.path.join(out, "checkpoint.pt"))
+    with torch.no_grad():
+        text = model.encode_texts(["a red circle", "a blue square", "a green cross"])
+        sims = clip.embed_images(model, preprocess, [str(image)]) @ text.T
+    want = torch.sigmoid(model.logit_scale.exp() * sims + model.logit_bias).sort(descending=True).values[0]
+    assert probs == pytest.approx(want.tolist(), abs=1e-5) and abs(sum(probs) - 1) > 1e-3  # not a softmax
