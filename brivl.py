@@ -343,6 +343,9 @@ class BriVL(nn.Module):
     def extra_state(self):
         return {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None}
 
+    def optimizer_groups(self, weight_decay):
+        return adamw_groups(self, weight_decay)
+
     def shard_units(self):
         # (residual blocks, towers) for train.py's --fsdp and --grad-checkpointing; the momentum
         # encoders are sharded like the query ones, so the momentum update pairs shards with shards.
@@ -1244,6 +1247,22 @@ def normalize_pixels(images, mean, std):
     std = torch.tensor(std, device=images.device).view(3, 1, 1)
     return (images.float().div_(255) - mean) / std
 # ==== end of copy: normalize-pixels ====
+
+
+# ==== copied from clip.py: optimizer (edit clip.py, then: python tests/test_copies.py --fix) ====
+def adamw_groups(model, weight_decay):
+    """The AdamW parameter groups of the recipe (open_clip's rule): weight decay on weight matrices only,
+    none on biases, norms, embeddings and 0-d scalars (the logit scale and bias); parameters that do not
+    train (LiT locks, a frozen tower) left out. train.py then runs
+        torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+    with a linear warm-up and a cosine decay, calls model.after_step() after each step (the logit
+    scale's clamp), and clips no gradients."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+# ==== end of copy: optimizer ====
 
 
 # ==== copied from clip.py: image-files (edit clip.py, then: python tests/test_copies.py --fix) ====

@@ -668,6 +668,9 @@ class CLIP(nn.Module):
     def extra_state(self):
         return {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None}
 
+    def optimizer_groups(self, weight_decay):
+        return adamw_groups(self, weight_decay)
+
     def shard_units(self):
         # The text tower's embeddings, final norm and projection stay with the root, as the logit scale.
         return [*self.visual.transformer.resblocks, *self.transformer.resblocks], [self.visual, self.transformer]
@@ -815,6 +818,22 @@ class _AllReduceSum(torch.autograd.Function):
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
 # ==== end of copy: loss ====
+
+
+# ==== copied from clip.py: optimizer (edit clip.py, then: python tests/test_copies.py --fix) ====
+def adamw_groups(model, weight_decay):
+    """The AdamW parameter groups of the recipe (open_clip's rule): weight decay on weight matrices only,
+    none on biases, norms, embeddings and 0-d scalars (the logit scale and bias); parameters that do not
+    train (LiT locks, a frozen tower) left out. train.py then runs
+        torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+    with a linear warm-up and a cosine decay, calls model.after_step() after each step (the logit
+    scale's clamp), and clips no gradients."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+# ==== end of copy: optimizer ====
 
 
 # ==== copied from clip.py: image-transform (edit clip.py, then: python tests/test_copies.py --fix) ====

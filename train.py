@@ -214,15 +214,6 @@ NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
 # Optimisation
 
 
-def param_groups(model, wd):
-    # No decay on biases, norms, the logit scale and embeddings (open_clip's rule: ndim < 2 or embedding).
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def lr_at(step, args):
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
@@ -753,7 +744,7 @@ def build_model(args, module, ckpt, captions, rank, world, device):
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None  # fp16's range needs loss scaling
-    opt = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
+    opt = torch.optim.AdamW(model.optimizer_groups(args.wd), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
                             fused=device.type == "cuda" and not args.fsdp)
     if ckpt:
         restore(model, opt, ckpt, args, scaler)

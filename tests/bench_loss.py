@@ -1,6 +1,7 @@
 """Fused contrastive loss vs the naive B x B one: fwd+bwd time and peak memory, measured in one run.
 
     python tests/bench_loss.py                      # CPU: B = 1024, 4096, 16384 at D = 512
+    python tests/bench_loss.py --loss sigmoid       # SigLIP's sigmoid loss, fused vs naive
     python tests/bench_loss.py --device cuda        # also TFLOP/s vs a bf16 matmul, GPU time alone
                                                     # (CUDA-graph replay), and the largest B that fits
 
@@ -28,13 +29,23 @@ def naive_loss(img, txt, scale):
     return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.float().T, labels)) / 2
 
 
-def measure(method, b, d, device, dtype, repeats):
+def naive_sigmoid_loss(img, txt, scale, bias):
+    logits = scale * img.float() @ txt.float().T + bias
+    labels = 2 * torch.eye(img.shape[0], device=img.device) - 1
+    return -F.logsigmoid(labels * logits).sum() / img.shape[0]
+
+
+def measure(method, b, d, device, dtype, repeats, loss="softmax"):
     """One method at one size, in this process: (seconds per fwd+bwd, peak bytes added)."""
     torch.manual_seed(0)
     img = F.normalize(torch.randn(b, d, device=device), dim=-1).to(dtype).requires_grad_()
     txt = F.normalize(torch.randn(b, d, device=device), dim=-1).to(dtype).requires_grad_()
     scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
     fn = clip.contrastive_loss if method == "fused" else naive_loss
+    if loss == "sigmoid":  # the bias rides along in the same calls
+        bias = torch.tensor(-10.0, device=device, requires_grad=True)
+        base_fn = clip.sigmoid_loss if method == "fused" else naive_sigmoid_loss
+        fn = lambda i, t, s: base_fn(i, t, s, bias)  # noqa: E731
     cuda = device == "cuda"
     # One tiny call first: loading code and one-time buffers must not count as the loss's memory.
     fn(img[:8].detach().requires_grad_(), txt[:8].detach().requires_grad_(), scale).backward()
@@ -105,9 +116,9 @@ def matmul_seconds(b, d, repeats=5):
     return (time.perf_counter() - t) / repeats
 
 
-def child(method, b, d, device, dtype, repeats):
+def child(method, b, d, device, dtype, repeats, loss="softmax"):
     cmd = [sys.executable, __file__, "--child", method, "--sizes", str(b), "--dim", str(d), "--device", device,
-           "--dtype", dtype, "--repeats", str(repeats)]
+           "--dtype", dtype, "--repeats", str(repeats), "--loss", loss]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return None  # out of memory, most likely
@@ -121,31 +132,33 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--loss", default="softmax", choices=["softmax", "sigmoid"])
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     dtype_name = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
     if args.child:
-        t, peak, device_s = measure(args.child, int(args.sizes), args.dim, args.device, dtype, args.repeats)
+        t, peak, device_s = measure(args.child, int(args.sizes), args.dim, args.device, dtype, args.repeats, args.loss)
         print(json.dumps({"seconds": t, "peak_bytes": peak, "device_seconds": device_s}))
         return
     print(f"# {args.device} {torch.cuda.get_device_name() if args.device == 'cuda' else os.cpu_count()} "
-          f"{'' if args.device == 'cuda' else 'cores'}, torch {torch.__version__}, D={args.dim}, {dtype_name}, "
+          f"{'' if args.device == 'cuda' else 'cores'}, torch {torch.__version__}, {args.loss} loss, D={args.dim}, {dtype_name}, "
           f"{time.strftime('%Y-%m-%d')}")
     head = f"{'B':>8} {'naive ms':>9} {'fused ms':>9} {'time x':>7} {'naive MB':>9} {'fused MB':>9} {'mem x':>7}"
     if args.device == "cuda":
         head += f" {'fused TF/s':>10} {'mm TF/s':>8} {'of mm':>6} {'naive GPU ms':>12} {'fused GPU ms':>12} {'GPU x':>6}"
     print(head)
     for b in (int(s) for s in args.sizes.split(",")):
-        nv = child("naive", b, args.dim, args.device, dtype_name, args.repeats)
-        fu = child("fused", b, args.dim, args.device, dtype_name, args.repeats)
+        nv = child("naive", b, args.dim, args.device, dtype_name, args.repeats, args.loss)
+        fu = child("fused", b, args.dim, args.device, dtype_name, args.repeats, args.loss)
         cell = lambda r, k, f: f"{r[k] / f:9.3f}" if r else f"{'OOM':>9}"  # noqa: E731
         line = f"{b:>8} {cell(nv, 'seconds', 1e-3)} {cell(fu, 'seconds', 1e-3)} "
         line += f"{fu['seconds'] / nv['seconds']:7.2f}" if nv and fu else f"{'-':>7}"
         line += f" {cell(nv, 'peak_bytes', 2 ** 20)} {cell(fu, 'peak_bytes', 2 ** 20)} "
         line += f"{fu['peak_bytes'] / max(nv['peak_bytes'], 1):7.3f}" if nv and fu else f"{'-':>7}"
         if args.device == "cuda" and fu:
-            flops = 8 * b * b * args.dim  # fwd 2 + bwd 6 (recompute, dx, dy) B^2 D
+            # InfoNCE: fwd 2 + bwd 6 (recompute, dx, dy) B^2 D; sigmoid: 6 (dx and dy made in the forward)
+            flops = (6 if args.loss == "sigmoid" else 8) * b * b * args.dim
             mm = 2 * b * b * args.dim / matmul_seconds(b, args.dim)
             line += f" {flops / fu['seconds'] / 1e12:10.1f} {mm / 1e12:8.1f} {flops / fu['seconds'] / mm:6.2f}"
             ng, fg = (nv or {}).get("device_seconds"), fu.get("device_seconds")
@@ -156,7 +169,7 @@ def main():
     if args.device == "cuda":  # the largest batch the fused loss holds, doubling from the last size
         b, fits = int(args.sizes.split(",")[-1]), None
         while b <= 1 << 20:  # 1M, the size the issue asks for
-            r = child("fused", b, args.dim, args.device, dtype_name, 0)
+            r = child("fused", b, args.dim, args.device, dtype_name, 0, args.loss)
             if not r:
                 break
             fits = (b, r)

@@ -68,7 +68,7 @@ def worker(rank, world, port, fsdp, checkpointing, batch, out):
         train.checkpoint_blocks(model)
     scalars = train.shard(model, torch.device("cpu"), "fp32") if fsdp else []
     fwd = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not fsdp else model
-    opt = torch.optim.AdamW(train.param_groups(model, 0.1), lr=1e-4)
+    opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4)
     g = torch.Generator().manual_seed(rank)
     data = {"image": torch.randn(batch, 3, CFG["image_size"], CFG["image_size"], generator=g),
             "text": torch.randint(1, CFG["vocab_size"], (batch, CFG["context_length"]), generator=g)}

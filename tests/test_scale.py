@@ -91,7 +91,7 @@ def test_ddp_then_fsdp_with_accumulation_equals_one_process(tmp_path):
     assert max(max((a["optimizer"]["state"][i][k].float() - v.float()).abs().max().item() for k, v in s.items())
                for i, s in b["optimizer"]["state"].items()) < 1e-5
     model, _ = clip.load(os.path.join(run, "checkpoint.pt"))
-    torch.optim.AdamW(train.param_groups(model, 0.1)).load_state_dict(b["optimizer"])  # a plain optimizer takes it
+    torch.optim.AdamW(model.optimizer_groups(0.1)).load_state_dict(b["optimizer"])  # a plain optimizer takes it
 
 
 def test_brivl_fsdp_with_grad_checkpointing_equals_one_process(tmp_path):
