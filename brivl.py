@@ -1172,21 +1172,17 @@ def read_hf_weights(folder, config_only=False):
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{folder}: no config.json; pass the folder of an HF model (config.json + weights)")
-    with open(cfg_path, encoding="utf-8") as f:
-        config = json.load(f)
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: not JSON ({e})") from None
     if config_only:
         return config
     for name in ("model.safetensors", "pytorch_model.bin"):
         path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            continue
-        if name.endswith(".safetensors"):
-            try:
-                from safetensors.torch import load_file
-            except ImportError:
-                raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
-            return config, load_file(path)
-        return config, load_tensors(path)
+        if os.path.isfile(path):
+            return config, load_tensors(path)  # weights only, a damaged file in one line
     raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin beside config.json")
 
 
