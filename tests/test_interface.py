@@ -13,7 +13,8 @@ import train
 from train import MODELS
 
 MODULE_FUNCTIONS = ("add_args", "create", "build", "load", "zero_shot_classifier", "retrieval_metrics", "predict_main")
-MODEL_METHODS = ("transform", "forward", "loss", "after_step", "encode_texts", "extra_state", "shard_units")
+MODEL_METHODS = ("transform", "forward", "loss", "after_step", "encode_texts", "extra_state", "shard_units",
+                 "optimizer_groups")
 CAPTIONS = [c for i in range(40) for c in data.Synthetic().captions(i)[0]]
 
 
@@ -40,6 +41,12 @@ def test_registered_model_has_the_interface(name):
     assert loss.dim() == 0 and torch.isfinite(loss)
     blocks, towers = model.shard_units()
     assert blocks and towers
+    # the recipe's AdamW groups: decay on weight matrices only; every trainable parameter in one group
+    decay, no_decay = model.optimizer_groups(0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and any(p.ndim == 1 for p in no_decay["params"])
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert sorted(id(p) for g in (decay, no_decay) for p in g["params"]) == sorted(trainable)
     # --gpu-decode: the transform leaves JPEG files encoded and its finish() decodes them on the device
     if name == "brivl":
         with pytest.raises(ValueError, match="without --gpu-decode"):
