@@ -383,14 +383,7 @@ def contrastive_loss(image_features, text_features, logit_scale, group=None):
     gradient); the text -> image direction reuses the same tiles, its column statistics combined
     across ranks. Every rank must pass the same number of rows.
     """
-    n = image_features.shape[0]
-    offset = 0
-    if _distributed(group):
-        text_features = all_gather_with_grad(text_features, group)
-        if text_features.shape[0] != n * dist.get_world_size(group):
-            raise ValueError("contrastive_loss needs the same batch size on every rank")
-        offset = dist.get_rank(group) * n
-    pos = torch.arange(offset, offset + n, device=image_features.device)
+    text_features, pos = gather_texts(image_features, text_features, group)
     return infonce(image_features, text_features, logit_scale, pos, True, group)
 
 
@@ -408,15 +401,10 @@ def sigmoid_loss(image_features, text_features, logit_scale, logit_bias, group=N
     against the texts of every rank (gathered with gradient); under DDP's gradient averaging the result
     is the exact gradient of the global mean. Every rank must pass the same number of rows.
     """
-    n = image_features.shape[0]
-    offset = 0
-    if _distributed(group):
-        text_features = all_gather_with_grad(text_features, group)
-        if text_features.shape[0] != n * dist.get_world_size(group):
-            raise ValueError("sigmoid_loss needs the same batch size on every rank")
-        offset = dist.get_rank(group) * n
-    pos = torch.arange(offset, offset + n, device=image_features.device)
-    rows = sigmoid_rows(image_features, text_features, logit_scale, logit_bias)
+    text_features, pos = gather_texts(image_features, text_features, group)
+    # rows averaged below: every row's gradient is the same, so the op may make the gradients in its forward
+    eager = torch.is_grad_enabled() and any(t.requires_grad for t in (image_features, text_features, logit_scale, logit_bias))
+    rows = sigmoid_tiles(image_features, text_features, logit_scale, logit_bias, eager)[0]
     pos_logit = ((image_features * text_features.index_select(0, pos)).sum(1).to(rows.dtype) * logit_scale.to(rows.dtype)
                  + logit_bias.to(rows.dtype))
     return (rows - pos_logit).mean()
@@ -437,6 +425,17 @@ def infonce(x, y, logit_scale, pos, two_way=False, group=None):
     if two_way:
         loss = (loss + global_logsumexp(col, group).index_select(0, pos) - pos_logit) / 2
     return loss.mean()
+
+
+def gather_texts(image_features, text_features, group=None):
+    """(every rank's texts, gathered with gradient; the columns of this rank's positives among them)."""
+    n, offset = image_features.shape[0], 0
+    if _distributed(group):
+        text_features = all_gather_with_grad(text_features, group)
+        if text_features.shape[0] != n * dist.get_world_size(group):
+            raise ValueError("the loss needs the same batch size on every rank")
+        offset = dist.get_rank(group) * n
+    return text_features, torch.arange(offset, offset + n, device=image_features.device)
 
 
 def _distributed(group):
@@ -1757,10 +1756,10 @@ lse_tiles.register_autograd(_lse_backward, setup_context=_lse_setup)
 # t = scale * x @ y.T + bias, from tiles, never holding t. Its backward, with P_ij = g_i * sigmoid(t_ij):
 #     dx = scale * P @ y,  dy = scale * P.T @ x,  d(scale) = sum(P * x @ y.T),  d(bias) = sum(P)
 # A loss that is a mean over rows sends the same g to every row, and then these are g times the ones
-# for g = 1. So when a gradient will be wanted (eager) the forward computes them too, from the same
-# tiles, and the backward only scales them: 3 B^2 D in all, as the naive form's one matrix product
-# forward and two backward, where recomputing the tiles would take 4. A backward with unequal g
-# recomputes. Memory O(B D) either way.
+# for g = 1. So for such a caller (eager: sigmoid_loss, when a gradient will be wanted) the forward
+# computes them too, from the same tiles, and the backward only scales them: 3 B^2 D in all, as the
+# naive form's one matrix product forward and two backward, where recomputing the tiles would take 4.
+# Without eager (sigmoid_rows: any row weights) the backward recomputes. Memory O(B D) either way.
 
 
 @torch.library.custom_op(f"{_NS}::sigmoid_tiles", mutates_args=())
@@ -1785,8 +1784,9 @@ def sigmoid_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor
                            g: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, dsb: torch.Tensor
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dy, [d(scale), d(bias)]) for row weights g: the forward's gradients for g = 1 (dx, dy, dsb,
-    when it made them) scaled, if every g is the same; else from the tiles again."""
-    if dsb.numel() and bool((g == g[0]).all()):
+    when it made them, which it does only for callers whose rows all get the same g) scaled; else from
+    the tiles again."""
+    if dsb.numel():  # eager: the caller sums or averages the rows, so every g_i is g_0 (no check, no sync)
         c = g[0].to(dsb.dtype)
         return dx * c.to(dx.dtype), dy * c.to(dy.dtype), dsb * c
     if _use_triton(x):
@@ -1816,9 +1816,9 @@ sigmoid_tiles.register_autograd(_sig_backward, setup_context=_sig_setup)
 
 
 def sigmoid_rows(x, y, scale, bias):
-    """sum_j softplus(scale * x_i . y_j + bias) per row i, differentiable in all four, O(B D) memory."""
-    eager = torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, scale, bias))
-    return sigmoid_tiles(x, y, scale, bias, eager)[0]
+    """sum_j softplus(scale * x_i . y_j + bias) per row i, differentiable in all four (with any weights on
+    the rows: the backward recomputes the tiles), O(B D) memory."""
+    return sigmoid_tiles(x, y, scale, bias, False)[0]
 
 
 def _sig_torch(x, y, scale, bias, g):
