@@ -133,7 +133,11 @@ def unquote(field):
 
 
 def has_surrogate(s):
-    return any("\ud800" <= c <= "\udfff" for c in s)
+    try:  # in C: a lone surrogate (an undecodable byte, above) does not encode
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 # ----------------------------------------------------------------------------------------------
