@@ -12,10 +12,44 @@ Use it alone (it imports nothing from this repository):
     model, preprocess = load("AltCLIP/")      # HF AltCLIPModel folders (BAAI/AltCLIP), features reproduced
     model = build("tiny", teacher="clip.pt", student="xlm-roberta-base/")   # stage 1, from keywords
     python altclip.py export CKPT OUT --format hf; python altclip.py predict --ckpt CKPT ...
-train.py drives it through the interface every model file implements (clip.py's docstring lists
-it): add_args, create(args, captions, extra), model.transform / forward / loss / after_step /
-encode_texts / extra_state / shard_units, zero_shot_classifier, retrieval_metrics; finish_args
-tells the data loader that stage 1 trains on text alone.
+
+Your own loop (runs as written with this file alone; four plain images stand in for data):
+    import numpy as np, torch
+    from PIL import Image
+    import altclip
+    images = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue", "yellow")]
+    captions = ["a red picture", "a green picture", "a blue picture", "a yellow picture"]
+    model = altclip.build("tiny", captions=captions)   # no teacher, no stage 1: fresh towers
+    opt = torch.optim.AdamW(model.optimizer_groups(weight_decay=0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+    transform, rng = model.transform(train=True), np.random.default_rng(0)
+    for step in range(20):
+        samples = [transform({"image": i, "text": t}, rng) for i, t in zip(images, captions)]
+        batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        loss = model.loss(model(batch))                  # exact over every rank under torch.distributed
+        loss.backward(); opt.step(); opt.zero_grad(); model.after_step()
+    print(model.classify(images, ["red", "green", "blue", "yellow"]))   # [4, 4] probabilities
+
+The interface (train.py and data.py use nothing else; every model file implements it):
+    build(size, ...) -> model                   from keywords; create(args, captions, extra) is train.py's
+                                                thin layer over it, add_args(parser) its flags
+    model.transform(train) -> f(sample, rng)    sample {'image': PIL image, 'text': str, 'texts': {lang: str}} ->
+                                                token ids and mask (stage 1: no image; the teacher's ids)
+    model(batch) -> out                         batch: those dicts stacked; out: stage 1 the student's and the
+                                                teacher's text features; stage 2 normalised features, 'scale'
+    model.loss(out) -> scalar                   stage 1: mean squared error to the teacher; stage 2: InfoNCE, exact
+                                                over the global batch
+    model.after_step()                          after each optimizer step: clamps the logit scale at 100
+    model.optimizer_groups(weight_decay)        AdamW groups: decay on weight matrices only, none on biases,
+                                                norms, embeddings and the logit scale; the frozen towers left out
+    model.encode_texts(list_of_str) -> [N, D]   L2-normalised text features
+    model.classify(images, labels) -> [N, C]    label probabilities for PIL images (softmax at the logit scale)
+    model.extra_state() -> dict                 config and both tokenizers, saved beside the weights
+    model.shard_units() -> (blocks, towers)     residual blocks and towers: --fsdp shards each one,
+                                                --grad-checkpointing recomputes each block in the backward
+    zero_shot_classifier(model, classnames, templates), retrieval_metrics(image, text)
+train.py's recipe around it: AdamW(optimizer_groups(0.1), lr 1e-3, betas (0.9, 0.98), eps 1e-6), 50 steps of
+linear warmup then cosine decay, gradients clipped to norm 1, after_step() after each step.
+finish_args(args) tells the data loader that stage 1 trains on text alone.
 
 Layout: the method (config, the teacher and student text towers, the model and its two losses),
 building, weights in and out; then, behind banners, the regions copied from clip.py (tokenizer,
@@ -27,6 +61,7 @@ import argparse
 import contextlib
 import gzip
 import html
+import inspect
 import json
 import math
 import os
@@ -77,6 +112,8 @@ class Config:
     text_type_vocab: int = 1
     text_eps: float = 1e-5
     pad_id: int = 1
+    # The image tower is a teacher's and stays frozen; a contrastive run from fresh towers trains it.
+    lock_image: bool = True
 
 
 CONFIGS = {
@@ -87,6 +124,10 @@ CONFIGS = {
     # XLM-R large, as AltCLIP's released model
     "xlm-roberta-large": Config(),
 }
+# A contrastive run from fresh towers (no teacher, no stage 1) has no teacher to take the CLIP shapes
+# from: the tiny one takes clip.py's tiny image tower.
+FRESH_VISION = {"tiny": dict(embed_dim=128, image_size=48, patch_size=8, vision_width=128, vision_layers=4,
+                             vision_heads=4, quick_gelu=False, teacher_width=128)}
 
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # the CLIP teacher's image normalisation (OpenAI's)
@@ -145,7 +186,7 @@ class AltCLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         # The image tower is the teacher's and stays locked in both stages (LiT). In stage 1 the loss
         # reaches neither the projection nor the temperature; DDP must not wait for their gradients.
-        self.locked = freeze([self.visual], [], [])
+        self.locked = freeze([self.visual], [], []) if cfg.lock_image else []
         self.patch_dropout = 0.0  # training's share of image patches dropped (FLIP), stage 2; create() sets it
         if cfg.stage == "distill":
             self.teacher = TeacherText(cfg)
@@ -196,6 +237,14 @@ class AltCLIP(nn.Module):
         ids, mask = self.tokenizer(texts)
         device = self.logit_scale.device
         return self.encode_text(ids.to(device), mask.to(device), normalize=True)
+
+    def preprocess(self):
+        """PIL image -> what encode_image takes, as evaluation sees it (short side resized, centre crop)."""
+        return ImageTransform(self.cfg.image_size, train=False)
+
+    def classify(self, images, labels):
+        """[N, C] probabilities of C label texts for N PIL images (label_probs: softmax at the logit scale)."""
+        return label_probs(self, images, labels)
 
     def optimizer_groups(self, weight_decay):
         return adamw_groups(self, weight_decay)
@@ -308,12 +357,15 @@ def load_teacher(model, sd):
         model.teacher.load_state_dict({k: v.float() for k, v in sd.items() if k.startswith(names)})
 
 
-def build(size="tiny", stage="distill", teacher=None, teacher_tokenizer=None, student=None, tokenizer=None,
+def build(size="tiny", stage=None, teacher=None, teacher_tokenizer=None, student=None, tokenizer=None,
           init=None, captions=(), extra=None):
-    """An AltCLIP from keywords. Stage 1 (distill): the teacher CLIP file, optionally an HF XLM-R folder
-    to start the student from and the student's tokenizer (else a WordPiece trained on `captions`).
-    Stage 2 (contrastive): init, stage 1's checkpoint. extra: a checkpoint's extra_state(); the weights
-    named by teacher / student / init are then loaded into it too (a resumed run replaces them)."""
+    """An AltCLIP from keywords. Stage 1 (distill, the default with a teacher): the teacher CLIP file,
+    optionally an HF XLM-R folder to start the student from and the student's tokenizer (else a
+    WordPiece trained on `captions`). Stage 2 (contrastive): init, stage 1's checkpoint; with neither
+    teacher nor init, fresh towers (build("tiny", captions=...)), the image tower trained too. extra: a
+    checkpoint's extra_state(); the weights named by teacher / student / init are then loaded into it
+    too (a resumed run replaces them)."""
+    stage = stage or ("distill" if teacher else "contrastive")
     if extra is not None:  # a checkpoint's model, or the one rank 0 built for the other ranks
         cfg = Config(**extra["config"])
         tok = BertTokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None
@@ -325,9 +377,11 @@ def build(size="tiny", stage="distill", teacher=None, teacher_tokenizer=None, st
         return model
     if size not in CONFIGS:
         raise ValueError(f"unknown --size {size!r}; choose one of {', '.join(CONFIGS)}")
+    if stage == "contrastive" and not init:  # fresh towers: CLIP with the student as its text tower
+        cfg = Config(**{**asdict(CONFIGS[size]), **FRESH_VISION.get(size, {}), "stage": "contrastive", "lock_image": False})
+        tok = student_tokenizer(cfg, tokenizer, student, captions)
+        return AltCLIP(cfg, tok)
     if stage == "contrastive":
-        if not init:
-            raise ValueError("altclip --stage contrastive needs --init STAGE1_CHECKPOINT (a checkpoint of --stage distill)")
         _, extra = _read_stage1(init)
         cfg = Config(**{**extra["config"], "stage": "contrastive"})
         model = AltCLIP(cfg, BertTokenizer.from_str(extra["tokenizer"], cfg.context_length))
@@ -347,20 +401,29 @@ def build(size="tiny", stage="distill", teacher=None, teacher_tokenizer=None, st
         cfg.text_heads, cfg.text_mlp = hf["num_attention_heads"], hf["intermediate_size"]
         cfg.text_max_positions, cfg.text_type_vocab = hf["max_position_embeddings"], hf.get("type_vocab_size", 1)
         cfg.text_eps = hf.get("layer_norm_eps", 1e-5)
+    model = AltCLIP(cfg, student_tokenizer(cfg, tokenizer, student, captions), teacher_tok)
+    load_weights(model, teacher, student)
+    return model
+
+
+def student_tokenizer(cfg, tokenizer=None, student=None, captions=()):
+    """The student's tokenizer file (or the HF student folder's), else a WordPiece trained on captions;
+    cfg takes its vocabulary size (trained) and padding id."""
     if tokenizer or student:
         tok = BertTokenizer.from_file(tokenizer or student, cfg.context_length)
     else:
         tok = BertTokenizer.train(captions, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
         cfg.vocab_size = tok.vocab_size
     cfg.pad_id = tok.pad_id
-    model = AltCLIP(cfg, tok, teacher_tok)
-    load_weights(model, teacher, student)
-    return model
+    return tok
 
 
 def create(args, captions=(), extra=None):
     names = ("size", "stage", "teacher", "teacher_tokenizer", "student", "tokenizer", "init")
     model = build(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None}, captions=captions, extra=extra)
+    if extra is None and model.cfg.stage == "contrastive" and not getattr(args, "init", None):
+        print("altclip: --stage contrastive without --init: fresh towers, the image tower trained too "
+              "(pass --init STAGE1_CHECKPOINT to continue a stage 1 run)", flush=True)
     ratio = getattr(args, "patch_dropout", 0.0)
     if not 0 <= ratio < 1:
         raise ValueError(f"--patch-dropout {ratio}: the share of patches dropped, from 0 to below 1")
@@ -547,7 +610,7 @@ def export(path, out, fmt="hf", tokenizer=None):
             f"(this model's own, not necessarily XLM-R's: AltCLIPProcessor expects XLM-R's)"]
 
 
-# ==== copied from clip.py: tokenizer (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: tokenizer (shared code, kept identical to clip.py's region) ====
 def bytes_to_unicode():
     # GPT-2's reversible map from bytes to printable characters: BPE then never sees whitespace or
     # control bytes, and every byte has a symbol, so no text is ever unknown.
@@ -709,7 +772,7 @@ class Tokenizer:
 # ==== end of copy: tokenizer ====
 
 
-# ==== copied from clip.py: transformer (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: transformer (shared code, kept identical to clip.py's region) ====
 class QuickGELU(nn.Module):
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
@@ -771,7 +834,7 @@ class Transformer(nn.Module):
 # ==== end of copy: transformer ====
 
 
-# ==== copied from clip.py: vision (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: vision (shared code, kept identical to clip.py's region) ====
 def freeze(head, blocks, tail, unlocked_layers=0):
     """Freeze a tower's parts (LiT) but its last `unlocked_layers` blocks and, if any block stays
     trainable, the tail after them. Returns the frozen modules, which the model keeps in eval mode."""
@@ -808,7 +871,7 @@ class VisionTransformer(nn.Module):
 # ==== end of copy: vision ====
 
 
-# ==== copied from clip.py: patch-dropout (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: patch-dropout (shared code, kept identical to clip.py's region) ====
 class PatchDropout:
     """FLIP's patch dropout (Li et al. 2023): in training each image keeps a random round((1 - ratio) * N)
     of its N patch tokens, and the image tower runs on those alone (cheaper in proportion). The transform
@@ -836,7 +899,7 @@ def keep_patches(x, keep):
 # ==== end of copy: patch-dropout ====
 
 
-# ==== copied from clip.py: loss (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: loss (shared code, kept identical to clip.py's region) ====
 def contrastive_loss(image_features, text_features, logit_scale, group=None):
     """Symmetric InfoNCE over the global batch (open_clip's meaning: logit_scale is already exp'd).
 
@@ -962,7 +1025,7 @@ class _AllReduceSum(torch.autograd.Function):
 # ==== end of copy: loss ====
 
 
-# ==== copied from clip.py: optimizer (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: optimizer (shared code, kept identical to clip.py's region) ====
 def adamw_groups(model, weight_decay):
     """The AdamW parameter groups of the recipe (open_clip's rule): weight decay on weight matrices only,
     none on biases, norms, embeddings and 0-d scalars (the logit scale and bias); parameters that do not
@@ -978,7 +1041,7 @@ def adamw_groups(model, weight_decay):
 # ==== end of copy: optimizer ====
 
 
-# ==== copied from clip.py: image-transform (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: image-transform (shared code, kept identical to clip.py's region) ====
 class ImageTransform:
     """PIL image -> 3 x size x size tensor. train: RandomResizedCrop (scale 0.9-1), its box drawn from the
     sample's rng; otherwise the short side resized to size and the centre cut out (OpenAI's preprocess).
@@ -1149,7 +1212,7 @@ def resize_box(img, box, out, fast=True):
 # ==== end of copy: image-transform ====
 
 
-# ==== copied from clip.py: normalize-pixels (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: normalize-pixels (shared code, kept identical to clip.py's region) ====
 def normalize_pixels(images, mean, std):
     """uint8 pixels [..., 3, H, W] -> floats normalised by mean and std, on the pixels' device. Images
     already in floats are taken as normalised and pass through."""
@@ -1161,7 +1224,7 @@ def normalize_pixels(images, mean, std):
 # ==== end of copy: normalize-pixels ====
 
 
-# ==== copied from clip.py: image-files (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: image-files (shared code, kept identical to clip.py's region) ====
 # Decoding holds the whole image (4 bytes a pixel in Pillow, then a copy): larger non-JPEG images are
 # refused before their decode; JPEGs are first drafted down to what the crop needs.
 MAX_PIXELS = 40_000_000
@@ -1218,7 +1281,7 @@ def read_image(path):
 # ==== end of copy: image-files ====
 
 
-# ==== copied from clip.py: evaluation (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: evaluation (shared code, kept identical to clip.py's region) ====
 @torch.no_grad()
 def zero_shot_classifier(model, classnames, templates):
     """[C, D]: per class, the mean of its normalised prompt embeddings, re-normalised."""
@@ -1246,7 +1309,7 @@ def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
 # ==== end of copy: evaluation ====
 
 
-# ==== copied from clip.py: tensor-files (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: tensor-files (shared code, kept identical to clip.py's region) ====
 class UnsafeWeights(ValueError):
     """A weights file that would run code if loaded the usual way: refused."""
 
@@ -1280,7 +1343,7 @@ def load_tensors(path):
 # ==== end of copy: tensor-files ====
 
 
-# ==== copied from clip.py: weight-files (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: weight-files (shared code, kept identical to clip.py's region) ====
 def read_state_dict(path):
     """A TorchScript archive (OpenAI's releases), a plain state dict (.pt/.bin/.pth) or .safetensors."""
     if not os.path.isfile(path):
@@ -1465,7 +1528,7 @@ def save_weights(sd, folder):
 # ==== end of copy: weight-files ====
 
 
-# ==== copied from clip.py: export-cli (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: export-cli (shared code, kept identical to clip.py's region) ====
 def export_main(argv=None):
     p = argparse.ArgumentParser(prog=f"{os.path.basename(__file__)} export",
                                 description="write weights in open_clip's or transformers' layout")
@@ -1482,17 +1545,42 @@ def export_main(argv=None):
 # ==== end of copy: export-cli ====
 
 
-# ==== copied from clip.py: embed-images (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: embed-images (shared code, kept identical to clip.py's region) ====
 @torch.no_grad()
-def embed_images(model, preprocess, paths):
-    """[N, D] normalised image features for image files."""
+def embed_images(model, preprocess, images):
+    """[N, D] normalised image features for PIL images or image files."""
     device = next(model.parameters()).device
-    pixels = torch.stack([preprocess(read_image(p)) for p in paths]).to(device)
-    return model.encode_image(pixels, normalize=True).float()
+    pixels = torch.stack([preprocess(read_image(x) if isinstance(x, (str, os.PathLike)) else to_rgb(x)) for x in images])
+    return model.encode_image(pixels.to(device), normalize=True).float()
 # ==== end of copy: embed-images ====
 
 
-# ==== copied from clip.py: predict (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: classify (shared code, kept identical to clip.py's region) ====
+def link(model, sims):
+    """Probabilities from cosine similarities [N, C] with the model's own link: a softmax over the last
+    dimension at the logit scale (learnt, or BriVL's fixed 1 / temperature), rows summing to 1; for a
+    sigmoid-loss model (it has a logit_bias) each pair's sigmoid on its own, as SigLIP's demos show."""
+    scale = model.logit_scale.exp().item()
+    if getattr(model, "logit_bias", None) is not None:
+        return torch.sigmoid(scale * sims + model.logit_bias.item())
+    return (scale * sims).softmax(-1)
+
+
+@torch.no_grad()
+def label_probs(model, images, labels):
+    """[N, C]: for N PIL images (or image files) and C label texts, each image's label probabilities
+    from the model's eval preprocessing, features and link(); the model runs in eval mode meanwhile."""
+    was_training = model.training
+    model.eval()
+    try:
+        text = model.encode_texts(list(labels)).float()
+        return link(model, embed_images(model, model.preprocess(), images) @ text.T)
+    finally:
+        model.train(was_training)
+# ==== end of copy: classify ====
+
+
+# ==== copied from clip.py: predict (shared code, kept identical to clip.py's region) ====
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -1508,9 +1596,17 @@ def predict_main(argv=None):
     p.add_argument("--query", action="append", default=[], help="with --images: the text to rank them for")
     p.add_argument("--top", type=int, default=5, help="rows shown per image or query")
     p.add_argument("--json", action="store_true", help="one JSON object per image (or query), most probable first")
-    p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer")
+    # Only the keywords this file's load() takes become flags: each model offers what means something for it.
+    options = inspect.signature(load).parameters
+    if "tokenizer" in options:
+        p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer, or to replace theirs")
+    if "font" in options:
+        p.add_argument("--font", default=None, help="a Unifont .hex file instead of the glyphs the weights carry")
+    if "image_size" in options:
+        p.add_argument("--image-size", type=int, default=None, help="the input size of official weights")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    given = {k: getattr(args, k) for k in ("tokenizer", "font", "image_size") if getattr(args, k, None) is not None}
     try:
         if args.images:
             if not os.path.isdir(args.images):
@@ -1538,21 +1634,18 @@ def predict_main(argv=None):
                 if not os.path.isfile(path):
                     raise ValueError(f"{path}: not a regular file; pass image files")
             queries, candidates = args.image, texts
-        model, preprocess = load(args.ckpt, **({"tokenizer": args.tokenizer} if args.tokenizer else {}))
+        model, preprocess = load(args.ckpt, **given)
         model.to(args.device)
         if getattr(model, "tokenizer", True) is None:
             raise ValueError(f"{args.ckpt} carries no tokenizer: pass --tokenizer")
-        with torch.no_grad():
-            text = model.encode_texts(queries if args.images else candidates).float()
-        image = embed_images(model, preprocess, candidates if args.images else queries)
+        if args.images:  # images ranked for each query: the link over the images
+            with torch.no_grad():
+                text = model.encode_texts(queries).float()
+            probs = link(model, text @ embed_images(model, preprocess, candidates).T)
+        else:
+            probs = model.classify(queries, candidates)  # [images, labels]
     except (FileNotFoundError, ValueError, ImportError, OSError) as err:
         raise SystemExit(f"{me} predict: {err}") from None
-    scale = model.logit_scale.exp().item() if hasattr(model, "logit_scale") else 1 / model.cfg.temperature
-    sims = (text @ image.T) if args.images else (image @ text.T)  # [queries, candidates]
-    if getattr(model, "logit_bias", None) is not None:  # a sigmoid-loss model: each label on its own, as SigLIP's demos
-        probs = torch.sigmoid(scale * sims + model.logit_bias.item())
-    else:
-        probs = (scale * sims).softmax(-1)
     key, kind = ("query", "images") if args.images else ("image", "labels")
     for q, row in zip(queries, probs):
         order = row.argsort(descending=True).tolist()
@@ -1755,7 +1848,7 @@ def bert_state_dict(sd, prefixes=("bert.", "roberta.")):
 # ==== end of copy: bert ====
 
 
-# ==== copied from clip.py: kernel (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: kernel (shared code, kept identical to clip.py's region) ====
 # One local op does the heavy work of the loss: lse_tiles(x, y, scale, two_way) -> (row_lse, col_lse),
 # the log-sum-exp of t = scale * x @ y.T along rows and (two_way) along columns, from the same tiles
 # in one pass, never holding t. Its backward recomputes each tile once and gets dx, dy and d(scale):

@@ -18,9 +18,44 @@ Use it alone (it imports nothing from this repository):
     model, preprocess = load("brivl-with-roberta-base.pth", image_size=456, tokenizer="vocab.txt")
     model = build("tiny", text_encoder="chinese-roberta-wwm-ext/")   # a new model from keywords
     python brivl.py predict --ckpt CKPT --image a.jpg --labels '狗,猫'
-train.py drives it through the interface every model file implements (clip.py's docstring lists
-it): add_args, create(args, captions, extra), model.transform / forward / loss / after_step /
-encode_texts / extra_state / shard_units, zero_shot_classifier, retrieval_metrics.
+
+Your own loop (runs as written with this file alone; four plain images stand in for data):
+    import numpy as np, torch
+    from PIL import Image
+    import brivl
+    images = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue", "yellow")]
+    captions = ["a red picture", "a green picture", "a blue picture", "a yellow picture"]
+    model = brivl.build("tiny", captions=captions)   # tiny trains a WordPiece on captions
+    opt = torch.optim.AdamW(model.optimizer_groups(weight_decay=0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+    transform, rng = model.transform(train=True), np.random.default_rng(0)
+    for step in range(20):
+        samples = [transform({"image": i, "text": t}, rng) for i, t in zip(images, captions)]
+        batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        loss = model.loss(model(batch))                  # exact over every rank under torch.distributed
+        loss.backward(); opt.step(); opt.zero_grad(); model.after_step()
+    print(model.classify(images, ["red", "green", "blue", "yellow"]))   # [4, 4] probabilities
+
+The interface (train.py and data.py use nothing else; every model file implements it):
+    build(size, ...) -> model                   from keywords; create(args, captions, extra) is train.py's
+                                                thin layer over it, add_args(parser) its flags
+    model.transform(train) -> f(sample, rng)    sample {'image': PIL image, 'text': str, 'boxes': optional} ->
+                                                {'image', 'boxes', 'box_mask', 'text', 'text_mask'}
+    model(batch) -> out                         batch: those dicts stacked; out: normalised 'image' and
+                                                'text' features and the momentum encoders' keys, 'scale' (1 / T)
+    model.loss(out) -> scalar                   InfoNCE of each side against the other side's key queue (the
+                                                global batch's keys join the queues in after_step)
+    model.after_step()                          after each optimizer step: the momentum encoders move, the
+                                                queues take the global batch's keys
+    model.optimizer_groups(weight_decay)        AdamW groups: decay on weight matrices only, none on biases,
+                                                norms, embeddings; the momentum encoders left out
+    model.encode_texts(list_of_str) -> [N, D]   L2-normalised text features
+    model.classify(images, labels) -> [N, C]    label probabilities for PIL images (softmax at 1 / T)
+    model.extra_state() -> dict                 config and tokenizer, saved beside the weights
+    model.shard_units() -> (blocks, towers)     residual blocks and towers: --fsdp shards each one,
+                                                --grad-checkpointing recomputes each block in the backward
+    zero_shot_classifier(model, classnames, templates), retrieval_metrics(image, text)
+train.py's recipe around it: AdamW(optimizer_groups(0.1), lr 1e-3, betas (0.9, 0.98), eps 1e-6), 50 steps of
+linear warmup then cosine decay, gradients clipped to norm 1, after_step() after each step.
 
 Layout: the method (config, region pooling, towers, model, queue loss, inputs), building, weights
 (this repository's and the released ones), the CNN backbones, BERT; then, behind banners, the
@@ -29,6 +64,7 @@ evaluation, predict and fused-kernel regions copied from clip.py.
 
 import argparse
 import copy
+import inspect
 import json
 import math
 import os
@@ -293,6 +329,11 @@ class BriVL(nn.Module):
         x = (self.textual_momentum if momentum else self.textual)(ids, mask.bool())  # int 0/1 masks too
         return F.normalize(x, dim=-1) if normalize else x
 
+    @property
+    def logit_scale(self):
+        """log(1 / temperature), fixed: read as CLIP's learnt logit_scale is (classify, predict)."""
+        return torch.tensor(math.log(1 / self.cfg.temperature))
+
     def forward(self, batch):
         image = (batch["image"], batch["boxes"], batch["box_mask"])
         text = (batch["text"], batch["text_mask"])
@@ -339,6 +380,14 @@ class BriVL(nn.Module):
         ids, mask = self.tokenizer(texts)
         device = self.queue_ptr.device
         return self.encode_text(ids.to(device), mask.to(device), normalize=True)
+
+    def preprocess(self):
+        """PIL image -> (image, grid boxes, box mask), as evaluation sees it (short side resized, centre crop)."""
+        return ImageTransform(self.cfg, train=False)
+
+    def classify(self, images, labels):
+        """[N, C] probabilities of C label texts for N PIL images (label_probs: softmax at the fixed temperature)."""
+        return label_probs(self, images, labels)
 
     def extra_state(self):
         return {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None}
@@ -793,10 +842,12 @@ def load(path, device="cpu", image_size=None, tokenizer=None):
 
 
 @torch.no_grad()
-def embed_images(model, preprocess, paths):
-    """[N, D] normalised image features from the query encoder, over the grid's region boxes."""
+def embed_images(model, preprocess, images):
+    """[N, D] normalised image features of PIL images or image files from the query encoder, over the
+    grid's region boxes."""
     device = next(model.parameters()).device
-    images, boxes, mask = (torch.stack(x).to(device) for x in zip(*(preprocess(read_image(p)) for p in paths)))
+    pil = (read_image(x) if isinstance(x, (str, os.PathLike)) else to_rgb(x) for x in images)
+    images, boxes, mask = (torch.stack(x).to(device) for x in zip(*(preprocess(img) for img in pil)))
     return model.encode_image(images, boxes, mask, normalize=True).float()
 
 
@@ -1199,7 +1250,7 @@ def bert_state_dict(sd, prefixes=("bert.", "roberta.")):
 # ==== end of region bert ====
 
 
-# ==== copied from clip.py: tensor-files (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: tensor-files (shared code, kept identical to clip.py's region) ====
 class UnsafeWeights(ValueError):
     """A weights file that would run code if loaded the usual way: refused."""
 
@@ -1233,7 +1284,7 @@ def load_tensors(path):
 # ==== end of copy: tensor-files ====
 
 
-# ==== copied from clip.py: normalize-pixels (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: normalize-pixels (shared code, kept identical to clip.py's region) ====
 def normalize_pixels(images, mean, std):
     """uint8 pixels [..., 3, H, W] -> floats normalised by mean and std, on the pixels' device. Images
     already in floats are taken as normalised and pass through."""
@@ -1245,7 +1296,7 @@ def normalize_pixels(images, mean, std):
 # ==== end of copy: normalize-pixels ====
 
 
-# ==== copied from clip.py: optimizer (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: optimizer (shared code, kept identical to clip.py's region) ====
 def adamw_groups(model, weight_decay):
     """The AdamW parameter groups of the recipe (open_clip's rule): weight decay on weight matrices only,
     none on biases, norms, embeddings and 0-d scalars (the logit scale and bias); parameters that do not
@@ -1261,7 +1312,7 @@ def adamw_groups(model, weight_decay):
 # ==== end of copy: optimizer ====
 
 
-# ==== copied from clip.py: image-files (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: image-files (shared code, kept identical to clip.py's region) ====
 # Decoding holds the whole image (4 bytes a pixel in Pillow, then a copy): larger non-JPEG images are
 # refused before their decode; JPEGs are first drafted down to what the crop needs.
 MAX_PIXELS = 40_000_000
@@ -1318,7 +1369,7 @@ def read_image(path):
 # ==== end of copy: image-files ====
 
 
-# ==== copied from clip.py: evaluation (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: evaluation (shared code, kept identical to clip.py's region) ====
 @torch.no_grad()
 def zero_shot_classifier(model, classnames, templates):
     """[C, D]: per class, the mean of its normalised prompt embeddings, re-normalised."""
@@ -1346,7 +1397,32 @@ def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
 # ==== end of copy: evaluation ====
 
 
-# ==== copied from clip.py: predict (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: classify (shared code, kept identical to clip.py's region) ====
+def link(model, sims):
+    """Probabilities from cosine similarities [N, C] with the model's own link: a softmax over the last
+    dimension at the logit scale (learnt, or BriVL's fixed 1 / temperature), rows summing to 1; for a
+    sigmoid-loss model (it has a logit_bias) each pair's sigmoid on its own, as SigLIP's demos show."""
+    scale = model.logit_scale.exp().item()
+    if getattr(model, "logit_bias", None) is not None:
+        return torch.sigmoid(scale * sims + model.logit_bias.item())
+    return (scale * sims).softmax(-1)
+
+
+@torch.no_grad()
+def label_probs(model, images, labels):
+    """[N, C]: for N PIL images (or image files) and C label texts, each image's label probabilities
+    from the model's eval preprocessing, features and link(); the model runs in eval mode meanwhile."""
+    was_training = model.training
+    model.eval()
+    try:
+        text = model.encode_texts(list(labels)).float()
+        return link(model, embed_images(model, model.preprocess(), images) @ text.T)
+    finally:
+        model.train(was_training)
+# ==== end of copy: classify ====
+
+
+# ==== copied from clip.py: predict (shared code, kept identical to clip.py's region) ====
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -1362,9 +1438,17 @@ def predict_main(argv=None):
     p.add_argument("--query", action="append", default=[], help="with --images: the text to rank them for")
     p.add_argument("--top", type=int, default=5, help="rows shown per image or query")
     p.add_argument("--json", action="store_true", help="one JSON object per image (or query), most probable first")
-    p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer")
+    # Only the keywords this file's load() takes become flags: each model offers what means something for it.
+    options = inspect.signature(load).parameters
+    if "tokenizer" in options:
+        p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer, or to replace theirs")
+    if "font" in options:
+        p.add_argument("--font", default=None, help="a Unifont .hex file instead of the glyphs the weights carry")
+    if "image_size" in options:
+        p.add_argument("--image-size", type=int, default=None, help="the input size of official weights")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    given = {k: getattr(args, k) for k in ("tokenizer", "font", "image_size") if getattr(args, k, None) is not None}
     try:
         if args.images:
             if not os.path.isdir(args.images):
@@ -1392,21 +1476,18 @@ def predict_main(argv=None):
                 if not os.path.isfile(path):
                     raise ValueError(f"{path}: not a regular file; pass image files")
             queries, candidates = args.image, texts
-        model, preprocess = load(args.ckpt, **({"tokenizer": args.tokenizer} if args.tokenizer else {}))
+        model, preprocess = load(args.ckpt, **given)
         model.to(args.device)
         if getattr(model, "tokenizer", True) is None:
             raise ValueError(f"{args.ckpt} carries no tokenizer: pass --tokenizer")
-        with torch.no_grad():
-            text = model.encode_texts(queries if args.images else candidates).float()
-        image = embed_images(model, preprocess, candidates if args.images else queries)
+        if args.images:  # images ranked for each query: the link over the images
+            with torch.no_grad():
+                text = model.encode_texts(queries).float()
+            probs = link(model, text @ embed_images(model, preprocess, candidates).T)
+        else:
+            probs = model.classify(queries, candidates)  # [images, labels]
     except (FileNotFoundError, ValueError, ImportError, OSError) as err:
         raise SystemExit(f"{me} predict: {err}") from None
-    scale = model.logit_scale.exp().item() if hasattr(model, "logit_scale") else 1 / model.cfg.temperature
-    sims = (text @ image.T) if args.images else (image @ text.T)  # [queries, candidates]
-    if getattr(model, "logit_bias", None) is not None:  # a sigmoid-loss model: each label on its own, as SigLIP's demos
-        probs = torch.sigmoid(scale * sims + model.logit_bias.item())
-    else:
-        probs = (scale * sims).softmax(-1)
     key, kind = ("query", "images") if args.images else ("image", "labels")
     for q, row in zip(queries, probs):
         order = row.argsort(descending=True).tolist()
@@ -1420,7 +1501,7 @@ def predict_main(argv=None):
 # ==== end of copy: predict ====
 
 
-# ==== copied from clip.py: kernel (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: kernel (shared code, kept identical to clip.py's region) ====
 # One local op does the heavy work of the loss: lse_tiles(x, y, scale, two_way) -> (row_lse, col_lse),
 # the log-sum-exp of t = scale * x @ y.T along rows and (two_way) along columns, from the same tiles
 # in one pass, never holding t. Its backward recomputes each tile once and gets dx, dy and d(scale):

@@ -6,33 +6,59 @@ both directions over the whole global batch: every image against every text of e
 
 Use it alone (it imports nothing from this repository):
     model, preprocess = load("ViT-B-32.pt")          # OpenAI / open_clip files and folders, HF CLIPModel
-    image = model.encode_image(preprocess(pil_image)[None], normalize=True)
-    text = model.encode_texts(["a photo of a dog"])
+    probs = model.classify([pil_image], ["a dog", "a cat"])        # [1, 2], the row sums to 1
+    text = model.encode_texts(["a photo of a dog"])                # [1, D], L2-normalised
     model = build("ViT-B-16", tokenizer="bpe_simple_vocab_16e6.txt.gz")   # a new model from keywords
     python clip.py export CKPT OUT --format open_clip|hf; python clip.py predict --ckpt CKPT ...
 Parameter names follow OpenAI's state_dict, so OpenAI and open_clip ViT checkpoints load strictly.
 
-The interface train.py and data.py use (every model file implements it the same way):
-    add_args(parser); create(args, captions, extra=None) -> model   (a thin layer over build(...))
-    model.transform(train)                      picklable f(sample, rng) -> dict of tensors (loader workers)
-    model(batch) -> out                         dict of features; out['scale'] is the logit scale
-    model.loss(out) -> scalar                   exact over the global batch under torch.distributed
-    model.after_step()                          called after each optimizer step
-    model.encode_texts(list_of_str) -> [N, D]   L2-normalised, for zero-shot classifiers
+Your own loop (runs as written with this file alone; four plain images stand in for data):
+    import numpy as np, torch
+    from PIL import Image
+    import clip
+    images = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue", "yellow")]
+    captions = ["a red picture", "a green picture", "a blue picture", "a yellow picture"]
+    model = clip.build("tiny", captions=captions)        # tiny trains its BPE tokenizer on captions
+    opt = torch.optim.AdamW(model.optimizer_groups(weight_decay=0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+    transform, rng = model.transform(train=True), np.random.default_rng(0)
+    for step in range(20):
+        samples = [transform({"image": i, "text": t}, rng) for i, t in zip(images, captions)]
+        batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        loss = model.loss(model(batch))                  # exact over every rank under torch.distributed
+        loss.backward(); opt.step(); opt.zero_grad(); model.after_step()
+    print(model.classify(images, ["red", "green", "blue", "yellow"]))   # [4, 4] probabilities
+
+The interface (train.py and data.py use nothing else; every model file implements it):
+    build(size, ...) -> model                   from keywords; create(args, captions, extra) is train.py's
+                                                thin layer over it, add_args(parser) its flags
+    model.transform(train) -> f(sample, rng)    sample {'image': PIL image, 'text': str} -> {'image': uint8
+                                                [3, H, W], 'text': token ids}; picklable (loader workers)
+    model(batch) -> out                         batch: those dicts stacked; out: normalised 'image' and
+                                                'text' features, 'scale' (the exp'd logit scale)
+    model.loss(out) -> scalar                   InfoNCE (or SigLIP's sigmoid loss), exact over the global batch
+    model.after_step()                          after each optimizer step: clamps the logit scale at 100
+    model.optimizer_groups(weight_decay)        AdamW groups: decay on weight matrices only, none on biases,
+                                                norms, embeddings and the logit scale; frozen parameters left out
+    model.encode_texts(list_of_str) -> [N, D]   L2-normalised; model.encode_image(pixels, normalize=True)
+    model.classify(images, labels) -> [N, C]    label probabilities for PIL images (softmax; SigLIP: sigmoid)
     model.extra_state() -> dict                 config and tokenizer, saved beside the weights
     model.shard_units() -> (blocks, towers)     residual blocks and towers: --fsdp shards each one,
                                                 --grad-checkpointing recomputes each block in the backward
     zero_shot_classifier(model, classnames, templates), retrieval_metrics(image, text)
+train.py's recipe around it: AdamW(optimizer_groups(0.1), lr 1e-3, betas (0.9, 0.98), eps 1e-6), 50 steps of
+linear warmup then cosine decay, gradients clipped to norm 1, after_step() after each step.
 
 Layout: config, layers, towers, the model, its loss, inputs, building, evaluation, weights in and
 out, predict, then the tokenizer and the fused loss kernel. Regions marked `# ==== region NAME` are
-copied into the other model files; edit them here, then run `python tests/test_copies.py --fix`.
+copied, the same lines, into the other model files (in this repository tests/test_copies.py checks
+the copies and re-copies them with --fix).
 """
 
 import argparse
 import contextlib
 import gzip
 import html
+import inspect
 import json
 import math
 import os
@@ -301,9 +327,13 @@ class CLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, tokens, normalize=False):
+        end = tokens.argmax(-1) if self.cfg.eos_id is None else (tokens == self.cfg.eos_id).int().argmax(-1)
+        if len(tokens) and not torch.compiler.is_compiling():  # compiled: one shape for every batch instead
+            # The attention is causal: no position reads a later one, so the padding after the batch's
+            # longest text changes no pooled feature. Cut, it costs nothing (captions are mostly short).
+            tokens = tokens[:, : int(end.max()) + 1]
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
         x = self.ln_final(self.transformer(x, causal=True))
-        end = tokens.argmax(-1) if self.cfg.eos_id is None else (tokens == self.cfg.eos_id).int().argmax(-1)
         x = x[torch.arange(x.shape[0], device=x.device), end] @ self.text_projection
         return F.normalize(x, dim=-1) if normalize else x
 
@@ -333,6 +363,10 @@ class CLIP(nn.Module):
     def preprocess(self):
         """PIL image -> normalised tensor, as the weights expect it (resize the short side, centre crop)."""
         return ImageTransform(self.cfg.image_size, train=False, mean=self.cfg.image_mean, std=self.cfg.image_std)
+
+    def classify(self, images, labels):
+        """[N, C] probabilities of C label texts for N PIL images (label_probs: softmax, or sigmoid)."""
+        return label_probs(self, images, labels)
 
     def encode_texts(self, texts):
         device = self.logit_scale.device
@@ -1432,12 +1466,37 @@ def export_main(argv=None):
 
 # ==== region embed-images (copied into clippo.py, altclip.py, laclip.py) ====
 @torch.no_grad()
-def embed_images(model, preprocess, paths):
-    """[N, D] normalised image features for image files."""
+def embed_images(model, preprocess, images):
+    """[N, D] normalised image features for PIL images or image files."""
     device = next(model.parameters()).device
-    pixels = torch.stack([preprocess(read_image(p)) for p in paths]).to(device)
-    return model.encode_image(pixels, normalize=True).float()
+    pixels = torch.stack([preprocess(read_image(x) if isinstance(x, (str, os.PathLike)) else to_rgb(x)) for x in images])
+    return model.encode_image(pixels.to(device), normalize=True).float()
 # ==== end of region embed-images ====
+
+
+# ==== region classify (copied into brivl.py, clippo.py, altclip.py, laclip.py) ====
+def link(model, sims):
+    """Probabilities from cosine similarities [N, C] with the model's own link: a softmax over the last
+    dimension at the logit scale (learnt, or BriVL's fixed 1 / temperature), rows summing to 1; for a
+    sigmoid-loss model (it has a logit_bias) each pair's sigmoid on its own, as SigLIP's demos show."""
+    scale = model.logit_scale.exp().item()
+    if getattr(model, "logit_bias", None) is not None:
+        return torch.sigmoid(scale * sims + model.logit_bias.item())
+    return (scale * sims).softmax(-1)
+
+
+@torch.no_grad()
+def label_probs(model, images, labels):
+    """[N, C]: for N PIL images (or image files) and C label texts, each image's label probabilities
+    from the model's eval preprocessing, features and link(); the model runs in eval mode meanwhile."""
+    was_training = model.training
+    model.eval()
+    try:
+        text = model.encode_texts(list(labels)).float()
+        return link(model, embed_images(model, model.preprocess(), images) @ text.T)
+    finally:
+        model.train(was_training)
+# ==== end of region classify ====
 
 
 # ==== region predict (copied into brivl.py, clippo.py, altclip.py, laclip.py) ====
@@ -1456,9 +1515,17 @@ def predict_main(argv=None):
     p.add_argument("--query", action="append", default=[], help="with --images: the text to rank them for")
     p.add_argument("--top", type=int, default=5, help="rows shown per image or query")
     p.add_argument("--json", action="store_true", help="one JSON object per image (or query), most probable first")
-    p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer")
+    # Only the keywords this file's load() takes become flags: each model offers what means something for it.
+    options = inspect.signature(load).parameters
+    if "tokenizer" in options:
+        p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer, or to replace theirs")
+    if "font" in options:
+        p.add_argument("--font", default=None, help="a Unifont .hex file instead of the glyphs the weights carry")
+    if "image_size" in options:
+        p.add_argument("--image-size", type=int, default=None, help="the input size of official weights")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    given = {k: getattr(args, k) for k in ("tokenizer", "font", "image_size") if getattr(args, k, None) is not None}
     try:
         if args.images:
             if not os.path.isdir(args.images):
@@ -1486,21 +1553,18 @@ def predict_main(argv=None):
                 if not os.path.isfile(path):
                     raise ValueError(f"{path}: not a regular file; pass image files")
             queries, candidates = args.image, texts
-        model, preprocess = load(args.ckpt, **({"tokenizer": args.tokenizer} if args.tokenizer else {}))
+        model, preprocess = load(args.ckpt, **given)
         model.to(args.device)
         if getattr(model, "tokenizer", True) is None:
             raise ValueError(f"{args.ckpt} carries no tokenizer: pass --tokenizer")
-        with torch.no_grad():
-            text = model.encode_texts(queries if args.images else candidates).float()
-        image = embed_images(model, preprocess, candidates if args.images else queries)
+        if args.images:  # images ranked for each query: the link over the images
+            with torch.no_grad():
+                text = model.encode_texts(queries).float()
+            probs = link(model, text @ embed_images(model, preprocess, candidates).T)
+        else:
+            probs = model.classify(queries, candidates)  # [images, labels]
     except (FileNotFoundError, ValueError, ImportError, OSError) as err:
         raise SystemExit(f"{me} predict: {err}") from None
-    scale = model.logit_scale.exp().item() if hasattr(model, "logit_scale") else 1 / model.cfg.temperature
-    sims = (text @ image.T) if args.images else (image @ text.T)  # [queries, candidates]
-    if getattr(model, "logit_bias", None) is not None:  # a sigmoid-loss model: each label on its own, as SigLIP's demos
-        probs = torch.sigmoid(scale * sims + model.logit_bias.item())
-    else:
-        probs = (scale * sims).softmax(-1)
     key, kind = ("query", "images") if args.images else ("image", "labels")
     for q, row in zip(queries, probs):
         order = row.argsort(descending=True).tolist()

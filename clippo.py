@@ -11,9 +11,42 @@ Use it alone (it imports nothing from this repository):
     model, preprocess = load("checkpoint.pt", font="unifont-15.1.05.hex")
     model = build("ViT-B-16", font="unifont-15.1.05.hex")   # a new model from keywords
     python clippo.py predict --ckpt CKPT --image a.jpg --labels 'a dog,a cat'
-train.py drives it through the interface every model file implements (clip.py's docstring lists
-it): add_args, create(args, captions, extra), model.transform / forward / loss / after_step /
-encode_texts / extra_state / shard_units, zero_shot_classifier, retrieval_metrics.
+
+Your own loop (runs as written with this file alone; four plain images stand in for data):
+    import numpy as np, torch
+    from PIL import Image
+    import clippo
+    images = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue", "yellow")]
+    captions = ["a red picture", "a green picture", "a blue picture", "a yellow picture"]
+    model = clippo.build("tiny")                     # no tokenizer: text is rendered
+    opt = torch.optim.AdamW(model.optimizer_groups(weight_decay=0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+    transform, rng = model.transform(train=True), np.random.default_rng(0)
+    for step in range(20):
+        samples = [transform({"image": i, "text": t}, rng) for i, t in zip(images, captions)]
+        batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        loss = model.loss(model(batch))                  # exact over every rank under torch.distributed
+        loss.backward(); opt.step(); opt.zero_grad(); model.after_step()
+    print(model.classify(images, ["red", "green", "blue", "yellow"]))   # [4, 4] probabilities
+
+The interface (train.py and data.py use nothing else; every model file implements it):
+    build(size, ...) -> model                   from keywords; create(args, captions, extra) is train.py's
+                                                thin layer over it, add_args(parser) its flags
+    model.transform(train) -> f(sample, rng)    sample {'image': PIL image, 'text': str} -> {'image': uint8
+                                                [3, H, W], 'text': the caption rendered, uint8 [H, W]}; picklable
+    model(batch) -> out                         batch: those dicts stacked; out: normalised 'image' and
+                                                'text' features (one tower), 'scale' (the exp'd logit scale)
+    model.loss(out) -> scalar                   InfoNCE (or SigLIP's sigmoid loss), exact over the global batch
+    model.after_step()                          after each optimizer step: clamps the logit scale at 100
+    model.optimizer_groups(weight_decay)        AdamW groups: decay on weight matrices only, none on biases,
+                                                norms, embeddings and the logit scale; frozen parameters left out
+    model.encode_texts(list_of_str) -> [N, D]   L2-normalised text features
+    model.classify(images, labels) -> [N, C]    label probabilities for PIL images (softmax; SigLIP: sigmoid)
+    model.extra_state() -> dict                 config and the glyphs of printable Latin-1, saved beside the weights
+    model.shard_units() -> (blocks, towers)     residual blocks and towers: --fsdp shards each one,
+                                                --grad-checkpointing recomputes each block in the backward
+    zero_shot_classifier(model, classnames, templates), retrieval_metrics(image, text)
+train.py's recipe around it: AdamW(optimizer_groups(0.1), lr 1e-3, betas (0.9, 0.98), eps 1e-6), 50 steps of
+linear warmup then cosine decay, gradients clipped to norm 1, after_step() after each step.
 
 Layout: the method (config, text rendering, the one tower, the model), building, weight loading;
 then, behind banners, the regions copied from clip.py: transformer blocks, the contrastive loss,
@@ -22,6 +55,7 @@ image inputs, evaluation, predict and the fused loss kernel.
 
 import argparse
 import gzip
+import inspect
 import json
 import math
 import os
@@ -380,6 +414,14 @@ class CLIPPO(nn.Module):
         rendered = torch.from_numpy(self.renderer(list(texts))).to(self.logit_scale.device)
         return self.encode_text(rendered, normalize=True)
 
+    def preprocess(self):
+        """PIL image -> what encode_image takes, as evaluation sees it (short side resized, centre crop)."""
+        return ImageTransform(self.cfg.image_size, train=False)
+
+    def classify(self, images, labels):
+        """[N, C] probabilities of C label texts for N PIL images (label_probs: softmax, or sigmoid)."""
+        return label_probs(self, images, labels)
+
     def optimizer_groups(self, weight_decay):
         return adamw_groups(self, weight_decay)
 
@@ -522,7 +564,7 @@ def load(path, device="cpu", font=None):
     return model, ImageTransform(model.cfg.image_size, train=False)
 
 
-# ==== copied from clip.py: transformer (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: transformer (shared code, kept identical to clip.py's region) ====
 class QuickGELU(nn.Module):
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
@@ -584,7 +626,7 @@ class Transformer(nn.Module):
 # ==== end of copy: transformer ====
 
 
-# ==== copied from clip.py: patch-dropout (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: patch-dropout (shared code, kept identical to clip.py's region) ====
 class PatchDropout:
     """FLIP's patch dropout (Li et al. 2023): in training each image keeps a random round((1 - ratio) * N)
     of its N patch tokens, and the image tower runs on those alone (cheaper in proportion). The transform
@@ -612,7 +654,7 @@ def keep_patches(x, keep):
 # ==== end of copy: patch-dropout ====
 
 
-# ==== copied from clip.py: loss (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: loss (shared code, kept identical to clip.py's region) ====
 def contrastive_loss(image_features, text_features, logit_scale, group=None):
     """Symmetric InfoNCE over the global batch (open_clip's meaning: logit_scale is already exp'd).
 
@@ -738,7 +780,7 @@ class _AllReduceSum(torch.autograd.Function):
 # ==== end of copy: loss ====
 
 
-# ==== copied from clip.py: optimizer (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: optimizer (shared code, kept identical to clip.py's region) ====
 def adamw_groups(model, weight_decay):
     """The AdamW parameter groups of the recipe (open_clip's rule): weight decay on weight matrices only,
     none on biases, norms, embeddings and 0-d scalars (the logit scale and bias); parameters that do not
@@ -754,7 +796,7 @@ def adamw_groups(model, weight_decay):
 # ==== end of copy: optimizer ====
 
 
-# ==== copied from clip.py: image-transform (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: image-transform (shared code, kept identical to clip.py's region) ====
 class ImageTransform:
     """PIL image -> 3 x size x size tensor. train: RandomResizedCrop (scale 0.9-1), its box drawn from the
     sample's rng; otherwise the short side resized to size and the centre cut out (OpenAI's preprocess).
@@ -925,7 +967,7 @@ def resize_box(img, box, out, fast=True):
 # ==== end of copy: image-transform ====
 
 
-# ==== copied from clip.py: tensor-files (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: tensor-files (shared code, kept identical to clip.py's region) ====
 class UnsafeWeights(ValueError):
     """A weights file that would run code if loaded the usual way: refused."""
 
@@ -959,7 +1001,7 @@ def load_tensors(path):
 # ==== end of copy: tensor-files ====
 
 
-# ==== copied from clip.py: normalize-pixels (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: normalize-pixels (shared code, kept identical to clip.py's region) ====
 def normalize_pixels(images, mean, std):
     """uint8 pixels [..., 3, H, W] -> floats normalised by mean and std, on the pixels' device. Images
     already in floats are taken as normalised and pass through."""
@@ -971,7 +1013,7 @@ def normalize_pixels(images, mean, std):
 # ==== end of copy: normalize-pixels ====
 
 
-# ==== copied from clip.py: image-files (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: image-files (shared code, kept identical to clip.py's region) ====
 # Decoding holds the whole image (4 bytes a pixel in Pillow, then a copy): larger non-JPEG images are
 # refused before their decode; JPEGs are first drafted down to what the crop needs.
 MAX_PIXELS = 40_000_000
@@ -1028,7 +1070,7 @@ def read_image(path):
 # ==== end of copy: image-files ====
 
 
-# ==== copied from clip.py: evaluation (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: evaluation (shared code, kept identical to clip.py's region) ====
 @torch.no_grad()
 def zero_shot_classifier(model, classnames, templates):
     """[C, D]: per class, the mean of its normalised prompt embeddings, re-normalised."""
@@ -1056,17 +1098,42 @@ def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
 # ==== end of copy: evaluation ====
 
 
-# ==== copied from clip.py: embed-images (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: embed-images (shared code, kept identical to clip.py's region) ====
 @torch.no_grad()
-def embed_images(model, preprocess, paths):
-    """[N, D] normalised image features for image files."""
+def embed_images(model, preprocess, images):
+    """[N, D] normalised image features for PIL images or image files."""
     device = next(model.parameters()).device
-    pixels = torch.stack([preprocess(read_image(p)) for p in paths]).to(device)
-    return model.encode_image(pixels, normalize=True).float()
+    pixels = torch.stack([preprocess(read_image(x) if isinstance(x, (str, os.PathLike)) else to_rgb(x)) for x in images])
+    return model.encode_image(pixels.to(device), normalize=True).float()
 # ==== end of copy: embed-images ====
 
 
-# ==== copied from clip.py: predict (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: classify (shared code, kept identical to clip.py's region) ====
+def link(model, sims):
+    """Probabilities from cosine similarities [N, C] with the model's own link: a softmax over the last
+    dimension at the logit scale (learnt, or BriVL's fixed 1 / temperature), rows summing to 1; for a
+    sigmoid-loss model (it has a logit_bias) each pair's sigmoid on its own, as SigLIP's demos show."""
+    scale = model.logit_scale.exp().item()
+    if getattr(model, "logit_bias", None) is not None:
+        return torch.sigmoid(scale * sims + model.logit_bias.item())
+    return (scale * sims).softmax(-1)
+
+
+@torch.no_grad()
+def label_probs(model, images, labels):
+    """[N, C]: for N PIL images (or image files) and C label texts, each image's label probabilities
+    from the model's eval preprocessing, features and link(); the model runs in eval mode meanwhile."""
+    was_training = model.training
+    model.eval()
+    try:
+        text = model.encode_texts(list(labels)).float()
+        return link(model, embed_images(model, model.preprocess(), images) @ text.T)
+    finally:
+        model.train(was_training)
+# ==== end of copy: classify ====
+
+
+# ==== copied from clip.py: predict (shared code, kept identical to clip.py's region) ====
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -1082,9 +1149,17 @@ def predict_main(argv=None):
     p.add_argument("--query", action="append", default=[], help="with --images: the text to rank them for")
     p.add_argument("--top", type=int, default=5, help="rows shown per image or query")
     p.add_argument("--json", action="store_true", help="one JSON object per image (or query), most probable first")
-    p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer")
+    # Only the keywords this file's load() takes become flags: each model offers what means something for it.
+    options = inspect.signature(load).parameters
+    if "tokenizer" in options:
+        p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer, or to replace theirs")
+    if "font" in options:
+        p.add_argument("--font", default=None, help="a Unifont .hex file instead of the glyphs the weights carry")
+    if "image_size" in options:
+        p.add_argument("--image-size", type=int, default=None, help="the input size of official weights")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    given = {k: getattr(args, k) for k in ("tokenizer", "font", "image_size") if getattr(args, k, None) is not None}
     try:
         if args.images:
             if not os.path.isdir(args.images):
@@ -1112,21 +1187,18 @@ def predict_main(argv=None):
                 if not os.path.isfile(path):
                     raise ValueError(f"{path}: not a regular file; pass image files")
             queries, candidates = args.image, texts
-        model, preprocess = load(args.ckpt, **({"tokenizer": args.tokenizer} if args.tokenizer else {}))
+        model, preprocess = load(args.ckpt, **given)
         model.to(args.device)
         if getattr(model, "tokenizer", True) is None:
             raise ValueError(f"{args.ckpt} carries no tokenizer: pass --tokenizer")
-        with torch.no_grad():
-            text = model.encode_texts(queries if args.images else candidates).float()
-        image = embed_images(model, preprocess, candidates if args.images else queries)
+        if args.images:  # images ranked for each query: the link over the images
+            with torch.no_grad():
+                text = model.encode_texts(queries).float()
+            probs = link(model, text @ embed_images(model, preprocess, candidates).T)
+        else:
+            probs = model.classify(queries, candidates)  # [images, labels]
     except (FileNotFoundError, ValueError, ImportError, OSError) as err:
         raise SystemExit(f"{me} predict: {err}") from None
-    scale = model.logit_scale.exp().item() if hasattr(model, "logit_scale") else 1 / model.cfg.temperature
-    sims = (text @ image.T) if args.images else (image @ text.T)  # [queries, candidates]
-    if getattr(model, "logit_bias", None) is not None:  # a sigmoid-loss model: each label on its own, as SigLIP's demos
-        probs = torch.sigmoid(scale * sims + model.logit_bias.item())
-    else:
-        probs = (scale * sims).softmax(-1)
     key, kind = ("query", "images") if args.images else ("image", "labels")
     for q, row in zip(queries, probs):
         order = row.argsort(descending=True).tolist()
@@ -1140,7 +1212,7 @@ def predict_main(argv=None):
 # ==== end of copy: predict ====
 
 
-# ==== copied from clip.py: kernel (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: kernel (shared code, kept identical to clip.py's region) ====
 # One local op does the heavy work of the loss: lse_tiles(x, y, scale, two_way) -> (row_lse, col_lse),
 # the log-sum-exp of t = scale * x @ y.T along rows and (two_way) along columns, from the same tiles
 # in one pass, never holding t. Its backward recomputes each tile once and gets dx, dy and d(scale):

@@ -9,9 +9,43 @@ Use it alone (it imports nothing from this repository):
     model, preprocess = load("checkpoint.pt")          # LaCLIP checkpoints are CLIP checkpoints
     model = build("ViT-B-32", tokenizer="bpe_simple_vocab_16e6.txt.gz", text_sets=5)   # LaCLIP-MT
     python laclip.py rewrite --captions IN.txt --out OUT.txt --endpoint URL
-train.py drives it through the interface every model file implements (clip.py's docstring lists
-it): add_args, create(args, captions, extra), model.transform / forward / loss / after_step /
-encode_texts / extra_state / shard_units, zero_shot_classifier, retrieval_metrics.
+
+Your own loop (runs as written with this file alone; four plain images stand in for data):
+    import numpy as np, torch
+    from PIL import Image
+    import laclip
+    images = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue", "yellow")]
+    captions = ["a red picture", "a green picture", "a blue picture", "a yellow picture"]
+    model = laclip.build("tiny", captions=captions)   # rewrites: LLM rewrites of each caption
+    opt = torch.optim.AdamW(model.optimizer_groups(weight_decay=0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+    transform, rng = model.transform(train=True), np.random.default_rng(0)
+    for step in range(20):
+        samples = [transform({"image": i, "text": t, "rewrites": [t.replace("picture", "image")]}, rng) for i, t in zip(images, captions)]
+        batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        loss = model.loss(model(batch))                  # exact over every rank under torch.distributed
+        loss.backward(); opt.step(); opt.zero_grad(); model.after_step()
+    print(model.classify(images, ["red", "green", "blue", "yellow"]))   # [4, 4] probabilities
+
+The interface (train.py and data.py use nothing else; every model file implements it):
+    build(size, ...) -> model                   from keywords; create(args, captions, extra) is train.py's
+                                                thin layer over it, add_args(parser) its flags
+    model.transform(train) -> f(sample, rng)    sample {'image': PIL image, 'text': str, 'rewrites': [str]} ->
+                                                {'image': uint8 [3, H, W], 'text': token ids of one of its texts}
+    model(batch) -> out                         batch: those dicts stacked; out: normalised 'image' and
+                                                'text' features, 'scale' (the exp'd logit scale)
+    model.loss(out) -> scalar                   InfoNCE (LaCLIP-MT: averaged over the text sets), exact over the
+                                                global batch
+    model.after_step()                          after each optimizer step: clamps the logit scale at 100
+    model.optimizer_groups(weight_decay)        AdamW groups: decay on weight matrices only, none on biases,
+                                                norms, embeddings and the logit scale; frozen parameters left out
+    model.encode_texts(list_of_str) -> [N, D]   L2-normalised text features
+    model.classify(images, labels) -> [N, C]    label probabilities for PIL images (softmax; SigLIP: sigmoid)
+    model.extra_state() -> dict                 config, tokenizer and text sets, saved beside the weights
+    model.shard_units() -> (blocks, towers)     residual blocks and towers: --fsdp shards each one,
+                                                --grad-checkpointing recomputes each block in the backward
+    zero_shot_classifier(model, classnames, templates), retrieval_metrics(image, text)
+train.py's recipe around it: AdamW(optimizer_groups(0.1), lr 1e-3, betas (0.9, 0.98), eps 1e-6), 50 steps of
+linear warmup then cosine decay, gradients clipped to norm 1, after_step() after each step.
 
 Layout: the method (rewrite sampling, the multi-text loss, what LaCLIP changes in CLIP), building,
 rewrite generation; then, behind banners, CLIP itself (model, loss, weights, export, predict,
@@ -22,6 +56,7 @@ import argparse
 import contextlib
 import gzip
 import html
+import inspect
 import json
 import math
 import os
@@ -392,7 +427,7 @@ def rewrite_main(argv=None):
     print(f"{len(captions) - done} captions rewritten ({done} were already done) -> {', '.join(outs)}")
 
 
-# ==== copied from clip.py: config (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: config (shared code, kept identical to clip.py's region) ====
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's normalisation, used by every CLIP checkpoint
 STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -449,7 +484,7 @@ CONFIGS = {
 # ==== end of copy: config ====
 
 
-# ==== copied from clip.py: transformer (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: transformer (shared code, kept identical to clip.py's region) ====
 class QuickGELU(nn.Module):
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
@@ -511,7 +546,7 @@ class Transformer(nn.Module):
 # ==== end of copy: transformer ====
 
 
-# ==== copied from clip.py: vision (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: vision (shared code, kept identical to clip.py's region) ====
 def freeze(head, blocks, tail, unlocked_layers=0):
     """Freeze a tower's parts (LiT) but its last `unlocked_layers` blocks and, if any block stays
     trainable, the tail after them. Returns the frozen modules, which the model keeps in eval mode."""
@@ -548,7 +583,7 @@ class VisionTransformer(nn.Module):
 # ==== end of copy: vision ====
 
 
-# ==== copied from clip.py: patch-dropout (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: patch-dropout (shared code, kept identical to clip.py's region) ====
 class PatchDropout:
     """FLIP's patch dropout (Li et al. 2023): in training each image keeps a random round((1 - ratio) * N)
     of its N patch tokens, and the image tower runs on those alone (cheaper in proportion). The transform
@@ -576,7 +611,7 @@ def keep_patches(x, keep):
 # ==== end of copy: patch-dropout ====
 
 
-# ==== copied from clip.py: model (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: model (shared code, kept identical to clip.py's region) ====
 class CLIP(nn.Module):
     def __init__(self, cfg: Config, tokenizer=None):
         super().__init__()
@@ -628,9 +663,13 @@ class CLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, tokens, normalize=False):
+        end = tokens.argmax(-1) if self.cfg.eos_id is None else (tokens == self.cfg.eos_id).int().argmax(-1)
+        if len(tokens) and not torch.compiler.is_compiling():  # compiled: one shape for every batch instead
+            # The attention is causal: no position reads a later one, so the padding after the batch's
+            # longest text changes no pooled feature. Cut, it costs nothing (captions are mostly short).
+            tokens = tokens[:, : int(end.max()) + 1]
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
         x = self.ln_final(self.transformer(x, causal=True))
-        end = tokens.argmax(-1) if self.cfg.eos_id is None else (tokens == self.cfg.eos_id).int().argmax(-1)
         x = x[torch.arange(x.shape[0], device=x.device), end] @ self.text_projection
         return F.normalize(x, dim=-1) if normalize else x
 
@@ -660,6 +699,10 @@ class CLIP(nn.Module):
     def preprocess(self):
         """PIL image -> normalised tensor, as the weights expect it (resize the short side, centre crop)."""
         return ImageTransform(self.cfg.image_size, train=False, mean=self.cfg.image_mean, std=self.cfg.image_std)
+
+    def classify(self, images, labels):
+        """[N, C] probabilities of C label texts for N PIL images (label_probs: softmax, or sigmoid)."""
+        return label_probs(self, images, labels)
 
     def encode_texts(self, texts):
         device = self.logit_scale.device
@@ -693,7 +736,7 @@ class Transform:
 # ==== end of copy: model ====
 
 
-# ==== copied from clip.py: loss (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: loss (shared code, kept identical to clip.py's region) ====
 def contrastive_loss(image_features, text_features, logit_scale, group=None):
     """Symmetric InfoNCE over the global batch (open_clip's meaning: logit_scale is already exp'd).
 
@@ -819,7 +862,7 @@ class _AllReduceSum(torch.autograd.Function):
 # ==== end of copy: loss ====
 
 
-# ==== copied from clip.py: optimizer (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: optimizer (shared code, kept identical to clip.py's region) ====
 def adamw_groups(model, weight_decay):
     """The AdamW parameter groups of the recipe (open_clip's rule): weight decay on weight matrices only,
     none on biases, norms, embeddings and 0-d scalars (the logit scale and bias); parameters that do not
@@ -835,7 +878,7 @@ def adamw_groups(model, weight_decay):
 # ==== end of copy: optimizer ====
 
 
-# ==== copied from clip.py: image-transform (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: image-transform (shared code, kept identical to clip.py's region) ====
 class ImageTransform:
     """PIL image -> 3 x size x size tensor. train: RandomResizedCrop (scale 0.9-1), its box drawn from the
     sample's rng; otherwise the short side resized to size and the centre cut out (OpenAI's preprocess).
@@ -1006,7 +1049,7 @@ def resize_box(img, box, out, fast=True):
 # ==== end of copy: image-transform ====
 
 
-# ==== copied from clip.py: normalize-pixels (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: normalize-pixels (shared code, kept identical to clip.py's region) ====
 def normalize_pixels(images, mean, std):
     """uint8 pixels [..., 3, H, W] -> floats normalised by mean and std, on the pixels' device. Images
     already in floats are taken as normalised and pass through."""
@@ -1018,7 +1061,7 @@ def normalize_pixels(images, mean, std):
 # ==== end of copy: normalize-pixels ====
 
 
-# ==== copied from clip.py: image-files (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: image-files (shared code, kept identical to clip.py's region) ====
 # Decoding holds the whole image (4 bytes a pixel in Pillow, then a copy): larger non-JPEG images are
 # refused before their decode; JPEGs are first drafted down to what the crop needs.
 MAX_PIXELS = 40_000_000
@@ -1075,7 +1118,7 @@ def read_image(path):
 # ==== end of copy: image-files ====
 
 
-# ==== copied from clip.py: create (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: create (shared code, kept identical to clip.py's region) ====
 def build_kwargs(args):
     """train.py's flags as build()'s keywords (a flag a caller's namespace lacks takes build()'s default)."""
     names = ("size", "tokenizer", "init", "quick_gelu", "lock_image", "lock_image_unlocked_layers", "lock_text",
@@ -1124,7 +1167,7 @@ def start(model, weights=None, lock_image=False, lock_image_unlocked_layers=0, l
 # ==== end of copy: create ====
 
 
-# ==== copied from clip.py: evaluation (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: evaluation (shared code, kept identical to clip.py's region) ====
 @torch.no_grad()
 def zero_shot_classifier(model, classnames, templates):
     """[C, D]: per class, the mean of its normalised prompt embeddings, re-normalised."""
@@ -1152,7 +1195,7 @@ def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
 # ==== end of copy: evaluation ====
 
 
-# ==== copied from clip.py: tensor-files (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: tensor-files (shared code, kept identical to clip.py's region) ====
 class UnsafeWeights(ValueError):
     """A weights file that would run code if loaded the usual way: refused."""
 
@@ -1186,7 +1229,7 @@ def load_tensors(path):
 # ==== end of copy: tensor-files ====
 
 
-# ==== copied from clip.py: weight-files (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: weight-files (shared code, kept identical to clip.py's region) ====
 def read_state_dict(path):
     """A TorchScript archive (OpenAI's releases), a plain state dict (.pt/.bin/.pth) or .safetensors."""
     if not os.path.isfile(path):
@@ -1371,7 +1414,7 @@ def save_weights(sd, folder):
 # ==== end of copy: weight-files ====
 
 
-# ==== copied from clip.py: weights (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: weights (shared code, kept identical to clip.py's region) ====
 def _count(sd, prefix):
     return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
 
@@ -1680,7 +1723,7 @@ def export(path, out, fmt, tokenizer=None):
 # ==== end of copy: weights ====
 
 
-# ==== copied from clip.py: export-cli (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: export-cli (shared code, kept identical to clip.py's region) ====
 def export_main(argv=None):
     p = argparse.ArgumentParser(prog=f"{os.path.basename(__file__)} export",
                                 description="write weights in open_clip's or transformers' layout")
@@ -1697,17 +1740,42 @@ def export_main(argv=None):
 # ==== end of copy: export-cli ====
 
 
-# ==== copied from clip.py: embed-images (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: embed-images (shared code, kept identical to clip.py's region) ====
 @torch.no_grad()
-def embed_images(model, preprocess, paths):
-    """[N, D] normalised image features for image files."""
+def embed_images(model, preprocess, images):
+    """[N, D] normalised image features for PIL images or image files."""
     device = next(model.parameters()).device
-    pixels = torch.stack([preprocess(read_image(p)) for p in paths]).to(device)
-    return model.encode_image(pixels, normalize=True).float()
+    pixels = torch.stack([preprocess(read_image(x) if isinstance(x, (str, os.PathLike)) else to_rgb(x)) for x in images])
+    return model.encode_image(pixels.to(device), normalize=True).float()
 # ==== end of copy: embed-images ====
 
 
-# ==== copied from clip.py: predict (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: classify (shared code, kept identical to clip.py's region) ====
+def link(model, sims):
+    """Probabilities from cosine similarities [N, C] with the model's own link: a softmax over the last
+    dimension at the logit scale (learnt, or BriVL's fixed 1 / temperature), rows summing to 1; for a
+    sigmoid-loss model (it has a logit_bias) each pair's sigmoid on its own, as SigLIP's demos show."""
+    scale = model.logit_scale.exp().item()
+    if getattr(model, "logit_bias", None) is not None:
+        return torch.sigmoid(scale * sims + model.logit_bias.item())
+    return (scale * sims).softmax(-1)
+
+
+@torch.no_grad()
+def label_probs(model, images, labels):
+    """[N, C]: for N PIL images (or image files) and C label texts, each image's label probabilities
+    from the model's eval preprocessing, features and link(); the model runs in eval mode meanwhile."""
+    was_training = model.training
+    model.eval()
+    try:
+        text = model.encode_texts(list(labels)).float()
+        return link(model, embed_images(model, model.preprocess(), images) @ text.T)
+    finally:
+        model.train(was_training)
+# ==== end of copy: classify ====
+
+
+# ==== copied from clip.py: predict (shared code, kept identical to clip.py's region) ====
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -1723,9 +1791,17 @@ def predict_main(argv=None):
     p.add_argument("--query", action="append", default=[], help="with --images: the text to rank them for")
     p.add_argument("--top", type=int, default=5, help="rows shown per image or query")
     p.add_argument("--json", action="store_true", help="one JSON object per image (or query), most probable first")
-    p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer")
+    # Only the keywords this file's load() takes become flags: each model offers what means something for it.
+    options = inspect.signature(load).parameters
+    if "tokenizer" in options:
+        p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer, or to replace theirs")
+    if "font" in options:
+        p.add_argument("--font", default=None, help="a Unifont .hex file instead of the glyphs the weights carry")
+    if "image_size" in options:
+        p.add_argument("--image-size", type=int, default=None, help="the input size of official weights")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    given = {k: getattr(args, k) for k in ("tokenizer", "font", "image_size") if getattr(args, k, None) is not None}
     try:
         if args.images:
             if not os.path.isdir(args.images):
@@ -1753,21 +1829,18 @@ def predict_main(argv=None):
                 if not os.path.isfile(path):
                     raise ValueError(f"{path}: not a regular file; pass image files")
             queries, candidates = args.image, texts
-        model, preprocess = load(args.ckpt, **({"tokenizer": args.tokenizer} if args.tokenizer else {}))
+        model, preprocess = load(args.ckpt, **given)
         model.to(args.device)
         if getattr(model, "tokenizer", True) is None:
             raise ValueError(f"{args.ckpt} carries no tokenizer: pass --tokenizer")
-        with torch.no_grad():
-            text = model.encode_texts(queries if args.images else candidates).float()
-        image = embed_images(model, preprocess, candidates if args.images else queries)
+        if args.images:  # images ranked for each query: the link over the images
+            with torch.no_grad():
+                text = model.encode_texts(queries).float()
+            probs = link(model, text @ embed_images(model, preprocess, candidates).T)
+        else:
+            probs = model.classify(queries, candidates)  # [images, labels]
     except (FileNotFoundError, ValueError, ImportError, OSError) as err:
         raise SystemExit(f"{me} predict: {err}") from None
-    scale = model.logit_scale.exp().item() if hasattr(model, "logit_scale") else 1 / model.cfg.temperature
-    sims = (text @ image.T) if args.images else (image @ text.T)  # [queries, candidates]
-    if getattr(model, "logit_bias", None) is not None:  # a sigmoid-loss model: each label on its own, as SigLIP's demos
-        probs = torch.sigmoid(scale * sims + model.logit_bias.item())
-    else:
-        probs = (scale * sims).softmax(-1)
     key, kind = ("query", "images") if args.images else ("image", "labels")
     for q, row in zip(queries, probs):
         order = row.argsort(descending=True).tolist()
@@ -1781,7 +1854,7 @@ def predict_main(argv=None):
 # ==== end of copy: predict ====
 
 
-# ==== copied from clip.py: tokenizer (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: tokenizer (shared code, kept identical to clip.py's region) ====
 def bytes_to_unicode():
     # GPT-2's reversible map from bytes to printable characters: BPE then never sees whitespace or
     # control bytes, and every byte has a symbol, so no text is ever unknown.
@@ -1943,7 +2016,7 @@ class Tokenizer:
 # ==== end of copy: tokenizer ====
 
 
-# ==== copied from clip.py: kernel (edit clip.py, then: python tests/test_copies.py --fix) ====
+# ==== copied from clip.py: kernel (shared code, kept identical to clip.py's region) ====
 # One local op does the heavy work of the loss: lse_tiles(x, y, scale, two_way) -> (row_lse, col_lse),
 # the log-sum-exp of t = scale * x @ y.T along rows and (two_way) along columns, from the same tiles
 # in one pass, never holding t. Its backward recomputes each tile once and gets dx, dy and d(scale):

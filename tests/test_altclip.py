@@ -105,8 +105,9 @@ def test_stage2_keeps_the_image_tower_bit_identical(stage1, teacher, tmp_path):
 def test_clear_errors(teacher, tmp_path):
     with pytest.raises(ValueError, match="needs --teacher"):
         altclip.create(args(), captions())
-    with pytest.raises(ValueError, match="needs --init"):
-        altclip.create(args(stage="contrastive"), captions())
+    fresh = altclip.create(args(stage="contrastive"), captions())  # no --init: fresh towers, both trained
+    assert fresh.cfg.stage == "contrastive" and not fresh.cfg.lock_image
+    assert all(p.requires_grad for p in fresh.visual.parameters())
     with pytest.raises(ValueError, match="not a checkpoint of altclip --stage distill"):
         altclip.create(args(stage="contrastive", init=teacher), captions())
     (tmp_path / "notclip.pt").write_bytes(b"")
