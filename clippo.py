@@ -1213,14 +1213,118 @@ def predict_main(argv=None):
 
 
 # ==== copied from clip.py: kernel (shared code, kept identical to clip.py's region) ====
-# One local op does the heavy work of the loss: lse_tiles(x, y, scale, two_way) -> (row_lse, col_lse),
-# the log-sum-exp of t = scale * x @ y.T along rows and (two_way) along columns, from the same tiles
-# in one pass, never holding t. Its backward recomputes each tile once and gets dx, dy and d(scale):
+# Two local ops do the heavy work of the losses, from tiles of t = scale * x @ y.T (+ bias), x the
+# rows of this rank (n x D), y the keys (k x D). Neither keeps t for the backward: each saves only its
+# inputs and a vector or two, O((n + k) D) in all, and the backward makes the tiles again (lse) or
+# has its gradients already (sigmoid). How much of t exists at once: on the PyTorch path one tile of
+# BLOCK x BLOCK (1024 x 1024 fp32, 4 MB; for n, k <= 1024 that is the whole of t, for a batch of 16k
+# one 256th of it); on the Triton path the forward's tiles (64-128 a side) stay in registers, and the
+# backward writes G or P in row chunks of at most WORKSPACE elements (or 4 k D), a bound that does not
+# grow with the batch.
+#
+# lse_tiles(x, y, scale, two_way) -> (row_lse [n], col_lse [k] or [0]): log-sum-exp of t along rows
+# and (two_way) along columns, from the same tiles in one pass. InfoNCE's loss is lse minus the
+# positive's logit. Backward, for incoming g_row, g_col:
 #     G_ij = g_row_i * exp(t_ij - row_lse_i) + g_col_j * exp(t_ij - col_lse_j)
 #     dx = scale * G @ y,  dy = scale * G.T @ x,  d(scale) = sum(G * x @ y.T)
-# Cost: 2 B^2 D forward + 6 B^2 D backward; memory O(B D). Below: the op's contract (a torch custom
-# op, so torch.compile sees one node), the blockwise PyTorch backend, which is the reference and runs
-# everywhere, then the Triton kernels used on CUDA.
+# Saved: x, y, scale, row_lse, col_lse. Cost: 2 B^2 D forward, 6 B^2 D backward (t made again).
+#
+# sigmoid_tiles(x, y, scale, bias, eager) -> sum_j softplus(t_ij) per row (SigLIP's loss is that
+# less the positive's logit, -log sigmoid(u) = softplus(u) - u). Backward, with P_ij = g_i * sigmoid(t_ij):
+#     dx = scale * P @ y,  dy = scale * P.T @ x,  d(scale) = sum(P * x @ y.T),  d(bias) = sum(P)
+# A loss that is a mean over rows sends the same g to every row, and then these are g times the ones
+# for g = 1. So for such a caller (eager: sigmoid_loss, when a gradient will be wanted) the forward
+# makes them too, from the same tiles, and the backward only scales them: 3 B^2 D in all, as the
+# naive form's one matrix product forward and two backward. Saved: x, y, scale, bias and, eager,
+# dx, dy, d(scale), d(bias). Without eager (sigmoid_rows: any row weights) the backward makes the
+# tiles again.
+#
+# Below: the PyTorch tiles (the reference, on every device), then the two ops registered as torch
+# custom ops (torch.compile sees one node each), then the Triton kernels used on CUDA.
+
+
+BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
+WORKSPACE = 2 ** 27  # elements of the Triton backward's G chunk, or 4 k d if larger: memory stays O(B D)
+_NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
+
+
+# ---- the PyTorch tiles
+
+
+def _acc_dtype(x):
+    return torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least
+
+
+def _lse_torch(x, y, scale, two_way):
+    n, k = x.shape[0], y.shape[0]
+    acc = _acc_dtype(x)
+    s = scale.to(acc)
+    row = torch.full((n,), -math.inf, device=x.device, dtype=acc)
+    col = torch.full((k if two_way else 0,), -math.inf, device=x.device, dtype=acc)
+    for i in range(0, n, BLOCK):
+        for j in range(0, k, BLOCK):
+            t = (x[i:i + BLOCK] @ y[j:j + BLOCK].T).to(acc) * s
+            row[i:i + BLOCK] = torch.logaddexp(row[i:i + BLOCK], t.logsumexp(1))
+            if two_way:  # the same tile gives the column statistics: one pass for both directions
+                col[j:j + BLOCK] = torch.logaddexp(col[j:j + BLOCK], t.logsumexp(0))
+    return row, col
+
+
+def _lse_backward_torch(x, y, scale, row, col, g_row, g_col):
+    n, k = x.shape[0], y.shape[0]
+    acc = row.dtype
+    s = scale.to(acc)
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device)
+    dy = torch.zeros(y.shape, dtype=acc, device=x.device)
+    ds = torch.zeros((), dtype=acc, device=x.device)
+    for i in range(0, n, BLOCK):
+        xi = x[i:i + BLOCK]
+        for j in range(0, k, BLOCK):
+            yj = y[j:j + BLOCK]
+            raw = (xi @ yj.T).to(acc)
+            t = raw * s
+            g = torch.exp(t - row[i:i + BLOCK, None]) * g_row[i:i + BLOCK, None]
+            if col.numel():
+                g += torch.exp(t - col[None, j:j + BLOCK]) * g_col[None, j:j + BLOCK]
+            ds += (g * raw).sum()
+            g = g.to(x.dtype)
+            dx[i:i + BLOCK] += (g @ yj).to(acc) * s
+            dy[j:j + BLOCK] += (g.T @ xi).to(acc) * s
+    return dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype)
+
+
+def _sig_torch(x, y, scale, bias, g):
+    """Row sums of softplus(t), and with g (None: every g_i = 1) the gradients; g False: sums only."""
+    n, k = x.shape[0], y.shape[0]
+    acc = _acc_dtype(x)
+    s, b = scale.to(acc), bias.to(acc)
+    rows = torch.zeros(n, device=x.device, dtype=acc)
+    grads = g is not False
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device) if grads else x.new_empty(0)
+    dy = torch.zeros(y.shape, dtype=acc, device=x.device) if grads else x.new_empty(0)
+    dsb = torch.zeros(2, dtype=acc, device=x.device) if grads else x.new_empty(0, dtype=acc)
+    for i in range(0, n, BLOCK):
+        xi = x[i:i + BLOCK]
+        for j in range(0, k, BLOCK):
+            yj = y[j:j + BLOCK]
+            raw = (xi @ yj.T).to(acc)
+            t = raw * s + b
+            if g is not False and g is not None:
+                p = torch.sigmoid(t) * g[i:i + BLOCK, None].to(acc)
+            else:
+                rows[i:i + BLOCK] += F.softplus(t).sum(1)
+                if not grads:
+                    continue
+                p = torch.sigmoid(t)
+            dsb[0] += (p * raw).sum()
+            dsb[1] += p.sum()
+            p = p.to(x.dtype)
+            dx[i:i + BLOCK] += (p @ yj).to(acc) * s
+            dy[j:j + BLOCK] += (p.T @ xi).to(acc) * s
+    return rows, dx.to(x.dtype), dy.to(y.dtype), dsb
+
+
+# ---- the ops: contracts (custom ops), backend choice, autograd
 
 
 try:  # Triton ships with CUDA builds of torch; without it the blockwise PyTorch path runs everywhere.
@@ -1230,9 +1334,10 @@ except ImportError:
     triton = None
 
 
-BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
-WORKSPACE = 2 ** 27  # elements of the Triton backward's G chunk, or 4 k d if larger: memory stays O(B D)
-_NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
+def _use_triton(x):
+    # TRITON_INTERPRET=1 runs the kernels on the CPU (slowly): that is how CI tests them.
+    return (triton is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
 
 
 @torch.library.custom_op(f"{_NS}::lse_tiles", mutates_args=())
@@ -1278,16 +1383,6 @@ def _lse_backward(ctx, g_row, g_col):
 
 
 lse_tiles.register_autograd(_lse_backward, setup_context=_lse_setup)
-
-
-# The sigmoid loss's op: sigmoid_tiles(x, y, scale, bias, eager) -> sum_j softplus(t_ij) per row, with
-# t = scale * x @ y.T + bias, from tiles, never holding t. Its backward, with P_ij = g_i * sigmoid(t_ij):
-#     dx = scale * P @ y,  dy = scale * P.T @ x,  d(scale) = sum(P * x @ y.T),  d(bias) = sum(P)
-# A loss that is a mean over rows sends the same g to every row, and then these are g times the ones
-# for g = 1. So for such a caller (eager: sigmoid_loss, when a gradient will be wanted) the forward
-# computes them too, from the same tiles, and the backward only scales them: 3 B^2 D in all, as the
-# naive form's one matrix product forward and two backward, where recomputing the tiles would take 4.
-# Without eager (sigmoid_rows: any row weights) the backward recomputes. Memory O(B D) either way.
 
 
 @torch.library.custom_op(f"{_NS}::sigmoid_tiles", mutates_args=())
@@ -1349,83 +1444,7 @@ def sigmoid_rows(x, y, scale, bias):
     return sigmoid_tiles(x, y, scale, bias, False)[0]
 
 
-def _sig_torch(x, y, scale, bias, g):
-    """Row sums of softplus(t), and with g (None: every g_i = 1) the gradients; g False: sums only."""
-    n, k = x.shape[0], y.shape[0]
-    acc = _acc_dtype(x)
-    s, b = scale.to(acc), bias.to(acc)
-    rows = torch.zeros(n, device=x.device, dtype=acc)
-    grads = g is not False
-    dx = torch.zeros(x.shape, dtype=acc, device=x.device) if grads else x.new_empty(0)
-    dy = torch.zeros(y.shape, dtype=acc, device=x.device) if grads else x.new_empty(0)
-    dsb = torch.zeros(2, dtype=acc, device=x.device) if grads else x.new_empty(0, dtype=acc)
-    for i in range(0, n, BLOCK):
-        xi = x[i:i + BLOCK]
-        for j in range(0, k, BLOCK):
-            yj = y[j:j + BLOCK]
-            raw = (xi @ yj.T).to(acc)
-            t = raw * s + b
-            if g is not False and g is not None:
-                p = torch.sigmoid(t) * g[i:i + BLOCK, None].to(acc)
-            else:
-                rows[i:i + BLOCK] += F.softplus(t).sum(1)
-                if not grads:
-                    continue
-                p = torch.sigmoid(t)
-            dsb[0] += (p * raw).sum()
-            dsb[1] += p.sum()
-            p = p.to(x.dtype)
-            dx[i:i + BLOCK] += (p @ yj).to(acc) * s
-            dy[j:j + BLOCK] += (p.T @ xi).to(acc) * s
-    return rows, dx.to(x.dtype), dy.to(y.dtype), dsb
-
-
-def _use_triton(x):
-    # TRITON_INTERPRET=1 runs the kernels on the CPU (slowly): that is how CI tests them.
-    return (triton is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
-
-
-def _acc_dtype(x):
-    return torch.promote_types(x.dtype, torch.float32)  # statistics in fp32 at least
-
-
-def _lse_torch(x, y, scale, two_way):
-    n, k = x.shape[0], y.shape[0]
-    acc = _acc_dtype(x)
-    s = scale.to(acc)
-    row = torch.full((n,), -math.inf, device=x.device, dtype=acc)
-    col = torch.full((k if two_way else 0,), -math.inf, device=x.device, dtype=acc)
-    for i in range(0, n, BLOCK):
-        for j in range(0, k, BLOCK):
-            t = (x[i:i + BLOCK] @ y[j:j + BLOCK].T).to(acc) * s
-            row[i:i + BLOCK] = torch.logaddexp(row[i:i + BLOCK], t.logsumexp(1))
-            if two_way:  # the same tile gives the column statistics: one pass for both directions
-                col[j:j + BLOCK] = torch.logaddexp(col[j:j + BLOCK], t.logsumexp(0))
-    return row, col
-
-
-def _lse_backward_torch(x, y, scale, row, col, g_row, g_col):
-    n, k = x.shape[0], y.shape[0]
-    acc = row.dtype
-    s = scale.to(acc)
-    dx = torch.zeros(x.shape, dtype=acc, device=x.device)
-    dy = torch.zeros(y.shape, dtype=acc, device=x.device)
-    ds = torch.zeros((), dtype=acc, device=x.device)
-    for i in range(0, n, BLOCK):
-        xi = x[i:i + BLOCK]
-        for j in range(0, k, BLOCK):
-            yj = y[j:j + BLOCK]
-            raw = (xi @ yj.T).to(acc)
-            t = raw * s
-            g = torch.exp(t - row[i:i + BLOCK, None]) * g_row[i:i + BLOCK, None]
-            if col.numel():
-                g += torch.exp(t - col[None, j:j + BLOCK]) * g_col[None, j:j + BLOCK]
-            ds += (g * raw).sum()
-            g = g.to(x.dtype)
-            dx[i:i + BLOCK] += (g @ yj).to(acc) * s
-            dy[j:j + BLOCK] += (g.T @ xi).to(acc) * s
-    return dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype)
+# ---- the Triton kernels (CUDA; TRITON_INTERPRET=1 runs them on the CPU)
 
 
 if triton is not None:
