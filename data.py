@@ -215,16 +215,17 @@ def _noise():
 class Synthetic:
     """Procedural image-caption pairs, deterministic from (seed, split, index); 'val' is held out."""
 
-    resolution = 64
     languages = ("en", "zh", "de")
-    _grid = np.mgrid[0:resolution, 0:resolution].astype(np.float32) + 0.5  # pixel centres, shared
 
-    def __init__(self, seed=0, split="train", size=100_000, templates=0, parallel=False):
+    def __init__(self, seed=0, split="train", size=100_000, templates=0, parallel=False, resolution=64):
         # templates: how many English templates captions are drawn from (0: all); the others are
         # still offered as 'rewrites' (LaCLIP's text augmentation, compared with CLIP on 1 template).
         # parallel: text only (no image is drawn), captions in every language (AltCLIP's stage 1).
+        # resolution: the images' side; drawn at the model's input size they need no resize, and
+        # every resolution draws the same scene (shape, place and size are fractions of the side).
         self.seed, self.split, self.size, self.n_templates = seed, split, size, templates or len(EN_TEMPLATES)
-        self.parallel = parallel
+        self.parallel, self.resolution = parallel, resolution
+        self._grid = np.mgrid[0:resolution, 0:resolution].astype(np.float32) + 0.5  # pixel centres
         self.split_id = {"train": 0, "val": 1}[split]
         self.classnames = {lang: classnames(lang) for lang in self.languages}
         self.templates = ZEROSHOT_TEMPLATES
@@ -239,8 +240,8 @@ class Synthetic:
         cx, cy = rng.uniform(r, self.resolution - r, size=2)
         return rng, c, s, z, b, r, cx, cy
 
-    def image(self, index):
-        rng, c, s, z, b, r, cx, cy = self.attributes(index)
+    def image(self, index, scene=None):
+        rng, c, s, z, b, r, cx, cy = scene or self.attributes(index)
         n = self.resolution
         bg = np.array(BACKGROUNDS[b][3], np.float32) + rng.integers(-15, 16, size=3)
         fg = np.array(COLORS[c][3], np.float32) + rng.integers(-25, 26, size=3)
@@ -252,9 +253,9 @@ class Synthetic:
         img = np.where(mask[..., None], fg, bg) + _noise()[start:start + n * n * 3].reshape(n, n, 3)
         return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
-    def captions(self, index):
+    def captions(self, index, scene=None):
         """All captions of a sample: English paraphrases, and one sentence per other language."""
-        _, c, s, z, b, r, cx, cy = self.attributes(index)
+        _, c, s, z, b, r, cx, cy = scene or self.attributes(index)
         pos = int(cy * 3 // self.resolution) * 3 + int(cx * 3 // self.resolution)
         en = [t.format(size=SIZES[z][0], color=COLORS[c][0], shape=SHAPES[s][0], bg=BACKGROUNDS[b][0],
                        pos=POSITIONS[pos][0]) for t in EN_TEMPLATES]
@@ -267,12 +268,13 @@ class Synthetic:
         return en, zh, de, c * len(SHAPES) + s
 
     def sample(self, index, rng):
-        en, zh, de, label = self.captions(index)
+        scene = self.attributes(index)  # drawn once for the captions and the image
+        en, zh, de, label = self.captions(index, scene)
         k = int(rng.integers(self.n_templates))  # the caption of this epoch
         sample = {"text": en[k], "captions": en, "label": label, "rewrites": en[:k] + en[k + 1:],
                   "texts": {"en": en[k], "zh": zh[k % len(zh)], "de": de[k % len(de)]}}
         if not self.parallel:
-            sample["image"] = self.image(index)
+            sample["image"] = self.image(index, scene)
         return sample
 
     def caption_corpus(self, limit=5000):
@@ -851,8 +853,9 @@ def build(args):
     zeroshot = ImageFolder(args.zeroshot_data, args.zeroshot_templates) if args.zeroshot_data else None
     parallel = getattr(args, "parallel_text", False)  # set by a model that trains on text alone
     if args.data == "synthetic":
-        return (Synthetic(args.seed, "train", args.synthetic_size, args.synthetic_templates, parallel),
-                Synthetic(args.seed, "val", args.val_size), zeroshot)
+        res = getattr(args, "synthetic_resolution", 64)
+        return (Synthetic(args.seed, "train", args.synthetic_size, args.synthetic_templates, parallel, res),
+                Synthetic(args.seed, "val", args.val_size, resolution=res), zeroshot)
     limit = getattr(args, "max_sample_bytes", MAX_SAMPLE_BYTES)
     kw = dict(img_key=args.csv_img_key, caption_key=args.csv_caption_key, separator=args.csv_separator, max_bytes=limit)
     split = lambda v: [x for x in (v or "").split(",") if x]  # noqa: E731
@@ -919,6 +922,8 @@ def add_args(parser):
                         help="a sample's files larger than this are skipped unread and counted (default 64 MiB)")
     parser.add_argument("--synthetic-size", type=int, default=100_000, help="samples in a synthetic epoch")
     parser.add_argument("--val-size", type=int, default=1000, help="held-out synthetic samples for eval")
+    parser.add_argument("--synthetic-resolution", type=int, default=64,
+                        help="side of the synthetic images in pixels (a model file may default it to its input size)")
     parser.add_argument("--synthetic-templates", type=int, default=0,
                         help="draw synthetic captions from the first N English templates only (0: all)")
     parser.add_argument("--rewrite-columns", default=None, help="CSV columns holding caption rewrites, comma-separated")

@@ -4,6 +4,7 @@
     python tests/bench_train.py --model clip --size ViT-B-16 --compile --loader 8 --open-clip
     python tests/bench_train.py --model clip --size tiny --device cpu --steps 5           # smoke test
     python tests/bench_train.py --size ViT-B-16 --batch-size 8 --device cpu --steps 6 --patch-dropout 0,0.5,0.75
+    python tests/bench_train.py --default-run --steps 20      # the default clip run's step, then and now
 
 Data in device memory isolates the model (one real batch, reused); --loader N also times the real
 loader with N workers alone, to show whether it keeps up. --open-clip times open_clip's model of the
@@ -106,6 +107,95 @@ def patch_dropout_turns(model, step, batch, ratios, steps, device):
               f"{saved / 2 ** 20:8.1f} MiB ({saved / saved0:.2f}x)", flush=True)
 
 
+class Ce8bbb2Synthetic(datalib.Synthetic):
+    """The synthetic data as commit ce8bbb2 drew it: 64 px, fresh normal noise per image (12,288 draws),
+    the scene drawn twice (for the captions, then for the image)."""
+
+    def sample(self, index, rng):
+        en, zh, de, label = self.captions(index)
+        k = int(rng.integers(self.n_templates))
+        return {"text": en[k], "captions": en, "label": label, "rewrites": en[:k] + en[k + 1:],
+                "texts": {"en": en[k], "zh": zh[k % len(zh)], "de": de[k % len(de)]}, "image": self.image(index)}
+
+    def image(self, index, scene=None):
+        import numpy as np
+        from PIL import Image
+
+        rng, c, s, z, b, r, cx, cy = self.attributes(index)
+        n = self.resolution
+        bg = np.array(datalib.BACKGROUNDS[b][3]) + rng.integers(-15, 16, size=3)
+        fg = np.array(datalib.COLORS[c][3]) + rng.integers(-25, 26, size=3)
+        yy, xx = self._grid
+        mask = datalib._shape_mask(datalib.SHAPES[s][0], (xx - cx) / r, (yy - cy) / r)
+        img = np.where(mask[..., None], fg, bg) + rng.normal(0, 10, size=(n, n, 3)).astype(np.float32)
+        return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def ce8bbb2_encode_text(self, tokens, normalize=False):
+    """clip.CLIP.encode_text as ce8bbb2 ran it: every position of the context, padding included."""
+    import torch.nn.functional as F
+
+    x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+    x = self.ln_final(self.transformer(x, causal=True))
+    end = tokens.argmax(-1) if self.cfg.eos_id is None else (tokens == self.cfg.eos_id).int().argmax(-1)
+    x = x[torch.arange(x.shape[0], device=x.device), end] @ self.text_projection
+    return F.normalize(x, dim=-1) if normalize else x
+
+
+def default_run_turns(steps, batch_size=128):
+    """The default clip run's train step on the CPU, ce8bbb2's path and today's taking turns step by
+    step: seconds per phase (median) and samples/s. Both build the same model from the same weights."""
+    import copy
+    import statistics
+    import types
+
+    import clip
+
+    new_data = datalib.Synthetic(0, "train", 100_000, resolution=48)  # clip.py's default --synthetic-resolution
+    model = clip.build("tiny", captions=new_data.caption_corpus())
+    old = copy.deepcopy(model)
+    old.encode_text = types.MethodType(ce8bbb2_encode_text, old)
+    # ce8bbb2: images drawn at 64 px with fresh noise, the text tower over all 24 positions, foreach AdamW
+    paths = {"ce8bbb2": (old, Ce8bbb2Synthetic(0, "train", 100_000), False), "today": (model, new_data, True)}
+    state = {}
+    for name, (m, ds, fused) in paths.items():
+        opt = torch.optim.AdamW(m.optimizer_groups(0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6, fused=fused)
+        state[name] = (m, opt, datalib.TrainBatches(ds, m.transform(True), batch_size), {})
+    phases = ("data", "forward", "loss", "backward", "optimizer")
+    for k in range(steps + 2):  # two warm-up steps each
+        for name, (m, opt, batches, times) in state.items():
+            t0 = time.perf_counter()
+            batch, _ = batches[k]
+            batch.pop("label", None)
+            t1 = time.perf_counter()
+            out = m(batch)
+            t2 = time.perf_counter()
+            loss = m.loss(out)
+            t3 = time.perf_counter()
+            loss.backward()
+            t4 = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.requires_grad], 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            m.after_step()
+            t5 = time.perf_counter()
+            if k >= 2:
+                for phase, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                    times.setdefault(phase, []).append(dt)
+    print(f"# default clip run's step (tiny, batch {batch_size}), {torch.get_num_threads()} threads, "
+          f"{steps} steps each, taking turns, medians in ms")
+    print("| path | " + " | ".join(phases) + " | step | samples/s |")
+    print("| --- " * (len(phases) + 3) + "|")
+    rates = {}
+    for name, (*_, times) in state.items():
+        med = {ph: statistics.median(times[ph]) for ph in phases}
+        total = statistics.median([sum(times[ph][i] for ph in phases) for i in range(steps)])
+        rates[name] = batch_size / total
+        print(f"| {name} | " + " | ".join(f"{med[ph] * 1e3:.0f}" for ph in phases) + f" | {total * 1e3:.0f} | "
+              f"{rates[name]:.0f} |")
+    print(f"today / ce8bbb2 samples/s: {rates['today'] / rates['ce8bbb2']:.2f}x")
+
+
 def report(name, b, seconds, flops, peak, peak_tflops):
     tflops = flops / seconds / 1e12
     print(f"{name:<28} {b / seconds:10.1f} samples/s {tflops:8.1f} TFLOP/s  MFU {tflops / peak_tflops:6.1%}  "
@@ -124,7 +214,12 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
     p.add_argument("--patch-dropout", default=None, help="shares of patches dropped to compare, e.g. 0,0.5,0.75")
+    p.add_argument("--default-run", action="store_true",
+                   help="the default clip run's step on the CPU: ce8bbb2's path and today's, taking turns")
     args = p.parse_args()
+    if args.default_run:
+        default_run_turns(args.steps)
+        return
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     module = importlib.import_module(args.model)

@@ -34,6 +34,17 @@ def test_synthetic_is_deterministic_and_held_out_differs():
     assert not np.array_equal(np.asarray(a.image(5)), np.asarray(val.image(5)))
 
 
+def test_synthetic_resolution_draws_the_same_scene():
+    big, small = data.Synthetic(0, "train", 200, resolution=64), data.Synthetic(0, "train", 200, resolution=48)
+    assert all(big.captions(i) == small.captions(i) for i in range(200))  # position words included
+    for i in range(20):
+        a, b = np.asarray(big.image(i)), np.asarray(small.image(i))
+        assert a.shape == (64, 64, 3) and b.shape == (48, 48, 3)
+        # the shape covers the same share of the picture (its colour differs from the background's)
+        fg = [np.abs(x.astype(int) - np.median(x.reshape(-1, 3), 0)).sum(-1) > 60 for x in (a, b)]
+        assert abs(fg[0].mean() - fg[1].mean()) < 0.03
+
+
 def test_batches_do_not_depend_on_world_size(transform):
     ds = data.Synthetic(0, "train", 50)  # 16-sample batches cross epoch boundaries
     one = data.TrainBatches(ds, transform, 16, 0, 1, seed=1)

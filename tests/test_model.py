@@ -120,6 +120,9 @@ def test_bad_checkpoints_say_what_is_wrong(tmp_path):
 def test_logit_scale_init_and_clamp():
     model = clip.CLIP(SMALL)
     assert abs(model.logit_scale.exp().item() - 1 / 0.07) < 1e-4
+    tiny = clip.CONFIGS["tiny"]  # the tiny preset starts sharper; SigLIP keeps its own start
+    assert clip.CLIP(tiny).logit_scale.exp().item() == pytest.approx(tiny.init_logit_scale)
+    assert clip.CLIP(clip.Config(**{**vars(tiny), "loss": "sigmoid"})).logit_scale.exp().item() == pytest.approx(10.0)
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
     model.after_step()

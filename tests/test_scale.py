@@ -167,9 +167,12 @@ def test_lr_schedules():
 
     assert lrs("--lr-schedule", "const") == [0.5] + [1.0] * 9
     assert lrs("--lr-schedule", "const-cooldown", "--cooldown-steps", "4") == [0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
-    cos = lrs()
+    # a cooldown longer than the run: it cools down all along (after the warmup)
+    assert lrs("--lr-schedule", "const-cooldown", "--cooldown-steps", "40") == [0.5, 1, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    assert lrs() == lrs("--lr-schedule", "const-cooldown", "--cooldown-steps", "120")  # clip's default recipe
+    cos = lrs("--lr-schedule", "cosine")
     assert cos[:3] == [0.5, 1.0, 1.0] and cos[-1] == pytest.approx(0.5 * (1 + np.cos(np.pi * 7 / 8)), abs=1e-6)
     with pytest.raises(SystemExit):
-        train.parse_args(["--lr-schedule", "const-cooldown"])  # no --cooldown-steps
+        train.parse_args(["--lr-schedule", "const-cooldown", "--cooldown-steps", "0"])
     with pytest.raises(SystemExit):
         train.parse_args(["--sharded-checkpoint"])  # without --fsdp
