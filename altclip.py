@@ -758,11 +758,11 @@ class Tokenizer:
         if isinstance(texts, str):
             texts = [texts]
         encs = self.tokenizer.encode_batch([clean_text(t) for t in texts], add_special_tokens=False)
-        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
-        for i, e in enumerate(encs):
+        rows = []
+        for e in encs:
             ids = [self.sot] + e.ids[: self.context_length - 2] + [self.eot]  # truncation keeps EOT last
-            out[i, : len(ids)] = torch.tensor(ids)
-        return out
+            rows.append(ids + [0] * (self.context_length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long).reshape(len(texts), self.context_length)
 
     def decode(self, ids):
         byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
