@@ -819,8 +819,8 @@ def add_args(parser):
                              "the --init weights' own, else softmax)")
     parser.add_argument("--siglip", dest="loss", action="store_const", const="sigmoid", help="--loss sigmoid")
     # The default run's recipe (the tiny preset on the synthetic data): images drawn at its input size,
-    # a constant rate with a linear cooldown over the last 120 steps, 450 steps.
-    parser.set_defaults(steps=450, lr_schedule="const-cooldown", cooldown_steps=120, synthetic_resolution=48)
+    # 430 steps: a 20-step warmup, a constant rate, a linear cooldown over the last 120.
+    parser.set_defaults(steps=430, warmup=20, lr_schedule="const-cooldown", cooldown_steps=120, synthetic_resolution=48)
 
 
 def build(size="ViT-B-32", tokenizer=None, captions=(), init=None, quick_gelu=None, lock_image=False,
