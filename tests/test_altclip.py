@@ -12,7 +12,7 @@ import data
 import train
 from test_train import check_sigterm_then_resume, check_two_ranks_equal_one_rank, rows
 
-FAST = ["--workers", "0", "--val-size", "32", "--log-every", "1", "--warmup", "2", "--save-every", "0"]
+FAST = ["--workers", "0", "--val-size", "32", "--log-every", "1", "--warmup", "2", "--lr-schedule", "cosine", "--save-every", "0"]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import data
 import train
 from conftest import ROOT, free_port
 
-FAST = ["--workers", "0", "--val-size", "0", "--log-every", "1", "--warmup", "2", "--save-every", "0"]
+FAST = ["--workers", "0", "--val-size", "0", "--log-every", "1", "--warmup", "2", "--lr-schedule", "cosine", "--save-every", "0"]
 
 
 def ranks(n, *args):

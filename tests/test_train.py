@@ -14,7 +14,7 @@ import clip
 import train
 from conftest import ROOT
 
-FAST = ["--workers", "0", "--val-size", "32", "--log-every", "1", "--warmup", "2", "--save-every", "0"]
+FAST = ["--workers", "0", "--val-size", "32", "--log-every", "1", "--warmup", "2", "--lr-schedule", "cosine", "--save-every", "0"]
 
 
 def torchrun(nproc, *args, **kw):
