@@ -204,6 +204,7 @@ def _shape_mask(shape, dx, dy):
 
 
 _NOISE = []
+MAX_RESOLUTION = 512  # 512 x 512 x 3 noise values fit in the table's 2^20
 
 
 def _noise():
@@ -223,6 +224,8 @@ class Synthetic:
         # parallel: text only (no image is drawn), captions in every language (AltCLIP's stage 1).
         # resolution: the images' side; drawn at the model's input size they need no resize, and
         # every resolution draws the same scene (shape, place and size are fractions of the side).
+        if not 8 <= resolution <= MAX_RESOLUTION:  # the noise table holds one image of at most this side
+            raise ValueError(f"--synthetic-resolution {resolution}: choose 8 to {MAX_RESOLUTION} pixels")
         self.seed, self.split, self.size, self.n_templates = seed, split, size, templates or len(EN_TEMPLATES)
         self.parallel, self.resolution = parallel, resolution
         self._grid = np.mgrid[0:resolution, 0:resolution].astype(np.float32) + 0.5  # pixel centres

@@ -120,6 +120,8 @@ def parse_args(argv=None):
         p.error(f"--batch-size {args.batch_size} must be a multiple of --accum {args.accum}")
     if args.keep < 1:
         p.error("--keep must be at least 1")
+    if not 8 <= args.synthetic_resolution <= datalib.MAX_RESOLUTION:
+        p.error(f"--synthetic-resolution must be 8 to {datalib.MAX_RESOLUTION} pixels")
     if args.lr_schedule == "const-cooldown" and args.cooldown_steps < 1:
         p.error("--lr-schedule const-cooldown needs --cooldown-steps of 1 or more")
     if args.sharded_checkpoint and not args.fsdp:

@@ -43,6 +43,11 @@ def test_synthetic_resolution_draws_the_same_scene():
         # the shape covers the same share of the picture (its colour differs from the background's)
         fg = [np.abs(x.astype(int) - np.median(x.reshape(-1, 3), 0)).sum(-1) > 60 for x in (a, b)]
         assert abs(fg[0].mean() - fg[1].mean()) < 0.03
+    for bad in (0, 4, 10_000):  # nothing unbounded: one line instead of a 10k x 10k grid
+        with pytest.raises(ValueError, match="--synthetic-resolution"):
+            data.Synthetic(resolution=bad)
+    big = data.Synthetic(0, "train", 3, resolution=data.MAX_RESOLUTION)
+    assert np.asarray(big.image(2)).shape == (512, 512, 3)
 
 
 def test_batches_do_not_depend_on_world_size(transform):
