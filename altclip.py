@@ -126,7 +126,7 @@ CONFIGS = {
 }
 # A contrastive run from fresh towers (no teacher, no stage 1) has no teacher to take the CLIP shapes
 # from: the tiny one takes clip.py's tiny image tower.
-FRESH_VISION = {"tiny": dict(embed_dim=128, image_size=48, patch_size=8, vision_width=128, vision_layers=4,
+FRESH_VISION = {"tiny": dict(embed_dim=128, image_size=48, patch_size=12, vision_width=128, vision_layers=4,
                              vision_heads=4, quick_gelu=False, teacher_width=128)}
 
 

@@ -22,7 +22,8 @@ def test_dropped_tokens_equal_a_tower_run_on_the_kept_patches_alone():
     model = clip.build("tiny", captions=CAPTIONS).eval()
     v = model.visual
     images = torch.randint(0, 256, (3, 3, 48, 48), dtype=torch.uint8)
-    keep = torch.stack([torch.randperm(36)[:18].sort().values for _ in range(3)])
+    grid = (48 // model.cfg.patch_size) ** 2
+    keep = torch.stack([torch.randperm(grid)[:grid // 2].sort().values for _ in range(3)])
     got = model.encode_image(images, keep=keep)
     # the naive form: embed every patch, add positions, then keep the class token and the chosen patches
     x = v.conv1(clip.normalize_pixels(images, model.cfg.image_mean, model.cfg.image_std)).flatten(2).transpose(1, 2)
