@@ -248,3 +248,16 @@ def test_predict_shows_independent_sigmoid_probabilities(tmp_path, capsys):
         sims = clip.embed_images(model, preprocess, [str(image)]) @ text.T
     want = torch.sigmoid(model.logit_scale.exp() * sims + model.logit_bias).sort(descending=True).values[0]
     assert probs == pytest.approx(want.tolist(), abs=1e-5) and abs(sum(probs) - 1) > 1e-3  # not a softmax
+
+
+def test_the_default_run_is_longer_for_the_sigmoid_loss():
+    import train
+
+    def steps(*flags):
+        args, _ = train.parse_args(["--model", "clip", *flags])
+        return args.steps, args.cooldown_steps
+
+    assert steps() == clip.DEFAULT_RUN["softmax"]
+    assert steps("--loss", "sigmoid") == steps("--siglip") == clip.DEFAULT_RUN["sigmoid"]
+    assert clip.DEFAULT_RUN["sigmoid"][0] > clip.DEFAULT_RUN["softmax"][0]
+    assert steps("--siglip", "--steps", "50", "--cooldown-steps", "5") == (50, 5)  # given flags win
