@@ -828,7 +828,7 @@ def add_args(parser):
 # (steps, cooldown steps) of the default run. On the synthetic data the sigmoid loss learns shape (beyond
 # colour) about 600 steps later than the softmax: its learnt scale and bias barely move from SigLIP's
 # 10 and -10 in a run this short, and sharper starts did not bring it sooner (the README's trials).
-DEFAULT_RUN = {"softmax": (430, 120), "sigmoid": (1200, 300)}
+DEFAULT_RUN = {"softmax": (430, 120), "sigmoid": (1100, 300)}
 
 
 def finish_args(args):
