@@ -148,10 +148,9 @@ def default_run_turns(steps, batch_size=128):
     ce8bbb2's had 36 of 8."""
     import statistics
     import types
+    from dataclasses import replace
 
     import clip
-
-    from dataclasses import replace
 
     new_data = datalib.Synthetic(0, "train", 100_000, resolution=48)  # clip.py's default --synthetic-resolution
     model = clip.build("tiny", captions=new_data.caption_corpus())
