@@ -822,19 +822,27 @@ def add_args(parser):
     # The default run's recipe (the tiny preset on the synthetic data): images drawn at its input size,
     # a 20-step warmup, a constant rate, then a linear cooldown; its length follows the loss (finish_args).
     parser.set_defaults(steps=None, warmup=20, lr_schedule="const-cooldown", cooldown_steps=None,
-                        synthetic_resolution=48)
+                        synthetic_resolution=48, patch_dropout_until=None)
 
 
 # (steps, cooldown steps) of the default run. On the synthetic data the sigmoid loss learns shape (beyond
 # colour) about 600 steps later than the softmax: its learnt scale and bias barely move from SigLIP's
 # 10 and -10 in a run this short, and sharper starts did not bring it sooner (the README's trials).
 DEFAULT_RUN = {"softmax": (430, 120), "sigmoid": (1100, 300)}
+# With --patch-dropout: (steps, cooldown steps, unmasked from) of the softmax default run, FLIP's masked
+# steps and then its unmasked tuning. On the tiny preset's 4 x 4 patches a half of them keeps too little
+# of a shape's outline: the masked steps learn colour, and shape is learnt only once every patch is seen.
+PATCH_DROPOUT_RUN = (550, 150, 200)
 
 
 def finish_args(args):
+    """The default run's length where no flag gives it: it follows the loss and --patch-dropout."""
     steps, cooldown = DEFAULT_RUN["sigmoid" if args.loss == "sigmoid" else "softmax"]
+    if args.patch_dropout and args.loss != "sigmoid" and args.steps is None and args.patch_dropout_until is None:
+        steps, cooldown, args.patch_dropout_until = PATCH_DROPOUT_RUN
     args.steps = steps if args.steps is None else args.steps
     args.cooldown_steps = cooldown if args.cooldown_steps is None else args.cooldown_steps
+    args.patch_dropout_until = args.patch_dropout_until or 0
 
 
 def build(size="ViT-B-32", tokenizer=None, captions=(), init=None, quick_gelu=None, lock_image=False,

@@ -106,3 +106,18 @@ def test_accumulated_steps_equal_one_big_step_with_patch_dropout(tmp_path):
 def test_two_ranks_equal_one_rank_with_patch_dropout(tmp_path):
     check_two_ranks_equal_one_rank(tmp_path, ["--model", "clip", "--patch-dropout", "0.5"])
     assert rows(str(tmp_path / "two"))[0]["loss"] > 0
+
+
+def test_the_default_run_ends_with_unmasked_tuning():
+    def run(*flags):
+        args, _ = train.parse_args(["--model", "clip", *flags])
+        return args.steps, args.cooldown_steps, args.patch_dropout_until
+
+    assert run() == (*clip.DEFAULT_RUN["softmax"], 0)
+    steps, cooldown, until = run("--patch-dropout", "0.5")
+    assert (steps, cooldown, until) == clip.PATCH_DROPOUT_RUN and 0 < until < steps - cooldown
+    # given flags win: a length or an unmasked-from step given keeps the rest of the plain default
+    assert run("--patch-dropout", "0.5", "--steps", "300") == (300, clip.DEFAULT_RUN["softmax"][1], 0)
+    assert run("--patch-dropout", "0.5", "--patch-dropout-until", "0") == (*clip.DEFAULT_RUN["softmax"], 0)
+    assert run("--patch-dropout", "0.5", "--patch-dropout-until", "100")[2] == 100
+    assert run("--model", "laclip", "--patch-dropout", "0.5")[2] == 0  # laclip keeps train.py's defaults
