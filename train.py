@@ -99,7 +99,8 @@ def build_parser(model):
                         "(seed, epoch, sample) (clip, laclip, clippo's images, altclip's stage 2; not brivl's CNN). "
                         "Evaluation, zero-shot and predict see every patch. --force-patch-dropout in open_clip")
     p.add_argument("--patch-dropout-until", type=int, default=0,
-                   help="with --patch-dropout: train unmasked from this step on (FLIP's unmasked tuning; 0: never)")
+                   help="with --patch-dropout: train unmasked from this step on (FLIP's unmasked tuning; 0: never; "
+                        "clip's default run with --patch-dropout and no --steps sets it)")
     p.add_argument("--dist-timeout", type=float, default=30,
                    help="minutes a rank waits for its peers in a collective before it fails (a dead peer)")
     datalib.add_args(p)
