@@ -100,7 +100,7 @@ def build_parser(model):
                         "Evaluation, zero-shot and predict see every patch. --force-patch-dropout in open_clip")
     p.add_argument("--patch-dropout-until", type=int, default=0,
                    help="with --patch-dropout: train unmasked from this step on (FLIP's unmasked tuning; 0: never; "
-                        "clip's default run with --patch-dropout and no --steps sets it)")
+                        "a model's finish_args may set it for its default run)")
     p.add_argument("--dist-timeout", type=float, default=30,
                    help="minutes a rank waits for its peers in a collective before it fails (a dead peer)")
     datalib.add_args(p)
