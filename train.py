@@ -127,6 +127,9 @@ def parse_args(argv=None):
         p.error("--lr-schedule const-cooldown needs --cooldown-steps of 1 or more")
     if args.sharded_checkpoint and not args.fsdp:
         p.error("--sharded-checkpoint goes with --fsdp")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise NotADirectoryError(f"--out {args.out} is a file; pass a folder (made if missing) for the run's "
+                                 f"checkpoints and metrics")
     for name in filter(None, args.report_to.split(",")):
         if name not in REPORTERS:
             p.error(f"--report-to {name!r}: choose among {', '.join(REPORTERS)}")
@@ -598,10 +601,56 @@ def save_checkpoint(out, state, keep):
     return None
 
 
+LOCK = "train.lock"
+_held = {}  # out -> the open lock file of this process's run there
+
+
+def lock_out(out):
+    """Rank 0 holds OUT/train.lock (its pid and host inside) for the run's life: a second run on the same
+    --out is refused in one line instead of interleaving its checkpoints and metrics with the first's.
+
+    The lock is the kernel's (flock), so a run that dies in any way, SIGKILL included, releases it: a
+    stale file is taken over without asking. The file is removed on exit; a run that opened it just
+    before checks that it locked the file still at that path, else tries again."""
+    import fcntl
+    import socket
+
+    path = os.path.join(out, LOCK)
+    for _ in range(10):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "a process"
+            os.close(fd)
+            raise SystemExit(f"train.py: {out} is in use by another run ({holder}, holding {path}); wait for it to "
+                             f"end, or pass another --out") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+            _held[out] = fd
+            return
+        os.close(fd)  # the holder removed it as we opened it: lock the new one
+    raise SystemExit(f"train.py: could not lock {path}; is another run starting on {out}?")
+
+
+def unlock_out(out):
+    fd = _held.pop(out, None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(out, LOCK))  # removed while still held: no one can lock the old file after
+        os.close(fd)
+
+
 def decide_start(args, module, world):
     """Rank 0: (path, checkpoint) to resume from, or (None, None) for a new run; SystemExit to refuse."""
     if args.resume and args.overwrite:
         raise SystemExit("train.py: --resume continues the run in --out and --overwrite deletes it: pass one")
+    lock_out(args.out)
     path, ckpt = start_or_resume(args)
     if ckpt:
         defaults = {a.dest: a.default for a in build_parser(module)._actions}
@@ -760,6 +809,26 @@ def build_model(args, module, ckpt, captions, rank, world, device):
     return model, opt, scaler, scalars, autocast
 
 
+def read_metrics(path):
+    """(rows, numbers of the lines that are not whole rows) of a metrics.jsonl: a crash while a row was
+    written leaves a torn last line, which resume cuts and report skips."""
+    rows, torn = [], []
+    with open(path, "rb") as f:
+        lines = f.read().decode("utf-8", "replace").split("\n")
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a row")
+        except (ValueError, RecursionError):
+            torn.append(i)
+            continue
+        rows.append(row)
+    return rows, torn
+
+
 class Progress:
     """Loss, throughput and skipped samples since the last log line; rows go to metrics.jsonl (and the
     reporters) from rank 0."""
@@ -769,9 +838,12 @@ class Progress:
         self.path = os.path.join(args.out, "metrics.jsonl")
         if rank == 0 and os.path.exists(self.path):
             if resumed:  # a resumed run drops the rows it will write again
-                rows = [r for r in open(self.path) if r.strip() and json.loads(r)["step"] <= step]
+                rows, torn = read_metrics(self.path)
+                if torn:
+                    print(f"train.py: {self.path}: cut {len(torn)} line(s) that are not whole rows (line "
+                          f"{', '.join(map(str, torn[:5]))}; a crash mid-write leaves one)", flush=True)
                 with open(self.path, "w") as f:
-                    f.writelines(rows)
+                    f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
             else:
                 os.remove(self.path)
         self.reporters = Reporters(args.report_to.split(","), args.out, step, args) if rank == 0 and args.report_to else None
@@ -831,16 +903,26 @@ class Progress:
         self.reset()
         self.t_last, self.step_last = now, step
 
-    def check_finite(self, step, ckpt_path):
-        """Before a save: the steps since the last log line must not have gone non-finite."""
-        if not self.loss_n:
-            return
-        pending = self.loss_sum.clone()
+    def check_finite(self, step, ckpt_path, model):
+        """Before a save: the losses since the last log line and the weights the update made must all be
+        finite, or nothing is saved. A step can diverge with a finite loss (the update itself overflows),
+        so the weights are checked too: one isfinite reduction a tensor, stacked into one flag with the
+        loss's, and one all-reduce (under FSDP each rank checks its own shards). Its cost is a read of the
+        weights once a save (a few ms for ViT-B-32 on a CPU), against the save's write of all of them."""
+        tensors = [t.to_local() if hasattr(t, "to_local") else t for t in (*model.parameters(), *model.buffers())]
+        flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point() and t.numel()]
+        loss_ok = torch.isfinite(self.loss_sum) if self.loss_n else torch.ones((), dtype=torch.bool, device=self.device)
+        weights_ok = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=self.device)
+        bad = torch.stack([~loss_ok, ~weights_ok.to(loss_ok.device)]).float()
         if self.world > 1:
-            dist.all_reduce(pending)
-        if not torch.isfinite(pending):
-            raise SystemExit(f"train.py: the loss became non-finite before step {step}; stopping. The last "
-                             f"good checkpoint is kept at {ckpt_path}")
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        bad_loss, bad_weights = bad.tolist()
+        if bad_loss or bad_weights:
+            what = "the loss" if bad_loss else "the weights (the loss was still finite)"
+            kept = (f"the last good checkpoint, {step_reached(ckpt_path)}, is kept at {ckpt_path}"
+                    if os.path.exists(ckpt_path) else "no checkpoint was saved before it")
+            raise SystemExit(f"train.py: {what} became non-finite by step {step}; stopping without saving it: "
+                             f"{kept}. Lower --lr or raise --warmup, then --resume")
 
     def close(self):
         if self.reporters:
@@ -863,8 +945,15 @@ def save(model, opt, step, args, rank, world, device, control, data_position, sc
 
 
 def main(argv=None):
-    # Set-up: flags, processes, the start-or-resume decision, data, model and optimizer.
     args, module = parse_args(argv)
+    try:
+        return run(args, module)
+    finally:
+        unlock_out(args.out)  # rank 0's hold on --out ends with the run, whatever ended it
+
+
+def run(args, module):
+    # Set-up: processes, the start-or-resume decision, data, model and optimizer.
     rank, world, device, control = setup(args)
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, LATEST)
@@ -934,7 +1023,7 @@ def main(argv=None):
                 print("eval " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
         stopping = stop.agreed(control, world)  # SIGTERM / Ctrl-C on any rank: save, then stop
         if (args.save_every and step % args.save_every == 0) or last or stopping:
-            progress.check_finite(step, ckpt_path)
+            progress.check_finite(step, ckpt_path, model)
             save(model, opt, step, args, rank, world, device, control, position.state(world, control), scaler,
                  ckpt_path)
         if stopping:
@@ -1040,7 +1129,7 @@ def report(out):
     metrics = os.path.join(out, "metrics.jsonl")
     if not os.path.isfile(metrics):
         raise FileNotFoundError(f"{metrics}: no such file; pass the --out folder of a train.py run")
-    rows = [json.loads(line) for line in open(metrics) if line.strip()]
+    rows, _ = read_metrics(metrics)  # a torn last line (a crash mid-write) is left out
     train_rows, eval_rows = [r for r in rows if "loss" in r], [r for r in rows if "loss" not in r]
     ckpt = None
     if os.path.isfile(os.path.join(out, LATEST)):

@@ -11,9 +11,11 @@ import time
 import pytest
 import torch
 
+import clip
 import train
 from conftest import ROOT
 from test_train import FAST, max_diff, rows, weights
+from train import NUMBERED
 
 RUN = ["--batch-size", "8", *FAST]
 
@@ -72,6 +74,11 @@ def test_a_failed_save_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path,
         calls.append(1)
         if len(calls) == 2:
             f.write(b"PK\x03\x04 half a checkpoint")
+            f.flush()
+            # mid-write, no file under a checkpoint's own name holds the partial bytes
+            for name in os.listdir(out):
+                if NUMBERED.fullmatch(name) or name == "checkpoint.pt":
+                    assert ckpt_step(os.path.join(out, name)) == 2, name
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(obj, f, *args, **kw)
 
@@ -83,6 +90,59 @@ def test_a_failed_save_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path,
     assert "\n" not in message
     assert ckpt_step(os.path.join(out, "checkpoint.pt")) == 2
     assert sorted(os.listdir(out)) == ["checkpoint-0000002.pt", "checkpoint.pt", "metrics.jsonl"]
+
+
+def test_diverged_weights_are_never_saved_and_the_last_good_checkpoint_stays(tmp_path, monkeypatch):
+    """A step whose update overflows the weights while its loss was still finite: with --keep 1 saving
+    it would delete the one good checkpoint."""
+    out, calls = str(tmp_path / "run"), []
+    real = clip.CLIP.after_step
+
+    def overflow(self):
+        real(self)
+        calls.append(1)
+        if len(calls) == 6:
+            with torch.no_grad():
+                self.visual.proj[0, 0] = float("inf")
+
+    monkeypatch.setattr(clip.CLIP, "after_step", overflow)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--steps", "8", "--out", out, *RUN[:-2], "--save-every", "2", "--keep", "1"])
+    message = str(e.value.code)
+    assert "the weights (the loss was still finite) became non-finite by step 6" in message, message
+    assert "step 4" in message and os.path.join(out, "checkpoint.pt") in message
+    assert sorted(os.listdir(out)) == ["checkpoint-0000004.pt", "checkpoint.pt", "metrics.jsonl"]
+    sd = weights(out)
+    assert ckpt_step(os.path.join(out, "checkpoint.pt")) == 4 and all(torch.isfinite(v).all() for v in sd.values())
+
+
+def test_one_run_per_out(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    train.lock_out(out)  # another run holds it (a second open of the file: the kernel tells them apart)
+    try:
+        with pytest.raises(SystemExit, match=rf"{out} is in use by another run \(pid {os.getpid()} on "):
+            train.main(["--steps", "2", "--out", out, *RUN])
+        assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
+    finally:
+        train.unlock_out(out)
+    with open(os.path.join(out, train.LOCK), "w") as f:  # left by a run that was SIGKILLed: stale
+        f.write("pid 999999999 on elsewhere\n")
+    train.main(["--steps", "2", "--out", out, *RUN])
+    assert ckpt_step(os.path.join(out, "checkpoint.pt")) == 2
+    assert not os.path.exists(os.path.join(out, train.LOCK))  # released on exit
+
+
+def test_a_torn_metrics_line_is_cut_on_resume_and_skipped_by_report(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main(["--steps", "4", "--out", out, *RUN[:-2], "--save-every", "2"])
+    torn = len(open(os.path.join(out, "metrics.jsonl")).readlines()) + 1
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # the crash came mid-write
+    train.report(out)
+    train.main(["--steps", "6", "--out", out, *RUN, "--resume"])
+    assert f"metrics.jsonl: cut 1 line(s) that are not whole rows (line {torn};" in capsys.readouterr().out
+    assert [r["step"] for r in rows(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
 def test_resume_refuses_flags_that_change_the_run(tmp_path):
@@ -110,11 +170,12 @@ def test_an_unexpected_error_while_deciding_keeps_its_type(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("argv, named", [
     (["--data", "nothere.tsv"], "nothere.tsv: no such data file"),
+    (["--out", "README.md"], "--out README.md is a file"),
     (["--tokenizer", "nothere.json"], "nothere.json: no such tokenizer file"),
     (["--size", "huge"], "unknown --size 'huge'"),
 ])
 def test_input_errors_are_one_line_without_traceback(tmp_path, argv, named):
-    proc = subprocess.run([sys.executable, "train.py", *argv, "--out", str(tmp_path / "run"), *RUN], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "train.py", "--out", str(tmp_path / "run"), *argv, *RUN], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
