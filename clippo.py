@@ -840,6 +840,12 @@ class ImageTransform:
         else:
             r = self.size / min(w, h)
             box, out = (0, 0, w, h), (max(self.size, round(w * r)), max(self.size, round(h * r)))
+            if out[0] * out[1] > 4 * self.size * self.size:
+                # A long strip (a 1 x 100000 PNG is 467 bytes) resized whole would hold billions of
+                # pixels: past 4:1 the centre square is cut first, then resized; the pixels the crop
+                # keeps are the same up to the resampling at its edges.
+                side = min(w, h)
+                box, out = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side), (self.size,) * 2
             need = out
         if self.defer and deferrable(img) and w * h <= self.max_pixels:
             # Plain Python values: a worker pickles them into its pipe in one go, where every small

@@ -41,6 +41,51 @@ class SampleError(Exception):
         self.reason = reason
 
 
+def sample_reason(e):
+    """The reason a sample is skipped under, for any exception its read, decode or transform raised: a
+    scraped sample may be malformed in ways nobody listed, and one of them must never end a run. A bug of
+    ours fails every sample alike, so it still stops the run (MAX_TRIES in a row), its type named."""
+    if isinstance(e, SampleError):
+        return e.reason
+    if isinstance(e, UnicodeError):
+        return "bad text"
+    if isinstance(e, (OSError, SyntaxError)):  # what Pillow raises for a damaged image
+        return getattr(e, "reason", "unreadable image")
+    return f"bad sample ({type(e).__name__})"
+
+
+# A caption longer than this is cut here, before any tokenizer (or BPE trainer) sees it: tokenizers keep
+# at most a few hundred tokens, and their cost grows with the text's length.
+MAX_TEXT_CHARS = 8192
+
+
+def clean_caption(value, where, what="caption"):
+    """An outside text as the models may take it: a str (else SampleError 'bad text'), cut to
+    MAX_TEXT_CHARS, lone surrogates (a JSON '\\ud800', undecodable bytes) replaced, stripped."""
+    if not isinstance(value, str):
+        raise SampleError("bad text", f"{where}: the {what} is a {type(value).__name__}, not text")
+    value = value[:MAX_TEXT_CHARS]
+    if has_surrogate(value):
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value.strip()
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(payload, where):
+    """A sample's .json member as a dict, or SampleError 'bad json': not UTF-8, not JSON, NaN or Infinity
+    (not JSON, though Python's parser takes them), nested past the parser's depth, or not an object."""
+    try:
+        meta = json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:
+        raise SampleError("bad json", f"{where}.json ({type(e).__name__})") from None
+    if not isinstance(meta, dict):
+        raise SampleError("bad json", f"{where}.json holds a {type(meta).__name__}, not an object")
+    return meta
+
+
 def open_image(payload, where):
     """A PIL image of an image file's bytes with only its header read. The model's transform decodes
     it, and may first ask the JPEG decoder for a smaller version (draft mode) where its crop allows,
@@ -93,16 +138,16 @@ def read_file(path, max_bytes=MAX_SAMPLE_BYTES):
     return payload
 
 
-def read_table(path, separator):
+def read_table(path, separator, max_bytes=MAX_SAMPLE_BYTES):
     """[(line number, fields or a reason it cannot be read)] of a CSV/TSV file, its header first.
 
     Tab-separated files are read as their writers mean them: one row a line, split at tabs, no quote
     processing (a stray quote in a caption cannot swallow the rows after it); a field wholly in
     double quotes is unquoted. Comma-separated files follow the CSV rules; a quoted field that runs
     over lines is said once. A line that is not UTF-8 is kept as its reason, to be skipped and counted
-    when its sample is drawn: one bad line never refuses the whole file."""
-    with open(path, "rb") as f:
-        text = f.read().decode("utf-8", "surrogateescape")  # undecodable bytes become lone surrogates
+    when its sample is drawn: one bad line never refuses the whole file, nor does a field over
+    max_bytes (the sample cap; Python's csv module would stop the file at 131,072 characters)."""
+    text = read_text(path, None, "data file").decode("utf-8", "surrogateescape")  # bad bytes: lone surrogates
     if text.startswith("\ufeff"):  # a byte-order mark, as spreadsheet programs write
         text = text[1:]
     rows = []
@@ -112,6 +157,7 @@ def read_table(path, separator):
             if line.strip():
                 rows.append((i, [unquote(field) for field in line.split("\t")]))
     else:
+        csv.field_size_limit(max(len(text) + 1, 131_072))  # no field can be longer than the file
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator)
         start, spans = 1, []
         for fields in reader:
@@ -123,7 +169,28 @@ def read_table(path, separator):
         if spans:
             print(f"data.py: {path}: {len(spans)} quoted fields run over several lines (first: line {spans[0]}); "
                   f"each was read as one row. An unbalanced quote? Check those lines", file=sys.stderr)
-    return [(i, fields if not any(has_surrogate(f) for f in fields) else "not UTF-8") for i, fields in rows]
+    return [(i, "not UTF-8" if any(has_surrogate(f) for f in fields) else
+             f"a field over --max-sample-bytes {max_bytes}" if any(len(f) > max_bytes for f in fields) else fields)
+            for i, fields in rows]
+
+
+def read_text(path, max_bytes, what="file"):
+    """The bytes of a file a command was given (a data table, rewrites, class names, templates): a
+    regular file only (a FIFO would block, /dev/zero never end), at most max_bytes (None: its size)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path}: not a regular file (a FIFO, device or folder); pass a {what}")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise ValueError(f"{path}: {st.st_size} bytes, over the {max_bytes} a {what} may have")
+        data = f.read(st.st_size + 1)
+    if len(data) > st.st_size:
+        raise ValueError(f"{path}: grew while it was read; pass a finished {what}")
+    return data
 
 
 def unquote(field):
@@ -300,7 +367,7 @@ class CsvData:
         if separator is None:
             separator = "," if path.endswith(".csv") else "\t"
         self.path, self.root, self.max_bytes = path, os.path.dirname(os.path.abspath(path)), max_bytes
-        table = read_table(path, separator)
+        table = read_table(path, separator, max_bytes)
         header = table[0][1] if table and not isinstance(table[0][1], str) else None
         missing = [k for k in (img_key, caption_key, *rewrite_keys) if k not in (header or [])]
         if missing:
@@ -324,11 +391,9 @@ class CsvData:
         # Rewrites: extra columns, and/or LaCLIP's layout of one text file per source aligned by line.
         self.rewrites = [r[2] for r in rows] if rewrite_keys or rewrite_files else None
         for rf in rewrite_files:
-            if not os.path.isfile(rf):
-                raise FileNotFoundError(f"{rf}: no such rewrite file (--rewrite-files)")
-            with open(rf, encoding="utf-8", errors="replace", newline="") as f:
-                # one rewrite a line: only \n ends a line (a \u2028 inside a rewrite must not shift the rest)
-                lines = [line[:-1] if line.endswith("\r") else line for line in f.read().split("\n")]
+            # one rewrite a line: only \n ends a line (a \u2028 inside a rewrite must not shift the rest)
+            text = read_text(rf, None, "rewrite file (--rewrite-files)").decode("utf-8", "replace")
+            lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
             if lines and lines[-1] == "":
                 lines.pop()
             if len(lines) != len(rows):  # a short file (a generator still running) leaves the rest without
@@ -342,13 +407,15 @@ class CsvData:
     def sample(self, index, rng):
         if index in self.bad:
             raise SampleError("unreadable row", self.bad[index])
-        text = (self.texts[index] or "").strip()
+        where = f"{self.path} row {index + 2}"
+        text = clean_caption(self.texts[index] or "", where)
         if not text:
-            raise SampleError("empty caption")
+            raise SampleError("empty caption", where)
         path = os.path.join(self.root, self.images[index])
         sample = {"image": open_image(read_file(path, self.max_bytes), path), "text": text}
         if self.rewrites is not None:
-            sample["rewrites"] = [r for r in self.rewrites[index] if r.strip()]
+            rewrites = (clean_caption(r, where, "rewrite") for r in self.rewrites[index])
+            sample["rewrites"] = [r for r in rewrites if r]
         return sample
 
     def caption_corpus(self, limit=100_000):
@@ -393,7 +460,8 @@ class ParallelText:
             raise SampleError("unreadable row", f"{self.path}:{line}: not UTF-8")
         if len(row) != len(self.header):
             raise SampleError("malformed line", f"{self.path}:{line}: {len(row)} fields, not {len(self.header)}")
-        texts = {("en" if i == self.en else name): t.strip() for i, (name, t) in enumerate(zip(self.header, row))}
+        where = f"{self.path}:{line}"
+        texts = {("en" if i == self.en else name): clean_caption(t, where) for i, (name, t) in enumerate(zip(self.header, row))}
         if not all(texts.values()):
             raise SampleError("empty caption", f"{self.path}:{line}")
         return {"text": texts["en"], "texts": texts}
@@ -446,11 +514,17 @@ def shard_list(spec, weights=None):
     return paths, np.array(per_shard) / sum(per_shard)
 
 
+# The members a sample's decode reads; others (img2dataset's .parquet rows, extra views, masks) are
+# passed over unread, so they neither fill the shuffle buffer nor count against the sample's bytes.
+READ_EXTS = {"txt", "json", "cls", *IMAGE_EXTS}
+
+
 def read_shard(path, problems, max_bytes=MAX_SAMPLE_BYTES):
     """Yield (key, {extension: bytes}) for the samples of a tar, members grouped by webdataset's key
-    (the path up to the first dot of the file name). A damaged tar ends early, and says so. A member
-    over max_bytes is not read (the stream skips past it): its group says so under TOO_LARGE."""
-    key, group, n = None, {}, 0
+    (the path up to the first dot of the file name). A damaged tar ends early, and says so. Only the
+    READ_EXTS members are read, and a sample's at most max_bytes of them: past that the rest are not
+    read (the stream skips past them) and its group says so under TOO_LARGE."""
+    key, group, n, size = None, {}, 0, 0
     try:
         with tarfile.open(path, "r|*") as tar:
             for member in tar:
@@ -464,11 +538,18 @@ def read_shard(path, problems, max_bytes=MAX_SAMPLE_BYTES):
                     if group:
                         yield key[1], group
                         n += 1
-                    key, group = (folder, stem), {}
-                if member.size > max_bytes:
-                    group[TOO_LARGE] = f"{member.name}: {member.size} bytes, over --max-sample-bytes {max_bytes}"
+                    key, group, size = (folder, stem), {}, 0
+                ext = ext.lower()
+                if ext not in READ_EXTS:
+                    group.setdefault(UNREAD, 0)  # a sample of unread members only is still a sample
                     continue
-                group[ext.lower()] = tar.extractfile(member).read()
+                size += member.size
+                if size > max_bytes or TOO_LARGE in group:
+                    if TOO_LARGE not in group:  # what was read of it goes: only the reason stays buffered
+                        group.clear()
+                        group[TOO_LARGE] = f"{member.name}: the sample's members pass --max-sample-bytes {max_bytes}"
+                    continue
+                group[ext] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError) as e:
         problems.append("truncated or unreadable shard")
         print(f"data.py: {path}: {type(e).__name__}: {e}; the samples before the damage are used", file=sys.stderr)
@@ -480,7 +561,8 @@ def read_shard(path, problems, max_bytes=MAX_SAMPLE_BYTES):
         problems.append("empty shard")
 
 
-TOO_LARGE = ""  # a key no file extension can be
+TOO_LARGE = ""  # keys no file extension can be
+UNREAD = "/"
 
 
 def decode_sample(key, group, path):
@@ -488,13 +570,8 @@ def decode_sample(key, group, path):
     where = f"{path}:{key}"
     if TOO_LARGE in group:
         raise SampleError("sample too large", f"{path}:{group[TOO_LARGE]}")
-    meta = {}
-    if "json" in group:
-        try:
-            meta = json.loads(group["json"])
-        except ValueError:
-            meta = {}
-    text = group["txt"].decode("utf-8", "replace").strip() if "txt" in group else ""
+    meta = parse_json(group["json"], where) if "json" in group else {}
+    text = clean_caption(group["txt"].decode("utf-8", "replace"), where) if "txt" in group else ""
     if not text:
         raise SampleError("missing or empty caption", where)
     ext = next((e for e in IMAGE_EXTS if e in group), None)
@@ -502,9 +579,10 @@ def decode_sample(key, group, path):
         raise SampleError("no image", where)
     sample = {"image": open_image(group[ext], f"{where}.{ext}"), "text": text}
     if isinstance(meta.get("rewrites"), list):
-        sample["rewrites"] = [r for r in meta["rewrites"] if isinstance(r, str) and r.strip()]
+        rewrites = (clean_caption(r, where, "rewrite") for r in meta["rewrites"][:64] if isinstance(r, str))
+        sample["rewrites"] = [r for r in rewrites if r]
     if isinstance(meta.get("texts"), dict):
-        sample["texts"] = meta["texts"]
+        sample["texts"] = {str(lang)[:32]: clean_caption(t, where, f"{lang} text") for lang, t in meta["texts"].items()}
     if "boxes" in meta:  # detector boxes (BriVL): [[x0, y0, x1, y1], ...] in the image's pixels
         boxes = meta["boxes"]
         if not (isinstance(boxes, list) and all(isinstance(b, list) and len(b) == 4 and
@@ -512,11 +590,10 @@ def decode_sample(key, group, path):
             raise SampleError("bad boxes", f"{where}.json: 'boxes' must be a list of [x0, y0, x1, y1]")
         sample["boxes"] = boxes
     label = meta.get("label", group.get("cls"))
-    if label is not None:
-        try:
-            sample["label"] = int(label)
-        except ValueError:
-            pass
+    if isinstance(label, bytes) and label.strip().isdigit():
+        label = int(label)
+    if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < 2 ** 31:  # else not a class
+        sample["label"] = label
     return sample
 
 
@@ -536,7 +613,7 @@ class Shards:
         for path in self.paths:
             for _, group in read_shard(path, [], self.max_bytes):
                 if "txt" in group:
-                    yield group["txt"].decode("utf-8", "replace")
+                    yield group["txt"][:MAX_TEXT_CHARS * 4].decode("utf-8", "replace")
                     n += 1
                     if n >= limit:
                         return
@@ -615,9 +692,9 @@ class ShardBatches(torch.utils.data.IterableDataset):
                     sample = decode_sample(key, group, path)
                     rng = np.random.default_rng([self.seed, epoch, slot, seen, AUGMENT])
                     out = apply(self.transform, sample, rng, f"{path}:{key}")
-                except SampleError as e:
-                    skips.append(e.reason)
-                    first_error = first_error or str(e)
+                except Exception as e:  # whatever one sample holds, the run goes on (sample_reason)
+                    skips.append(sample_reason(e))
+                    first_error = first_error or f"{type(e).__name__}: {e}"[:300]
                     if len(skips) >= MAX_TRIES and not items:
                         raise DataError(f"{self.data.spec}: {MAX_TRIES} samples in a row could not be used "
                                            f"(first: {first_error})") from None
@@ -651,7 +728,8 @@ class ShardIndex:
                         folder, name = os.path.split(m.name)
                         if m.isfile() and "." in name and not name.startswith("."):
                             stem, ext = name.split(".", 1)
-                            groups.setdefault(f"{folder}/{stem}", {})[ext.lower()] = (m.offset_data, m.size)
+                            if ext.lower() in READ_EXTS:
+                                groups.setdefault(f"{folder}/{stem}", {})[ext.lower()] = (m.offset_data, m.size)
             except (tarfile.TarError, EOFError, OSError) as e:
                 print(f"data.py: {path}: {type(e).__name__}: {e}; indexing the samples before the damage",
                       file=sys.stderr)
@@ -664,18 +742,21 @@ class ShardIndex:
 
     def sample(self, index, rng):
         path, key, members = self.items[index]
+        if sum(size for _, size in members.values()) > self.max_bytes:
+            raise SampleError("sample too large", f"{path}:{key}: its members pass --max-sample-bytes {self.max_bytes}")
         group = {}
         with open(path, "rb") as f:
             for ext, (offset, size) in members.items():
-                if size > self.max_bytes:
-                    group[TOO_LARGE] = f"{key}.{ext}: {size} bytes, over --max-sample-bytes {self.max_bytes}"
-                    continue
                 f.seek(offset)
                 group[ext] = f.read(size)
         return decode_sample(key, group, path)
 
     def caption_corpus(self, limit=100_000):
-        return (self.sample(i, None)["text"] for i in range(min(limit, len(self))))
+        for i in range(min(limit, len(self))):
+            try:
+                yield self.sample(i, None)["text"]
+            except SampleError:
+                continue
 
 
 # The 80 prompt templates of CLIP's ImageNet zero-shot evaluation (OpenAI, CLIP repository,
@@ -717,14 +798,14 @@ class ImageFolder:
         names = [c.replace("_", " ") for c in classes]
         listed = os.path.join(root, "classnames.txt")
         if os.path.isfile(listed):
-            names = [line.strip() for line in open(listed, encoding="utf-8") if line.strip()]
+            names = [line.strip() for line in read_text(listed, 1 << 24, "class name file").decode("utf-8", "replace")
+                     .splitlines() if line.strip()]
             if len(names) != len(classes):
                 raise ValueError(f"{listed}: {len(names)} names for {len(classes)} class folders; one a line, "
                                  f"in the sorted order of the folders")
         if templates:
-            if not os.path.isfile(templates):
-                raise FileNotFoundError(f"{templates}: no such template file (--zeroshot-templates)")
-            tpl = [line.strip() for line in open(templates, encoding="utf-8") if "{}" in line]
+            tpl = [line.strip() for line in read_text(templates, 1 << 24, "template file (--zeroshot-templates)")
+                   .decode("utf-8", "replace").splitlines() if "{}" in line]
             if not tpl:
                 raise ValueError(f"{templates}: no line with '{{}}' where the class name goes")
         else:
@@ -762,9 +843,9 @@ def load_sample(data, transform, index, epoch, seed, skips, notes=None):
         try:
             sample = data.sample(i, np.random.default_rng([seed, epoch, i, CAPTION]))
             out = apply(transform, sample, np.random.default_rng([seed, epoch, i, AUGMENT]), f"sample {i}")
-        except SampleError as e:
-            skips.append(e.reason)
-            first_error = first_error or f"sample {i}: {e}"
+        except Exception as e:  # whatever one sample holds, the run goes on (sample_reason)
+            skips.append(sample_reason(e))
+            first_error = first_error or f"sample {i}: {type(e).__name__}: {e}"[:300]
             continue
         if "label" in sample:
             out["label"] = torch.tensor(sample["label"])

@@ -927,6 +927,12 @@ class ImageTransform:
         else:
             r = self.size / min(w, h)
             box, out = (0, 0, w, h), (max(self.size, round(w * r)), max(self.size, round(h * r)))
+            if out[0] * out[1] > 4 * self.size * self.size:
+                # A long strip (a 1 x 100000 PNG is 467 bytes) resized whole would hold billions of
+                # pixels: past 4:1 the centre square is cut first, then resized; the pixels the crop
+                # keeps are the same up to the resampling at its edges.
+                side = min(w, h)
+                box, out = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side), (self.size,) * 2
             need = out
         if self.defer and deferrable(img) and w * h <= self.max_pixels:
             # Plain Python values: a worker pickles them into its pipe in one go, where every small
@@ -1880,9 +1886,19 @@ SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
 
 
+# A text is cut to this many characters before anything else: 77 tokens never need more, and the
+# normalisation, the pre-tokenizer and BPE all cost time in the text's length.
+MAX_TEXT_CHARS = 8192
+# The BPE trainer learns from pre-tokenized pieces up to this long: a longer "word" (a URL, a hash, a
+# run of one letter) teaches no merge worth a vocabulary slot, and would cost the trainer its square.
+MAX_PIECE_CHARS = 64
+
+
 def clean_text(text):
     # OpenAI runs ftfy.fix_text (which ends in NFC), unescapes HTML twice, collapses whitespace and
-    # lower-cases. ftfy is not a dependency: its mojibake repair is the one step left out.
+    # lower-cases. ftfy is not a dependency: its mojibake repair is the one step left out. A lone
+    # surrogate (a JSON "\ud800") has no UTF-8 form for the tokenizer: it becomes "?".
+    text = str(text)[:MAX_TEXT_CHARS].encode("utf-8", "replace").decode("utf-8")
     text = html.unescape(html.unescape(unicodedata.normalize("NFC", text)))
     return re.sub(r"\s+", " ", text).strip().lower()
 
@@ -1954,7 +1970,8 @@ class Tokenizer:
         words = Counter()
         for t in texts:
             for piece, _ in pre.pre_tokenize_str(clean_text(t)):
-                words[tuple(piece[:-1]) + (piece[-1] + "</w>",)] += 1
+                if len(piece) <= MAX_PIECE_CHARS:
+                    words[tuple(piece[:-1]) + (piece[-1] + "</w>",)] += 1
         words = [[list(w), c] for w, c in sorted(words.items())]
         counts, where = Counter(), defaultdict(set)
         for i, (w, c) in enumerate(words):

@@ -228,11 +228,85 @@ def test_size_cap_skips_members_unread(tmp_path):
     groups = list(data.read_shard(str(tmp_path / "s.tar"), [], max_bytes=20_000))
     assert groups[0][1]["png"] == buf.getvalue()
     assert "png" not in groups[1][1]
-    with pytest.raises(data.SampleError, match="b.png: 50000 bytes, over --max-sample-bytes 20000"):
+    with pytest.raises(data.SampleError, match="b.png: the sample's members pass --max-sample-bytes 20000"):
         data.decode_sample(*groups[1], str(tmp_path / "s.tar"))
     index = data.ShardIndex(str(tmp_path / "s.tar"), max_bytes=20_000)
     with pytest.raises(data.SampleError, match="sample too large"):
         index.sample(1, None)
+
+
+HOSTILE_JSON = {  # what a scraped shard's .json may hold, and the reason its sample is counted under
+    b"[1, 2]": "bad json", b'{"label": Infinity}': "bad json", b'{"x": NaN}': "bad json",
+    b"[" * 200_000 + b"]" * 200_000: "bad json", b'{"a": 1': "bad json", b"\xff\xfe{}": "bad json",
+    b'{"texts": {"en": 5}}': "bad text", b'{"boxes": [[0, 0, 1]]}': "bad boxes",
+}
+
+
+def test_no_sample_ends_a_run_whatever_it_holds(tmp_path):
+    """Shard samples malformed in every way above, beside good ones: the run ends, each bad one is counted
+    under its reason, and the members no model reads are passed over unread (the cap is per sample)."""
+    buf = io.BytesIO()
+    data.Synthetic(0, "train", 1).image(0).save(buf, "PNG")
+    png = buf.getvalue()
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        def add(name, body):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+        for k, meta in enumerate([b'{"label": [1], "rewrites": ["\\ud800 a red circle", 7]}', *HOSTILE_JSON]):
+            add(f"{k:04d}.png", png)
+            add(f"{k:04d}.txt", b"a caption " + b"x" * (k * 10_000))  # long captions are cut, not fatal
+            add(f"{k:04d}.json", meta)
+            for j in range(3):  # members nobody reads: not buffered, not counted against the cap
+                add(f"{k:04d}.view{j}.bin", b"\0" * 400_000)
+        for k in range(len(HOSTILE_JSON) + 1, 24):
+            add(f"{k:04d}.png", png)
+            add(f"{k:04d}.txt", b"a good caption")
+    groups = list(data.read_shard(str(tmp_path / "00000.tar"), [], max_bytes=1_000_000))
+    assert all(not any(e.startswith("view") for e in g) for _, g in groups) and len(groups) == 24
+    good = data.decode_sample(*groups[0], "s")  # the lone surrogate replaced, the non-text rewrite left out
+    assert good["rewrites"] == ["? a red circle"] and "label" not in good
+    for (key, group), reason in zip(groups[1:], HOSTILE_JSON.values()):
+        with pytest.raises(data.SampleError) as e:
+            data.decode_sample(key, group, "s")
+        assert e.value.reason == reason, (key, e.value)
+    out = tmp_path / "run"
+    train.main(["--model", "laclip", "--size", "tiny", "--batch-size", "4", *FAST, "--data", str(tmp_path / "00000.tar"),
+                "--steps", "3", "--out", str(out), "--shuffle-buffer", "4", "--max-sample-bytes", "1000000"])
+    skips = {}
+    for r in rows(out):
+        for why, n in r.get("skips", {}).items():
+            skips[why] = skips.get(why, 0) + n
+    assert skips.get("bad json", 0) >= 1 and set(skips) <= {"bad json", "bad text", "bad boxes", "sample too large"}, skips
+
+
+def test_any_exception_in_a_transform_skips_that_sample_by_its_kind():
+    ds = data.Synthetic(0, "train", 50)
+
+    def transform(sample, rng):
+        n = int(sample["text"].__len__()) % 3
+        if n == 0:
+            raise KeyError("a field the transform wanted")
+        if n == 1:
+            "\ud800".encode("utf-8")
+        return {"x": torch.zeros(1)}
+
+    skips = []
+    out = data.load_sample(ds, transform, 0, 0, 0, skips)
+    assert out["x"].shape == (1,) and set(skips) <= {"bad sample (KeyError)", "bad text"}
+    with pytest.raises(data.DataError, match="100 samples in a row .*ZeroDivisionError"):  # our bug: every sample
+        data.load_sample(ds, lambda sample, rng: 1 / 0, 0, 0, 0, [])
+
+
+def test_csv_fields_past_the_csv_modules_limit(tmp_path):
+    names = good_images(tmp_path, 3)
+    long = "a long caption " + "y" * 200_000  # over Python's 131,072
+    (tmp_path / "d.csv").write_text(f"filepath,title\n{names[0]},{long}\n{names[1]},{'z' * 300_000}\n{names[2]},ok\n")
+    ds = data.CsvData(str(tmp_path / "d.csv"), max_bytes=250_000)
+    assert len(ds) == 3 and len(ds.sample(0, None)["text"]) == data.MAX_TEXT_CHARS
+    with pytest.raises(data.SampleError, match="a field over --max-sample-bytes 250000"):
+        ds.sample(1, None)
+    assert ds.sample(2, None)["text"] == "ok"
 
 
 def test_a_stray_quote_in_a_tsv_eats_no_rows(tmp_path):
