@@ -880,7 +880,8 @@ def config_and_tokenizer(size, tokenizer=None, captions=(), init=None, quick_gel
         cfg = Config(**extra["config"])
         return cfg, Tokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None, None
     if init:  # fine-tuning: shapes, tokenizer and preprocessing come from the weights
-        cfg, tok, sd = read_weights(init, quick_gelu, tokenizer)
+        with reading(init):
+            cfg, tok, sd = read_weights(init, quick_gelu, tokenizer)
         if tok is None:
             raise ValueError(f"{init} carries no tokenizer: pass the one it was trained with, --tokenizer "
                              f"bpe_simple_vocab_16e6.txt.gz (OpenAI's) or a tokenizer.json")
@@ -953,8 +954,15 @@ def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
 
 
 # ==== region tensor-files (copied into brivl.py, clippo.py, altclip.py, laclip.py) ====
+# The boundary for weights files, which come from anywhere: nothing in them runs (tensors and plain
+# containers only), nothing they claim is allocated before it is checked against the file's own size,
+# and whatever goes wrong while one is read is one line naming it (reading()).
 class UnsafeWeights(ValueError):
     """A weights file that would run code if loaded the usual way: refused."""
+
+
+class BadInput(ValueError):
+    """A file or folder the user gave that cannot be used; the message names it and says what is wrong."""
 
 
 def one_line(err):
@@ -964,55 +972,190 @@ def one_line(err):
     return f"{type(err).__name__}: {first}".rstrip(": ")
 
 
+class reading:
+    """with reading(path): ... -- whatever the block raises while it reads and checks `path` (a file or
+    folder the user gave) becomes one BadInput line naming it. What an input holds is the input's fault,
+    whichever line of ours it trips; code outside such a block is ours, and keeps its traceback.
+    TRAIN_TRACEBACK=1 keeps the traceback here too."""
+
+    def __init__(self, what):
+        self.what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is None or not isinstance(err, Exception) or os.environ.get("TRAIN_TRACEBACK"):
+            return False
+        if isinstance(err, (BadInput, ImportError, FileNotFoundError)):  # one line already, or a package to install
+            return False
+        message = str(err) if isinstance(err, ValueError) and str(self.what) in str(err) else f"{self.what}: {one_line(err)}"
+        raise BadInput(" ".join(message.split("\n"))[:600]) from None
+
+
+def tensor_bytes(t, where):
+    """The bytes a tensor claims, once it is checked to lie within its storage, not expanded past it."""
+    n = t.numel()
+    if n == 0:
+        return 0
+    if any(s < 0 for s in t.stride()):
+        raise ValueError(f"{where}: a tensor with a negative stride")
+    elements = t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+    extent = 1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride()))
+    if extent > elements or n > elements:  # stride 0 or overlapping rows: more elements than stored
+        raise ValueError(f"{where}: a tensor of {tuple(t.shape)} expanded over {max(elements, 0)} stored elements")
+    return n * t.element_size()
+
+
+def check_tensors(obj, path):
+    """obj (what a weights file held) with every tensor checked (tensor_bytes), walked as a graph (each
+    object once, so shared containers cost nothing twice), and the bytes all tensors claim at most twice
+    the file's size: a few KB of views cannot become gigabytes of weights."""
+    limit = 2 * os.path.getsize(path) + (1 << 20)
+    seen, stack, claimed = set(), [obj], 0
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            claimed += tensor_bytes(x, path)
+            if claimed > limit:
+                raise ValueError(f"{path}: its tensors claim over {limit} bytes from a file of {os.path.getsize(path)}")
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return obj
+
+
 def load_tensors(path):
     """torch.load of a file that may come from anywhere: tensors and plain containers only (weights_only:
-    nothing in it runs), a .safetensors file through safetensors, and a damaged or foreign file as one
-    ValueError naming it."""
-    if not os.path.isfile(path):
+    nothing in it runs), a .safetensors file through safetensors, every tensor checked (check_tensors);
+    a damaged or foreign file is one ValueError naming it."""
+    import stat
+
+    if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{path}: not a regular file; pass a weights file")
     try:
         if path.endswith(".safetensors"):
             try:
                 from safetensors.torch import load_file
             except ImportError:
                 raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+            return check_tensors(load_file(path), path)
+        return check_tensors(torch.load(path, map_location="cpu", weights_only=True), path)
     except ImportError:
         raise
     except Exception as e:  # truncated, empty, garbage, a TorchScript archive, a pickle of more than tensors
+        if str(e).startswith(path):
+            raise ValueError(str(e)) from None
         raise ValueError(f"{path}: not a weights file this reads ({one_line(e)}); check that the download is "
                          f"complete and that it holds weights only") from None
+
+
+def read_json(path, what="config"):
+    """A JSON object from a file a folder of weights holds: a regular file of at most 16 MiB, an object."""
+    import stat
+
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{path}: not a regular file")
+    if os.path.getsize(path) > 1 << 24:
+        raise ValueError(f"{path}: {os.path.getsize(path)} bytes, more than a {what} file holds")
+    with open(path, "rb") as f:
+        value = json.loads(f.read(1 << 24).decode("utf-8"), parse_constant=lambda c: float("nan"))
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: holds a {type(value).__name__}, not a JSON object")
+    return value
+
+
+# What a config field may hold is read off its default: ints (not bools) and floats in sane ranges,
+# finite; sizes, widths, heads and layers at least 1; None only where the default is None.
+POSITIVE = ("width", "heads", "layers", "dim", "image_size", "patch_size", "context_length", "vocab_size")
+
+
+def check_config(cls, values, where):
+    """A dataclass config built from a file's dict field by field: unknown fields, wrong types and values
+    out of range are one ValueError naming the field, before any model is built."""
+    from dataclasses import MISSING, fields
+
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: the config is a {type(values).__name__}, not a table of fields")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(str(k) for k in values if k not in known)
+    if unknown:
+        raise ValueError(f"{where}: unknown config fields {unknown[:5]}; weights of another model or version?")
+    for name, value in values.items():
+        f = known[name]
+        default = f.default if f.default is not MISSING else None
+        kind = f.type if isinstance(f.type, type) else type(default)
+        ok = (value is None and default is None) or (
+            kind is bool and isinstance(value, bool)) or (
+            kind is int and isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1 << 24
+            and (value >= 1 or not name.endswith(POSITIVE))) or (
+            kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)) or (
+            kind is str and isinstance(value, str) and len(value) < 1 << 26) or (
+            kind in (tuple, list) and isinstance(value, (tuple, list)) and len(value) <= 64 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+        if not ok:
+            raise ValueError(f"{where}: config field {name} = {value!r:.60} is not a valid {kind.__name__}")
+    return cls(**values)
+
+
+def check_fits(make, sd, where, strict=True):
+    """sd checked against the model make() builds, before that model is built: make() runs on the meta
+    device (no memory), and missing, unexpected or misshapen tensors are one ValueError naming the
+    file. A config that claims a huge model over a few tensors is refused here, not after allocating."""
+    with torch.device("meta"):
+        shell = make()
+    own = shell.state_dict()
+    missing = [k for k in own if k not in sd] if strict else []
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} where the config has {tuple(own[k].shape)}"
+             for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        said = [f"{len(x)} {kind} (first: {x[0]})" for kind, x in (("missing", missing), ("unexpected", unexpected),
+                                                                    ("of the wrong shape", wrong)) if x]
+        raise ValueError(f"{where}: weights that do not fit their config: {'; '.join(said)}")
 # ==== end of region tensor-files ====
 
 
 # ==== region weight-files (copied into altclip.py, laclip.py) ====
 def read_state_dict(path):
-    """A TorchScript archive (OpenAI's releases), a plain state dict (.pt/.bin/.pth) or .safetensors."""
-    if not os.path.isfile(path):
+    """(state dict, our checkpoint's extra or None) of a TorchScript archive (OpenAI's releases), a plain
+    state dict (.pt/.bin/.pth) or .safetensors: str keys, tensor values, every one checked."""
+    if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if path.endswith(".safetensors"):
-        return load_tensors(path), None
     import zipfile
 
-    try:
-        with zipfile.ZipFile(path) if zipfile.is_zipfile(path) else contextlib.nullcontext() as archive:
-            scripted = archive is not None and any(n.endswith("/constants.pkl") for n in archive.namelist())
-        if scripted:  # OpenAI's releases are TorchScript archives: read, never run
+    scripted = False
+    if os.path.isfile(path) and zipfile.is_zipfile(path) and not path.endswith(".safetensors"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                scripted = any(n.endswith("/constants.pkl") for n in archive.namelist())
+        except Exception as e:
+            raise ValueError(f"{path}: a damaged zip ({one_line(e)})") from None
+    if scripted:  # OpenAI's releases are TorchScript archives: read, never run
+        try:
             sd = read_torchscript(path)
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except UnsafeWeights as e:
-        raise UnsafeWeights(f"{path}: {e}") from None
-    except Exception as e:  # truncated, empty, garbage, or a pickle asking for more than tensors
-        raise ValueError(f"{path}: not a weights file this reads ({one_line(e)}); check that the download is "
-                         f"complete and that it is a state dict, a TorchScript archive or .safetensors") from None
+        except UnsafeWeights as e:
+            raise UnsafeWeights(f"{path}: {e}") from None
+        except Exception as e:
+            raise ValueError(f"{path}: not a TorchScript archive this reads ({one_line(e)})") from None
+    else:
+        sd = load_tensors(path)
     extra = None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):  # our train.py checkpoint
         extra = sd.get("extra")
         sd = sd["model"]
+        if extra is not None and not isinstance(extra, dict):
+            raise ValueError(f"{path}: its 'extra' is a {type(extra).__name__}, not a table")
     elif isinstance(sd, dict) and "state_dict" in sd:  # open_clip training checkpoint
         sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ValueError(f"{path}: holds a {type(sd).__name__} that is not a state dict (names to tensors)")
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
     for key in ("input_resolution", "context_length", "vocab_size"):  # metadata in OpenAI's archives
         sd.pop(key, None)
@@ -1057,15 +1200,12 @@ def read_torchscript(path):
         for name in members:
             if name.startswith(root + "code/") and name.endswith(".py"):
                 package = name[len(root + "code/"):-3].replace("/", ".")
-                text = read(members[name]).decode("utf-8", "replace")
-                for m in re.finditer(r"^class (\w+)(?:\(.*?\))?:\n((?:[ \t]+.*\n|\n)*)", text + "\n", re.M):
-                    if re.search(r"^\s+def __(set|get)state__\b", m.group(2), re.M):
-                        raise UnsafeWeights(f"a TorchScript archive whose class {package}.{m.group(1)} runs code of its "
+                for cls, (params, buffers, runs_code) in class_declarations(read(members[name]).decode("utf-8", "replace")).items():
+                    if runs_code:
+                        raise UnsafeWeights(f"a TorchScript archive whose class {package}.{cls} runs code of its "
                                             f"own on load (__setstate__); refused: weights need none")
-                    lists = [re.search(rf"^\s+__{kind}__ = \[(.*)\]", m.group(2), re.M) for kind in ("parameters", "buffers")]
-                    declared[f"{package}.{m.group(1)}"] = tuple(
-                        re.findall(r'"([^"]*)"', found.group(1)) if found else [] for found in lists)
-        storages = {}
+                    declared[f"{package}.{cls}"] = (params, buffers)
+        storages, budget = {}, [2 * os.path.getsize(path) + (1 << 20)]
 
         def storage(pid):
             kind, dtype, key, _, numel = pid
@@ -1082,7 +1222,17 @@ def read_torchscript(path):
             return storages[key]
 
         def rebuild_tensor(flat, offset, size, stride, requires_grad=False, *_):
-            return torch.as_strided(flat, tuple(size), tuple(stride), int(offset)).clone()
+            if not (isinstance(flat, torch.Tensor) and all(isinstance(v, int) and v >= 0 for v in (offset, *size, *stride))
+                    and len(size) == len(stride)):
+                raise ValueError("a tensor record with malformed sizes or strides")
+            n = math.prod(size)  # checked before the copy below allocates it: no stride-0 expansion
+            if n and (offset + 1 + sum((d - 1) * st for d, st in zip(size, stride)) > flat.numel()
+                      or n > flat.numel() - offset):
+                raise ValueError(f"a tensor of {tuple(size)} expanded over {flat.numel()} stored elements")
+            budget[0] -= n * flat.element_size()
+            if budget[0] < 0:
+                raise ValueError(f"its tensors claim more than twice the file's {os.path.getsize(path)} bytes")
+            return torch.as_strided(flat, tuple(size), tuple(stride), offset).clone()
 
         class Object:  # an object of the archive: its class name and attributes, nothing more
             qualname = None
@@ -1111,25 +1261,43 @@ def read_torchscript(path):
 
         tree = Reader(io.BytesIO(read(members[root + "data.pkl"]))).load()
 
-    sd = OrderedDict()
-
-    def walk(obj, prefix):
+    if not isinstance(tree, Object):
+        raise ValueError("data.pkl holds no module")
+    sd, seen, stack = OrderedDict(), set(), [(tree, "")]
+    while stack:  # the module tree as a graph: a module reached twice (shared subtrees) is walked once
+        obj, prefix = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
         state = getattr(obj, "state", None)
         if not isinstance(state, dict):
             raise ValueError(f"{obj.qualname} holds no attribute table")
         params, buffers = declared.get(obj.qualname, ([], []))
-        for names in (params, buffers):
-            for n in names:
-                if isinstance(state.get(n), torch.Tensor):
-                    sd[prefix + n] = state[n]
-        for n, v in state.items():
-            if isinstance(v, Object):
-                walk(v, f"{prefix}{n}.")
-
-    if not isinstance(tree, Object):
-        raise ValueError("data.pkl holds no module")
-    walk(tree, "")
+        for n in (*params, *buffers):
+            if isinstance(state.get(n), torch.Tensor):
+                sd[prefix + n] = state[n]
+        stack += [(v, f"{prefix}{n}.") for n, v in reversed(list(state.items())) if isinstance(v, Object)]
     return sd
+
+
+def class_declarations(text):
+    """{class: (parameters, buffers, declares __setstate__ or __getstate__)} of TorchScript's code/ text,
+    read line by line: linear in the text, however it is crafted."""
+    found, current = {}, None
+    for line in text.split("\n"):
+        if line.startswith("class "):
+            name = line[len("class "):].split("(", 1)[0].split(":", 1)[0].strip()
+            current = found.setdefault(name, ([], [], [False]))
+        elif current is not None and line[:1] in (" ", "\t"):
+            body = line.strip()
+            for i, kind in enumerate(("__parameters__ = [", "__buffers__ = [")):
+                if body.startswith(kind) and body.endswith("]"):
+                    current[i].extend(part.strip().strip('"') for part in body[len(kind):-1].split(",") if part.strip())
+            if body.startswith(("def __setstate__", "def __getstate__")):
+                current[2][0] = True
+        elif line.strip():
+            current = None
+    return {k: (p, b, flag[0]) for k, (p, b, flag) in found.items()}
 
 
 def hf_names(cfg):
@@ -1209,13 +1377,27 @@ def read_hf_weights(folder):
     """The state dict of a transformers folder: model.safetensors or pytorch_model.bin, sharded or not."""
     for name in ("model.safetensors", "pytorch_model.bin"):
         index = os.path.join(folder, name + ".index.json")
-        files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.isfile(index) else [name]
+        files = index_shards(index, folder) if os.path.isfile(index) else [name]
         if all(os.path.isfile(os.path.join(folder, f)) for f in files):
             sd = {}
             for f in files:
                 sd.update(read_state_dict(os.path.join(folder, f))[0])
             return {k: v for k, v in sd.items() if not k.endswith("position_ids")}  # buffers older versions saved
     raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded or not)")
+
+
+def index_shards(index, folder):
+    """The weight files a sharded folder's *.index.json names: plain file names inside the folder only (an
+    absolute or ../ name would read, and export republish, a file from elsewhere)."""
+    weight_map = read_json(index, "index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index}: no weight_map of tensor names to file names")
+    files = sorted(set(weight_map.values()))
+    for f in files:
+        inside = os.path.realpath(os.path.join(folder, f))
+        if os.path.basename(f) != f or os.path.dirname(inside) != os.path.realpath(folder):
+            raise ValueError(f"{index}: names {f!r}, outside the folder; a shard must be a file beside the index")
+    return files
 
 
 def tokenizer_in(folder, context_length):
@@ -1234,12 +1416,14 @@ def tokenizer_in(folder, context_length):
 
 def read_hf_folder(folder):
     """(config, tokenizer, state dict) of a transformers CLIPModel folder."""
-    config = json.load(open(os.path.join(folder, "config.json")))
+    config = read_json(os.path.join(folder, "config.json"))
     if config.get("model_type", "clip") != "clip":
         raise ValueError(f"{folder}: a {config['model_type']!r} model, not a CLIPModel (AltCLIP folders: altclip.load)")
     sd = read_hf_weights(folder)
     text = config.get("text_config") or config.get("text_config_dict") or {}
     vision = config.get("vision_config") or config.get("vision_config_dict") or {}
+    if not isinstance(text, dict) or not isinstance(vision, dict):
+        raise ValueError(f"{folder}/config.json: text_config and vision_config must be objects")
     acts = {text.get("hidden_act", "quick_gelu"), vision.get("hidden_act", "quick_gelu")}
     if len(acts) > 1 or not acts <= {"quick_gelu", "gelu"}:
         raise ValueError(f"{folder}: hidden_act {sorted(acts)}; clip.py runs quick_gelu or gelu, the same in both towers")
@@ -1251,7 +1435,7 @@ def read_hf_folder(folder):
     sd = from_hf(sd, Config(**layers))
     pre = {}
     if os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
-        pre = json.load(open(os.path.join(folder, "preprocessor_config.json")))
+        pre = read_json(os.path.join(folder, "preprocessor_config.json"))
     cfg = config_from_state_dict(sd, acts == {"quick_gelu"}, ln_eps=eps.pop(),
                                  vision_heads=vision.get("num_attention_heads", sd["visual.conv1.weight"].shape[0] // 64),
                                  text_heads=text.get("num_attention_heads", sd["ln_final.weight"].shape[0] // 64),
@@ -1265,8 +1449,12 @@ def read_hf_folder(folder):
 
 def read_open_clip_folder(folder):
     """(config, tokenizer or None, state dict) of an open_clip local-dir folder (open_clip_config.json + weights)."""
-    config = json.load(open(os.path.join(folder, "open_clip_config.json")))
+    config = read_json(os.path.join(folder, "open_clip_config.json"))
     model_cfg, pre = config.get("model_cfg", {}), config.get("preprocess_cfg", {})
+    if not isinstance(model_cfg, dict) or not isinstance(pre, dict) or not all(
+            isinstance(model_cfg.get(k, {}), dict) for k in ("text_cfg", "vision_cfg")):
+        raise ValueError(f"{folder}/open_clip_config.json: model_cfg, its text_cfg and vision_cfg, and preprocess_cfg "
+                         f"must be objects")
     text_cfg, vision_cfg = model_cfg.get("text_cfg", {}), model_cfg.get("vision_cfg", {})
     custom = [k for k in ("hf_model_name", "attentional_pool", "timm_model_name") if text_cfg.get(k) or vision_cfg.get(k)]
     if text_cfg.get("pool_type", "argmax") not in ("argmax", "eos"):
@@ -1309,22 +1497,27 @@ def read_weights(path, quick_gelu=None, tokenizer=None):
     else:
         sd, extra = read_state_dict(path)
         if extra is not None:
-            cfg = Config(**extra["config"])
-            tok = Tokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None
+            cfg = check_config(Config, extra.get("config"), path)
+            tok = extra.get("tokenizer")
+            tok = Tokenizer.from_str(tok, cfg.context_length) if isinstance(tok, str) and tok else None
         else:
             cfg, tok = config_from_state_dict(sd, True if quick_gelu is None else quick_gelu), None
+    cfg = check_config(Config, asdict(cfg), path)  # inferred or read: every field in range before a build
     if tokenizer:
         tok = Tokenizer.from_file(tokenizer, cfg.context_length)
         if cfg.eos_id is None:  # the same token as argmax, unless the tokenizer has ids above its EOT
             cfg.eos_id = tok.eot
+    check_fits(lambda: CLIP(cfg, tok), sd, path)
     return cfg, tok, {k: v.float() for k, v in sd.items()}
 
 
 def load(path, device="cpu", quick_gelu=None, tokenizer=None):
     """(model, preprocess) from any weights read_weights reads, like OpenAI's clip.load but from local
-    files only. The model is in eval mode; preprocess maps a PIL image to the tensor it expects."""
-    cfg, tok, sd = read_weights(path, quick_gelu, tokenizer)
-    model = start(CLIP(cfg, tok), sd).to(device).eval()
+    files only. The model is in eval mode; preprocess maps a PIL image to the tensor it expects. Any
+    failure to read or fit the weights is one BadInput line naming the file."""
+    with reading(path):
+        cfg, tok, sd = read_weights(path, quick_gelu, tokenizer)
+        model = start(CLIP(cfg, tok), sd).to(device).eval()
     return model, model.preprocess()
 
 
