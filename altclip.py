@@ -317,34 +317,35 @@ def finish_args(args):
 
 def read_teacher(path, tokenizer=None):
     """(state dict, shapes, CLIP Tokenizer or None) of a CLIP: our checkpoint, OpenAI's or open_clip's file."""
-    sd, extra = read_state_dict(path)
-    for key in ("input_resolution", "context_length", "vocab_size"):  # metadata in OpenAI's archives
-        sd.pop(key, None)
-    if "visual.conv1.weight" not in sd or "token_embedding.weight" not in sd:
-        raise ValueError(f"{path}: not a CLIP ViT checkpoint (no visual.conv1.weight / token_embedding.weight); "
-                         "the teacher must be a clip.py checkpoint or an OpenAI-layout file")
-    c = (extra or {}).get("config") or {}
-    width, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
+    with reading(path):
+        sd, extra = read_state_dict(path)
+        for key in ("input_resolution", "context_length", "vocab_size"):  # metadata in OpenAI's archives
+            sd.pop(key, None)
+        if "visual.conv1.weight" not in sd or "token_embedding.weight" not in sd:
+            raise ValueError(f"{path}: not a CLIP ViT checkpoint (no visual.conv1.weight / token_embedding.weight); "
+                             "the teacher must be a clip.py checkpoint or an OpenAI-layout file")
+        c = (extra or {}).get("config") or {}
+        width, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
 
-    def count(prefix):
-        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+        def count(prefix):
+            return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
 
-    text_width = sd["ln_final.weight"].shape[0]
-    shapes = dict(embed_dim=sd["text_projection"].shape[1], image_size=patch * round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5),
-                  patch_size=patch, vision_width=width, vision_layers=count("visual.transformer.resblocks."),
-                  vision_mlp=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                  vision_heads=c.get("vision_heads", width // 64), quick_gelu=c.get("quick_gelu", True),
-                  teacher_context=sd["positional_embedding"].shape[0], teacher_vocab=sd["token_embedding.weight"].shape[0],
-                  teacher_width=text_width, teacher_layers=count("transformer.resblocks."),
-                  teacher_heads=c.get("text_heads", text_width // 64))
-    if tokenizer:
-        tok = Tokenizer.from_file(tokenizer, shapes["teacher_context"])
-    elif extra and extra.get("tokenizer"):
-        tok = Tokenizer.from_str(extra["tokenizer"], shapes["teacher_context"])
-    else:
-        tok = None
-    shapes["teacher_eos"] = c["eos_id"] if c.get("eos_id") is not None else tok.eot if tok else None
-    return sd, shapes, tok
+        text_width = sd["ln_final.weight"].shape[0]
+        shapes = dict(embed_dim=sd["text_projection"].shape[1], image_size=patch * round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5),
+                      patch_size=patch, vision_width=width, vision_layers=count("visual.transformer.resblocks."),
+                      vision_mlp=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                      vision_heads=c.get("vision_heads", width // 64), quick_gelu=c.get("quick_gelu", True),
+                      teacher_context=sd["positional_embedding"].shape[0], teacher_vocab=sd["token_embedding.weight"].shape[0],
+                      teacher_width=text_width, teacher_layers=count("transformer.resblocks."),
+                      teacher_heads=c.get("text_heads", text_width // 64))
+        if tokenizer:
+            tok = Tokenizer.from_file(tokenizer, shapes["teacher_context"])
+        elif extra and extra.get("tokenizer"):
+            tok = Tokenizer.from_str(extra["tokenizer"], shapes["teacher_context"])
+        else:
+            tok = None
+        shapes["teacher_eos"] = c["eos_id"] if c.get("eos_id") is not None else tok.eot if tok else None
+        return sd, shapes, tok
 
 
 def load_teacher(model, sd):
@@ -367,7 +368,7 @@ def build(size="tiny", stage=None, teacher=None, teacher_tokenizer=None, student
     too (a resumed run replaces them)."""
     stage = stage or ("distill" if teacher else "contrastive")
     if extra is not None:  # a checkpoint's model, or the one rank 0 built for the other ranks
-        cfg = Config(**extra["config"])
+        cfg = check_config(Config, extra.get("config"), "the checkpoint")
         tok = BertTokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None
         teacher_tok = Tokenizer.from_str(extra["teacher_tokenizer"], cfg.teacher_context) \
             if extra.get("teacher_tokenizer") else None
@@ -383,7 +384,7 @@ def build(size="tiny", stage=None, teacher=None, teacher_tokenizer=None, student
         return AltCLIP(cfg, tok)
     if stage == "contrastive":
         _, extra = _read_stage1(init)
-        cfg = Config(**{**extra["config"], "stage": "contrastive"})
+        cfg = check_config(Config, {**extra["config"], "stage": "contrastive"}, init)
         model = AltCLIP(cfg, BertTokenizer.from_str(extra["tokenizer"], cfg.context_length))
         load_weights(model, init=init)
         return model
@@ -444,13 +445,14 @@ def load_weights(model, teacher=None, student=None, init=None):
 
 
 def _read_stage1(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint; --init takes the checkpoint.pt of an altclip --stage distill run")
-    ckpt = load_tensors(path)
-    extra = ckpt.get("extra") or {}
-    if (extra.get("config") or {}).get("stage") != "distill":
-        raise ValueError(f"{path}: not a checkpoint of altclip --stage distill")
-    return ckpt["model"], extra
+    with reading(path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such checkpoint; --init takes the checkpoint.pt of an altclip --stage distill run")
+        ckpt = load_tensors(path)
+        extra = ckpt.get("extra") or {}
+        if (extra.get("config") or {}).get("stage") != "distill":
+            raise ValueError(f"{path}: not a checkpoint of altclip --stage distill")
+        return ckpt["model"], extra
 
 
 # ----------------------------------------------------------------------------------------------
@@ -483,7 +485,7 @@ def context_length(folder, text_cfg):
     """Tokens per text: tokenizer_config.json's model_max_length, else what the position table holds."""
     tok_cfg = os.path.join(folder, "tokenizer_config.json")
     if os.path.isfile(tok_cfg):
-        n = json.load(open(tok_cfg)).get("model_max_length")
+        n = read_json(tok_cfg).get("model_max_length")
         if isinstance(n, int) and n < 100_000:  # transformers writes a huge number for "no limit"
             return n
     return text_cfg.get("max_position_embeddings", 514) - text_cfg.get("pad_token_id", 1) - 1
@@ -496,49 +498,52 @@ def load(path, device="cpu", tokenizer=None):
     safetensors package); the tokenizer.json in the folder (or the one given) serves encode_texts.
     Features: model.encode_text(input_ids, attention_mask), model.encode_image(images).
     """
-    if os.path.isfile(path):
-        ckpt = load_tensors(path)
-        if "extra" not in ckpt or "model" not in ckpt:
-            raise ValueError(f"{path}: not a train.py checkpoint of altclip; pass an HF AltCLIP folder or a checkpoint")
-        model = build(extra=ckpt["extra"])
-        model.load_state_dict(ckpt["model"], strict=True)
-        return model.to(device).eval(), ImageTransform(model.cfg.image_size, train=False)
-    hf, sd = read_hf_weights(path)
-    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
-    text_cfg, vision_cfg = hf.get("text_config", {}), hf.get("vision_config", {})
-    student = bert_state_dict({k[len("text_model."):]: v for k, v in sd.items() if k.startswith("text_model.roberta.")},
-                              ("roberta.",))
-    vision = hf_vision_to_openai(sd)
-    width = vision["conv1.weight"].shape[0]
-    text_width = sd["text_model.pre_LN.weight"].shape[0]
-    cfg = Config(
-        stage="contrastive", embed_dim=sd["text_projection.weight"].shape[0],
-        image_size=vision["conv1.weight"].shape[-1] * round((vision["positional_embedding"].shape[0] - 1) ** 0.5),
-        patch_size=vision["conv1.weight"].shape[-1],
-        vision_width=width, vision_layers=sum(k.endswith("ln_1.weight") for k in vision),
-        vision_mlp=vision["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-        vision_heads=vision_cfg.get("num_attention_heads", width // 64),
-        quick_gelu=vision_cfg.get("hidden_act", "quick_gelu") == "quick_gelu",
-        teacher_width=sd["text_model.transformation.weight"].shape[0],
-        context_length=context_length(path, text_cfg),
-        vocab_size=student["embeddings.word_embeddings.weight"].shape[0], text_width=text_width,
-        text_layers=sum(k.endswith("attention.self.query.weight") for k in student),
-        text_heads=text_cfg.get("num_attention_heads", 16), text_mlp=student["encoder.layer.0.intermediate.dense.weight"].shape[0],
-        text_max_positions=student["embeddings.position_embeddings.weight"].shape[0],
-        text_type_vocab=student["embeddings.token_type_embeddings.weight"].shape[0],
-        text_eps=text_cfg.get("layer_norm_eps", 1e-5), pad_id=text_cfg.get("pad_token_id", 1))
-    if vision_cfg.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
-        raise ValueError(f"{path}: vision hidden_act {vision_cfg['hidden_act']!r} is not implemented")
-    tok_path = tokenizer or (path if os.path.isfile(os.path.join(path, "tokenizer.json")) else None)
-    model = AltCLIP(cfg, BertTokenizer.from_file(tok_path, cfg.context_length) if tok_path else None)
-    model.visual.load_state_dict({**vision, "proj": sd["visual_projection.weight"].T}, strict=True)
-    model.text_model.roberta.load_state_dict(student, strict=True)
-    for name in ("pre_LN", "transformation"):
-        getattr(model.text_model, name).load_state_dict(
-            {p: sd[f"text_model.{name}.{p}"] for p in ("weight", "bias")}, strict=True)
-    model.text_projection.weight.data.copy_(sd["text_projection.weight"])
-    model.logit_scale.data.copy_(sd["logit_scale"].reshape(()))
-    return model.to(device).eval(), ImageTransform(cfg.image_size, train=False)
+    with reading(path):
+        if os.path.isfile(path):
+            ckpt = load_tensors(path)
+            if "extra" not in ckpt or "model" not in ckpt:
+                raise ValueError(f"{path}: not a train.py checkpoint of altclip; pass an HF AltCLIP folder or a checkpoint")
+            check_fits(lambda: build(extra=ckpt["extra"]), ckpt["model"], path)
+            model = build(extra=ckpt["extra"])
+            model.load_state_dict(ckpt["model"], strict=True)
+            return model.to(device).eval(), ImageTransform(model.cfg.image_size, train=False)
+        hf, sd = read_hf_weights(path)
+        sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+        text_cfg, vision_cfg = hf.get("text_config", {}), hf.get("vision_config", {})
+        student = bert_state_dict({k[len("text_model."):]: v for k, v in sd.items() if k.startswith("text_model.roberta.")},
+                                  ("roberta.",))
+        vision = hf_vision_to_openai(sd)
+        width = vision["conv1.weight"].shape[0]
+        text_width = sd["text_model.pre_LN.weight"].shape[0]
+        cfg = Config(
+            stage="contrastive", embed_dim=sd["text_projection.weight"].shape[0],
+            image_size=vision["conv1.weight"].shape[-1] * round((vision["positional_embedding"].shape[0] - 1) ** 0.5),
+            patch_size=vision["conv1.weight"].shape[-1],
+            vision_width=width, vision_layers=sum(k.endswith("ln_1.weight") for k in vision),
+            vision_mlp=vision["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+            vision_heads=vision_cfg.get("num_attention_heads", width // 64),
+            quick_gelu=vision_cfg.get("hidden_act", "quick_gelu") == "quick_gelu",
+            teacher_width=sd["text_model.transformation.weight"].shape[0],
+            context_length=context_length(path, text_cfg),
+            vocab_size=student["embeddings.word_embeddings.weight"].shape[0], text_width=text_width,
+            text_layers=sum(k.endswith("attention.self.query.weight") for k in student),
+            text_heads=text_cfg.get("num_attention_heads", 16), text_mlp=student["encoder.layer.0.intermediate.dense.weight"].shape[0],
+            text_max_positions=student["embeddings.position_embeddings.weight"].shape[0],
+            text_type_vocab=student["embeddings.token_type_embeddings.weight"].shape[0],
+            text_eps=text_cfg.get("layer_norm_eps", 1e-5), pad_id=text_cfg.get("pad_token_id", 1))
+        cfg = check_config(Config, asdict(cfg), path)
+        if vision_cfg.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
+            raise ValueError(f"{path}: vision hidden_act {vision_cfg['hidden_act']!r} is not implemented")
+        tok_path = tokenizer or (path if os.path.isfile(os.path.join(path, "tokenizer.json")) else None)
+        model = AltCLIP(cfg, BertTokenizer.from_file(tok_path, cfg.context_length) if tok_path else None)
+        model.visual.load_state_dict({**vision, "proj": sd["visual_projection.weight"].T}, strict=True)
+        model.text_model.roberta.load_state_dict(student, strict=True)
+        for name in ("pre_LN", "transformation"):
+            getattr(model.text_model, name).load_state_dict(
+                {p: sd[f"text_model.{name}.{p}"] for p in ("weight", "bias")}, strict=True)
+        model.text_projection.weight.data.copy_(sd["text_projection.weight"])
+        model.logit_scale.data.copy_(sd["logit_scale"].reshape(()))
+        return model.to(device).eval(), ImageTransform(cfg.image_size, train=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -571,20 +571,15 @@ def build(size="tiny", tokenizer=None, text_encoder=None, backbone_weights=None,
     checkpoint or the released weights to fine-tune (init), or a checkpoint's extra_state().
     overrides: any of OVERRIDES. batch_size (per rank) checks that the queue holds whole global batches."""
     if extra is None and init:  # fine-tuning a brivl checkpoint or the released weights
-        weights = read_weights(init)
-        if "learnable" in weights:
-            if not (tokenizer or text_encoder):
-                raise ValueError(f"{init} is an official BriVL checkpoint, which carries no tokenizer: pass "
-                                 "--tokenizer vocab.txt (chinese-roberta-wwm-ext's)")
-            overrides = {k: v for k, v in overrides.items() if k != "backbone" and v is not None}
-            model = from_official(weights["learnable"], tokenizer or text_encoder, **overrides)
-            _check_queue(model.cfg, batch_size)
-            return model
-        model = build(extra=weights["extra"])
-        model.load_state_dict(weights["model"], strict=True)
-        return model
+        overrides = {k: v for k, v in overrides.items() if k != "backbone" and v is not None}
+        model, _ = load(init, tokenizer=tokenizer or text_encoder, **overrides)  # overrides: official weights only
+        if model.tokenizer is None:
+            raise ValueError(f"{init} is an official BriVL checkpoint, which carries no tokenizer: pass "
+                             "--tokenizer vocab.txt (chinese-roberta-wwm-ext's)")
+        _check_queue(model.cfg, batch_size)
+        return model.train()
     if extra is not None:
-        cfg = Config(**extra["config"])
+        cfg = check_config(Config, extra.get("config"), "the checkpoint")
         tok = BertTokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None
         return BriVL(cfg, tok)
     if size not in CONFIGS:
@@ -631,7 +626,7 @@ def load_backbone(model, path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file; pass a torchvision state dict of the --backbone")
     if isinstance(model.visual.backbone, TFEfficientNet):  # timm's weights, e.g. tf_efficientnet_b5_ns
-        sd = {k: v for k, v in read_weights(path).items() if not k.startswith("classifier.")}
+        sd = {k: v for k, v in load_tensors(path).items() if not k.startswith("classifier.")}
         for tower in (model.visual, model.visual_momentum):
             missing, unexpected = tower.backbone.load_state_dict(sd, strict=False)
             if missing or unexpected:
@@ -652,36 +647,6 @@ def load_backbone(model, path):
         stages = full.features
     for tower in (model.visual, model.visual_momentum):
         tower.backbone.load_state_dict(stages.state_dict(), strict=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Weight loading: this repository's checkpoints
-
-
-def read_weights(path):
-    """Whatever the file holds, read safely: a train.py checkpoint, an official {"learnable": ...} one, a
-    state dict (.pth, .bin or .safetensors)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
-        return load_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not readable as tensors only ({one_line(e)}); if you trust the "
-                         "file, keep only its weights: torch.save({'learnable': torch.load(f, weights_only=False)"
-                         "['learnable']}, 'weights.pth')") from None
-
-
-def read_checkpoint(path):
-    ckpt = read_weights(path)
-    if "extra" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path}: not a train.py checkpoint of brivl (no 'model' and 'extra')")
-    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -811,7 +776,19 @@ def from_official(sd, tokenizer=None, image_size=456, **overrides):
     return model
 
 
-def load(path, device="cpu", image_size=None, tokenizer=None):
+def official_or_ours(path):
+    """(weights, True) for a train.py checkpoint of brivl ('model', 'extra'), (weights, False) for an
+    official one ('learnable'); anything else is a ValueError naming the file."""
+    weights = load_tensors(path)
+    if isinstance(weights, dict) and isinstance(weights.get("learnable"), dict):
+        return weights, False
+    if isinstance(weights, dict) and isinstance(weights.get("model"), dict) and isinstance(weights.get("extra"), dict):
+        return weights, True
+    raise ValueError(f"{path}: neither a train.py checkpoint of brivl ('model', 'extra') nor an official BriVL one "
+                     f"('learnable': a table of tensors)")
+
+
+def load(path, device="cpu", image_size=None, tokenizer=None, **overrides):
     """(model, preprocess) from a train.py checkpoint or an official BriVL one ({"learnable": ...});
     preprocess(img, boxes=None) -> (image, boxes, box_mask).
 
@@ -819,22 +796,22 @@ def load(path, device="cpu", image_size=None, tokenizer=None):
     which also maps the boxes onto the feature map. tokenizer: a vocab.txt, tokenizer.json or folder, for
     official weights (they carry none) or to replace a checkpoint's.
     """
-    weights = read_weights(path)
-    if "learnable" in weights:
-        model = from_official(weights["learnable"], tokenizer, image_size or 456)
-    elif "extra" in weights and "model" in weights:
-        extra = weights["extra"]
-        if image_size is not None:
-            extra = {**extra, "config": {**extra["config"], "image_size": image_size}}
-        model = build(extra=extra)
-        model.load_state_dict(weights["model"], strict=True)
-        if tokenizer is not None:
-            model.tokenizer = BertTokenizer.from_file(tokenizer, model.cfg.context_length)
-    else:
-        raise ValueError(f"{path}: neither a train.py checkpoint of brivl ('model', 'extra') nor an official "
-                         "BriVL one ('learnable')")
-    model.to(device).eval()
-    return model, ImageTransform(model.cfg, train=False)
+    with reading(path):
+        weights, ours = official_or_ours(path)
+        if not ours:
+            model = from_official(weights["learnable"], tokenizer, image_size or overrides.pop("image_size", 456),
+                                  **overrides)
+        else:
+            extra = weights["extra"]
+            if image_size is not None:
+                extra = {**extra, "config": {**extra["config"], "image_size": image_size}}
+            check_fits(lambda: build(extra=extra), weights["model"], path)
+            model = build(extra=extra)
+            model.load_state_dict(weights["model"], strict=True)
+            if tokenizer is not None:
+                model.tokenizer = BertTokenizer.from_file(tokenizer, model.cfg.context_length)
+        model.to(device).eval()
+        return model, ImageTransform(model.cfg, train=False)
 
 
 # ----------------------------------------------------------------------------------------------

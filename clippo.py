@@ -516,7 +516,7 @@ def with_patch_dropout(model, ratio):
 
 def from_extra(extra, font=None, pairs=None, pair_ratio=0.0):
     """The model a checkpoint's extra_state() describes (weights not loaded); font overrides its font."""
-    cfg = Config(**extra["config"])
+    cfg = check_config(Config, extra.get("config"), "the checkpoint")
     font = font or cfg.font
     glyphs = extra.get("glyphs", ())
     if font and font.endswith((".hex", ".hex.gz")) and not os.path.isfile(font):
@@ -533,10 +533,8 @@ def create(args, captions=(), extra=None):
     ratio = getattr(args, "text_pair_ratio", 0.0)
     dropout = getattr(args, "patch_dropout", 0.0)
     if extra is None and getattr(args, "init", None):  # fine-tuning a clippo checkpoint
-        ckpt = read_checkpoint(args.init)
-        model = from_extra(ckpt["extra"], getattr(args, "font", None), pairs, ratio)
-        model.load_state_dict(ckpt["model"], strict=True)
-        return with_patch_dropout(model, dropout)
+        model, _ = load(args.init, font=getattr(args, "font", None), pairs=pairs, pair_ratio=ratio)
+        return with_patch_dropout(model.train(), dropout)
     if extra is not None:
         return with_patch_dropout(from_extra(extra, getattr(args, "font", None), pairs, ratio), dropout)
     return build(args.size, args.font, getattr(args, "pool", None), pairs, ratio, dropout, getattr(args, "loss", None))
@@ -550,18 +548,20 @@ def read_checkpoint(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     ckpt = load_tensors(path)
-    if "extra" not in ckpt or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("extra"), dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"{path}: not a train.py checkpoint of clippo (no 'model' and 'extra')")
     return ckpt
 
 
-def load(path, device="cpu", font=None):
+def load(path, device="cpu", font=None, pairs=None, pair_ratio=0.0):
     """(model, preprocess) from a train.py checkpoint; font overrides the one it was trained with."""
-    ckpt = read_checkpoint(path)
-    model = from_extra(ckpt["extra"], font)
-    model.load_state_dict(ckpt["model"], strict=True)
-    model.to(device).eval()
-    return model, ImageTransform(model.cfg.image_size, train=False)
+    with reading(path):
+        ckpt = read_checkpoint(path)
+        check_fits(lambda: from_extra(ckpt["extra"], font), ckpt["model"], path)
+        model = from_extra(ckpt["extra"], font, pairs, pair_ratio)
+        model.load_state_dict(ckpt["model"], strict=True)
+        model.to(device).eval()
+        return model, ImageTransform(model.cfg.image_size, train=False)
 
 
 # ==== copied from clip.py: transformer (shared code, kept identical to clip.py's region) ====
