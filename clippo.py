@@ -1092,8 +1092,10 @@ def read_json(path, what="config"):
 
 
 # What a config field may hold is read off its default: ints (not bools) and floats in sane ranges,
-# finite; sizes, widths, heads and layers at least 1; None only where the default is None.
+# finite; sizes, widths, heads and layers at least 1; None only where the default is None. Layers at
+# most MAX_LAYERS: each costs the (meta-device) build time whatever the file holds.
 POSITIVE = ("width", "heads", "layers", "dim", "image_size", "patch_size", "context_length", "vocab_size")
+MAX_LAYERS = 256
 
 
 def check_config(cls, values, where):
@@ -1114,7 +1116,7 @@ def check_config(cls, values, where):
         ok = (value is None and default is None) or (
             kind is bool and isinstance(value, bool)) or (
             kind is int and isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1 << 24
-            and (value >= 1 or not name.endswith(POSITIVE))) or (
+            and (value >= 1 or not name.endswith(POSITIVE)) and (value <= MAX_LAYERS or not name.endswith("layers"))) or (
             kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)) or (
             kind is str and isinstance(value, str) and len(value) < 1 << 26) or (
             kind in (tuple, list) and isinstance(value, (tuple, list)) and len(value) <= 64 and all(

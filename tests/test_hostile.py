@@ -1,12 +1,14 @@
 """Files and servers we did not make: weights that would run code, data rows that would hang a run or
 eat other rows, oversized images and members, a misbehaving rewrite server. Nothing executes, nothing
 hangs, every row is read or counted, and every refusal is one line naming the file."""
+import collections
 import concurrent.futures
 import http.server
 import io
 import json
 import os
 import pickle
+import re
 import socketserver
 import struct
 import subprocess
@@ -14,6 +16,7 @@ import sys
 import tarfile
 import threading
 import time
+import types
 import zipfile
 import zlib
 
@@ -133,6 +136,183 @@ def test_malicious_archives_run_nothing(tmp_path):
     with pytest.raises(clip.UnsafeWeights, match=r"boom.pt: .*asks for (posix|os)\.system"):
         clip.read_state_dict(boom)
     assert not target.exists()
+
+
+def crafted_archive(path, root, code=b"", storages=None):
+    """A zip in TorchScript's layout holding the module tree `root` (objects of classes in a __torch__
+    module made here, so that they pickle by reference), code/ text and data/ records."""
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel) if isinstance(obj, Storage) else None
+
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump(root)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("m/data.pkl", buf.getvalue())
+        z.writestr("m/constants.pkl", pickle.dumps((), protocol=2))
+        z.writestr("m/code/__torch__.py", code)
+        for key, raw in (storages or {}).items():
+            z.writestr(f"m/data/{key}", raw)
+    return str(path)
+
+
+class Storage:
+    def __init__(self, key, numel):
+        self.key, self.numel = key, numel
+
+
+class View:
+    """Pickles as torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...), whatever it claims."""
+    def __init__(self, storage, size, stride, offset=0):
+        self.args = (storage, offset, size, stride, False, collections.OrderedDict())
+
+    def __reduce__(self):
+        import torch._utils
+        return torch._utils._rebuild_tensor_v2, self.args
+
+
+@pytest.fixture
+def torch_module(monkeypatch):
+    module = types.ModuleType("__torch__")
+    monkeypatch.setitem(sys.modules, "__torch__", module)
+
+    def make(name):
+        cls = type(name, (), {"__module__": "__torch__"})
+        setattr(module, name, cls)
+        return cls
+    return make
+
+
+def test_small_archives_cost_little(tmp_path, torch_module):
+    """Tiny files that claimed gigabytes, hours or 2^depth walks before: each refused or read at once."""
+    M = torch_module("M")
+    m = M()
+    m.w = View(Storage("0", 1), (20000, 20000), (0, 0))  # 1.6 GB from one stored float
+    stride0 = crafted_archive(tmp_path / "stride0.pt", m, b'class M(Module):\n  __parameters__ = ["w", ]\n',
+                              {"0": b"\0\0\0\0"})
+    assert os.path.getsize(stride0) < 2000
+    q = M()
+    q.n = 1
+    quadratic = crafted_archive(tmp_path / "regex.pt", q, b"class M(" + b"(" * 200_000 + b"\n" + b" x\n" * 100_000)
+    node = M()  # a chain whose every level names the next twice: 2^22 paths (a walk of each: seconds), 23 objects
+    node.w = View(Storage("0", 1), (1,), (1,))
+    for _ in range(22):
+        parent = M()
+        parent.a = parent.b = node
+        node = parent
+    shared = crafted_archive(tmp_path / "shared.pt", node, b'class M(Module):\n  __parameters__ = ["w", ]\n',
+                             {"0": b"\0\0\0\0"})
+    views = tmp_path / "views.pt"  # a state dict of expanded views: a ViT-H's shapes over one float each
+    one = torch.zeros(1)
+    torch.save({"visual.conv1.weight": one.expand(1280, 3, 14, 14), "text_projection": one.expand(1024, 1024),
+                "visual.positional_embedding": one.expand(257, 1280), "ln_final.weight": one.expand(1024)}, views)
+    assert os.path.getsize(views) < 5000
+    said = {stride0: "expanded over 1 stored elements", str(views): "expanded over 1 stored elements"}
+    for path in (stride0, quadratic, shared, str(views)):
+        start = time.time()
+        try:
+            sd, _ = clip.read_state_dict(path)
+        except ValueError as e:
+            assert said.get(path, "?") in str(e) and path in str(e), (path, e)
+        else:
+            assert path in (quadratic, shared), path
+        assert time.time() - start < 3, (path, time.time() - start)
+    assert list(clip.read_torchscript(shared)) == ["a." * 22 + "w"]  # each module once, by its first name
+    assert clip.class_declarations("class M(Module):\n  __parameters__ = [\"w\", \"b\", ]\n  __buffers__ = [\"s\"]\n") == \
+        {"M": (["w", "b"], ["s"], False)}
+
+
+# The one global a REDUCE may call in a TorchScript archive (besides storages, and classes of its own
+# __torch__ tree): gadgets that walk from an allowed callable to os are refused by name.
+GADGETS = [("builtins", "getattr"), ("builtins", "eval"), ("builtins", "exec"), ("operator", "attrgetter"),
+           ("posix", "system"), ("os", "system"), ("subprocess", "Popen"), ("torch", "load"), ("builtins", "__import__"),
+           ("torch._utils", "_rebuild_parameter"), ("copyreg", "_reconstructor"), ("functools", "partial")]
+
+
+def test_the_archive_readers_allow_exactly_what_weights_need(tmp_path, monkeypatch):
+    allowed = set()
+    real = pickle.Unpickler.find_class
+
+    class Probe(pickle.Unpickler):
+        pass
+    monkeypatch.setattr(pickle, "Unpickler", Probe)
+    model = clip.build("tiny", captions=["a red circle"] * 10).eval()
+    torch.jit.trace_module(model, {"encode_image": (torch.zeros(1, 3, 48, 48, dtype=torch.uint8),)}).save(
+        str(tmp_path / "jit.pt"))
+    monkeypatch.undo()
+    # the TorchScript reader's allow-list, pinned: one more entry would widen what a file may call
+    import inspect
+    source = inspect.getsource(clip.read_torchscript)
+    pinned = {('"torch._utils", "_rebuild_tensor_v2"'), ('"collections", "OrderedDict"'),
+              ('"torch.jit._pickle", "restore_type_tag"')}
+    assert {f'"{a}", "{b}"' for a, b in re.findall(r'\("([\w.]+)", "(\w+)"\)', source)} == pinned
+    assert 'allowed[("torch.jit._pickle", f"build_{kind}")] = list' in source
+    assert set(clip.STORAGES) == {"FloatStorage", "DoubleStorage", "HalfStorage", "BFloat16Storage", "LongStorage",
+                                  "IntStorage", "ShortStorage", "CharStorage", "ByteStorage", "BoolStorage"}
+    for module, name in GADGETS:
+        for kind in ("archive", "plain"):
+            body = (b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n" + b"X\x02\x00\x00\x00id\x85R.")
+            path = tmp_path / f"{kind}-{module}-{name}.pt"
+            if kind == "archive":
+                with zipfile.ZipFile(path, "w") as z:
+                    z.writestr("m/data.pkl", body)
+                    z.writestr("m/constants.pkl", pickle.dumps((), protocol=2))
+            else:  # a plain checkpoint: torch.save's zip layout with the same data.pkl
+                torch.save({"w": torch.zeros(1)}, path)
+                with zipfile.ZipFile(path) as z:
+                    records = {n: z.read(n) for n in z.namelist()}
+                with zipfile.ZipFile(path, "w") as z:
+                    for n, raw in records.items():
+                        z.writestr(n, body if n.endswith("/data.pkl") else raw)
+            with pytest.raises(ValueError) as e:
+                clip.read_state_dict(str(path))
+            assert str(path) in str(e.value) and "\n" not in str(e.value), (module, name, kind)
+            if kind == "archive":
+                assert isinstance(e.value, clip.UnsafeWeights) and f"{module}.{name}" in str(e.value)
+
+
+def test_weights_that_do_not_fit_are_one_line(tmp_path, tiny_ckpt):
+    """Missing keys, wrong shapes, configs of the wrong types or of another model, folders that point
+    outside themselves: one BadInput (a ValueError) naming the file, from load and from --init alike."""
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    cases = {}
+    sd = dict(ckpt["model"])
+    sd.pop("ln_final.weight")
+    cases["missing.pt"] = {**ckpt, "model": sd}
+    cases["shape.pt"] = {**ckpt, "model": {**ckpt["model"], "ln_final.weight": torch.zeros(7)}}
+    cases["heads.pt"] = {**ckpt, "extra": {**ckpt["extra"], "config": {**ckpt["extra"]["config"], "vision_heads": "2"}}}
+    cases["zero.pt"] = {**ckpt, "extra": {**ckpt["extra"], "config": {**ckpt["extra"]["config"], "text_heads": 0}}}
+    cases["eps.pt"] = {**ckpt, "extra": {**ckpt["extra"], "config": {**ckpt["extra"]["config"], "ln_eps": [1e-5]}}}
+    cases["list.pt"] = {**ckpt, "extra": [1, 2]}
+    cases["clippo.pt"] = {**ckpt, "extra": {"config": {"width": 128, "layers": 4, "heads": 4, "pool": "map"}}}
+    cases["huge.pt"] = {**ckpt, "extra": {**ckpt["extra"], "config": {**ckpt["extra"]["config"], "vision_layers": 4000}}}
+    cases["tokenizer.pt"] = {**ckpt, "extra": {**ckpt["extra"], "tokenizer": "{not a tokenizer"}}
+    for name, obj in cases.items():
+        torch.save(obj, tmp_path / name)
+    said = {"missing.pt": "1 missing (first: ln_final.weight)", "shape.pt": "ln_final.weight (7,)",
+            "heads.pt": "vision_heads = '2'", "zero.pt": "text_heads = 0", "eps.pt": "ln_eps = [1e-05]",
+            "list.pt": "not a table", "clippo.pt": "unknown config fields", "huge.pt": "vision_layers = 4000"}
+    for name in cases:
+        path = str(tmp_path / name)
+        for read in (lambda: clip.load(path), lambda: clip.build(init=path, tokenizer=None)):
+            start = time.time()
+            with pytest.raises(ValueError) as e:
+                read()
+            message = str(e.value)
+            assert path in message and "\n" not in message and said.get(name, "") in message, (name, message)
+            assert time.time() - start < 5, name
+    # HF folders: a config that is a list, a sharded index naming files outside the folder
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(clip.BadInput, match=r"config.json: holds a list"):
+        clip.load(str(folder))
+    (tmp_path / "secret.safetensors").write_bytes(b"outside")
+    for shard in ("../secret.safetensors", str(tmp_path / "secret.safetensors")):
+        (folder / "config.json").write_text('{"model_type": "clip"}')
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shard}}))
+        with pytest.raises(clip.BadInput, match="outside the folder"):
+            clip.load(str(folder))
 
 
 @pytest.mark.slow
