@@ -692,15 +692,22 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path, context_length=77):
         """An HF CLIP tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz (merges, one per line)."""
+        import io
+
         from tokenizers import Tokenizer as HFTokenizer
 
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such tokenizer file; pass a tokenizer.json or bpe_simple_vocab_16e6.txt.gz")
+        raw = read_small_file(path, "tokenizer file", 1 << 26)
         if path.endswith(".json"):
-            return cls(HFTokenizer.from_file(path), context_length)
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")
+            try:
+                return cls(HFTokenizer.from_str(raw.decode("utf-8")), context_length)
+            except Exception as e:  # the tokenizers library's errors run to many lines
+                raise ValueError(f"{path}: not a tokenizer.json this reads ({one_line(e)})") from None
+        if path.endswith(".gz"):  # unpacked to at most 64 MiB too (OpenAI's: 1.4 MiB)
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+                raw = f.read(1 << 26)
+        lines = raw.decode("utf-8", "replace").split("\n")
         # OpenAI keeps the first 49152 - 256 - 2 merges after the version line; smaller files keep all.
         return cls.from_merges([tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1] if m.strip()], context_length)
 
@@ -1434,16 +1441,25 @@ def load_tensors(path):
                          f"complete and that it holds weights only") from None
 
 
-def read_json(path, what="config"):
-    """A JSON object from a file a folder of weights holds: a regular file of at most 16 MiB, an object."""
+def read_small_file(path, what, max_bytes=1 << 24):
+    """The bytes of a file a command reads beside the weights (a config, a tokenizer, --texts): a
+    regular file (a FIFO would block, /dev/zero never end) of at most max_bytes."""
     import stat
 
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise ValueError(f"{path}: not a regular file")
-    if os.path.getsize(path) > 1 << 24:
-        raise ValueError(f"{path}: {os.path.getsize(path)} bytes, more than a {what} file holds")
-    with open(path, "rb") as f:
-        value = json.loads(f.read(1 << 24).decode("utf-8"), parse_constant=lambda c: float("nan"))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such {what}")
+    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path}: not a regular file; pass a {what}")
+        if st.st_size > max_bytes:
+            raise ValueError(f"{path}: {st.st_size} bytes, more than a {what} may have ({max_bytes})")
+        return f.read(max_bytes)
+
+
+def read_json(path, what="config"):
+    """A JSON object from a file a folder of weights holds: a regular file of at most 16 MiB, an object."""
+    value = json.loads(read_small_file(path, f"{what} file").decode("utf-8"), parse_constant=lambda c: float("nan"))
     if not isinstance(value, dict):
         raise ValueError(f"{path}: holds a {type(value).__name__}, not a JSON object")
     return value
@@ -1738,11 +1754,15 @@ def export_main(argv=None):
 
 # ==== copied from clip.py: embed-images (shared code, kept identical to clip.py's region) ====
 @torch.no_grad()
-def embed_images(model, preprocess, images):
-    """[N, D] normalised image features for PIL images or image files."""
-    device = next(model.parameters()).device
-    pixels = torch.stack([preprocess(read_image(x) if isinstance(x, (str, os.PathLike)) else to_rgb(x)) for x in images])
-    return model.encode_image(pixels.to(device), normalize=True).float()
+def embed_images(model, preprocess, images, chunk=64):
+    """[N, D] normalised image features for PIL images or image files, `chunk` images decoded and encoded
+    at a time: memory does not grow with N."""
+    device, images, out = next(model.parameters()).device, list(images), []
+    for i in range(0, len(images), chunk):
+        pixels = torch.stack([preprocess(read_image(x) if isinstance(x, (str, os.PathLike)) else to_rgb(x))
+                              for x in images[i:i + chunk]])
+        out.append(model.encode_image(pixels.to(device), normalize=True).float())
+    return torch.cat(out) if out else torch.empty(0)
 # ==== end of copy: embed-images ====
 
 
@@ -1764,7 +1784,8 @@ def label_probs(model, images, labels):
     was_training = model.training
     model.eval()
     try:
-        text = model.encode_texts(list(labels)).float()
+        labels = list(labels)  # encoded 256 at a time: 20,000 texts cost what 256 do, but their features
+        text = torch.cat([model.encode_texts(labels[i:i + 256]).float() for i in range(0, len(labels), 256)])
         return link(model, embed_images(model, model.preprocess(), images) @ text.T)
     finally:
         model.train(was_training)
@@ -1812,9 +1833,9 @@ def predict_main(argv=None):
                 raise ValueError(f"--images needs image files in {args.images} and at least one --query")
             queries, candidates = args.query, images
         else:
-            if args.texts:
-                with open(args.texts, encoding="utf-8") as f:
-                    texts = [line.strip() for line in f if line.strip()]
+            if args.texts:  # a regular file of at most 64 MiB: a FIFO or /dev/zero is refused, not read
+                lines = read_small_file(args.texts, "--texts file", 1 << 26).decode("utf-8", "replace").splitlines()
+                texts = [line.strip() for line in lines if line.strip()]
             else:
                 texts = [t.strip() for t in (args.labels or "").split(",") if t.strip()]
             if not args.image or not texts:

@@ -821,11 +821,13 @@ def load(path, device="cpu", image_size=None, tokenizer=None, **overrides):
 @torch.no_grad()
 def embed_images(model, preprocess, images):
     """[N, D] normalised image features of PIL images or image files from the query encoder, over the
-    grid's region boxes."""
-    device = next(model.parameters()).device
-    pil = (read_image(x) if isinstance(x, (str, os.PathLike)) else to_rgb(x) for x in images)
-    images, boxes, mask = (torch.stack(x).to(device) for x in zip(*(preprocess(img) for img in pil)))
-    return model.encode_image(images, boxes, mask, normalize=True).float()
+    grid's region boxes; 64 at a time, so memory does not grow with their number."""
+    device, images, out = next(model.parameters()).device, list(images), []
+    for i in range(0, len(images), 64):
+        pil = (read_image(x) if isinstance(x, (str, os.PathLike)) else to_rgb(x) for x in images[i:i + 64])
+        pixels, boxes, mask = (torch.stack(x).to(device) for x in zip(*(preprocess(img) for img in pil)))
+        out.append(model.encode_image(pixels, boxes, mask, normalize=True).float())
+    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1330,16 +1332,25 @@ def load_tensors(path):
                          f"complete and that it holds weights only") from None
 
 
-def read_json(path, what="config"):
-    """A JSON object from a file a folder of weights holds: a regular file of at most 16 MiB, an object."""
+def read_small_file(path, what, max_bytes=1 << 24):
+    """The bytes of a file a command reads beside the weights (a config, a tokenizer, --texts): a
+    regular file (a FIFO would block, /dev/zero never end) of at most max_bytes."""
     import stat
 
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise ValueError(f"{path}: not a regular file")
-    if os.path.getsize(path) > 1 << 24:
-        raise ValueError(f"{path}: {os.path.getsize(path)} bytes, more than a {what} file holds")
-    with open(path, "rb") as f:
-        value = json.loads(f.read(1 << 24).decode("utf-8"), parse_constant=lambda c: float("nan"))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such {what}")
+    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path}: not a regular file; pass a {what}")
+        if st.st_size > max_bytes:
+            raise ValueError(f"{path}: {st.st_size} bytes, more than a {what} may have ({max_bytes})")
+        return f.read(max_bytes)
+
+
+def read_json(path, what="config"):
+    """A JSON object from a file a folder of weights holds: a regular file of at most 16 MiB, an object."""
+    value = json.loads(read_small_file(path, f"{what} file").decode("utf-8"), parse_constant=lambda c: float("nan"))
     if not isinstance(value, dict):
         raise ValueError(f"{path}: holds a {type(value).__name__}, not a JSON object")
     return value
@@ -1529,7 +1540,8 @@ def label_probs(model, images, labels):
     was_training = model.training
     model.eval()
     try:
-        text = model.encode_texts(list(labels)).float()
+        labels = list(labels)  # encoded 256 at a time: 20,000 texts cost what 256 do, but their features
+        text = torch.cat([model.encode_texts(labels[i:i + 256]).float() for i in range(0, len(labels), 256)])
         return link(model, embed_images(model, model.preprocess(), images) @ text.T)
     finally:
         model.train(was_training)
@@ -1577,9 +1589,9 @@ def predict_main(argv=None):
                 raise ValueError(f"--images needs image files in {args.images} and at least one --query")
             queries, candidates = args.query, images
         else:
-            if args.texts:
-                with open(args.texts, encoding="utf-8") as f:
-                    texts = [line.strip() for line in f if line.strip()]
+            if args.texts:  # a regular file of at most 64 MiB: a FIFO or /dev/zero is refused, not read
+                lines = read_small_file(args.texts, "--texts file", 1 << 26).decode("utf-8", "replace").splitlines()
+                texts = [line.strip() for line in lines if line.strip()]
             else:
                 texts = [t.strip() for t in (args.labels or "").split(",") if t.strip()]
             if not args.image or not texts:

@@ -637,6 +637,24 @@ def completion(text):
     return 200, json.dumps({"choices": [{"text": text}]}).encode(), False
 
 
+def test_predict_is_bounded_whatever_it_is_given(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    """--texts that never ends, 2,000 texts, a 1 x 100000 strip: one line, or memory that does not grow."""
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (1, 100_000), "red").save(strip)
+    assert os.path.getsize(strip) < 2000
+    (tmp_path / "zero.txt").symlink_to("/dev/zero")
+    with pytest.raises(SystemExit, match=r"zero.txt: not a regular file"):
+        clip.predict_main(["--ckpt", tiny_ckpt, "--image", str(strip), "--texts", str(tmp_path / "zero.txt")])
+    model, preprocess = clip.load(tiny_ckpt)
+    real, widest = clip.CLIP.encode_texts, []
+    monkeypatch.setattr(clip.CLIP, "encode_texts", lambda self, t: widest.append(len(t)) or real(self, t))
+    real_image, tallest = clip.CLIP.encode_image, []
+    monkeypatch.setattr(clip.CLIP, "encode_image", lambda self, x, **kw: tallest.append(x.shape) or real_image(self, x, **kw))
+    probs = model.classify([str(strip)] * 70, [f"caption {i}" for i in range(2_000)])
+    assert probs.shape == (70, 2_000) and max(widest) <= 256 and max(s[0] for s in tallest) <= 64
+    assert all(s[-2:] == (48, 48) for s in tallest)  # the strip's centre cut first, then resized
+
+
 def rewrite(captions, out, server, *extra):
     return laclip.rewrite_main(["--captions", str(captions), "--out", str(out), "--endpoint", server.url,
                                 "--backoff", "0.01", "--concurrency", "2", *extra])
