@@ -137,11 +137,12 @@ def read_hex_font(path):
             if not line.strip() or line.startswith("#"):
                 continue
             try:
-                if not sep or len(bits) not in (32, 64):
+                if not sep or len(bits) not in (32, 64) or not 0 <= int(code, 16) < 0x110000:
                     raise ValueError
                 glyphs[int(code, 16)] = hex_cell(bits)
             except ValueError:
-                raise ValueError(f"{path}:{n}: not a .hex glyph line ('XXXX:' and 32 or 64 hex digits)") from None
+                raise ValueError(f"{path}:{n}: not a .hex glyph line ('XXXX:', U+0000 to U+10FFFF, and 32 or 64 hex "
+                                 f"digits)") from None
     if not glyphs:
         raise ValueError(f"{path}: no glyphs; is it a GNU Unifont .hex file?")
     return glyphs
@@ -186,8 +187,10 @@ class TextRenderer:
         self.first, self.width = [0], [4]
         for cp, cell in (read_hex_font(font) if self.hex else {}).items():
             self.add(cp, cell)
-        for line in glyphs:
-            code, _, bits = line.partition(":")
+        for line in glyphs:  # a checkpoint's: checked as a .hex file's lines are
+            code, _, bits = str(line).partition(":")
+            if not (code and len(code) <= 6 and len(bits) in (32, 64) and 0 <= int(code, 16) < 0x110000):
+                raise ValueError(f"a glyph line {str(line)[:40]!r}: not 'XXXX:' (U+0000 to U+10FFFF) and 32 or 64 hex digits")
             self.add(int(code, 16), hex_cell(bits))
         self._freeze()
 

@@ -248,6 +248,7 @@ def fold(text):
     """One line: every character str.splitlines splits on (\r, \x0b, \x0c, \x1c-\x1e, \x85, \u2028,
     \u2029, \n) becomes a space, so each caption's rewrite is exactly one line of the output."""
     text = " ".join(" ".join(text.splitlines()).split())
+    text = text.encode("utf-8", "replace").decode("utf-8")  # an LLM's lone surrogate ("\ud800") becomes "?"
     if len(text) > MAX_REWRITE_CHARS:
         text = text[:MAX_REWRITE_CHARS].rsplit(" ", 1)[0]
     return text

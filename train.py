@@ -1133,7 +1133,12 @@ def report(out):
     train_rows, eval_rows = [r for r in rows if "loss" in r], [r for r in rows if "loss" not in r]
     ckpt = None
     if os.path.isfile(os.path.join(out, LATEST)):
-        ckpt = torch.load(os.path.join(out, LATEST), map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(os.path.join(out, LATEST), map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged checkpoint: the report is drawn from the metrics alone
+            print(f"train.py report: {os.path.join(out, LATEST)} does not load ({reason(e)}); left out", file=sys.stderr)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("args", {}), dict):
+            ckpt = None
     args = (ckpt or {}).get("args", {})
     parts = [f"<h1>{html.escape(str(args.get('model', 'run')))} {html.escape(str(args.get('size', '')))}: "
              f"{html.escape(os.path.abspath(out))}</h1>"]
@@ -1159,7 +1164,7 @@ def report(out):
         except Exception as e:  # a model whose checkpoint cannot embed images alone (altclip stage 1)
             parts.append(f"<p>no image grid: {html.escape(reason(e))}</p>")
     if args:
-        parts.append(f"<h2>Flags (step {ckpt['step']})</h2>" + table(sorted(args.items())))
+        parts.append(f"<h2>Flags (step {ckpt.get('step')})</h2>" + table(sorted(args.items())))
     style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}.plots{display:flex;flex-wrap:wrap;gap:1em}"
              "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:2px 8px;text-align:left;font-size:13px}"
              ".grid{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;width:150px;font-size:12px}"

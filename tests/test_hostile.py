@@ -655,6 +655,18 @@ def test_predict_is_bounded_whatever_it_is_given(tmp_path, tiny_ckpt, monkeypatc
     assert all(s[-2:] == (48, 48) for s in tallest)  # the strip's centre cut first, then resized
 
 
+def test_texts_no_encoder_takes_are_replaced_or_refused_in_one_line(tmp_path):
+    import clippo
+    assert laclip.fold("a \ud800 rewrite\u2028two") == "a ? rewrite two"  # an LLM's answer: written as UTF-8
+    assert clip.Tokenizer.train(["a red circle"] * 3)(["\ud800 red"]).shape == (1, 77)
+    for line in ("110000:" + "0" * 32, "-1:" + "0" * 32, "41:" + "0" * 31):
+        with pytest.raises(ValueError, match="a glyph line"):
+            clippo.TextRenderer(None, 32, glyphs=[line])
+    (tmp_path / "f.hex").write_text("0041:" + "0" * 32 + "\nFFFFFFF:" + "0" * 32 + "\n")
+    with pytest.raises(ValueError, match=r"f.hex:2: not a .hex glyph line"):
+        clippo.read_hex_font(str(tmp_path / "f.hex"))
+
+
 def rewrite(captions, out, server, *extra):
     return laclip.rewrite_main(["--captions", str(captions), "--out", str(out), "--endpoint", server.url,
                                 "--backoff", "0.01", "--concurrency", "2", *extra])
