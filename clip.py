@@ -123,7 +123,7 @@ class Config:
 CONFIGS = {
     # Small enough to train on two CPU cores in minutes on the synthetic data (vocab from the tokenizer).
     # 16 patches of 12 px, and a sharper starting temperature than OpenAI's: on the synthetic data the
-    # image tower learns shape (beyond colour) sooner with both (the README's default-run table).
+    # image tower learns shape (beyond colour) sooner with both (docs/measurements.md, the default runs).
     "tiny": Config(embed_dim=128, image_size=48, patch_size=12, vision_width=128, vision_layers=4,
                    vision_heads=4, context_length=24, vocab_size=1024, text_width=128, text_layers=4,
                    text_heads=4, init_logit_scale=60.0),
@@ -833,7 +833,7 @@ def add_args(parser):
 
 # (steps, cooldown steps) of the default run. On the synthetic data the sigmoid loss learns shape (beyond
 # colour) about 600 steps later than the softmax: its learnt scale and bias barely move from SigLIP's
-# 10 and -10 in a run this short, and sharper starts did not bring it sooner (the README's trials).
+# 10 and -10 in a run this short, and sharper starts did not bring it sooner (docs/measurements.md).
 DEFAULT_RUN = {"softmax": (430, 120), "sigmoid": (1100, 300)}
 # With --patch-dropout: (steps, cooldown steps, unmasked from) of the softmax default run, FLIP's masked
 # steps and then its unmasked tuning. On the tiny preset's 4 x 4 patches a half of them keeps too little

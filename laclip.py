@@ -471,7 +471,7 @@ class Config:
 CONFIGS = {
     # Small enough to train on two CPU cores in minutes on the synthetic data (vocab from the tokenizer).
     # 16 patches of 12 px, and a sharper starting temperature than OpenAI's: on the synthetic data the
-    # image tower learns shape (beyond colour) sooner with both (the README's default-run table).
+    # image tower learns shape (beyond colour) sooner with both (docs/measurements.md, the default runs).
     "tiny": Config(embed_dim=128, image_size=48, patch_size=12, vision_width=128, vision_layers=4,
                    vision_heads=4, context_length=24, vocab_size=1024, text_width=128, text_layers=4,
                    text_heads=4, init_logit_scale=60.0),

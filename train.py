@@ -1195,7 +1195,7 @@ if __name__ == "__main__":
             if "WORLD_SIZE" in os.environ:
                 # A torchrun rank whose work is saved and closed leaves without the interpreter's teardown:
                 # torch's C++ distributed state can abort there (SIGABRT with no Python frame), and
-                # torchrun then reports a finished run as failed (README: Reliability).
+                # torchrun then reports a finished run as failed (docs/robustness.md).
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(0)

@@ -1,6 +1,6 @@
 """Text rendering speed: clippo.TextRenderer (array work over a glyph atlas) vs Pillow's ImageDraw.text.
 
-    python tests/bench_render.py [--font unifont.hex] [--size 224] [--seconds 3]
+    python tests/bench/bench_render.py [--font unifont.hex] [--size 224] [--seconds 3]
 
 One thread, as in a loader worker. Prints captions/s for batches and for one caption per call
 (how the loader's per-sample transform calls it), and the ratio to drawing each caption with
@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import clippo  # noqa: E402
 import data  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Decode + RandomResizedCrop to 224 px on one core, per path: the old Pillow path against candidates
 for a faster CPU path and the path training now takes.
 
-    .venv/bin/python tests/bench_decode.py [--n 200] [--sizes 256 1024]
+    .venv/bin/python tests/bench/bench_decode.py [--n 200] [--sizes 256 1024]
 
 Paths, each from the JPEG's bytes to a 3 x 224 x 224 tensor, with the same crop box drawn from the
 same rng (torchvision's RandomResizedCrop rule, scale 0.9-1, as clip.py's ImageTransform):
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import clip  # noqa: E402
 import data  # noqa: E402
 

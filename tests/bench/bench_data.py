@@ -1,6 +1,6 @@
 """Input pipeline throughput per core: today's path against the fast one, side by side in one run.
 
-    python tests/bench_data.py [--images 512] [--sizes 256 1024] [--workers 1] [--repeats 3] [--step] [--device cuda]
+    python tests/bench/bench_data.py [--images 512] [--sizes 256 1024] [--workers 1] [--repeats 3] [--step] [--device cuda]
 
 For tar shards of 256-px and 1024-px JPEGs (224-px RandomResizedCrop, clip's train transform) and
 for the embedded synthetic set, the loader's samples/s with N worker processes, divided by N:
@@ -27,7 +27,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import clip  # noqa: E402
 import data  # noqa: E402

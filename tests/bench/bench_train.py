@@ -1,10 +1,10 @@
 """Training throughput of a model file: samples/s, TFLOP/s, MFU and peak memory, measured in one run.
 
-    python tests/bench_train.py --model clip --size ViT-B-32 --batch-size 256            # on a GPU
-    python tests/bench_train.py --model clip --size ViT-B-16 --compile --loader 8 --open-clip
-    python tests/bench_train.py --model clip --size tiny --device cpu --steps 5           # smoke test
-    python tests/bench_train.py --size ViT-B-16 --batch-size 8 --device cpu --steps 6 --patch-dropout 0,0.5,0.75
-    python tests/bench_train.py --default-run --steps 20      # the default clip run's step, then and now
+    python tests/bench/bench_train.py --model clip --size ViT-B-32 --batch-size 256            # on a GPU
+    python tests/bench/bench_train.py --model clip --size ViT-B-16 --compile --loader 8 --open-clip
+    python tests/bench/bench_train.py --model clip --size tiny --device cpu --steps 5           # smoke test
+    python tests/bench/bench_train.py --size ViT-B-16 --batch-size 8 --device cpu --steps 6 --patch-dropout 0,0.5,0.75
+    python tests/bench/bench_train.py --default-run --steps 20      # the default clip run's step, then and now
 
 Data in device memory isolates the model (one real batch, reused); --loader N also times the real
 loader with N workers alone, to show whether it keeps up. --open-clip times open_clip's model of the
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import data as datalib  # noqa: E402
 
 

@@ -1,8 +1,8 @@
 """Fused contrastive loss vs the naive B x B one: fwd+bwd time and peak memory, measured in one run.
 
-    python tests/bench_loss.py                      # CPU: B = 1024, 4096, 16384 at D = 512
-    python tests/bench_loss.py --loss sigmoid       # SigLIP's sigmoid loss, fused vs naive
-    python tests/bench_loss.py --device cuda        # also TFLOP/s vs a bf16 matmul, GPU time alone
+    python tests/bench/bench_loss.py                      # CPU: B = 1024, 4096, 16384 at D = 512
+    python tests/bench/bench_loss.py --loss sigmoid       # SigLIP's sigmoid loss, fused vs naive
+    python tests/bench/bench_loss.py --device cuda        # also TFLOP/s vs a bf16 matmul, GPU time alone
                                                     # (CUDA-graph replay), and the largest B that fits
 
 Each measurement runs in a fresh process, so its peak memory is its own: on CPU the growth of the
@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import clip  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """Memory per rank: DDP against FSDP (train.py's --fsdp) at 1, 2 and 4 ranks, with and without activation
 checkpointing (--grad-checkpointing), on CPU with gloo and a CLIP of small towers.
 
-    .venv/bin/python tests/bench_memory.py [--ranks 1 2 4] [--batch 16]
+    .venv/bin/python tests/bench/bench_memory.py [--ranks 1 2 4] [--batch 16]
 
 Per rank it prints what is measured, not assumed:
 - weights, gradients and AdamW state: the bytes of the tensors this rank holds (its shards under FSDP);
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 import clip  # noqa: E402

@@ -1,0 +1,135 @@
+"""Guards a mutation audit found blind: each test here fails when the code it names is broken in a small,
+plausible way (a rank counted with <=, a matrix left out of weight decay, a shuffle not reseeded per
+epoch, a gradient scaled under --accum, a flag allowed to change on resume)."""
+import contextlib
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import clip
+import data
+import train
+from test_shards import make_shards
+
+MODELS = list(train.MODELS)
+
+
+def naive_recall(sims, ks=(1, 5, 10)):
+    """R@k of paired rows by the definition: the pair's rank is the number of candidates scored strictly
+    higher (a tie with the pair does not push it down), and it counts at k when that rank is below k."""
+    out = {}
+    for name, s in (("i2t", sims), ("t2i", sims.T)):
+        ranks = [sum(1 for j in range(s.shape[1]) if s[i, j] > s[i, i]) for i in range(s.shape[0])]
+        for k in ks:
+            out[f"{name}_r{k}"] = sum(r < k for r in ranks) / len(ranks)
+    return out
+
+
+def test_retrieval_metrics_equal_the_definition():
+    # 12 one-hot-ish rows with known ranks: row i's own pair scores i-th best for i < 12, and one tie
+    n, d = 12, 16
+    image = torch.zeros(n, d)
+    text = torch.zeros(n, d)
+    for i in range(n):
+        image[i, i] = 1.0
+        text[i, i] = 1.0 - 0.05 * i  # the pair's similarity falls with i
+        for j in range(i):
+            text[j, i] = 1.0 - 0.05 * i + 0.01 * (j + 1)  # i earlier texts beat it for image i
+    text[0, 11] = text[11, 11]  # a tie: it must not push pair 11 down
+    got = clip.retrieval_metrics(image, text, chunk=5)
+    want = naive_recall(image @ text.T)
+    assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k]) for k in want), (got, want)
+    assert 0 < want["i2t_r5"] < want["i2t_r10"] < 1  # the ranks spread over every k checked
+    rng = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, 8, generator=rng), torch.randn(50, 8, generator=rng)
+    got, want = clip.retrieval_metrics(a, b, chunk=7), naive_recall(a @ b.T)
+    assert all(got[k] == pytest.approx(want[k]) for k in want)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_weight_decay_falls_on_every_trainable_matrix_and_nothing_else(name):
+    module = train.import_model(name)
+    args, _ = train.parse_args(["--model", name, "--steps", "1"])
+    model = module.create(args, ["a red circle", "a blue square"] * 20)
+    groups = model.optimizer_groups(0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    matrices = {n for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "embedding" not in n}
+    assert decay == matrices and decay and no_decay == trainable - matrices
+    assert "logit_scale" in no_decay or name == "brivl"  # brivl's temperature is fixed
+    assert all(g["weight_decay"] == 0.1 for g in groups if g["weight_decay"] > 0)
+    if name == "clip":
+        sig = clip.build("tiny", captions=["a red circle"] * 10, loss="sigmoid")
+        sig_no = {n for n, p in sig.named_parameters() if any(p is q for g in sig.optimizer_groups(0.1)
+                                                                if g["weight_decay"] == 0 for q in g["params"])}
+        assert {"logit_scale", "logit_bias"} <= sig_no
+
+
+def test_shard_order_and_shuffle_buffer_are_reseeded_every_epoch(tmp_path):
+    make_shards(tmp_path / "many", n_shards=6, per_shard=4)
+    make_shards(tmp_path / "one", n_shards=1, per_shard=12)
+    many = data.ShardBatches(data.Shards(str(tmp_path / "many")), None, 4)
+    orders = [many.shards_of(0, epoch)[0] for epoch in range(4)]
+    assert len({tuple(o) for o in orders}) > 1 and all(sorted(o) == sorted(orders[0]) for o in orders)
+    one = data.ShardBatches(data.Shards(str(tmp_path / "one"), buffer=4), None, 4)
+    streams = [[key for key, _, _ in one.raw(0, epoch, [])] for epoch in range(4)]
+    assert len({tuple(s) for s in streams}) > 1 and all(sorted(s) == sorted(streams[0]) for s in streams)
+    # the same epoch twice: the same order (what resume relies on)
+    assert [k for k, _, _ in one.raw(0, 2, [])] == streams[2] and many.shards_of(0, 2)[0] == orders[2]
+
+
+@pytest.mark.parametrize("name", ["clip", "brivl"])
+def test_gradients_before_the_step_equal_for_accum_1_and_4(name):
+    module = train.import_model(name)
+    args, _ = train.parse_args(["--model", name, "--steps", "1", "--batch-size", "8"])
+    captions = ["a red circle", "a blue square", "a green cross"] * 10
+    torch.manual_seed(0)
+    model = module.create(args, captions)
+    transform = model.transform(True)
+    ds = data.Synthetic(0, "train", 8)
+    samples = [transform(ds.sample(i, np.random.default_rng(i)), np.random.default_rng(i)) for i in range(8)]
+    batch = data.collate(samples)
+    grads = []
+    for accum in (1, 4):
+        clone = module.create(args, captions, extra=model.extra_state())
+        clone.load_state_dict(model.state_dict())
+        train.train_step(clone, lambda last: contextlib.nullcontext(), clone, dict(batch), accum,
+                         torch.autocast("cpu", enabled=False), torch.device("cpu"))
+        grads.append({n: p.grad.clone() for n, p in clone.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 4
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6), n
+
+
+# What may differ on resume, pinned: adding a name here lets that flag silently change a resumed run.
+MAY_CHANGE = {"steps", "out", "resume", "overwrite", "allow_flag_changes", "keep", "workers", "log_every",
+              "save_every", "eval_every", "compile", "device", "dist_timeout", "val_data", "val_size",
+              "zeroshot_data", "zeroshot_templates", "accum", "batch_size", "report_to", "fsdp",
+              "sharded_checkpoint", "grad_checkpointing", "epochs"}
+
+
+def test_flags_that_may_change_on_resume_are_pinned_and_every_other_is_refused():
+    assert train.MAY_CHANGE_ON_RESUME == MAY_CHANGE
+    for name in MODELS:
+        args, module = train.parse_args(["--model", name, "--steps", "4"])
+        defaults = {a.dest: a.default for a in train.build_parser(module)._actions}
+        saved = {"args": dict(vars(args)), "step": 2, "samples_seen": 2 * args.batch_size}
+        for key, value in vars(args).items():
+            if key in MAY_CHANGE:
+                continue
+            changed = (not value if isinstance(value, bool) else value + 1 if isinstance(value, int)
+                       else value * 2 + 1 if isinstance(value, float) else f"{value}x" if isinstance(value, str)
+                       else "other")
+            now = argparse_copy(args, key, changed)
+            diffs = train.changed_flags(saved, now, defaults, 1)
+            assert any(d.startswith(f"--{key.replace('_', '-')}:") for d in diffs), (name, key, value, changed)
+
+
+def argparse_copy(args, key, value):
+    out = type(args)(**vars(args))
+    setattr(out, key, value)
+    return out
