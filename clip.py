@@ -825,10 +825,7 @@ def add_args(parser):
                         help="softmax: CLIP's InfoNCE; sigmoid: SigLIP's pairwise loss with a learnt bias (default: "
                              "the --init weights' own, else softmax)")
     parser.add_argument("--siglip", dest="loss", action="store_const", const="sigmoid", help="--loss sigmoid")
-    # The default run's recipe (the tiny preset on the synthetic data): images drawn at its input size,
-    # a 20-step warmup, a constant rate, then a linear cooldown; its length follows the loss (finish_args).
-    parser.set_defaults(steps=None, warmup=20, lr_schedule="const-cooldown", cooldown_steps=None,
-                        synthetic_resolution=48, patch_dropout_until=None)
+    parser.set_defaults(patch_dropout_until=None)  # None: not given (finish_args tells it from 0)
 
 
 # (steps, cooldown steps) of the default run. On the synthetic data the sigmoid loss learns shape (beyond
@@ -842,12 +839,17 @@ PATCH_DROPOUT_RUN = (550, 150, 200)
 
 
 def finish_args(args):
-    """The default run's length where no flag gives it: it follows the loss and --patch-dropout."""
-    steps, cooldown = DEFAULT_RUN["sigmoid" if args.loss == "sigmoid" else "softmax"]
-    if args.patch_dropout and args.loss != "sigmoid" and args.steps is None and args.patch_dropout_until is None:
-        steps, cooldown, args.patch_dropout_until = PATCH_DROPOUT_RUN
-    args.steps = steps if args.steps is None else args.steps
-    args.cooldown_steps = cooldown if args.cooldown_steps is None else args.cooldown_steps
+    """The demo's recipe (--size tiny on the synthetic data), where no flag gives it: images drawn at the
+    preset's input size, a 20-step warmup, a constant rate, then a linear cooldown, the length following
+    the loss and --patch-dropout. Any other run keeps train.py's defaults (open_clip's)."""
+    if args.size == "tiny" and args.data == "synthetic" and args.epochs is None:
+        steps, cooldown = DEFAULT_RUN["sigmoid" if args.loss == "sigmoid" else "softmax"]
+        if args.patch_dropout and args.loss != "sigmoid" and args.steps is None and args.patch_dropout_until is None:
+            steps, cooldown, args.patch_dropout_until = PATCH_DROPOUT_RUN
+        for key, value in dict(steps=steps, cooldown_steps=cooldown, warmup=20, lr_schedule="const-cooldown",
+                               synthetic_resolution=48).items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     args.patch_dropout_until = args.patch_dropout_until or 0
 
 

@@ -957,6 +957,17 @@ def build(args):
     return train, val, zeroshot
 
 
+def num_samples(data, args):
+    """Samples in an epoch of the training data: a table's rows, the synthetic set's size; shards say
+    theirs with --train-num-samples (open_clip's flag), since counting them would read every shard."""
+    if isinstance(data, Shards):
+        if not getattr(args, "train_num_samples", None):
+            raise ValueError(f"{args.data}: --epochs over shards needs their size: --train-num-samples N (as in "
+                             f"open_clip), or give --steps")
+        return args.train_num_samples
+    return len(data)
+
+
 class Position:
     """Where this rank's loader slots stand in a shard stream, (epoch, raw samples consumed) each, after
     the last batch trained on: what a checkpoint stores so a resumed run continues mid-epoch."""
@@ -993,6 +1004,8 @@ def add_args(parser):
                              "(several sources joined with '::')")
     parser.add_argument("--data-weights", default=None, help="sampling weight per '::' source (with --resampled)")
     parser.add_argument("--resampled", action="store_true", help="draw shards with replacement (open_clip's meaning)")
+    parser.add_argument("--train-num-samples", type=int, default=None,
+                        help="samples in an epoch of the shards (--epochs counts passes with it), as in open_clip")
     parser.add_argument("--shuffle-buffer", type=int, default=2000, help="samples in each loader slot's shuffle buffer")
     parser.add_argument("--val-data", default=None, help="held-out .csv/.tsv or shards: retrieval R@k and val loss")
     parser.add_argument("--zeroshot-data", default=None,
@@ -1006,7 +1019,7 @@ def add_args(parser):
                         help="a sample's files larger than this are skipped unread and counted (default 64 MiB)")
     parser.add_argument("--synthetic-size", type=int, default=100_000, help="samples in a synthetic epoch")
     parser.add_argument("--val-size", type=int, default=1000, help="held-out synthetic samples for eval")
-    parser.add_argument("--synthetic-resolution", type=int, default=64,
+    parser.add_argument("--synthetic-resolution", type=int, default=None,
                         help="side of the synthetic images in pixels (a model file may default it to its input size)")
     parser.add_argument("--synthetic-templates", type=int, default=0,
                         help="draw synthetic captions from the first N English templates only (0: all)")

@@ -39,17 +39,20 @@ def build_parser(model):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="clip", help=f"one of {', '.join(MODELS)}")
     p.add_argument("--size", default="tiny", help="a config preset of the model file (tiny, ViT-B-32, ...)")
-    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (or give --epochs)")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="passes over the training data (shards: with --train-num-samples); sets --steps")
     p.add_argument("--batch-size", type=int, default=128, help="per rank")
     p.add_argument("--accum", type=int, default=1,
                    help="micro-batches per step; the loss stays exact over the whole global batch")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--wd", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "const", "const-cooldown"],
-                   help="after the linear warmup: cosine to 0, constant, or constant then a linear cooldown to 0 "
-                        "over the last --cooldown-steps (open_clip's schedules)")
-    p.add_argument("--cooldown-steps", type=int, default=0,
+    p.add_argument("--lr", type=float, default=None, help="default: open_clip's 5e-4 (the demo: 1e-3)")
+    p.add_argument("--wd", type=float, default=None, help="default: open_clip's 0.2 (the demo: 0.1)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="linear warmup steps; default: open_clip's 10000, at most a tenth of the run (the demo: its own)")
+    p.add_argument("--lr-schedule", default=None, choices=["cosine", "const", "const-cooldown"],
+                   help="after the linear warmup: cosine to 0 (the default), constant, or constant then a linear "
+                        "cooldown to 0 over the last --cooldown-steps (open_clip's schedules)")
+    p.add_argument("--cooldown-steps", type=int, default=None,
                    help="with --lr-schedule const-cooldown (a run shorter than this cools down all along)")
     p.add_argument("--beta1", type=float, default=0.9, help="AdamW")
     p.add_argument("--beta2", type=float, default=0.98)
@@ -109,14 +112,50 @@ def build_parser(model):
     return p
 
 
+# The demo, --size tiny on the synthetic data, is the one run whose recipe is ours to choose: a model file
+# may set its own in finish_args (clip's is shorter), and these fill what it leaves. Every other run
+# gets open_clip's defaults, and states its own length.
+DEMO = dict(steps=800, lr=1e-3, wd=0.1, warmup=50, lr_schedule="cosine", cooldown_steps=0, synthetic_resolution=64)
+REAL_DATA = dict(lr=5e-4, wd=0.2, lr_schedule="cosine", cooldown_steps=0, synthetic_resolution=64)
+OPEN_CLIP_WARMUP = 10_000
+
+
+def is_demo(args):
+    return args.size == "tiny" and args.data == "synthetic"
+
+
+def finish_schedule(args):
+    """The warmup once the length is known: open_clip's 10,000 steps, at most a tenth of the run."""
+    if args.warmup is None:
+        args.warmup = max(1, min(OPEN_CLIP_WARMUP, args.steps // 10))
+
+
+def steps_from_epochs(args, n_samples, world):
+    """--epochs N over n_samples: the steps of N passes at this global batch (rounded up)."""
+    if args.steps is None:
+        args.steps = max(1, math.ceil(args.epochs * n_samples / (args.batch_size * world)))
+        finish_schedule(args)
+
+
 def parse_args(argv=None):
     first = argparse.ArgumentParser(add_help=False)  # --help then lists the chosen model's flags too
     first.add_argument("--model", default="clip")
     module = import_model(first.parse_known_args(argv)[0].model)
     p = build_parser(module)
     args = p.parse_args(argv)
-    if hasattr(module, "finish_args"):  # flags that follow from others (altclip: stage 1 reads text only)
+    if args.epochs is not None and (args.steps is not None or args.epochs <= 0):
+        p.error("--epochs: a number of passes above 0, and not with --steps")
+    if hasattr(module, "finish_args"):  # the model's own demo recipe; flags that follow from others
         module.finish_args(args)
+    for key, value in (DEMO if is_demo(args) else REAL_DATA).items():  # what neither the user nor the model set
+        if getattr(args, key) is None and not (key == "steps" and args.epochs is not None):
+            setattr(args, key, value)
+    if args.steps is None and args.epochs is None:
+        raise ValueError("state the run's length: --epochs N (passes over the data; shards also need "
+                         "--train-num-samples, as in open_clip) or --steps N. Only the demo (--size tiny on the "
+                         "synthetic data) has a length of its own")
+    if args.steps is not None:
+        finish_schedule(args)
     if args.accum < 1 or args.batch_size % args.accum:
         p.error(f"--batch-size {args.batch_size} must be a multiple of --accum {args.accum}")
     if args.keep < 1:
@@ -460,7 +499,7 @@ NUMBERED = re.compile(r"checkpoint-(\d+)\.pt")
 # is checked on its own, so ranks x --batch-size may be regrouped. Every other flag changes the run.
 # What a checkpoint written before a flag existed ran with, where today's default differs.
 BEFORE_THE_FLAG = {"synthetic_resolution": 64}
-MAY_CHANGE_ON_RESUME = {"steps", "out", "resume", "overwrite", "allow_flag_changes", "keep", "workers", "log_every",
+MAY_CHANGE_ON_RESUME = {"steps", "epochs", "train_num_samples", "out", "resume", "overwrite", "allow_flag_changes", "keep", "workers", "log_every",
                         "save_every", "eval_every", "compile", "device", "dist_timeout", "val_data", "val_size",
                         "zeroshot_data", "zeroshot_templates", "accum", "batch_size", "report_to", "fsdp",
                         "sharded_checkpoint", "grad_checkpointing"}
@@ -957,9 +996,11 @@ def run(args, module):
     rank, world, device, control = setup(args)
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, LATEST)
+    train_data, val_data, zeroshot_data = datalib.build(args)
+    if args.steps is None:  # --epochs: passes over the data, whose size is known now
+        steps_from_epochs(args, datalib.num_samples(train_data, args), world)
     ckpt = agree_on_start(args, module, rank, world, control)
     torch.manual_seed(args.seed)
-    train_data, val_data, zeroshot_data = datalib.build(args)
     model, opt, scaler, scalars, autocast = build_model(args, module, ckpt, train_data.caption_corpus, rank, world,
                                                         device)
     step = ckpt["step"] if ckpt else 0

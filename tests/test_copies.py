@@ -169,6 +169,53 @@ def test_ci_runs_the_readme_test_command():
     assert "pytest" in test_command and test_command in ci
 
 
+def readme_train_commands():
+    """Every train.py command in the README's code blocks, continuation lines joined: (nproc, argv)."""
+    import shlex
+
+    readme = read(os.path.join(ROOT, "README.md"))
+    found = []
+    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", readme, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line.split(" # ")[0], comments=True)
+            if "train.py" in words and words[words.index("train.py") + 1:words.index("train.py") + 2] != ["report"]:
+                nproc = next((int(w.split("=")[1]) for w in words if w.startswith("--nproc_per_node=")), 1)
+                found.append((nproc, words[words.index("train.py") + 1:]))
+    return found
+
+
+def test_every_readme_training_command_parses_to_a_sane_schedule():
+    """Each command the README shows: flags that parse, a length, warmup < steps, cooldown <= steps. A
+    table or shard set the README names stands for 10,000 samples, or its --train-num-samples."""
+    import train
+
+    commands = readme_train_commands()
+    assert len(commands) >= 10
+    for nproc, argv in commands:
+        args, _ = train.parse_args(argv)
+        if args.steps is None:
+            train.steps_from_epochs(args, args.train_num_samples or 10_000, nproc)
+        assert args.warmup < args.steps and args.cooldown_steps <= args.steps, (argv, args.steps, args.warmup)
+        demo = args.size == "tiny" and args.data == "synthetic"
+        assert demo or ("--epochs" in argv or "--steps" in argv), argv  # real runs state their length
+
+
+def test_a_real_run_does_not_get_the_demo_recipe():
+    import train
+
+    args, _ = train.parse_args(["--model", "clip", "--size", "ViT-B-32", "--data", "train.tsv", "--epochs", "2"])
+    assert (args.lr, args.wd, args.lr_schedule, args.synthetic_resolution) == (5e-4, 0.2, "cosine", 64)
+    train.steps_from_epochs(args, 100_000, 1)
+    assert args.steps == 1563 and args.warmup == 156
+    with pytest.raises(ValueError, match="state the run's length: --epochs N"):
+        train.parse_args(["--model", "clip", "--size", "ViT-B-32", "--data", "train.tsv"])
+    demo, _ = train.parse_args(["--model", "clip"])
+    assert (demo.steps, demo.warmup, demo.lr_schedule, demo.cooldown_steps, demo.synthetic_resolution) == \
+        (430, 20, "const-cooldown", 120, 48)
+    other, _ = train.parse_args(["--model", "clippo"])
+    assert (other.steps, other.warmup, other.lr_schedule, other.lr) == (800, 50, "cosine", 1e-3)
+
+
 if __name__ == "__main__":
     if sys.argv[1:] != ["--fix"]:
         sys.exit("usage: python tests/test_copies.py --fix   (re-copies every '# ==== copied from' region)")

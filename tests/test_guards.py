@@ -51,7 +51,7 @@ def test_retrieval_metrics_equal_the_definition():
 @pytest.mark.parametrize("name", MODELS)
 def test_weight_decay_falls_on_every_trainable_matrix_and_nothing_else(name):
     module = train.import_model(name)
-    args, _ = train.parse_args(["--model", name, "--steps", "1"])
+    args, _ = train.parse_args(["--model", name, "--steps", "1"] + (["--stage", "contrastive"] if name == "altclip" else []))
     model = module.create(args, ["a red circle", "a blue square"] * 20)
     groups = model.optimizer_groups(0.1)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -101,15 +101,16 @@ def test_gradients_before_the_step_equal_for_accum_1_and_4(name):
                          torch.autocast("cpu", enabled=False), torch.device("cpu"))
         grads.append({n: p.grad.clone() for n, p in clone.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 4
-    for n in grads[0]:
-        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6), n
+    for n in grads[0]:  # a uniform scale (x accum, / accum) would be far outside this
+        diff, size = (grads[0][n] - grads[1][n]).abs().max(), grads[0][n].abs().max()
+        assert diff <= 1e-5 * size + 1e-8, (n, diff, size)
 
 
 # What may differ on resume, pinned: adding a name here lets that flag silently change a resumed run.
 MAY_CHANGE = {"steps", "out", "resume", "overwrite", "allow_flag_changes", "keep", "workers", "log_every",
               "save_every", "eval_every", "compile", "device", "dist_timeout", "val_data", "val_size",
               "zeroshot_data", "zeroshot_templates", "accum", "batch_size", "report_to", "fsdp",
-              "sharded_checkpoint", "grad_checkpointing", "epochs"}
+              "sharded_checkpoint", "grad_checkpointing", "epochs", "train_num_samples"}
 
 
 def test_flags_that_may_change_on_resume_are_pinned_and_every_other_is_refused():
