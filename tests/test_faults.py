@@ -175,7 +175,7 @@ def test_an_unexpected_error_while_deciding_keeps_its_type(tmp_path, monkeypatch
     (["--size", "huge"], "unknown --size 'huge'"),
 ])
 def test_input_errors_are_one_line_without_traceback(tmp_path, argv, named):
-    proc = subprocess.run([sys.executable, "train.py", "--out", str(tmp_path / "run"), *argv, *RUN], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "train.py", "--out", str(tmp_path / "run"), *argv, *RUN, "--steps", "1"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
@@ -262,6 +262,10 @@ def save(obj, f, *args, **kw):
     if len(calls) == 2 and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
         f.write(b"PK\\x03\\x04 the first bytes of a checkpoint")
         f.flush()
+        out = os.path.dirname(os.path.abspath(f.name))  # mid-write: every file named as a checkpoint is whole
+        named = sorted(n for n in os.listdir(out) if n.startswith("checkpoint") and n.endswith(".pt"))
+        steps = [torch.load(os.path.join(out, n), weights_only=False)["step"] for n in named]
+        open(os.path.join(out, "..", "seen"), "w").write(" ".join(f"{n}:{s}" for n, s in zip(named, steps)))
         os.kill(os.getpid(), signal.SIGKILL)
     return real(obj, f, *args, **kw)
 torch.save = save
@@ -276,5 +280,6 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(tmp_p
     out = str(tmp_path / "run")
     log = finish(torchrun(out, script=str(script)))
     assert "resuming from" in log and "(step 5)" in log, log  # the save at step 10 never completed
+    assert open(tmp_path / "seen").read() == "checkpoint-0000005.pt:5 checkpoint.pt:5"  # none for step 10
     check_resumed_run(out, log, uninterrupted)
     assert not glob.glob(os.path.join(out, "*.tmp*"))  # the half-written file was cleared on restart

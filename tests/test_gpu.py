@@ -108,3 +108,34 @@ def test_gpu_decode_trains_on_shards(tmp_path):
                 "--workers", "2", "--out", out, "--device", "cuda", "--gpu-decode", "--log-every", "1"])
     rows = [json.loads(r) for r in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def _gather_backward(rank, world, store, result):
+    import torch.distributed as dist
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        x = (torch.arange(12., device="cuda").view(3, 4) + 100 * rank).requires_grad_()
+        weight = torch.arange(1., 12 * world + 1, device="cuda").view(3 * world, 4)  # the same on every rank
+        (clip._AllGather.apply(x, None) * weight).sum().backward()
+        # every rank's loss uses every row: the gradient of this rank's rows is world x their weights
+        expected = world * weight[3 * rank:3 * (rank + 1)]
+        torch.save({"grad": x.grad.cpu(), "expected": expected.cpu(), "backend": dist.get_backend()},
+                   f"{result}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@cuda
+def test_all_gather_backward_reduce_scatters_on_nccl(tmp_path):
+    """The NCCL branch of _AllGather's backward (reduce_scatter_tensor; gloo runs the all_reduce one):
+    each rank gets the sum over ranks of the gradient of its own rows. Two ranks where two GPUs are
+    present, else one (the branch still runs)."""
+    import torch.multiprocessing as mp
+
+    world = min(2, torch.cuda.device_count())
+    mp.spawn(_gather_backward, args=(world, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=world)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"out.{rank}")
+        assert got["backend"] == "nccl" and torch.equal(got["grad"], got["expected"]), rank

@@ -215,3 +215,21 @@ def test_train_on_shards_with_bad_samples_then_resume(tmp_path, monkeypatch, dec
     a = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(other, "checkpoint.pt"), weights_only=True)["model"]
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+@pytest.mark.slow
+def test_two_ranks_on_shards_stopped_and_resumed_equal_an_uninterrupted_run(tmp_path):
+    """Each rank streams its own shards: the checkpoint must hold every rank's position, not rank 0's
+    alone, for the resumed ranks to continue where each stood."""
+    from test_train import FAST, finish, max_diff, torchrun, weights
+
+    make_shards(tmp_path / "s", n_shards=4, per_shard=12)
+    common = ["--model", "clip", "--data", str(tmp_path / "s"), "--batch-size", "4", "--shuffle-buffer", "6", *FAST,
+              "--lr-schedule", "const", "--val-size", "0"]  # const: a run extended on resume keeps its rates
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    finish(torchrun(2, *common, "--steps", "6", "--out", whole))
+    finish(torchrun(2, *common, "--steps", "3", "--out", cut))
+    position = torch.load(os.path.join(cut, "checkpoint.pt"), weights_only=False)["data"]
+    assert position["slots"] == 2 and sorted(position["at"]) == ["0", "1"], position
+    finish(torchrun(2, *common, "--steps", "6", "--out", cut, "--resume"))
+    assert max_diff(weights(whole), weights(cut)) < 1e-6

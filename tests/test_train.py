@@ -57,6 +57,11 @@ def check_two_ranks_equal_one_rank(tmp_path, model):
     finish(torchrun(2, *model, "--steps", "3", "--batch-size", "8", "--out", b, *FAST))
     assert max_diff(weights(a), weights(b)) < 1e-5
     assert rows(b)[0]["loss"] == pytest.approx(rows(a)[0]["loss"], rel=1e-5)
+    # The evaluation too: the validation loss over full global batches, R@k over every held-out pair.
+    eval_a, eval_b = rows(a)[-1], rows(b)[-1]
+    assert eval_a.keys() == eval_b.keys() and "val_loss" in eval_a and "i2t_r1" in eval_a
+    assert eval_b["val_loss"] == pytest.approx(eval_a["val_loss"], rel=1e-4)
+    assert all(eval_b[k] == eval_a[k] for k in eval_a if k.startswith(("i2t", "t2i")))
     # The weights did move, so the comparison is not one of untouched initial weights.
     first = torch.load(os.path.join(a, "checkpoint.pt"), weights_only=False)
     assert first["step"] == 3 and first["optimizer"]["state"]
@@ -149,7 +154,7 @@ def test_resume_from_a_missing_file_says_so(tmp_path):
 
 def test_missing_data_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothere.tsv"):
-        train.main(["--data", str(tmp_path / "nothere.tsv"), "--out", str(tmp_path)])
+        train.main(["--data", str(tmp_path / "nothere.tsv"), "--out", str(tmp_path), "--steps", "1"])
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path):
@@ -179,4 +184,4 @@ def test_all_bad_data_is_a_clear_error(tmp_path):
 def test_missing_csv_column_names_the_flag(tmp_path):
     (tmp_path / "t.csv").write_text("path,caption\nx.png,a caption\n")
     with pytest.raises(ValueError, match="--csv-img-key"):
-        train.main(["--data", str(tmp_path / "t.csv"), "--out", str(tmp_path)])
+        train.main(["--data", str(tmp_path / "t.csv"), "--out", str(tmp_path), "--steps", "1"])
