@@ -54,8 +54,10 @@ The interface (train.py and data.py use nothing else; every model file implement
     model.shard_units() -> (blocks, towers)     residual blocks and towers: --fsdp shards each one,
                                                 --grad-checkpointing recomputes each block in the backward
     zero_shot_classifier(model, classnames, templates), retrieval_metrics(image, text)
-train.py's recipe around it: AdamW(optimizer_groups(0.1), lr 1e-3, betas (0.9, 0.98), eps 1e-6), 50 steps of
-linear warmup then cosine decay, gradients clipped to norm 1, after_step() after each step.
+train.py's recipe around it (open_clip's): AdamW(optimizer_groups(0.2), lr 5e-4, betas (0.9, 0.98), eps 1e-6),
+a linear warmup (10,000 steps, at most a tenth of the run) then cosine decay, the gradients' global norm
+clipped at 1, after_step() after each step. The demo (--size tiny on the synthetic data) trains at lr 1e-3
+with weight decay 0.1, as the loop above does.
 
 Layout: the method (config, region pooling, towers, model, queue loss, inputs), building, weights
 (this repository's and the released ones), the CNN backbones, BERT; then, behind banners, the
@@ -1426,9 +1428,9 @@ def adamw_groups(model, weight_decay):
     """The AdamW parameter groups of the recipe (open_clip's rule): weight decay on weight matrices only,
     none on biases, norms, embeddings and 0-d scalars (the logit scale and bias); parameters that do not
     train (LiT locks, a frozen tower) left out. train.py then runs
-        torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
-    with a linear warm-up and a cosine decay, calls model.after_step() after each step (the logit
-    scale's clamp), and clips no gradients."""
+        torch.optim.AdamW(groups, lr=5e-4, betas=(0.9, 0.98), eps=1e-6)   # weight_decay 0.2
+    with a linear warm-up and a cosine decay, clips the gradients' global norm at 1, and calls
+    model.after_step() after each step (the logit scale's clamp)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:

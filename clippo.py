@@ -45,8 +45,10 @@ The interface (train.py and data.py use nothing else; every model file implement
     model.shard_units() -> (blocks, towers)     residual blocks and towers: --fsdp shards each one,
                                                 --grad-checkpointing recomputes each block in the backward
     zero_shot_classifier(model, classnames, templates), retrieval_metrics(image, text)
-train.py's recipe around it: AdamW(optimizer_groups(0.1), lr 1e-3, betas (0.9, 0.98), eps 1e-6), 50 steps of
-linear warmup then cosine decay, gradients clipped to norm 1, after_step() after each step.
+train.py's recipe around it (open_clip's): AdamW(optimizer_groups(0.2), lr 5e-4, betas (0.9, 0.98), eps 1e-6),
+a linear warmup (10,000 steps, at most a tenth of the run) then cosine decay, the gradients' global norm
+clipped at 1, after_step() after each step. The demo (--size tiny on the synthetic data) trains at lr 1e-3
+with weight decay 0.1, as the loop above does.
 
 Layout: the method (config, text rendering, the one tower, the model), building, weight loading;
 then, behind banners, the regions copied from clip.py: transformer blocks, the contrastive loss,
@@ -419,7 +421,7 @@ class CLIPPO(nn.Module):
 
     def preprocess(self):
         """PIL image -> what encode_image takes, as evaluation sees it (short side resized, centre crop)."""
-        return ImageTransform(self.cfg.image_size, train=False)
+        return ImageTransform(self.cfg.image_size, train=False, mean=MEAN, std=STD)
 
     def classify(self, images, labels):
         """[N, C] probabilities of C label texts for N PIL images (label_probs: softmax, or sigmoid)."""
@@ -564,7 +566,7 @@ def load(path, device="cpu", font=None, pairs=None, pair_ratio=0.0):
         model = from_extra(ckpt["extra"], font, pairs, pair_ratio)
         model.load_state_dict(ckpt["model"], strict=True)
         model.to(device).eval()
-        return model, ImageTransform(model.cfg.image_size, train=False)
+        return model, ImageTransform(model.cfg.image_size, False, MEAN, STD)
 
 
 # ==== copied from clip.py: transformer (shared code, kept identical to clip.py's region) ====
@@ -637,9 +639,7 @@ class PatchDropout:
     (seed, epoch, sample) as every other choice does: ranks, loader workers, --accum replays and resumes
     all see the same ones. Wraps a model's training transform; the batch carries them as 'patch_keep'."""
 
-    def __init__(self, transform, patches, ratio):
-        if not 0 <= ratio < 1:
-            raise ValueError(f"--patch-dropout {ratio}: the share of patches dropped, from 0 to below 1")
+    def __init__(self, transform, patches, ratio):  # ratio checked where the model was built
         self.transform, self.patches, self.keep = transform, patches, max(1, round((1 - ratio) * patches))
 
     def __call__(self, sample, rng):
@@ -788,9 +788,9 @@ def adamw_groups(model, weight_decay):
     """The AdamW parameter groups of the recipe (open_clip's rule): weight decay on weight matrices only,
     none on biases, norms, embeddings and 0-d scalars (the logit scale and bias); parameters that do not
     train (LiT locks, a frozen tower) left out. train.py then runs
-        torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
-    with a linear warm-up and a cosine decay, calls model.after_step() after each step (the logit
-    scale's clamp), and clips no gradients."""
+        torch.optim.AdamW(groups, lr=5e-4, betas=(0.9, 0.98), eps=1e-6)   # weight_decay 0.2
+    with a linear warm-up and a cosine decay, clips the gradients' global norm at 1, and calls
+    model.after_step() after each step (the logit scale's clamp)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -819,7 +819,7 @@ class ImageTransform:
     the loader skips them as on the CPU path), are decoded here as usual.
     """
 
-    def __init__(self, size, train, scale=(0.9, 1.0), mean=MEAN, std=STD, uint8=False, draft=True, defer=False,
+    def __init__(self, size, train, mean, std, scale=(0.9, 1.0), uint8=False, draft=True, defer=False,
                  max_pixels=None):
         self.size, self.train, self.scale, self.uint8, self.draft = size, train, scale, uint8, draft
         self.mean, self.std, self.defer, self.max_pixels = mean, std, defer, max_pixels or MAX_PIXELS

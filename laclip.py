@@ -44,8 +44,10 @@ The interface (train.py and data.py use nothing else; every model file implement
     model.shard_units() -> (blocks, towers)     residual blocks and towers: --fsdp shards each one,
                                                 --grad-checkpointing recomputes each block in the backward
     zero_shot_classifier(model, classnames, templates), retrieval_metrics(image, text)
-train.py's recipe around it: AdamW(optimizer_groups(0.1), lr 1e-3, betas (0.9, 0.98), eps 1e-6), 50 steps of
-linear warmup then cosine decay, gradients clipped to norm 1, after_step() after each step.
+train.py's recipe around it (open_clip's): AdamW(optimizer_groups(0.2), lr 5e-4, betas (0.9, 0.98), eps 1e-6),
+a linear warmup (10,000 steps, at most a tenth of the run) then cosine decay, the gradients' global norm
+clipped at 1, after_step() after each step. The demo (--size tiny on the synthetic data) trains at lr 1e-3
+with weight decay 0.1, as the loop above does.
 
 Layout: the method (rewrite sampling, the multi-text loss, what LaCLIP changes in CLIP), building,
 rewrite generation; then, behind banners, CLIP itself (model, loss, weights, export, predict,
@@ -101,7 +103,10 @@ class RewriteTransform:
         return {"image": self.image(sample["image"], rng), "text": tokens}
 
     def finish(self, batch, device, notes=None):
-        """The loader's batch on the device (under --gpu-decode its JPEGs are decoded there)."""
+        """The loader's batch on the device (under --gpu-decode its JPEGs are decoded there), its token
+        ids cut after the batch's longest text on the CPU (trim_padding)."""
+        if "text" in batch:
+            batch = {**batch, "text": trim_padding(batch["text"])}
         return to_device(batch, device, self.image, notes)
 
 
@@ -156,22 +161,7 @@ class LaCLIPMethod:
 
 
 def add_args(parser):
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer.json or bpe_simple_vocab_16e6.txt.gz; default: the --init weights' own, "
-                             "else a BPE trained on the captions")
-    parser.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
-                        help="QuickGELU (OpenAI's released weights) or, with --no-quick-gelu, exact GELU; default: "
-                             "exact for new models, QuickGELU for --init files that carry no config (OpenAI layout)")
-    parser.add_argument("--lock-image", action="store_true", help="LiT: freeze the image tower")
-    parser.add_argument("--lock-image-unlocked-layers", type=int, default=0,
-                        help="with --lock-image: the last N residual blocks (and the layers after them) still train")
-    parser.add_argument("--lock-text", action="store_true", help="freeze the text tower")
-    parser.add_argument("--lock-text-unlocked-layers", type=int, default=0,
-                        help="with --lock-text: the last N residual blocks (and the layers after them) still train")
-    parser.add_argument("--loss", choices=["softmax", "sigmoid"], default=None,
-                        help="softmax: CLIP's InfoNCE; sigmoid: SigLIP's pairwise loss with a learnt bias (default: "
-                             "the --init weights' own, else softmax)")
-    parser.add_argument("--siglip", dest="loss", action="store_const", const="sigmoid", help="--loss sigmoid")
+    add_clip_args(parser)
     parser.add_argument("--multi-text", action="store_true",
                         help="LaCLIP-MT: each image is a positive for all its texts; the loss averages over them")
     parser.add_argument("--max-rewrites", type=int, default=4, help="with --multi-text: rewrites used per caption")
@@ -597,9 +587,7 @@ class PatchDropout:
     (seed, epoch, sample) as every other choice does: ranks, loader workers, --accum replays and resumes
     all see the same ones. Wraps a model's training transform; the batch carries them as 'patch_keep'."""
 
-    def __init__(self, transform, patches, ratio):
-        if not 0 <= ratio < 1:
-            raise ValueError(f"--patch-dropout {ratio}: the share of patches dropped, from 0 to below 1")
+    def __init__(self, transform, patches, ratio):  # ratio checked where the model was built
         self.transform, self.patches, self.keep = transform, patches, max(1, round((1 - ratio) * patches))
 
     def __call__(self, sample, rng):
@@ -669,11 +657,9 @@ class CLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, tokens, normalize=False):
+        # tokens may stop short of the context (trim_padding cuts the padding after a batch's longest
+        # text on the CPU, before the batch reaches the device): the positions are those of the start.
         end = tokens.argmax(-1) if self.cfg.eos_id is None else (tokens == self.cfg.eos_id).int().argmax(-1)
-        if len(tokens) and not torch.compiler.is_compiling():  # compiled: one shape for every batch instead
-            # The attention is causal: no position reads a later one, so the padding after the batch's
-            # longest text changes no pooled feature. Cut, it costs nothing (captions are mostly short).
-            tokens = tokens[:, : int(end.max()) + 1]
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
         x = self.ln_final(self.transformer(x, causal=True))
         x = x[torch.arange(x.shape[0], device=x.device), end] @ self.text_projection
@@ -712,7 +698,7 @@ class CLIP(nn.Module):
 
     def encode_texts(self, texts):
         device = self.logit_scale.device
-        return self.encode_text(self.tokenizer(texts).to(device), normalize=True)
+        return self.encode_text(trim_padding(self.tokenizer(texts)).to(device), normalize=True)
 
     def extra_state(self):
         return {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None}
@@ -737,8 +723,20 @@ class Transform:
         return {"image": self.image(sample["image"], rng), "text": self.tokenizer([sample["text"]])[0]}
 
     def finish(self, batch, device, notes=None):
-        """The loader's batch on the device (under --gpu-decode its JPEGs are decoded there)."""
+        """The loader's batch on the device (under --gpu-decode its JPEGs are decoded there), its token
+        ids first cut after the batch's longest text while they are on the CPU (trim_padding)."""
+        if "text" in batch:
+            batch = {**batch, "text": trim_padding(batch["text"])}
         return to_device(batch, device, self.image, notes)
+
+
+def trim_padding(tokens):
+    """Token ids [..., context] cut after the last column that is not padding (pad id 0) in any row.
+    The attention is causal, so what follows a text changes none of its features; cut on the CPU, as
+    the loader hands the batch over, a step never waits on the device to learn the length (under
+    torch.compile the length then varies by batch: a dynamic dimension)."""
+    kept = tokens.reshape(-1, tokens.shape[-1]).ne(0).any(0).nonzero()
+    return tokens[..., : int(kept[-1]) + 1] if len(kept) else tokens[..., :1]
 # ==== end of copy: model ====
 
 
@@ -873,9 +871,9 @@ def adamw_groups(model, weight_decay):
     """The AdamW parameter groups of the recipe (open_clip's rule): weight decay on weight matrices only,
     none on biases, norms, embeddings and 0-d scalars (the logit scale and bias); parameters that do not
     train (LiT locks, a frozen tower) left out. train.py then runs
-        torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
-    with a linear warm-up and a cosine decay, calls model.after_step() after each step (the logit
-    scale's clamp), and clips no gradients."""
+        torch.optim.AdamW(groups, lr=5e-4, betas=(0.9, 0.98), eps=1e-6)   # weight_decay 0.2
+    with a linear warm-up and a cosine decay, clips the gradients' global norm at 1, and calls
+    model.after_step() after each step (the logit scale's clamp)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -904,7 +902,7 @@ class ImageTransform:
     the loader skips them as on the CPU path), are decoded here as usual.
     """
 
-    def __init__(self, size, train, scale=(0.9, 1.0), mean=MEAN, std=STD, uint8=False, draft=True, defer=False,
+    def __init__(self, size, train, mean, std, scale=(0.9, 1.0), uint8=False, draft=True, defer=False,
                  max_pixels=None):
         self.size, self.train, self.scale, self.uint8, self.draft = size, train, scale, uint8, draft
         self.mean, self.std, self.defer, self.max_pixels = mean, std, defer, max_pixels or MAX_PIXELS
@@ -1131,6 +1129,26 @@ def read_image(path):
 
 
 # ==== copied from clip.py: create (shared code, kept identical to clip.py's region) ====
+def add_clip_args(parser):
+    """CLIP's flags for train.py (laclip's are these and its own)."""
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer.json or bpe_simple_vocab_16e6.txt.gz; default: the --init weights' own, "
+                             "else a BPE trained on the captions")
+    parser.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                        help="QuickGELU (OpenAI's released weights) or, with --no-quick-gelu, exact GELU; default: "
+                             "exact for new models, QuickGELU for --init files that carry no config (OpenAI layout)")
+    parser.add_argument("--lock-image", action="store_true", help="LiT: freeze the image tower")
+    parser.add_argument("--lock-image-unlocked-layers", type=int, default=0,
+                        help="with --lock-image: the last N residual blocks (and the layers after them) still train")
+    parser.add_argument("--lock-text", action="store_true", help="freeze the text tower")
+    parser.add_argument("--lock-text-unlocked-layers", type=int, default=0,
+                        help="with --lock-text: the last N residual blocks (and the layers after them) still train")
+    parser.add_argument("--loss", choices=["softmax", "sigmoid"], default=None,
+                        help="softmax: CLIP's InfoNCE; sigmoid: SigLIP's pairwise loss with a learnt bias (default: "
+                             "the --init weights' own, else softmax)")
+    parser.add_argument("--siglip", dest="loss", action="store_const", const="sigmoid", help="--loss sigmoid")
+
+
 def build_kwargs(args):
     """train.py's flags as build()'s keywords (a flag a caller's namespace lacks takes build()'s default)."""
     names = ("size", "tokenizer", "init", "quick_gelu", "lock_image", "lock_image_unlocked_layers", "lock_text",
@@ -1928,6 +1946,9 @@ def export_open_clip(model, out):
     return lines
 
 
+EXPORT_FORMATS = ("open_clip", "hf")
+
+
 def export(path, out, fmt, tokenizer=None):
     """Convert any weights load() reads to open_clip's or transformers' layout; returns what to tell the user."""
     model, _ = load(path, tokenizer=tokenizer)
@@ -1945,7 +1966,7 @@ def export_main(argv=None):
                                 description="write weights in open_clip's or transformers' layout")
     p.add_argument("checkpoint", help="OUT/checkpoint.pt of train.py, or any weights load() reads")
     p.add_argument("out", help="folder to write")
-    p.add_argument("--format", required=True, choices=["open_clip", "hf"])
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer")
     args = p.parse_args(argv)
     try:

@@ -396,13 +396,15 @@ def evaluate(model, module, sets, args, rank, world, device, autocast):
         if data is None:
             continue
         folder = isinstance(data, datalib.ImageFolder)  # labels only: no captions to retrieve
-        batches = datalib.EvalBatches(data, model.transform(False), args.batch_size, rank, world, args.seed)
+        transform = model.transform(False)
+        batches = datalib.EvalBatches(data, transform, args.batch_size, rank, world, args.seed)
         images, texts, labels, loss_sum, n_full = [], [], [], 0.0, 0
         for batch, info in datalib.loader(batches, workers=args.workers):
             full = info["full"]
             label = batch.pop("label", None)
             with autocast:
-                out = model({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+                out = model(transform.finish(batch, device) if hasattr(transform, "finish") else
+                            {k: v.to(device, non_blocking=True) for k, v in batch.items()})
                 if full and not folder:  # every rank is here in lockstep: the loss's collectives line up
                     loss_sum += model.loss(out).float().item()
                     n_full += 1
@@ -1028,7 +1030,7 @@ def run(args, module):
         batch.pop("label", None)
         if args.patch_dropout_until and step >= args.patch_dropout_until:  # FLIP's unmasked tuning
             batch.pop("patch_keep", None)
-        if args.gpu_decode:  # the JPEGs the workers left encoded are decoded on the device
+        if hasattr(transform, "finish"):  # the model's own hand-over (--gpu-decode: the JPEGs decoded there)
             batch = transform.finish(batch, device, info["notes"])
         else:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -1185,11 +1187,17 @@ def report(out):
              f"{html.escape(os.path.abspath(out))}</h1>"]
     plots = [plot([r["step"] for r in train_rows], [r[k] for r in train_rows], k)
              for k in ("loss", "lr", "samples_per_s", "skipped_samples") if train_rows and k in train_rows[-1]]
-    for key in sorted({k for r in eval_rows for k in r if k != "step"}):
-        points = [(r["step"], r[key]) for r in eval_rows if isinstance(r.get(key), (int, float))]
-        if points:
-            plots.append(plot([p[0] for p in points], [p[1] for p in points], key))
+    keys = sorted({k for r in eval_rows for k in r if k != "step"})
+    if len(eval_rows) >= 3:  # fewer points make charts of a dot or two: a table says it better
+        for key in keys:
+            points = [(r["step"], r[key]) for r in eval_rows if isinstance(r.get(key), (int, float))]
+            if points:
+                plots.append(plot([p[0] for p in points], [p[1] for p in points], key))
     parts.append("<h2>Curves</h2><div class=plots>" + "".join(f"<div>{p}</div>" for p in plots) + "</div>")
+    if 1 < len(eval_rows) < 3:
+        parts.append("<h2>Evaluations</h2>" + table([("step", " / ".join(str(r["step"]) for r in eval_rows))] + [
+            (k, " / ".join(f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for r in eval_rows))
+            for k in keys]))
     if eval_rows:
         last = eval_rows[-1]
         parts.append(f"<h2>Final evaluation (step {last['step']})</h2>"

@@ -35,7 +35,7 @@ def old_path(payload, train, seed, size=32):
     """The transform as it was: the image decoded in full on reading, normalised to float32 in the worker."""
     img = Image.open(io.BytesIO(payload)).convert("RGB")
     w, h = img.size
-    t = clip.ImageTransform(size, train)
+    t = clip.ImageTransform(size, train, clip.MEAN, clip.STD)
     if train:
         img = img.resize((size, size), Image.BICUBIC, box=t.crop_box(w, h, np.random.default_rng(seed)))
     else:
@@ -53,7 +53,7 @@ def test_uint8_pixels_normalised_by_the_model_equal_the_old_path(fmt, train):
     # Upscales (the synthetic set's 64 px to the model's size) keep Pillow's resampling: bit for bit.
     for seed in range(4):
         payload = picture(24, seed, fmt)
-        shipped = clip.ImageTransform(32, train, uint8=True)(data.open_image(payload, "x"), np.random.default_rng(seed))
+        shipped = clip.ImageTransform(32, train, clip.MEAN, clip.STD, uint8=True)(data.open_image(payload, "x"), np.random.default_rng(seed))
         assert shipped.dtype == torch.uint8
         assert torch.equal(clip.normalize_pixels(shipped, clip.MEAN, clip.STD), old_path(payload, train, seed))
 
@@ -66,7 +66,7 @@ def test_downscales_through_torch_stay_within_the_resampling_bound(fmt, train):
     std = torch.tensor(clip.STD).view(3, 1, 1)
     for side, size, seed in ((40, 32, 0), (256, 224, 1), (500, 224, 2)):
         payload = picture(side, seed, fmt)
-        new = clip.ImageTransform(size, train, uint8=True, draft=False)(data.open_image(payload, "x"),
+        new = clip.ImageTransform(size, train, clip.MEAN, clip.STD, uint8=True, draft=False)(data.open_image(payload, "x"),
                                                                          np.random.default_rng(seed)).float()
         old = (old_path(payload, train, seed, size) * std + mean) * 255
         diff = (new - old).abs()
@@ -78,14 +78,14 @@ def test_draft_decodes_smaller_keeps_the_crop_and_bounds_the_pixel_error(train):
     for side, seed in ((512, 0), (1024, 1), (2048, 2)):
         payload = picture(side, seed)
         fast_img, full_img = data.open_image(payload, "x"), data.open_image(payload, "x")
-        fast = clip.ImageTransform(224, train, uint8=True)(fast_img, np.random.default_rng(seed)).float()
-        full = clip.ImageTransform(224, train, uint8=True, draft=False)(full_img, np.random.default_rng(seed)).float()
+        fast = clip.ImageTransform(224, train, clip.MEAN, clip.STD, uint8=True)(fast_img, np.random.default_rng(seed)).float()
+        full = clip.ImageTransform(224, train, clip.MEAN, clip.STD, uint8=True, draft=False)(full_img, np.random.default_rng(seed)).float()
         assert fast_img.size[0] < side and full_img.size[0] == side  # the decoder really scaled down
         assert fast_img.size[0] * 224 / side < 256 or side == 512  # and no further than the crop allows
         diff = (fast - full).abs()
         assert diff.max() <= DRAFT_MAX and diff.mean() <= DRAFT_MEAN, (side, diff.max(), diff.mean())
         # the same crop: another crop of the same image differs by far more than the resampling does
-        other = clip.ImageTransform(224, True, uint8=True, draft=False)(data.open_image(payload, "x"),
+        other = clip.ImageTransform(224, True, clip.MEAN, clip.STD, uint8=True, draft=False)(data.open_image(payload, "x"),
                                                                          np.random.default_rng(seed + 100)).float()
         if train:
             assert (fast - other).abs().mean() > 2 * diff.mean()
@@ -130,10 +130,10 @@ UPSCALE_MAX, UPSCALE_MEAN = 32, 0.3
 
 
 def deferred_and_finished(payload, train, seed, size=224, device="cpu"):
-    item = clip.ImageTransform(size, train, uint8=True, defer=True)(data.open_image(payload, "x"),
+    item = clip.ImageTransform(size, train, clip.MEAN, clip.STD, uint8=True, defer=True)(data.open_image(payload, "x"),
                                                                       np.random.default_rng(seed))
     assert isinstance(item, dict) and item["jpeg"] == payload  # left encoded for the device
-    return clip.ImageTransform(size, train).finish([item], device)[0]
+    return clip.ImageTransform(size, train, clip.MEAN, clip.STD).finish([item], device)[0]
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -141,22 +141,22 @@ def test_device_decode_draws_the_same_boxes_and_resamples_as_the_worker_path(tra
     for side, seed in ((256, 0), (700, 1), (1024, 2)):
         payload = picture(side, seed)
         device = deferred_and_finished(payload, train, seed).float()
-        full = clip.ImageTransform(224, train, uint8=True, draft=False)(data.open_image(payload, "x"),
+        full = clip.ImageTransform(224, train, clip.MEAN, clip.STD, uint8=True, draft=False)(data.open_image(payload, "x"),
                                                                          np.random.default_rng(seed)).float()
-        drafted = clip.ImageTransform(224, train, uint8=True)(data.open_image(payload, "x"),
+        drafted = clip.ImageTransform(224, train, clip.MEAN, clip.STD, uint8=True)(data.open_image(payload, "x"),
                                                               np.random.default_rng(seed)).float()
         assert torch.equal(device, full), side  # the same decoder, box and resampler: the same pixels
         diff = (device - drafted).abs()  # against the default worker path, which drafts
         assert diff.max() <= DRAFT_MAX and diff.mean() <= DRAFT_MEAN, (side, diff.max(), diff.mean())
     for side, seed in ((24, 3), (40, 4), (64, 5)):  # upscales to 224: Pillow's kernel on the worker path
         payload = picture(side, seed)
-        diff = (deferred_and_finished(payload, train, seed).float() - clip.ImageTransform(224, train, uint8=True)(
+        diff = (deferred_and_finished(payload, train, seed).float() - clip.ImageTransform(224, train, clip.MEAN, clip.STD, uint8=True)(
             data.open_image(payload, "x"), np.random.default_rng(seed)).float()).abs()
         assert diff.max() <= UPSCALE_MAX and diff.mean() <= UPSCALE_MEAN, (side, diff.max(), diff.mean())
 
 
 def test_what_the_device_decodes_and_what_the_workers_still_do():
-    defer = clip.ImageTransform(32, True, uint8=True, defer=True)
+    defer = clip.ImageTransform(32, True, clip.MEAN, clip.STD, uint8=True, defer=True)
     rng = np.random.default_rng
     whole = picture(64, 0)
     gray = io.BytesIO()
@@ -166,8 +166,8 @@ def test_what_the_device_decodes_and_what_the_workers_still_do():
     assert isinstance(defer(data.open_image(whole + b"\0" * 7, "x"), rng(0)), dict)  # padding after the end marker
     item = defer(data.open_image(gray.getvalue(), "x"), rng(0))
     assert isinstance(item, dict)  # grayscale: the device decoder expands it to RGB, as Pillow does
-    assert torch.equal(clip.ImageTransform(32, True).finish([item], "cpu")[0],
-                       clip.ImageTransform(32, True, uint8=True)(data.open_image(gray.getvalue(), "x"), rng(0)))
+    assert torch.equal(clip.ImageTransform(32, True, clip.MEAN, clip.STD).finish([item], "cpu")[0],
+                       clip.ImageTransform(32, True, clip.MEAN, clip.STD, uint8=True)(data.open_image(gray.getvalue(), "x"), rng(0)))
     for payload in (picture(64, 1, "PNG"), cmyk.getvalue()):  # other formats and modes: decoded in the worker
         assert defer(data.open_image(payload, "x"), rng(0)).dtype == torch.uint8
     assert defer(Image.open(io.BytesIO(whole)), rng(0)).dtype == torch.uint8  # no file bytes attached
@@ -176,20 +176,20 @@ def test_what_the_device_decodes_and_what_the_workers_still_do():
 
 
 def test_finish_falls_back_to_pillow_then_to_a_counted_black_image(monkeypatch):
-    defer = clip.ImageTransform(32, True, uint8=True, defer=True)
+    defer = clip.ImageTransform(32, True, clip.MEAN, clip.STD, uint8=True, defer=True)
     payloads = [picture(64, s) for s in range(3)]
     items = [defer(data.open_image(p, "x"), np.random.default_rng(s)) for s, p in enumerate(payloads)]
-    items.append(clip.ImageTransform(32, True, uint8=True)(data.open_image(picture(64, 3, "PNG"), "x"),
+    items.append(clip.ImageTransform(32, True, clip.MEAN, clip.STD, uint8=True)(data.open_image(picture(64, 3, "PNG"), "x"),
                                                            np.random.default_rng(3)))  # ready pixels pass through
     no_scan = payloads[1][: payloads[1].find(b"\xff\xda")] + b"\xff\xd9"  # an end marker, no image data
     items[1] = dict(items[1], jpeg=no_scan)
-    expected = clip.ImageTransform(32, True).finish(items, "cpu", notes := [])
+    expected = clip.ImageTransform(32, True, clip.MEAN, clip.STD).finish(items, "cpu", notes := [])
     assert expected.shape == (4, 3, 32, 32) and torch.equal(expected[3], items[3])
     assert notes == ["unreadable image on the device: a black image in its place"] and expected[1].max() == 0
     # a file the device decoder refuses but Pillow reads: Pillow's pixels, nothing counted
     real = clip.decode_jpegs
     monkeypatch.setattr(clip, "decode_jpegs", lambda jpegs, device: [None] + real(jpegs[1:], device))
-    again = clip.ImageTransform(32, True).finish(items, "cpu", notes := [])
+    again = clip.ImageTransform(32, True, clip.MEAN, clip.STD).finish(items, "cpu", notes := [])
     assert torch.equal(again[0], expected[0]) and notes == ["unreadable image on the device: a black image in its place"]
 
 
@@ -208,7 +208,7 @@ def test_deferred_batches_cross_worker_processes_and_train(tmp_path):
     batch, info = next(iter(data.loader(data.ShardBatches(shards, transform, 12, workers=1), workers=1)))
     assert sum(isinstance(x, dict) for x in batch["image"]) == 11  # the PNG was decoded in the worker
     finished = transform.finish(batch, torch.device("cpu"), info["notes"])
-    assert finished["image"].shape == worker_path["image"].shape and torch.equal(finished["text"], worker_path["text"])
+    assert finished["image"].shape == worker_path["image"].shape and torch.equal(finished["text"], clip.trim_padding(worker_path["text"]))
     assert torch.equal(finished["image"], worker_path["image"])  # 64 px to 48, no draft: the same pixels
     loss = model.loss(model(finished))
     loss.backward()

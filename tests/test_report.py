@@ -204,8 +204,17 @@ def test_report_page_holds_every_metric_and_the_image_grid(trained):
     text = " ".join(parser.text)
     metrics = {k for r in rows(out) for k in r if k != "step" and isinstance(r[k], (int, float))}
     assert metrics and all(m in text for m in metrics), [m for m in metrics if m not in text]
-    assert parser.tags.count("svg") >= 3 + len(metrics - {"loss", "lr", "samples_per_s", "skipped_samples"})
+    evals = [r for r in rows(out) if "loss" not in r]
+    assert len(evals) == 2 and parser.tags.count("svg") == 4  # two evaluations: a table, not charts of two dots
+    assert "Evaluations" in text and " / ".join(str(r["step"]) for r in evals) in text
     assert parser.images == 16 and "top-1 right on" in text
+    third = os.path.join(os.path.dirname(out), "three")  # a third evaluation: now each metric is a chart
+    shutil.copytree(out, third)
+    with open(os.path.join(third, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({**evals[-1], "step": 90}) + "\n")
+    charts = Page()
+    charts.feed(open(train.report(third), encoding="utf-8").read())
+    assert charts.tags.count("svg") == 4 + len(metrics - {"loss", "lr", "samples_per_s", "skipped_samples"})
     assert re.search(r"<th>lr</th><td>0.001</td>", page)  # the run's flags
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", page)  # nothing fetched: the page is self-contained
 
