@@ -712,7 +712,8 @@ class Tokenizer:
         if path.endswith(".gz"):  # unpacked to at most 64 MiB too (OpenAI's: 1.4 MiB)
             with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
                 raw = f.read(1 << 26)
-        lines = raw.decode("utf-8", "replace").split("\n")
+        lines = raw.split(b"\n", 49152)[:49152]  # what is kept, never a line per byte of the rest
+        lines = [line.decode("utf-8", "replace") for line in lines]
         # OpenAI keeps the first 49152 - 256 - 2 merges after the version line; smaller files keep all.
         return cls.from_merges([tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1] if m.strip()], context_length)
 
@@ -811,6 +812,8 @@ class Attention(nn.Module):
 
     def __init__(self, width, heads):
         super().__init__()
+        if heads < 1 or width % heads:
+            raise ValueError(f"{heads} attention heads do not divide the width {width}")
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
@@ -1384,6 +1387,8 @@ class reading:
 def tensor_bytes(t, where):
     """The bytes a tensor claims, once it is checked to lie within its storage, not expanded past it."""
     n = t.numel()
+    if t.is_complex() or t.is_quantized or t.layout != torch.strided:
+        raise ValueError(f"{where}: a {t.dtype} {str(t.layout).replace('torch.', '')} tensor; weights are real and dense")
     if n == 0:
         return 0
     if any(s < 0 for s in t.stride()):
@@ -1490,6 +1495,11 @@ def check_config(cls, values, where):
         f = known[name]
         default = f.default if f.default is not MISSING else None
         kind = f.type if isinstance(f.type, type) else type(default)
+        if isinstance(default, tuple) and default and (not isinstance(value, (tuple, list)) or len(value) != len(default)):
+            raise ValueError(f"{where}: config field {name} = {value!r:.60} needs {len(default)} values")
+        if name.endswith(("std", "eps")) and value is not None and not (
+                all(v > 0 for v in value) if isinstance(value, (tuple, list)) else isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"{where}: config field {name} = {value!r:.60} must be above 0")
         ok = (value is None and default is None) or (
             kind is bool and isinstance(value, bool)) or (
             kind is int and isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1 << 24
@@ -1821,6 +1831,10 @@ def predict_main(argv=None):
         p.add_argument("--image-size", type=int, default=None, help="the input size of official weights")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    if args.top < 1:
+        p.error("--top must be at least 1")
+    if args.device.split(":")[0] not in ("cpu", "cuda", "mps") or (args.device.startswith("cuda") and not torch.cuda.is_available()):
+        p.error(f"--device {args.device}: cpu, or cuda where a GPU is present")
     given = {k: getattr(args, k) for k in ("tokenizer", "font", "image_size") if getattr(args, k, None) is not None}
     try:
         if args.images:

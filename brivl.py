@@ -1274,6 +1274,8 @@ class reading:
 def tensor_bytes(t, where):
     """The bytes a tensor claims, once it is checked to lie within its storage, not expanded past it."""
     n = t.numel()
+    if t.is_complex() or t.is_quantized or t.layout != torch.strided:
+        raise ValueError(f"{where}: a {t.dtype} {str(t.layout).replace('torch.', '')} tensor; weights are real and dense")
     if n == 0:
         return 0
     if any(s < 0 for s in t.stride()):
@@ -1380,6 +1382,11 @@ def check_config(cls, values, where):
         f = known[name]
         default = f.default if f.default is not MISSING else None
         kind = f.type if isinstance(f.type, type) else type(default)
+        if isinstance(default, tuple) and default and (not isinstance(value, (tuple, list)) or len(value) != len(default)):
+            raise ValueError(f"{where}: config field {name} = {value!r:.60} needs {len(default)} values")
+        if name.endswith(("std", "eps")) and value is not None and not (
+                all(v > 0 for v in value) if isinstance(value, (tuple, list)) else isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"{where}: config field {name} = {value!r:.60} must be above 0")
         ok = (value is None and default is None) or (
             kind is bool and isinstance(value, bool)) or (
             kind is int and isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1 << 24
@@ -1576,6 +1583,10 @@ def predict_main(argv=None):
         p.add_argument("--image-size", type=int, default=None, help="the input size of official weights")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    if args.top < 1:
+        p.error("--top must be at least 1")
+    if args.device.split(":")[0] not in ("cpu", "cuda", "mps") or (args.device.startswith("cuda") and not torch.cuda.is_available()):
+        p.error(f"--device {args.device}: cpu, or cuda where a GPU is present")
     given = {k: getattr(args, k) for k in ("tokenizer", "font", "image_size") if getattr(args, k, None) is not None}
     try:
         if args.images:

@@ -860,7 +860,7 @@ def collate(items):
     """Each key's tensors stacked. A key with other values stays a list: under --gpu-decode, the JPEGs
     the transform left encoded, among ready pixels, for its finish() to decode on the device."""
     out = {}
-    for k in items[0]:
+    for k in [k for k in items[0] if all(k in it for it in items)]:  # a key some samples lack (a label): left out
         values = [it[k] for it in items]
         out[k] = torch.stack(values) if all(isinstance(v, torch.Tensor) for v in values) else values
     return out
@@ -1115,6 +1115,10 @@ if __name__ == "__main__":
     sp.add_argument("--allow-outside", action="store_true", help="pack rows whose files lie outside the CSV's folder")
     sp.add_argument("--max-sample-bytes", type=int, default=MAX_SAMPLE_BYTES)
     a = p.parse_args()
+    if a.command == "shards" and (a.per_shard < 1 or a.max_sample_bytes < 1):
+        p.error("--per-shard and --max-sample-bytes must be at least 1")
+    if a.command == "sample" and a.n < 1:
+        p.error("--n must be at least 1")
     if a.command == "sample":
         os.makedirs(a.out, exist_ok=True)
         held_out = Synthetic(a.seed, "val", a.n)

@@ -491,6 +491,8 @@ class Attention(nn.Module):
 
     def __init__(self, width, heads):
         super().__init__()
+        if heads < 1 or width % heads:
+            raise ValueError(f"{heads} attention heads do not divide the width {width}")
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
@@ -1159,7 +1161,7 @@ def build_kwargs(args):
 def config_and_tokenizer(size, tokenizer=None, captions=(), init=None, quick_gelu=None, extra=None, loss=None):
     """(config, tokenizer, weights or None): from a checkpoint's extra, from init weights, or a preset."""
     if extra is not None:
-        cfg = Config(**extra["config"])
+        cfg = check_config(Config, extra.get("config"), "the checkpoint")
         return cfg, Tokenizer.from_str(extra["tokenizer"], cfg.context_length) if extra.get("tokenizer") else None, None
     if init:  # fine-tuning: shapes, tokenizer and preprocessing come from the weights
         with reading(init):
@@ -1269,6 +1271,8 @@ class reading:
 def tensor_bytes(t, where):
     """The bytes a tensor claims, once it is checked to lie within its storage, not expanded past it."""
     n = t.numel()
+    if t.is_complex() or t.is_quantized or t.layout != torch.strided:
+        raise ValueError(f"{where}: a {t.dtype} {str(t.layout).replace('torch.', '')} tensor; weights are real and dense")
     if n == 0:
         return 0
     if any(s < 0 for s in t.stride()):
@@ -1375,6 +1379,11 @@ def check_config(cls, values, where):
         f = known[name]
         default = f.default if f.default is not MISSING else None
         kind = f.type if isinstance(f.type, type) else type(default)
+        if isinstance(default, tuple) and default and (not isinstance(value, (tuple, list)) or len(value) != len(default)):
+            raise ValueError(f"{where}: config field {name} = {value!r:.60} needs {len(default)} values")
+        if name.endswith(("std", "eps")) and value is not None and not (
+                all(v > 0 for v in value) if isinstance(value, (tuple, list)) else isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"{where}: config field {name} = {value!r:.60} must be above 0")
         ok = (value is None and default is None) or (
             kind is bool and isinstance(value, bool)) or (
             kind is int and isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1 << 24
@@ -1752,7 +1761,9 @@ def read_open_clip_folder(folder):
         raise FileNotFoundError(f"{folder}: no open_clip weights ({', '.join(names)})")
     sd = read_state_dict(path)[0]
     width = sd["visual.conv1.weight"].shape[0]
-    cfg = config_from_state_dict(sd, bool(model_cfg.get("quick_gelu", False)),
+    if not isinstance(model_cfg.get("quick_gelu", False), bool):
+        raise ValueError(f"{folder}/open_clip_config.json: quick_gelu = {model_cfg['quick_gelu']!r:.40}, not true or false")
+    cfg = config_from_state_dict(sd, model_cfg.get("quick_gelu", False),
                                  vision_heads=width // vision_cfg.get("head_width", 64),
                                  text_heads=text_cfg.get("heads", sd["ln_final.weight"].shape[0] // 64),
                                  image_mean=tuple(pre.get("mean", MEAN)), image_std=tuple(pre.get("std", STD)))
@@ -1792,7 +1803,19 @@ def read_weights(path, quick_gelu=None, tokenizer=None):
         if cfg.eos_id is None:  # the same token as argmax, unless the tokenizer has ids above its EOT
             cfg.eos_id = tok.eot
     check_fits(lambda: CLIP(cfg, tok), sd, path)
-    return cfg, tok, {k: v.float() for k, v in sd.items()}
+    if cfg.eos_id is not None and cfg.eos_id >= cfg.vocab_size:
+        raise ValueError(f"{path}: eos_id {cfg.eos_id} is past the vocabulary of {cfg.vocab_size}")
+    if tok is not None and tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{tokenizer or path}: a tokenizer of {tok.vocab_size} ids for an embedding table of "
+                         f"{cfg.vocab_size}; pass the tokenizer these weights were trained with")
+    if tok is not None and cfg.eos_id not in (None, 2, tok.eot):  # 2: transformers' legacy argmax configs
+        raise ValueError(f"{tokenizer or path}: the tokenizer's {EOT} is id {tok.eot}, the weights pool the text at "
+                         f"id {cfg.eos_id}; pass the tokenizer these weights were trained with")
+    sd = {k: v.float() for k, v in sd.items()}
+    bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} tensors hold NaN or infinite values (first: {bad[0]})")
+    return cfg, tok, sd
 
 
 def load(path, device="cpu", quick_gelu=None, tokenizer=None):
@@ -2043,6 +2066,10 @@ def predict_main(argv=None):
         p.add_argument("--image-size", type=int, default=None, help="the input size of official weights")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    if args.top < 1:
+        p.error("--top must be at least 1")
+    if args.device.split(":")[0] not in ("cpu", "cuda", "mps") or (args.device.startswith("cuda") and not torch.cuda.is_available()):
+        p.error(f"--device {args.device}: cpu, or cuda where a GPU is present")
     given = {k: getattr(args, k) for k in ("tokenizer", "font", "image_size") if getattr(args, k, None) is not None}
     try:
         if args.images:
@@ -2188,7 +2215,8 @@ class Tokenizer:
         if path.endswith(".gz"):  # unpacked to at most 64 MiB too (OpenAI's: 1.4 MiB)
             with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
                 raw = f.read(1 << 26)
-        lines = raw.decode("utf-8", "replace").split("\n")
+        lines = raw.split(b"\n", 49152)[:49152]  # what is kept, never a line per byte of the rest
+        lines = [line.decode("utf-8", "replace") for line in lines]
         # OpenAI keeps the first 49152 - 256 - 2 merges after the version line; smaller files keep all.
         return cls.from_merges([tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1] if m.strip()], context_length)
 

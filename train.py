@@ -156,6 +156,12 @@ def parse_args(argv=None):
                          "synthetic data) has a length of its own")
     if args.steps is not None:
         finish_schedule(args)
+    for name, low in (("batch_size", 1), ("steps", 1), ("log_every", 1), ("warmup", 0), ("save_every", 0),
+                      ("eval_every", 0), ("train_num_samples", 1), ("max_sample_bytes", 1), ("workers", 0)):
+        if getattr(args, name, None) is not None and getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be at least {low}")
+    if args.epochs is not None and not math.isfinite(args.epochs):
+        p.error("--epochs must be a finite number of passes")
     if args.accum < 1 or args.batch_size % args.accum:
         p.error(f"--batch-size {args.batch_size} must be a multiple of --accum {args.accum}")
     if args.keep < 1:
@@ -861,12 +867,15 @@ def read_metrics(path):
             continue
         try:
             row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int) or not 0 <= row["step"] < 2 ** 53:
                 raise ValueError("not a row")
         except (ValueError, RecursionError):
             torn.append(i)
             continue
-        rows.append(row)
+        # what a row may hold: finite numbers under short names, and the skip and note counts
+        rows.append({k: v for k, v in row.items() if len(k) <= 100 and (
+            (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)) or
+            (k in ("skips", "notes") and isinstance(v, dict) and all(isinstance(c, int) for c in v.values())))})
     return rows, torn
 
 
@@ -1135,7 +1144,7 @@ def table(rows):
 
 
 @torch.no_grad()
-def zero_shot_grid(ckpt, n=16):
+def zero_shot_grid(ckpt, path, n=16):
     """Held-out synthetic images with the model's top-3 zero-shot labels, the right one marked."""
     import base64
     import io
@@ -1144,9 +1153,7 @@ def zero_shot_grid(ckpt, n=16):
         raise ValueError(f"a sharded checkpoint: the weights are in {ckpt.get('sharded')}")
     args = argparse.Namespace(**ckpt["args"])
     module = import_model(args.model)
-    model = module.create(args, extra=ckpt["extra"])
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+    model = module.load(path)[0].eval()  # the model file's checked reader: a crafted config builds nothing
     val = datalib.Synthetic(args.seed, "val", max(n, args.val_size), resolution=getattr(args, "synthetic_resolution", 64))
     transform, skips = model.transform(False), []
     batch = datalib.collate([datalib.load_sample(val, transform, i, 0, args.seed, skips) for i in range(n)])
@@ -1185,9 +1192,9 @@ def report(out):
     args = (ckpt or {}).get("args", {})
     parts = [f"<h1>{html.escape(str(args.get('model', 'run')))} {html.escape(str(args.get('size', '')))}: "
              f"{html.escape(os.path.abspath(out))}</h1>"]
-    plots = [plot([r["step"] for r in train_rows], [r[k] for r in train_rows], k)
-             for k in ("loss", "lr", "samples_per_s", "skipped_samples") if train_rows and k in train_rows[-1]]
-    keys = sorted({k for r in eval_rows for k in r if k != "step"})
+    plots = [plot([r["step"] for r in train_rows if k in r], [r[k] for r in train_rows if k in r], k)
+             for k in ("loss", "lr", "samples_per_s", "skipped_samples") if any(k in r for r in train_rows)]
+    keys = sorted({k for r in eval_rows for k in r if k != "step"})[:64]  # a crafted file may name thousands
     if len(eval_rows) >= 3:  # fewer points make charts of a dot or two: a table says it better
         for key in keys:
             points = [(r["step"], r[key]) for r in eval_rows if isinstance(r.get(key), (int, float))]
@@ -1209,7 +1216,7 @@ def report(out):
                                                        + [(f"{r} (rank 0)", c) for r, c in sorted(reasons.items())]))
     if ckpt is not None and args.get("data") == "synthetic":
         try:
-            parts.append("<h2>Held-out images: top-3 zero-shot labels</h2>" + zero_shot_grid(ckpt))
+            parts.append("<h2>Held-out images: top-3 zero-shot labels</h2>" + zero_shot_grid(ckpt, os.path.join(out, LATEST)))
         except Exception as e:  # a model whose checkpoint cannot embed images alone (altclip stage 1)
             parts.append(f"<p>no image grid: {html.escape(reason(e))}</p>")
     if args:

@@ -11,21 +11,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import clip
 import data
+import naive
 import train
 from test_shards import make_shards
 
 MODELS = list(train.MODELS)
-
-
-def naive_recall(sims, ks=(1, 5, 10)):
-    """R@k of paired rows by the definition: the pair's rank is the number of candidates scored strictly
-    higher (a tie with the pair does not push it down), and it counts at k when that rank is below k."""
-    out = {}
-    for name, s in (("i2t", sims), ("t2i", sims.T)):
-        ranks = [sum(1 for j in range(s.shape[1]) if s[i, j] > s[i, i]) for i in range(s.shape[0])]
-        for k in ks:
-            out[f"{name}_r{k}"] = sum(r < k for r in ranks) / len(ranks)
-    return out
 
 
 def test_retrieval_metrics_equal_the_definition():
@@ -40,12 +30,12 @@ def test_retrieval_metrics_equal_the_definition():
             text[j, i] = 1.0 - 0.05 * i + 0.01 * (j + 1)  # i earlier texts beat it for image i
     text[0, 11] = text[11, 11]  # a tie: it must not push pair 11 down
     got = clip.retrieval_metrics(image, text, chunk=5)
-    want = naive_recall(image @ text.T)
+    want = naive.recall(image @ text.T)
     assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k]) for k in want), (got, want)
     assert 0 < want["i2t_r5"] < want["i2t_r10"] < 1  # the ranks spread over every k checked
     rng = torch.Generator().manual_seed(0)
     a, b = torch.randn(50, 8, generator=rng), torch.randn(50, 8, generator=rng)
-    got, want = clip.retrieval_metrics(a, b, chunk=7), naive_recall(a @ b.T)
+    got, want = clip.retrieval_metrics(a, b, chunk=7), naive.recall(a @ b.T)
     assert all(got[k] == pytest.approx(want[k]) for k in want)
 
 

@@ -3,6 +3,7 @@ eat other rows, oversized images and members, a misbehaving rewrite server. Noth
 hangs, every row is read or counted, and every refusal is one line naming the file."""
 import collections
 import concurrent.futures
+import contextlib
 import http.server
 import io
 import json
@@ -287,11 +288,20 @@ def test_weights_that_do_not_fit_are_one_line(tmp_path, tiny_ckpt):
     cases["clippo.pt"] = {**ckpt, "extra": {"config": {"width": 128, "layers": 4, "heads": 4, "pool": "map"}}}
     cases["huge.pt"] = {**ckpt, "extra": {**ckpt["extra"], "config": {**ckpt["extra"]["config"], "vision_layers": 4000}}}
     cases["tokenizer.pt"] = {**ckpt, "extra": {**ckpt["extra"], "tokenizer": "{not a tokenizer"}}
+    config = ckpt["extra"]["config"]
+    cases["mean.pt"] = {**ckpt, "extra": {**ckpt["extra"], "config": {**config, "image_mean": [0.5, 0.5]}}}
+    cases["std.pt"] = {**ckpt, "extra": {**ckpt["extra"], "config": {**config, "image_std": [0.5, 0, 0.5]}}}
+    cases["divide.pt"] = {**ckpt, "extra": {**ckpt["extra"], "config": {**config, "text_heads": 3}}}
+    cases["eos.pt"] = {**ckpt, "extra": {**ckpt["extra"], "config": {**config, "eos_id": 1_000_000}}}
+    cases["nan.pt"] = {**ckpt, "model": {**ckpt["model"], "logit_scale": torch.tensor(float("nan"))}}
+    cases["complex.pt"] = {**ckpt, "model": {**ckpt["model"], "text_projection": ckpt["model"]["text_projection"] * 1j}}
     for name, obj in cases.items():
         torch.save(obj, tmp_path / name)
     said = {"missing.pt": "1 missing (first: ln_final.weight)", "shape.pt": "ln_final.weight (7,)",
             "heads.pt": "vision_heads = '2'", "zero.pt": "text_heads = 0", "eps.pt": "ln_eps = [1e-05]",
-            "list.pt": "not a table", "clippo.pt": "unknown config fields", "huge.pt": "vision_layers = 4000"}
+            "list.pt": "not a table", "clippo.pt": "unknown config fields", "huge.pt": "vision_layers = 4000",
+            "mean.pt": "image_mean", "std.pt": "image_std", "divide.pt": "3 attention heads do not divide",
+            "eos.pt": "eos_id 1000000 is past the vocabulary", "nan.pt": "NaN or infinite", "complex.pt": "complex"}
     for name in cases:
         path = str(tmp_path / name)
         for read in (lambda: clip.load(path), lambda: clip.build(init=path, tokenizer=None)):
@@ -529,7 +539,7 @@ def test_bad_utf8_rows_are_skipped_and_counted_with_their_line(tmp_path, capsys)
 
 
 def test_pixels_cap_16_bit_and_predict_messages(tmp_path, tiny_ckpt, capsys):
-    t = clip.ImageTransform(48, train=False)
+    t = clip.ImageTransform(48, False, clip.MEAN, clip.STD)
     big = Image.open(io.BytesIO(png_header(12000, 12000)))
     with pytest.raises(clip.ImageTooLarge, match="12000 x 12000 pixels"):
         t(big)
@@ -537,7 +547,7 @@ def test_pixels_cap_16_bit_and_predict_messages(tmp_path, tiny_ckpt, capsys):
     Image.fromarray(gray).save(tmp_path / "g16.png")
     img = Image.open(tmp_path / "g16.png")
     assert img.mode.startswith("I")
-    pixels = clip.ImageTransform(48, train=False, uint8=True)(img)
+    pixels = clip.ImageTransform(48, False, clip.MEAN, clip.STD, uint8=True)(img)
     assert pixels.float().mean().item() == pytest.approx(128, abs=1)  # scaled, not clipped to white
     (tmp_path / "huge.png").write_bytes(png_header(12000, 12000))
     (tmp_path / "bomb.png").write_bytes(png_header(20000, 20000))  # over Pillow's own bomb limit
@@ -635,6 +645,39 @@ class Server:
 
 def completion(text):
     return 200, json.dumps({"choices": [{"text": text}]}).encode(), False
+
+
+def test_flags_files_and_reports_out_of_range_are_one_line(tmp_path, tiny_ckpt):
+    """Values no run can use are refused when parsed; a report is drawn from whatever a metrics file or
+    checkpoint holds, and a crafted checkpoint's config builds no model."""
+    for flags, said in ((["--batch-size", "0"], "--batch-size must be at least 1"),
+                        (["--log-every", "0"], "--log-every must be at least 1"),
+                        (["--steps", "-3"], "--steps must be at least 1"), (["--warmup", "-1"], "--warmup must be"),
+                        (["--epochs", "inf"], "--epochs must be a finite"), (["--save-every", "-1"], "--save-every")):
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+            train.parse_args(["--model", "clip", *flags])
+        assert said in err.getvalue(), (flags, err.getvalue())
+    for argv in (["--top", "-1"], ["--device", "meta"]):
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+            clip.predict_main(["--ckpt", tiny_ckpt, "--image", "x.png", "--labels", "a,b", *argv])
+    proc = run("data.py", "shards", "--csv", "x.csv", "--out", str(tmp_path / "sh"), "--per-shard", "-1")
+    assert proc.returncode != 0 and "--per-shard" in proc.stderr and "Traceback" not in proc.stderr
+    # a batch whose samples do not all carry a label: the label is left out, the batch is built
+    batch = data.collate([{"x": torch.zeros(2), "label": torch.tensor(1)}, {"x": torch.ones(2)}])
+    assert set(batch) == {"x"} and batch["x"].shape == (2, 2)
+    # report: rows with odd values, and a checkpoint whose config claims 200,000 layers
+    out = tmp_path / "run"
+    out.mkdir()
+    rows_ = [{"step": 1, "loss": 1.0, "lr": 0.1}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": {"a": 1}},
+             {"step": 4, "loss": 1.0, "skips": [1, 2]}, {"step": 10 ** 400, "loss": 1.0}, {"step": 5, "x" * 1000: 1.0}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_))
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    ckpt["extra"]["config"]["text_layers"] = ckpt["extra"]["config"]["vision_layers"] = 200_000
+    torch.save(ckpt, out / "checkpoint.pt")
+    start = time.time()
+    proc = run("train.py", "report", str(out))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and time.time() - start < 60, proc.stderr
+    assert "no image grid" in open(out / "report.html").read()
 
 
 def test_predict_is_bounded_whatever_it_is_given(tmp_path, tiny_ckpt, monkeypatch, capsys):

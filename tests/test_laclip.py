@@ -18,7 +18,7 @@ import data
 import laclip
 import train
 from conftest import ROOT
-from test_loss import naive_clip_loss
+from naive import clip_loss as naive_clip_loss
 from test_train import FAST, rows
 
 
