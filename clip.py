@@ -1104,8 +1104,12 @@ def read_json(path, what="config"):
 # What a config field may hold is read off its default: ints (not bools) and floats in sane ranges,
 # finite; sizes, widths, heads and layers at least 1; None only where the default is None. Layers at
 # most MAX_LAYERS: each costs the (meta-device) build time whatever the file holds.
-POSITIVE = ("width", "heads", "layers", "dim", "image_size", "patch_size", "context_length", "vocab_size")
+POSITIVE = ("width", "heads", "layers", "dim", "image_size", "patch_size", "context_length", "vocab_size",
+            "temperature", "pool_size")
 MAX_LAYERS = 256
+# Sizes a config may claim, by field name: past these a crafted file would cost time or memory that its
+# own size does not bound (a 16M x 16M box grid, a 1M-pixel side). A model file adds its own in LIMITS.
+LIMITS = {"image_size": 4096, "context_length": 4096, "patch_size": 1024}
 
 
 def check_config(cls, values, where):
@@ -1132,12 +1136,16 @@ def check_config(cls, values, where):
             kind is bool and isinstance(value, bool)) or (
             kind is int and isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1 << 24
             and (value >= 1 or not name.endswith(POSITIVE)) and (value <= MAX_LAYERS or not name.endswith("layers"))) or (
-            kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)) or (
+            kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and (value > 0 or not name.endswith(POSITIVE))) or (
             kind is str and isinstance(value, str) and len(value) < 1 << 26) or (
             kind in (tuple, list) and isinstance(value, (tuple, list)) and len(value) <= 64 and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
         if not ok:
             raise ValueError(f"{where}: config field {name} = {value!r:.60} is not a valid {kind.__name__}")
+        limit = {**LIMITS, **getattr(cls, "LIMITS", {})}.get(name)
+        if limit is not None and isinstance(value, (int, float)) and value > limit:
+            raise ValueError(f"{where}: config field {name} = {value} is over {limit}")
     return cls(**values)
 
 
@@ -1858,6 +1866,10 @@ def predict_main(argv=None):
             probs = model.classify(queries, candidates)  # [images, labels]
     except (FileNotFoundError, ValueError, ImportError, OSError) as err:
         raise SystemExit(f"{me} predict: {err}") from None
+    except Exception as err:  # a model built from the user's file, run on the user's inputs: theirs, in one line
+        if os.environ.get("TRAIN_TRACEBACK"):
+            raise
+        raise SystemExit(f"{me} predict: {args.ckpt}: {one_line(err)} (TRAIN_TRACEBACK=1 shows where)") from None
     key, kind = ("query", "images") if args.images else ("image", "labels")
     for q, row in zip(queries, probs):
         order = row.argsort(descending=True).tolist()

@@ -289,7 +289,10 @@ def post_json(url, payload, timeout):
         return status, body[:300]
     if len(body) > MAX_ANSWER_BYTES:
         raise ValueError(f"an answer over {MAX_ANSWER_BYTES >> 20} MiB")
-    return status, json.loads(body)
+    try:
+        return status, json.loads(body)
+    except RecursionError:
+        raise ValueError("an answer nested past the JSON parser's depth") from None
 
 
 def request_rewrite(url, caption, pairs, args):
@@ -333,10 +336,10 @@ def request_rewrite(url, caption, pairs, args):
 
 
 def read_lines(path):
-    """The lines of a file, split at \n only (a \u2028 inside a caption is not a line break)."""
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        lines = f.read().split("\n")
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
+    """The lines of a regular file (a FIFO would block, /dev/zero never end), split at \n only (a \u2028
+    inside a caption is not a line break), each cut to 8192 characters as every caption is."""
+    text = read_small_file(path, "text file", 1 << 30).decode("utf-8", "replace")
+    return [(line[:-1] if line.endswith("\r") else line)[:MAX_TEXT_CHARS] for line in text.split("\n")]
 
 
 def rewrite_main(argv=None):
@@ -361,7 +364,14 @@ def rewrite_main(argv=None):
     p.add_argument("--retries", type=int, default=5)
     p.add_argument("--backoff", type=float, default=1.0, help="first wait between tries, doubled each time")
     args = p.parse_args(argv)
-
+    for name in ("rewrites", "concurrency", "max_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.retries < 0 or not args.timeout > 0 or args.backoff < 0:
+        p.error("--retries and --backoff must be at least 0, --timeout above 0")
+    for path in (args.captions, args.meta_pairs, *([args.out] if os.path.exists(args.out) else [])):
+        if path and os.path.exists(path) and not os.path.isfile(path):
+            raise SystemExit(f"laclip.py rewrite: {path}: not a regular file")
     if not os.path.isfile(args.captions):
         raise SystemExit(f"laclip.py rewrite: {args.captions}: no such file")
     captions = read_lines(args.captions)
@@ -369,7 +379,7 @@ def rewrite_main(argv=None):
         captions.pop()
     pairs = META_PAIRS
     if args.meta_pairs:
-        with open(args.meta_pairs, encoding="utf-8", errors="replace") as f:
+        with open(args.meta_pairs, encoding="utf-8", errors="replace") as f:  # a regular file (checked above)
             pairs = [tuple(x.strip() for x in line.split("=>", 1)) for line in f if "=>" in line]
         if len(pairs) < 3:
             raise SystemExit(f"laclip.py rewrite: {args.meta_pairs}: needs at least 3 'source => target' lines")
@@ -1360,8 +1370,12 @@ def read_json(path, what="config"):
 # What a config field may hold is read off its default: ints (not bools) and floats in sane ranges,
 # finite; sizes, widths, heads and layers at least 1; None only where the default is None. Layers at
 # most MAX_LAYERS: each costs the (meta-device) build time whatever the file holds.
-POSITIVE = ("width", "heads", "layers", "dim", "image_size", "patch_size", "context_length", "vocab_size")
+POSITIVE = ("width", "heads", "layers", "dim", "image_size", "patch_size", "context_length", "vocab_size",
+            "temperature", "pool_size")
 MAX_LAYERS = 256
+# Sizes a config may claim, by field name: past these a crafted file would cost time or memory that its
+# own size does not bound (a 16M x 16M box grid, a 1M-pixel side). A model file adds its own in LIMITS.
+LIMITS = {"image_size": 4096, "context_length": 4096, "patch_size": 1024}
 
 
 def check_config(cls, values, where):
@@ -1388,12 +1402,16 @@ def check_config(cls, values, where):
             kind is bool and isinstance(value, bool)) or (
             kind is int and isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1 << 24
             and (value >= 1 or not name.endswith(POSITIVE)) and (value <= MAX_LAYERS or not name.endswith("layers"))) or (
-            kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)) or (
+            kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and (value > 0 or not name.endswith(POSITIVE))) or (
             kind is str and isinstance(value, str) and len(value) < 1 << 26) or (
             kind in (tuple, list) and isinstance(value, (tuple, list)) and len(value) <= 64 and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
         if not ok:
             raise ValueError(f"{where}: config field {name} = {value!r:.60} is not a valid {kind.__name__}")
+        limit = {**LIMITS, **getattr(cls, "LIMITS", {})}.get(name)
+        if limit is not None and isinstance(value, (int, float)) and value > limit:
+            raise ValueError(f"{where}: config field {name} = {value} is over {limit}")
     return cls(**values)
 
 
@@ -2110,6 +2128,10 @@ def predict_main(argv=None):
             probs = model.classify(queries, candidates)  # [images, labels]
     except (FileNotFoundError, ValueError, ImportError, OSError) as err:
         raise SystemExit(f"{me} predict: {err}") from None
+    except Exception as err:  # a model built from the user's file, run on the user's inputs: theirs, in one line
+        if os.environ.get("TRAIN_TRACEBACK"):
+            raise
+        raise SystemExit(f"{me} predict: {args.ckpt}: {one_line(err)} (TRAIN_TRACEBACK=1 shows where)") from None
     key, kind = ("query", "images") if args.images else ("image", "labels")
     for q, row in zip(queries, probs):
         order = row.argsort(descending=True).tolist()

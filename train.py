@@ -501,6 +501,7 @@ class Reporters:
 
 LATEST = "checkpoint.pt"
 NUMBERED = re.compile(r"checkpoint-(\d+)\.pt")
+NUMBERED_SHARDS = re.compile(r"checkpoint-\d+\.dcp")  # a sharded checkpoint's folder: a name in --out, no path
 # Flags that may differ when a run is resumed: where files go, how often to log, save and evaluate,
 # what to evaluate on, and knobs that leave the arithmetic alone (--accum, --fsdp and activation
 # checkpointing are exact; a run may move between FSDP and DDP at the same world size). The global batch
@@ -533,9 +534,27 @@ def checkpoints(out):
 
 
 def read_checkpoint(path):
+    """A checkpoint to resume from, each part the type it must be: a file in --out may be one a crash,
+    another tool or another person left."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or not {"model", "optimizer", "step"} <= ckpt.keys():
         raise ValueError("not a train.py checkpoint (it has no model, optimizer and step)")
+    step, data, rng, sharded = ckpt["step"], ckpt.get("data"), ckpt.get("rng"), ckpt.get("sharded")
+    problems = [what for what, bad in (
+        ("step", not isinstance(step, int) or isinstance(step, bool) or step < 0),
+        ("args", not isinstance(ckpt.get("args", {}), dict)),
+        ("model", not (isinstance(ckpt["model"], dict) or (ckpt["model"] is None and sharded))),
+        ("optimizer", not (isinstance(ckpt["optimizer"], dict) or (ckpt["optimizer"] is None and sharded))),
+        ("sharded", sharded is not None and not (isinstance(sharded, str) and NUMBERED_SHARDS.fullmatch(sharded))),
+        ("rng", not (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
+                     and rng["torch"].dtype == torch.uint8)),
+        ("data", data is not None and not (isinstance(data, dict) and isinstance(data.get("slots"), int)
+                                           and isinstance(data.get("at"), dict) and all(
+            isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) and x >= 0 for x in v)
+            for v in data["at"].values())))) if bad]
+    if problems:
+        raise ValueError(f"a checkpoint whose {', '.join(problems)} {'is' if len(problems) == 1 else 'are'} not "
+                         f"what train.py writes")
     ckpt["folder"] = os.path.dirname(os.path.abspath(path))  # where a sharded checkpoint's shards lie
     return ckpt
 

@@ -680,6 +680,48 @@ def test_flags_files_and_reports_out_of_range_are_one_line(tmp_path, tiny_ckpt):
     assert "no image grid" in open(out / "report.html").read()
 
 
+def test_the_other_readers_hold_the_same_rules(tmp_path, tiny_ckpt, capsys):
+    """brivl's caps on what a config may claim, predict's one line for a model that fails on its inputs,
+    a crafted checkpoint in --out, and laclip rewrite's files and flags."""
+    import brivl
+
+    model = brivl.build("tiny", captions=["a red dog", "a blue cat"] * 10, queue_size=16)
+    for field, value, said in (("grid", 1 << 24, "grid = 16777216 is over 64"), ("pool_size", 0, "pool_size = 0"),
+                               ("temperature", 0.0, "temperature = 0.0"), ("context_length", 100, None)):
+        extra = {**model.extra_state(), "config": {**model.extra_state()["config"], field: value}}
+        path = tmp_path / f"brivl-{field}.pt"
+        torch.save({"model": model.state_dict(), "extra": extra}, path)
+        if said:
+            start = time.time()
+            with pytest.raises(ValueError, match=said):
+                brivl.load(str(path))
+            assert time.time() - start < 10
+        else:  # loads, then fails on the labels' 100 positions: still one line from predict
+            image = tmp_path / "a.png"
+            Image.new("RGB", (32, 32), "red").save(image)
+            with pytest.raises(SystemExit) as e:
+                brivl.predict_main(["--ckpt", str(path), "--image", str(image), "--labels", "a red dog,a blue cat"])
+            assert "\n" not in str(e.value.code) and str(path) in str(e.value.code)
+    out = str(tmp_path / "run")
+    train.main([*TINY, "--steps", "2", "--out", out, "--save-every", "1"])
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    os.remove(os.path.join(out, "checkpoint.pt"))  # a hard link to the newest: the numbered file stays whole
+    torch.save({**ckpt, "step": "2", "sharded": "../../../etc"}, os.path.join(out, "checkpoint.pt"))
+    capsys.readouterr()
+    train.main([*TINY, "--steps", "3", "--out", out, "--resume"])
+    said = capsys.readouterr().out
+    assert "checkpoint.pt does not load" in said and "step, sharded are not what train.py writes" in said, said
+    assert "resuming from" in said and "(step 2)" in said
+    (tmp_path / "c.txt").write_text("a red circle\n")
+    os.mkfifo(tmp_path / "fifo.txt")
+    for argv, said in ((["--out", str(tmp_path / "fifo.txt")], "fifo.txt: not a regular file"),
+                       (["--out", str(tmp_path / "r.txt"), "--concurrency", "0"], "--concurrency must be at least 1"),
+                       (["--out", str(tmp_path / "r.txt"), "--meta-pairs", "/dev/zero"], "/dev/zero: not a regular")):
+        with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(io.StringIO()) as err:
+            laclip.rewrite_main(["--captions", str(tmp_path / "c.txt"), "--endpoint", "http://127.0.0.1:9", *argv])
+        assert said in f"{e.value.code} {err.getvalue()}", (argv, e.value.code, err.getvalue())
+
+
 def test_predict_is_bounded_whatever_it_is_given(tmp_path, tiny_ckpt, monkeypatch, capsys):
     """--texts that never ends, 2,000 texts, a 1 x 100000 strip: one line, or memory that does not grow."""
     strip = tmp_path / "strip.png"
