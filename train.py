@@ -975,13 +975,14 @@ class Progress:
     def check_finite(self, step, ckpt_path, model):
         """Before a save: the losses since the last log line and the weights the update made must all be
         finite, or nothing is saved. A step can diverge with a finite loss (the update itself overflows),
-        so the weights are checked too: one isfinite reduction a tensor, stacked into one flag with the
-        loss's, and one all-reduce (under FSDP each rank checks its own shards). Its cost is a read of the
-        weights once a save (a few ms for ViT-B-32 on a CPU), against the save's write of all of them."""
+        so the weights are checked too: each tensor's sum (NaN or inf in, NaN or inf out), one isfinite
+        over the stack, one flag with the loss's, one all-reduce (under FSDP each rank checks its own
+        shards). Its cost is a read of the weights once a save: 36 ms for ViT-B-32 on the 2-core CPU machine
+        (an isfinite().all() a tensor took 444-684 ms), against 1.3 s for the save's torch.save."""
         tensors = [t.to_local() if hasattr(t, "to_local") else t for t in (*model.parameters(), *model.buffers())]
-        flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point() and t.numel()]
+        sums = [t.sum() for t in tensors if t.is_floating_point() and t.numel()]
         loss_ok = torch.isfinite(self.loss_sum) if self.loss_n else torch.ones((), dtype=torch.bool, device=self.device)
-        weights_ok = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=self.device)
+        weights_ok = torch.isfinite(torch.stack(sums)).all() if sums else torch.ones((), dtype=torch.bool, device=self.device)
         bad = torch.stack([~loss_ok, ~weights_ok.to(loss_ok.device)]).float()
         if self.world > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
