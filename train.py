@@ -875,9 +875,10 @@ def build_model(args, module, ckpt, captions, rank, world, device):
     return model, opt, scaler, scalars, autocast
 
 
-def read_metrics(path):
+def read_metrics(path, numbers_only=True):
     """(rows, numbers of the lines that are not whole rows) of a metrics.jsonl: a crash while a row was
-    written leaves a torn last line, which resume cuts and report skips."""
+    written leaves a torn last line, which resume cuts and report skips. numbers_only (report): each row
+    keeps its finite numbers and skip counts, what a page can draw; resume keeps the rows as they were."""
     rows, torn = [], []
     with open(path, "rb") as f:
         lines = f.read().decode("utf-8", "replace").split("\n")
@@ -891,7 +892,9 @@ def read_metrics(path):
         except (ValueError, RecursionError):
             torn.append(i)
             continue
-        # what a row may hold: finite numbers under short names, and the skip and note counts
+        if not numbers_only:
+            rows.append(row)
+            continue
         rows.append({k: v for k, v in row.items() if len(k) <= 100 and (
             (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)) or
             (k in ("skips", "notes") and isinstance(v, dict) and all(isinstance(c, int) for c in v.values())))})
@@ -907,7 +910,7 @@ class Progress:
         self.path = os.path.join(args.out, "metrics.jsonl")
         if rank == 0 and os.path.exists(self.path):
             if resumed:  # a resumed run drops the rows it will write again
-                rows, torn = read_metrics(self.path)
+                rows, torn = read_metrics(self.path, numbers_only=False)
                 if torn:
                     print(f"train.py: {self.path}: cut {len(torn)} line(s) that are not whole rows (line "
                           f"{', '.join(map(str, torn[:5]))}; a crash mid-write leaves one)", flush=True)

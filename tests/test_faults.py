@@ -136,13 +136,15 @@ def test_one_run_per_out(tmp_path, capsys):
 def test_a_torn_metrics_line_is_cut_on_resume_and_skipped_by_report(tmp_path, capsys):
     out = str(tmp_path / "run")
     train.main(["--steps", "4", "--out", out, *RUN[:-2], "--save-every", "2"])
-    torn = len(open(os.path.join(out, "metrics.jsonl")).readlines()) + 1
+    torn = len(open(os.path.join(out, "metrics.jsonl")).readlines()) + 2
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 4, "note": "a field another tool added"}\n')  # kept as it is by the resume
         f.write('{"step": 5, "loss": 1.2')  # the crash came mid-write
     train.report(out)
     train.main(["--steps", "6", "--out", out, *RUN, "--resume"])
     assert f"metrics.jsonl: cut 1 line(s) that are not whole rows (line {torn};" in capsys.readouterr().out
     assert [r["step"] for r in rows(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert {"step": 4, "note": "a field another tool added"} in rows(out)
 
 
 def test_resume_refuses_flags_that_change_the_run(tmp_path):
