@@ -808,6 +808,76 @@ def infonce(x, y, logit_scale, pos, two_way=False, group=None):
     return loss.mean()
 
 
+def distill_loss(image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
+                 teacher_logit_scale, group=None):
+    """Distillation from a teacher CLIP over the global batch: open_clip's DistillClipLoss term (its
+    contrastive term is contrastive_loss), the soft cross-entropy of the student's softmax against the
+    teacher's over the rows (image -> text) and over the columns (text -> image), averaged.
+
+    On one process it equals the naive form, which holds four B x B matrices:
+        s = logit_scale * image_features @ text_features.T
+        t = teacher_logit_scale * teacher_image_features @ teacher_text_features.T
+        soft = lambda t, s: -(t.softmax(1) * s.log_softmax(1)).sum(1).mean()
+        (soft(t, s) + soft(t.T, s.T)) / 2
+    An ensemble (MobileCLIP's two teachers) passes lists of teacher features and scales: the targets are
+    averaged after the softmax, p = mean over the teachers of t_m.softmax(1).
+
+    The targets of a row sum to 1, so its term is logsumexp(s_i) - sum_j p_ij s_ij: distill_tiles makes
+    the student's log-sum-exps and the target-weighted sums of s in one pass over tiles of s and t, rows
+    and columns from each tile, keeping nothing B x B. A teacher may be of another width than the
+    student. Column statistics are combined across ranks, as in contrastive_loss; every rank passes
+    the same number of rows. Gradients reach the teacher's features too when they ask for them.
+    """
+    teachers = _teacher_list(teacher_image_features, teacher_text_features, teacher_logit_scale, None)
+    text_features, pos = gather_texts(image_features, text_features, group)
+    row_target = col_target = 0
+    for u, w, t, _ in teachers:
+        w = all_gather_with_grad(w, group)
+        row_s, col_s, _, col_t, row_c, col_c = distill_tiles(image_features, text_features, logit_scale, u, w, t)
+        if _distributed(group):  # each rank holds its rows' share of a column's softmax: rescale, then sum
+            total = global_logsumexp(col_t, group)
+            col_c = _AllReduceSum.apply(torch.exp(col_t - total) * col_c, group)
+        row_target = row_target + row_c / len(teachers)
+        col_target = col_target + col_c / len(teachers)
+    rows = row_s - row_target
+    cols = (global_logsumexp(col_s, group) - col_target).index_select(0, pos)
+    return (rows.mean() + cols.mean()) / 2
+
+
+def distill_sigmoid_loss(image_features, text_features, logit_scale, logit_bias, teacher_image_features,
+                         teacher_text_features, teacher_logit_scale, teacher_logit_bias=None, group=None):
+    """Distillation for a SigLIP student: the sigmoid loss with the teacher's soft labels in place of +-1
+    (the issue's DistillSigLipLoss form: target 2 x mean sigmoid(teacher logits) - 1), normalised as
+    sigmoid_loss is. Naive form:
+        s = logit_scale * image_features @ text_features.T + logit_bias
+        p = mean over teachers of torch.sigmoid(t_m)      # t_m: the teacher's logits, its bias added
+        -F.logsigmoid((2 * p - 1) * s).sum() / len(s)
+    A softmax teacher has no bias (0). Each pair stands alone, so the sum is made tile by tile
+    (sigmoid_distill_rows), every rank its own images against every rank's texts; no gradient reaches
+    the teachers.
+    """
+    teachers = _teacher_list(teacher_image_features, teacher_text_features, teacher_logit_scale, teacher_logit_bias)
+    text_features, _ = gather_texts(image_features, text_features, group)
+    us = [u.detach() for u, _, _, _ in teachers]
+    ws = [all_gather_with_grad(w.detach(), group) for _, w, _, _ in teachers]
+    ts = torch.stack([torch.as_tensor(t).detach().float().reshape(()) for _, _, t, _ in teachers])
+    bs = torch.stack([torch.as_tensor(0.0 if b is None else b).detach().float().reshape(()) for *_, b in teachers])
+    return sigmoid_distill_rows(image_features, text_features, logit_scale, logit_bias, us, ws, ts, bs).mean()
+
+
+def _teacher_list(image, text, scale, bias):
+    """[(image, text, scale, bias)] per teacher, from tensors (one teacher) or lists (an ensemble)."""
+    if isinstance(image, torch.Tensor):
+        image, text, scale, bias = [image], [text], [scale], [bias]
+    bias = [None] * len(image) if bias is None else bias
+    if not len(image) == len(text) == len(scale) == len(bias) > 0:
+        raise ValueError("one image feature set, text feature set and logit scale per teacher")
+    for u, w in zip(image, text):
+        if u.shape[1] != w.shape[1]:
+            raise ValueError(f"a teacher's image features are {u.shape[1]} wide and its text features {w.shape[1]}")
+    return [(u, w, torch.as_tensor(t, device=u.device), b) for u, w, t, b in zip(image, text, scale, bias)]
+
+
 def gather_texts(image_features, text_features, group=None):
     """(every rank's texts, gathered with gradient; the columns of this rank's positives among them)."""
     n, offset = image_features.shape[0], 0
@@ -2438,6 +2508,98 @@ def _sig_torch(x, y, scale, bias, g):
     return rows, dx.to(x.dtype), dy.to(y.dtype), dsb
 
 
+def _distill_torch(x, y, scale, u, w, tscale):
+    """distill_tiles' forward: the student's row and column log-sum-exps, the teacher's, and the teacher's
+    softmax-weighted sums of the student's logits, rows and columns, from one pass over the tiles."""
+    n, k = x.shape[0], y.shape[0]
+    acc = torch.promote_types(_acc_dtype(x), _acc_dtype(u))
+    s, ts = scale.to(acc), tscale.to(acc)
+    row_s, row_t = (torch.full((n,), -math.inf, device=x.device, dtype=acc) for _ in range(2))
+    col_s, col_t = (torch.full((k,), -math.inf, device=x.device, dtype=acc) for _ in range(2))
+    row_c, col_c = torch.zeros(n, device=x.device, dtype=acc), torch.zeros(k, device=x.device, dtype=acc)
+    for i in range(0, n, BLOCK):
+        r = slice(i, i + BLOCK)
+        for j in range(0, k, BLOCK):
+            c = slice(j, j + BLOCK)
+            S = (x[r] @ y[c].T).to(acc) * s
+            T = (u[r] @ w[c].T).to(acc) * ts
+            row_s[r] = torch.logaddexp(row_s[r], S.logsumexp(1))
+            col_s[c] = torch.logaddexp(col_s[c], S.logsumexp(0))
+            for dim, lse, cross, sl in ((1, row_t, row_c, r), (0, col_t, col_c, c)):
+                # The teacher's weights exp(t - lse) as the running lse grows: the sums so far rescaled.
+                top = T.amax(dim, keepdim=True)
+                e = torch.exp(T - top)
+                new = torch.logaddexp(lse[sl], e.sum(dim).log() + top.squeeze(dim))
+                cross[sl] = cross[sl] * torch.exp(lse[sl] - new) + (e * S).sum(dim) * torch.exp(top.squeeze(dim) - new)
+                lse[sl] = new
+    return row_s, col_s, row_t, col_t, row_c, col_c
+
+
+def _distill_backward_torch(x, y, scale, u, w, tscale, stats, grads, teacher):
+    """Gradients of distill_tiles' six outputs, the tiles made again. With s, t one tile of the student's
+    and the teacher's logits, P = exp(t - row_t), Q = exp(t - col_t) the teacher's softmax both ways:
+        G = g_rs exp(s - row_s) + g_cs exp(s - col_s) + g_rc P + g_cc Q          (d / ds)
+        H = g_rt P + g_ct Q + g_rc P (s - row_c) + g_cc Q (s - col_c)             (d / dt, teacher only)"""
+    row_s, col_s, row_t, col_t, row_c, col_c = stats
+    g_rs, g_cs, g_rt, g_ct, g_rc, g_cc = grads
+    n, k = x.shape[0], y.shape[0]
+    acc = row_s.dtype
+    s, ts = scale.to(acc), tscale.to(acc)
+    dx, dy = torch.zeros(x.shape, dtype=acc, device=x.device), torch.zeros(y.shape, dtype=acc, device=x.device)
+    du, dw = torch.zeros(u.shape, dtype=acc, device=x.device), torch.zeros(w.shape, dtype=acc, device=x.device)
+    ds, dts = torch.zeros((), dtype=acc, device=x.device), torch.zeros((), dtype=acc, device=x.device)
+    for i in range(0, n, BLOCK):
+        r = slice(i, i + BLOCK)
+        for j in range(0, k, BLOCK):
+            c = slice(j, j + BLOCK)
+            raw, raw_t = (x[r] @ y[c].T).to(acc), (u[r] @ w[c].T).to(acc)
+            S, T = raw * s, raw_t * ts
+            P = torch.exp(T - row_t[r, None])
+            Q = torch.exp(T - col_t[None, c])
+            gP, gQ = P * g_rc[r, None], Q * g_cc[None, c]
+            G = torch.exp(S - row_s[r, None]) * g_rs[r, None] + torch.exp(S - col_s[None, c]) * g_cs[None, c] + gP + gQ
+            ds += (G * raw).sum()
+            G = G.to(x.dtype)
+            dx[r] += (G @ y[c]).to(acc) * s
+            dy[c] += (G.T @ x[r]).to(acc) * s
+            if teacher:
+                H = P * g_rt[r, None] + Q * g_ct[None, c] + gP * (S - row_c[r, None]) + gQ * (S - col_c[None, c])
+                dts += (H * raw_t).sum()
+                H = H.to(u.dtype)
+                du[r] += (H @ w[c]).to(acc) * ts
+                dw[c] += (H.T @ u[r]).to(acc) * ts
+    return (dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype), du.to(u.dtype), dw.to(w.dtype), dts.to(tscale.dtype))
+
+
+def _sig_distill_torch(x, y, scale, bias, us, ws, ts, bs, g):
+    """Row sums of softplus(-z s) with z = 2 mean_m sigmoid(t_m) - 1 (g None); with row weights g, the
+    gradients d/ds = -g z sigmoid(-z s) in x, y, scale and bias."""
+    n, k = x.shape[0], y.shape[0]
+    acc = _acc_dtype(x)
+    s, b = scale.to(acc), bias.to(acc)
+    rows = torch.zeros(n, device=x.device, dtype=acc)
+    dx, dy = torch.zeros(x.shape, dtype=acc, device=x.device), torch.zeros(y.shape, dtype=acc, device=x.device)
+    dsb = torch.zeros(2, dtype=acc, device=x.device)
+    for i in range(0, n, BLOCK):
+        r = slice(i, i + BLOCK)
+        for j in range(0, k, BLOCK):
+            c = slice(j, j + BLOCK)
+            raw = (x[r] @ y[c].T).to(acc)
+            z = sum(torch.sigmoid((u[r] @ w[c].T).to(acc) * t.to(acc) + tb.to(acc))
+                    for u, w, t, tb in zip(us, ws, ts, bs)) * (2 / len(us)) - 1
+            zs = z * (raw * s + b)
+            if g is None:
+                rows[r] += F.softplus(-zs).sum(1)
+                continue
+            p = -z * torch.sigmoid(-zs) * g[r, None].to(acc)
+            dsb[0] += (p * raw).sum()
+            dsb[1] += p.sum()
+            p = p.to(x.dtype)
+            dx[r] += (p @ y[c]).to(acc) * s
+            dy[c] += (p.T @ x[r]).to(acc) * s
+    return rows, dx.to(x.dtype), dy.to(y.dtype), dsb
+
+
 # ---- the ops: contracts (custom ops), backend choice, autograd
 
 
@@ -2556,6 +2718,103 @@ def sigmoid_rows(x, y, scale, bias):
     """sum_j softplus(scale * x_i . y_j + bias) per row i, differentiable in all four (with any weights on
     the rows: the backward recomputes the tiles), O(B D) memory."""
     return sigmoid_tiles(x, y, scale, bias, False)[0]
+
+
+@torch.library.custom_op(f"{_NS}::distill_tiles", mutates_args=())
+def distill_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
+                  tscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor]:
+    """(row_s, col_s, row_t, col_t, row_c, col_c) of s = scale * x @ y.T and t = tscale * u @ w.T: the
+    log-sum-exps of s and of t along rows and columns, and sum_j exp(t_ij - row_t_i) s_ij (row_c), the
+    same down the columns (col_c); neither s nor t is ever whole."""
+    if _use_triton(x) and _use_triton(u):
+        return _distill_triton(x.contiguous(), y.contiguous(), scale, u.contiguous(), w.contiguous(), tscale)
+    return _distill_torch(x, y, scale, u, w, tscale)
+
+
+@distill_tiles.register_fake
+def _distill_tiles_fake(x, y, scale, u, w, tscale):
+    acc = torch.promote_types(_acc_dtype(x), _acc_dtype(u))
+    n, k = x.shape[0], y.shape[0]
+    return tuple(x.new_empty(m, dtype=acc) for m in (n, k, n, k, n, k))
+
+
+@torch.library.custom_op(f"{_NS}::distill_tiles_backward", mutates_args=())
+def distill_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
+                           tscale: torch.Tensor, stats: list[torch.Tensor], grads: list[torch.Tensor], teacher: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(x) and _use_triton(u) and not teacher:
+        return _distill_backward_triton(x.contiguous(), y.contiguous(), scale, u.contiguous(), w.contiguous(), tscale,
+                                        stats, grads)
+    return _distill_backward_torch(x, y, scale, u, w, tscale, stats, grads, teacher)
+
+
+@distill_tiles_backward.register_fake
+def _distill_tiles_backward_fake(x, y, scale, u, w, tscale, stats, grads, teacher):
+    return tuple(torch.empty_like(v) for v in (x, y, scale, u, w, tscale))
+
+
+def _distill_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _distill_backward(ctx, *grads):
+    x, y, scale, u, w, tscale, *stats = ctx.saved_tensors
+    grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, stats)]
+    need = ctx.needs_input_grad
+    out = distill_tiles_backward(x, y, scale, u, w, tscale, stats, grads, any(need[3:]))
+    return tuple(d if n else None for d, n in zip(out, need))
+
+
+distill_tiles.register_autograd(_distill_backward, setup_context=_distill_setup)
+
+
+@torch.library.custom_op(f"{_NS}::sigmoid_distill_tiles", mutates_args=())
+def sigmoid_distill_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                          us: list[torch.Tensor], ws: list[torch.Tensor], ts: torch.Tensor, bs: torch.Tensor
+                          ) -> torch.Tensor:
+    """Row sums of softplus(-z * (scale * x @ y.T + bias)), z = 2 mean_m sigmoid(ts_m * us_m @ ws_m.T + bs_m) - 1."""
+    return _sig_distill_torch(x, y, scale, bias, us, ws, ts, bs, None)[0]
+
+
+@sigmoid_distill_tiles.register_fake
+def _sigmoid_distill_tiles_fake(x, y, scale, bias, us, ws, ts, bs):
+    return x.new_empty(x.shape[0], dtype=_acc_dtype(x))
+
+
+@torch.library.custom_op(f"{_NS}::sigmoid_distill_tiles_backward", mutates_args=())
+def sigmoid_distill_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                                   us: list[torch.Tensor], ws: list[torch.Tensor], ts: torch.Tensor, bs: torch.Tensor,
+                                   g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _sig_distill_torch(x, y, scale, bias, us, ws, ts, bs, g)[1:]
+
+
+@sigmoid_distill_tiles_backward.register_fake
+def _sigmoid_distill_tiles_backward_fake(x, y, scale, bias, us, ws, ts, bs, g):
+    return torch.empty_like(x), torch.empty_like(y), x.new_empty(2, dtype=_acc_dtype(x))
+
+
+def _sig_distill_setup(ctx, inputs, output):
+    x, y, scale, bias, us, ws, ts, bs = inputs
+    ctx.save_for_backward(x, y, scale, bias, ts, bs, *us, *ws)
+    ctx.teachers = len(us)
+
+
+def _sig_distill_backward(ctx, g):
+    x, y, scale, bias, ts, bs, *uw = ctx.saved_tensors
+    m = ctx.teachers
+    dx, dy, dsb = sigmoid_distill_tiles_backward(x, y, scale, bias, uw[:m], uw[m:], ts, bs, g)
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None, dy if need[1] else None, dsb[0].to(scale.dtype).reshape(scale.shape) if need[2]
+            else None, dsb[1].to(bias.dtype).reshape(bias.shape) if need[3] else None, [None] * m, [None] * m, None, None)
+
+
+sigmoid_distill_tiles.register_autograd(_sig_distill_backward, setup_context=_sig_distill_setup)
+
+
+def sigmoid_distill_rows(x, y, scale, bias, us, ws, ts, bs):
+    """Per row i: sum_j softplus(-z_ij s_ij), the teachers' soft labels z fixed (no gradient to them)."""
+    return sigmoid_distill_tiles(x, y, scale, bias, list(us), list(ws), ts, bs)
 
 
 # ---- the Triton kernels (CUDA; TRITON_INTERPRET=1 runs them on the CPU)
@@ -2742,6 +3001,116 @@ def _sig_triton(x, y, scale, bias, g):
         torch.mm(p, y, out=dx[i:i + m])
         dy += _mm_f32(p.T, xi)
     return rows, dx, dy.to(y.dtype), dsb
+
+
+if triton is not None:
+    @triton.jit
+    def _distill_fwd_kernel(X, Y, U, W, SCALE, TSCALE, OFFSET, SUMS, n, k, d, e, sxn, sxd, syn, syd, sun, sud, swn,
+                            swd, SPLIT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                            BD: tl.constexpr):
+        # Program (row block, column split): for its tiles of s and t, the sums of exp(s - offset_s),
+        # exp(t - offset_t) and exp(t - offset_t) * s along rows and columns, added atomically into
+        # SUMS = [rows of the three | columns of the three].
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        s = tl.load(SCALE).to(tl.float32)
+        ts = tl.load(TSCALE).to(tl.float32)
+        cs = tl.load(OFFSET)
+        ct = tl.load(OFFSET + 1)
+        r_s = tl.zeros([BM], dtype=tl.float32)
+        r_t = tl.zeros([BM], dtype=tl.float32)
+        r_c = tl.zeros([BM], dtype=tl.float32)
+        for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
+            rn = jb * BN + tl.arange(0, BN)
+            S = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD) * s
+            T = _tile(U, W, rm, rn, n, k, e, sun, sud, swn, swd, PREC, BM, BN, BD) * ts
+            inside = (rm[:, None] < n) & (rn[None, :] < k)
+            es = tl.where(inside, tl.exp(S - cs), 0.0)
+            et = tl.where(inside, tl.exp(T - ct), 0.0)
+            ec = et * S
+            r_s += tl.sum(es, 1)
+            r_t += tl.sum(et, 1)
+            r_c += tl.sum(ec, 1)
+            tl.atomic_add(SUMS + 3 * n + rn, tl.sum(es, 0), mask=rn < k)
+            tl.atomic_add(SUMS + 3 * n + k + rn, tl.sum(et, 0), mask=rn < k)
+            tl.atomic_add(SUMS + 3 * n + 2 * k + rn, tl.sum(ec, 0), mask=rn < k)
+        tl.atomic_add(SUMS + rm, r_s, mask=rm < n)
+        tl.atomic_add(SUMS + n + rm, r_t, mask=rm < n)
+        tl.atomic_add(SUMS + 2 * n + rm, r_c, mask=rm < n)
+
+    @triton.jit
+    def _distill_grad_kernel(X, Y, U, W, SCALE, TSCALE, RS, CS, RT, CT, GRS, GCS, GRC, GCC, G, DSP, n, k, d, e,
+                             sxn, sxd, syn, syd, sun, sud, swn, swd, sgn, PREC: tl.constexpr, BM: tl.constexpr,
+                             BN: tl.constexpr, BD: tl.constexpr):
+        # One tile of scale * G (the student's logit gradient, _distill_backward_torch's G) for a chunk
+        # of rows, written out, and the tile's share of d(scale).
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        s = tl.load(SCALE).to(tl.float32)
+        ts = tl.load(TSCALE).to(tl.float32)
+        raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
+        S = raw * s
+        T = _tile(U, W, rm, rn, n, k, e, sun, sud, swn, swd, PREC, BM, BN, BD) * ts
+        rows, cols = rm < n, rn < k
+        g = (tl.exp(S - tl.load(RS + rm, mask=rows, other=0.0)[:, None]) * tl.load(GRS + rm, mask=rows, other=0.0)[:, None]
+             + tl.exp(S - tl.load(CS + rn, mask=cols, other=0.0)[None, :]) * tl.load(GCS + rn, mask=cols, other=0.0)[None, :]
+             + tl.exp(T - tl.load(RT + rm, mask=rows, other=0.0)[:, None]) * tl.load(GRC + rm, mask=rows, other=0.0)[:, None]
+             + tl.exp(T - tl.load(CT + rn, mask=cols, other=0.0)[None, :]) * tl.load(GCC + rn, mask=cols, other=0.0)[None, :])
+        inside = rows[:, None] & cols[None, :]
+        g = tl.where(inside, g, 0.0)
+        tl.store(DSP + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g * raw, 1), 0))
+        tl.store(G + rm[:, None] * sgn + rn[None, :], (g * s).to(G.dtype.element_ty), mask=inside)
+
+
+def _offset(a, b, scale):
+    # As in _lse_triton: the largest |logit| possible less 80, so that no exp overflows fp32.
+    bound = (scale.float().abs() * torch.linalg.vector_norm(a, dim=1, dtype=torch.float32).max()
+             * torch.linalg.vector_norm(b, dim=1, dtype=torch.float32).max())
+    return torch.clamp(bound - 80, min=0).reshape(1)
+
+
+def _distill_triton(x, y, scale, u, w, tscale):
+    n, k = x.shape[0], y.shape[0]
+    u, w = u.to(x.dtype), w.to(x.dtype)  # one dot precision for both products: the student's
+    offset = torch.cat([_offset(x, y, scale), _offset(u, w, tscale)])
+    sums = torch.zeros(3 * (n + k), device=x.device, dtype=torch.float32)
+    meta = _tiles(x if x.shape[1] <= u.shape[1] else u)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    blocks = triton.cdiv(n, meta["BM"])
+    split = max(1, min(triton.cdiv(k, meta["BN"]), triton.cdiv(4 * sms, blocks)))
+    _distill_fwd_kernel[(blocks, split)](x, y, u, w, scale.reshape(1), tscale.reshape(1), offset, sums, n, k,
+                                         x.shape[1], u.shape[1], x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+                                         u.stride(0), u.stride(1), w.stride(0), w.stride(1), SPLIT=split, **meta)
+    rs, rt, rc, cs, ct, cc = sums.split([n, n, n, k, k, k])
+    return rs.log() + offset[0], cs.log() + offset[0], rt.log() + offset[1], ct.log() + offset[1], rc / rt, cc / ct
+
+
+def _distill_backward_triton(x, y, scale, u, w, tscale, stats, grads):
+    # The student's gradients only (a teacher that wants gradients takes the PyTorch tiles): as in
+    # _lse_backward_triton, scale * G for a chunk of rows lands in a workspace, dx and dy are products of it.
+    n, k, d = x.shape[0], y.shape[0], x.shape[1]
+    uu, ww = u.to(x.dtype), w.to(x.dtype)
+    row_s, col_s, row_t, col_t = (v.float() for v in stats[:4])
+    g_rs, g_cs, _, _, g_rc, g_cc = (v.float() for v in grads)
+    meta = _tiles(x if d <= u.shape[1] else u)
+    bm, bn = meta["BM"], meta["BN"]
+    rows = min(n, max(bm, max(WORKSPACE, 4 * k * d) // max(k, 1) // bm * bm))
+    work = torch.empty(rows, k, device=x.device, dtype=x.dtype)
+    dsp = torch.empty(triton.cdiv(rows, bm) * triton.cdiv(k, bn), device=x.device, dtype=torch.float32)
+    dx = torch.empty_like(x)
+    dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
+    ds = torch.zeros((), device=x.device, dtype=torch.float32)
+    for i in range(0, n, rows):
+        m = min(rows, n - i)
+        g, xi, ui = work[:m], x[i:i + m], uu[i:i + m]
+        grid = (triton.cdiv(m, bm), triton.cdiv(k, bn))
+        _distill_grad_kernel[grid](xi, y, ui, ww, scale.reshape(1), tscale.reshape(1), row_s[i:i + m], col_s,
+                                   row_t[i:i + m], col_t, g_rs[i:i + m], g_cs, g_rc[i:i + m], g_cc, g, dsp, m, k, d,
+                                   u.shape[1], xi.stride(0), xi.stride(1), y.stride(0), y.stride(1), ui.stride(0),
+                                   ui.stride(1), ww.stride(0), ww.stride(1), g.stride(0), **meta)
+        ds += dsp[:grid[0] * grid[1]].sum()
+        torch.mm(g, y, out=dx[i:i + m])
+        dy += _mm_f32(g.T, xi)
+    return (dx, dy.to(y.dtype), ds.to(scale.dtype), torch.zeros_like(u), torch.zeros_like(w), torch.zeros_like(tscale))
 # ==== end of copy: kernel ====
 
 

@@ -40,6 +40,29 @@ def recall(sims, ks=(1, 5, 10)):
     return out
 
 
+def distill_loss(image, text, scale, teacher_image, teacher_text, teacher_scale):
+    """open_clip's DistillClipLoss distillation term: the soft cross-entropy of the student's softmax
+    against the teacher's (a list of teachers: their softmaxes averaged), rows and columns, averaged."""
+    if isinstance(teacher_image, torch.Tensor):
+        teacher_image, teacher_text, teacher_scale = [teacher_image], [teacher_text], [teacher_scale]
+    s = scale * image @ text.T
+    ts = [c * u @ w.T for u, w, c in zip(teacher_image, teacher_text, teacher_scale)]
+    p_rows = sum(t.softmax(1) for t in ts) / len(ts)
+    p_cols = sum(t.T.softmax(1) for t in ts) / len(ts)
+    soft = lambda p, s: -(p * s.log_softmax(1)).sum(1).mean()  # noqa: E731
+    return (soft(p_rows, s) + soft(p_cols, s.T)) / 2
+
+
+def distill_sigmoid_loss(image, text, scale, bias, teacher_image, teacher_text, teacher_scale, teacher_bias):
+    """A SigLIP student's distillation term: the sigmoid loss with soft labels 2 x mean sigmoid(teacher) - 1."""
+    if isinstance(teacher_image, torch.Tensor):
+        teacher_image, teacher_text, teacher_scale, teacher_bias = [teacher_image], [teacher_text], [teacher_scale], [teacher_bias]
+    s = scale * image @ text.T + bias
+    p = sum(torch.sigmoid(c * u @ w.T + b) for u, w, c, b in zip(teacher_image, teacher_text, teacher_scale, teacher_bias))
+    labels = 2 * p / len(teacher_image) - 1
+    return -F.logsigmoid(labels * s).sum() / len(s)
+
+
 # The same source for tests that run the references in a subprocess: exec(SOURCE) defines them there.
 with open(__file__, encoding="utf-8") as _f:
     SOURCE = _f.read().split("# The same source for tests")[0]

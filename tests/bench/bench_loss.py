@@ -2,6 +2,7 @@
 
     python tests/bench/bench_loss.py                      # CPU: B = 1024, 4096, 16384 at D = 512
     python tests/bench/bench_loss.py --loss sigmoid       # SigLIP's sigmoid loss, fused vs naive
+    python tests/bench/bench_loss.py --loss distill       # the distillation term vs open_clip's DistillClipLoss
     python tests/bench/bench_loss.py --device cuda        # also TFLOP/s vs a bf16 matmul, GPU time alone
                                                     # (CUDA-graph replay), and the largest B that fits
 
@@ -35,6 +36,18 @@ def naive_sigmoid_loss(img, txt, scale, bias):
     return -F.logsigmoid(labels * logits).sum() / img.shape[0]
 
 
+def naive_distill(img, txt, scale, t_img, t_txt, t_scale):
+    """open_clip 3.3's DistillClipLoss (its distillation term; the teacher frozen, as in training), or
+    when open_clip is absent the same form written out (tests/naive.py)."""
+    try:
+        from open_clip.loss import DistillClipLoss
+    except ImportError:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from naive import distill_loss
+        return distill_loss(img, txt, scale, t_img, t_txt, t_scale)
+    return DistillClipLoss()(img, txt, scale, t_img, t_txt, t_scale)[1]
+
+
 def measure(method, b, d, device, dtype, repeats, loss="softmax"):
     """One method at one size, in this process: (seconds per fwd+bwd, peak bytes added)."""
     torch.manual_seed(0)
@@ -46,6 +59,12 @@ def measure(method, b, d, device, dtype, repeats, loss="softmax"):
         bias = torch.tensor(-10.0, device=device, requires_grad=True)
         base_fn = clip.sigmoid_loss if method == "fused" else naive_sigmoid_loss
         fn = lambda i, t, s: base_fn(i, t, s, bias)  # noqa: E731
+    if loss == "distill":  # a frozen teacher's features, no gradient (as train.py --distill runs it)
+        t_img = F.normalize(torch.randn(b, d, device=device), dim=-1).to(dtype)
+        t_txt = F.normalize(t_img + torch.randn(b, d, device=device).to(dtype), dim=-1)
+        t_scale = torch.tensor(100.0, device=device)
+        base_fn = clip.distill_loss if method == "fused" else naive_distill
+        fn = lambda i, t, s: base_fn(i, t, s, t_img[:len(i)], t_txt[:len(t)], t_scale)  # noqa: E731
     cuda = device == "cuda"
     # One tiny call first: loading code and one-time buffers must not count as the loss's memory.
     fn(img[:8].detach().requires_grad_(), txt[:8].detach().requires_grad_(), scale).backward()
@@ -132,7 +151,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--loss", default="softmax", choices=["softmax", "sigmoid"])
+    p.add_argument("--loss", default="softmax", choices=["softmax", "sigmoid", "distill"])
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     dtype_name = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
