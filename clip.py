@@ -59,9 +59,11 @@ the copies and re-copies them with --fix).
 
 import argparse
 import contextlib
+import copy
 import gzip
 import html
 import inspect
+import io
 import json
 import math
 import os
@@ -311,6 +313,7 @@ class CLIP(nn.Module):
                 m.eps = cfg.ln_eps
         self.locked = []  # modules frozen by lock(): they stay in eval mode
         self.patch_dropout = 0.0  # training's share of image patches dropped (FLIP); build() sets it
+        self.teachers, self.distill_weight, self.distill_stored = [], 1.0, False  # distill() sets them
 
     def lock(self, image=False, text=False, image_unlocked_layers=0, text_unlocked_layers=0):
         """LiT (open_clip's --lock-image / --lock-text): a locked tower gets no gradient and no optimizer
@@ -349,12 +352,62 @@ class CLIP(nn.Module):
                "scale": self.logit_scale.exp()}
         if self.logit_bias is not None:
             out["bias"] = self.logit_bias
+        if "teacher0_pixels" in batch or "teacher0_image" in batch:  # a training batch of a distilled run
+            out.update(self.teacher_features(batch))
         return out
 
     def loss(self, out):
         if "bias" in out:
-            return sigmoid_loss(out["image"], out["text"], out["scale"], out["bias"])
-        return contrastive_loss(out["image"], out["text"], out["scale"])
+            loss = sigmoid_loss(out["image"], out["text"], out["scale"], out["bias"])
+        else:
+            loss = contrastive_loss(out["image"], out["text"], out["scale"])
+        if "teacher0_image" in out:  # open_clip's sum: contrastive + weight x distillation (teachers frozen)
+            m = range(sum(1 for k in out if k.endswith("_image") and k.startswith("teacher")))
+            u, w, t = ([out[f"teacher{i}_{k}"].detach() for i in m] for k in ("image", "text", "scale"))
+            b = [out[f"teacher{i}_bias"].detach() if f"teacher{i}_bias" in out else None for i in m]
+            if "bias" in out:
+                d = distill_sigmoid_loss(out["image"], out["text"], out["scale"], out["bias"], u, w, t, b)
+            else:
+                d = distill_loss(out["image"], out["text"], out["scale"], u, w, t)
+            loss = loss + self.distill_weight * d
+        return loss
+
+    def distill(self, teachers=(), weight=1.0, stored=False):
+        """Train against teachers (open_clip's --distill-model; MobileCLIP's ensemble and stored teachers):
+        the loss adds weight x distill_loss (distill_sigmoid_loss for a SigLIP student) against their
+        features. teachers: CLIP models (load() reads any weights), frozen, in eval mode, kept out of this
+        module's parameters (not trained, saved or sharded); each sees the student's crop at its own input
+        size and normalisation and the caption through its own tokenizer. stored: no teacher runs; the
+        features come with the data (clip.py reinforce writes them, data.py reads them)."""
+        for t in teachers:
+            if t.tokenizer is None:
+                raise ValueError("a teacher without its tokenizer cannot read the captions: load it with tokenizer=")
+            t.requires_grad_(False).eval()
+        self.teachers, self.distill_weight, self.distill_stored = list(teachers), float(weight), bool(stored)
+        return self
+
+    @torch.no_grad()
+    def teacher_features(self, batch):
+        """teacher{m}_image, _text (features), _scale and, for a SigLIP teacher, _bias, per teacher m: stored
+        in the batch, or made by the teachers from their own inputs on this model's device, in the run's
+        precision. Flat keys: train.py's --accum gathers an out's tensors key by key."""
+        out, device = {}, self.logit_scale.device
+        for m in range(len(self.teachers) if self.teachers else 64):
+            if f"teacher{m}_image" in batch:  # stored: one scale and bias a teacher, repeated in each sample
+                features = (batch[f"teacher{m}_image"], batch[f"teacher{m}_text"], batch[f"teacher{m}_scale"][0],
+                            batch[f"teacher{m}_bias"][0])
+            elif f"teacher{m}_pixels" in batch:
+                t = self.teachers[m]
+                if t.logit_scale.device != device:
+                    t.to(device)
+                features = (t.encode_image(batch[f"teacher{m}_pixels"], normalize=True),
+                            t.encode_text(batch[f"teacher{m}_tokens"], normalize=True), t.logit_scale.exp(), t.logit_bias)
+            else:
+                break
+            for key, value in zip(("image", "text", "scale", "bias"), features):
+                if value is not None:
+                    out[f"teacher{m}_{key}"] = value
+        return out
 
     @torch.no_grad()
     def after_step(self):
@@ -364,6 +417,8 @@ class CLIP(nn.Module):
         t = Transform(self.cfg.image_size, self.tokenizer, train, self.cfg.image_mean, self.cfg.image_std, gpu_decode)
         if train and self.patch_dropout:
             t = PatchDropout(t, (self.cfg.image_size // self.cfg.patch_size) ** 2, self.patch_dropout)
+        if train and (self.teachers or self.distill_stored):
+            t = DistillTransform(t, self.tokenizer, self.teachers, self.distill_stored)
         return t
 
     def preprocess(self):
@@ -406,6 +461,63 @@ class Transform:
         if "text" in batch:
             batch = {**batch, "text": trim_padding(batch["text"])}
         return to_device(batch, device, self.image, notes)
+
+
+class DistillTransform:
+    """A training sample's inputs for distillation: the student's (from `inner`), and for teacher m either
+    teacher{m}_pixels and teacher{m}_tokens (online: the crop the student draws, cut from the image at
+    the teacher's input size; the student's caption through the teacher's tokenizer) or, stored,
+    teacher{m}_image / _text / _scale / _bias (the embeddings clip.py reinforce wrote for this crop and
+    this caption). A transform's crop box is the first draw from the sample's rng, so a copy of the rng
+    draws the student's box; every later draw (the text, the patches) is the student's alone."""
+
+    def __init__(self, inner, tokenizer, teachers=(), stored=False):
+        self.inner, self.tokenizer, self.stored = inner, tokenizer, stored
+        self.views = [(ImageTransform(t.cfg.image_size, train=True, mean=t.cfg.image_mean, std=t.cfg.image_std,
+                                      uint8=True, draft=False), t.tokenizer) for t in teachers]
+
+    def __call__(self, sample, rng):
+        pixels = [view(teacher_image(sample["image"]), copy.deepcopy(rng)) for view, _ in self.views]
+        out = self.inner(sample, rng)
+        texts = [sample["text"], *(r for r in sample.get("rewrites", ()) if r and r.strip())]
+        # the caption the student got (LaCLIP draws one of the rewrites): the first text it tokenizes as
+        pick = next((i for i, text in enumerate(texts) if torch.equal(self.tokenizer([text])[0], out["text"])), 0)
+        if self.stored:
+            out.update(stored_teacher(sample, pick))
+        for m, ((_, tokenizer), x) in enumerate(zip(self.views, pixels)):
+            out[f"teacher{m}_pixels"], out[f"teacher{m}_tokens"] = x, tokenizer([texts[pick]])[0]
+        return out
+
+    def finish(self, batch, device, notes=None):
+        batch = {k: trim_padding(v) if k.endswith("_tokens") else v for k, v in batch.items()}
+        return self.inner.finish(batch, device, notes)
+
+
+def teacher_image(img):
+    """The sample's image as the teachers read it: a file's bytes opened afresh (the student's transform
+    may decode its own copy at a reduced JPEG draft size), an image in memory as it is."""
+    if getattr(img, "encoded", None) is None:
+        return img
+    from PIL import Image
+
+    fresh = Image.open(io.BytesIO(img.encoded))
+    fresh.source, fresh.encoded = getattr(img, "source", "image"), img.encoded
+    return fresh
+
+
+def stored_teacher(sample, pick):
+    """The stored teachers' features of this sample's crop (data.py says which of the K) and caption."""
+    stored = sample.get("teacher")
+    if not stored:
+        raise ValueError("--distill stored: the sample carries no teacher embeddings (write them with python "
+                         "clip.py reinforce --teacher T --data D --out O, and train on O)")
+    out, k = {}, stored["augmentation"]
+    for m, (e, scale, bias) in enumerate(zip(stored["embeddings"], stored["scales"], stored["biases"])):
+        out[f"teacher{m}_image"] = torch.from_numpy(e[k].copy())
+        out[f"teacher{m}_text"] = torch.from_numpy(e[stored["augmentations"] + pick].copy())
+        out[f"teacher{m}_scale"] = torch.tensor(scale, dtype=torch.float32)
+        out[f"teacher{m}_bias"] = torch.tensor(bias, dtype=torch.float32)
+    return out
 
 
 def trim_padding(tokens):
@@ -932,7 +1044,7 @@ def build(size="ViT-B-32", tokenizer=None, captions=(), init=None, quick_gelu=No
 
 
 def create(args, captions=(), extra=None):
-    return build(**build_kwargs(args), captions=captions, extra=extra)
+    return add_teachers(build(**build_kwargs(args), captions=captions, extra=extra), args)
 
 
 # ==== region create (copied into laclip.py) ====
@@ -954,6 +1066,27 @@ def add_clip_args(parser):
                         help="softmax: CLIP's InfoNCE; sigmoid: SigLIP's pairwise loss with a learnt bias (default: "
                              "the --init weights' own, else softmax)")
     parser.add_argument("--siglip", dest="loss", action="store_const", const="sigmoid", help="--loss sigmoid")
+    parser.add_argument("--distill", action="append", default=None, metavar="TEACHER",
+                        help="distil from a teacher CLIP (any weights --init reads; again for an ensemble), or "
+                             "'stored': the teacher embeddings in the shards (python clip.py reinforce)")
+    parser.add_argument("--distill-weight", type=float, default=1.0,
+                        help="loss = contrastive + this x distillation (default 1, open_clip's sum)")
+
+
+def add_teachers(model, args):
+    """--distill: the teachers loaded (any weights load() reads; each failure one line naming the file)
+    and the model told (model.distill)."""
+    paths = getattr(args, "distill", None) or []
+    if not paths:
+        return model
+    weight = getattr(args, "distill_weight", 1.0)
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"--distill-weight {weight}: a finite weight of at least 0")
+    if "stored" in paths and len(paths) > 1:
+        raise ValueError("--distill stored reads every teacher's embeddings from the shards: give it alone")
+    if getattr(model, "text_sets", 0):
+        raise ValueError("--distill with --text-sets (LaCLIP-MT) is not supported: distil one text per image")
+    return model.distill([] if paths == ["stored"] else [load(path)[0] for path in paths], weight, paths == ["stored"])
 
 
 def build_kwargs(args):
@@ -1954,6 +2087,155 @@ def predict_main(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# python clip.py reinforce: teachers' embeddings stored with the data (MobileCLIP's reinforced data)
+
+
+def reinforce_main(argv=None):
+    """python clip.py reinforce --teacher T [--teacher T2 ...] --data D --out O [--augmentations K]
+
+    Writes webdataset shards O/00000.tar, ... in which every sample of D holds its image (the file's own
+    bytes; a PNG for an image made in memory), its caption and rewrites, and for teacher m the float32
+    matrix KEY.teacher{m}.npy: the teacher's embeddings of the K crops that training's epochs 0..K-1
+    draw for the sample under --seed (data.augment_rng, the crop being a transform's first draw), then
+    of each text. `train.py --data 'O/{00000..0000N}.tar' --distill stored` then runs no teacher: the
+    loader draws epoch e's crop as epoch e mod K's, so each crop is one the teachers saw, and over its
+    first K epochs it trains as --distill T on O does. D is read by data.py, with its flags."""
+    try:
+        import data as datalib
+    except ImportError:
+        raise SystemExit("clip.py reinforce reads the data through data.py: run it where data.py is (this repository)") from None
+    p = argparse.ArgumentParser(prog="clip.py reinforce", description=reinforce_main.__doc__.split("\n")[0])
+    p.add_argument("--teacher", action="append", required=True, help="teacher weights (any load() reads); again for an ensemble")
+    p.add_argument("--out", required=True, help="a new folder for the shards")
+    p.add_argument("--augmentations", type=int, default=2, help="crops stored per sample (K)")
+    p.add_argument("--seed", type=int, default=0, help="the seed of the training runs whose crops are stored")
+    p.add_argument("--per-shard", type=int, default=10_000)
+    p.add_argument("--batch-size", type=int, default=64, help="samples the teachers embed at once")
+    p.add_argument("--device", default="cpu")
+    datalib.add_args(p)
+    args = p.parse_args(argv)
+    for flag in ("augmentations", "per_shard", "batch_size"):
+        if not 1 <= getattr(args, flag) <= 1 << 20:
+            p.error(f"--{flag.replace('_', '-')} must be from 1 to {1 << 20}")
+    if not 0 <= args.seed < 1 << 63:
+        p.error("--seed must be from 0")
+    try:
+        if os.path.exists(args.out) and (not os.path.isdir(args.out) or any(f.endswith(".tar") for f in os.listdir(args.out))):
+            raise ValueError(f"{args.out} already holds shards or is a file: give a new folder (nothing is overwritten)")
+        teachers = [load(path, args.device)[0] for path in args.teacher]
+        if any(t.tokenizer is None for t in teachers):
+            raise ValueError("a teacher carries no tokenizer: reinforce needs teachers that read text")
+        if args.data == "synthetic" and args.synthetic_resolution is None:
+            args.synthetic_resolution = teachers[0].cfg.image_size
+        train = datalib.build(args)[0]
+    except (FileNotFoundError, ValueError, ImportError, OSError) as err:
+        raise SystemExit(f"clip.py reinforce: {err}") from None
+    os.makedirs(args.out, exist_ok=True)
+    written, problems = write_reinforced(teachers, datalib, train, args)
+    line = f"clip.py reinforce: {written} samples with {len(teachers)} teacher(s) x {args.augmentations} crops in {args.out}"
+    if problems:
+        counts = {r: problems.count(r) for r in problems}
+        line += f"; skipped {len(problems)}: " + ", ".join(f"{n} {r}" for r, n in counts.items())
+    print(line)
+
+
+@torch.no_grad()
+def write_reinforced(teachers, datalib, train, args):
+    """reinforce_main's shards: (samples written, the reasons of those skipped)."""
+    views = [ImageTransform(t.cfg.image_size, train=True, mean=t.cfg.image_mean, std=t.cfg.image_std, uint8=True,
+                            draft=False) for t in teachers]
+    k, problems, keys, pending, written = args.augmentations, [], set(), [], 0
+    shards = ShardWriter(args.out, args.per_shard)
+    scales = [t.logit_scale.exp().item() for t in teachers]
+    biases = [t.logit_bias.item() if t.logit_bias is not None else 0.0 for t in teachers]
+
+    def flush():
+        embedded = []
+        for m, t in enumerate(teachers):
+            device = t.logit_scale.device
+            pixels = torch.stack([x for item in pending for x in item["pixels"][m]])
+            texts = [text for item in pending for text in item["texts"]]
+            image = torch.cat([t.encode_image(pixels[i:i + 256].to(device), normalize=True) for i in range(0, len(pixels), 256)])
+            text = torch.cat([t.encode_texts(texts[i:i + 256]) for i in range(0, len(texts), 256)])
+            embedded.append((image.float().cpu().numpy(), text.float().cpu().numpy()))
+        at = 0
+        for i, item in enumerate(pending):
+            n = len(item["texts"])
+            members = [(item["ext"], item["bytes"]), ("txt", item["texts"][0].encode("utf-8")),
+                       ("json", json.dumps(item["meta"]).encode("utf-8"))]
+            for m, (image, text) in enumerate(embedded):
+                buf = io.BytesIO()
+                np.save(buf, np.concatenate([image[i * k:(i + 1) * k], text[at:at + n]]).astype("<f4"))
+                members.append((f"teacher{m}.npy", buf.getvalue()))
+            shards.write(item["key"], members)
+            at += n
+        pending.clear()
+
+    for key, sample in datalib.raw_samples(train, args.seed, problems):
+        key = str(key)
+        while key in keys:  # two source shards may reuse a key: each written sample has its own
+            key += "_"
+        try:
+            img = sample["image"]
+            if getattr(img, "encoded", None) is not None and img.format in ("JPEG", "PNG", "WEBP"):
+                payload, ext = img.encoded, {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[img.format]
+            else:  # made in memory (the synthetic set): stored as a PNG
+                buf = io.BytesIO()
+                to_rgb(img).save(buf, format="PNG")
+                payload, ext = buf.getvalue(), "png"
+            texts = [sample["text"], *(r for r in sample.get("rewrites", ()) if r and r.strip())]
+            # each crop cut from the stored bytes, opened as the loader will open them
+            pixels = [[view(datalib.open_image(payload, key), datalib.augment_rng(args.seed, e, key)) for e in range(k)]
+                      for view in views]
+        except Exception as e:  # whatever one sample holds: skipped and counted
+            problems.append(datalib.sample_reason(e))
+            continue
+        keys.add(key)
+        meta = {"teacher": {"augmentations": k, "seed": args.seed, "scales": scales, "biases": biases}}
+        if len(texts) > 1:
+            meta["rewrites"] = texts[1:]
+        if "label" in sample:
+            meta["label"] = sample["label"]
+        pending.append({"key": key, "bytes": payload, "ext": ext, "texts": texts, "meta": meta, "pixels": pixels})
+        written += 1
+        if len(pending) >= args.batch_size:
+            flush()
+    if pending:
+        flush()
+    shards.close()
+    return written, problems
+
+
+class ShardWriter:
+    """Samples into numbered tar shards, per_shard each; a shard is named only once whole (written as .tmp)."""
+
+    def __init__(self, folder, per_shard):
+        self.folder, self.per_shard, self.tar, self.index, self.count = folder, per_shard, None, 0, 0
+
+    def path(self):
+        return os.path.join(self.folder, f"{self.index:05d}.tar")
+
+    def write(self, key, members):
+        import tarfile
+
+        if self.tar is None:
+            self.tar = tarfile.open(self.path() + ".tmp", "w")
+        for ext, payload in members:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(payload)
+            self.tar.addfile(info, io.BytesIO(payload))
+        self.count += 1
+        if self.count == self.per_shard:
+            self.close()
+
+    def close(self):
+        if self.tar is not None:
+            self.tar.close()
+            os.replace(self.path() + ".tmp", self.path())
+            self.tar, self.index, self.count = None, self.index + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------
 # Tokenizer: OpenAI's byte-level BPE, run by the tokenizers library
 
 
@@ -2862,9 +3144,10 @@ def _distill_backward_triton(x, y, scale, u, w, tscale, stats, grads):
 
 if __name__ == "__main__":
 
-    commands = {"predict": predict_main, "export": export_main}
+    commands = {"predict": predict_main, "export": export_main, "reinforce": reinforce_main}
     if sys.argv[1:2] not in ([c] for c in commands):
         raise SystemExit("usage: python clip.py predict --ckpt CHECKPOINT --image A.jpg [B.jpg ...] --labels 'a dog,a cat'\n"
                          "       python clip.py export CHECKPOINT OUT_DIR --format open_clip|hf\n"
+                         "       python clip.py reinforce --teacher T --data D --out O [--augmentations K]\n"
                          "(train with: torchrun train.py --model clip)")
     commands[sys.argv[1]](sys.argv[2:])

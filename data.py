@@ -4,15 +4,18 @@ A data set yields raw samples (dicts with a PIL 'image', a caption 'text' and wh
 'rewrites', 'texts' per language, 'label', detector 'boxes'); the model's transform turns a sample
 into tensors inside the loader workers, and the loader hands out (batch, info) pairs, info saying
 which samples were skipped and why. Every random choice for a sample is drawn from (seed, epoch,
-sample index). Synthetic and CSV data: global batch k always holds the same samples, so batches do not
-depend on the number of ranks or loader workers, and a run resumes mid-epoch from its step alone.
+sample index), a shard sample's from (seed, epoch, its key). Synthetic and CSV data: global batch k
+always holds the same samples, so batches do not depend on the number of ranks or loader workers, and
+a run resumes mid-epoch from its step alone.
 Shards are streamed: each loader slot (rank x worker) reads its shards through a shuffle buffer, and
 a checkpoint records each slot's position (Position), so a resume with the same ranks and workers
 continues the stream exactly.
 """
 import csv
+import hashlib
 import io
 import json
+import math
 import os
 import re
 import stat
@@ -516,7 +519,7 @@ def shard_list(spec, weights=None):
 
 # The members a sample's decode reads; others (img2dataset's .parquet rows, extra views, masks) are
 # passed over unread, so they neither fill the shuffle buffer nor count against the sample's bytes.
-READ_EXTS = {"txt", "json", "cls", *IMAGE_EXTS}
+READ_EXTS = {"txt", "json", "cls", *IMAGE_EXTS, *(f"teacher{m}.npy" for m in range(16))}
 
 
 def read_shard(path, problems, max_bytes=MAX_SAMPLE_BYTES):
@@ -589,12 +592,91 @@ def decode_sample(key, group, path):
                                                  all(isinstance(c, (int, float)) for c in b) for b in boxes)):
             raise SampleError("bad boxes", f"{where}.json: 'boxes' must be a list of [x0, y0, x1, y1]")
         sample["boxes"] = boxes
+    if "teacher" in meta:  # clip.py reinforce's stored teachers (MobileCLIP's reinforced data)
+        sample["teacher"] = stored_teacher(meta["teacher"], group, 1 + len(sample.get("rewrites", ())), where)
     label = meta.get("label", group.get("cls"))
     if isinstance(label, bytes) and label.strip().isdigit():
         label = int(label)
     if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < 2 ** 31:  # else not a class
         sample["label"] = label
     return sample
+
+
+def stored_teacher(spec, group, texts, where):
+    """A reinforced sample's teachers (clip.py reinforce): {'augmentations': K, 'seed', 'scales', 'biases',
+    'embeddings': [float32 [K + texts, E] per teacher]}: rows 0..K-1 the teacher's embeddings of the K
+    stored crops, then one per text (the caption, then each rewrite). Checked whole: a bad one is
+    SampleError 'bad teacher data'."""
+    def bad(why):
+        return SampleError("bad teacher data", f"{where}: {why}")
+
+    if not isinstance(spec, dict):
+        raise bad("'teacher' is not an object")
+    k, seed, scales, biases = (spec.get(f) for f in ("augmentations", "seed", "scales", "biases"))
+    integer = lambda v, top: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < top  # noqa: E731
+    if not (integer(k, 1 << 16) and k > 0 and integer(seed, 1 << 63)):
+        raise bad("'augmentations' must be an integer from 1 and 'seed' one from 0")
+    if not (isinstance(scales, list) and isinstance(biases, list) and 0 < len(scales) == len(biases) <= 16
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scales + biases)):
+        raise bad("'scales' and 'biases' must be lists of finite numbers, one per teacher (at most 16)")
+    embeddings = []
+    for m in range(len(scales)):
+        if f"teacher{m}.npy" not in group:
+            raise bad(f"no teacher{m}.npy member")
+        e = read_npy(group[f"teacher{m}.npy"], f"{where}.teacher{m}.npy")
+        if e.shape[0] != k + texts:
+            raise bad(f"teacher{m}.npy holds {e.shape[0]} rows; {k} crops and {texts} texts make {k + texts}")
+        embeddings.append(e)
+    return {"augmentations": k, "seed": seed, "scales": [float(v) for v in scales], "biases": [float(v) for v in biases],
+            "embeddings": embeddings, "augmentation": 0}
+
+
+def read_npy(payload, where):
+    """A finite float32 matrix of a .npy file's bytes. The header is read with numpy's parser (literals only,
+    never a pickle) and the size it claims checked against the bytes there before anything is allocated."""
+    f = io.BytesIO(payload)
+    try:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, fortran, dtype = read(f)
+    except Exception as e:  # not a .npy, a header numpy refuses, a version we do not read
+        raise SampleError("bad teacher data", f"{where} is not a .npy matrix ({type(e).__name__})") from None
+    if (dtype != np.dtype("<f4") or fortran or len(shape) != 2 or not 0 < shape[1] <= 1 << 16
+            or shape[0] * shape[1] * 4 != len(payload) - f.tell()):
+        raise SampleError("bad teacher data", f"{where}: a {dtype} {shape} array in {len(payload)} bytes; "
+                          f"float32 rows of at most 65536 are stored")
+    e = np.frombuffer(payload, "<f4", offset=f.tell()).reshape(shape)
+    if not np.isfinite(e).all():
+        raise SampleError("bad teacher data", f"{where}: not finite")
+    return e
+
+
+def augment_rng(seed, epoch, key):
+    """A shard sample's random stream (its crop, its text, its patches), from (seed, epoch, its key): the
+    same on any rank, loader worker or shuffle order, so clip.py reinforce can draw a sample's crops of
+    epoch k before any training does. A reinforced sample brings its own seed and number of crops K,
+    and its epoch e draws as epoch e mod K did (ShardBatches)."""
+    word = int.from_bytes(hashlib.blake2b(str(key).encode("utf-8", "replace"), digest_size=8).digest(), "little")
+    return np.random.default_rng([seed, epoch, word, AUGMENT])
+
+
+def raw_samples(data, seed, problems):
+    """(key, sample) for every sample of a training set once, in order (clip.py reinforce): shards' samples
+    under their own keys; a table's or the synthetic set's as epoch 0 draws their captions, keyed by
+    index. A sample that cannot be read is skipped, its reason added to problems."""
+    if isinstance(data, Shards):
+        for path in data.paths:
+            for key, group in read_shard(path, problems, data.max_bytes):
+                try:
+                    yield key, decode_sample(key, group, path)
+                except Exception as e:  # whatever one sample holds (sample_reason)
+                    problems.append(sample_reason(e))
+        return
+    for i in range(len(data)):
+        try:
+            yield f"{i:09d}", data.sample(i, np.random.default_rng([seed, 0, i, CAPTION]))
+        except Exception as e:
+            problems.append(sample_reason(e))
 
 
 class Shards:
@@ -690,7 +772,12 @@ class ShardBatches(torch.utils.data.IterableDataset):
                     continue  # already trained on before the checkpoint
                 try:
                     sample = decode_sample(key, group, path)
-                    rng = np.random.default_rng([self.seed, epoch, slot, seen, AUGMENT])
+                    stored = sample.get("teacher")
+                    if stored:  # the crops its teachers saw, cycled
+                        stored["augmentation"] = epoch % stored["augmentations"]
+                        rng = augment_rng(stored["seed"], stored["augmentation"], key)
+                    else:
+                        rng = augment_rng(self.seed, epoch, key)
                     out = apply(self.transform, sample, rng, f"{path}:{key}")
                 except Exception as e:  # whatever one sample holds, the run goes on (sample_reason)
                     skips.append(sample_reason(e))

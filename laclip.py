@@ -56,9 +56,11 @@ tokenizer, the fused kernel) copied from clip.py, and the LaCLIP class that mixe
 
 import argparse
 import contextlib
+import copy
 import gzip
 import html
 import inspect
+import io
 import json
 import math
 import os
@@ -92,6 +94,7 @@ class RewriteTransform:
         self.tokenizer, self.sets = tokenizer, sets
 
     def __call__(self, sample, rng):
+        image = self.image(sample["image"], rng)  # the crop box first: every transform's first draw (distillation)
         original = sample["text"]
         texts = [original] + [r for r in sample.get("rewrites", ()) if r and r.strip()]
         if self.sets:
@@ -100,7 +103,7 @@ class RewriteTransform:
         else:
             text = texts[int(rng.integers(len(texts)))]
             tokens = self.tokenizer([text if len(text.split()) >= 2 else original])[0]
-        return {"image": self.image(sample["image"], rng), "text": tokens}
+        return {"image": image, "text": tokens}
 
     def finish(self, batch, device, notes=None):
         """The loader's batch on the device (under --gpu-decode its JPEGs are decoded there), its token
@@ -137,6 +140,8 @@ class LaCLIPMethod:
                              gpu_decode)
         if self.patch_dropout:
             t = PatchDropout(t, (self.cfg.image_size // self.cfg.patch_size) ** 2, self.patch_dropout)
+        if self.teachers or self.distill_stored:
+            t = DistillTransform(t, self.tokenizer, self.teachers, self.distill_stored)
         return t
 
     def forward(self, batch):
@@ -182,7 +187,7 @@ def build(size="ViT-B-32", tokenizer=None, captions=(), init=None, quick_gelu=No
 
 def create(args, captions=(), extra=None):
     sets = args.max_rewrites + 1 if getattr(args, "multi_text", False) else 0
-    return build(**build_kwargs(args), captions=captions, text_sets=sets, extra=extra)
+    return add_teachers(build(**build_kwargs(args), captions=captions, text_sets=sets, extra=extra), args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -645,6 +650,7 @@ class CLIP(nn.Module):
                 m.eps = cfg.ln_eps
         self.locked = []  # modules frozen by lock(): they stay in eval mode
         self.patch_dropout = 0.0  # training's share of image patches dropped (FLIP); build() sets it
+        self.teachers, self.distill_weight, self.distill_stored = [], 1.0, False  # distill() sets them
 
     def lock(self, image=False, text=False, image_unlocked_layers=0, text_unlocked_layers=0):
         """LiT (open_clip's --lock-image / --lock-text): a locked tower gets no gradient and no optimizer
@@ -683,12 +689,62 @@ class CLIP(nn.Module):
                "scale": self.logit_scale.exp()}
         if self.logit_bias is not None:
             out["bias"] = self.logit_bias
+        if "teacher0_pixels" in batch or "teacher0_image" in batch:  # a training batch of a distilled run
+            out.update(self.teacher_features(batch))
         return out
 
     def loss(self, out):
         if "bias" in out:
-            return sigmoid_loss(out["image"], out["text"], out["scale"], out["bias"])
-        return contrastive_loss(out["image"], out["text"], out["scale"])
+            loss = sigmoid_loss(out["image"], out["text"], out["scale"], out["bias"])
+        else:
+            loss = contrastive_loss(out["image"], out["text"], out["scale"])
+        if "teacher0_image" in out:  # open_clip's sum: contrastive + weight x distillation (teachers frozen)
+            m = range(sum(1 for k in out if k.endswith("_image") and k.startswith("teacher")))
+            u, w, t = ([out[f"teacher{i}_{k}"].detach() for i in m] for k in ("image", "text", "scale"))
+            b = [out[f"teacher{i}_bias"].detach() if f"teacher{i}_bias" in out else None for i in m]
+            if "bias" in out:
+                d = distill_sigmoid_loss(out["image"], out["text"], out["scale"], out["bias"], u, w, t, b)
+            else:
+                d = distill_loss(out["image"], out["text"], out["scale"], u, w, t)
+            loss = loss + self.distill_weight * d
+        return loss
+
+    def distill(self, teachers=(), weight=1.0, stored=False):
+        """Train against teachers (open_clip's --distill-model; MobileCLIP's ensemble and stored teachers):
+        the loss adds weight x distill_loss (distill_sigmoid_loss for a SigLIP student) against their
+        features. teachers: CLIP models (load() reads any weights), frozen, in eval mode, kept out of this
+        module's parameters (not trained, saved or sharded); each sees the student's crop at its own input
+        size and normalisation and the caption through its own tokenizer. stored: no teacher runs; the
+        features come with the data (clip.py reinforce writes them, data.py reads them)."""
+        for t in teachers:
+            if t.tokenizer is None:
+                raise ValueError("a teacher without its tokenizer cannot read the captions: load it with tokenizer=")
+            t.requires_grad_(False).eval()
+        self.teachers, self.distill_weight, self.distill_stored = list(teachers), float(weight), bool(stored)
+        return self
+
+    @torch.no_grad()
+    def teacher_features(self, batch):
+        """teacher{m}_image, _text (features), _scale and, for a SigLIP teacher, _bias, per teacher m: stored
+        in the batch, or made by the teachers from their own inputs on this model's device, in the run's
+        precision. Flat keys: train.py's --accum gathers an out's tensors key by key."""
+        out, device = {}, self.logit_scale.device
+        for m in range(len(self.teachers) if self.teachers else 64):
+            if f"teacher{m}_image" in batch:  # stored: one scale and bias a teacher, repeated in each sample
+                features = (batch[f"teacher{m}_image"], batch[f"teacher{m}_text"], batch[f"teacher{m}_scale"][0],
+                            batch[f"teacher{m}_bias"][0])
+            elif f"teacher{m}_pixels" in batch:
+                t = self.teachers[m]
+                if t.logit_scale.device != device:
+                    t.to(device)
+                features = (t.encode_image(batch[f"teacher{m}_pixels"], normalize=True),
+                            t.encode_text(batch[f"teacher{m}_tokens"], normalize=True), t.logit_scale.exp(), t.logit_bias)
+            else:
+                break
+            for key, value in zip(("image", "text", "scale", "bias"), features):
+                if value is not None:
+                    out[f"teacher{m}_{key}"] = value
+        return out
 
     @torch.no_grad()
     def after_step(self):
@@ -698,6 +754,8 @@ class CLIP(nn.Module):
         t = Transform(self.cfg.image_size, self.tokenizer, train, self.cfg.image_mean, self.cfg.image_std, gpu_decode)
         if train and self.patch_dropout:
             t = PatchDropout(t, (self.cfg.image_size // self.cfg.patch_size) ** 2, self.patch_dropout)
+        if train and (self.teachers or self.distill_stored):
+            t = DistillTransform(t, self.tokenizer, self.teachers, self.distill_stored)
         return t
 
     def preprocess(self):
@@ -740,6 +798,63 @@ class Transform:
         if "text" in batch:
             batch = {**batch, "text": trim_padding(batch["text"])}
         return to_device(batch, device, self.image, notes)
+
+
+class DistillTransform:
+    """A training sample's inputs for distillation: the student's (from `inner`), and for teacher m either
+    teacher{m}_pixels and teacher{m}_tokens (online: the crop the student draws, cut from the image at
+    the teacher's input size; the student's caption through the teacher's tokenizer) or, stored,
+    teacher{m}_image / _text / _scale / _bias (the embeddings clip.py reinforce wrote for this crop and
+    this caption). A transform's crop box is the first draw from the sample's rng, so a copy of the rng
+    draws the student's box; every later draw (the text, the patches) is the student's alone."""
+
+    def __init__(self, inner, tokenizer, teachers=(), stored=False):
+        self.inner, self.tokenizer, self.stored = inner, tokenizer, stored
+        self.views = [(ImageTransform(t.cfg.image_size, train=True, mean=t.cfg.image_mean, std=t.cfg.image_std,
+                                      uint8=True, draft=False), t.tokenizer) for t in teachers]
+
+    def __call__(self, sample, rng):
+        pixels = [view(teacher_image(sample["image"]), copy.deepcopy(rng)) for view, _ in self.views]
+        out = self.inner(sample, rng)
+        texts = [sample["text"], *(r for r in sample.get("rewrites", ()) if r and r.strip())]
+        # the caption the student got (LaCLIP draws one of the rewrites): the first text it tokenizes as
+        pick = next((i for i, text in enumerate(texts) if torch.equal(self.tokenizer([text])[0], out["text"])), 0)
+        if self.stored:
+            out.update(stored_teacher(sample, pick))
+        for m, ((_, tokenizer), x) in enumerate(zip(self.views, pixels)):
+            out[f"teacher{m}_pixels"], out[f"teacher{m}_tokens"] = x, tokenizer([texts[pick]])[0]
+        return out
+
+    def finish(self, batch, device, notes=None):
+        batch = {k: trim_padding(v) if k.endswith("_tokens") else v for k, v in batch.items()}
+        return self.inner.finish(batch, device, notes)
+
+
+def teacher_image(img):
+    """The sample's image as the teachers read it: a file's bytes opened afresh (the student's transform
+    may decode its own copy at a reduced JPEG draft size), an image in memory as it is."""
+    if getattr(img, "encoded", None) is None:
+        return img
+    from PIL import Image
+
+    fresh = Image.open(io.BytesIO(img.encoded))
+    fresh.source, fresh.encoded = getattr(img, "source", "image"), img.encoded
+    return fresh
+
+
+def stored_teacher(sample, pick):
+    """The stored teachers' features of this sample's crop (data.py says which of the K) and caption."""
+    stored = sample.get("teacher")
+    if not stored:
+        raise ValueError("--distill stored: the sample carries no teacher embeddings (write them with python "
+                         "clip.py reinforce --teacher T --data D --out O, and train on O)")
+    out, k = {}, stored["augmentation"]
+    for m, (e, scale, bias) in enumerate(zip(stored["embeddings"], stored["scales"], stored["biases"])):
+        out[f"teacher{m}_image"] = torch.from_numpy(e[k].copy())
+        out[f"teacher{m}_text"] = torch.from_numpy(e[stored["augmentations"] + pick].copy())
+        out[f"teacher{m}_scale"] = torch.tensor(scale, dtype=torch.float32)
+        out[f"teacher{m}_bias"] = torch.tensor(bias, dtype=torch.float32)
+    return out
 
 
 def trim_padding(tokens):
@@ -1229,6 +1344,27 @@ def add_clip_args(parser):
                         help="softmax: CLIP's InfoNCE; sigmoid: SigLIP's pairwise loss with a learnt bias (default: "
                              "the --init weights' own, else softmax)")
     parser.add_argument("--siglip", dest="loss", action="store_const", const="sigmoid", help="--loss sigmoid")
+    parser.add_argument("--distill", action="append", default=None, metavar="TEACHER",
+                        help="distil from a teacher CLIP (any weights --init reads; again for an ensemble), or "
+                             "'stored': the teacher embeddings in the shards (python clip.py reinforce)")
+    parser.add_argument("--distill-weight", type=float, default=1.0,
+                        help="loss = contrastive + this x distillation (default 1, open_clip's sum)")
+
+
+def add_teachers(model, args):
+    """--distill: the teachers loaded (any weights load() reads; each failure one line naming the file)
+    and the model told (model.distill)."""
+    paths = getattr(args, "distill", None) or []
+    if not paths:
+        return model
+    weight = getattr(args, "distill_weight", 1.0)
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"--distill-weight {weight}: a finite weight of at least 0")
+    if "stored" in paths and len(paths) > 1:
+        raise ValueError("--distill stored reads every teacher's embeddings from the shards: give it alone")
+    if getattr(model, "text_sets", 0):
+        raise ValueError("--distill with --text-sets (LaCLIP-MT) is not supported: distil one text per image")
+    return model.distill([] if paths == ["stored"] else [load(path)[0] for path in paths], weight, paths == ["stored"])
 
 
 def build_kwargs(args):

@@ -149,16 +149,31 @@ def test_model_file_reads_method_first(path):
     assert len(after) <= 15, f"{name}: {len(after)} lines after the copied regions"
 
 
+# One command reads training data, and so needs this repository's loader: clip.py reinforce imports data.py
+# inside the command alone (a copied clip.py imports, trains and predicts without it; the command says so).
+COMMAND_IMPORTS = {("clip.py", "reinforce_main"): {"data"}}
+
+
+def imports(tree):
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
 @pytest.mark.parametrize("path", present(MODEL_FILES))
 def test_model_file_imports_nothing_from_the_repo(path):
     tree = ast.parse(read(path))
-    imported = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert not imported & REPO_MODULES, f"{path} imports {imported & REPO_MODULES}"
+        allowed = COMMAND_IMPORTS.get((os.path.basename(path), getattr(node, "name", None)))
+        if isinstance(node, ast.FunctionDef) and allowed:
+            assert imports(node) & REPO_MODULES == allowed
+            assert "except ImportError" in ast.get_source_segment(read(path), node)  # one line when it is absent
+            node.body = []  # the rest of the file is checked as usual
+    assert not imports(tree) & REPO_MODULES, f"{path} imports {imports(tree) & REPO_MODULES}"
 
 
 def test_ci_runs_the_readme_test_command():
