@@ -818,12 +818,16 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
+        self.lora = nn.ModuleDict()  # LoRA adapters of q, k, v, out (add_lora); none by default
 
     def forward(self, x, causal=False):
         b, n, w = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.out_proj(x.transpose(1, 2).reshape(b, n, w))
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        if len(self.lora):  # the fused projection's q, k and v rows each take their own adapter
+            qkv = torch.cat([part + self.lora[p](x) if p in self.lora else part for p, part in zip("qkv", qkv.chunk(3, -1))], -1)
+        q, k, v = qkv.view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(b, n, w)
+        return self.out_proj(x) + self.lora["out"](x) if "out" in self.lora else self.out_proj(x)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -837,10 +841,15 @@ class ResidualAttentionBlock(nn.Module):
             ("c_fc", nn.Linear(width, mlp_width)),
             ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
             ("c_proj", nn.Linear(mlp_width, width))]))
+        self.lora = nn.ModuleDict()  # LoRA adapters of the MLP's c_fc and c_proj (add_lora); none by default
 
     def forward(self, x, causal=False):
         x = x + self.attn(self.ln_1(x), causal)
-        return x + self.mlp(self.ln_2(x))
+        if not len(self.lora):
+            return x + self.mlp(self.ln_2(x))
+        h = self.ln_2(x)
+        h = self.mlp.gelu(self.mlp.c_fc(h) + self.lora["c_fc"](h))
+        return x + self.mlp.c_proj(h) + self.lora["c_proj"](h)
 
 
 class Transformer(nn.Module):
@@ -863,6 +872,146 @@ class Transformer(nn.Module):
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 # ==== end of copy: transformer ====
+
+
+# ==== copied from clip.py: lora (shared code, kept identical to clip.py's region) ====
+class LoRA(nn.Module):
+    """A low-rank update beside a frozen linear map W (Hu et al. 2021): the layer computes W x + (alpha / rank)
+    B A x. A [rank, in] starts as peft's (Kaiming-uniform), B [out, rank] at zero: fresh adapters change
+    nothing, so step 0 is the base model."""
+
+    def __init__(self, d_in, d_out, rank, alpha, dropout=0.0):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, d_in))
+        self.B = nn.Parameter(torch.zeros(d_out, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.scaling, self.dropout = alpha / rank, dropout
+
+    def forward(self, x):
+        return F.linear(F.linear(F.dropout(x, self.dropout, self.training), self.A), self.B) * self.scaling
+
+
+LORA_TARGETS = ("q", "k", "v", "out", "mlp")  # attention's projections; mlp: both of the MLP's layers
+
+
+def lora_spec(rank, alpha=None, targets=("q", "v"), dropout=0.0, towers=None, train_scale=False):
+    """The adapters' settings, checked (they come from flags, or from a checkpoint that may come from anywhere)."""
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= 4096):
+        raise ValueError(f"LoRA rank {rank!r}: an integer from 1 to 4096")
+    alpha = float(rank if alpha is None else alpha)
+    if not (math.isfinite(alpha) and alpha > 0 and isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        raise ValueError(f"LoRA alpha {alpha} must be above 0 and dropout {dropout!r} from 0 to below 1")
+    targets = tuple(targets)
+    if not targets or not set(targets) <= set(LORA_TARGETS) or len(set(targets)) != len(targets):
+        raise ValueError(f"LoRA targets {','.join(map(str, targets))}: choose among {','.join(LORA_TARGETS)}")
+    return {"rank": rank, "alpha": alpha, "targets": [t for t in LORA_TARGETS if t in targets], "dropout": float(dropout),
+            "towers": None if towers is None else list(towers), "train_scale": bool(train_scale)}
+
+
+def add_lora(blocks, spec):
+    """Adapters on the targeted projections of each residual block, on the block's device."""
+    for block in blocks:
+        w, hidden = block.attn.out_proj.in_features, block.mlp.c_fc.out_features
+        new = lambda d_in, d_out: LoRA(d_in, d_out, spec["rank"], spec["alpha"], spec["dropout"]).to(  # noqa: E731
+            block.attn.in_proj_weight.device)
+        for t in spec["targets"]:
+            if t == "mlp":
+                block.lora["c_fc"], block.lora["c_proj"] = new(w, hidden), new(hidden, w)
+            else:
+                block.attn.lora[t] = new(w, w)
+
+
+def saved_lora_spec(extra, where):
+    """The LoRA settings a checkpoint's extra state records, checked; None for a checkpoint without adapters."""
+    if extra.get("lora") is None:
+        return None
+    if not isinstance(extra["lora"], dict):
+        raise ValueError(f"{where}: its LoRA settings are not a dict")
+    return lora_spec(**extra["lora"])
+
+
+def attach_lora(model, towers, spec, scalars=()):
+    """model.add_lora's work, for any model whose towers ({name: residual blocks}) are these blocks: freeze
+    every weight, add the adapters, unfreeze the scalars (with spec's train_scale); the spec, its towers
+    filled in, is returned for model.lora_spec."""
+    unlocked = [t for t, blocks in towers.items() if any(p.requires_grad for p in blocks.parameters())]
+    chosen = spec["towers"] or unlocked
+    if not chosen or set(chosen) - set(towers):
+        raise ValueError(f"LoRA towers {','.join(map(str, chosen))}: choose among {','.join(towers)}")
+    spec = {**spec, "towers": [t for t in towers if t in chosen]}
+    if set(spec["towers"]) - set(unlocked):
+        raise ValueError(f"the {','.join(sorted(set(spec['towers']) - set(unlocked)))} tower is locked (LiT): "
+                         f"leave it out of the LoRA towers")
+    if getattr(model, "lora_spec", None) is not None:
+        raise ValueError("this model has adapters already: merge_lora() first")
+    model.requires_grad_(False)
+    for t in spec["towers"]:
+        add_lora(towers[t], spec)
+    for scalar in scalars if spec["train_scale"] else ():
+        if scalar is not None:
+            scalar.requires_grad_(True)
+    return spec
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """The adapters folded into the weights (W + (alpha / rank) B A) and removed: a plain model again,
+    every weight trainable but those of LiT-locked modules."""
+    if getattr(model, "lora_spec", None) is None:
+        return model
+    sd = merge_lora_weights(model.state_dict(), model.lora_spec)
+    for m in model.modules():
+        if isinstance(getattr(m, "lora", None), nn.ModuleDict):
+            m.lora = nn.ModuleDict()
+    model.load_state_dict(sd)
+    model.requires_grad_(True)
+    for m in getattr(model, "locked", ()):
+        m.requires_grad_(False)
+    model.lora_spec = None
+    return model
+
+
+def add_lora_args(parser):
+    """train.py's LoRA flags (every model file whose towers are these blocks)."""
+    parser.add_argument("--lora", type=int, default=0, metavar="RANK",
+                        help="LoRA: freeze the weights, train low-rank adapters of this rank (0: off)")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="adapters scaled by alpha / rank (default: rank)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' inputs")
+    parser.add_argument("--lora-targets", default="q,v",
+                        help="projections adapted, comma-separated among q,k,v,out,mlp (default q,v, as peft users do)")
+    parser.add_argument("--lora-towers", default=None,
+                        help="towers adapted, comma-separated (default: every tower LiT leaves unlocked)")
+    parser.add_argument("--lora-train-scale", action="store_true", help="with --lora: the logit scale trains too")
+
+
+def add_adapters(model, args):
+    """--lora: model.add_lora with the flags' settings (after --init's weights and the LiT locks)."""
+    rank = getattr(args, "lora", 0)
+    if not rank:
+        return model
+    if getattr(args, "lock_image_unlocked_layers", 0) or getattr(args, "lock_text_unlocked_layers", 0):
+        raise ValueError("--lora freezes every weight: --lock-*-unlocked-layers has nothing to unlock; drop it")
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
+    return model.add_lora(rank, args.lora_alpha, split(args.lora_targets), split(args.lora_towers), args.lora_dropout,
+                          args.lora_train_scale)
+
+
+def merge_lora_weights(sd, spec):
+    """A state dict with adapters as the plain one of the merged weights, W + (alpha / rank) B A each."""
+    sd, scaling = dict(sd), spec["alpha"] / spec["rank"]
+    for key in [k for k in sd if re.search(r"\.lora\.\w+\.A$", k)]:
+        stem, part = re.match(r"(.*)\.lora\.(\w+)\.A$", key).groups()
+        delta = (sd.pop(f"{stem}.lora.{part}.B").float() @ sd.pop(key).float()) * scaling
+        if part in ("q", "k", "v"):
+            w = sd[f"{stem}.in_proj_weight"].clone()
+            i = "qkv".index(part) * (w.shape[0] // 3)
+            w[i:i + w.shape[0] // 3] += delta.to(w.dtype)
+            sd[f"{stem}.in_proj_weight"] = w
+        else:
+            name = {"out": "out_proj", "c_fc": "mlp.c_fc", "c_proj": "mlp.c_proj"}[part]
+            sd[f"{stem}.{name}.weight"] = sd[f"{stem}.{name}.weight"] + delta.to(sd[f"{stem}.{name}.weight"].dtype)
+    return sd
+# ==== end of copy: lora ====
 
 
 # ==== copied from clip.py: vision (shared code, kept identical to clip.py's region) ====
@@ -1813,16 +1962,18 @@ def hf_names(cfg):
     return names
 
 
-def save_weights(sd, folder):
-    """transformers' weight file: model.safetensors where safetensors is installed, else pytorch_model.bin."""
+def save_weights(sd, folder, stem="model"):
+    """transformers' (stem adapter_model: peft's) weight file: STEM.safetensors where safetensors is
+    installed, else pytorch_model.bin (adapter_model.bin)."""
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     try:
         from safetensors.torch import save_file
     except ImportError:
-        torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
-        return os.path.join(folder, "pytorch_model.bin")
-    save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    return os.path.join(folder, "model.safetensors")
+        path = os.path.join(folder, "pytorch_model.bin" if stem == "model" else f"{stem}.bin")
+        torch.save(sd, path)
+        return path
+    save_file(sd, os.path.join(folder, f"{stem}.safetensors"), metadata={"format": "pt"})
+    return os.path.join(folder, f"{stem}.safetensors")
 # ==== end of copy: weight-files ====
 
 

@@ -167,12 +167,16 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
+        self.lora = nn.ModuleDict()  # LoRA adapters of q, k, v, out (add_lora); none by default
 
     def forward(self, x, causal=False):
         b, n, w = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.out_proj(x.transpose(1, 2).reshape(b, n, w))
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        if len(self.lora):  # the fused projection's q, k and v rows each take their own adapter
+            qkv = torch.cat([part + self.lora[p](x) if p in self.lora else part for p, part in zip("qkv", qkv.chunk(3, -1))], -1)
+        q, k, v = qkv.view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(b, n, w)
+        return self.out_proj(x) + self.lora["out"](x) if "out" in self.lora else self.out_proj(x)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -186,10 +190,15 @@ class ResidualAttentionBlock(nn.Module):
             ("c_fc", nn.Linear(width, mlp_width)),
             ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
             ("c_proj", nn.Linear(mlp_width, width))]))
+        self.lora = nn.ModuleDict()  # LoRA adapters of the MLP's c_fc and c_proj (add_lora); none by default
 
     def forward(self, x, causal=False):
         x = x + self.attn(self.ln_1(x), causal)
-        return x + self.mlp(self.ln_2(x))
+        if not len(self.lora):
+            return x + self.mlp(self.ln_2(x))
+        h = self.ln_2(x)
+        h = self.mlp.gelu(self.mlp.c_fc(h) + self.lora["c_fc"](h))
+        return x + self.mlp.c_proj(h) + self.lora["c_proj"](h)
 
 
 class Transformer(nn.Module):
@@ -313,7 +322,8 @@ class CLIP(nn.Module):
                 m.eps = cfg.ln_eps
         self.locked = []  # modules frozen by lock(): they stay in eval mode
         self.patch_dropout = 0.0  # training's share of image patches dropped (FLIP); build() sets it
-        self.teachers, self.distill_weight, self.distill_stored = [], 1.0, False  # distill() sets them
+        self.teachers, self.distill_weight, self.distill_stored, self.distill_icl = [], 1.0, False, 1.0  # distill() sets them
+        self.lora_spec = None  # add_lora() sets it
 
     def lock(self, image=False, text=False, image_unlocked_layers=0, text_unlocked_layers=0):
         """LiT (open_clip's --lock-image / --lock-text): a locked tower gets no gradient and no optimizer
@@ -332,6 +342,21 @@ class CLIP(nn.Module):
         for m in self.locked:
             m.eval()
         return self
+
+    def towers(self):
+        return {"image": self.visual.transformer.resblocks, "text": self.transformer.resblocks}
+
+    def add_lora(self, rank, alpha=None, targets=("q", "v"), towers=None, dropout=0.0, train_scale=False):
+        """LoRA fine-tuning (attach_lora): every weight frozen, adapters on the targeted projections (q, k,
+        v, out, mlp) of each block of the towers (default: those LiT leaves unlocked); optimizer_groups
+        then holds the adapters alone (and the logit scale and bias with train_scale). extra_state()
+        records the settings: load() of the checkpoint merges the adapters in; merge_lora() does it here."""
+        spec = lora_spec(rank, alpha, targets, dropout, towers, train_scale)
+        self.lora_spec = attach_lora(self, self.towers(), spec, (self.logit_scale, self.logit_bias))
+        return self
+
+    def merge_lora(self):
+        return merge_lora(self)
 
     def encode_image(self, images, normalize=False, keep=None):
         x = self.visual(normalize_pixels(images, self.cfg.image_mean, self.cfg.image_std), keep)
@@ -370,20 +395,31 @@ class CLIP(nn.Module):
             else:
                 d = distill_loss(out["image"], out["text"], out["scale"], u, w, t)
             loss = loss + self.distill_weight * d
+            # CLIP-KD's interactive contrastive term (Yang et al. 2024): each student tower against the other
+            # tower's teacher features, with the student's own loss; teachers of another width have none.
+            same = [(ut, wt) for ut, wt in zip(u, w) if ut.shape[1] == out["image"].shape[1]]
+            if self.distill_icl and same:
+                pair = ((lambda a, b: sigmoid_loss(a, b, out["scale"], out["bias"])) if "bias" in out
+                        else (lambda a, b: contrastive_loss(a, b, out["scale"])))
+                icl = sum(pair(out["image"], wt) + pair(ut, out["text"]) for ut, wt in same) / (2 * len(same))
+                loss = loss + self.distill_icl * icl
         return loss
 
-    def distill(self, teachers=(), weight=1.0, stored=False):
+    def distill(self, teachers=(), weight=1.0, stored=False, icl=1.0):
         """Train against teachers (open_clip's --distill-model; MobileCLIP's ensemble and stored teachers):
         the loss adds weight x distill_loss (distill_sigmoid_loss for a SigLIP student) against their
-        features. teachers: CLIP models (load() reads any weights), frozen, in eval mode, kept out of this
-        module's parameters (not trained, saved or sharded); each sees the student's crop at its own input
-        size and normalisation and the caption through its own tokenizer. stored: no teacher runs; the
-        features come with the data (clip.py reinforce writes them, data.py reads them)."""
+        features, and icl x CLIP-KD's interactive contrastive term (the student's images against a
+        teacher's texts and its texts against the teacher's images; for teachers of the student's width).
+        icl=0 is open_clip's sum. teachers: CLIP models (load() reads any weights), frozen, in eval mode,
+        kept out of this module's parameters (not trained, saved or sharded); each sees the student's crop
+        at its own input size and normalisation and the caption through its own tokenizer. stored: no
+        teacher runs; the features come with the data (clip.py reinforce writes them, data.py reads them)."""
         for t in teachers:
             if t.tokenizer is None:
                 raise ValueError("a teacher without its tokenizer cannot read the captions: load it with tokenizer=")
             t.requires_grad_(False).eval()
         self.teachers, self.distill_weight, self.distill_stored = list(teachers), float(weight), bool(stored)
+        self.distill_icl = float(icl)
         return self
 
     @torch.no_grad()
@@ -434,7 +470,8 @@ class CLIP(nn.Module):
         return self.encode_text(trim_padding(self.tokenizer(texts)).to(device), normalize=True)
 
     def extra_state(self):
-        return {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None}
+        extra = {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None}
+        return {**extra, "lora": self.lora_spec} if self.lora_spec else extra
 
     def optimizer_groups(self, weight_decay):
         return adamw_groups(self, weight_decay)
@@ -1044,7 +1081,7 @@ def build(size="ViT-B-32", tokenizer=None, captions=(), init=None, quick_gelu=No
 
 
 def create(args, captions=(), extra=None):
-    return add_teachers(build(**build_kwargs(args), captions=captions, extra=extra), args)
+    return add_teachers(add_adapters(build(**build_kwargs(args), captions=captions, extra=extra), args), args)
 
 
 # ==== region create (copied into laclip.py) ====
@@ -1071,6 +1108,10 @@ def add_clip_args(parser):
                              "'stored': the teacher embeddings in the shards (python clip.py reinforce)")
     parser.add_argument("--distill-weight", type=float, default=1.0,
                         help="loss = contrastive + this x distillation (default 1, open_clip's sum)")
+    parser.add_argument("--distill-icl", type=float, default=1.0,
+                        help="plus this x CLIP-KD's interactive contrastive term, for teachers of the student's "
+                             "width (0: open_clip's --distill-model loss exactly)")
+    add_lora_args(parser)
 
 
 def add_teachers(model, args):
@@ -1079,14 +1120,19 @@ def add_teachers(model, args):
     paths = getattr(args, "distill", None) or []
     if not paths:
         return model
-    weight = getattr(args, "distill_weight", 1.0)
-    if not (math.isfinite(weight) and weight >= 0):
-        raise ValueError(f"--distill-weight {weight}: a finite weight of at least 0")
+    weight, icl = getattr(args, "distill_weight", 1.0), getattr(args, "distill_icl", 1.0)
+    if not all(math.isfinite(v) and v >= 0 for v in (weight, icl)):
+        raise ValueError(f"--distill-weight {weight}, --distill-icl {icl}: finite weights of at least 0")
     if "stored" in paths and len(paths) > 1:
         raise ValueError("--distill stored reads every teacher's embeddings from the shards: give it alone")
     if getattr(model, "text_sets", 0):
         raise ValueError("--distill with --text-sets (LaCLIP-MT) is not supported: distil one text per image")
-    return model.distill([] if paths == ["stored"] else [load(path)[0] for path in paths], weight, paths == ["stored"])
+    teachers = [] if paths == ["stored"] else [load(path)[0] for path in paths]
+    other = [p for p, t in zip(paths, teachers) if t.cfg.embed_dim != model.cfg.embed_dim]
+    if icl and other:
+        print(f"--distill: {', '.join(other)} embed(s) in another width than the student's {model.cfg.embed_dim}: "
+              f"the distillation term only, no interactive term")
+    return model.distill(teachers, weight, paths == ["stored"], icl)
 
 
 def build_kwargs(args):
@@ -1136,6 +1182,150 @@ def start(model, weights=None, lock_image=False, lock_image_unlocked_layers=0, l
         model.lock(lock_image, lock_text, lock_image_unlocked_layers, lock_text_unlocked_layers)
     return model
 # ==== end of region create ====
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA: low-rank adapters on a frozen model (train.py --lora R; model.add_lora for your own loop)
+
+
+# ==== region lora (copied into clippo.py, altclip.py, laclip.py) ====
+class LoRA(nn.Module):
+    """A low-rank update beside a frozen linear map W (Hu et al. 2021): the layer computes W x + (alpha / rank)
+    B A x. A [rank, in] starts as peft's (Kaiming-uniform), B [out, rank] at zero: fresh adapters change
+    nothing, so step 0 is the base model."""
+
+    def __init__(self, d_in, d_out, rank, alpha, dropout=0.0):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, d_in))
+        self.B = nn.Parameter(torch.zeros(d_out, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.scaling, self.dropout = alpha / rank, dropout
+
+    def forward(self, x):
+        return F.linear(F.linear(F.dropout(x, self.dropout, self.training), self.A), self.B) * self.scaling
+
+
+LORA_TARGETS = ("q", "k", "v", "out", "mlp")  # attention's projections; mlp: both of the MLP's layers
+
+
+def lora_spec(rank, alpha=None, targets=("q", "v"), dropout=0.0, towers=None, train_scale=False):
+    """The adapters' settings, checked (they come from flags, or from a checkpoint that may come from anywhere)."""
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= 4096):
+        raise ValueError(f"LoRA rank {rank!r}: an integer from 1 to 4096")
+    alpha = float(rank if alpha is None else alpha)
+    if not (math.isfinite(alpha) and alpha > 0 and isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        raise ValueError(f"LoRA alpha {alpha} must be above 0 and dropout {dropout!r} from 0 to below 1")
+    targets = tuple(targets)
+    if not targets or not set(targets) <= set(LORA_TARGETS) or len(set(targets)) != len(targets):
+        raise ValueError(f"LoRA targets {','.join(map(str, targets))}: choose among {','.join(LORA_TARGETS)}")
+    return {"rank": rank, "alpha": alpha, "targets": [t for t in LORA_TARGETS if t in targets], "dropout": float(dropout),
+            "towers": None if towers is None else list(towers), "train_scale": bool(train_scale)}
+
+
+def add_lora(blocks, spec):
+    """Adapters on the targeted projections of each residual block, on the block's device."""
+    for block in blocks:
+        w, hidden = block.attn.out_proj.in_features, block.mlp.c_fc.out_features
+        new = lambda d_in, d_out: LoRA(d_in, d_out, spec["rank"], spec["alpha"], spec["dropout"]).to(  # noqa: E731
+            block.attn.in_proj_weight.device)
+        for t in spec["targets"]:
+            if t == "mlp":
+                block.lora["c_fc"], block.lora["c_proj"] = new(w, hidden), new(hidden, w)
+            else:
+                block.attn.lora[t] = new(w, w)
+
+
+def saved_lora_spec(extra, where):
+    """The LoRA settings a checkpoint's extra state records, checked; None for a checkpoint without adapters."""
+    if extra.get("lora") is None:
+        return None
+    if not isinstance(extra["lora"], dict):
+        raise ValueError(f"{where}: its LoRA settings are not a dict")
+    return lora_spec(**extra["lora"])
+
+
+def attach_lora(model, towers, spec, scalars=()):
+    """model.add_lora's work, for any model whose towers ({name: residual blocks}) are these blocks: freeze
+    every weight, add the adapters, unfreeze the scalars (with spec's train_scale); the spec, its towers
+    filled in, is returned for model.lora_spec."""
+    unlocked = [t for t, blocks in towers.items() if any(p.requires_grad for p in blocks.parameters())]
+    chosen = spec["towers"] or unlocked
+    if not chosen or set(chosen) - set(towers):
+        raise ValueError(f"LoRA towers {','.join(map(str, chosen))}: choose among {','.join(towers)}")
+    spec = {**spec, "towers": [t for t in towers if t in chosen]}
+    if set(spec["towers"]) - set(unlocked):
+        raise ValueError(f"the {','.join(sorted(set(spec['towers']) - set(unlocked)))} tower is locked (LiT): "
+                         f"leave it out of the LoRA towers")
+    if getattr(model, "lora_spec", None) is not None:
+        raise ValueError("this model has adapters already: merge_lora() first")
+    model.requires_grad_(False)
+    for t in spec["towers"]:
+        add_lora(towers[t], spec)
+    for scalar in scalars if spec["train_scale"] else ():
+        if scalar is not None:
+            scalar.requires_grad_(True)
+    return spec
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """The adapters folded into the weights (W + (alpha / rank) B A) and removed: a plain model again,
+    every weight trainable but those of LiT-locked modules."""
+    if getattr(model, "lora_spec", None) is None:
+        return model
+    sd = merge_lora_weights(model.state_dict(), model.lora_spec)
+    for m in model.modules():
+        if isinstance(getattr(m, "lora", None), nn.ModuleDict):
+            m.lora = nn.ModuleDict()
+    model.load_state_dict(sd)
+    model.requires_grad_(True)
+    for m in getattr(model, "locked", ()):
+        m.requires_grad_(False)
+    model.lora_spec = None
+    return model
+
+
+def add_lora_args(parser):
+    """train.py's LoRA flags (every model file whose towers are these blocks)."""
+    parser.add_argument("--lora", type=int, default=0, metavar="RANK",
+                        help="LoRA: freeze the weights, train low-rank adapters of this rank (0: off)")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="adapters scaled by alpha / rank (default: rank)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' inputs")
+    parser.add_argument("--lora-targets", default="q,v",
+                        help="projections adapted, comma-separated among q,k,v,out,mlp (default q,v, as peft users do)")
+    parser.add_argument("--lora-towers", default=None,
+                        help="towers adapted, comma-separated (default: every tower LiT leaves unlocked)")
+    parser.add_argument("--lora-train-scale", action="store_true", help="with --lora: the logit scale trains too")
+
+
+def add_adapters(model, args):
+    """--lora: model.add_lora with the flags' settings (after --init's weights and the LiT locks)."""
+    rank = getattr(args, "lora", 0)
+    if not rank:
+        return model
+    if getattr(args, "lock_image_unlocked_layers", 0) or getattr(args, "lock_text_unlocked_layers", 0):
+        raise ValueError("--lora freezes every weight: --lock-*-unlocked-layers has nothing to unlock; drop it")
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
+    return model.add_lora(rank, args.lora_alpha, split(args.lora_targets), split(args.lora_towers), args.lora_dropout,
+                          args.lora_train_scale)
+
+
+def merge_lora_weights(sd, spec):
+    """A state dict with adapters as the plain one of the merged weights, W + (alpha / rank) B A each."""
+    sd, scaling = dict(sd), spec["alpha"] / spec["rank"]
+    for key in [k for k in sd if re.search(r"\.lora\.\w+\.A$", k)]:
+        stem, part = re.match(r"(.*)\.lora\.(\w+)\.A$", key).groups()
+        delta = (sd.pop(f"{stem}.lora.{part}.B").float() @ sd.pop(key).float()) * scaling
+        if part in ("q", "k", "v"):
+            w = sd[f"{stem}.in_proj_weight"].clone()
+            i = "qkv".index(part) * (w.shape[0] // 3)
+            w[i:i + w.shape[0] // 3] += delta.to(w.dtype)
+            sd[f"{stem}.in_proj_weight"] = w
+        else:
+            name = {"out": "out_proj", "c_fc": "mlp.c_fc", "c_proj": "mlp.c_proj"}[part]
+            sd[f"{stem}.{name}.weight"] = sd[f"{stem}.{name}.weight"] + delta.to(sd[f"{stem}.{name}.weight"].dtype)
+    return sd
+# ==== end of region lora ====
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1574,16 +1764,18 @@ def hf_names(cfg):
     return names
 
 
-def save_weights(sd, folder):
-    """transformers' weight file: model.safetensors where safetensors is installed, else pytorch_model.bin."""
+def save_weights(sd, folder, stem="model"):
+    """transformers' (stem adapter_model: peft's) weight file: STEM.safetensors where safetensors is
+    installed, else pytorch_model.bin (adapter_model.bin)."""
     sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     try:
         from safetensors.torch import save_file
     except ImportError:
-        torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
-        return os.path.join(folder, "pytorch_model.bin")
-    save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    return os.path.join(folder, "model.safetensors")
+        path = os.path.join(folder, "pytorch_model.bin" if stem == "model" else f"{stem}.bin")
+        torch.save(sd, path)
+        return path
+    save_file(sd, os.path.join(folder, f"{stem}.safetensors"), metadata={"format": "pt"})
+    return os.path.join(folder, f"{stem}.safetensors")
 # ==== end of region weight-files ====
 
 
@@ -1728,14 +1920,17 @@ def read_open_clip_folder(folder):
     return cfg, tok, sd
 
 
-def read_weights(path, quick_gelu=None, tokenizer=None):
+def read_weights(path, quick_gelu=None, tokenizer=None, keep_lora=False):
     """(config, tokenizer or None, OpenAI-layout state dict) from any CLIP weights on disk: a checkpoint of
     this repository, OpenAI's TorchScript or state-dict files, open_clip's .bin / .safetensors files or
     local-dir folders, transformers' CLIPModel folders.
 
     Files with no config are taken as OpenAI's: QuickGELU unless quick_gelu=False (open_clip models
-    trained with exact GELU). tokenizer: a tokenizer file, for weights that carry none.
+    trained with exact GELU). tokenizer: a tokenizer file, for weights that carry none. A LoRA checkpoint
+    (base weights and adapters, the settings in its extra state) gives the merged weights; keep_lora
+    gives them apart, with the settings: (config, tokenizer, state dict, settings or None).
     """
+    spec = None
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "open_clip_config.json")):
             cfg, tok, sd = read_open_clip_folder(path)
@@ -1750,6 +1945,7 @@ def read_weights(path, quick_gelu=None, tokenizer=None):
             cfg = check_config(Config, extra.get("config"), path)
             tok = extra.get("tokenizer")
             tok = Tokenizer.from_str(tok, cfg.context_length) if isinstance(tok, str) and tok else None
+            spec = saved_lora_spec(extra, path)
         else:
             cfg, tok = config_from_state_dict(sd, True if quick_gelu is None else quick_gelu), None
     cfg = check_config(Config, asdict(cfg), path)  # inferred or read: every field in range before a build
@@ -1757,7 +1953,7 @@ def read_weights(path, quick_gelu=None, tokenizer=None):
         tok = Tokenizer.from_file(tokenizer, cfg.context_length)
         if cfg.eos_id is None:  # the same token as argmax, unless the tokenizer has ids above its EOT
             cfg.eos_id = tok.eot
-    check_fits(lambda: CLIP(cfg, tok), sd, path)
+    check_fits(lambda: CLIP(cfg, tok).add_lora(**spec) if spec else CLIP(cfg, tok), sd, path)
     if cfg.eos_id is not None and cfg.eos_id >= cfg.vocab_size:
         raise ValueError(f"{path}: eos_id {cfg.eos_id} is past the vocabulary of {cfg.vocab_size}")
     if tok is not None and tok.vocab_size > cfg.vocab_size:
@@ -1770,7 +1966,9 @@ def read_weights(path, quick_gelu=None, tokenizer=None):
     bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"{path}: {len(bad)} tensors hold NaN or infinite values (first: {bad[0]})")
-    return cfg, tok, sd
+    if keep_lora:
+        return cfg, tok, sd, spec
+    return cfg, tok, merge_lora_weights(sd, spec) if spec else sd
 
 
 def load(path, device="cpu", quick_gelu=None, tokenizer=None):
@@ -1924,11 +2122,51 @@ def export_open_clip(model, out):
     return lines
 
 
-EXPORT_FORMATS = ("open_clip", "hf")
+EXPORT_FORMATS = ("open_clip", "hf", "peft")
+
+
+def export_peft(path, out):
+    """A LoRA checkpoint as peft reads it: OUT/base, a transformers CLIPModel folder of the base weights
+    (the logit scale as trained), and OUT/adapter, peft's adapter_config.json and adapter weights, so that
+        PeftModel.from_pretrained(CLIPModel.from_pretrained(OUT/base), OUT/adapter)
+    computes this checkpoint's features. Our fused q, k, v projection is transformers' q_proj, k_proj and
+    v_proj stacked, so each adapter of a part is that module's adapter as it stands."""
+    with reading(path):
+        cfg, tok, sd, spec = read_weights(path, keep_lora=True)
+    if spec is None:
+        raise ValueError(f"{path} holds no LoRA adapters (train.py --lora R makes them): export it --format hf")
+    base = start(CLIP(cfg, tok), {k: v for k, v in sd.items() if ".lora." not in k})
+    os.makedirs(os.path.join(out, "base"), exist_ok=True)
+    lines = export_hf(base, os.path.join(out, "base"))
+    towers = {"visual.transformer.resblocks": "vision_model", "transformer.resblocks": "text_model"}
+    parts = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "out": "self_attn.out_proj",
+             "c_fc": "mlp.fc1", "c_proj": "mlp.fc2"}
+    adapters, used = {}, set()
+    for key, value in sd.items():
+        m = re.fullmatch(r"(visual\.transformer\.resblocks|transformer\.resblocks)\.(\d+)\.(?:attn\.)?lora\.(\w+)\.([AB])", key)
+        if m:
+            adapters[f"base_model.model.{towers[m[1]]}.encoder.layers.{m[2]}.{parts[m[3]]}.lora_{m[4]}.weight"] = value
+            used |= {(towers[m[1]], parts[m[3]])}
+    # a pattern peft matches whole against each module's name: exactly the adapted towers and projections
+    target = "|".join(sorted(rf"{t}\.encoder\.layers\.\d+\.{p.replace('.', chr(92) + '.')}" for t, p in used))
+    config = {"peft_type": "LORA", "task_type": None, "r": spec["rank"], "lora_alpha": spec["alpha"],
+              "lora_dropout": spec["dropout"], "target_modules": f"({target})", "bias": "none", "fan_in_fan_out": False,
+              "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+              "modules_to_save": None, "base_model_name_or_path": None}
+    folder = os.path.join(out, "adapter")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    weights = save_weights(adapters, folder, "adapter_model")
+    return lines[:1] + [f"wrote {folder}: adapter_config.json, {os.path.basename(weights)}",
+                        f"peft: PeftModel.from_pretrained(CLIPModel.from_pretrained({os.path.join(out, 'base')!r}), {folder!r})"]
 
 
 def export(path, out, fmt, tokenizer=None):
-    """Convert any weights load() reads to open_clip's or transformers' layout; returns what to tell the user."""
+    """Convert any weights load() reads to open_clip's, transformers' or (a LoRA checkpoint) peft's layout;
+    returns what to tell the user. A LoRA checkpoint's open_clip and hf exports hold the merged weights."""
+    if fmt == "peft":
+        return export_peft(path, out)
     model, _ = load(path, tokenizer=tokenizer)
     if model.tokenizer is None:
         raise ValueError(f"{path} carries no tokenizer: pass --tokenizer (bpe_simple_vocab_16e6.txt.gz or a "
@@ -2144,7 +2382,7 @@ def write_reinforced(teachers, datalib, train, args):
     """reinforce_main's shards: (samples written, the reasons of those skipped)."""
     views = [ImageTransform(t.cfg.image_size, train=True, mean=t.cfg.image_mean, std=t.cfg.image_std, uint8=True,
                             draft=False) for t in teachers]
-    k, problems, keys, pending, written = args.augmentations, [], set(), [], 0
+    k, problems, last, pending, written = args.augmentations, [], None, [], 0
     shards = ShardWriter(args.out, args.per_shard)
     scales = [t.logit_scale.exp().item() for t in teachers]
     biases = [t.logit_bias.item() if t.logit_bias is not None else 0.0 for t in teachers]
@@ -2172,9 +2410,7 @@ def write_reinforced(teachers, datalib, train, args):
         pending.clear()
 
     for key, sample in datalib.raw_samples(train, args.seed, problems):
-        key = str(key)
-        while key in keys:  # two source shards may reuse a key: each written sample has its own
-            key += "_"
+        key = str(key) if str(key) != last else f"{key}_"  # a key repeated next to itself would join the two samples
         try:
             img = sample["image"]
             if getattr(img, "encoded", None) is not None and img.format in ("JPEG", "PNG", "WEBP"):
@@ -2190,7 +2426,7 @@ def write_reinforced(teachers, datalib, train, args):
         except Exception as e:  # whatever one sample holds: skipped and counted
             problems.append(datalib.sample_reason(e))
             continue
-        keys.add(key)
+        last = key
         meta = {"teacher": {"augmentations": k, "seed": args.seed, "scales": scales, "biases": biases}}
         if len(texts) > 1:
             meta["rewrites"] = texts[1:]

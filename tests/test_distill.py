@@ -178,6 +178,24 @@ def test_two_ranks_equal_one_process():
         assert_close(merged, ref, 1e-10)
 
 
+def test_the_training_loss_is_contrastive_plus_distillation_plus_interactive_terms(teacher):
+    # model.loss of a distilled batch against the naive forms: contrastive + weight x DistillClipLoss's
+    # term + icl x CLIP-KD's interactive term (the student's images against the teacher's texts, and the
+    # teacher's images against the student's texts); icl 0 is open_clip's sum.
+    from naive import clip_loss
+
+    student = clip.load(teacher)[0].train()
+    x, y, us, ws = inputs(24, d=student.cfg.embed_dim, e=student.cfg.embed_dim, teachers=2, dtype=torch.float32)
+    out = {"image": x, "text": y, "scale": torch.tensor(20.0)}
+    for m, (u, w) in enumerate(zip(us, ws)):
+        out.update({f"teacher{m}_image": u, f"teacher{m}_text": w, f"teacher{m}_scale": torch.tensor(30.0 + m)})
+    for weight, icl in ((1.0, 0.0), (2.0, 0.5)):
+        student.distill([], weight, stored=True, icl=icl)
+        expected = (clip_loss(x, y, 20.0) + weight * naive_distill(x, y, 20.0, us, ws, [30.0, 31.0])
+                    + icl * sum(clip_loss(x, w, 20.0) + clip_loss(u, y, 20.0) for u, w in zip(us, ws)) / 4)
+        torch.testing.assert_close(student.loss(out), expected, rtol=1e-5, atol=1e-6)
+
+
 # ---- train.py --distill
 
 
@@ -339,6 +357,7 @@ def test_flags_are_checked_in_one_line(tmp_path, teacher):
     for flags, message in (([ "--distill", str(tmp_path / "none.pt")], "none.pt"),
                            (["--distill", "stored", "--distill", teacher], "give it alone"),
                            (["--distill", teacher, "--distill-weight", "nan"], "--distill-weight"),
+                           (["--distill", teacher, "--distill-icl", "-1"], "--distill-icl"),
                            (["--distill", "stored", "--steps", "2"], "no teacher embeddings")):
         with pytest.raises(train.INPUT_ERRORS, match=message):
             train.main([*RUN, *flags, "--steps", "2", "--out", out, "--overwrite"])
