@@ -9,7 +9,7 @@ Use it alone (it imports nothing from this repository):
     probs = model.classify([pil_image], ["a dog", "a cat"])        # [1, 2], the row sums to 1
     text = model.encode_texts(["a photo of a dog"])                # [1, D], L2-normalised
     model = build("ViT-B-16", tokenizer="bpe_simple_vocab_16e6.txt.gz")   # a new model from keywords
-    python clip.py export CKPT OUT --format open_clip|hf; python clip.py predict --ckpt CKPT ...
+    python clip.py export CKPT OUT --format open_clip|hf|peft; python clip.py predict --ckpt CKPT ...
 Parameter names follow OpenAI's state_dict, so OpenAI and open_clip ViT checkpoints load strictly.
 
 Your own loop (runs as written with this file alone; four plain images stand in for data):
@@ -46,6 +46,8 @@ The interface (train.py and data.py use nothing else; every model file implement
     model.shard_units() -> (blocks, towers)     residual blocks and towers: --fsdp shards each one,
                                                 --grad-checkpointing recomputes each block in the backward
     zero_shot_classifier(model, classnames, templates), retrieval_metrics(image, text)
+Beyond it: model.add_lora(rank) (LoRA: optimizer_groups then holds the adapters alone) and merge_lora();
+model.distill([teacher]) (python clip.py reinforce stores a teacher's embeddings; it reads data by data.py).
 train.py's recipe around it (open_clip's): AdamW(optimizer_groups(0.2), lr 5e-4, betas (0.9, 0.98), eps 1e-6),
 a linear warmup (10,000 steps, at most a tenth of the run) then cosine decay, the gradients' global norm
 clipped at 1, after_step() after each step. The demo (--size tiny on the synthetic data) trains at lr 1e-3
