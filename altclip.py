@@ -190,6 +190,7 @@ class AltCLIP(nn.Module):
         # reaches neither the projection nor the temperature; DDP must not wait for their gradients.
         self.locked = freeze([self.visual], [], []) if cfg.lock_image else []
         self.patch_dropout = 0.0  # training's share of image patches dropped (FLIP), stage 2; create() sets it
+        self.lora_spec = None  # add_lora() sets it
         if cfg.stage == "distill":
             self.teacher = TeacherText(cfg)
             self.locked += freeze([self.teacher, self.text_projection, self.logit_scale], [], [])
@@ -199,6 +200,17 @@ class AltCLIP(nn.Module):
         for m in self.locked:  # frozen: eval mode too
             m.eval()
         return self
+
+    def add_lora(self, rank, alpha=None, targets=("q", "v"), towers=None, dropout=0.0, train_scale=False):
+        """LoRA (attach_lora): the weights frozen, adapters on the towers LiT leaves unlocked (the XLM-R
+        student: its query, key, value, attention output and MLP layers stand for q, k, v, out, mlp)."""
+        spec = lora_spec(rank, alpha, targets, dropout, towers, train_scale)
+        towers = {"image": self.visual.transformer.resblocks, "text": self.text_model.roberta.encoder["layer"]}
+        self.lora_spec = attach_lora(self, towers, spec, (self.logit_scale,), {"text": bert_lora_linears})
+        return self
+
+    def merge_lora(self):
+        return merge_lora(self)
 
     def encode_image(self, images, normalize=False, keep=None):
         x = self.visual(normalize_pixels(images, MEAN, STD), keep)
@@ -260,8 +272,16 @@ class AltCLIP(nn.Module):
         return blocks, towers
 
     def extra_state(self):
-        return {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None,
-                "teacher_tokenizer": self.teacher_tokenizer.to_str() if self.teacher_tokenizer else None}
+        extra = {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None,
+                 "teacher_tokenizer": self.teacher_tokenizer.to_str() if self.teacher_tokenizer else None}
+        return {**extra, "lora": self.lora_spec} if self.lora_spec else extra
+
+
+def bert_lora_linears(layer):
+    """The nn.Linear layers of an XLM-R layer that each LoRA target names."""
+    attention = layer.attention
+    return {"q": [attention["self"]["query"]], "k": [attention["self"]["key"]], "v": [attention["self"]["value"]],
+            "out": [attention["output"]["dense"]], "mlp": [layer.intermediate["dense"], layer.output["dense"]]}
 
 
 class Transform:
@@ -309,6 +329,7 @@ def add_args(parser):
                         help="an HF XLM-R folder (config.json, weights, tokenizer.json) to start the student from")
     parser.add_argument("--tokenizer", default=None, help="the student's tokenizer.json (default: --student's, "
                         "else a WordPiece vocabulary built from the captions in every language)")
+    add_lora_args(parser)
 
 
 def finish_args(args):
@@ -431,7 +452,7 @@ def create(args, captions=(), extra=None):
     if not 0 <= ratio < 1:
         raise ValueError(f"--patch-dropout {ratio}: the share of patches dropped, from 0 to below 1")
     model.patch_dropout = ratio  # training's share of image patches dropped (FLIP), stage 2's images
-    return model
+    return add_adapters(model, args)
 
 
 def load_weights(model, teacher=None, student=None, init=None):
@@ -454,7 +475,10 @@ def _read_stage1(path):
         extra = ckpt.get("extra") or {}
         if (extra.get("config") or {}).get("stage") != "distill":
             raise ValueError(f"{path}: not a checkpoint of altclip --stage distill")
-        return ckpt["model"], extra
+        spec = saved_lora_spec(extra, path)  # a LoRA stage 1: its adapters merged in
+        if spec:
+            check_fits(lambda: build(extra=extra).add_lora(**spec), ckpt["model"], path)
+        return (merge_lora_weights(ckpt["model"], spec) if spec else ckpt["model"]), extra
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,9 +529,11 @@ def load(path, device="cpu", tokenizer=None):
             ckpt = load_tensors(path)
             if "extra" not in ckpt or "model" not in ckpt:
                 raise ValueError(f"{path}: not a train.py checkpoint of altclip; pass an HF AltCLIP folder or a checkpoint")
-            check_fits(lambda: build(extra=ckpt["extra"]), ckpt["model"], path)
+            spec = saved_lora_spec(ckpt["extra"], path)  # a LoRA checkpoint: its adapters merged in
+            check_fits(lambda: build(extra=ckpt["extra"]).add_lora(**spec) if spec else build(extra=ckpt["extra"]),
+                       ckpt["model"], path)
             model = build(extra=ckpt["extra"])
-            model.load_state_dict(ckpt["model"], strict=True)
+            model.load_state_dict(merge_lora_weights(ckpt["model"], spec) if spec else ckpt["model"], strict=True)
             return model.to(device).eval(), ImageTransform(model.cfg.image_size, False, MEAN, STD)
         hf, sd = read_hf_weights(path)
         sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
@@ -908,9 +934,16 @@ def lora_spec(rank, alpha=None, targets=("q", "v"), dropout=0.0, towers=None, tr
             "towers": None if towers is None else list(towers), "train_scale": bool(train_scale)}
 
 
-def add_lora(blocks, spec):
-    """Adapters on the targeted projections of each residual block, on the block's device."""
+def add_lora(blocks, spec, linears=None):
+    """Adapters on the targeted projections of each residual block, on the block's device. A tower of
+    other blocks (altclip's XLM-R) names its nn.Linear layers per target, linears(block) -> {target: [...]},
+    and each takes an adapter through a forward hook (add_linear_lora)."""
     for block in blocks:
+        if linears is not None:
+            for t in spec["targets"]:
+                for linear in linears(block)[t]:
+                    add_linear_lora(linear, spec)
+            continue
         w, hidden = block.attn.out_proj.in_features, block.mlp.c_fc.out_features
         new = lambda d_in, d_out: LoRA(d_in, d_out, spec["rank"], spec["alpha"], spec["dropout"]).to(  # noqa: E731
             block.attn.in_proj_weight.device)
@@ -919,6 +952,17 @@ def add_lora(blocks, spec):
                 block.lora["c_fc"], block.lora["c_proj"] = new(w, hidden), new(hidden, w)
             else:
                 block.attn.lora[t] = new(w, w)
+
+
+def add_linear_lora(linear, spec):
+    """An adapter on a plain nn.Linear: its child `lora`, added to the layer's output by a forward hook."""
+    linear.lora = LoRA(linear.in_features, linear.out_features, spec["rank"], spec["alpha"], spec["dropout"]).to(
+        linear.weight.device)
+    linear.lora_hook = linear.register_forward_hook(_linear_lora_hook)
+
+
+def _linear_lora_hook(linear, inputs, output):
+    return output + linear.lora(inputs[0])
 
 
 def saved_lora_spec(extra, where):
@@ -930,10 +974,11 @@ def saved_lora_spec(extra, where):
     return lora_spec(**extra["lora"])
 
 
-def attach_lora(model, towers, spec, scalars=()):
+def attach_lora(model, towers, spec, scalars=(), linears=None):
     """model.add_lora's work, for any model whose towers ({name: residual blocks}) are these blocks: freeze
     every weight, add the adapters, unfreeze the scalars (with spec's train_scale); the spec, its towers
-    filled in, is returned for model.lora_spec."""
+    filled in, is returned for model.lora_spec. linears: {tower: f(block) -> {target: [nn.Linear]}} for
+    towers of other blocks (add_lora)."""
     unlocked = [t for t, blocks in towers.items() if any(p.requires_grad for p in blocks.parameters())]
     chosen = spec["towers"] or unlocked
     if not chosen or set(chosen) - set(towers):
@@ -946,7 +991,7 @@ def attach_lora(model, towers, spec, scalars=()):
         raise ValueError("this model has adapters already: merge_lora() first")
     model.requires_grad_(False)
     for t in spec["towers"]:
-        add_lora(towers[t], spec)
+        add_lora(towers[t], spec, (linears or {}).get(t))
     for scalar in scalars if spec["train_scale"] else ():
         if scalar is not None:
             scalar.requires_grad_(True)
@@ -963,6 +1008,9 @@ def merge_lora(model):
     for m in model.modules():
         if isinstance(getattr(m, "lora", None), nn.ModuleDict):
             m.lora = nn.ModuleDict()
+        elif isinstance(getattr(m, "lora", None), LoRA):  # on a plain nn.Linear (add_linear_lora)
+            m.lora_hook.remove()
+            del m.lora, m.lora_hook
     model.load_state_dict(sd)
     model.requires_grad_(True)
     for m in getattr(model, "locked", ()):
@@ -999,10 +1047,12 @@ def add_adapters(model, args):
 def merge_lora_weights(sd, spec):
     """A state dict with adapters as the plain one of the merged weights, W + (alpha / rank) B A each."""
     sd, scaling = dict(sd), spec["alpha"] / spec["rank"]
-    for key in [k for k in sd if re.search(r"\.lora\.\w+\.A$", k)]:
-        stem, part = re.match(r"(.*)\.lora\.(\w+)\.A$", key).groups()
-        delta = (sd.pop(f"{stem}.lora.{part}.B").float() @ sd.pop(key).float()) * scaling
-        if part in ("q", "k", "v"):
+    for key in [k for k in sd if re.search(r"\.lora(\.\w+)?\.A$", k)]:
+        stem, part = re.match(r"(.*)\.lora(?:\.(\w+))?\.A$", key).groups()
+        delta = (sd.pop(key[:-1] + "B").float() @ sd.pop(key).float()) * scaling
+        if part is None:  # an adapter on a plain nn.Linear
+            sd[f"{stem}.weight"] = sd[f"{stem}.weight"] + delta.to(sd[f"{stem}.weight"].dtype)
+        elif part in ("q", "k", "v"):
             w = sd[f"{stem}.in_proj_weight"].clone()
             i = "qkv".index(part) * (w.shape[0] // 3)
             w[i:i + w.shape[0] // 3] += delta.to(w.dtype)

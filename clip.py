@@ -1224,9 +1224,16 @@ def lora_spec(rank, alpha=None, targets=("q", "v"), dropout=0.0, towers=None, tr
             "towers": None if towers is None else list(towers), "train_scale": bool(train_scale)}
 
 
-def add_lora(blocks, spec):
-    """Adapters on the targeted projections of each residual block, on the block's device."""
+def add_lora(blocks, spec, linears=None):
+    """Adapters on the targeted projections of each residual block, on the block's device. A tower of
+    other blocks (altclip's XLM-R) names its nn.Linear layers per target, linears(block) -> {target: [...]},
+    and each takes an adapter through a forward hook (add_linear_lora)."""
     for block in blocks:
+        if linears is not None:
+            for t in spec["targets"]:
+                for linear in linears(block)[t]:
+                    add_linear_lora(linear, spec)
+            continue
         w, hidden = block.attn.out_proj.in_features, block.mlp.c_fc.out_features
         new = lambda d_in, d_out: LoRA(d_in, d_out, spec["rank"], spec["alpha"], spec["dropout"]).to(  # noqa: E731
             block.attn.in_proj_weight.device)
@@ -1235,6 +1242,17 @@ def add_lora(blocks, spec):
                 block.lora["c_fc"], block.lora["c_proj"] = new(w, hidden), new(hidden, w)
             else:
                 block.attn.lora[t] = new(w, w)
+
+
+def add_linear_lora(linear, spec):
+    """An adapter on a plain nn.Linear: its child `lora`, added to the layer's output by a forward hook."""
+    linear.lora = LoRA(linear.in_features, linear.out_features, spec["rank"], spec["alpha"], spec["dropout"]).to(
+        linear.weight.device)
+    linear.lora_hook = linear.register_forward_hook(_linear_lora_hook)
+
+
+def _linear_lora_hook(linear, inputs, output):
+    return output + linear.lora(inputs[0])
 
 
 def saved_lora_spec(extra, where):
@@ -1246,10 +1264,11 @@ def saved_lora_spec(extra, where):
     return lora_spec(**extra["lora"])
 
 
-def attach_lora(model, towers, spec, scalars=()):
+def attach_lora(model, towers, spec, scalars=(), linears=None):
     """model.add_lora's work, for any model whose towers ({name: residual blocks}) are these blocks: freeze
     every weight, add the adapters, unfreeze the scalars (with spec's train_scale); the spec, its towers
-    filled in, is returned for model.lora_spec."""
+    filled in, is returned for model.lora_spec. linears: {tower: f(block) -> {target: [nn.Linear]}} for
+    towers of other blocks (add_lora)."""
     unlocked = [t for t, blocks in towers.items() if any(p.requires_grad for p in blocks.parameters())]
     chosen = spec["towers"] or unlocked
     if not chosen or set(chosen) - set(towers):
@@ -1262,7 +1281,7 @@ def attach_lora(model, towers, spec, scalars=()):
         raise ValueError("this model has adapters already: merge_lora() first")
     model.requires_grad_(False)
     for t in spec["towers"]:
-        add_lora(towers[t], spec)
+        add_lora(towers[t], spec, (linears or {}).get(t))
     for scalar in scalars if spec["train_scale"] else ():
         if scalar is not None:
             scalar.requires_grad_(True)
@@ -1279,6 +1298,9 @@ def merge_lora(model):
     for m in model.modules():
         if isinstance(getattr(m, "lora", None), nn.ModuleDict):
             m.lora = nn.ModuleDict()
+        elif isinstance(getattr(m, "lora", None), LoRA):  # on a plain nn.Linear (add_linear_lora)
+            m.lora_hook.remove()
+            del m.lora, m.lora_hook
     model.load_state_dict(sd)
     model.requires_grad_(True)
     for m in getattr(model, "locked", ()):
@@ -1315,10 +1337,12 @@ def add_adapters(model, args):
 def merge_lora_weights(sd, spec):
     """A state dict with adapters as the plain one of the merged weights, W + (alpha / rank) B A each."""
     sd, scaling = dict(sd), spec["alpha"] / spec["rank"]
-    for key in [k for k in sd if re.search(r"\.lora\.\w+\.A$", k)]:
-        stem, part = re.match(r"(.*)\.lora\.(\w+)\.A$", key).groups()
-        delta = (sd.pop(f"{stem}.lora.{part}.B").float() @ sd.pop(key).float()) * scaling
-        if part in ("q", "k", "v"):
+    for key in [k for k in sd if re.search(r"\.lora(\.\w+)?\.A$", k)]:
+        stem, part = re.match(r"(.*)\.lora(?:\.(\w+))?\.A$", key).groups()
+        delta = (sd.pop(key[:-1] + "B").float() @ sd.pop(key).float()) * scaling
+        if part is None:  # an adapter on a plain nn.Linear
+            sd[f"{stem}.weight"] = sd[f"{stem}.weight"] + delta.to(sd[f"{stem}.weight"].dtype)
+        elif part in ("q", "k", "v"):
             w = sd[f"{stem}.in_proj_weight"].clone()
             i = "qkv".index(part) * (w.shape[0] // 3)
             w[i:i + w.shape[0] // 3] += delta.to(w.dtype)

@@ -227,3 +227,33 @@ def test_other_models_take_lora(tmp_path, model):
     assert lora and len(ck["optimizer"]["state"]) == len(lora)
     loaded = module.load(os.path.join(out, "checkpoint.pt"))[0]  # merged on load
     assert not any(".lora." in k for k in loaded.state_dict())
+
+
+@pytest.mark.slow
+def test_altclip_takes_lora_on_its_xlmr_student_through_both_stages(tmp_path, base):
+    import altclip
+
+    stage1, stage2 = str(tmp_path / "s1"), str(tmp_path / "s2")
+    common = ["--model", "altclip", "--synthetic-size", "64", *FAST, "--lora", "2", "--lora-targets", "q,v,out,mlp",
+              "--steps", "2", "--batch-size", "8"]
+    train.main([*common, "--teacher", base, "--out", stage1])
+    ck = torch.load(os.path.join(stage1, "checkpoint.pt"), weights_only=False)
+    lora = [k for k in ck["model"] if ".lora." in k]
+    # the image tower is locked (the teacher's): adapters on the XLM-R student alone, 6 per layer
+    assert lora and all(k.startswith("text_model.") for k in lora) and len(ck["optimizer"]["state"]) == len(lora)
+    assert ck["extra"]["lora"]["towers"] == ["text"]
+    # the hooked adapters merge: random ones (a trained B is tiny), through a checkpoint and load()
+    unmerged = altclip.build(extra=ck["extra"]).add_lora(**ck["extra"]["lora"])
+    unmerged.load_state_dict(ck["model"])
+    trained(unmerged).eval()
+    path = save_ours(unmerged, tmp_path / "random.pt")
+    model = altclip.load(path)[0]
+    assert not any(".lora" in k for k in model.state_dict())
+    ids, mask = model.tokenizer(["a red circle", "ein blauer Kreis"])
+    with torch.no_grad():
+        plain = altclip.load(os.path.join(stage1, "checkpoint.pt"))[0].text_model(ids, mask)
+        ours, merged = unmerged.text_model(ids, mask), model.text_model(ids, mask)
+    assert (ours - merged).abs().max() < 1e-5 and (ours - plain).abs().max() > 1e-3
+    assert (copy.deepcopy(unmerged).merge_lora().text_model(ids, mask) - ours).abs().max() < 1e-5
+    train.main([*common, "--stage", "contrastive", "--init", os.path.join(stage1, "checkpoint.pt"), "--out", stage2])
+    assert any(".lora." in k for k in weights(stage2))
