@@ -553,7 +553,7 @@ def from_extra(extra, font=None, pairs=None, pair_ratio=0.0):
 def create(args, captions=(), extra=None):
     """train.py's entry: build() from the flags, from_extra() on resume, a checkpoint's weights for --init;
     then --lora's adapters."""
-    return add_adapters(new_model(args, extra), args)
+    return add_adapters(new_model(args, extra), args, extra)
 
 
 def new_model(args, extra):
@@ -689,16 +689,19 @@ LORA_TARGETS = ("q", "k", "v", "out", "mlp")  # attention's projections; mlp: bo
 
 def lora_spec(rank, alpha=None, targets=("q", "v"), dropout=0.0, towers=None, train_scale=False):
     """The adapters' settings, checked (they come from flags, or from a checkpoint that may come from anywhere)."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    names = lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)  # noqa: E731
     if not (isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= 4096):
         raise ValueError(f"LoRA rank {rank!r}: an integer from 1 to 4096")
-    alpha = float(rank if alpha is None else alpha)
-    if not (math.isfinite(alpha) and alpha > 0 and isinstance(dropout, (int, float)) and 0 <= dropout < 1):
-        raise ValueError(f"LoRA alpha {alpha} must be above 0 and dropout {dropout!r} from 0 to below 1")
-    targets = tuple(targets)
-    if not targets or not set(targets) <= set(LORA_TARGETS) or len(set(targets)) != len(targets):
-        raise ValueError(f"LoRA targets {','.join(map(str, targets))}: choose among {','.join(LORA_TARGETS)}")
-    return {"rank": rank, "alpha": alpha, "targets": [t for t in LORA_TARGETS if t in targets], "dropout": float(dropout),
-            "towers": None if towers is None else list(towers), "train_scale": bool(train_scale)}
+    alpha = rank if alpha is None else alpha
+    if not (number(alpha) and 0 < alpha <= 1 << 16 and number(dropout) and 0 <= dropout < 1):
+        raise ValueError(f"LoRA alpha {alpha!r} must be above 0 and at most 65536, dropout {dropout!r} from 0 to below 1")
+    if not (names(targets) and targets and set(targets) <= set(LORA_TARGETS) and len(set(targets)) == len(targets)):
+        raise ValueError(f"LoRA targets {targets!r}: a list among {','.join(LORA_TARGETS)}")
+    if not (towers is None or names(towers)) or not isinstance(train_scale, bool):
+        raise ValueError(f"LoRA towers {towers!r} must be a list of names and train_scale {train_scale!r} a bool")
+    return {"rank": rank, "alpha": float(alpha), "targets": [t for t in LORA_TARGETS if t in targets],
+            "dropout": float(dropout), "towers": None if towers is None else list(towers), "train_scale": train_scale}
 
 
 def add_lora(blocks, spec, linears=None):
@@ -756,6 +759,7 @@ def attach_lora(model, towers, spec, scalars=(), linears=None):
                          f"leave it out of the LoRA towers")
     if getattr(model, "lora_spec", None) is not None:
         raise ValueError("this model has adapters already: merge_lora() first")
+    model.lora_trainable = {n for n, p in model.named_parameters() if p.requires_grad}  # merge_lora gives them back
     model.requires_grad_(False)
     for t in spec["towers"]:
         add_lora(towers[t], spec, (linears or {}).get(t))
@@ -767,8 +771,8 @@ def attach_lora(model, towers, spec, scalars=(), linears=None):
 
 @torch.no_grad()
 def merge_lora(model):
-    """The adapters folded into the weights (W + (alpha / rank) B A) and removed: a plain model again,
-    every weight trainable but those of LiT-locked modules."""
+    """The adapters folded into the weights (W + (alpha / rank) B A) and removed: a plain model again, each
+    weight as trainable as it was before attach_lora (LiT-locked ones stay frozen)."""
     if getattr(model, "lora_spec", None) is None:
         return model
     sd = merge_lora_weights(model.state_dict(), model.lora_spec)
@@ -779,9 +783,9 @@ def merge_lora(model):
             m.lora_hook.remove()
             del m.lora, m.lora_hook
     model.load_state_dict(sd)
-    model.requires_grad_(True)
-    for m in getattr(model, "locked", ()):
-        m.requires_grad_(False)
+    trainable = getattr(model, "lora_trainable", None)
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable is None or name in trainable)
     model.lora_spec = None
     return model
 
@@ -799,8 +803,12 @@ def add_lora_args(parser):
     parser.add_argument("--lora-train-scale", action="store_true", help="with --lora: the logit scale trains too")
 
 
-def add_adapters(model, args):
-    """--lora: model.add_lora with the flags' settings (after --init's weights and the LiT locks)."""
+def add_adapters(model, args, extra=None):
+    """--lora: model.add_lora with the flags' settings (after --init's weights and the LiT locks). A resumed
+    run's adapters are the ones its checkpoint records, whatever the flags say."""
+    spec = saved_lora_spec(extra, "the checkpoint") if extra is not None else None
+    if spec:
+        return model.add_lora(**spec)
     rank = getattr(args, "lora", 0)
     if not rank:
         return model

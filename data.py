@@ -48,7 +48,7 @@ def sample_reason(e):
     """The reason a sample is skipped under, for any exception its read, decode or transform raised: a
     scraped sample may be malformed in ways nobody listed, and one of them must never end a run. A bug of
     ours fails every sample alike, so it still stops the run (MAX_TRIES in a row), its type named."""
-    if isinstance(e, SampleError):
+    if isinstance(e, SampleError) or isinstance(getattr(e, "reason", None), str):  # a model's own reason too
         return e.reason
     if isinstance(e, UnicodeError):
         return "bad text"
@@ -582,7 +582,7 @@ def decode_sample(key, group, path):
         raise SampleError("no image", where)
     sample = {"image": open_image(group[ext], f"{where}.{ext}"), "text": text}
     if isinstance(meta.get("rewrites"), list):
-        rewrites = (clean_caption(r, where, "rewrite") for r in meta["rewrites"][:64] if isinstance(r, str))
+        rewrites = (clean_caption(r, where, "rewrite") for r in meta["rewrites"][:MAX_REWRITES] if isinstance(r, str))
         sample["rewrites"] = [r for r in rewrites if r]
     if isinstance(meta.get("texts"), dict):
         sample["texts"] = {str(lang)[:32]: clean_caption(t, where, f"{lang} text") for lang, t in meta["texts"].items()}
@@ -602,6 +602,11 @@ def decode_sample(key, group, path):
     return sample
 
 
+MAX_REWRITES = 64  # a sample's rewrites read (clip.py reinforce stores as many)
+MAX_AUGMENTATIONS = 1024  # stored crops per sample (clip.py reinforce's --augmentations)
+MAX_SCALE = 1000.0  # a stored teacher's logit scale, and |bias|: CLIP clamps its scale at 100
+
+
 def stored_teacher(spec, group, texts, where):
     """A reinforced sample's teachers (clip.py reinforce): {'augmentations': K, 'seed', 'scales', 'biases',
     'embeddings': [float32 [K + texts, E] per teacher]}: rows 0..K-1 the teacher's embeddings of the K
@@ -614,11 +619,13 @@ def stored_teacher(spec, group, texts, where):
         raise bad("'teacher' is not an object")
     k, seed, scales, biases = (spec.get(f) for f in ("augmentations", "seed", "scales", "biases"))
     integer = lambda v, top: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < top  # noqa: E731
-    if not (integer(k, 1 << 16) and k > 0 and integer(seed, 1 << 63)):
-        raise bad("'augmentations' must be an integer from 1 and 'seed' one from 0")
+    if not (integer(k, MAX_AUGMENTATIONS + 1) and k > 0 and integer(seed, 1 << 63)):
+        raise bad(f"'augmentations' must be an integer from 1 to {MAX_AUGMENTATIONS} and 'seed' one from 0")
     if not (isinstance(scales, list) and isinstance(biases, list) and 0 < len(scales) == len(biases) <= 16
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scales + biases)):
-        raise bad("'scales' and 'biases' must be lists of finite numbers, one per teacher (at most 16)")
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= MAX_SCALE for v in scales + biases)
+            and all(v > 0 for v in scales)):
+        raise bad(f"'scales' and 'biases' must be lists of numbers, one per teacher (at most 16), scales from above 0 "
+                  f"and |biases| up to {MAX_SCALE}")
     embeddings = []
     for m in range(len(scales)):
         if f"teacher{m}.npy" not in group:
@@ -626,6 +633,9 @@ def stored_teacher(spec, group, texts, where):
         e = read_npy(group[f"teacher{m}.npy"], f"{where}.teacher{m}.npy")
         if e.shape[0] != k + texts:
             raise bad(f"teacher{m}.npy holds {e.shape[0]} rows; {k} crops and {texts} texts make {k + texts}")
+        norms = np.linalg.norm(e.astype(np.float64), axis=1)
+        if not np.all(np.abs(norms - 1) < 1e-3):  # reinforce stores unit rows
+            raise bad(f"teacher{m}.npy: rows of norm {norms.min():.3g} to {norms.max():.3g}; embeddings are unit vectors")
         embeddings.append(e)
     return {"augmentations": k, "seed": seed, "scales": [float(v) for v in scales], "biases": [float(v) for v in biases],
             "embeddings": embeddings, "augmentation": 0}

@@ -188,7 +188,7 @@ def build(size="ViT-B-32", tokenizer=None, captions=(), init=None, quick_gelu=No
 def create(args, captions=(), extra=None):
     sets = args.max_rewrites + 1 if getattr(args, "multi_text", False) else 0
     model = build(**build_kwargs(args), captions=captions, text_sets=sets, extra=extra)
-    return add_teachers(add_adapters(model, args), args)
+    return add_teachers(add_adapters(model, args, extra), args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -591,16 +591,19 @@ LORA_TARGETS = ("q", "k", "v", "out", "mlp")  # attention's projections; mlp: bo
 
 def lora_spec(rank, alpha=None, targets=("q", "v"), dropout=0.0, towers=None, train_scale=False):
     """The adapters' settings, checked (they come from flags, or from a checkpoint that may come from anywhere)."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    names = lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)  # noqa: E731
     if not (isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= 4096):
         raise ValueError(f"LoRA rank {rank!r}: an integer from 1 to 4096")
-    alpha = float(rank if alpha is None else alpha)
-    if not (math.isfinite(alpha) and alpha > 0 and isinstance(dropout, (int, float)) and 0 <= dropout < 1):
-        raise ValueError(f"LoRA alpha {alpha} must be above 0 and dropout {dropout!r} from 0 to below 1")
-    targets = tuple(targets)
-    if not targets or not set(targets) <= set(LORA_TARGETS) or len(set(targets)) != len(targets):
-        raise ValueError(f"LoRA targets {','.join(map(str, targets))}: choose among {','.join(LORA_TARGETS)}")
-    return {"rank": rank, "alpha": alpha, "targets": [t for t in LORA_TARGETS if t in targets], "dropout": float(dropout),
-            "towers": None if towers is None else list(towers), "train_scale": bool(train_scale)}
+    alpha = rank if alpha is None else alpha
+    if not (number(alpha) and 0 < alpha <= 1 << 16 and number(dropout) and 0 <= dropout < 1):
+        raise ValueError(f"LoRA alpha {alpha!r} must be above 0 and at most 65536, dropout {dropout!r} from 0 to below 1")
+    if not (names(targets) and targets and set(targets) <= set(LORA_TARGETS) and len(set(targets)) == len(targets)):
+        raise ValueError(f"LoRA targets {targets!r}: a list among {','.join(LORA_TARGETS)}")
+    if not (towers is None or names(towers)) or not isinstance(train_scale, bool):
+        raise ValueError(f"LoRA towers {towers!r} must be a list of names and train_scale {train_scale!r} a bool")
+    return {"rank": rank, "alpha": float(alpha), "targets": [t for t in LORA_TARGETS if t in targets],
+            "dropout": float(dropout), "towers": None if towers is None else list(towers), "train_scale": train_scale}
 
 
 def add_lora(blocks, spec, linears=None):
@@ -658,6 +661,7 @@ def attach_lora(model, towers, spec, scalars=(), linears=None):
                          f"leave it out of the LoRA towers")
     if getattr(model, "lora_spec", None) is not None:
         raise ValueError("this model has adapters already: merge_lora() first")
+    model.lora_trainable = {n for n, p in model.named_parameters() if p.requires_grad}  # merge_lora gives them back
     model.requires_grad_(False)
     for t in spec["towers"]:
         add_lora(towers[t], spec, (linears or {}).get(t))
@@ -669,8 +673,8 @@ def attach_lora(model, towers, spec, scalars=(), linears=None):
 
 @torch.no_grad()
 def merge_lora(model):
-    """The adapters folded into the weights (W + (alpha / rank) B A) and removed: a plain model again,
-    every weight trainable but those of LiT-locked modules."""
+    """The adapters folded into the weights (W + (alpha / rank) B A) and removed: a plain model again, each
+    weight as trainable as it was before attach_lora (LiT-locked ones stay frozen)."""
     if getattr(model, "lora_spec", None) is None:
         return model
     sd = merge_lora_weights(model.state_dict(), model.lora_spec)
@@ -681,9 +685,9 @@ def merge_lora(model):
             m.lora_hook.remove()
             del m.lora, m.lora_hook
     model.load_state_dict(sd)
-    model.requires_grad_(True)
-    for m in getattr(model, "locked", ()):
-        m.requires_grad_(False)
+    trainable = getattr(model, "lora_trainable", None)
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable is None or name in trainable)
     model.lora_spec = None
     return model
 
@@ -701,8 +705,12 @@ def add_lora_args(parser):
     parser.add_argument("--lora-train-scale", action="store_true", help="with --lora: the logit scale trains too")
 
 
-def add_adapters(model, args):
-    """--lora: model.add_lora with the flags' settings (after --init's weights and the LiT locks)."""
+def add_adapters(model, args, extra=None):
+    """--lora: model.add_lora with the flags' settings (after --init's weights and the LiT locks). A resumed
+    run's adapters are the ones its checkpoint records, whatever the flags say."""
+    spec = saved_lora_spec(extra, "the checkpoint") if extra is not None else None
+    if spec:
+        return model.add_lora(**spec)
     rank = getattr(args, "lora", 0)
     if not rank:
         return model
@@ -1023,6 +1031,13 @@ class DistillTransform:
         pick = next((i for i, text in enumerate(texts) if torch.equal(self.tokenizer([text])[0], out["text"])), 0)
         if self.stored:
             out.update(stored_teacher(sample, pick))
+            # every batch the same teachers: the first sample's count, widths, scales and biases
+            spec = [(tuple(v.shape), float(v)) if v.dim() == 0 else tuple(v.shape) for k, v in sorted(out.items())
+                    if k.startswith("teacher")]
+            self.spec = getattr(self, "spec", None) or spec
+            if spec != self.spec:
+                raise StoredTeacherMismatch("--distill stored: a sample's teachers (their number, width, scale or "
+                                            "bias) differ from the first sample's")
         for m, ((_, tokenizer), x) in enumerate(zip(self.views, pixels)):
             out[f"teacher{m}_pixels"], out[f"teacher{m}_tokens"] = x, tokenizer([texts[pick]])[0]
         return out
@@ -1030,6 +1045,10 @@ class DistillTransform:
     def finish(self, batch, device, notes=None):
         batch = {k: trim_padding(v) if k.endswith("_tokens") else v for k, v in batch.items()}
         return self.inner.finish(batch, device, notes)
+
+
+class StoredTeacherMismatch(ValueError):
+    reason = "bad teacher data"  # what data.py counts the skipped sample under
 
 
 def teacher_image(img):
@@ -2258,7 +2277,11 @@ def read_weights(path, quick_gelu=None, tokenizer=None, keep_lora=False):
         raise ValueError(f"{path}: {len(bad)} tensors hold NaN or infinite values (first: {bad[0]})")
     if keep_lora:
         return cfg, tok, sd, spec
-    return cfg, tok, merge_lora_weights(sd, spec) if spec else sd
+    if spec:
+        sd = merge_lora_weights(sd, spec)
+        if not all(torch.isfinite(v).all() for v in sd.values()):
+            raise ValueError(f"{path}: its adapters merged give weights that are not finite (LoRA alpha {spec['alpha']})")
+    return cfg, tok, sd
 
 
 def load(path, device="cpu", quick_gelu=None, tokenizer=None):
@@ -2415,16 +2438,18 @@ def export_open_clip(model, out):
 EXPORT_FORMATS = ("open_clip", "hf", "peft")
 
 
-def export_peft(path, out):
+def export_peft(path, out, tokenizer=None):
     """A LoRA checkpoint as peft reads it: OUT/base, a transformers CLIPModel folder of the base weights
     (the logit scale as trained), and OUT/adapter, peft's adapter_config.json and adapter weights, so that
         PeftModel.from_pretrained(CLIPModel.from_pretrained(OUT/base), OUT/adapter)
     computes this checkpoint's features. Our fused q, k, v projection is transformers' q_proj, k_proj and
     v_proj stacked, so each adapter of a part is that module's adapter as it stands."""
     with reading(path):
-        cfg, tok, sd, spec = read_weights(path, keep_lora=True)
+        cfg, tok, sd, spec = read_weights(path, tokenizer=tokenizer, keep_lora=True)
     if spec is None:
         raise ValueError(f"{path} holds no LoRA adapters (train.py --lora R makes them): export it --format hf")
+    if tok is None:
+        raise ValueError(f"{path} carries no tokenizer: pass --tokenizer so that it travels with the export")
     base = start(CLIP(cfg, tok), {k: v for k, v in sd.items() if ".lora." not in k})
     os.makedirs(os.path.join(out, "base"), exist_ok=True)
     lines = export_hf(base, os.path.join(out, "base"))
@@ -2456,7 +2481,7 @@ def export(path, out, fmt, tokenizer=None):
     """Convert any weights load() reads to open_clip's, transformers' or (a LoRA checkpoint) peft's layout;
     returns what to tell the user. A LoRA checkpoint's open_clip and hf exports hold the merged weights."""
     if fmt == "peft":
-        return export_peft(path, out)
+        return export_peft(path, out, tokenizer)
     model, _ = load(path, tokenizer=tokenizer)
     if model.tokenizer is None:
         raise ValueError(f"{path} carries no tokenizer: pass --tokenizer (bpe_simple_vocab_16e6.txt.gz or a "

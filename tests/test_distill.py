@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import clip
+import data
 import train
 from conftest import ROOT, free_port
 from naive import distill_loss as naive_distill
@@ -286,6 +287,28 @@ def test_each_teacher_reads_the_text_the_student_drew(teacher):
     assert len(picks) > 2  # the draws did take rewrites
 
 
+def test_a_stored_sample_unlike_the_first_is_skipped():
+    # Shards from two reinforce runs mixed: a batch must not stack teachers of other widths, or take one
+    # sample's scale for another's; the odd sample is skipped (counted as bad teacher data).
+    from PIL import Image
+
+    model = clip.build("tiny", captions=["a red square", "a blue circle"]).distill(stored=True)
+    transform = model.transform(True)
+
+    def sample(width, scale=50.0):
+        e = np.zeros((2, width), np.float32)
+        e[:, 0] = 1
+        return {"image": Image.new("RGB", (50, 50), "red"), "text": "a red square",
+                "teacher": {"augmentations": 1, "augmentation": 0, "embeddings": [e], "scales": [scale], "biases": [0.0]}}
+
+    transform(sample(32), np.random.default_rng(0))
+    transform(sample(32), np.random.default_rng(1))
+    for odd in (sample(64), sample(32, scale=20.0)):
+        with pytest.raises(ValueError, match="differ from the first") as err:
+            transform(odd, np.random.default_rng(2))
+        assert data.sample_reason(err.value) == "bad teacher data"
+
+
 def csv_with_rewrites(tmp_path, n=48):
     from PIL import Image
 
@@ -339,6 +362,8 @@ def test_bad_stored_teacher_data_is_skipped_and_counted(tmp_path, teacher, capsy
         "missing": {k: v for k, v in good.items() if k != "teacher0.npy"},
         "k0": {**good, "json": json.dumps({**meta, "teacher": {**meta["teacher"], "augmentations": 0}}).encode()},
         "scales": {**good, "json": json.dumps({**meta, "teacher": {**meta["teacher"], "scales": ["x"]}}).encode()},
+        "scale1e300": {**good, "json": json.dumps({**meta, "teacher": {**meta["teacher"], "scales": [1e300]}}).encode()},
+        "3e38": {**good, "teacher0.npy": npy(np.full((2, 32), 3e38, np.float32))},  # finite, far from unit rows
     }
     with tarfile.open(str(tmp_path / "rf" / "00000.tar")) as src, tarfile.open(str(tmp_path / "bad.tar"), "w") as tar:
         for name, members in bad.items():  # first, then the 64 good samples: read in order (--shuffle-buffer 1)
@@ -349,7 +374,13 @@ def test_bad_stored_teacher_data_is_skipped_and_counted(tmp_path, teacher, capsy
     train.main([*RUN, "--data", str(tmp_path / "bad.tar"), "--steps", "4", "--distill", "stored", "--out", out,
                 "--shuffle-buffer", "1"])
     assert [r["skipped_samples"] for r in rows(out) if "skipped_samples" in r][-1] == len(bad)  # since the start
-    assert "'bad teacher data': 8" in capsys.readouterr().out
+    assert f"'bad teacher data': {len(bad)}" in capsys.readouterr().out
+
+
+def test_reinforce_refuses_more_crops_than_the_loader_reads(tmp_path, teacher):
+    with pytest.raises(SystemExit):
+        reinforce(teacher, str(tmp_path / "rf"), data.MAX_AUGMENTATIONS + 1, "--synthetic-size", "4")
+    assert not os.path.exists(str(tmp_path / "rf"))
 
 
 def test_flags_are_checked_in_one_line(tmp_path, teacher):

@@ -135,11 +135,26 @@ def test_bad_lora_settings_in_a_checkpoint_are_one_line(tmp_path, tokenizer):  #
     model = small(tokenizer).add_lora(2)
     for spec, said in (({**model.lora_spec, "rank": "2"}, "rank"), ({**model.lora_spec, "targets": ["q", "zz"]}, "targets"),
                        ({**model.lora_spec, "rank": 3}, "do not fit"), ({**model.lora_spec, "run": 1}, "run"),
-                       ({**model.lora_spec, "alpha": float("nan")}, "alpha"), ([1, 2], "not a dict")):
+                       ({**model.lora_spec, "alpha": float("nan")}, "alpha"), ([1, 2], "not a dict"),
+                       ({**model.lora_spec, "alpha": 1e300}, "alpha"), ({**model.lora_spec, "targets": "qv"}, "targets"),
+                       ({**model.lora_spec, "train_scale": "no"}, "train_scale")):
         path = str(tmp_path / "bad.pt")
         torch.save({"model": model.state_dict(), "extra": {**model.extra_state(), "lora": spec}}, path)
         with pytest.raises(clip.BadInput, match=said):
             clip.load(path)
+    # adapters whose merge overflows: one line, not weights of inf
+    sd = {k: (torch.full_like(v, 1e30) if ".lora." in k else v) for k, v in model.state_dict().items()}
+    torch.save({"model": sd, "extra": model.extra_state()}, str(tmp_path / "inf.pt"))
+    with pytest.raises(clip.BadInput, match="not finite"):
+        clip.load(str(tmp_path / "inf.pt"))
+
+
+def test_merge_gives_back_what_trained_before(tokenizer):  # noqa: F811
+    model = small(tokenizer).lock(image=True)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.add_lora(2).merge_lora()
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert not before["visual.proj"] and not before["visual.class_embedding"] and before["text_projection"]
 
 
 # ---- train.py --lora
@@ -200,6 +215,15 @@ def test_two_ranks_of_8_equal_one_of_16_and_resume_is_exact(tmp_path, base):
     assert max_diff(weights(one), weights(cut)) < 1e-6
     # the adapters did move (their B starts at zero)
     assert max(weights(one)[k].abs().max().item() for k in weights(one) if k.endswith(".B")) > 0
+
+
+def test_a_resumed_run_keeps_its_checkpoints_adapters(tmp_path, base):
+    out = str(tmp_path / "run")
+    train.main([*BASE, "--init", base, "--lora", "4", "--steps", "2", "--batch-size", "8", "--out", out])
+    train.main([*BASE, "--init", base, "--lora", "8", "--lora-alpha", "3", "--steps", "3", "--batch-size", "8",
+                "--out", out, "--resume", "--allow-flag-changes"])
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert ck["step"] == 3 and ck["extra"]["lora"]["rank"] == 4 and ck["extra"]["lora"]["alpha"] == 4.0
 
 
 def test_lit_lock_and_lora(tmp_path, base):
