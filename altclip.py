@@ -1212,6 +1212,7 @@ def distill_loss(image_features, text_features, logit_scale, teacher_image_featu
     the same number of rows. Gradients reach the teacher's features too when they ask for them.
     """
     teachers = _teacher_list(teacher_image_features, teacher_text_features, teacher_logit_scale, None)
+    logit_scale = torch.as_tensor(logit_scale, device=image_features.device)  # a float as well as a tensor
     text_features, pos = gather_texts(image_features, text_features, group)
     row_target = col_target = 0
     for u, w, t, _ in teachers:
@@ -1240,6 +1241,7 @@ def distill_sigmoid_loss(image_features, text_features, logit_scale, logit_bias,
     the teachers.
     """
     teachers = _teacher_list(teacher_image_features, teacher_text_features, teacher_logit_scale, teacher_logit_bias)
+    logit_scale, logit_bias = (torch.as_tensor(v, device=image_features.device) for v in (logit_scale, logit_bias))
     text_features, _ = gather_texts(image_features, text_features, group)
     us = [u.detach() for u, _, _, _ in teachers]
     ws = [all_gather_with_grad(w.detach(), group) for _, w, _, _ in teachers]
@@ -2735,7 +2737,7 @@ def _distill_backward(ctx, *grads):
     grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, stats)]
     need = ctx.needs_input_grad
     out = distill_tiles_backward(x, y, scale, u, w, tscale, stats, grads, any(need[3:]))
-    return tuple(d if n else None for d, n in zip(out, need))
+    return tuple(d.reshape(v.shape) if n else None for d, v, n in zip(out, (x, y, scale, u, w, tscale), need))
 
 
 distill_tiles.register_autograd(_distill_backward, setup_context=_distill_setup)

@@ -2029,7 +2029,7 @@ def _distill_backward(ctx, *grads):
     grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, stats)]
     need = ctx.needs_input_grad
     out = distill_tiles_backward(x, y, scale, u, w, tscale, stats, grads, any(need[3:]))
-    return tuple(d if n else None for d, n in zip(out, need))
+    return tuple(d.reshape(v.shape) if n else None for d, v, n in zip(out, (x, y, scale, u, w, tscale), need))
 
 
 distill_tiles.register_autograd(_distill_backward, setup_context=_distill_setup)

@@ -83,6 +83,10 @@ def test_matches_open_clip_distill_clip_loss(b, monkeypatch):
 
     ref = value_and_grads(theirs, x, y, us, ws)
     assert_close(value_and_grads(clip.distill_loss, x, y, us, ws), ref, 1e-6)
+    # scales as open_clip's callers may hold them: shape [1] tensors, or plain floats
+    one = lambda *a: clip.distill_loss(*a[:2], a[2].reshape(1), *a[3:5], [t.reshape(1) for t in a[5]])  # noqa: E731
+    assert_close(value_and_grads(one, x, y, us, ws), ref, 1e-6)
+    torch.testing.assert_close(clip.distill_loss(x, y, 14.0, us[0], ws[0], 30.0), ref[0], rtol=1e-10, atol=0)
     # In float32 (a training run's precision): within float32's rounding of the scale's summed gradient.
     assert_close(value_and_grads(clip.distill_loss, x.float(), y.float(), [us[0].float()], [ws[0].float()]), ref, 2e-4)
 
