@@ -224,6 +224,13 @@ def test_accum_and_resume_are_exact_with_a_teacher(tmp_path, teacher):
     train.main([*args, "--steps", "3", "--out", cut])
     train.main([*args, "--steps", "6", "--out", cut, "--resume"])
     assert max_diff(weights(whole), weights(cut)) < 1e-6
+    # 2 ranks x 8 under FSDP: the student sharded, the teachers whole on each rank
+    from test_scale import finish as finish_ranks
+    from test_scale import ranks
+
+    sharded = str(tmp_path / "fsdp")
+    finish_ranks(ranks(2, *[a if a != "16" else "8" for a in args], "--steps", "6", "--out", sharded, "--fsdp"))
+    assert max_diff(weights(whole), weights(sharded)) < 1e-5
     plain = str(tmp_path / "plain")
     train.main([*RUN, "--steps", "6", "--out", plain])
     assert max_diff(weights(whole), weights(plain)) > 1e-3  # the teacher changed the run
