@@ -682,8 +682,7 @@ def distill_loss(image_features, text_features, logit_scale, teacher_image_featu
 def distill_sigmoid_loss(image_features, text_features, logit_scale, logit_bias, teacher_image_features,
                          teacher_text_features, teacher_logit_scale, teacher_logit_bias=None, group=None):
     """Distillation for a SigLIP student: the sigmoid loss with the teacher's soft labels in place of +-1
-    (the issue's DistillSigLipLoss form: target 2 x mean sigmoid(teacher logits) - 1), normalised as
-    sigmoid_loss is. Naive form:
+    (labels 2 x mean sigmoid(teacher logits) - 1 instead of +-1), normalised as sigmoid_loss is. Naive form:
         s = logit_scale * image_features @ text_features.T + logit_bias
         p = mean over teachers of torch.sigmoid(t_m)      # t_m: the teacher's logits, its bias added
         -F.logsigmoid((2 * p - 1) * s).sum() / len(s)
@@ -3437,7 +3436,7 @@ if __name__ == "__main__":
     commands = {"predict": predict_main, "export": export_main, "reinforce": reinforce_main}
     if sys.argv[1:2] not in ([c] for c in commands):
         raise SystemExit("usage: python clip.py predict --ckpt CHECKPOINT --image A.jpg [B.jpg ...] --labels 'a dog,a cat'\n"
-                         "       python clip.py export CHECKPOINT OUT_DIR --format open_clip|hf\n"
+                         "       python clip.py export CHECKPOINT OUT_DIR --format open_clip|hf|peft\n"
                          "       python clip.py reinforce --teacher T --data D --out O [--augmentations K]\n"
                          "(train with: torchrun train.py --model clip)")
     commands[sys.argv[1]](sys.argv[2:])
