@@ -1231,7 +1231,7 @@ def distill_loss(image_features, text_features, logit_scale, teacher_image_featu
 def distill_sigmoid_loss(image_features, text_features, logit_scale, logit_bias, teacher_image_features,
                          teacher_text_features, teacher_logit_scale, teacher_logit_bias=None, group=None):
     """Distillation for a SigLIP student: the sigmoid loss with the teacher's soft labels in place of +-1
-    (labels 2 x mean sigmoid(teacher logits) - 1 instead of +-1), normalised as sigmoid_loss is. Naive form:
+    (2 x mean sigmoid(teacher logits) - 1), normalised as sigmoid_loss is. Naive form:
         s = logit_scale * image_features @ text_features.T + logit_bias
         p = mean over teachers of torch.sigmoid(t_m)      # t_m: the teacher's logits, its bias added
         -F.logsigmoid((2 * p - 1) * s).sum() / len(s)
