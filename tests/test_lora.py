@@ -100,6 +100,14 @@ def test_a_lora_checkpoint_loads_merged_and_exports(tmp_path, tokenizer):  # noq
         got = oc.eval().encode_image(images()), oc.encode_text(ids)
     for a, b in zip(features(model), got):
         assert (a - b).abs().max() < 1e-4
+    transformers = pytest.importorskip("transformers")
+    clip.export(path, str(tmp_path / "hf"), "hf")
+    hf = transformers.CLIPModel.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = model.tokenizer(TEXTS)
+    with torch.no_grad():
+        got = hf.get_image_features(pixel_values=images()), hf.get_text_features(input_ids=ids, attention_mask=(ids != 0).long())
+    for a, b in zip(features(model), (getattr(x, "pooler_output", x) for x in got)):
+        assert (a - b).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("targets,towers", [(("q", "v"), None), (ALL, ("image",))])
@@ -137,7 +145,8 @@ def test_bad_lora_settings_in_a_checkpoint_are_one_line(tmp_path, tokenizer):  #
                        ({**model.lora_spec, "rank": 3}, "do not fit"), ({**model.lora_spec, "run": 1}, "run"),
                        ({**model.lora_spec, "alpha": float("nan")}, "alpha"), ([1, 2], "not a dict"),
                        ({**model.lora_spec, "alpha": 1e300}, "alpha"), ({**model.lora_spec, "targets": "qv"}, "targets"),
-                       ({**model.lora_spec, "train_scale": "no"}, "train_scale")):
+                       ({**model.lora_spec, "train_scale": "no"}, "train_scale"),
+                       ({**model.lora_spec, "towers": ["nose"]}, "nose")):
         path = str(tmp_path / "bad.pt")
         torch.save({"model": model.state_dict(), "extra": {**model.extra_state(), "lora": spec}}, path)
         with pytest.raises(clip.BadInput, match=said):
@@ -280,4 +289,10 @@ def test_altclip_takes_lora_on_its_xlmr_student_through_both_stages(tmp_path, ba
     assert (ours - merged).abs().max() < 1e-5 and (ours - plain).abs().max() > 1e-3
     assert (copy.deepcopy(unmerged).merge_lora().text_model(ids, mask) - ours).abs().max() < 1e-5
     train.main([*common, "--stage", "contrastive", "--init", os.path.join(stage1, "checkpoint.pt"), "--out", stage2])
-    assert any(".lora." in k for k in weights(stage2))
+    s2 = weights(stage2)
+    assert any(".lora." in k for k in s2)
+    # stage 2's frozen base is stage 1 with its adapters merged in, bit for bit, not stage 1's base
+    merged = altclip.load(os.path.join(stage1, "checkpoint.pt"))[0].state_dict()
+    text = [k for k in merged if k.startswith("text_model.") and k in s2]
+    assert text and all(torch.equal(s2[k], merged[k]) for k in text)
+    assert any(not torch.equal(s2[k], ck["model"][k]) for k in text)
