@@ -15,7 +15,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import stat
@@ -1140,56 +1139,76 @@ def write_shards(csv_path, out, per_shard=10_000, img_key="filepath", caption_ke
 
     data = CsvData(csv_path, img_key, caption_key, separator)
     os.makedirs(out, exist_ok=True)
-    paths, left_out = [], []
+    left_out = []
 
     def leave_out(i, why):
         left_out.append(i)
         print(f"data.py: row {i + 2} of {csv_path}: {why}; left out", file=sys.stderr)
 
     root = os.path.realpath(data.root)
-    for s in range(0, len(data), per_shard):
-        path = os.path.join(out, f"{s // per_shard:05d}.tar")
-        tmp = path + ".tmp"
-        with tarfile.open(tmp, "w") as tar:
-            for i in range(s, min(s + per_shard, len(data))):
-                if i in data.bad:
-                    leave_out(i, data.bad[i])
-                    continue
-                src = os.path.join(data.root, data.images[i])
-                ext = os.path.splitext(src)[1].lower().lstrip(".")
-                if ext not in IMAGE_EXTS:
-                    leave_out(i, f"{src} is not a {'/'.join(IMAGE_EXTS)} file")
-                    continue
-                if not allow_outside and os.path.commonpath([root, os.path.realpath(src)]) != root:
-                    leave_out(i, f"{src} resolves outside {data.root} (pass --allow-outside if that is meant)")
-                    continue
-                try:
-                    payload = read_file(src, max_bytes)
-                    with Image.open(io.BytesIO(payload)) as img:
-                        img.verify()  # the file's structure, without a decode
-                    kind = img.format
-                except SampleError as e:
-                    leave_out(i, str(e))
-                    continue
-                except Exception as e:  # Pillow: OSError, SyntaxError, DecompressionBombError ...
-                    leave_out(i, f"{src} does not open as an image ({type(e).__name__})")
-                    continue
-                if kind not in ("JPEG", "PNG", "WEBP"):
-                    leave_out(i, f"{src} is a {kind} image named .{ext}")
-                    continue
-                key = f"{i:09d}"
-                members = [(ext, payload), ("txt", (data.texts[i] or "").encode()),
-                           ("json", json.dumps({"key": key, "caption": data.texts[i], "source": data.images[i]}).encode())]
-                for e, payload in members:
-                    info = tarfile.TarInfo(f"{key}.{e}")
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-        os.replace(tmp, path)
-        paths.append(path)
+    shards = ShardWriter(out, per_shard)
+    for i in range(len(data)):
+        if i in data.bad:
+            leave_out(i, data.bad[i])
+            continue
+        src = os.path.join(data.root, data.images[i])
+        ext = os.path.splitext(src)[1].lower().lstrip(".")
+        if ext not in IMAGE_EXTS:
+            leave_out(i, f"{src} is not a {'/'.join(IMAGE_EXTS)} file")
+            continue
+        if not allow_outside and os.path.commonpath([root, os.path.realpath(src)]) != root:
+            leave_out(i, f"{src} resolves outside {data.root} (pass --allow-outside if that is meant)")
+            continue
+        try:
+            payload = read_file(src, max_bytes)
+            with Image.open(io.BytesIO(payload)) as img:
+                img.verify()  # the file's structure, without a decode
+            kind = img.format
+        except SampleError as e:
+            leave_out(i, str(e))
+            continue
+        except Exception as e:  # Pillow: OSError, SyntaxError, DecompressionBombError ...
+            leave_out(i, f"{src} does not open as an image ({type(e).__name__})")
+            continue
+        if kind not in ("JPEG", "PNG", "WEBP"):
+            leave_out(i, f"{src} is a {kind} image named .{ext}")
+            continue
+        key = f"{i:09d}"
+        shards.write(key, [(ext, payload), ("txt", (data.texts[i] or "").encode()),
+                           ("json", json.dumps({"key": key, "caption": data.texts[i], "source": data.images[i]}).encode())])
+    shards.close()
     if left_out:
         print(f"data.py: left out {len(left_out)} of {len(data)} rows of {csv_path} (each named above)",
               file=sys.stderr)
-    return paths
+    return shards.paths
+
+
+class ShardWriter:
+    """Samples into numbered tar shards OUT/00000.tar, ..., per_shard each, in webdataset's layout (KEY.EXT
+    members); a shard is named only once whole (written as .tmp, then renamed). paths: those written."""
+
+    def __init__(self, folder, per_shard):
+        self.folder, self.per_shard, self.tar, self.count, self.paths = folder, per_shard, None, 0, []
+
+    def write(self, key, members):
+        """members: [(extension, bytes)] of one sample."""
+        if self.tar is None:
+            self.path = os.path.join(self.folder, f"{len(self.paths):05d}.tar")
+            self.tar = tarfile.open(self.path + ".tmp", "w")
+        for ext, payload in members:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(payload)
+            self.tar.addfile(info, io.BytesIO(payload))
+        self.count += 1
+        if self.count == self.per_shard:
+            self.close()
+
+    def close(self):
+        if self.tar is not None:
+            self.tar.close()
+            os.replace(self.path + ".tmp", self.path)
+            self.paths.append(self.path)
+            self.tar, self.count = None, 0
 
 
 if __name__ == "__main__":

@@ -938,7 +938,7 @@ class CLIP(nn.Module):
         in the batch, or made by the teachers from their own inputs on this model's device, in the run's
         precision. Flat keys: train.py's --accum gathers an out's tensors key by key."""
         out, device = {}, self.logit_scale.device
-        for m in range(len(self.teachers) if self.teachers else 64):
+        for m in range(len(self.teachers) or 16):  # stored: data.py reads at most 16 teachers
             if f"teacher{m}_image" in batch:  # stored: one scale and bias a teacher, repeated in each sample
                 features = (batch[f"teacher{m}_image"], batch[f"teacher{m}_text"], batch[f"teacher{m}_scale"][0],
                             batch[f"teacher{m}_bias"][0])
@@ -3306,9 +3306,7 @@ def _lse_triton(x, y, scale, two_way):
     # exp(t - offset) must neither overflow (t - offset <= 80 < 88) nor, for a whole row or column,
     # underflow: exact while a row or column has a logit within 167 of the largest possible |t|,
     # which always holds for unit features with scale <= 83, and in practice at CLIP's cap of 100.
-    bound = (scale.float().abs() * torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).max()
-             * torch.linalg.vector_norm(y, dim=1, dtype=torch.float32).max())
-    offset = torch.clamp(bound - 80, min=0).reshape(1)
+    offset = _offset(x, y, scale)
     row = torch.zeros(n, device=x.device, dtype=torch.float32)
     col = torch.zeros(k if two_way else 0, device=x.device, dtype=torch.float32)
     meta = _tiles(x)
@@ -3483,7 +3481,7 @@ if triton is not None:
 
 
 def _offset(a, b, scale):
-    # As in _lse_triton: the largest |logit| possible less 80, so that no exp overflows fp32.
+    # The largest |logit| possible less 80: exp(t - offset) never overflows fp32 (see _lse_triton).
     bound = (scale.float().abs() * torch.linalg.vector_norm(a, dim=1, dtype=torch.float32).max()
              * torch.linalg.vector_norm(b, dim=1, dtype=torch.float32).max())
     return torch.clamp(bound - 80, min=0).reshape(1)
