@@ -374,8 +374,9 @@ class BriVL(nn.Module):
             for pq, pk in zip(query.parameters(), key.parameters()):
                 pk.lerp_(pq.detach(), 1 - self.cfg.momentum)
 
-    def transform(self, train, gpu_decode=False):
-        if gpu_decode:  # its colour jitter and grayscale run in Pillow, after the decode
+    def transform(self, train, images=None):
+        # BriVL's own augmentation (square resize, colour jitter, grayscale; no crop) in place of the crop
+        if getattr(images, "defer", False):  # its jitter and grayscale run in Pillow, after the decode
             raise ValueError("brivl does not decode on the GPU (its augmentation runs in Pillow in the loader "
                              "workers); train it without --gpu-decode")
         return Transform(self.cfg, self.tokenizer, train)
@@ -398,6 +399,10 @@ class BriVL(nn.Module):
 
     def optimizer_groups(self, weight_decay):
         return adamw_groups(self, weight_decay)
+
+    def towers(self):
+        # LoRA's towers: each with its momentum copy, which takes the same adapters (frozen, moved by the momentum update)
+        return {"image": [self.visual, self.visual_momentum], "text": [self.textual, self.textual_momentum]}
 
     def shard_units(self):
         # (residual blocks, towers) for train.py's --fsdp and --grad-checkpointing; the momentum
@@ -707,24 +712,6 @@ def from_official_names(sd):
     if not any(k.startswith("visual_momentum.") for k in out):  # the query encoders only: keys start equal
         out.update({k.replace("visual.", "visual_momentum.", 1).replace("textual.", "textual_momentum.", 1): v
                     for k, v in out.items() if k.startswith(("visual.", "textual."))})
-    return out
-
-
-def to_official_names(sd):
-    """This file's state dict in the official names (model.learnable's), queues as [D, K]: the inverse of
-    from_official_names on everything the official model has."""
-    towers = {v: k for k, v in OFFICIAL_TOWERS.items()}
-    out = {}
-    for k, v in sd.items():
-        if k in ("image_queue", "text_queue"):
-            out["img_queue" if k == "image_queue" else "text_queue"] = v.T.contiguous()
-            continue
-        if k == "queue_ptr":
-            out["img_queue_ptr"] = out["text_queue_ptr"] = v.reshape(1)
-            continue
-        tower, _, rest = k.partition(".")
-        names = OFFICIAL_NAMES["image" if tower.startswith("visual") else "text"]
-        out[f"{towers[tower]}.{next(old + rest[len(new):] for old, new in names if rest.startswith(new))}"] = v
     return out
 
 
@@ -1245,10 +1232,6 @@ def bert_state_dict(sd, prefixes=("bert.", "roberta.")):
 # The boundary for weights files, which come from anywhere: nothing in them runs (tensors and plain
 # containers only), nothing they claim is allocated before it is checked against the file's own size,
 # and whatever goes wrong while one is read is one line naming it (reading()).
-class UnsafeWeights(ValueError):
-    """A weights file that would run code if loaded the usual way: refused."""
-
-
 class BadInput(ValueError):
     """A file or folder the user gave that cannot be used; the message names it and says what is wrong."""
 
@@ -1360,14 +1343,6 @@ def read_small_file(path, what, max_bytes=1 << 24):
         if st.st_size > max_bytes:
             raise ValueError(f"{path}: {st.st_size} bytes, more than a {what} may have ({max_bytes})")
         return f.read(max_bytes)
-
-
-def read_json(path, what="config"):
-    """A JSON object from a file a folder of weights holds: a regular file of at most 16 MiB, an object."""
-    value = json.loads(read_small_file(path, f"{what} file").decode("utf-8"), parse_constant=lambda c: float("nan"))
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: holds a {type(value).__name__}, not a JSON object")
-    return value
 
 
 # What a config field may hold is read off its default: ints (not bools) and floats in sane ranges,
@@ -1521,34 +1496,6 @@ def read_image(path):
 # ==== end of copy: image-files ====
 
 
-# ==== copied from clip.py: evaluation (shared code, kept identical to clip.py's region) ====
-@torch.no_grad()
-def zero_shot_classifier(model, classnames, templates):
-    """[C, D]: per class, the mean of its normalised prompt embeddings, re-normalised."""
-    weights = []
-    for name in classnames:
-        e = model.encode_texts([t.format(name) for t in templates]).float()
-        weights.append(F.normalize(e.mean(0), dim=-1))
-    return torch.stack(weights)
-
-
-@torch.no_grad()
-def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
-    """R@k both ways for paired rows, chunked so N x N similarities are never held at once."""
-    out = {}
-    for name, q, k in (("i2t", image_features, text_features), ("t2i", text_features, image_features)):
-        ranks = []
-        for i in range(0, q.shape[0], chunk):
-            sims = q[i:i + chunk] @ k.T
-            target = sims[torch.arange(sims.shape[0]), torch.arange(i, i + sims.shape[0])]
-            ranks.append((sims > target[:, None]).sum(1))
-        ranks = torch.cat(ranks)
-        for kk in ks:
-            out[f"{name}_r{kk}"] = (ranks < kk).float().mean().item()
-    return out
-# ==== end of copy: evaluation ====
-
-
 # ==== copied from clip.py: classify (shared code, kept identical to clip.py's region) ====
 def link(model, sims):
     """Probabilities from cosine similarities [N, C] with the model's own link: a softmax over the last
@@ -1663,34 +1610,19 @@ def predict_main(argv=None):
 
 
 # ==== copied from clip.py: kernel (shared code, kept identical to clip.py's region) ====
-# Two local ops do the heavy work of the losses, from tiles of t = scale * x @ y.T (+ bias), x the
-# rows of this rank (n x D), y the keys (k x D). Neither keeps t for the backward: each saves only its
-# inputs and a vector or two, O((n + k) D) in all, and the backward makes the tiles again (lse) or
-# has its gradients already (sigmoid). How much of t exists at once: on the PyTorch path one tile of
-# BLOCK x BLOCK (1024 x 1024 fp32, 4 MB; for n, k <= 1024 that is the whole of t, for a batch of 16k
-# one 256th of it); on the Triton path the forward's tiles (64-128 a side) stay in registers, and the
-# backward writes G or P in row chunks of at most WORKSPACE elements (or 4 k D), a bound that does not
-# grow with the batch.
-#
-# lse_tiles(x, y, scale, two_way) -> (row_lse [n], col_lse [k] or [0]): log-sum-exp of t along rows
-# and (two_way) along columns, from the same tiles in one pass. InfoNCE's loss is lse minus the
-# positive's logit. Backward, for incoming g_row, g_col:
+# The heavy work of the softmax losses: lse_tiles(x, y, scale, two_way) -> (row_lse [n], col_lse [k] or
+# [0]), the log-sum-exps of t = scale * x @ y.T along rows and (two_way) columns, from the same tiles in
+# one pass; x the rows of this rank (n x D), y the keys (k x D). InfoNCE's loss is lse less the
+# positive's logit. t is never kept: the op saves x, y, scale and the two vectors, O((n + k) D), and
+# the backward makes the tiles again. For incoming g_row, g_col:
 #     G_ij = g_row_i * exp(t_ij - row_lse_i) + g_col_j * exp(t_ij - col_lse_j)
 #     dx = scale * G @ y,  dy = scale * G.T @ x,  d(scale) = sum(G * x @ y.T)
-# Saved: x, y, scale, row_lse, col_lse. Cost: 2 B^2 D forward, 6 B^2 D backward (t made again).
-#
-# sigmoid_tiles(x, y, scale, bias, eager) -> sum_j softplus(t_ij) per row (SigLIP's loss is that
-# less the positive's logit, -log sigmoid(u) = softplus(u) - u). Backward, with P_ij = g_i * sigmoid(t_ij):
-#     dx = scale * P @ y,  dy = scale * P.T @ x,  d(scale) = sum(P * x @ y.T),  d(bias) = sum(P)
-# A loss that is a mean over rows sends the same g to every row, and then these are g times the ones
-# for g = 1. So for such a caller (eager: sigmoid_loss, when a gradient will be wanted) the forward
-# makes them too, from the same tiles, and the backward only scales them: 3 B^2 D in all, as the
-# naive form's one matrix product forward and two backward. Saved: x, y, scale, bias and, eager,
-# dx, dy, d(scale), d(bias). Without eager (sigmoid_rows: any row weights) the backward makes the
-# tiles again.
-#
-# Below: the PyTorch tiles (the reference, on every device), then the two ops registered as torch
-# custom ops (torch.compile sees one node each), then the Triton kernels used on CUDA.
+# Cost: 2 B^2 D forward, 6 B^2 D backward. How much of t exists at once: on the PyTorch path one tile
+# of BLOCK x BLOCK (1024 x 1024 fp32, 4 MB; for a batch of 16k one 256th of t); on the Triton path the
+# forward's tiles (64-128 a side) stay in registers and the backward writes G in row chunks of at most
+# WORKSPACE elements (or 4 k D), a bound that does not grow with the batch.
+# Below: the PyTorch tiles (the reference, on every device), the op registered as a torch custom op
+# (torch.compile sees one node), then the Triton kernels used on CUDA.
 
 
 BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
@@ -1743,130 +1675,7 @@ def _lse_backward_torch(x, y, scale, row, col, g_row, g_col):
     return dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype)
 
 
-def _sig_torch(x, y, scale, bias, g):
-    """Row sums of softplus(t), and with g (None: every g_i = 1) the gradients; g False: sums only."""
-    n, k = x.shape[0], y.shape[0]
-    acc = _acc_dtype(x)
-    s, b = scale.to(acc), bias.to(acc)
-    rows = torch.zeros(n, device=x.device, dtype=acc)
-    grads = g is not False
-    dx = torch.zeros(x.shape, dtype=acc, device=x.device) if grads else x.new_empty(0)
-    dy = torch.zeros(y.shape, dtype=acc, device=x.device) if grads else x.new_empty(0)
-    dsb = torch.zeros(2, dtype=acc, device=x.device) if grads else x.new_empty(0, dtype=acc)
-    for i in range(0, n, BLOCK):
-        xi = x[i:i + BLOCK]
-        for j in range(0, k, BLOCK):
-            yj = y[j:j + BLOCK]
-            raw = (xi @ yj.T).to(acc)
-            t = raw * s + b
-            if g is not False and g is not None:
-                p = torch.sigmoid(t) * g[i:i + BLOCK, None].to(acc)
-            else:
-                rows[i:i + BLOCK] += F.softplus(t).sum(1)
-                if not grads:
-                    continue
-                p = torch.sigmoid(t)
-            dsb[0] += (p * raw).sum()
-            dsb[1] += p.sum()
-            p = p.to(x.dtype)
-            dx[i:i + BLOCK] += (p @ yj).to(acc) * s
-            dy[j:j + BLOCK] += (p.T @ xi).to(acc) * s
-    return rows, dx.to(x.dtype), dy.to(y.dtype), dsb
-
-
-def _distill_torch(x, y, scale, u, w, tscale):
-    """distill_tiles' forward: the student's row and column log-sum-exps, the teacher's, and the teacher's
-    softmax-weighted sums of the student's logits, rows and columns, from one pass over the tiles."""
-    n, k = x.shape[0], y.shape[0]
-    acc = torch.promote_types(_acc_dtype(x), _acc_dtype(u))
-    s, ts = scale.to(acc), tscale.to(acc)
-    row_s, row_t = (torch.full((n,), -math.inf, device=x.device, dtype=acc) for _ in range(2))
-    col_s, col_t = (torch.full((k,), -math.inf, device=x.device, dtype=acc) for _ in range(2))
-    row_c, col_c = torch.zeros(n, device=x.device, dtype=acc), torch.zeros(k, device=x.device, dtype=acc)
-    for i in range(0, n, BLOCK):
-        r = slice(i, i + BLOCK)
-        for j in range(0, k, BLOCK):
-            c = slice(j, j + BLOCK)
-            S = (x[r] @ y[c].T).to(acc) * s
-            T = (u[r] @ w[c].T).to(acc) * ts
-            row_s[r] = torch.logaddexp(row_s[r], S.logsumexp(1))
-            col_s[c] = torch.logaddexp(col_s[c], S.logsumexp(0))
-            for dim, lse, cross, sl in ((1, row_t, row_c, r), (0, col_t, col_c, c)):
-                # The teacher's weights exp(t - lse) as the running lse grows: the sums so far rescaled.
-                top = T.amax(dim, keepdim=True)
-                e = torch.exp(T - top)
-                new = torch.logaddexp(lse[sl], e.sum(dim).log() + top.squeeze(dim))
-                cross[sl] = cross[sl] * torch.exp(lse[sl] - new) + (e * S).sum(dim) * torch.exp(top.squeeze(dim) - new)
-                lse[sl] = new
-    return row_s, col_s, row_t, col_t, row_c, col_c
-
-
-def _distill_backward_torch(x, y, scale, u, w, tscale, stats, grads, teacher):
-    """Gradients of distill_tiles' six outputs, the tiles made again. With s, t one tile of the student's
-    and the teacher's logits, P = exp(t - row_t), Q = exp(t - col_t) the teacher's softmax both ways:
-        G = g_rs exp(s - row_s) + g_cs exp(s - col_s) + g_rc P + g_cc Q          (d / ds)
-        H = g_rt P + g_ct Q + g_rc P (s - row_c) + g_cc Q (s - col_c)             (d / dt, teacher only)"""
-    row_s, col_s, row_t, col_t, row_c, col_c = stats
-    g_rs, g_cs, g_rt, g_ct, g_rc, g_cc = grads
-    n, k = x.shape[0], y.shape[0]
-    acc = row_s.dtype
-    s, ts = scale.to(acc), tscale.to(acc)
-    dx, dy = torch.zeros(x.shape, dtype=acc, device=x.device), torch.zeros(y.shape, dtype=acc, device=x.device)
-    du, dw = torch.zeros(u.shape, dtype=acc, device=x.device), torch.zeros(w.shape, dtype=acc, device=x.device)
-    ds, dts = torch.zeros((), dtype=acc, device=x.device), torch.zeros((), dtype=acc, device=x.device)
-    for i in range(0, n, BLOCK):
-        r = slice(i, i + BLOCK)
-        for j in range(0, k, BLOCK):
-            c = slice(j, j + BLOCK)
-            raw, raw_t = (x[r] @ y[c].T).to(acc), (u[r] @ w[c].T).to(acc)
-            S, T = raw * s, raw_t * ts
-            P = torch.exp(T - row_t[r, None])
-            Q = torch.exp(T - col_t[None, c])
-            gP, gQ = P * g_rc[r, None], Q * g_cc[None, c]
-            G = torch.exp(S - row_s[r, None]) * g_rs[r, None] + torch.exp(S - col_s[None, c]) * g_cs[None, c] + gP + gQ
-            ds += (G * raw).sum()
-            G = G.to(x.dtype)
-            dx[r] += (G @ y[c]).to(acc) * s
-            dy[c] += (G.T @ x[r]).to(acc) * s
-            if teacher:
-                H = P * g_rt[r, None] + Q * g_ct[None, c] + gP * (S - row_c[r, None]) + gQ * (S - col_c[None, c])
-                dts += (H * raw_t).sum()
-                H = H.to(u.dtype)
-                du[r] += (H @ w[c]).to(acc) * ts
-                dw[c] += (H.T @ u[r]).to(acc) * ts
-    return (dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype), du.to(u.dtype), dw.to(w.dtype), dts.to(tscale.dtype))
-
-
-def _sig_distill_torch(x, y, scale, bias, us, ws, ts, bs, g):
-    """Row sums of softplus(-z s) with z = 2 mean_m sigmoid(t_m) - 1 (g None); with row weights g, the
-    gradients d/ds = -g z sigmoid(-z s) in x, y, scale and bias."""
-    n, k = x.shape[0], y.shape[0]
-    acc = _acc_dtype(x)
-    s, b = scale.to(acc), bias.to(acc)
-    rows = torch.zeros(n, device=x.device, dtype=acc)
-    dx, dy = torch.zeros(x.shape, dtype=acc, device=x.device), torch.zeros(y.shape, dtype=acc, device=x.device)
-    dsb = torch.zeros(2, dtype=acc, device=x.device)
-    for i in range(0, n, BLOCK):
-        r = slice(i, i + BLOCK)
-        for j in range(0, k, BLOCK):
-            c = slice(j, j + BLOCK)
-            raw = (x[r] @ y[c].T).to(acc)
-            z = sum(torch.sigmoid((u[r] @ w[c].T).to(acc) * t.to(acc) + tb.to(acc))
-                    for u, w, t, tb in zip(us, ws, ts, bs)) * (2 / len(us)) - 1
-            zs = z * (raw * s + b)
-            if g is None:
-                rows[r] += F.softplus(-zs).sum(1)
-                continue
-            p = -z * torch.sigmoid(-zs) * g[r, None].to(acc)
-            dsb[0] += (p * raw).sum()
-            dsb[1] += p.sum()
-            p = p.to(x.dtype)
-            dx[r] += (p @ y[c]).to(acc) * s
-            dy[c] += (p.T @ x[r]).to(acc) * s
-    return rows, dx.to(x.dtype), dy.to(y.dtype), dsb
-
-
-# ---- the ops: contracts (custom ops), backend choice, autograd
+# ---- the op: contract (custom op), backend choice, autograd
 
 
 try:  # Triton ships with CUDA builds of torch; without it the blockwise PyTorch path runs everywhere.
@@ -1925,162 +1734,6 @@ def _lse_backward(ctx, g_row, g_col):
 
 
 lse_tiles.register_autograd(_lse_backward, setup_context=_lse_setup)
-
-
-@torch.library.custom_op(f"{_NS}::sigmoid_tiles", mutates_args=())
-def sigmoid_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, eager: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row sums [n], then for g = 1: dx, dy, and d(scale), d(bias) as [2]; the last three empty unless eager)."""
-    if _use_triton(x):
-        return _sig_triton(x.contiguous(), y.contiguous(), scale, bias, None if eager else False)
-    return _sig_torch(x, y, scale, bias, None if eager else False)
-
-
-@sigmoid_tiles.register_fake
-def _sigmoid_tiles_fake(x, y, scale, bias, eager):
-    acc = _acc_dtype(x)
-    if eager:
-        return x.new_empty(x.shape[0], dtype=acc), torch.empty_like(x), torch.empty_like(y), x.new_empty(2, dtype=acc)
-    return x.new_empty(x.shape[0], dtype=acc), x.new_empty(0), x.new_empty(0), x.new_empty(0, dtype=acc)
-
-
-@torch.library.custom_op(f"{_NS}::sigmoid_tiles_backward", mutates_args=())
-def sigmoid_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                           g: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, dsb: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dy, [d(scale), d(bias)]) for row weights g: the forward's gradients for g = 1 (dx, dy, dsb,
-    when it made them, which it does only for callers whose rows all get the same g) scaled; else from
-    the tiles again."""
-    if dsb.numel():  # eager: the caller sums or averages the rows, so every g_i is g_0 (no check, no sync)
-        c = g[0].to(dsb.dtype)
-        return dx * c.to(dx.dtype), dy * c.to(dy.dtype), dsb * c
-    if _use_triton(x):
-        return _sig_triton(x.contiguous(), y.contiguous(), scale, bias, g)[1:]
-    return _sig_torch(x, y, scale, bias, g)[1:]
-
-
-@sigmoid_tiles_backward.register_fake
-def _sigmoid_tiles_backward_fake(x, y, scale, bias, g, dx, dy, dsb):
-    return torch.empty_like(x), torch.empty_like(y), x.new_empty(2, dtype=_acc_dtype(x))
-
-
-def _sig_setup(ctx, inputs, output):
-    x, y, scale, bias, _ = inputs
-    ctx.save_for_backward(x, y, scale, bias, *output[1:])
-
-
-def _sig_backward(ctx, g, *_):
-    x, y, scale, bias, dx, dy, dsb = ctx.saved_tensors
-    dx, dy, dsb = sigmoid_tiles_backward(x, y, scale, bias, g, dx, dy, dsb)
-    need = ctx.needs_input_grad
-    return (dx if need[0] else None, dy if need[1] else None, dsb[0].to(scale.dtype).reshape(scale.shape) if need[2]
-            else None, dsb[1].to(bias.dtype).reshape(bias.shape) if need[3] else None, None)
-
-
-sigmoid_tiles.register_autograd(_sig_backward, setup_context=_sig_setup)
-
-
-def sigmoid_rows(x, y, scale, bias):
-    """sum_j softplus(scale * x_i . y_j + bias) per row i, differentiable in all four (with any weights on
-    the rows: the backward recomputes the tiles), O(B D) memory."""
-    return sigmoid_tiles(x, y, scale, bias, False)[0]
-
-
-@torch.library.custom_op(f"{_NS}::distill_tiles", mutates_args=())
-def distill_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
-                  tscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                 torch.Tensor, torch.Tensor]:
-    """(row_s, col_s, row_t, col_t, row_c, col_c) of s = scale * x @ y.T and t = tscale * u @ w.T: the
-    log-sum-exps of s and of t along rows and columns, and sum_j exp(t_ij - row_t_i) s_ij (row_c), the
-    same down the columns (col_c); neither s nor t is ever whole."""
-    if _use_triton(x) and _use_triton(u):
-        return _distill_triton(x.contiguous(), y.contiguous(), scale, u.contiguous(), w.contiguous(), tscale)
-    return _distill_torch(x, y, scale, u, w, tscale)
-
-
-@distill_tiles.register_fake
-def _distill_tiles_fake(x, y, scale, u, w, tscale):
-    acc = torch.promote_types(_acc_dtype(x), _acc_dtype(u))
-    n, k = x.shape[0], y.shape[0]
-    return tuple(x.new_empty(m, dtype=acc) for m in (n, k, n, k, n, k))
-
-
-@torch.library.custom_op(f"{_NS}::distill_tiles_backward", mutates_args=())
-def distill_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
-                           tscale: torch.Tensor, stats: list[torch.Tensor], grads: list[torch.Tensor], teacher: bool
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _use_triton(x) and _use_triton(u) and not teacher:
-        return _distill_backward_triton(x.contiguous(), y.contiguous(), scale, u.contiguous(), w.contiguous(), tscale,
-                                        stats, grads)
-    return _distill_backward_torch(x, y, scale, u, w, tscale, stats, grads, teacher)
-
-
-@distill_tiles_backward.register_fake
-def _distill_tiles_backward_fake(x, y, scale, u, w, tscale, stats, grads, teacher):
-    return tuple(torch.empty_like(v) for v in (x, y, scale, u, w, tscale))
-
-
-def _distill_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, *output)
-
-
-def _distill_backward(ctx, *grads):
-    x, y, scale, u, w, tscale, *stats = ctx.saved_tensors
-    grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, stats)]
-    need = ctx.needs_input_grad
-    out = distill_tiles_backward(x, y, scale, u, w, tscale, stats, grads, any(need[3:]))
-    return tuple(d.reshape(v.shape) if n else None for d, v, n in zip(out, (x, y, scale, u, w, tscale), need))
-
-
-distill_tiles.register_autograd(_distill_backward, setup_context=_distill_setup)
-
-
-@torch.library.custom_op(f"{_NS}::sigmoid_distill_tiles", mutates_args=())
-def sigmoid_distill_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                          us: list[torch.Tensor], ws: list[torch.Tensor], ts: torch.Tensor, bs: torch.Tensor
-                          ) -> torch.Tensor:
-    """Row sums of softplus(-z * (scale * x @ y.T + bias)), z = 2 mean_m sigmoid(ts_m * us_m @ ws_m.T + bs_m) - 1."""
-    return _sig_distill_torch(x, y, scale, bias, us, ws, ts, bs, None)[0]
-
-
-@sigmoid_distill_tiles.register_fake
-def _sigmoid_distill_tiles_fake(x, y, scale, bias, us, ws, ts, bs):
-    return x.new_empty(x.shape[0], dtype=_acc_dtype(x))
-
-
-@torch.library.custom_op(f"{_NS}::sigmoid_distill_tiles_backward", mutates_args=())
-def sigmoid_distill_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                                   us: list[torch.Tensor], ws: list[torch.Tensor], ts: torch.Tensor, bs: torch.Tensor,
-                                   g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _sig_distill_torch(x, y, scale, bias, us, ws, ts, bs, g)[1:]
-
-
-@sigmoid_distill_tiles_backward.register_fake
-def _sigmoid_distill_tiles_backward_fake(x, y, scale, bias, us, ws, ts, bs, g):
-    return torch.empty_like(x), torch.empty_like(y), x.new_empty(2, dtype=_acc_dtype(x))
-
-
-def _sig_distill_setup(ctx, inputs, output):
-    x, y, scale, bias, us, ws, ts, bs = inputs
-    ctx.save_for_backward(x, y, scale, bias, ts, bs, *us, *ws)
-    ctx.teachers = len(us)
-
-
-def _sig_distill_backward(ctx, g):
-    x, y, scale, bias, ts, bs, *uw = ctx.saved_tensors
-    m = ctx.teachers
-    dx, dy, dsb = sigmoid_distill_tiles_backward(x, y, scale, bias, uw[:m], uw[m:], ts, bs, g)
-    need = ctx.needs_input_grad
-    return (dx if need[0] else None, dy if need[1] else None, dsb[0].to(scale.dtype).reshape(scale.shape) if need[2]
-            else None, dsb[1].to(bias.dtype).reshape(bias.shape) if need[3] else None, [None] * m, [None] * m, None, None)
-
-
-sigmoid_distill_tiles.register_autograd(_sig_distill_backward, setup_context=_sig_distill_setup)
-
-
-def sigmoid_distill_rows(x, y, scale, bias, us, ws, ts, bs):
-    """Per row i: sum_j softplus(-z_ij s_ij), the teachers' soft labels z fixed (no gradient to them)."""
-    return sigmoid_distill_tiles(x, y, scale, bias, list(us), list(ws), ts, bs)
 
 
 # ---- the Triton kernels (CUDA; TRITON_INTERPRET=1 runs them on the CPU)
@@ -2206,175 +1859,11 @@ def _lse_backward_triton(x, y, scale, row, col, g_row, g_col, need_x, need_y):
     return dx, dy.to(y.dtype), ds.to(scale.dtype)
 
 
-if triton is not None:
-    @triton.jit
-    def _sig_tile_kernel(X, Y, SCALE, BIAS, GROW, ROWS, P, DSP, n, k, d, sxn, sxd, syn, syd, spn,
-                         ROWSUM: tl.constexpr, GRAD: tl.constexpr, WEIGHTED: tl.constexpr, PREC: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-        # One tile of t = scale * x @ y.T + bias: its softplus row sums (added atomically), and
-        # scale * g * sigmoid(t) written out with the tile's shares of d(scale) and d(bias).
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
-        rn = tl.program_id(1) * BN + tl.arange(0, BN)
-        s = tl.load(SCALE).to(tl.float32)
-        b = tl.load(BIAS).to(tl.float32)
-        raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
-        t = raw * s + b
-        inside = (rm[:, None] < n) & (rn[None, :] < k)
-        if ROWSUM:  # softplus, stable both ways: max(t, 0) + log(1 + exp(-|t|))
-            sp = tl.where(inside, tl.maximum(t, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(t))), 0.0)
-            tl.atomic_add(ROWS + rm, tl.sum(sp, 1), mask=rm < n)
-        if GRAD:
-            p = 1.0 / (1.0 + tl.exp(-t))
-            if WEIGHTED:
-                p = p * tl.load(GROW + rm, mask=rm < n, other=0.0)[:, None]
-            p = tl.where(inside, p, 0.0)
-            at = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * 2
-            tl.store(DSP + at, tl.sum(tl.sum(p * raw, 1), 0))
-            tl.store(DSP + at + 1, tl.sum(tl.sum(p, 1), 0))
-            tl.store(P + rm[:, None] * spn + rn[None, :], (p * s).to(P.dtype.element_ty), mask=inside)
-
-
-def _sig_triton(x, y, scale, bias, g):
-    # As _lse_backward_triton: the kernel writes a chunk of rows of scale * P into a workspace and dx,
-    # dy are cuBLAS products of it. g None: gradients for g = 1 with the row sums; g False: sums only.
-    n, k, d = x.shape[0], y.shape[0], x.shape[1]
-    meta = _tiles(x)
-    bm, bn = meta["BM"], meta["BN"]
-    rowsum, grad, weighted = g is None or g is False, g is not False, g is not None and g is not False
-    rows = torch.zeros(n, device=x.device, dtype=torch.float32)
-    if not grad:
-        _sig_tile_kernel[(triton.cdiv(n, bm), triton.cdiv(k, bn))](
-            x, y, scale.reshape(1), bias.reshape(1), rows, rows, rows, rows, n, k, d, x.stride(0), x.stride(1),
-            y.stride(0), y.stride(1), 0, ROWSUM=True, GRAD=False, WEIGHTED=False, **meta)
-        return rows, x.new_empty(0), x.new_empty(0), x.new_empty(0, dtype=torch.float32)
-    chunk = min(n, max(bm, max(WORKSPACE, 4 * k * d) // max(k, 1) // bm * bm))
-    work = torch.empty(chunk, k, device=x.device, dtype=x.dtype)
-    dsp = torch.empty(triton.cdiv(chunk, bm) * triton.cdiv(k, bn) * 2, device=x.device, dtype=torch.float32)
-    dx = torch.empty_like(x)
-    dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
-    dsb = torch.zeros(2, device=x.device, dtype=torch.float32)
-    gw = g.float() if weighted else rows
-    for i in range(0, n, chunk):
-        m = min(chunk, n - i)
-        p, xi = work[:m], x[i:i + m]
-        grid = (triton.cdiv(m, bm), triton.cdiv(k, bn))
-        _sig_tile_kernel[grid](xi, y, scale.reshape(1), bias.reshape(1), gw[i:i + m], rows[i:i + m], p, dsp, m, k, d,
-                               xi.stride(0), xi.stride(1), y.stride(0), y.stride(1), p.stride(0),
-                               ROWSUM=rowsum, GRAD=True, WEIGHTED=weighted, **meta)
-        dsb += dsp[:grid[0] * grid[1] * 2].view(-1, 2).sum(0)
-        torch.mm(p, y, out=dx[i:i + m])
-        dy += _mm_f32(p.T, xi)
-    return rows, dx, dy.to(y.dtype), dsb
-
-
-if triton is not None:
-    @triton.jit
-    def _distill_fwd_kernel(X, Y, U, W, SCALE, TSCALE, OFFSET, SUMS, n, k, d, e, sxn, sxd, syn, syd, sun, sud, swn,
-                            swd, SPLIT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                            BD: tl.constexpr):
-        # Program (row block, column split): for its tiles of s and t, the sums of exp(s - offset_s),
-        # exp(t - offset_t) and exp(t - offset_t) * s along rows and columns, added atomically into
-        # SUMS = [rows of the three | columns of the three].
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
-        s = tl.load(SCALE).to(tl.float32)
-        ts = tl.load(TSCALE).to(tl.float32)
-        cs = tl.load(OFFSET)
-        ct = tl.load(OFFSET + 1)
-        r_s = tl.zeros([BM], dtype=tl.float32)
-        r_t = tl.zeros([BM], dtype=tl.float32)
-        r_c = tl.zeros([BM], dtype=tl.float32)
-        for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
-            rn = jb * BN + tl.arange(0, BN)
-            S = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD) * s
-            T = _tile(U, W, rm, rn, n, k, e, sun, sud, swn, swd, PREC, BM, BN, BD) * ts
-            inside = (rm[:, None] < n) & (rn[None, :] < k)
-            es = tl.where(inside, tl.exp(S - cs), 0.0)
-            et = tl.where(inside, tl.exp(T - ct), 0.0)
-            ec = et * S
-            r_s += tl.sum(es, 1)
-            r_t += tl.sum(et, 1)
-            r_c += tl.sum(ec, 1)
-            tl.atomic_add(SUMS + 3 * n + rn, tl.sum(es, 0), mask=rn < k)
-            tl.atomic_add(SUMS + 3 * n + k + rn, tl.sum(et, 0), mask=rn < k)
-            tl.atomic_add(SUMS + 3 * n + 2 * k + rn, tl.sum(ec, 0), mask=rn < k)
-        tl.atomic_add(SUMS + rm, r_s, mask=rm < n)
-        tl.atomic_add(SUMS + n + rm, r_t, mask=rm < n)
-        tl.atomic_add(SUMS + 2 * n + rm, r_c, mask=rm < n)
-
-    @triton.jit
-    def _distill_grad_kernel(X, Y, U, W, SCALE, TSCALE, RS, CS, RT, CT, GRS, GCS, GRC, GCC, G, DSP, n, k, d, e,
-                             sxn, sxd, syn, syd, sun, sud, swn, swd, sgn, PREC: tl.constexpr, BM: tl.constexpr,
-                             BN: tl.constexpr, BD: tl.constexpr):
-        # One tile of scale * G (the student's logit gradient, _distill_backward_torch's G) for a chunk
-        # of rows, written out, and the tile's share of d(scale).
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
-        rn = tl.program_id(1) * BN + tl.arange(0, BN)
-        s = tl.load(SCALE).to(tl.float32)
-        ts = tl.load(TSCALE).to(tl.float32)
-        raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
-        S = raw * s
-        T = _tile(U, W, rm, rn, n, k, e, sun, sud, swn, swd, PREC, BM, BN, BD) * ts
-        rows, cols = rm < n, rn < k
-        g = (tl.exp(S - tl.load(RS + rm, mask=rows, other=0.0)[:, None]) * tl.load(GRS + rm, mask=rows, other=0.0)[:, None]
-             + tl.exp(S - tl.load(CS + rn, mask=cols, other=0.0)[None, :]) * tl.load(GCS + rn, mask=cols, other=0.0)[None, :]
-             + tl.exp(T - tl.load(RT + rm, mask=rows, other=0.0)[:, None]) * tl.load(GRC + rm, mask=rows, other=0.0)[:, None]
-             + tl.exp(T - tl.load(CT + rn, mask=cols, other=0.0)[None, :]) * tl.load(GCC + rn, mask=cols, other=0.0)[None, :])
-        inside = rows[:, None] & cols[None, :]
-        g = tl.where(inside, g, 0.0)
-        tl.store(DSP + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g * raw, 1), 0))
-        tl.store(G + rm[:, None] * sgn + rn[None, :], (g * s).to(G.dtype.element_ty), mask=inside)
-
-
 def _offset(a, b, scale):
     # The largest |logit| possible less 80: exp(t - offset) never overflows fp32 (see _lse_triton).
     bound = (scale.float().abs() * torch.linalg.vector_norm(a, dim=1, dtype=torch.float32).max()
              * torch.linalg.vector_norm(b, dim=1, dtype=torch.float32).max())
     return torch.clamp(bound - 80, min=0).reshape(1)
-
-
-def _distill_triton(x, y, scale, u, w, tscale):
-    n, k = x.shape[0], y.shape[0]
-    u, w = u.to(x.dtype), w.to(x.dtype)  # one dot precision for both products: the student's
-    offset = torch.cat([_offset(x, y, scale), _offset(u, w, tscale)])
-    sums = torch.zeros(3 * (n + k), device=x.device, dtype=torch.float32)
-    meta = _tiles(x if x.shape[1] <= u.shape[1] else u)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    blocks = triton.cdiv(n, meta["BM"])
-    split = max(1, min(triton.cdiv(k, meta["BN"]), triton.cdiv(4 * sms, blocks)))
-    _distill_fwd_kernel[(blocks, split)](x, y, u, w, scale.reshape(1), tscale.reshape(1), offset, sums, n, k,
-                                         x.shape[1], u.shape[1], x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-                                         u.stride(0), u.stride(1), w.stride(0), w.stride(1), SPLIT=split, **meta)
-    rs, rt, rc, cs, ct, cc = sums.split([n, n, n, k, k, k])
-    return rs.log() + offset[0], cs.log() + offset[0], rt.log() + offset[1], ct.log() + offset[1], rc / rt, cc / ct
-
-
-def _distill_backward_triton(x, y, scale, u, w, tscale, stats, grads):
-    # The student's gradients only (a teacher that wants gradients takes the PyTorch tiles): as in
-    # _lse_backward_triton, scale * G for a chunk of rows lands in a workspace, dx and dy are products of it.
-    n, k, d = x.shape[0], y.shape[0], x.shape[1]
-    uu, ww = u.to(x.dtype), w.to(x.dtype)
-    row_s, col_s, row_t, col_t = (v.float() for v in stats[:4])
-    g_rs, g_cs, _, _, g_rc, g_cc = (v.float() for v in grads)
-    meta = _tiles(x if d <= u.shape[1] else u)
-    bm, bn = meta["BM"], meta["BN"]
-    rows = min(n, max(bm, max(WORKSPACE, 4 * k * d) // max(k, 1) // bm * bm))
-    work = torch.empty(rows, k, device=x.device, dtype=x.dtype)
-    dsp = torch.empty(triton.cdiv(rows, bm) * triton.cdiv(k, bn), device=x.device, dtype=torch.float32)
-    dx = torch.empty_like(x)
-    dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
-    ds = torch.zeros((), device=x.device, dtype=torch.float32)
-    for i in range(0, n, rows):
-        m = min(rows, n - i)
-        g, xi, ui = work[:m], x[i:i + m], uu[i:i + m]
-        grid = (triton.cdiv(m, bm), triton.cdiv(k, bn))
-        _distill_grad_kernel[grid](xi, y, ui, ww, scale.reshape(1), tscale.reshape(1), row_s[i:i + m], col_s,
-                                   row_t[i:i + m], col_t, g_rs[i:i + m], g_cs, g_rc[i:i + m], g_cc, g, dsp, m, k, d,
-                                   u.shape[1], xi.stride(0), xi.stride(1), y.stride(0), y.stride(1), ui.stride(0),
-                                   ui.stride(1), ww.stride(0), ww.stride(1), g.stride(0), **meta)
-        ds += dsp[:grid[0] * grid[1]].sum()
-        torch.mm(g, y, out=dx[i:i + m])
-        dy += _mm_f32(g.T, xi)
-    return (dx, dy.to(y.dtype), ds.to(scale.dtype), torch.zeros_like(u), torch.zeros_like(w), torch.zeros_like(tscale))
 # ==== end of copy: kernel ====
 
 

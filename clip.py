@@ -9,7 +9,7 @@ Use it alone (it imports nothing from this repository):
     probs = model.classify([pil_image], ["a dog", "a cat"])        # [1, 2], the row sums to 1
     text = model.encode_texts(["a photo of a dog"])                # [1, D], L2-normalised
     model = build("ViT-B-16", tokenizer="bpe_simple_vocab_16e6.txt.gz")   # a new model from keywords
-    python clip.py export CKPT OUT --format open_clip|hf|peft; python clip.py predict --ckpt CKPT ...
+    python clip.py predict --ckpt CKPT --image a.jpg --labels 'a dog,a cat'
 Parameter names follow OpenAI's state_dict, so OpenAI and open_clip ViT checkpoints load strictly.
 
 Your own loop (runs as written with this file alone; four plain images stand in for data):
@@ -32,8 +32,9 @@ The interface (train.py and data.py use nothing else; every model file implement
     build(size, ...) -> model                   from keywords; create(args, captions, extra) is train.py's
                                                 thin layer over it, add_args(parser) its flags (and
                                                 finish_args(args) the defaults that follow from others)
-    model.transform(train) -> f(sample, rng)    sample {'image': PIL image, 'text': str} -> {'image': uint8
-                                                [3, H, W], 'text': token ids}; picklable (loader workers)
+    model.transform(train, images=None)         f(sample, rng): {'image': PIL image, 'text': str} -> {'image':
+                                                uint8 [3, H, W], 'text': token ids}; images: the image's
+                                                transform (train.py: data.py's random crop), else preprocess
     model(batch) -> out                         batch: those dicts stacked; out: normalised 'image' and
                                                 'text' features, 'scale' (the exp'd logit scale)
     model.loss(out) -> scalar                   InfoNCE (or SigLIP's sigmoid loss), exact over the global batch
@@ -43,29 +44,25 @@ The interface (train.py and data.py use nothing else; every model file implement
     model.encode_texts(list_of_str) -> [N, D]   L2-normalised; model.encode_image(pixels, normalize=True)
     model.classify(images, labels) -> [N, C]    label probabilities for PIL images (softmax; SigLIP: sigmoid)
     model.extra_state() -> dict                 config and tokenizer, saved beside the weights
-    model.shard_units() -> (blocks, towers)     residual blocks and towers: --fsdp shards each one,
-                                                --grad-checkpointing recomputes each block in the backward
-    zero_shot_classifier(model, classnames, templates), retrieval_metrics(image, text)
-Beyond it: model.add_lora(rank) (LoRA: optimizer_groups then holds the adapters alone) and merge_lora();
-model.distill([teacher]) (python clip.py reinforce stores a teacher's embeddings; it reads data by data.py).
+    model.towers(), model.shard_units()         the towers by name (LoRA), the residual blocks and towers
+                                                (--fsdp shards each, --grad-checkpointing recomputes blocks)
+    model.cfg.image_size                        the input side (train.py's crop, a teacher's view)
 train.py's recipe around it (open_clip's): AdamW(optimizer_groups(0.2), lr 5e-4, betas (0.9, 0.98), eps 1e-6),
 a linear warmup (10,000 steps, at most a tenth of the run) then cosine decay, the gradients' global norm
 clipped at 1, after_step() after each step. The demo (--size tiny on the synthetic data) trains at lr 1e-3
-with weight decay 0.1, as the loop above does.
+with weight decay 0.1, as the loop above does. LoRA, distillation and export work through this interface,
+once for every model, in train.py.
 
-Layout: config, layers, towers, the model, its loss, inputs, building, evaluation, weights in and
-out, predict, then the tokenizer and the fused loss kernel. Regions marked `# ==== region NAME` are
-copied, the same lines, into the other model files (in this repository tests/test_copies.py checks
-the copies and re-copies them with --fix).
+Layout: config, layers, towers, the model, its loss, inputs, building, weights in, predict, then the
+tokenizer and the fused loss kernels. Regions marked `# ==== region NAME` are copied, the same lines,
+into the other model files (in this repository tests/test_copies.py checks the copies and re-copies
+them with --fix).
 """
 
 import argparse
-import contextlib
-import copy
 import gzip
 import html
 import inspect
-import io
 import json
 import math
 import os
@@ -169,16 +166,12 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
-        self.lora = nn.ModuleDict()  # LoRA adapters of q, k, v, out (add_lora); none by default
 
     def forward(self, x, causal=False):
         b, n, w = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        if len(self.lora):  # the fused projection's q, k and v rows each take their own adapter
-            qkv = torch.cat([part + self.lora[p](x) if p in self.lora else part for p, part in zip("qkv", qkv.chunk(3, -1))], -1)
-        q, k, v = qkv.view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(b, n, w)
-        return self.out_proj(x) + self.lora["out"](x) if "out" in self.lora else self.out_proj(x)
+        return self.out_proj(x)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -192,15 +185,10 @@ class ResidualAttentionBlock(nn.Module):
             ("c_fc", nn.Linear(width, mlp_width)),
             ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
             ("c_proj", nn.Linear(mlp_width, width))]))
-        self.lora = nn.ModuleDict()  # LoRA adapters of the MLP's c_fc and c_proj (add_lora); none by default
 
     def forward(self, x, causal=False):
         x = x + self.attn(self.ln_1(x), causal)
-        if not len(self.lora):
-            return x + self.mlp(self.ln_2(x))
-        h = self.ln_2(x)
-        h = self.mlp.gelu(self.mlp.c_fc(h) + self.lora["c_fc"](h))
-        return x + self.mlp.c_proj(h) + self.lora["c_proj"](h)
+        return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
@@ -282,8 +270,8 @@ class PatchDropout:
         out["patch_keep"] = torch.from_numpy(np.sort(rng.permutation(self.patches)[:self.keep]))
         return out
 
-    def finish(self, batch, device, notes=None):
-        return self.transform.finish(batch, device, notes)
+    def finish(self, batch):
+        return self.transform.finish(batch)
 
 
 def keep_patches(x, keep):
@@ -324,8 +312,6 @@ class CLIP(nn.Module):
                 m.eps = cfg.ln_eps
         self.locked = []  # modules frozen by lock(): they stay in eval mode
         self.patch_dropout = 0.0  # training's share of image patches dropped (FLIP); build() sets it
-        self.teachers, self.distill_weight, self.distill_stored, self.distill_icl = [], 1.0, False, 1.0  # distill() sets them
-        self.lora_spec = None  # add_lora() sets it
 
     def lock(self, image=False, text=False, image_unlocked_layers=0, text_unlocked_layers=0):
         """LiT (open_clip's --lock-image / --lock-text): a locked tower gets no gradient and no optimizer
@@ -345,21 +331,6 @@ class CLIP(nn.Module):
             m.eval()
         return self
 
-    def towers(self):
-        return {"image": self.visual.transformer.resblocks, "text": self.transformer.resblocks}
-
-    def add_lora(self, rank, alpha=None, targets=("q", "v"), towers=None, dropout=0.0, train_scale=False):
-        """LoRA fine-tuning (attach_lora): every weight frozen, adapters on the targeted projections (q, k,
-        v, out, mlp) of each block of the towers (default: those LiT leaves unlocked); optimizer_groups
-        then holds the adapters alone (and the logit scale and bias with train_scale). extra_state()
-        records the settings: load() of the checkpoint merges the adapters in; merge_lora() does it here."""
-        spec = lora_spec(rank, alpha, targets, dropout, towers, train_scale)
-        self.lora_spec = attach_lora(self, self.towers(), spec, (self.logit_scale, self.logit_bias))
-        return self
-
-    def merge_lora(self):
-        return merge_lora(self)
-
     def encode_image(self, images, normalize=False, keep=None):
         x = self.visual(normalize_pixels(images, self.cfg.image_mean, self.cfg.image_std), keep)
         return F.normalize(x, dim=-1) if normalize else x
@@ -375,108 +346,46 @@ class CLIP(nn.Module):
 
     def forward(self, batch):
         out = {"image": self.encode_image(batch["image"], normalize=True, keep=batch.get("patch_keep")),
-               "text": self.encode_text(batch["text"], normalize=True),
-               "scale": self.logit_scale.exp()}
+               "text": self.encode_text(batch["text"], normalize=True), "scale": self.logit_scale.exp()}
         if self.logit_bias is not None:
             out["bias"] = self.logit_bias
-        if "teacher0_pixels" in batch or "teacher0_image" in batch:  # a training batch of a distilled run
-            out.update(self.teacher_features(batch))
         return out
 
     def loss(self, out):
-        if "bias" in out:
-            loss = sigmoid_loss(out["image"], out["text"], out["scale"], out["bias"])
-        else:
-            loss = contrastive_loss(out["image"], out["text"], out["scale"])
-        if "teacher0_image" in out:  # open_clip's sum: contrastive + weight x distillation (teachers frozen)
-            m = range(sum(1 for k in out if k.endswith("_image") and k.startswith("teacher")))
-            u, w, t = ([out[f"teacher{i}_{k}"].detach() for i in m] for k in ("image", "text", "scale"))
-            b = [out[f"teacher{i}_bias"].detach() if f"teacher{i}_bias" in out else None for i in m]
-            if "bias" in out:
-                d = distill_sigmoid_loss(out["image"], out["text"], out["scale"], out["bias"], u, w, t, b)
-            else:
-                d = distill_loss(out["image"], out["text"], out["scale"], u, w, t)
-            loss = loss + self.distill_weight * d
-            # CLIP-KD's interactive contrastive term (Yang et al. 2024): each student tower against the other
-            # tower's teacher features, with the student's own loss; teachers of another width have none.
-            same = [(ut, wt) for ut, wt in zip(u, w) if ut.shape[1] == out["image"].shape[1]]
-            if self.distill_icl and same:
-                pair = ((lambda a, b: sigmoid_loss(a, b, out["scale"], out["bias"])) if "bias" in out
-                        else (lambda a, b: contrastive_loss(a, b, out["scale"])))
-                icl = sum(pair(out["image"], wt) + pair(ut, out["text"]) for ut, wt in same) / (2 * len(same))
-                loss = loss + self.distill_icl * icl
-        return loss
-
-    def distill(self, teachers=(), weight=1.0, stored=False, icl=1.0):
-        """Train against teachers (open_clip's --distill-model; MobileCLIP's ensemble and stored teachers):
-        the loss adds weight x distill_loss (distill_sigmoid_loss for a SigLIP student) against their
-        features, and icl x CLIP-KD's interactive contrastive term (the student's images against a
-        teacher's texts and its texts against the teacher's images; for teachers of the student's width).
-        icl=0 is open_clip's sum. teachers: CLIP models (load() reads any weights), frozen, in eval mode,
-        kept out of this module's parameters (not trained, saved or sharded); each sees the student's crop
-        at its own input size and normalisation and the caption through its own tokenizer. stored: no
-        teacher runs; the features come with the data (clip.py reinforce writes them, data.py reads them)."""
-        for t in teachers:
-            if t.tokenizer is None:
-                raise ValueError("a teacher without its tokenizer cannot read the captions: load it with tokenizer=")
-            t.requires_grad_(False).eval()
-        self.teachers, self.distill_weight, self.distill_stored = list(teachers), float(weight), bool(stored)
-        self.distill_icl = float(icl)
-        return self
-
-    @torch.no_grad()
-    def teacher_features(self, batch):
-        """teacher{m}_image, _text (features), _scale and, for a SigLIP teacher, _bias, per teacher m: stored
-        in the batch, or made by the teachers from their own inputs on this model's device, in the run's
-        precision. Flat keys: train.py's --accum gathers an out's tensors key by key."""
-        out, device = {}, self.logit_scale.device
-        for m in range(len(self.teachers) or 16):  # stored: data.py reads at most 16 teachers
-            if f"teacher{m}_image" in batch:  # stored: one scale and bias a teacher, repeated in each sample
-                features = (batch[f"teacher{m}_image"], batch[f"teacher{m}_text"], batch[f"teacher{m}_scale"][0],
-                            batch[f"teacher{m}_bias"][0])
-            elif f"teacher{m}_pixels" in batch:
-                t = self.teachers[m]
-                if t.logit_scale.device != device:
-                    t.to(device)
-                features = (t.encode_image(batch[f"teacher{m}_pixels"], normalize=True),
-                            t.encode_text(batch[f"teacher{m}_tokens"], normalize=True), t.logit_scale.exp(), t.logit_bias)
-            else:
-                break
-            for key, value in zip(("image", "text", "scale", "bias"), features):
-                if value is not None:
-                    out[f"teacher{m}_{key}"] = value
-        return out
+        if "bias" in out:  # SigLIP
+            return sigmoid_loss(out["image"], out["text"], out["scale"], out["bias"])
+        return contrastive_loss(out["image"], out["text"], out["scale"])
 
     @torch.no_grad()
     def after_step(self):
         self.logit_scale.clamp_(0, math.log(100))
 
-    def transform(self, train, gpu_decode=False):
-        t = Transform(self.cfg.image_size, self.tokenizer, train, self.cfg.image_mean, self.cfg.image_std, gpu_decode)
+    def transform(self, train, images=None):
+        t = Transform(self.tokenizer, images or self.preprocess(uint8=True))
         if train and self.patch_dropout:
             t = PatchDropout(t, (self.cfg.image_size // self.cfg.patch_size) ** 2, self.patch_dropout)
-        if train and (self.teachers or self.distill_stored):
-            t = DistillTransform(t, self.tokenizer, self.teachers, self.distill_stored)
         return t
 
-    def preprocess(self):
-        """PIL image -> normalised tensor, as the weights expect it (resize the short side, centre crop)."""
-        return ImageTransform(self.cfg.image_size, train=False, mean=self.cfg.image_mean, std=self.cfg.image_std)
+    def preprocess(self, uint8=False):
+        """PIL image -> the tensor the weights expect (short side resized, centre crop); uint8: not yet
+        normalised, as the model's input may be (encode_image normalises on the device)."""
+        return ImageTransform(self.cfg.image_size, self.cfg.image_mean, self.cfg.image_std, uint8)
 
     def classify(self, images, labels):
         """[N, C] probabilities of C label texts for N PIL images (label_probs: softmax, or sigmoid)."""
         return label_probs(self, images, labels)
 
     def encode_texts(self, texts):
-        device = self.logit_scale.device
-        return self.encode_text(trim_padding(self.tokenizer(texts)).to(device), normalize=True)
+        return self.encode_text(trim_padding(self.tokenizer(texts)).to(self.logit_scale.device), normalize=True)
 
     def extra_state(self):
-        extra = {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None}
-        return {**extra, "lora": self.lora_spec} if self.lora_spec else extra
+        return {"config": asdict(self.cfg), "tokenizer": self.tokenizer.to_str() if self.tokenizer else None}
 
     def optimizer_groups(self, weight_decay):
         return adamw_groups(self, weight_decay)
+
+    def towers(self):
+        return {"image": self.visual, "text": self.transformer}
 
     def shard_units(self):
         # The text tower's embeddings, final norm and projection stay with the root, as the logit scale.
@@ -485,89 +394,18 @@ class CLIP(nn.Module):
 
 class Transform:
     """One sample (image, caption) -> model inputs (uint8 pixels, token ids); runs in the loader workers,
-    so it is picklable."""
+    so it is picklable. images: the image's transform (train.py passes data.py's training crop; the
+    model's own preprocessing by default)."""
 
-    def __init__(self, image_size, tokenizer, train, mean=MEAN, std=STD, gpu_decode=False):
-        self.image = ImageTransform(image_size, train, mean=mean, std=std, uint8=True, defer=gpu_decode)
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, images):
+        self.tokenizer, self.image = tokenizer, images
 
     def __call__(self, sample, rng):
         return {"image": self.image(sample["image"], rng), "text": self.tokenizer([sample["text"]])[0]}
 
-    def finish(self, batch, device, notes=None):
-        """The loader's batch on the device (under --gpu-decode its JPEGs are decoded there), its token
-        ids first cut after the batch's longest text while they are on the CPU (trim_padding)."""
-        if "text" in batch:
-            batch = {**batch, "text": trim_padding(batch["text"])}
-        return to_device(batch, device, self.image, notes)
-
-
-class DistillTransform:
-    """A training sample's inputs for distillation: the student's (from `inner`), and for teacher m either
-    teacher{m}_pixels and teacher{m}_tokens (online: the crop the student draws, cut from the image at
-    the teacher's input size; the student's caption through the teacher's tokenizer) or, stored,
-    teacher{m}_image / _text / _scale / _bias (the embeddings clip.py reinforce wrote for this crop and
-    this caption). A transform's crop box is the first draw from the sample's rng, so a copy of the rng
-    draws the student's box; every later draw (the text, the patches) is the student's alone."""
-
-    def __init__(self, inner, tokenizer, teachers=(), stored=False):
-        self.inner, self.tokenizer, self.stored = inner, tokenizer, stored
-        self.views = [(ImageTransform(t.cfg.image_size, train=True, mean=t.cfg.image_mean, std=t.cfg.image_std,
-                                      uint8=True, draft=False), t.tokenizer) for t in teachers]
-
-    def __call__(self, sample, rng):
-        pixels = [view(teacher_image(sample["image"]), copy.deepcopy(rng)) for view, _ in self.views]
-        out = self.inner(sample, rng)
-        texts = [sample["text"], *(r for r in sample.get("rewrites", ()) if r and r.strip())]
-        # the caption the student got (LaCLIP draws one of the rewrites): the first text it tokenizes as
-        pick = next((i for i, text in enumerate(texts) if torch.equal(self.tokenizer([text])[0], out["text"])), 0)
-        if self.stored:
-            out.update(stored_teacher(sample, pick))
-            # every batch the same teachers: the first sample's count, widths, scales and biases
-            spec = [(tuple(v.shape), float(v)) if v.dim() == 0 else tuple(v.shape) for k, v in sorted(out.items())
-                    if k.startswith("teacher")]
-            self.spec = getattr(self, "spec", None) or spec
-            if spec != self.spec:
-                raise StoredTeacherMismatch("--distill stored: a sample's teachers (their number, width, scale or "
-                                            "bias) differ from the first sample's")
-        for m, ((_, tokenizer), x) in enumerate(zip(self.views, pixels)):
-            out[f"teacher{m}_pixels"], out[f"teacher{m}_tokens"] = x, tokenizer([texts[pick]])[0]
-        return out
-
-    def finish(self, batch, device, notes=None):
-        batch = {k: trim_padding(v) if k.endswith("_tokens") else v for k, v in batch.items()}
-        return self.inner.finish(batch, device, notes)
-
-
-class StoredTeacherMismatch(ValueError):
-    reason = "bad teacher data"  # what data.py counts the skipped sample under
-
-
-def teacher_image(img):
-    """The sample's image as the teachers read it: a file's bytes opened afresh (the student's transform
-    may decode its own copy at a reduced JPEG draft size), an image in memory as it is."""
-    if getattr(img, "encoded", None) is None:
-        return img
-    from PIL import Image
-
-    fresh = Image.open(io.BytesIO(img.encoded))
-    fresh.source, fresh.encoded = getattr(img, "source", "image"), img.encoded
-    return fresh
-
-
-def stored_teacher(sample, pick):
-    """The stored teachers' features of this sample's crop (data.py says which of the K) and caption."""
-    stored = sample.get("teacher")
-    if not stored:
-        raise ValueError("--distill stored: the sample carries no teacher embeddings (write them with python "
-                         "clip.py reinforce --teacher T --data D --out O, and train on O)")
-    out, k = {}, stored["augmentation"]
-    for m, (e, scale, bias) in enumerate(zip(stored["embeddings"], stored["scales"], stored["biases"])):
-        out[f"teacher{m}_image"] = torch.from_numpy(e[k].copy())
-        out[f"teacher{m}_text"] = torch.from_numpy(e[stored["augmentations"] + pick].copy())
-        out[f"teacher{m}_scale"] = torch.tensor(scale, dtype=torch.float32)
-        out[f"teacher{m}_bias"] = torch.tensor(bias, dtype=torch.float32)
-    return out
+    def finish(self, batch):
+        """The loader's batch as it leaves the CPU: token ids cut after its longest text (trim_padding)."""
+        return {**batch, "text": trim_padding(batch["text"])} if "text" in batch else batch
 
 
 def trim_padding(tokens):
@@ -602,29 +440,6 @@ def contrastive_loss(image_features, text_features, logit_scale, group=None):
     return infonce(image_features, text_features, logit_scale, pos, True, group)
 
 
-def sigmoid_loss(image_features, text_features, logit_scale, logit_bias, group=None):
-    """SigLIP's pairwise sigmoid loss over the global batch (Zhai et al. 2023; open_clip's SigLipLoss
-    normalisation: the sum over every image-text pair, divided by the images of the batch).
-
-    On one process it equals the naive form, which holds the whole B x B logit matrix:
-        logits = logit_scale * image_features @ text_features.T + logit_bias
-        labels = 2 * torch.eye(len(logits)) - 1          # +1 for the pair, -1 otherwise
-        -F.logsigmoid(labels * logits).sum() / len(logits)
-    Every pair's term stands alone, so the sum splits into softplus(logit) over all pairs, as if every
-    pair were negative, less each positive's logit (-log sigmoid(u) = softplus(u) - u): the first part
-    is sigmoid_tiles' row sums, the second a dot product per row. Each rank takes its own images
-    against the texts of every rank (gathered with gradient); under DDP's gradient averaging the result
-    is the exact gradient of the global mean. Every rank must pass the same number of rows.
-    """
-    text_features, pos = gather_texts(image_features, text_features, group)
-    # rows averaged below: every row's gradient is the same, so the op may make the gradients in its forward
-    eager = torch.is_grad_enabled() and any(t.requires_grad for t in (image_features, text_features, logit_scale, logit_bias))
-    rows = sigmoid_tiles(image_features, text_features, logit_scale, logit_bias, eager)[0]
-    pos_logit = ((image_features * text_features.index_select(0, pos)).sum(1).to(rows.dtype) * logit_scale.to(rows.dtype)
-                 + logit_bias.to(rows.dtype))
-    return (rows - pos_logit).mean()
-
-
 def infonce(x, y, logit_scale, pos, two_way=False, group=None):
     """Mean over the rows of x of InfoNCE against the keys y; row i's positive is column pos[i].
 
@@ -640,77 +455,6 @@ def infonce(x, y, logit_scale, pos, two_way=False, group=None):
     if two_way:
         loss = (loss + global_logsumexp(col, group).index_select(0, pos) - pos_logit) / 2
     return loss.mean()
-
-
-def distill_loss(image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
-                 teacher_logit_scale, group=None):
-    """Distillation from a teacher CLIP over the global batch: open_clip's DistillClipLoss term (its
-    contrastive term is contrastive_loss), the soft cross-entropy of the student's softmax against the
-    teacher's over the rows (image -> text) and over the columns (text -> image), averaged.
-
-    On one process it equals the naive form, which holds four B x B matrices:
-        s = logit_scale * image_features @ text_features.T
-        t = teacher_logit_scale * teacher_image_features @ teacher_text_features.T
-        soft = lambda t, s: -(t.softmax(1) * s.log_softmax(1)).sum(1).mean()
-        (soft(t, s) + soft(t.T, s.T)) / 2
-    An ensemble (MobileCLIP's two teachers) passes lists of teacher features and scales: the targets are
-    averaged after the softmax, p = mean over the teachers of t_m.softmax(1).
-
-    The targets of a row sum to 1, so its term is logsumexp(s_i) - sum_j p_ij s_ij: distill_tiles makes
-    the student's log-sum-exps and the target-weighted sums of s in one pass over tiles of s and t, rows
-    and columns from each tile, keeping nothing B x B. A teacher may be of another width than the
-    student. Column statistics are combined across ranks, as in contrastive_loss; every rank passes
-    the same number of rows. Gradients reach the teacher's features too when they ask for them.
-    """
-    teachers = _teacher_list(teacher_image_features, teacher_text_features, teacher_logit_scale, None)
-    logit_scale = torch.as_tensor(logit_scale, device=image_features.device)  # a float as well as a tensor
-    text_features, pos = gather_texts(image_features, text_features, group)
-    row_target = col_target = 0
-    for u, w, t, _ in teachers:
-        w = all_gather_with_grad(w, group)
-        row_s, col_s, _, col_t, row_c, col_c = distill_tiles(image_features, text_features, logit_scale, u, w, t)
-        if _distributed(group):  # each rank holds its rows' share of a column's softmax: rescale, then sum
-            total = global_logsumexp(col_t, group)
-            col_c = _AllReduceSum.apply(torch.exp(col_t - total) * col_c, group)
-        row_target = row_target + row_c / len(teachers)
-        col_target = col_target + col_c / len(teachers)
-    rows = row_s - row_target
-    cols = (global_logsumexp(col_s, group) - col_target).index_select(0, pos)
-    return (rows.mean() + cols.mean()) / 2
-
-
-def distill_sigmoid_loss(image_features, text_features, logit_scale, logit_bias, teacher_image_features,
-                         teacher_text_features, teacher_logit_scale, teacher_logit_bias=None, group=None):
-    """Distillation for a SigLIP student: the sigmoid loss with the teacher's soft labels in place of +-1
-    (2 x mean sigmoid(teacher logits) - 1), normalised as sigmoid_loss is. Naive form:
-        s = logit_scale * image_features @ text_features.T + logit_bias
-        p = mean over teachers of torch.sigmoid(t_m)      # t_m: the teacher's logits, its bias added
-        -F.logsigmoid((2 * p - 1) * s).sum() / len(s)
-    A softmax teacher has no bias (0). Each pair stands alone, so the sum is made tile by tile
-    (sigmoid_distill_rows), every rank its own images against every rank's texts; no gradient reaches
-    the teachers.
-    """
-    teachers = _teacher_list(teacher_image_features, teacher_text_features, teacher_logit_scale, teacher_logit_bias)
-    logit_scale, logit_bias = (torch.as_tensor(v, device=image_features.device) for v in (logit_scale, logit_bias))
-    text_features, _ = gather_texts(image_features, text_features, group)
-    us = [u.detach() for u, _, _, _ in teachers]
-    ws = [all_gather_with_grad(w.detach(), group) for _, w, _, _ in teachers]
-    ts = torch.stack([torch.as_tensor(t).detach().float().reshape(()) for _, _, t, _ in teachers])
-    bs = torch.stack([torch.as_tensor(0.0 if b is None else b).detach().float().reshape(()) for *_, b in teachers])
-    return sigmoid_distill_rows(image_features, text_features, logit_scale, logit_bias, us, ws, ts, bs).mean()
-
-
-def _teacher_list(image, text, scale, bias):
-    """[(image, text, scale, bias)] per teacher, from tensors (one teacher) or lists (an ensemble)."""
-    if isinstance(image, torch.Tensor):
-        image, text, scale, bias = [image], [text], [scale], [bias]
-    bias = [None] * len(image) if bias is None else bias
-    if not len(image) == len(text) == len(scale) == len(bias) > 0:
-        raise ValueError("one image feature set, text feature set and logit scale per teacher")
-    for u, w in zip(image, text):
-        if u.shape[1] != w.shape[1]:
-            raise ValueError(f"a teacher's image features are {u.shape[1]} wide and its text features {w.shape[1]}")
-    return [(u, w, torch.as_tensor(t, device=u.device), b) for u, w, t, b in zip(image, text, scale, bias)]
 
 
 def gather_texts(image_features, text_features, group=None):
@@ -783,6 +527,31 @@ class _AllReduceSum(torch.autograd.Function):
 # ==== end of region loss ====
 
 
+# ==== region sigmoid-loss (copied into clippo.py, laclip.py) ====
+def sigmoid_loss(image_features, text_features, logit_scale, logit_bias, group=None):
+    """SigLIP's pairwise sigmoid loss over the global batch (Zhai et al. 2023; open_clip's SigLipLoss
+    normalisation: the sum over every image-text pair, divided by the images of the batch).
+
+    On one process it equals the naive form, which holds the whole B x B logit matrix:
+        logits = logit_scale * image_features @ text_features.T + logit_bias
+        labels = 2 * torch.eye(len(logits)) - 1          # +1 for the pair, -1 otherwise
+        -F.logsigmoid(labels * logits).sum() / len(logits)
+    Every pair's term stands alone, so the sum splits into softplus(logit) over all pairs, as if every
+    pair were negative, less each positive's logit (-log sigmoid(u) = softplus(u) - u): the first part
+    is sigmoid_tiles' row sums, the second a dot product per row. Each rank takes its own images
+    against the texts of every rank (gathered with gradient); under DDP's gradient averaging the result
+    is the exact gradient of the global mean. Every rank must pass the same number of rows.
+    """
+    text_features, pos = gather_texts(image_features, text_features, group)
+    # rows averaged below: every row's gradient is the same, so the op may make the gradients in its forward
+    eager = torch.is_grad_enabled() and any(t.requires_grad for t in (image_features, text_features, logit_scale, logit_bias))
+    rows = sigmoid_tiles(image_features, text_features, logit_scale, logit_bias, eager)[0]
+    pos_logit = ((image_features * text_features.index_select(0, pos)).sum(1).to(rows.dtype) * logit_scale.to(rows.dtype)
+                 + logit_bias.to(rows.dtype))
+    return (rows - pos_logit).mean()
+# ==== end of region sigmoid-loss ====
+
+
 # ==== region optimizer (copied into brivl.py, clippo.py, altclip.py, laclip.py) ====
 def adamw_groups(model, weight_decay):
     """The AdamW parameter groups of the recipe (open_clip's rule): weight decay on weight matrices only,
@@ -803,181 +572,37 @@ def adamw_groups(model, weight_decay):
 # Inputs: images to tensors in the loader workers
 
 
-# ==== region image-transform (copied into clippo.py, altclip.py, laclip.py) ====
+# ==== region preprocess (copied into clippo.py, altclip.py, laclip.py) ====
 class ImageTransform:
-    """PIL image -> 3 x size x size tensor. train: RandomResizedCrop (scale 0.9-1), its box drawn from the
-    sample's rng; otherwise the short side resized to size and the centre cut out (OpenAI's preprocess).
+    """PIL image -> [3, size, size] as the weights expect it (OpenAI's preprocess): the short side resized
+    to size (bicubic), the centre cut out, normalised by mean and std, or with uint8 left as pixels for
+    the model to normalise on its device (encode_image). Training's random crop is data.py's RandomCrop.
+    A JPEG much larger than needed is decoded at 1/2, 1/4 or 1/8 scale by the decoder itself (Pillow's
+    draft mode), never below the output's resolution."""
 
-    uint8=True gives uint8 pixels for the model to normalise on its device (normalize_pixels): train.py's
-    loader ships them, 4x less than float32 between processes, and the float work leaves the loader
-    workers. A JPEG that data.py opened but did not decode yet, much larger than the crop needs, is
-    decoded at 1/2, 1/4 or 1/8 scale by the JPEG decoder itself (Pillow's draft mode, draft=False to
-    turn it off), never below the output's resolution; the crop box is drawn on the full-size image all
-    the same, so the crops do not change, only the pixels, slightly. Images decoded from a file are
-    downscaled by torch (resize_box), the rest by Pillow.
-
-    defer=True (train.py --gpu-decode) leaves an RGB or grayscale JPEG file undecoded: the transform
-    draws its box as above and returns {"jpeg": the file's bytes, "box", "out"}, and finish() decodes
-    the batch's JPEGs on the training device (nvjpeg on CUDA) at full size, crops and resizes them
-    there. Other images, and JPEGs without their end marker (truncated: decoding them here fails, so
-    the loader skips them as on the CPU path), are decoded here as usual.
-    """
-
-    def __init__(self, size, train, mean, std, scale=(0.9, 1.0), uint8=False, draft=True, defer=False,
-                 max_pixels=None):
-        self.size, self.train, self.scale, self.uint8, self.draft = size, train, scale, uint8, draft
-        self.mean, self.std, self.defer, self.max_pixels = mean, std, defer, max_pixels or MAX_PIXELS
-
-    def crop_box(self, w, h, rng):
-        for _ in range(10):  # torchvision's RandomResizedCrop rule, with our own rng
-            area = w * h * rng.uniform(*self.scale)
-            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-            if 0 < cw <= w and 0 < ch <= h:
-                x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-                return x0, y0, x0 + cw, y0 + ch
-        side = min(w, h)
-        return (w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side
+    def __init__(self, size, mean, std, uint8=False):
+        self.size, self.mean, self.std, self.uint8 = size, mean, std, uint8
 
     def __call__(self, img, rng=None):
-        w, h = img.size
-        if self.train:
-            box, out = self.crop_box(w, h, rng), (self.size, self.size)
-            need = (w * self.size / (box[2] - box[0]), h * self.size / (box[3] - box[1]))
-        else:
-            r = self.size / min(w, h)
-            box, out = (0, 0, w, h), (max(self.size, round(w * r)), max(self.size, round(h * r)))
-            if out[0] * out[1] > 4 * self.size * self.size:
-                # A long strip (a 1 x 100000 PNG is 467 bytes) resized whole would hold billions of
-                # pixels: past 4:1 the centre square is cut first, then resized; the pixels the crop
-                # keeps are the same up to the resampling at its edges.
-                side = min(w, h)
-                box, out = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side), (self.size,) * 2
-            need = out
-        if self.defer and deferrable(img) and w * h <= self.max_pixels:
-            # Plain Python values: a worker pickles them into its pipe in one go, where every small
-            # tensor would cost a shared-memory segment of its own.
-            return {"jpeg": img.encoded, "box": box, "out": out}
-        if self.draft and img.format == "JPEG":  # a no-op once decoded, or when the full size is needed
-            img.draft("RGB", (math.ceil(need[0]), math.ceil(need[1])))
-        if img.size[0] * img.size[1] > self.max_pixels:  # checked before the decode, which would hold it all
+        from PIL import Image
+
+        w, h, side = *img.size, min(img.size)
+        box, out = (0, 0, w, h), (max(self.size, round(w * self.size / side)), max(self.size, round(h * self.size / side)))
+        if out[0] * out[1] > 4 * self.size * self.size:
+            # A long strip (a 1 x 100000 PNG is 467 bytes) resized whole would hold billions of pixels: past
+            # 4:1 the centre square is cut first, then resized; the pixels kept are the same but at its edges.
+            box, out = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side), (self.size,) * 2
+        if img.format == "JPEG":  # a no-op once decoded
+            img.draft("RGB", out)
+        if img.size[0] * img.size[1] > MAX_PIXELS:  # checked before the decode, which would hold it all
             raise ImageTooLarge(f"{getattr(img, 'source', 'image')}: {img.size[0]} x {img.size[1]} pixels, over "
-                                f"the cap of {self.max_pixels} (a decompression bomb, or a scan to shrink first)")
-        from_file = img.format is not None
-        img = to_rgb(img)
-        if img.size != (w, h):  # drafted: the box to the nearest whole pixels of the smaller image
-            fx, fy = img.size[0] / w, img.size[1] / h
-            box = (round(box[0] * fx), round(box[1] * fy), round(box[2] * fx), round(box[3] * fy))
-        x = resize_box(img, box, out, fast=from_file)
-        if not self.train:
-            left, top = (out[0] - self.size) // 2, (out[1] - self.size) // 2
-            x = x[:, top:top + self.size, left:left + self.size]
+                                f"the cap of {MAX_PIXELS} (a decompression bomb, or a scan to shrink first)")
+        img, fx, fy = to_rgb(img), img.size[0] / w, img.size[1] / h  # drafted: the box in the smaller image
+        img = img.resize(out, Image.BICUBIC, box=(box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy))
+        left, top = (out[0] - self.size) // 2, (out[1] - self.size) // 2
+        x = torch.from_numpy(np.array(img, dtype=np.uint8)[top:top + self.size, left:left + self.size]).permute(2, 0, 1)
         return x if self.uint8 else normalize_pixels(x, self.mean, self.std)
-
-    def finish(self, images, device, notes=None):
-        """uint8 [B, 3, size, size] on the device from a batch's list of ready pixels and deferred JPEGs.
-
-        The JPEGs decode together on the device (torchvision.io.decode_jpeg: nvjpeg on CUDA,
-        libjpeg-turbo on the CPU); each crop is then resized there with the antialiased bicubic of
-        resize_box. A JPEG the device decoder refuses is decoded by Pillow instead; one that Pillow
-        cannot read either (damaged inside, its end marker intact) becomes a black image, counted in
-        notes: the batch keeps its size, as every rank's must."""
-        out = torch.empty(len(images), 3, self.size, self.size, dtype=torch.uint8, device=device)
-        deferred = [i for i, x in enumerate(images) if isinstance(x, dict)]
-        for i, x in enumerate(images):
-            if not isinstance(x, dict):
-                out[i] = x.to(device, non_blocking=True)
-        jpegs = [torch.frombuffer(bytearray(images[i]["jpeg"]), dtype=torch.uint8) for i in deferred]
-        for i, pixels in zip(deferred, decode_jpegs(jpegs, device)):
-            box, size = images[i]["box"], images[i]["out"]
-            if pixels is None:
-                pixels = decode_with_pillow(images[i]["jpeg"], device)
-            if pixels is None:
-                pixels = torch.zeros(3, box[3], box[2], dtype=torch.uint8, device=device)
-                if notes is not None:
-                    notes.append("unreadable image on the device: a black image in its place")
-            x = resize_pixels(pixels[:, box[1]:box[3], box[0]:box[2]], size)
-            left, top = (size[0] - self.size) // 2, (size[1] - self.size) // 2
-            out[i] = x[:, top:top + self.size, left:left + self.size]
-        return out
-
-
-def deferrable(img):
-    """A JPEG file opened but not decoded yet (tile set), in a mode every decoder reads, with its end marker."""
-    data = getattr(img, "encoded", None)
-    return (img.format == "JPEG" and img.mode in ("RGB", "L") and bool(getattr(img, "tile", None))
-            and data is not None and data.rstrip(b"\0")[-2:] == b"\xff\xd9")
-
-
-def decode_with_pillow(jpeg, device):
-    """RGB uint8 [3, H, W] on the device from a JPEG file's bytes, or None."""
-    import io
-
-    from PIL import Image
-
-    try:
-        img = Image.open(io.BytesIO(jpeg)).convert("RGB")
-    except (OSError, SyntaxError):
-        return None
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).to(device)
-
-
-def decode_jpegs(jpegs, device):
-    """RGB uint8 [3, H, W] on the device per JPEG (1-D uint8 CPU tensors), None where one fails."""
-    if not jpegs:
-        return []
-    import warnings
-
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
-        try:
-            return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:  # one bad file fails the batch: decode them one by one
-            decoded = []
-            for jpeg in jpegs:
-                try:
-                    decoded.append(decode_jpeg(jpeg, mode=ImageReadMode.RGB, device=device))
-                except RuntimeError:
-                    decoded.append(None)
-            return decoded
-
-
-def resize_pixels(x, out):
-    """uint8 [3, h, w] -> uint8 [3, H, W] for out = (W, H), antialiased bicubic (Pillow's kernel) on x's
-    device: on uint8 channels-last on the CPU, as resize_box; in float32, then rounded, elsewhere."""
-    x = x[None].contiguous(memory_format=torch.channels_last)
-    if x.device.type == "cpu":
-        return F.interpolate(x, size=(out[1], out[0]), mode="bicubic", antialias=True)[0]
-    y = F.interpolate(x.float(), size=(out[1], out[0]), mode="bicubic", antialias=True)
-    return y.round_().clamp_(0, 255).to(torch.uint8)[0]
-
-
-def to_device(batch, device, image, notes=None):
-    """A loader batch on the device; a list under 'image' (deferred JPEGs) is finished by the image
-    transform there."""
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "image" or isinstance(v, torch.Tensor)}
-    if "image" in batch and not isinstance(batch["image"], torch.Tensor):
-        out["image"] = image.finish(batch["image"], device, notes)
-    return out
-
-
-def resize_box(img, box, out, fast=True):
-    """uint8 [3, H, W]: the box (x0, y0, x1, y1) of an RGB PIL image, bicubic-resized to out = (W, H).
-    fast: a downscale from a whole-pixel box runs through torch's antialiased bicubic on channels-last
-    uint8, about 4x faster than Pillow's and within a few levels of it (0.01 on average). Upscales,
-    fractional boxes and fast=False (images made in memory, such as the synthetic set's: their runs
-    keep their pixels) go through Pillow's."""
-    from PIL import Image
-
-    whole = all(float(c).is_integer() for c in box)
-    if fast and whole and box[2] - box[0] >= out[0] and box[3] - box[1] >= out[1]:
-        x0, y0, x1, y1 = (int(c) for c in box)
-        return resize_pixels(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[:, y0:y1, x0:x1], out)
-    img = img.resize(out, Image.BICUBIC, box=box)
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-# ==== end of region image-transform ====
+# ==== end of region preprocess ====
 
 
 # ==== region normalize-pixels (copied into brivl.py, clippo.py, altclip.py, laclip.py) ====
@@ -1095,7 +720,7 @@ def build(size="ViT-B-32", tokenizer=None, captions=(), init=None, quick_gelu=No
 
 
 def create(args, captions=(), extra=None):
-    return add_teachers(add_adapters(build(**build_kwargs(args), captions=captions, extra=extra), args, extra), args)
+    return build(**build_kwargs(args), captions=captions, extra=extra)
 
 
 # ==== region create (copied into laclip.py) ====
@@ -1117,36 +742,6 @@ def add_clip_args(parser):
                         help="softmax: CLIP's InfoNCE; sigmoid: SigLIP's pairwise loss with a learnt bias (default: "
                              "the --init weights' own, else softmax)")
     parser.add_argument("--siglip", dest="loss", action="store_const", const="sigmoid", help="--loss sigmoid")
-    parser.add_argument("--distill", action="append", default=None, metavar="TEACHER",
-                        help="distil from a teacher CLIP (any weights --init reads; again for an ensemble), or "
-                             "'stored': the teacher embeddings in the shards (python clip.py reinforce)")
-    parser.add_argument("--distill-weight", type=float, default=1.0,
-                        help="loss = contrastive + this x distillation (default 1, open_clip's sum)")
-    parser.add_argument("--distill-icl", type=float, default=1.0,
-                        help="plus this x CLIP-KD's interactive contrastive term, for teachers of the student's "
-                             "width (0: open_clip's --distill-model loss exactly)")
-    add_lora_args(parser)
-
-
-def add_teachers(model, args):
-    """--distill: the teachers loaded (any weights load() reads; each failure one line naming the file)
-    and the model told (model.distill)."""
-    paths = getattr(args, "distill", None) or []
-    if not paths:
-        return model
-    weight, icl = getattr(args, "distill_weight", 1.0), getattr(args, "distill_icl", 1.0)
-    if not all(math.isfinite(v) and v >= 0 for v in (weight, icl)):
-        raise ValueError(f"--distill-weight {weight}, --distill-icl {icl}: finite weights of at least 0")
-    if "stored" in paths and len(paths) > 1:
-        raise ValueError("--distill stored reads every teacher's embeddings from the shards: give it alone")
-    if getattr(model, "text_sets", 0):
-        raise ValueError("--distill with --text-sets (LaCLIP-MT) is not supported: distil one text per image")
-    teachers = [] if paths == ["stored"] else [load(path)[0] for path in paths]
-    other = [p for p, t in zip(paths, teachers) if t.cfg.embed_dim != model.cfg.embed_dim]
-    if icl and other:
-        print(f"--distill: {', '.join(other)} embed(s) in another width than the student's {model.cfg.embed_dim}: "
-              f"the distillation term only, no interactive term")
-    return model.distill(teachers, weight, paths == ["stored"], icl)
 
 
 def build_kwargs(args):
@@ -1199,214 +794,6 @@ def start(model, weights=None, lock_image=False, lock_image_unlocked_layers=0, l
 
 
 # ----------------------------------------------------------------------------------------------
-# LoRA: low-rank adapters on a frozen model (train.py --lora R; model.add_lora for your own loop)
-
-
-# ==== region lora (copied into clippo.py, altclip.py, laclip.py) ====
-class LoRA(nn.Module):
-    """A low-rank update beside a frozen linear map W (Hu et al. 2021): the layer computes W x + (alpha / rank)
-    B A x. A [rank, in] starts as peft's (Kaiming-uniform), B [out, rank] at zero: fresh adapters change
-    nothing, so step 0 is the base model."""
-
-    def __init__(self, d_in, d_out, rank, alpha, dropout=0.0):
-        super().__init__()
-        self.A = nn.Parameter(torch.empty(rank, d_in))
-        self.B = nn.Parameter(torch.zeros(d_out, rank))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.scaling, self.dropout = alpha / rank, dropout
-
-    def forward(self, x):
-        return F.linear(F.linear(F.dropout(x, self.dropout, self.training), self.A), self.B) * self.scaling
-
-
-LORA_TARGETS = ("q", "k", "v", "out", "mlp")  # attention's projections; mlp: both of the MLP's layers
-
-
-def lora_spec(rank, alpha=None, targets=("q", "v"), dropout=0.0, towers=None, train_scale=False):
-    """The adapters' settings, checked (they come from flags, or from a checkpoint that may come from anywhere)."""
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
-    names = lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)  # noqa: E731
-    if not (isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= 4096):
-        raise ValueError(f"LoRA rank {rank!r}: an integer from 1 to 4096")
-    alpha = rank if alpha is None else alpha
-    if not (number(alpha) and 0 < alpha <= 1 << 16 and number(dropout) and 0 <= dropout < 1):
-        raise ValueError(f"LoRA alpha {alpha!r} must be above 0 and at most 65536, dropout {dropout!r} from 0 to below 1")
-    if not (names(targets) and targets and set(targets) <= set(LORA_TARGETS) and len(set(targets)) == len(targets)):
-        raise ValueError(f"LoRA targets {targets!r}: a list among {','.join(LORA_TARGETS)}")
-    if not (towers is None or names(towers)) or not isinstance(train_scale, bool):
-        raise ValueError(f"LoRA towers {towers!r} must be a list of names and train_scale {train_scale!r} a bool")
-    return {"rank": rank, "alpha": float(alpha), "targets": [t for t in LORA_TARGETS if t in targets],
-            "dropout": float(dropout), "towers": None if towers is None else list(towers), "train_scale": train_scale}
-
-
-def add_lora(blocks, spec, linears=None):
-    """Adapters on the targeted projections of each residual block, on the block's device. A tower of
-    other blocks (altclip's XLM-R) names its nn.Linear layers per target, linears(block) -> {target: [...]},
-    and each takes an adapter through a forward hook (add_linear_lora)."""
-    for block in blocks:
-        if linears is not None:
-            for t in spec["targets"]:
-                for linear in linears(block)[t]:
-                    add_linear_lora(linear, spec)
-            continue
-        w, hidden = block.attn.out_proj.in_features, block.mlp.c_fc.out_features
-        new = lambda d_in, d_out: LoRA(d_in, d_out, spec["rank"], spec["alpha"], spec["dropout"]).to(  # noqa: E731
-            block.attn.in_proj_weight.device)
-        for t in spec["targets"]:
-            if t == "mlp":
-                block.lora["c_fc"], block.lora["c_proj"] = new(w, hidden), new(hidden, w)
-            else:
-                block.attn.lora[t] = new(w, w)
-
-
-def add_linear_lora(linear, spec):
-    """An adapter on a plain nn.Linear: its child `lora`, added to the layer's output by a forward hook."""
-    linear.lora = LoRA(linear.in_features, linear.out_features, spec["rank"], spec["alpha"], spec["dropout"]).to(
-        linear.weight.device)
-    linear.lora_hook = linear.register_forward_hook(_linear_lora_hook)
-
-
-def _linear_lora_hook(linear, inputs, output):
-    return output + linear.lora(inputs[0])
-
-
-def saved_lora_spec(extra, where):
-    """The LoRA settings a checkpoint's extra state records, checked; None for a checkpoint without adapters."""
-    if extra.get("lora") is None:
-        return None
-    if not isinstance(extra["lora"], dict):
-        raise ValueError(f"{where}: its LoRA settings are not a dict")
-    return lora_spec(**extra["lora"])
-
-
-def attach_lora(model, towers, spec, scalars=(), linears=None):
-    """model.add_lora's work, for any model whose towers ({name: residual blocks}) are these blocks: freeze
-    every weight, add the adapters, unfreeze the scalars (with spec's train_scale); the spec, its towers
-    filled in, is returned for model.lora_spec. linears: {tower: f(block) -> {target: [nn.Linear]}} for
-    towers of other blocks (add_lora)."""
-    unlocked = [t for t, blocks in towers.items() if any(p.requires_grad for p in blocks.parameters())]
-    chosen = spec["towers"] or unlocked
-    if not chosen or set(chosen) - set(towers):
-        raise ValueError(f"LoRA towers {','.join(map(str, chosen))}: choose among {','.join(towers)}")
-    spec = {**spec, "towers": [t for t in towers if t in chosen]}
-    if set(spec["towers"]) - set(unlocked):
-        raise ValueError(f"the {','.join(sorted(set(spec['towers']) - set(unlocked)))} tower is locked (LiT): "
-                         f"leave it out of the LoRA towers")
-    if getattr(model, "lora_spec", None) is not None:
-        raise ValueError("this model has adapters already: merge_lora() first")
-    model.lora_trainable = {n for n, p in model.named_parameters() if p.requires_grad}  # merge_lora gives them back
-    model.requires_grad_(False)
-    for t in spec["towers"]:
-        add_lora(towers[t], spec, (linears or {}).get(t))
-    for scalar in scalars if spec["train_scale"] else ():
-        if scalar is not None:
-            scalar.requires_grad_(True)
-    return spec
-
-
-@torch.no_grad()
-def merge_lora(model):
-    """The adapters folded into the weights (W + (alpha / rank) B A) and removed: a plain model again, each
-    weight as trainable as it was before attach_lora (LiT-locked ones stay frozen)."""
-    if getattr(model, "lora_spec", None) is None:
-        return model
-    sd = merge_lora_weights(model.state_dict(), model.lora_spec)
-    for m in model.modules():
-        if isinstance(getattr(m, "lora", None), nn.ModuleDict):
-            m.lora = nn.ModuleDict()
-        elif isinstance(getattr(m, "lora", None), LoRA):  # on a plain nn.Linear (add_linear_lora)
-            m.lora_hook.remove()
-            del m.lora, m.lora_hook
-    model.load_state_dict(sd)
-    trainable = getattr(model, "lora_trainable", None)
-    for name, p in model.named_parameters():
-        p.requires_grad_(trainable is None or name in trainable)
-    model.lora_spec = None
-    return model
-
-
-def add_lora_args(parser):
-    """train.py's LoRA flags (every model file whose towers are these blocks)."""
-    parser.add_argument("--lora", type=int, default=0, metavar="RANK",
-                        help="LoRA: freeze the weights, train low-rank adapters of this rank (0: off)")
-    parser.add_argument("--lora-alpha", type=float, default=None, help="adapters scaled by alpha / rank (default: rank)")
-    parser.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' inputs")
-    parser.add_argument("--lora-targets", default="q,v",
-                        help="projections adapted, comma-separated among q,k,v,out,mlp (default q,v, as peft users do)")
-    parser.add_argument("--lora-towers", default=None,
-                        help="towers adapted, comma-separated (default: every tower LiT leaves unlocked)")
-    parser.add_argument("--lora-train-scale", action="store_true", help="with --lora: the logit scale trains too")
-
-
-def add_adapters(model, args, extra=None):
-    """--lora: model.add_lora with the flags' settings (after --init's weights and the LiT locks). A resumed
-    run's adapters are the ones its checkpoint records, whatever the flags say."""
-    spec = saved_lora_spec(extra, "the checkpoint") if extra is not None else None
-    if spec:
-        return model.add_lora(**spec)
-    rank = getattr(args, "lora", 0)
-    if not rank:
-        return model
-    if getattr(args, "lock_image_unlocked_layers", 0) or getattr(args, "lock_text_unlocked_layers", 0):
-        raise ValueError("--lora freezes every weight: --lock-*-unlocked-layers has nothing to unlock; drop it")
-    split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
-    return model.add_lora(rank, args.lora_alpha, split(args.lora_targets), split(args.lora_towers), args.lora_dropout,
-                          args.lora_train_scale)
-
-
-def merge_lora_weights(sd, spec):
-    """A state dict with adapters as the plain one of the merged weights, W + (alpha / rank) B A each."""
-    sd, scaling = dict(sd), spec["alpha"] / spec["rank"]
-    for key in [k for k in sd if re.search(r"\.lora(\.\w+)?\.A$", k)]:
-        stem, part = re.match(r"(.*)\.lora(?:\.(\w+))?\.A$", key).groups()
-        delta = (sd.pop(key[:-1] + "B").float() @ sd.pop(key).float()) * scaling
-        if part is None:  # an adapter on a plain nn.Linear
-            sd[f"{stem}.weight"] = sd[f"{stem}.weight"] + delta.to(sd[f"{stem}.weight"].dtype)
-        elif part in ("q", "k", "v"):
-            w = sd[f"{stem}.in_proj_weight"].clone()
-            i = "qkv".index(part) * (w.shape[0] // 3)
-            w[i:i + w.shape[0] // 3] += delta.to(w.dtype)
-            sd[f"{stem}.in_proj_weight"] = w
-        else:
-            name = {"out": "out_proj", "c_fc": "mlp.c_fc", "c_proj": "mlp.c_proj"}[part]
-            sd[f"{stem}.{name}.weight"] = sd[f"{stem}.{name}.weight"] + delta.to(sd[f"{stem}.{name}.weight"].dtype)
-    return sd
-# ==== end of region lora ====
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation: zero-shot classifier and retrieval, in chunks
-
-
-# ==== region evaluation (copied into brivl.py, clippo.py, altclip.py, laclip.py) ====
-@torch.no_grad()
-def zero_shot_classifier(model, classnames, templates):
-    """[C, D]: per class, the mean of its normalised prompt embeddings, re-normalised."""
-    weights = []
-    for name in classnames:
-        e = model.encode_texts([t.format(name) for t in templates]).float()
-        weights.append(F.normalize(e.mean(0), dim=-1))
-    return torch.stack(weights)
-
-
-@torch.no_grad()
-def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
-    """R@k both ways for paired rows, chunked so N x N similarities are never held at once."""
-    out = {}
-    for name, q, k in (("i2t", image_features, text_features), ("t2i", text_features, image_features)):
-        ranks = []
-        for i in range(0, q.shape[0], chunk):
-            sims = q[i:i + chunk] @ k.T
-            target = sims[torch.arange(sims.shape[0]), torch.arange(i, i + sims.shape[0])]
-            ranks.append((sims > target[:, None]).sum(1))
-        ranks = torch.cat(ranks)
-        for kk in ks:
-            out[f"{name}_r{kk}"] = (ranks < kk).float().mean().item()
-    return out
-# ==== end of region evaluation ====
-
-
-# ----------------------------------------------------------------------------------------------
 # Weights in: this repository's checkpoints, OpenAI's and open_clip's files and folders, Hugging Face
 # CLIPModel folders. Everything becomes OpenAI's state-dict layout, which is this file's.
 
@@ -1415,10 +802,6 @@ def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
 # The boundary for weights files, which come from anywhere: nothing in them runs (tensors and plain
 # containers only), nothing they claim is allocated before it is checked against the file's own size,
 # and whatever goes wrong while one is read is one line naming it (reading()).
-class UnsafeWeights(ValueError):
-    """A weights file that would run code if loaded the usual way: refused."""
-
-
 class BadInput(ValueError):
     """A file or folder the user gave that cannot be used; the message names it and says what is wrong."""
 
@@ -1532,14 +915,6 @@ def read_small_file(path, what, max_bytes=1 << 24):
         return f.read(max_bytes)
 
 
-def read_json(path, what="config"):
-    """A JSON object from a file a folder of weights holds: a regular file of at most 16 MiB, an object."""
-    value = json.loads(read_small_file(path, f"{what} file").decode("utf-8"), parse_constant=lambda c: float("nan"))
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: holds a {type(value).__name__}, not a JSON object")
-    return value
-
-
 # What a config field may hold is read off its default: ints (not bools) and floats in sane ranges,
 # finite; sizes, widths, heads and layers at least 1; None only where the default is None. Layers at
 # most MAX_LAYERS: each costs the (meta-device) build time whatever the file holds.
@@ -1607,6 +982,18 @@ def check_fits(make, sd, where, strict=True):
 
 
 # ==== region weight-files (copied into altclip.py, laclip.py) ====
+class UnsafeWeights(ValueError):
+    """A weights file that would run code if loaded the usual way: refused."""
+
+
+def read_json(path, what="config"):
+    """A JSON object from a file a folder of weights holds: a regular file of at most 16 MiB, an object."""
+    value = json.loads(read_small_file(path, f"{what} file").decode("utf-8"), parse_constant=lambda c: float("nan"))
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: holds a {type(value).__name__}, not a JSON object")
+    return value
+
+
 def read_state_dict(path):
     """(state dict, our checkpoint's extra or None) of a TorchScript archive (OpenAI's releases), a plain
     state dict (.pt/.bin/.pth) or .safetensors: str keys, tensor values, every one checked."""
@@ -1810,18 +1197,6 @@ def hf_names(cfg):
     return names
 
 
-def save_weights(sd, folder, stem="model"):
-    """transformers' (stem adapter_model: peft's) weight file: STEM.safetensors where safetensors is
-    installed, else pytorch_model.bin (adapter_model.bin)."""
-    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        path = os.path.join(folder, "pytorch_model.bin" if stem == "model" else f"{stem}.bin")
-        torch.save(sd, path)
-        return path
-    save_file(sd, os.path.join(folder, f"{stem}.safetensors"), metadata={"format": "pt"})
-    return os.path.join(folder, f"{stem}.safetensors")
 # ==== end of region weight-files ====
 
 
@@ -1966,17 +1341,14 @@ def read_open_clip_folder(folder):
     return cfg, tok, sd
 
 
-def read_weights(path, quick_gelu=None, tokenizer=None, keep_lora=False):
+def read_weights(path, quick_gelu=None, tokenizer=None):
     """(config, tokenizer or None, OpenAI-layout state dict) from any CLIP weights on disk: a checkpoint of
     this repository, OpenAI's TorchScript or state-dict files, open_clip's .bin / .safetensors files or
     local-dir folders, transformers' CLIPModel folders.
 
     Files with no config are taken as OpenAI's: QuickGELU unless quick_gelu=False (open_clip models
-    trained with exact GELU). tokenizer: a tokenizer file, for weights that carry none. A LoRA checkpoint
-    (base weights and adapters, the settings in its extra state) gives the merged weights; keep_lora
-    gives them apart, with the settings: (config, tokenizer, state dict, settings or None).
+    trained with exact GELU). tokenizer: a tokenizer file, for weights that carry none.
     """
-    spec = None
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "open_clip_config.json")):
             cfg, tok, sd = read_open_clip_folder(path)
@@ -1991,7 +1363,6 @@ def read_weights(path, quick_gelu=None, tokenizer=None, keep_lora=False):
             cfg = check_config(Config, extra.get("config"), path)
             tok = extra.get("tokenizer")
             tok = Tokenizer.from_str(tok, cfg.context_length) if isinstance(tok, str) and tok else None
-            spec = saved_lora_spec(extra, path)
         else:
             cfg, tok = config_from_state_dict(sd, True if quick_gelu is None else quick_gelu), None
     cfg = check_config(Config, asdict(cfg), path)  # inferred or read: every field in range before a build
@@ -1999,7 +1370,7 @@ def read_weights(path, quick_gelu=None, tokenizer=None, keep_lora=False):
         tok = Tokenizer.from_file(tokenizer, cfg.context_length)
         if cfg.eos_id is None:  # the same token as argmax, unless the tokenizer has ids above its EOT
             cfg.eos_id = tok.eot
-    check_fits(lambda: CLIP(cfg, tok).add_lora(**spec) if spec else CLIP(cfg, tok), sd, path)
+    check_fits(lambda: CLIP(cfg, tok), sd, path)
     if cfg.eos_id is not None and cfg.eos_id >= cfg.vocab_size:
         raise ValueError(f"{path}: eos_id {cfg.eos_id} is past the vocabulary of {cfg.vocab_size}")
     if tok is not None and tok.vocab_size > cfg.vocab_size:
@@ -2012,12 +1383,6 @@ def read_weights(path, quick_gelu=None, tokenizer=None, keep_lora=False):
     bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"{path}: {len(bad)} tensors hold NaN or infinite values (first: {bad[0]})")
-    if keep_lora:
-        return cfg, tok, sd, spec
-    if spec:
-        sd = merge_lora_weights(sd, spec)
-        if not all(torch.isfinite(v).all() for v in sd.values()):
-            raise ValueError(f"{path}: its adapters merged give weights that are not finite (LoRA alpha {spec['alpha']})")
     return cfg, tok, sd
 
 
@@ -2031,218 +1396,7 @@ def load(path, device="cpu", quick_gelu=None, tokenizer=None):
     return model, model.preprocess()
 
 
-# sha256 of OpenAI's vocabulary (its tokens in id order, one a line): open_clip's built-in tokenizer
-OPENAI_VOCAB = "7cccc44d334555d1ff3c0ac5f0246b428fab2918383e77ee745cf30d41010b78"
-
-
-def vocab_sha256(tok):
-    import hashlib
-
-    vocab = tok.tokenizer.get_vocab()
-    return hashlib.sha256("\n".join(sorted(vocab, key=vocab.get)).encode()).hexdigest()
-
-
-def write_hf_tokenizer(tok, out):
-    """tokenizer.json (with the lower-casing and SOT/EOT that __call__ adds in Python), vocab.json, merges.txt
-    and tokenizer_config.json: transformers' CLIPTokenizer and AutoTokenizer read them."""
-    from tokenizers import Regex, Tokenizer as HFTokenizer, normalizers, processors
-
-    hf = HFTokenizer.from_str(tok.to_str())
-    hf.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                          normalizers.Lowercase()])
-    hf.post_processor = processors.TemplateProcessing(single=f"{SOT} $A {EOT}", pair=f"{SOT} $A {EOT} $B {EOT}",
-                                                      special_tokens=[(SOT, tok.sot), (EOT, tok.eot)])
-    hf.save(os.path.join(out, "tokenizer.json"))
-    model = json.loads(hf.to_str())["model"]
-    with open(os.path.join(out, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(model["vocab"], f, ensure_ascii=False)
-    with open(os.path.join(out, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join((m if isinstance(m, str) else " ".join(m)) + "\n" for m in model["merges"]))
-    special = {"bos_token": SOT, "eos_token": EOT, "unk_token": EOT, "pad_token": EOT}
-    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": tok.context_length, "do_lower_case": True,
-                   "clean_up_tokenization_spaces": False, **special}, f, indent=2)
-    with open(os.path.join(out, "special_tokens_map.json"), "w") as f:
-        json.dump(special, f, indent=2)
-
-
-def hf_eos_id(cfg, tok):
-    """transformers pools at the first eos_token_id, or at the highest id for a config that says 2."""
-    if cfg.eos_id is not None:
-        return cfg.eos_id
-    return tok.eot if tok.eot == tok.vocab_size - 1 else 2
-
-
-def export_hf(model, out):
-    """A transformers CLIPModel folder: config.json, weights, tokenizer files, preprocessor_config.json."""
-    cfg, tok = model.cfg, model.tokenizer
-    if cfg.loss == "sigmoid":
-        raise ValueError("transformers' CLIPModel has no logit_bias for this sigmoid-loss model (and its SiglipModel "
-                         "is another architecture); export --format open_clip, which keeps the bias")
-    act = "quick_gelu" if cfg.quick_gelu else "gelu"
-    tower = dict(hidden_act=act, layer_norm_eps=cfg.ln_eps, projection_dim=cfg.embed_dim)
-    config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
-              "logit_scale_init_value": 2.6592, "torch_dtype": "float32",
-              "text_config": {"model_type": "clip_text_model", "vocab_size": cfg.vocab_size, "hidden_size": cfg.text_width,
-                              "intermediate_size": cfg.text_mlp, "num_hidden_layers": cfg.text_layers,
-                              "num_attention_heads": cfg.text_heads, "max_position_embeddings": cfg.context_length,
-                              "bos_token_id": tok.sot, "eos_token_id": hf_eos_id(cfg, tok), "pad_token_id": tok.eot,
-                              **tower},
-              "vision_config": {"model_type": "clip_vision_model", "hidden_size": cfg.vision_width,
-                                "intermediate_size": cfg.vision_mlp, "num_hidden_layers": cfg.vision_layers,
-                                "num_attention_heads": cfg.vision_heads, "image_size": cfg.image_size,
-                                "patch_size": cfg.patch_size, "num_channels": 3, **tower}}
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    sd = model.state_dict()
-    hf = {}
-    for ours, theirs, how in hf_names(cfg):
-        if how == "qkv":
-            hf.update({theirs.format(p): part for p, part in zip("qkv", sd[ours].chunk(3))})
-        else:
-            hf[theirs] = sd[ours].T if how == "T" else sd[ours]
-    weights = save_weights(hf, out)
-    write_hf_tokenizer(tok, out)
-    size = {"height": cfg.image_size, "width": cfg.image_size}
-    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
-        json.dump({"image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor", "do_resize": True,
-                   "size": {"shortest_edge": cfg.image_size}, "resample": 3, "do_center_crop": True, "crop_size": size,
-                   "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
-                   "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std)}, f, indent=2)
-    return [f"wrote {out}: config.json, {os.path.basename(weights)}, tokenizer files, preprocessor_config.json",
-            f"transformers: CLIPModel.from_pretrained({out!r}), CLIPProcessor.from_pretrained({out!r})"]
-
-
-def open_clip_name(cfg):
-    """open_clip's built-in model name for these shapes (ViT-B-32, ViT-B-16-quickgelu, ...), or None."""
-    # its text pooling is argmax: the same token as ours where nothing follows EOT in the vocabulary
-    if cfg.loss != "softmax":  # the named models have no logit_bias
-        return None
-    shapes = {k: v for k, v in asdict(cfg).items() if k not in ("quick_gelu", "eos_id", "init_logit_scale")}
-    for name, preset in CONFIGS.items():
-        if name != "tiny" and {k: v for k, v in asdict(preset).items() if k not in ("quick_gelu", "eos_id", "init_logit_scale")} == shapes:
-            return name + ("-quickgelu" if cfg.quick_gelu else "")  # QuickGELU is part of open_clip's name
-    return None
-
-
-def export_open_clip(model, out):
-    """open_clip's local-dir layout; for a preset's shapes with OpenAI's vocabulary the weights file also
-    loads as pretrained=FILE under the open_clip name of that preset."""
-    cfg, tok = model.cfg, model.tokenizer
-    if cfg.vision_width % cfg.vision_heads or cfg.ln_eps != 1e-5:
-        raise ValueError("open_clip cannot express this model (vision heads of unequal width, or layer-norm eps "
-                         f"{cfg.ln_eps} instead of 1e-5); export --format hf instead")
-    ratio = {}
-    for name, width, mlp in (("vision", cfg.vision_width, cfg.vision_mlp), ("text", cfg.text_width, cfg.text_mlp)):
-        ratio[name] = mlp / width
-        if int(width * ratio[name]) != mlp:  # how open_clip turns mlp_ratio back into a width
-            raise ValueError(f"open_clip cannot express the {name} MLP width {mlp}; export --format hf instead")
-    text_cfg = {"context_length": cfg.context_length, "vocab_size": cfg.vocab_size, "width": cfg.text_width,
-                "heads": cfg.text_heads, "layers": cfg.text_layers, "mlp_ratio": ratio["text"]}
-    if cfg.eos_id is not None:
-        text_cfg.update(pool_type="eos", eos_id=cfg.eos_id)
-    openai_vocab = vocab_sha256(tok) == OPENAI_VOCAB
-    lines = []
-    if not openai_vocab:  # open_clip then reads the folder's tokenizer files through transformers
-        write_hf_tokenizer(tok, out)
-        text_cfg["hf_tokenizer_name"] = "."
-        lines.append("open_clip: this model's tokenizer is not OpenAI's; open_clip reads the folder's tokenizer.json "
-                     "through transformers (pip install transformers)")
-    bias = {"init_logit_bias": model.logit_bias.item()} if cfg.loss == "sigmoid" else {}  # open_clip's SigLIP switch
-    config = {"model_cfg": {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.quick_gelu, **bias,
-                            "vision_cfg": {"image_size": cfg.image_size, "layers": cfg.vision_layers,
-                                           "width": cfg.vision_width, "head_width": cfg.vision_width // cfg.vision_heads,
-                                           "mlp_ratio": ratio["vision"], "patch_size": cfg.patch_size},
-                            "text_cfg": text_cfg},
-              "preprocess_cfg": {"mean": list(cfg.image_mean), "std": list(cfg.image_std), "interpolation": "bicubic",
-                                 "resize_mode": "shortest", "size": cfg.image_size}}
-    with open(os.path.join(out, "open_clip_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    weights = os.path.join(out, "open_clip_pytorch_model.bin")
-    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, weights)
-    lines.insert(0, f"wrote {out}: open_clip_config.json, open_clip_pytorch_model.bin")
-    lines.append(f"open_clip: create_model_and_transforms('local-dir:{out}')")
-    name = open_clip_name(cfg)
-    if name:
-        if openai_vocab:
-            lines.append(f"open_clip: also create_model_and_transforms({name!r}, pretrained={weights!r})")
-        else:
-            lines.append(f"open_clip: not loadable as {name!r} with pretrained=FILE: that name's tokenizer is "
-                         f"OpenAI's and this model's is not; use local-dir")
-    return lines
-
-
-EXPORT_FORMATS = ("open_clip", "hf", "peft")
-
-
-def export_peft(path, out, tokenizer=None):
-    """A LoRA checkpoint as peft reads it: OUT/base, a transformers CLIPModel folder of the base weights
-    (the logit scale as trained), and OUT/adapter, peft's adapter_config.json and adapter weights, so that
-        PeftModel.from_pretrained(CLIPModel.from_pretrained(OUT/base), OUT/adapter)
-    computes this checkpoint's features. Our fused q, k, v projection is transformers' q_proj, k_proj and
-    v_proj stacked, so each adapter of a part is that module's adapter as it stands."""
-    with reading(path):
-        cfg, tok, sd, spec = read_weights(path, tokenizer=tokenizer, keep_lora=True)
-    if spec is None:
-        raise ValueError(f"{path} holds no LoRA adapters (train.py --lora R makes them): export it --format hf")
-    if tok is None:
-        raise ValueError(f"{path} carries no tokenizer: pass --tokenizer so that it travels with the export")
-    base = start(CLIP(cfg, tok), {k: v for k, v in sd.items() if ".lora." not in k})
-    os.makedirs(os.path.join(out, "base"), exist_ok=True)
-    lines = export_hf(base, os.path.join(out, "base"))
-    towers = {"visual.transformer.resblocks": "vision_model", "transformer.resblocks": "text_model"}
-    parts = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "out": "self_attn.out_proj",
-             "c_fc": "mlp.fc1", "c_proj": "mlp.fc2"}
-    adapters, used = {}, set()
-    for key, value in sd.items():
-        m = re.fullmatch(r"(visual\.transformer\.resblocks|transformer\.resblocks)\.(\d+)\.(?:attn\.)?lora\.(\w+)\.([AB])", key)
-        if m:
-            adapters[f"base_model.model.{towers[m[1]]}.encoder.layers.{m[2]}.{parts[m[3]]}.lora_{m[4]}.weight"] = value
-            used |= {(towers[m[1]], parts[m[3]])}
-    # a pattern peft matches whole against each module's name: exactly the adapted towers and projections
-    target = "|".join(sorted(rf"{t}\.encoder\.layers\.\d+\.{p.replace('.', chr(92) + '.')}" for t, p in used))
-    config = {"peft_type": "LORA", "task_type": None, "r": spec["rank"], "lora_alpha": spec["alpha"],
-              "lora_dropout": spec["dropout"], "target_modules": f"({target})", "bias": "none", "fan_in_fan_out": False,
-              "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
-              "modules_to_save": None, "base_model_name_or_path": None}
-    folder = os.path.join(out, "adapter")
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    weights = save_weights(adapters, folder, "adapter_model")
-    return lines[:1] + [f"wrote {folder}: adapter_config.json, {os.path.basename(weights)}",
-                        f"peft: PeftModel.from_pretrained(CLIPModel.from_pretrained({os.path.join(out, 'base')!r}), {folder!r})"]
-
-
-def export(path, out, fmt, tokenizer=None):
-    """Convert any weights load() reads to open_clip's, transformers' or (a LoRA checkpoint) peft's layout;
-    returns what to tell the user. A LoRA checkpoint's open_clip and hf exports hold the merged weights."""
-    if fmt == "peft":
-        return export_peft(path, out, tokenizer)
-    model, _ = load(path, tokenizer=tokenizer)
-    if model.tokenizer is None:
-        raise ValueError(f"{path} carries no tokenizer: pass --tokenizer (bpe_simple_vocab_16e6.txt.gz or a "
-                         f"tokenizer.json) so that it travels with the export")
-    os.makedirs(out, exist_ok=True)
-    return export_hf(model, out) if fmt == "hf" else export_open_clip(model, out)
 # ==== end of region weights ====
-
-
-# ==== region export-cli (copied into altclip.py, laclip.py) ====
-def export_main(argv=None):
-    p = argparse.ArgumentParser(prog=f"{os.path.basename(__file__)} export",
-                                description="write weights in open_clip's or transformers' layout")
-    p.add_argument("checkpoint", help="OUT/checkpoint.pt of train.py, or any weights load() reads")
-    p.add_argument("out", help="folder to write")
-    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
-    p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer")
-    args = p.parse_args(argv)
-    try:
-        for line in export(args.checkpoint, args.out, args.format, args.tokenizer):
-            print(line)
-    except (FileNotFoundError, ValueError, ImportError) as err:
-        raise SystemExit(f"{p.prog}: {err}") from None
-# ==== end of region export-cli ====
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2374,125 +1528,6 @@ def predict_main(argv=None):
         for i in order[:args.top]:
             print(f"  {row[i].item():6.1%}  {candidates[i]}")
 # ==== end of region predict ====
-
-
-# ----------------------------------------------------------------------------------------------
-# python clip.py reinforce: teachers' embeddings stored with the data (MobileCLIP's reinforced data)
-
-
-def reinforce_main(argv=None):
-    """python clip.py reinforce --teacher T [--teacher T2 ...] --data D --out O [--augmentations K]
-
-    Writes webdataset shards O/00000.tar, ... in which every sample of D holds its image (the file's own
-    bytes; a PNG for an image made in memory), its caption and rewrites, and for teacher m the float32
-    matrix KEY.teacher{m}.npy: the teacher's embeddings of the K crops that training's epochs 0..K-1
-    draw for the sample under --seed (data.augment_rng, the crop being a transform's first draw), then
-    of each text. `train.py --data 'O/{00000..0000N}.tar' --distill stored` then runs no teacher: the
-    loader draws epoch e's crop as epoch e mod K's, so each crop is one the teachers saw, and over its
-    first K epochs it trains as --distill T on O does. D is read by data.py, with its flags."""
-    try:
-        import data as datalib
-    except ImportError:
-        raise SystemExit("clip.py reinforce reads the data through data.py: run it where data.py is (this repository)") from None
-    p = argparse.ArgumentParser(prog="clip.py reinforce", description=reinforce_main.__doc__.split("\n")[0])
-    p.add_argument("--teacher", action="append", required=True, help="teacher weights (any load() reads); again for an ensemble")
-    p.add_argument("--out", required=True, help="a new folder for the shards")
-    p.add_argument("--augmentations", type=int, default=2, help="crops stored per sample (K)")
-    p.add_argument("--seed", type=int, default=0, help="the seed of the training runs whose crops are stored")
-    p.add_argument("--per-shard", type=int, default=10_000)
-    p.add_argument("--batch-size", type=int, default=64, help="crops the teachers embed at once")
-    p.add_argument("--device", default="cpu")
-    datalib.add_args(p)
-    args = p.parse_args(argv)
-    for flag, top in (("augmentations", datalib.MAX_AUGMENTATIONS), ("per_shard", 1 << 20), ("batch_size", 1 << 16)):
-        if not 1 <= getattr(args, flag) <= top:
-            p.error(f"--{flag.replace('_', '-')} must be from 1 to {top}")
-    if not 0 <= args.seed < 1 << 63:
-        p.error("--seed must be from 0")
-    try:
-        if os.path.exists(args.out) and (not os.path.isdir(args.out) or any(f.endswith(".tar") for f in os.listdir(args.out))):
-            raise ValueError(f"{args.out} already holds shards or is a file: give a new folder (nothing is overwritten)")
-        teachers = [load(path, args.device)[0] for path in args.teacher]
-        if any(t.tokenizer is None for t in teachers):
-            raise ValueError("a teacher carries no tokenizer: reinforce needs teachers that read text")
-        if args.data == "synthetic" and args.synthetic_resolution is None:
-            args.synthetic_resolution = teachers[0].cfg.image_size
-        train = datalib.build(args)[0]
-    except (FileNotFoundError, ValueError, ImportError, OSError) as err:
-        raise SystemExit(f"clip.py reinforce: {err}") from None
-    os.makedirs(args.out, exist_ok=True)
-    written, problems = write_reinforced(teachers, datalib, train, args)
-    line = f"clip.py reinforce: {written} samples with {len(teachers)} teacher(s) x {args.augmentations} crops in {args.out}"
-    if problems:
-        counts = {r: problems.count(r) for r in problems}
-        line += f"; skipped {len(problems)}: " + ", ".join(f"{n} {r}" for r, n in counts.items())
-    print(line)
-
-
-@torch.no_grad()
-def write_reinforced(teachers, datalib, train, args):
-    """reinforce_main's shards: (samples written, the reasons of those skipped)."""
-    views = [ImageTransform(t.cfg.image_size, train=True, mean=t.cfg.image_mean, std=t.cfg.image_std, uint8=True,
-                            draft=False) for t in teachers]
-    k, problems, last, pending, written = args.augmentations, [], None, [], 0
-    shards = datalib.ShardWriter(args.out, args.per_shard)
-    scales = [t.logit_scale.exp().item() for t in teachers]
-    biases = [t.logit_bias.item() if t.logit_bias is not None else 0.0 for t in teachers]
-
-    def flush():
-        embedded = []
-        for m, t in enumerate(teachers):
-            device = t.logit_scale.device
-            pixels = torch.stack([x for item in pending for x in item["pixels"][m]])
-            texts = [text for item in pending for text in item["texts"]]
-            image = torch.cat([t.encode_image(pixels[i:i + 256].to(device), normalize=True) for i in range(0, len(pixels), 256)])
-            text = torch.cat([t.encode_texts(texts[i:i + 256]) for i in range(0, len(texts), 256)])
-            embedded.append((image.float().cpu().numpy(), text.float().cpu().numpy()))
-        at = 0
-        for i, item in enumerate(pending):
-            n = len(item["texts"])
-            members = [(item["ext"], item["bytes"]), ("txt", item["texts"][0].encode("utf-8")),
-                       ("json", json.dumps(item["meta"]).encode("utf-8"))]
-            for m, (image, text) in enumerate(embedded):
-                buf = io.BytesIO()
-                np.save(buf, np.concatenate([image[i * k:(i + 1) * k], text[at:at + n]]).astype("<f4"))
-                members.append((f"teacher{m}.npy", buf.getvalue()))
-            shards.write(item["key"], members)
-            at += n
-        pending.clear()
-
-    for key, sample in datalib.raw_samples(train, args.seed, problems):
-        key = str(key) if str(key) != last else f"{key}_"  # a key repeated next to itself would join the two samples
-        try:
-            img = sample["image"]
-            if getattr(img, "encoded", None) is not None and img.format in ("JPEG", "PNG", "WEBP"):
-                payload, ext = img.encoded, {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[img.format]
-            else:  # made in memory (the synthetic set): stored as a PNG
-                buf = io.BytesIO()
-                to_rgb(img).save(buf, format="PNG")
-                payload, ext = buf.getvalue(), "png"
-            rewrites = [r for r in sample.get("rewrites", ()) if r and r.strip()][:datalib.MAX_REWRITES]
-            texts = [sample["text"], *rewrites]  # as many as data.py reads back
-            # each crop cut from the stored bytes, opened as the loader will open them
-            pixels = [[view(datalib.open_image(payload, key), datalib.augment_rng(args.seed, e, key)) for e in range(k)]
-                      for view in views]
-        except Exception as e:  # whatever one sample holds: skipped and counted
-            problems.append(datalib.sample_reason(e))
-            continue
-        last = key
-        meta = {"teacher": {"augmentations": k, "seed": args.seed, "scales": scales, "biases": biases}}
-        if len(texts) > 1:
-            meta["rewrites"] = texts[1:]
-        if "label" in sample:
-            meta["label"] = sample["label"]
-        pending.append({"key": key, "bytes": payload, "ext": ext, "texts": texts, "meta": meta, "pixels": pixels})
-        written += 1
-        if len(pending) * k >= args.batch_size:  # crops held for the teachers: at most a batch (and one sample's)
-            flush()
-    if pending:
-        flush()
-    shards.close()
-    return written, problems
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2685,34 +1720,19 @@ class Tokenizer:
 
 
 # ==== region kernel (copied into brivl.py, clippo.py, altclip.py, laclip.py) ====
-# Two local ops do the heavy work of the losses, from tiles of t = scale * x @ y.T (+ bias), x the
-# rows of this rank (n x D), y the keys (k x D). Neither keeps t for the backward: each saves only its
-# inputs and a vector or two, O((n + k) D) in all, and the backward makes the tiles again (lse) or
-# has its gradients already (sigmoid). How much of t exists at once: on the PyTorch path one tile of
-# BLOCK x BLOCK (1024 x 1024 fp32, 4 MB; for n, k <= 1024 that is the whole of t, for a batch of 16k
-# one 256th of it); on the Triton path the forward's tiles (64-128 a side) stay in registers, and the
-# backward writes G or P in row chunks of at most WORKSPACE elements (or 4 k D), a bound that does not
-# grow with the batch.
-#
-# lse_tiles(x, y, scale, two_way) -> (row_lse [n], col_lse [k] or [0]): log-sum-exp of t along rows
-# and (two_way) along columns, from the same tiles in one pass. InfoNCE's loss is lse minus the
-# positive's logit. Backward, for incoming g_row, g_col:
+# The heavy work of the softmax losses: lse_tiles(x, y, scale, two_way) -> (row_lse [n], col_lse [k] or
+# [0]), the log-sum-exps of t = scale * x @ y.T along rows and (two_way) columns, from the same tiles in
+# one pass; x the rows of this rank (n x D), y the keys (k x D). InfoNCE's loss is lse less the
+# positive's logit. t is never kept: the op saves x, y, scale and the two vectors, O((n + k) D), and
+# the backward makes the tiles again. For incoming g_row, g_col:
 #     G_ij = g_row_i * exp(t_ij - row_lse_i) + g_col_j * exp(t_ij - col_lse_j)
 #     dx = scale * G @ y,  dy = scale * G.T @ x,  d(scale) = sum(G * x @ y.T)
-# Saved: x, y, scale, row_lse, col_lse. Cost: 2 B^2 D forward, 6 B^2 D backward (t made again).
-#
-# sigmoid_tiles(x, y, scale, bias, eager) -> sum_j softplus(t_ij) per row (SigLIP's loss is that
-# less the positive's logit, -log sigmoid(u) = softplus(u) - u). Backward, with P_ij = g_i * sigmoid(t_ij):
-#     dx = scale * P @ y,  dy = scale * P.T @ x,  d(scale) = sum(P * x @ y.T),  d(bias) = sum(P)
-# A loss that is a mean over rows sends the same g to every row, and then these are g times the ones
-# for g = 1. So for such a caller (eager: sigmoid_loss, when a gradient will be wanted) the forward
-# makes them too, from the same tiles, and the backward only scales them: 3 B^2 D in all, as the
-# naive form's one matrix product forward and two backward. Saved: x, y, scale, bias and, eager,
-# dx, dy, d(scale), d(bias). Without eager (sigmoid_rows: any row weights) the backward makes the
-# tiles again.
-#
-# Below: the PyTorch tiles (the reference, on every device), then the two ops registered as torch
-# custom ops (torch.compile sees one node each), then the Triton kernels used on CUDA.
+# Cost: 2 B^2 D forward, 6 B^2 D backward. How much of t exists at once: on the PyTorch path one tile
+# of BLOCK x BLOCK (1024 x 1024 fp32, 4 MB; for a batch of 16k one 256th of t); on the Triton path the
+# forward's tiles (64-128 a side) stay in registers and the backward writes G in row chunks of at most
+# WORKSPACE elements (or 4 k D), a bound that does not grow with the batch.
+# Below: the PyTorch tiles (the reference, on every device), the op registered as a torch custom op
+# (torch.compile sees one node), then the Triton kernels used on CUDA.
 
 
 BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
@@ -2765,130 +1785,7 @@ def _lse_backward_torch(x, y, scale, row, col, g_row, g_col):
     return dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype)
 
 
-def _sig_torch(x, y, scale, bias, g):
-    """Row sums of softplus(t), and with g (None: every g_i = 1) the gradients; g False: sums only."""
-    n, k = x.shape[0], y.shape[0]
-    acc = _acc_dtype(x)
-    s, b = scale.to(acc), bias.to(acc)
-    rows = torch.zeros(n, device=x.device, dtype=acc)
-    grads = g is not False
-    dx = torch.zeros(x.shape, dtype=acc, device=x.device) if grads else x.new_empty(0)
-    dy = torch.zeros(y.shape, dtype=acc, device=x.device) if grads else x.new_empty(0)
-    dsb = torch.zeros(2, dtype=acc, device=x.device) if grads else x.new_empty(0, dtype=acc)
-    for i in range(0, n, BLOCK):
-        xi = x[i:i + BLOCK]
-        for j in range(0, k, BLOCK):
-            yj = y[j:j + BLOCK]
-            raw = (xi @ yj.T).to(acc)
-            t = raw * s + b
-            if g is not False and g is not None:
-                p = torch.sigmoid(t) * g[i:i + BLOCK, None].to(acc)
-            else:
-                rows[i:i + BLOCK] += F.softplus(t).sum(1)
-                if not grads:
-                    continue
-                p = torch.sigmoid(t)
-            dsb[0] += (p * raw).sum()
-            dsb[1] += p.sum()
-            p = p.to(x.dtype)
-            dx[i:i + BLOCK] += (p @ yj).to(acc) * s
-            dy[j:j + BLOCK] += (p.T @ xi).to(acc) * s
-    return rows, dx.to(x.dtype), dy.to(y.dtype), dsb
-
-
-def _distill_torch(x, y, scale, u, w, tscale):
-    """distill_tiles' forward: the student's row and column log-sum-exps, the teacher's, and the teacher's
-    softmax-weighted sums of the student's logits, rows and columns, from one pass over the tiles."""
-    n, k = x.shape[0], y.shape[0]
-    acc = torch.promote_types(_acc_dtype(x), _acc_dtype(u))
-    s, ts = scale.to(acc), tscale.to(acc)
-    row_s, row_t = (torch.full((n,), -math.inf, device=x.device, dtype=acc) for _ in range(2))
-    col_s, col_t = (torch.full((k,), -math.inf, device=x.device, dtype=acc) for _ in range(2))
-    row_c, col_c = torch.zeros(n, device=x.device, dtype=acc), torch.zeros(k, device=x.device, dtype=acc)
-    for i in range(0, n, BLOCK):
-        r = slice(i, i + BLOCK)
-        for j in range(0, k, BLOCK):
-            c = slice(j, j + BLOCK)
-            S = (x[r] @ y[c].T).to(acc) * s
-            T = (u[r] @ w[c].T).to(acc) * ts
-            row_s[r] = torch.logaddexp(row_s[r], S.logsumexp(1))
-            col_s[c] = torch.logaddexp(col_s[c], S.logsumexp(0))
-            for dim, lse, cross, sl in ((1, row_t, row_c, r), (0, col_t, col_c, c)):
-                # The teacher's weights exp(t - lse) as the running lse grows: the sums so far rescaled.
-                top = T.amax(dim, keepdim=True)
-                e = torch.exp(T - top)
-                new = torch.logaddexp(lse[sl], e.sum(dim).log() + top.squeeze(dim))
-                cross[sl] = cross[sl] * torch.exp(lse[sl] - new) + (e * S).sum(dim) * torch.exp(top.squeeze(dim) - new)
-                lse[sl] = new
-    return row_s, col_s, row_t, col_t, row_c, col_c
-
-
-def _distill_backward_torch(x, y, scale, u, w, tscale, stats, grads, teacher):
-    """Gradients of distill_tiles' six outputs, the tiles made again. With s, t one tile of the student's
-    and the teacher's logits, P = exp(t - row_t), Q = exp(t - col_t) the teacher's softmax both ways:
-        G = g_rs exp(s - row_s) + g_cs exp(s - col_s) + g_rc P + g_cc Q          (d / ds)
-        H = g_rt P + g_ct Q + g_rc P (s - row_c) + g_cc Q (s - col_c)             (d / dt, teacher only)"""
-    row_s, col_s, row_t, col_t, row_c, col_c = stats
-    g_rs, g_cs, g_rt, g_ct, g_rc, g_cc = grads
-    n, k = x.shape[0], y.shape[0]
-    acc = row_s.dtype
-    s, ts = scale.to(acc), tscale.to(acc)
-    dx, dy = torch.zeros(x.shape, dtype=acc, device=x.device), torch.zeros(y.shape, dtype=acc, device=x.device)
-    du, dw = torch.zeros(u.shape, dtype=acc, device=x.device), torch.zeros(w.shape, dtype=acc, device=x.device)
-    ds, dts = torch.zeros((), dtype=acc, device=x.device), torch.zeros((), dtype=acc, device=x.device)
-    for i in range(0, n, BLOCK):
-        r = slice(i, i + BLOCK)
-        for j in range(0, k, BLOCK):
-            c = slice(j, j + BLOCK)
-            raw, raw_t = (x[r] @ y[c].T).to(acc), (u[r] @ w[c].T).to(acc)
-            S, T = raw * s, raw_t * ts
-            P = torch.exp(T - row_t[r, None])
-            Q = torch.exp(T - col_t[None, c])
-            gP, gQ = P * g_rc[r, None], Q * g_cc[None, c]
-            G = torch.exp(S - row_s[r, None]) * g_rs[r, None] + torch.exp(S - col_s[None, c]) * g_cs[None, c] + gP + gQ
-            ds += (G * raw).sum()
-            G = G.to(x.dtype)
-            dx[r] += (G @ y[c]).to(acc) * s
-            dy[c] += (G.T @ x[r]).to(acc) * s
-            if teacher:
-                H = P * g_rt[r, None] + Q * g_ct[None, c] + gP * (S - row_c[r, None]) + gQ * (S - col_c[None, c])
-                dts += (H * raw_t).sum()
-                H = H.to(u.dtype)
-                du[r] += (H @ w[c]).to(acc) * ts
-                dw[c] += (H.T @ u[r]).to(acc) * ts
-    return (dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype), du.to(u.dtype), dw.to(w.dtype), dts.to(tscale.dtype))
-
-
-def _sig_distill_torch(x, y, scale, bias, us, ws, ts, bs, g):
-    """Row sums of softplus(-z s) with z = 2 mean_m sigmoid(t_m) - 1 (g None); with row weights g, the
-    gradients d/ds = -g z sigmoid(-z s) in x, y, scale and bias."""
-    n, k = x.shape[0], y.shape[0]
-    acc = _acc_dtype(x)
-    s, b = scale.to(acc), bias.to(acc)
-    rows = torch.zeros(n, device=x.device, dtype=acc)
-    dx, dy = torch.zeros(x.shape, dtype=acc, device=x.device), torch.zeros(y.shape, dtype=acc, device=x.device)
-    dsb = torch.zeros(2, dtype=acc, device=x.device)
-    for i in range(0, n, BLOCK):
-        r = slice(i, i + BLOCK)
-        for j in range(0, k, BLOCK):
-            c = slice(j, j + BLOCK)
-            raw = (x[r] @ y[c].T).to(acc)
-            z = sum(torch.sigmoid((u[r] @ w[c].T).to(acc) * t.to(acc) + tb.to(acc))
-                    for u, w, t, tb in zip(us, ws, ts, bs)) * (2 / len(us)) - 1
-            zs = z * (raw * s + b)
-            if g is None:
-                rows[r] += F.softplus(-zs).sum(1)
-                continue
-            p = -z * torch.sigmoid(-zs) * g[r, None].to(acc)
-            dsb[0] += (p * raw).sum()
-            dsb[1] += p.sum()
-            p = p.to(x.dtype)
-            dx[r] += (p @ y[c]).to(acc) * s
-            dy[c] += (p.T @ x[r]).to(acc) * s
-    return rows, dx.to(x.dtype), dy.to(y.dtype), dsb
-
-
-# ---- the ops: contracts (custom ops), backend choice, autograd
+# ---- the op: contract (custom op), backend choice, autograd
 
 
 try:  # Triton ships with CUDA builds of torch; without it the blockwise PyTorch path runs everywhere.
@@ -2947,162 +1844,6 @@ def _lse_backward(ctx, g_row, g_col):
 
 
 lse_tiles.register_autograd(_lse_backward, setup_context=_lse_setup)
-
-
-@torch.library.custom_op(f"{_NS}::sigmoid_tiles", mutates_args=())
-def sigmoid_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, eager: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row sums [n], then for g = 1: dx, dy, and d(scale), d(bias) as [2]; the last three empty unless eager)."""
-    if _use_triton(x):
-        return _sig_triton(x.contiguous(), y.contiguous(), scale, bias, None if eager else False)
-    return _sig_torch(x, y, scale, bias, None if eager else False)
-
-
-@sigmoid_tiles.register_fake
-def _sigmoid_tiles_fake(x, y, scale, bias, eager):
-    acc = _acc_dtype(x)
-    if eager:
-        return x.new_empty(x.shape[0], dtype=acc), torch.empty_like(x), torch.empty_like(y), x.new_empty(2, dtype=acc)
-    return x.new_empty(x.shape[0], dtype=acc), x.new_empty(0), x.new_empty(0), x.new_empty(0, dtype=acc)
-
-
-@torch.library.custom_op(f"{_NS}::sigmoid_tiles_backward", mutates_args=())
-def sigmoid_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                           g: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, dsb: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dy, [d(scale), d(bias)]) for row weights g: the forward's gradients for g = 1 (dx, dy, dsb,
-    when it made them, which it does only for callers whose rows all get the same g) scaled; else from
-    the tiles again."""
-    if dsb.numel():  # eager: the caller sums or averages the rows, so every g_i is g_0 (no check, no sync)
-        c = g[0].to(dsb.dtype)
-        return dx * c.to(dx.dtype), dy * c.to(dy.dtype), dsb * c
-    if _use_triton(x):
-        return _sig_triton(x.contiguous(), y.contiguous(), scale, bias, g)[1:]
-    return _sig_torch(x, y, scale, bias, g)[1:]
-
-
-@sigmoid_tiles_backward.register_fake
-def _sigmoid_tiles_backward_fake(x, y, scale, bias, g, dx, dy, dsb):
-    return torch.empty_like(x), torch.empty_like(y), x.new_empty(2, dtype=_acc_dtype(x))
-
-
-def _sig_setup(ctx, inputs, output):
-    x, y, scale, bias, _ = inputs
-    ctx.save_for_backward(x, y, scale, bias, *output[1:])
-
-
-def _sig_backward(ctx, g, *_):
-    x, y, scale, bias, dx, dy, dsb = ctx.saved_tensors
-    dx, dy, dsb = sigmoid_tiles_backward(x, y, scale, bias, g, dx, dy, dsb)
-    need = ctx.needs_input_grad
-    return (dx if need[0] else None, dy if need[1] else None, dsb[0].to(scale.dtype).reshape(scale.shape) if need[2]
-            else None, dsb[1].to(bias.dtype).reshape(bias.shape) if need[3] else None, None)
-
-
-sigmoid_tiles.register_autograd(_sig_backward, setup_context=_sig_setup)
-
-
-def sigmoid_rows(x, y, scale, bias):
-    """sum_j softplus(scale * x_i . y_j + bias) per row i, differentiable in all four (with any weights on
-    the rows: the backward recomputes the tiles), O(B D) memory."""
-    return sigmoid_tiles(x, y, scale, bias, False)[0]
-
-
-@torch.library.custom_op(f"{_NS}::distill_tiles", mutates_args=())
-def distill_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
-                  tscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                 torch.Tensor, torch.Tensor]:
-    """(row_s, col_s, row_t, col_t, row_c, col_c) of s = scale * x @ y.T and t = tscale * u @ w.T: the
-    log-sum-exps of s and of t along rows and columns, and sum_j exp(t_ij - row_t_i) s_ij (row_c), the
-    same down the columns (col_c); neither s nor t is ever whole."""
-    if _use_triton(x) and _use_triton(u):
-        return _distill_triton(x.contiguous(), y.contiguous(), scale, u.contiguous(), w.contiguous(), tscale)
-    return _distill_torch(x, y, scale, u, w, tscale)
-
-
-@distill_tiles.register_fake
-def _distill_tiles_fake(x, y, scale, u, w, tscale):
-    acc = torch.promote_types(_acc_dtype(x), _acc_dtype(u))
-    n, k = x.shape[0], y.shape[0]
-    return tuple(x.new_empty(m, dtype=acc) for m in (n, k, n, k, n, k))
-
-
-@torch.library.custom_op(f"{_NS}::distill_tiles_backward", mutates_args=())
-def distill_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
-                           tscale: torch.Tensor, stats: list[torch.Tensor], grads: list[torch.Tensor], teacher: bool
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _use_triton(x) and _use_triton(u) and not teacher:
-        return _distill_backward_triton(x.contiguous(), y.contiguous(), scale, u.contiguous(), w.contiguous(), tscale,
-                                        stats, grads)
-    return _distill_backward_torch(x, y, scale, u, w, tscale, stats, grads, teacher)
-
-
-@distill_tiles_backward.register_fake
-def _distill_tiles_backward_fake(x, y, scale, u, w, tscale, stats, grads, teacher):
-    return tuple(torch.empty_like(v) for v in (x, y, scale, u, w, tscale))
-
-
-def _distill_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, *output)
-
-
-def _distill_backward(ctx, *grads):
-    x, y, scale, u, w, tscale, *stats = ctx.saved_tensors
-    grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, stats)]
-    need = ctx.needs_input_grad
-    out = distill_tiles_backward(x, y, scale, u, w, tscale, stats, grads, any(need[3:]))
-    return tuple(d.reshape(v.shape) if n else None for d, v, n in zip(out, (x, y, scale, u, w, tscale), need))
-
-
-distill_tiles.register_autograd(_distill_backward, setup_context=_distill_setup)
-
-
-@torch.library.custom_op(f"{_NS}::sigmoid_distill_tiles", mutates_args=())
-def sigmoid_distill_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                          us: list[torch.Tensor], ws: list[torch.Tensor], ts: torch.Tensor, bs: torch.Tensor
-                          ) -> torch.Tensor:
-    """Row sums of softplus(-z * (scale * x @ y.T + bias)), z = 2 mean_m sigmoid(ts_m * us_m @ ws_m.T + bs_m) - 1."""
-    return _sig_distill_torch(x, y, scale, bias, us, ws, ts, bs, None)[0]
-
-
-@sigmoid_distill_tiles.register_fake
-def _sigmoid_distill_tiles_fake(x, y, scale, bias, us, ws, ts, bs):
-    return x.new_empty(x.shape[0], dtype=_acc_dtype(x))
-
-
-@torch.library.custom_op(f"{_NS}::sigmoid_distill_tiles_backward", mutates_args=())
-def sigmoid_distill_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                                   us: list[torch.Tensor], ws: list[torch.Tensor], ts: torch.Tensor, bs: torch.Tensor,
-                                   g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _sig_distill_torch(x, y, scale, bias, us, ws, ts, bs, g)[1:]
-
-
-@sigmoid_distill_tiles_backward.register_fake
-def _sigmoid_distill_tiles_backward_fake(x, y, scale, bias, us, ws, ts, bs, g):
-    return torch.empty_like(x), torch.empty_like(y), x.new_empty(2, dtype=_acc_dtype(x))
-
-
-def _sig_distill_setup(ctx, inputs, output):
-    x, y, scale, bias, us, ws, ts, bs = inputs
-    ctx.save_for_backward(x, y, scale, bias, ts, bs, *us, *ws)
-    ctx.teachers = len(us)
-
-
-def _sig_distill_backward(ctx, g):
-    x, y, scale, bias, ts, bs, *uw = ctx.saved_tensors
-    m = ctx.teachers
-    dx, dy, dsb = sigmoid_distill_tiles_backward(x, y, scale, bias, uw[:m], uw[m:], ts, bs, g)
-    need = ctx.needs_input_grad
-    return (dx if need[0] else None, dy if need[1] else None, dsb[0].to(scale.dtype).reshape(scale.shape) if need[2]
-            else None, dsb[1].to(bias.dtype).reshape(bias.shape) if need[3] else None, [None] * m, [None] * m, None, None)
-
-
-sigmoid_distill_tiles.register_autograd(_sig_distill_backward, setup_context=_sig_distill_setup)
-
-
-def sigmoid_distill_rows(x, y, scale, bias, us, ws, ts, bs):
-    """Per row i: sum_j softplus(-z_ij s_ij), the teachers' soft labels z fixed (no gradient to them)."""
-    return sigmoid_distill_tiles(x, y, scale, bias, list(us), list(ws), ts, bs)
 
 
 # ---- the Triton kernels (CUDA; TRITON_INTERPRET=1 runs them on the CPU)
@@ -3228,46 +1969,119 @@ def _lse_backward_triton(x, y, scale, row, col, g_row, g_col, need_x, need_y):
     return dx, dy.to(y.dtype), ds.to(scale.dtype)
 
 
+def _offset(a, b, scale):
+    # The largest |logit| possible less 80: exp(t - offset) never overflows fp32 (see _lse_triton).
+    bound = (scale.float().abs() * torch.linalg.vector_norm(a, dim=1, dtype=torch.float32).max()
+             * torch.linalg.vector_norm(b, dim=1, dtype=torch.float32).max())
+    return torch.clamp(bound - 80, min=0).reshape(1)
+# ==== end of region kernel ====
+
+
+# ==== region kernel-sigmoid (copied into clippo.py, laclip.py) ====
+# SigLIP's tiles: sigmoid_tiles(x, y, scale, bias, eager) -> sum_j softplus(t_ij) per row, t = scale *
+# x @ y.T + bias (SigLIP's loss is that less the positive's logit: -log sigmoid(u) = softplus(u) - u).
+# With P_ij = g_i * sigmoid(t_ij) for incoming row weights g:
+#     dx = scale * P @ y,  dy = scale * P.T @ x,  d(scale) = sum(P * x @ y.T),  d(bias) = sum(P)
+# sigmoid_loss averages the rows, so every g_i is the same g and these are g times the gradients for
+# g = 1: when a gradient will be wanted (eager) the forward makes those from the same tiles and the
+# backward only scales them, 3 B^2 D in all, as the naive form's one product forward and two backward.
+
+
+def _sig_torch(x, y, scale, bias, grads):
+    """Row sums of softplus(t), and with grads the gradients for g = 1 (else empty)."""
+    n, k = x.shape[0], y.shape[0]
+    acc = _acc_dtype(x)
+    s, b = scale.to(acc), bias.to(acc)
+    rows = torch.zeros(n, device=x.device, dtype=acc)
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device) if grads else x.new_empty(0)
+    dy = torch.zeros(y.shape, dtype=acc, device=x.device) if grads else x.new_empty(0)
+    dsb = torch.zeros(2, dtype=acc, device=x.device) if grads else x.new_empty(0, dtype=acc)
+    for i in range(0, n, BLOCK):
+        xi = x[i:i + BLOCK]
+        for j in range(0, k, BLOCK):
+            yj = y[j:j + BLOCK]
+            raw = (xi @ yj.T).to(acc)
+            t = raw * s + b
+            rows[i:i + BLOCK] += F.softplus(t).sum(1)
+            if grads:
+                p = torch.sigmoid(t)
+                dsb[0] += (p * raw).sum()
+                dsb[1] += p.sum()
+                p = p.to(x.dtype)
+                dx[i:i + BLOCK] += (p @ yj).to(acc) * s
+                dy[j:j + BLOCK] += (p.T @ xi).to(acc) * s
+    return rows, dx.to(x.dtype), dy.to(y.dtype), dsb
+
+
+@torch.library.custom_op(f"{_NS}::sigmoid_tiles", mutates_args=())
+def sigmoid_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, eager: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row sums [n], then for g = 1: dx, dy, and d(scale), d(bias) as [2]; the last three empty unless eager)."""
+    if _use_triton(x):
+        return _sig_triton(x.contiguous(), y.contiguous(), scale, bias, eager)
+    return _sig_torch(x, y, scale, bias, eager)
+
+
+@sigmoid_tiles.register_fake
+def _sigmoid_tiles_fake(x, y, scale, bias, eager):
+    acc, n = _acc_dtype(x), x.shape[0]
+    if eager:
+        return x.new_empty(n, dtype=acc), torch.empty_like(x), torch.empty_like(y), x.new_empty(2, dtype=acc)
+    return x.new_empty(n, dtype=acc), x.new_empty(0), x.new_empty(0), x.new_empty(0, dtype=acc)
+
+
+def _sig_setup(ctx, inputs, output):
+    x, y, scale, bias, _ = inputs
+    ctx.save_for_backward(scale, bias, *output[1:])
+
+
+def _sig_backward(ctx, g, *_):
+    scale, bias, dx, dy, dsb = ctx.saved_tensors
+    if not dsb.numel():
+        raise RuntimeError("sigmoid_tiles made no gradients: call it with eager=True when a gradient is wanted")
+    c = g[0].to(dsb.dtype)  # the caller averages the rows: every g_i is g_0 (no check, no sync)
+    need = ctx.needs_input_grad
+    return (dx * c.to(dx.dtype) if need[0] else None, dy * c.to(dy.dtype) if need[1] else None,
+            (dsb[0] * c).to(scale.dtype).reshape(scale.shape) if need[2] else None,
+            (dsb[1] * c).to(bias.dtype).reshape(bias.shape) if need[3] else None, None)
+
+
+sigmoid_tiles.register_autograd(_sig_backward, setup_context=_sig_setup)
+
+
 if triton is not None:
     @triton.jit
-    def _sig_tile_kernel(X, Y, SCALE, BIAS, GROW, ROWS, P, DSP, n, k, d, sxn, sxd, syn, syd, spn,
-                         ROWSUM: tl.constexpr, GRAD: tl.constexpr, WEIGHTED: tl.constexpr, PREC: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-        # One tile of t = scale * x @ y.T + bias: its softplus row sums (added atomically), and
-        # scale * g * sigmoid(t) written out with the tile's shares of d(scale) and d(bias).
+    def _sig_tile_kernel(X, Y, SCALE, BIAS, ROWS, P, DSP, n, k, d, sxn, sxd, syn, syd, spn, GRAD: tl.constexpr,
+                         PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+        # One tile of t = scale * x @ y.T + bias: its softplus row sums (added atomically) and, GRAD,
+        # scale * sigmoid(t) written out with the tile's shares of d(scale) and d(bias).
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         s = tl.load(SCALE).to(tl.float32)
-        b = tl.load(BIAS).to(tl.float32)
         raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
-        t = raw * s + b
+        t = raw * s + tl.load(BIAS).to(tl.float32)
         inside = (rm[:, None] < n) & (rn[None, :] < k)
-        if ROWSUM:  # softplus, stable both ways: max(t, 0) + log(1 + exp(-|t|))
-            sp = tl.where(inside, tl.maximum(t, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(t))), 0.0)
-            tl.atomic_add(ROWS + rm, tl.sum(sp, 1), mask=rm < n)
+        sp = tl.where(inside, tl.maximum(t, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(t))), 0.0)  # softplus, stable
+        tl.atomic_add(ROWS + rm, tl.sum(sp, 1), mask=rm < n)
         if GRAD:
-            p = 1.0 / (1.0 + tl.exp(-t))
-            if WEIGHTED:
-                p = p * tl.load(GROW + rm, mask=rm < n, other=0.0)[:, None]
-            p = tl.where(inside, p, 0.0)
+            p = tl.where(inside, 1.0 / (1.0 + tl.exp(-t)), 0.0)
             at = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * 2
             tl.store(DSP + at, tl.sum(tl.sum(p * raw, 1), 0))
             tl.store(DSP + at + 1, tl.sum(tl.sum(p, 1), 0))
             tl.store(P + rm[:, None] * spn + rn[None, :], (p * s).to(P.dtype.element_ty), mask=inside)
 
 
-def _sig_triton(x, y, scale, bias, g):
-    # As _lse_backward_triton: the kernel writes a chunk of rows of scale * P into a workspace and dx,
-    # dy are cuBLAS products of it. g None: gradients for g = 1 with the row sums; g False: sums only.
+def _sig_triton(x, y, scale, bias, grads):
+    # As _lse_backward_triton: the kernel writes a chunk of rows of scale * P into a workspace and dx, dy
+    # are cuBLAS products of it; without grads, the row sums alone.
     n, k, d = x.shape[0], y.shape[0], x.shape[1]
     meta = _tiles(x)
     bm, bn = meta["BM"], meta["BN"]
-    rowsum, grad, weighted = g is None or g is False, g is not False, g is not None and g is not False
     rows = torch.zeros(n, device=x.device, dtype=torch.float32)
-    if not grad:
+    if not grads:
         _sig_tile_kernel[(triton.cdiv(n, bm), triton.cdiv(k, bn))](
-            x, y, scale.reshape(1), bias.reshape(1), rows, rows, rows, rows, n, k, d, x.stride(0), x.stride(1),
-            y.stride(0), y.stride(1), 0, ROWSUM=True, GRAD=False, WEIGHTED=False, **meta)
+            x, y, scale.reshape(1), bias.reshape(1), rows, rows, rows, n, k, d, x.stride(0), x.stride(1),
+            y.stride(0), y.stride(1), 0, GRAD=False, **meta)
         return rows, x.new_empty(0), x.new_empty(0), x.new_empty(0, dtype=torch.float32)
     chunk = min(n, max(bm, max(WORKSPACE, 4 * k * d) // max(k, 1) // bm * bm))
     work = torch.empty(chunk, k, device=x.device, dtype=x.dtype)
@@ -3275,137 +2089,21 @@ def _sig_triton(x, y, scale, bias, g):
     dx = torch.empty_like(x)
     dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
     dsb = torch.zeros(2, device=x.device, dtype=torch.float32)
-    gw = g.float() if weighted else rows
     for i in range(0, n, chunk):
         m = min(chunk, n - i)
         p, xi = work[:m], x[i:i + m]
         grid = (triton.cdiv(m, bm), triton.cdiv(k, bn))
-        _sig_tile_kernel[grid](xi, y, scale.reshape(1), bias.reshape(1), gw[i:i + m], rows[i:i + m], p, dsp, m, k, d,
-                               xi.stride(0), xi.stride(1), y.stride(0), y.stride(1), p.stride(0),
-                               ROWSUM=rowsum, GRAD=True, WEIGHTED=weighted, **meta)
+        _sig_tile_kernel[grid](xi, y, scale.reshape(1), bias.reshape(1), rows[i:i + m], p, dsp, m, k, d, xi.stride(0),
+                               xi.stride(1), y.stride(0), y.stride(1), p.stride(0), GRAD=True, **meta)
         dsb += dsp[:grid[0] * grid[1] * 2].view(-1, 2).sum(0)
         torch.mm(p, y, out=dx[i:i + m])
         dy += _mm_f32(p.T, xi)
     return rows, dx, dy.to(y.dtype), dsb
-
-
-if triton is not None:
-    @triton.jit
-    def _distill_fwd_kernel(X, Y, U, W, SCALE, TSCALE, OFFSET, SUMS, n, k, d, e, sxn, sxd, syn, syd, sun, sud, swn,
-                            swd, SPLIT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                            BD: tl.constexpr):
-        # Program (row block, column split): for its tiles of s and t, the sums of exp(s - offset_s),
-        # exp(t - offset_t) and exp(t - offset_t) * s along rows and columns, added atomically into
-        # SUMS = [rows of the three | columns of the three].
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
-        s = tl.load(SCALE).to(tl.float32)
-        ts = tl.load(TSCALE).to(tl.float32)
-        cs = tl.load(OFFSET)
-        ct = tl.load(OFFSET + 1)
-        r_s = tl.zeros([BM], dtype=tl.float32)
-        r_t = tl.zeros([BM], dtype=tl.float32)
-        r_c = tl.zeros([BM], dtype=tl.float32)
-        for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
-            rn = jb * BN + tl.arange(0, BN)
-            S = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD) * s
-            T = _tile(U, W, rm, rn, n, k, e, sun, sud, swn, swd, PREC, BM, BN, BD) * ts
-            inside = (rm[:, None] < n) & (rn[None, :] < k)
-            es = tl.where(inside, tl.exp(S - cs), 0.0)
-            et = tl.where(inside, tl.exp(T - ct), 0.0)
-            ec = et * S
-            r_s += tl.sum(es, 1)
-            r_t += tl.sum(et, 1)
-            r_c += tl.sum(ec, 1)
-            tl.atomic_add(SUMS + 3 * n + rn, tl.sum(es, 0), mask=rn < k)
-            tl.atomic_add(SUMS + 3 * n + k + rn, tl.sum(et, 0), mask=rn < k)
-            tl.atomic_add(SUMS + 3 * n + 2 * k + rn, tl.sum(ec, 0), mask=rn < k)
-        tl.atomic_add(SUMS + rm, r_s, mask=rm < n)
-        tl.atomic_add(SUMS + n + rm, r_t, mask=rm < n)
-        tl.atomic_add(SUMS + 2 * n + rm, r_c, mask=rm < n)
-
-    @triton.jit
-    def _distill_grad_kernel(X, Y, U, W, SCALE, TSCALE, RS, CS, RT, CT, GRS, GCS, GRC, GCC, G, DSP, n, k, d, e,
-                             sxn, sxd, syn, syd, sun, sud, swn, swd, sgn, PREC: tl.constexpr, BM: tl.constexpr,
-                             BN: tl.constexpr, BD: tl.constexpr):
-        # One tile of scale * G (the student's logit gradient, _distill_backward_torch's G) for a chunk
-        # of rows, written out, and the tile's share of d(scale).
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
-        rn = tl.program_id(1) * BN + tl.arange(0, BN)
-        s = tl.load(SCALE).to(tl.float32)
-        ts = tl.load(TSCALE).to(tl.float32)
-        raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
-        S = raw * s
-        T = _tile(U, W, rm, rn, n, k, e, sun, sud, swn, swd, PREC, BM, BN, BD) * ts
-        rows, cols = rm < n, rn < k
-        g = (tl.exp(S - tl.load(RS + rm, mask=rows, other=0.0)[:, None]) * tl.load(GRS + rm, mask=rows, other=0.0)[:, None]
-             + tl.exp(S - tl.load(CS + rn, mask=cols, other=0.0)[None, :]) * tl.load(GCS + rn, mask=cols, other=0.0)[None, :]
-             + tl.exp(T - tl.load(RT + rm, mask=rows, other=0.0)[:, None]) * tl.load(GRC + rm, mask=rows, other=0.0)[:, None]
-             + tl.exp(T - tl.load(CT + rn, mask=cols, other=0.0)[None, :]) * tl.load(GCC + rn, mask=cols, other=0.0)[None, :])
-        inside = rows[:, None] & cols[None, :]
-        g = tl.where(inside, g, 0.0)
-        tl.store(DSP + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g * raw, 1), 0))
-        tl.store(G + rm[:, None] * sgn + rn[None, :], (g * s).to(G.dtype.element_ty), mask=inside)
-
-
-def _offset(a, b, scale):
-    # The largest |logit| possible less 80: exp(t - offset) never overflows fp32 (see _lse_triton).
-    bound = (scale.float().abs() * torch.linalg.vector_norm(a, dim=1, dtype=torch.float32).max()
-             * torch.linalg.vector_norm(b, dim=1, dtype=torch.float32).max())
-    return torch.clamp(bound - 80, min=0).reshape(1)
-
-
-def _distill_triton(x, y, scale, u, w, tscale):
-    n, k = x.shape[0], y.shape[0]
-    u, w = u.to(x.dtype), w.to(x.dtype)  # one dot precision for both products: the student's
-    offset = torch.cat([_offset(x, y, scale), _offset(u, w, tscale)])
-    sums = torch.zeros(3 * (n + k), device=x.device, dtype=torch.float32)
-    meta = _tiles(x if x.shape[1] <= u.shape[1] else u)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    blocks = triton.cdiv(n, meta["BM"])
-    split = max(1, min(triton.cdiv(k, meta["BN"]), triton.cdiv(4 * sms, blocks)))
-    _distill_fwd_kernel[(blocks, split)](x, y, u, w, scale.reshape(1), tscale.reshape(1), offset, sums, n, k,
-                                         x.shape[1], u.shape[1], x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-                                         u.stride(0), u.stride(1), w.stride(0), w.stride(1), SPLIT=split, **meta)
-    rs, rt, rc, cs, ct, cc = sums.split([n, n, n, k, k, k])
-    return rs.log() + offset[0], cs.log() + offset[0], rt.log() + offset[1], ct.log() + offset[1], rc / rt, cc / ct
-
-
-def _distill_backward_triton(x, y, scale, u, w, tscale, stats, grads):
-    # The student's gradients only (a teacher that wants gradients takes the PyTorch tiles): as in
-    # _lse_backward_triton, scale * G for a chunk of rows lands in a workspace, dx and dy are products of it.
-    n, k, d = x.shape[0], y.shape[0], x.shape[1]
-    uu, ww = u.to(x.dtype), w.to(x.dtype)
-    row_s, col_s, row_t, col_t = (v.float() for v in stats[:4])
-    g_rs, g_cs, _, _, g_rc, g_cc = (v.float() for v in grads)
-    meta = _tiles(x if d <= u.shape[1] else u)
-    bm, bn = meta["BM"], meta["BN"]
-    rows = min(n, max(bm, max(WORKSPACE, 4 * k * d) // max(k, 1) // bm * bm))
-    work = torch.empty(rows, k, device=x.device, dtype=x.dtype)
-    dsp = torch.empty(triton.cdiv(rows, bm) * triton.cdiv(k, bn), device=x.device, dtype=torch.float32)
-    dx = torch.empty_like(x)
-    dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
-    ds = torch.zeros((), device=x.device, dtype=torch.float32)
-    for i in range(0, n, rows):
-        m = min(rows, n - i)
-        g, xi, ui = work[:m], x[i:i + m], uu[i:i + m]
-        grid = (triton.cdiv(m, bm), triton.cdiv(k, bn))
-        _distill_grad_kernel[grid](xi, y, ui, ww, scale.reshape(1), tscale.reshape(1), row_s[i:i + m], col_s,
-                                   row_t[i:i + m], col_t, g_rs[i:i + m], g_cs, g_rc[i:i + m], g_cc, g, dsp, m, k, d,
-                                   u.shape[1], xi.stride(0), xi.stride(1), y.stride(0), y.stride(1), ui.stride(0),
-                                   ui.stride(1), ww.stride(0), ww.stride(1), g.stride(0), **meta)
-        ds += dsp[:grid[0] * grid[1]].sum()
-        torch.mm(g, y, out=dx[i:i + m])
-        dy += _mm_f32(g.T, xi)
-    return (dx, dy.to(y.dtype), ds.to(scale.dtype), torch.zeros_like(u), torch.zeros_like(w), torch.zeros_like(tscale))
-# ==== end of region kernel ====
+# ==== end of region kernel-sigmoid ====
 
 
 if __name__ == "__main__":
-
-    commands = {"predict": predict_main, "export": export_main, "reinforce": reinforce_main}
-    if sys.argv[1:2] not in ([c] for c in commands):
+    if sys.argv[1:2] != ["predict"]:
         raise SystemExit("usage: python clip.py predict --ckpt CHECKPOINT --image A.jpg [B.jpg ...] --labels 'a dog,a cat'\n"
-                         "       python clip.py export CHECKPOINT OUT_DIR --format open_clip|hf|peft\n"
-                         "       python clip.py reinforce --teacher T --data D --out O [--augmentations K]\n"
-                         "(train with: torchrun train.py --model clip)")
-    commands[sys.argv[1]](sys.argv[2:])
+                         "(train with: torchrun train.py --model clip; export with: python train.py export)")
+    predict_main(sys.argv[2:])

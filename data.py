@@ -11,10 +11,13 @@ Shards are streamed: each loader slot (rank x worker) reads its shards through a
 a checkpoint records each slot's position (Position), so a resume with the same ranks and workers
 continues the stream exactly.
 """
+import contextlib
+import copy
 import csv
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import stat
@@ -23,6 +26,7 @@ import tarfile
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 
@@ -207,6 +211,94 @@ def has_surrogate(s):
     except UnicodeEncodeError:
         return True
     return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: every file a command writes (checkpoints, metrics, shards, exports, reports) goes through
+# write_file, and every folder a command fills is held by lock_folder while it does
+
+
+def write_file(path, payload):
+    """path <- payload (str, bytes, or a function writing into a binary file), whole or not at all: written
+    under a new temporary name beside it (never through a link someone left there), flushed, then renamed
+    over path, which replaces a link rather than its target. Something at path that is not a regular
+    file (a folder, link, FIFO, device) is one OSError naming it: nothing is written into it or through it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise IsADirectoryError(f"{path}: exists and is not a regular file (a folder, link, FIFO or device); move it "
+                                f"away or write elsewhere")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # what a killed writer of this pid left; a link there goes, its target stays
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(payload):
+                payload(f)
+            else:
+                f.write(payload.encode("utf-8") if isinstance(payload, str) else payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+_locks = {}  # folder -> the open lock file of this process's command there
+
+
+def lock_folder(folder, who, name=".lock"):
+    """Hold FOLDER/NAME (pid and host inside) until unlock_folder or the process ends: a second command
+    writing the same folder is refused in one line instead of interleaving its files with the first's.
+    The lock is the kernel's (flock), so a command that dies in any way releases it; the file is opened
+    without following a link, and one that vanished as it was opened is tried again."""
+    import fcntl
+    import socket
+
+    os.makedirs(folder, exist_ok=True)
+    if folder in _locks:
+        return
+    path = os.path.join(folder, name)
+    for _ in range(10):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK, 0o644)
+        except OSError as e:  # a link (ELOOP), a folder, a FIFO with no reader
+            raise SystemExit(f"{who}: cannot lock {path} ({e.strerror}): remove what is there, or use another "
+                             f"folder") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise SystemExit(f"{who}: {path} is not a regular file: remove it, or use another folder")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "a process"
+            os.close(fd)
+            raise SystemExit(f"{who}: {folder} is in use by another command ({holder}, holding {path}); wait for it to "
+                             f"end, or pass another folder") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.lstat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+            _locks[folder] = (fd, path)
+            return
+        os.close(fd)  # the holder removed it as we opened it: lock the new one
+    raise SystemExit(f"{who}: could not lock {path}; is another command starting on {folder}?")
+
+
+def unlock_folder(folder):
+    fd, path = _locks.pop(folder, (None, None))
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.remove(path)  # removed while still held: no one can lock the old file after
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,7 +610,8 @@ def shard_list(spec, weights=None):
 
 # The members a sample's decode reads; others (img2dataset's .parquet rows, extra views, masks) are
 # passed over unread, so they neither fill the shuffle buffer nor count against the sample's bytes.
-READ_EXTS = {"txt", "json", "cls", *IMAGE_EXTS, *(f"teacher{m}.npy" for m in range(16))}
+MAX_TEACHERS = 16  # teachers a reinforced shard may store (data.py reinforce writes at most as many)
+READ_EXTS = {"txt", "json", "cls", *IMAGE_EXTS, *(f"teacher{m}.npy" for m in range(MAX_TEACHERS))}
 
 
 def read_shard(path, problems, max_bytes=MAX_SAMPLE_BYTES):
@@ -620,10 +713,10 @@ def stored_teacher(spec, group, texts, where):
     integer = lambda v, top: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < top  # noqa: E731
     if not (integer(k, MAX_AUGMENTATIONS + 1) and k > 0 and integer(seed, 1 << 63)):
         raise bad(f"'augmentations' must be an integer from 1 to {MAX_AUGMENTATIONS} and 'seed' one from 0")
-    if not (isinstance(scales, list) and isinstance(biases, list) and 0 < len(scales) == len(biases) <= 16
+    if not (isinstance(scales, list) and isinstance(biases, list) and 0 < len(scales) == len(biases) <= MAX_TEACHERS
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= MAX_SCALE for v in scales + biases)
             and all(v > 0 for v in scales)):
-        raise bad(f"'scales' and 'biases' must be lists of numbers, one per teacher (at most 16), scales from above 0 "
+        raise bad(f"'scales' and 'biases' must be lists of numbers, one per teacher (at most {MAX_TEACHERS}), scales from above 0 "
                   f"and |biases| up to {MAX_SCALE}")
     embeddings = []
     for m in range(len(scales)):
@@ -923,6 +1016,328 @@ class ImageFolder:
 
 
 # ----------------------------------------------------------------------------------------------
+# Training images: the augmentation every ViT model trains with, run here so that each model file keeps
+# only its evaluation preprocessing. The model's transform calls it (model.transform(True, images=...)).
+
+# Decoding holds the whole image (4 bytes a pixel in Pillow, then a copy): larger images are refused
+# before their decode; JPEGs are first drafted down to what the crop needs.
+MAX_PIXELS = 40_000_000
+
+
+class ImageTooLarge(OSError):
+    reason = "image too large"
+
+
+class RandomCrop:
+    """PIL image -> uint8 [3, size, size]: RandomResizedCrop (scale 0.9-1, open_clip's training crop), its
+    box drawn from the sample's rng as the transform's first draw (a teacher's view drawn from a copy of
+    the rng is the same box), bicubic. uint8: the model normalises on its device, and the loader ships a
+    quarter of float32's bytes.
+
+    A JPEG not decoded yet and much larger than the crop needs is decoded at 1/2, 1/4 or 1/8 scale by
+    the decoder itself (Pillow's draft mode), never below the output's resolution; the box is drawn on
+    the full-size image all the same. defer=True (train.py --gpu-decode) leaves RGB and grayscale JPEGs
+    undecoded: the transform returns {"jpeg": the file's bytes, "box", "out"} and finish() decodes the
+    batch's JPEGs on the training device (nvjpeg on CUDA), crops and resizes them there."""
+
+    def __init__(self, size, scale=(0.9, 1.0), defer=False, draft=True, max_pixels=MAX_PIXELS):
+        self.size, self.scale, self.defer, self.draft, self.max_pixels = size, scale, defer, draft, max_pixels
+
+    def box(self, w, h, rng):
+        for _ in range(10):  # torchvision's RandomResizedCrop rule, with the sample's rng
+            area = w * h * rng.uniform(*self.scale)
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < cw <= w and 0 < ch <= h:
+                x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                return x0, y0, x0 + cw, y0 + ch
+        side = min(w, h)
+        return (w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side
+
+    def __call__(self, img, rng):
+        w, h = img.size
+        box, out = self.box(w, h, rng), (self.size, self.size)
+        if self.defer and deferrable(img) and w * h <= self.max_pixels:
+            return {"jpeg": img.encoded, "box": box, "out": out}  # plain values: one pickle through the pipe
+        if self.draft and img.format == "JPEG":  # a no-op once decoded
+            img.draft("RGB", (math.ceil(w * self.size / (box[2] - box[0])), math.ceil(h * self.size / (box[3] - box[1]))))
+        if img.size[0] * img.size[1] > self.max_pixels:  # before the decode, which would hold it all
+            raise ImageTooLarge(f"{getattr(img, 'source', 'image')}: {img.size[0]} x {img.size[1]} pixels, over "
+                                f"the cap of {self.max_pixels} (a decompression bomb, or a scan to shrink first)")
+        from_file = img.format is not None
+        img = to_rgb(img)
+        if img.size != (w, h):  # drafted: the box to the nearest whole pixels of the smaller image
+            fx, fy = img.size[0] / w, img.size[1] / h
+            box = (round(box[0] * fx), round(box[1] * fy), round(box[2] * fx), round(box[3] * fy))
+        if from_file and box[2] - box[0] >= out[0] and box[3] - box[1] >= out[1]:
+            # a downscale of a file's image: torch's antialiased bicubic on uint8 channels-last, about 4x
+            # Pillow's speed and within a few levels of it; images made in memory keep Pillow's pixels
+            x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+            return resize_pixels(x[:, box[1]:box[3], box[0]:box[2]], out)
+        return torch.from_numpy(np.array(img.resize(out, Image.BICUBIC, box=box), dtype=np.uint8)).permute(2, 0, 1)
+
+    def finish(self, images, device, notes=None):
+        """uint8 [B, 3, size, size] on the device from a batch's list of ready pixels and deferred JPEGs.
+        The JPEGs decode together (torchvision.io.decode_jpeg); one the device decoder refuses is decoded
+        by Pillow, one Pillow cannot read either becomes a black image, counted in notes: the batch keeps
+        its size, as every rank's must."""
+        out = torch.empty(len(images), 3, self.size, self.size, dtype=torch.uint8, device=device)
+        deferred = [i for i, x in enumerate(images) if isinstance(x, dict)]
+        for i, x in enumerate(images):
+            if not isinstance(x, dict):
+                out[i] = x.to(device, non_blocking=True)
+        jpegs = [torch.frombuffer(bytearray(images[i]["jpeg"]), dtype=torch.uint8) for i in deferred]
+        for i, pixels in zip(deferred, decode_jpegs(jpegs, device)):
+            box, size = images[i]["box"], images[i]["out"]
+            if pixels is None:
+                pixels = decode_with_pillow(images[i]["jpeg"], device)
+            if pixels is None:
+                pixels = torch.zeros(3, box[3], box[2], dtype=torch.uint8, device=device)
+                if notes is not None:
+                    notes.append("unreadable image on the device: a black image in its place")
+            out[i] = resize_pixels(pixels[:, box[1]:box[3], box[0]:box[2]], size)
+        return out
+
+
+def to_rgb(img):
+    """RGB, with 16-bit and 32-bit integer images scaled to 8 bits (Pillow's convert clips them: white)."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        x = np.clip(np.asarray(img).astype(np.float32) / 257.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(x, "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def deferrable(img):
+    """A JPEG file opened but not decoded yet, in a mode every decoder reads, with its end marker (a
+    truncated one is decoded, and skipped, in the loader as on the CPU path)."""
+    data = getattr(img, "encoded", None)
+    return (img.format == "JPEG" and img.mode in ("RGB", "L") and bool(getattr(img, "tile", None))
+            and data is not None and data.rstrip(b"\0")[-2:] == b"\xff\xd9")
+
+
+def decode_with_pillow(jpeg, device):
+    try:
+        img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    except (OSError, SyntaxError):
+        return None
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).to(device)
+
+
+def decode_jpegs(jpegs, device):
+    """RGB uint8 [3, H, W] on the device per JPEG (1-D uint8 CPU tensors), None where one fails."""
+    if not jpegs:
+        return []
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
+        try:
+            return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one bad file fails the batch: decode them one by one
+            decoded = []
+            for jpeg in jpegs:
+                try:
+                    decoded.append(decode_jpeg(jpeg, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    decoded.append(None)
+            return decoded
+
+
+def resize_pixels(x, out):
+    """uint8 [3, h, w] -> uint8 [3, H, W] for out = (W, H), antialiased bicubic (Pillow's kernel) on x's
+    device: uint8 channels-last on the CPU; in float32, then rounded, elsewhere."""
+    x = x[None].contiguous(memory_format=torch.channels_last)
+    if x.device.type == "cpu":
+        return F.interpolate(x, size=(out[1], out[0]), mode="bicubic", antialias=True)[0]
+    y = F.interpolate(x.float(), size=(out[1], out[0]), mode="bicubic", antialias=True)
+    return y.round_().clamp_(0, 255).to(torch.uint8)[0]
+
+
+def to_device(batch, device, images=None, notes=None):
+    """A loader batch on the device: tensors moved, a list of deferred JPEGs under 'image' finished by the
+    RandomCrop that deferred them, other values (a batch's texts for a teacher) left as they are."""
+    out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if isinstance(batch.get("image"), list):
+        out["image"] = images.finish(batch["image"], device, notes)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Teachers' inputs for distillation (train.py --distill): a wrapper around the model's training transform
+
+
+class WithTeachers:
+    """A training transform plus what distillation needs. Online teachers (sizes: each one's input side):
+    'teacher{m}_pixels', the student's crop box cut afresh from the image at the teacher's size (the box is
+    the first draw of the sample's rng, so a copy of the rng draws it), and 'teacher_text', the caption the
+    student drew (a string: each teacher tokenizes it itself). Stored teachers (python data.py reinforce):
+    'teacher{m}_image', '_text', '_scale', '_bias', their embeddings of this crop and of this caption.
+    A model transform that draws among a sample's texts says which under 'text_pick' (0: the caption,
+    then each rewrite)."""
+
+    def __init__(self, inner, sizes=(), stored=False):
+        self.inner, self.stored = inner, stored
+        self.views = [RandomCrop(size, draft=False) for size in sizes]
+
+    def __call__(self, sample, rng):
+        pixels = [view(fresh_image(sample["image"]), copy.deepcopy(rng)) for view in self.views]
+        out = self.inner(sample, rng)
+        texts = [sample["text"], *(r for r in sample.get("rewrites", ()) if r and r.strip())]
+        pick = int(out.pop("text_pick", 0))
+        if self.stored:
+            out.update(stored_rows(sample, pick))
+        for m, x in enumerate(pixels):
+            out[f"teacher{m}_pixels"] = x
+        if self.views:
+            out["teacher_text"] = texts[pick]
+        return out
+
+    def finish(self, batch):
+        return self.inner.finish(batch) if hasattr(self.inner, "finish") else batch
+
+
+def fresh_image(img):
+    """The sample's image as a teacher reads it: a file's bytes opened afresh (the student's crop may have
+    decoded its copy at a reduced JPEG draft size), an image made in memory as it is."""
+    if getattr(img, "encoded", None) is None:
+        return img
+    return open_image(img.encoded, getattr(img, "source", "image"))
+
+
+def stored_rows(sample, pick):
+    """The stored teachers' embeddings of the sample's crop (ShardBatches says which of the K) and of its
+    caption number `pick` (0: the caption, then each rewrite), as tensors."""
+    stored = sample.get("teacher")
+    if not stored:
+        raise SampleError("bad teacher data", "--distill stored: a sample without teacher embeddings (write them "
+                          "with python data.py reinforce --teacher T --data D --out O, and train on O)")
+    out, k = {}, stored["augmentation"]
+    for m, (e, scale, bias) in enumerate(zip(stored["embeddings"], stored["scales"], stored["biases"])):
+        out[f"teacher{m}_image"] = torch.from_numpy(e[k].copy())
+        out[f"teacher{m}_text"] = torch.from_numpy(e[stored["augmentations"] + pick].copy())
+        out[f"teacher{m}_scale"] = torch.tensor(scale, dtype=torch.float32)
+        out[f"teacher{m}_bias"] = torch.tensor(bias, dtype=torch.float32)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# python data.py reinforce: teachers' embeddings stored with the data (MobileCLIP's reinforced data)
+
+
+def reinforce(teachers, data, out, augmentations=2, seed=0, per_shard=10_000, batch_size=64):
+    """Shards OUT/00000.tar, ... in which every sample of `data` holds its image (the file's own bytes; a
+    PNG for one made in memory), its caption and rewrites, and for teacher m the float32 matrix
+    KEY.teacher{m}.npy: the teacher's embeddings of the K crops that training epochs 0..K-1 draw for the
+    sample under `seed` (augment_rng), then of each text. Returns (samples written, reasons of those
+    skipped). `train.py --data 'OUT/{00000..N}.tar' --distill stored` then runs no teacher: epoch e draws
+    epoch e mod K's crop, one the teachers saw."""
+    views = [RandomCrop(t.cfg.image_size, draft=False) for t in teachers]
+    scales = [t.logit_scale.exp().item() for t in teachers]
+    biases = [t.logit_bias.item() if getattr(t, "logit_bias", None) is not None else 0.0 for t in teachers]
+    problems, pending, written, last = [], [], 0, None
+    shards = ShardWriter(out, per_shard)
+
+    @torch.no_grad()
+    def flush():
+        embedded = []
+        for m, t in enumerate(teachers):
+            device = t.logit_scale.device
+            pixels = torch.stack([x for item in pending for x in item["pixels"][m]])
+            texts = [text for item in pending for text in item["texts"]]
+            image = torch.cat([t.encode_image(pixels[i:i + 256].to(device), normalize=True) for i in range(0, len(pixels), 256)])
+            text = torch.cat([t.encode_texts(texts[i:i + 256]) for i in range(0, len(texts), 256)])
+            embedded.append((image.float().cpu().numpy(), text.float().cpu().numpy()))
+        at = 0
+        for i, item in enumerate(pending):
+            n, members = len(item["texts"]), item["members"]
+            for m, (image, text) in enumerate(embedded):
+                buf = io.BytesIO()
+                np.save(buf, np.concatenate([image[i * augmentations:(i + 1) * augmentations], text[at:at + n]]).astype("<f4"))
+                members.append((f"teacher{m}.npy", buf.getvalue()))
+            shards.write(item["key"], members)
+            at += n
+        pending.clear()
+
+    for key, sample in raw_samples(data, seed, problems):
+        key = str(key) if str(key) != last else f"{key}_"  # a key repeated next to itself would join the two samples
+        try:
+            img = sample["image"]
+            if getattr(img, "encoded", None) is not None and img.format in ("JPEG", "PNG", "WEBP"):
+                payload, ext = img.encoded, {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[img.format]
+            else:  # made in memory (the synthetic set): stored as a PNG
+                buf = io.BytesIO()
+                to_rgb(img).save(buf, format="PNG")
+                payload, ext = buf.getvalue(), "png"
+            texts = [sample["text"], *sample.get("rewrites", ())[:MAX_REWRITES]]  # as many as decode_sample reads back
+            # each crop cut from the stored bytes, opened as the loader will open them
+            pixels = [[view(open_image(payload, key), augment_rng(seed, e, key)) for e in range(augmentations)]
+                      for view in views]
+        except Exception as e:  # whatever one sample holds: skipped and counted
+            problems.append(sample_reason(e))
+            continue
+        last = key
+        meta = {"teacher": {"augmentations": augmentations, "seed": seed, "scales": scales, "biases": biases}}
+        if len(texts) > 1:
+            meta["rewrites"] = texts[1:]
+        if "label" in sample:
+            meta["label"] = sample["label"]
+        members = [(ext, payload), ("txt", texts[0].encode("utf-8")), ("json", json.dumps(meta).encode("utf-8"))]
+        pending.append({"key": key, "members": members, "texts": texts, "pixels": pixels})
+        written += 1
+        if len(pending) * augmentations >= batch_size:  # crops held for the teachers: at most a batch (and one sample's)
+            flush()
+    if pending:
+        flush()
+    shards.close()
+    return written, problems
+
+
+def reinforce_main(argv=None):
+    import argparse
+
+    from train import import_model
+
+    p = argparse.ArgumentParser(prog="data.py reinforce", description="teachers' embeddings stored in shards, "
+                                "for train.py --distill stored")
+    p.add_argument("--teacher", action="append", required=True, help="teacher weights; again for an ensemble")
+    p.add_argument("--teacher-model", default="clip", help="the model file that reads the teachers (default clip)")
+    p.add_argument("--out", required=True, help="a new folder for the shards")
+    p.add_argument("--augmentations", type=int, default=2, help="crops stored per sample (K)")
+    p.add_argument("--seed", type=int, default=0, help="the seed of the training runs whose crops are stored")
+    p.add_argument("--per-shard", type=int, default=10_000)
+    p.add_argument("--batch-size", type=int, default=64, help="crops the teachers embed at once")
+    p.add_argument("--device", default="cpu")
+    add_args(p)
+    args = p.parse_args(argv)
+    for flag, top in (("augmentations", MAX_AUGMENTATIONS), ("per_shard", 1 << 20), ("batch_size", 1 << 16)):
+        if not 1 <= getattr(args, flag) <= top:
+            p.error(f"--{flag.replace('_', '-')} must be from 1 to {top}")
+    if not 0 <= args.seed < 1 << 63:
+        p.error("--seed must be from 0")
+    if len(args.teacher) > MAX_TEACHERS:
+        p.error(f"at most {MAX_TEACHERS} teachers")
+    try:
+        if os.path.exists(args.out) and (not os.path.isdir(args.out) or any(f.endswith(".tar") for f in os.listdir(args.out))):
+            raise ValueError(f"{args.out} already holds shards or is a file: give a new folder (nothing is overwritten)")
+        module = import_model(args.teacher_model)
+        teachers = [module.load(path, args.device)[0] for path in args.teacher]
+        if args.data == "synthetic" and args.synthetic_resolution is None:
+            args.synthetic_resolution = teachers[0].cfg.image_size
+        train = build(args)[0]
+    except (FileNotFoundError, ValueError, ImportError, OSError) as err:
+        raise SystemExit(f"data.py reinforce: {err}") from None
+    os.makedirs(args.out, exist_ok=True)
+    written, problems = reinforce(teachers, train, args.out, args.augmentations, args.seed, args.per_shard,
+                                  args.batch_size)
+    line = f"data.py reinforce: {written} samples with {len(teachers)} teacher(s) x {args.augmentations} crops in {args.out}"
+    if problems:
+        line += "; skipped " + ", ".join(f"{problems.count(r)} {r}" for r in dict.fromkeys(problems))
+    print(line)
+
+
+# ----------------------------------------------------------------------------------------------
 # Loading batches
 
 
@@ -1211,11 +1626,258 @@ class ShardWriter:
             self.tar, self.count = None, 0
 
 
+# ----------------------------------------------------------------------------------------------
+# Rewrite generation: `python data.py rewrite --captions IN.txt --out OUT.txt --endpoint URL`
+#
+# Drives any OpenAI-compatible completion server (llama.cpp's llama-server, vLLM, ...) with LaCLIP's
+# in-context prompt: an instruction, three "source => target" examples drawn from a pool of meta
+# pairs, then "caption =>"; the first generated line is the rewrite. Standard-library HTTP only.
+
+
+PROMPT_HEAD = "write image captions differently,"
+# Our own pool of 16 meta pairs (the paper's pairs came from chatbots and humans; any will do).
+META_PAIRS = [
+    ("a dog running on the beach", "a happy dog sprints along the sandy shore at low tide"),
+    ("two people riding bicycles", "a pair of cyclists pedal side by side down a quiet road"),
+    ("a plate of pasta with tomato sauce", "spaghetti covered in a rich red sauce served on a white dish"),
+    ("a red car parked on the street", "a shiny red sedan sits by the curb of a city street"),
+    ("a cat sleeping on a couch", "a tabby cat naps curled up on the soft cushions of a sofa"),
+    ("mountains covered in snow", "snowy peaks rise above a valley under a clear blue sky"),
+    ("a man playing guitar", "a musician strums an acoustic guitar on a small stage"),
+    ("children playing in a park", "kids run and laugh together on the grass of a sunny park"),
+    ("a bowl of fresh fruit", "apples, bananas and grapes piled high in a wooden bowl"),
+    ("an airplane in the sky", "a passenger jet flies high above the clouds"),
+    ("a city skyline at night", "tall buildings glow with lights against the dark evening sky"),
+    ("a woman reading a book", "a young woman sits by the window absorbed in a novel"),
+    ("a boat on a lake", "a small rowing boat floats on calm water surrounded by trees"),
+    ("a bird on a branch", "a little songbird perches on a thin branch of a tree"),
+    ("a cup of coffee on a table", "a steaming mug of coffee rests on a wooden cafe table"),
+    ("a train at a station", "a long passenger train waits at the platform of a busy station"),
+]
+
+
+class RewriteError(Exception):
+    pass
+
+
+def rewrite_prompt(caption, pairs):
+    return "\n".join([PROMPT_HEAD] + [f"{s} => {t}" for s, t in pairs] + [f"{caption} =>"])
+
+
+def completions_url(endpoint):
+    url = endpoint.rstrip("/")
+    if url.endswith("/completions"):
+        return url
+    return url + ("/completions" if url.endswith("/v1") else "/v1/completions")
+
+
+MAX_ANSWER_BYTES = 1 << 20  # a completion server's whole answer; more is a failed request
+MAX_REWRITE_CHARS = 1000  # a rewrite is a caption: longer ones are cut at a word
+
+
+def fold(text):
+    """One line: every character str.splitlines splits on (\r, \x0b, \x0c, \x1c-\x1e, \x85, \u2028,
+    \u2029, \n) becomes a space, so each caption's rewrite is exactly one line of the output."""
+    text = " ".join(" ".join(text.splitlines()).split())
+    text = text.encode("utf-8", "replace").decode("utf-8")  # an LLM's lone surrogate ("\ud800") becomes "?"
+    if len(text) > MAX_REWRITE_CHARS:
+        text = text[:MAX_REWRITE_CHARS].rsplit(" ", 1)[0]
+    return text
+
+
+def post_json(url, payload, timeout):
+    """POST, then the JSON answer, all within `timeout` seconds: a watchdog shuts the socket at the
+    deadline, so a server that drips its answer a byte at a time cannot hold a request past it."""
+    import http.client
+    import json
+    import socket
+    import threading
+    import urllib.parse
+
+    u = urllib.parse.urlsplit(url)
+    conn_class = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+    conn = conn_class(u.hostname, u.port, timeout=timeout)
+    expired, opened = threading.Event(), []
+
+    def cut():
+        expired.set()
+        for sock in opened:  # the response keeps reading from it after the connection object lets go
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(timeout, cut)
+    timer.start()
+    try:
+        conn.connect()
+        opened.append(conn.sock)
+        if expired.is_set():
+            cut()
+        conn.request("POST", u.path + (f"?{u.query}" if u.query else ""), body=payload,
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        body = response.read(MAX_ANSWER_BYTES + 1)
+        status = response.status
+    except (OSError, http.client.HTTPException) as e:
+        raise TimeoutError(f"no whole answer within --timeout {timeout:g} s") if expired.is_set() else e
+    finally:
+        timer.cancel()
+        conn.close()
+    if expired.is_set():
+        raise TimeoutError(f"no whole answer within --timeout {timeout:g} s")
+    if status >= 400:
+        return status, body[:300]
+    if len(body) > MAX_ANSWER_BYTES:
+        raise ValueError(f"an answer over {MAX_ANSWER_BYTES >> 20} MiB")
+    try:
+        return status, json.loads(body)
+    except RecursionError:
+        raise ValueError("an answer nested past the JSON parser's depth") from None
+
+
+def request_rewrite(url, caption, pairs, args):
+    """One rewrite, retried with exponential backoff on server errors, time-outs, refused connections and
+    answers without text."""
+    import http.client
+    import json
+    import time
+
+    payload = json.dumps({"model": args.model, "prompt": rewrite_prompt(caption, pairs), "max_tokens": args.max_tokens,
+                          "temperature": args.temperature, "top_p": args.top_p, "stop": ["\n"]}).encode()
+    delay, error = args.backoff, None
+    for attempt in range(args.retries + 1):
+        if attempt:
+            time.sleep(delay)
+            delay = min(2 * delay, 60)
+        try:
+            status, answer = post_json(url, payload, args.timeout)
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, cut short, or past the deadline
+            error = f"{type(e).__name__}: {e}"
+            continue
+        except ValueError as e:  # not JSON, or too long
+            error = f"not an OpenAI-compatible answer ({str(e)[:100]})"
+            continue
+        if status >= 400:
+            if status < 500 and status != 429:  # the request itself is wrong: retrying will not help
+                raise RewriteError(f"{url} refused the request: HTTP {status} {answer!r}")
+            error = f"HTTP {status}"
+            continue
+        try:
+            text = answer["choices"][0]["text"]
+        except (TypeError, KeyError, IndexError):
+            text = None
+        if not isinstance(text, str):  # {"text": null}, no choices, or another shape
+            error = "an answer without choices[0].text"
+            continue
+        return fold(text.split("\n")[0])  # the first generated line (a server may ignore stop=["\n"])
+    raise RewriteError(f"no usable answer from {url} after {args.retries + 1} tries (last: {error}). Is the completion "
+                       f"server running (llama.cpp: llama-server -m MODEL.gguf --port 8080; vLLM: vllm serve MODEL)? "
+                       f"Start it or fix --endpoint, then run the same command again: it continues where it stopped")
+
+
+def read_lines(path):
+    """The lines of a regular file (a FIFO would block, /dev/zero never end), split at \n only (a \u2028
+    inside a caption is not a line break), each cut to 8192 characters as every caption is."""
+    text = read_text(path, 1 << 30, "text file").decode("utf-8", "replace")
+    return [(line[:-1] if line.endswith("\r") else line)[:MAX_TEXT_CHARS] for line in text.split("\n")]
+
+
+def rewrite_main(argv=None):
+    import argparse
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = argparse.ArgumentParser(prog="data.py rewrite", description="Write LaCLIP caption rewrites with a local LLM.")
+    p.add_argument("--captions", required=True, help="input: one caption per line")
+    p.add_argument("--out", required=True, help="output: one rewrite per input line, in order (.K before the "
+                   "extension per rewrite when --rewrites > 1: the official one-file-per-source layout)")
+    p.add_argument("--endpoint", required=True, help="server URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--model", default="default", help="model name sent to the server")
+    p.add_argument("--meta-pairs", default=None, help="file of 'source => target' lines (default: built in)")
+    p.add_argument("--rewrites", type=int, default=1, help="rewrites per caption")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="for drawing the 3 example pairs of each prompt")
+    p.add_argument("--temperature", type=float, default=0.9)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-tokens", type=int, default=77)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request, the whole answer included")
+    p.add_argument("--retries", type=int, default=5)
+    p.add_argument("--backoff", type=float, default=1.0, help="first wait between tries, doubled each time")
+    args = p.parse_args(argv)
+    for name in ("rewrites", "concurrency", "max_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.retries < 0 or not args.timeout > 0 or args.backoff < 0:
+        p.error("--retries and --backoff must be at least 0, --timeout above 0")
+    for path in (args.captions, args.meta_pairs, *([args.out] if os.path.exists(args.out) else [])):
+        if path and os.path.exists(path) and not os.path.isfile(path):
+            raise SystemExit(f"data.py rewrite: {path}: not a regular file")
+    if not os.path.isfile(args.captions):
+        raise SystemExit(f"data.py rewrite: {args.captions}: no such file")
+    captions = read_lines(args.captions)
+    if captions and captions[-1] == "":
+        captions.pop()
+    pairs = META_PAIRS
+    if args.meta_pairs:
+        with open(args.meta_pairs, encoding="utf-8", errors="replace") as f:  # a regular file (checked above)
+            pairs = [tuple(x.strip() for x in line.split("=>", 1)) for line in f if "=>" in line]
+        if len(pairs) < 3:
+            raise SystemExit(f"data.py rewrite: {args.meta_pairs}: needs at least 3 'source => target' lines")
+    root, ext = os.path.splitext(args.out)
+    outs = [args.out] if args.rewrites == 1 else [f"{root}.{k}{ext}" for k in range(args.rewrites)]
+    # Resume: each output continues after the lines it has. Nothing is ever cut from a file: one that
+    # does not fit these captions is refused, with what to do.
+    have = []
+    for path in outs:
+        lines = read_lines(path) if os.path.exists(path) else [""]
+        if lines[-1] != "":
+            raise SystemExit(f"data.py rewrite: {path} ends in a partial line (a run stopped while writing it); "
+                             f"delete that last line, then run the same command again")
+        if len(lines) - 1 > len(captions):
+            raise SystemExit(f"data.py rewrite: {path} has {len(lines) - 1} lines for {len(captions)} captions of "
+                             f"{args.captions}: not its rewrites; move it away or pick another --out")
+        have.append(len(lines) - 1)
+    done = min(have)
+    url = completions_url(args.endpoint)
+
+    def job(item):
+        i, k = item
+        rng = random.Random(f"{args.seed}-{i}-{k}")
+        text = request_rewrite(url, captions[i], rng.sample(pairs, 3), args)
+        return text or fold(captions[i])  # an empty rewrite: keep the original rather than a blank line
+
+    files = [open(path, "a", encoding="utf-8", newline="\n") for path in outs]
+    pool = ThreadPoolExecutor(args.concurrency)
+    try:
+        for start in range(done, len(captions), 256):  # in chunks: results are written in input order
+            rows = range(start, min(start + 256, len(captions)))
+            items = [(i, k) for i in rows for k in range(args.rewrites) if i >= have[k]]
+            results = pool.map(job, items)  # in the order of items, which is the order written
+            for i in rows:
+                for k, f in enumerate(files):
+                    if i >= have[k]:
+                        f.write(fold(next(results)) + "\n")
+                for f in files:
+                    f.flush()
+    except RewriteError as e:
+        raise SystemExit(f"data.py rewrite: {e}") from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for f in files:
+            f.close()
+    print(f"{len(captions) - done} captions rewritten ({done} were already done) -> {', '.join(outs)}")
+
+
 if __name__ == "__main__":
     import argparse
 
+    if sys.argv[1:2] in (["reinforce"], ["rewrite"]):  # commands with flags of their own
+        raise SystemExit({"reinforce": reinforce_main, "rewrite": rewrite_main}[sys.argv[1]](sys.argv[2:]))
     p = argparse.ArgumentParser(description="data.py shards: tar shards from a CSV/TSV of local images; "
-                                "data.py sample: held-out synthetic images to try a model on")
+                                "data.py sample: held-out synthetic images to try a model on; data.py rewrite: "
+                                "LaCLIP's caption rewrites by a local LLM; data.py reinforce: teachers' embeddings "
+                                "stored in shards (each: --help)")
     sub = p.add_subparsers(dest="command", required=True)
     ss = sub.add_parser("sample")
     ss.add_argument("--out", required=True)

@@ -21,8 +21,15 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import data as datalib
+from clip import (_AllReduceSum, _acc_dtype, _distributed, _use_triton, all_gather_with_grad,  # noqa: F401
+                  contrastive_loss, gather_texts, global_logsumexp, sigmoid_loss, triton)
+if triton is not None:
+    import triton.language as tl
+
+    from clip import WORKSPACE, _mm_f32, _offset, _tile, _tiles
 
 MODELS = ("clip", "brivl", "clippo", "altclip", "laclip")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -106,6 +113,25 @@ def build_parser(model):
                         "a model's finish_args may set it for its default run)")
     p.add_argument("--dist-timeout", type=float, default=30,
                    help="minutes a rank waits for its peers in a collective before it fails (a dead peer)")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="LoRA: freeze the weights, train low-rank adapters of this rank (0: off); any model")
+    p.add_argument("--lora-alpha", type=float, default=None, help="adapters scaled by alpha / rank (default: rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="share of the adapters' input features dropped (one draw a batch)")
+    p.add_argument("--lora-targets", default="q,v",
+                   help="projections adapted, comma-separated among q,k,v,out,mlp (default q,v, as peft users do)")
+    p.add_argument("--lora-towers", default=None,
+                   help="towers adapted, comma-separated (default: every tower LiT leaves unlocked)")
+    p.add_argument("--lora-train-scale", action="store_true", help="with --lora: the logit scale (and bias) train too")
+    p.add_argument("--distill", action="append", default=None, metavar="TEACHER",
+                   help="distil from a teacher (any weights --distill-model's load() reads; again for an ensemble), "
+                        "or 'stored': the teachers' embeddings in the shards (python data.py reinforce)")
+    p.add_argument("--distill-model", default="clip", choices=MODELS, help="the model file that reads the teachers")
+    p.add_argument("--distill-weight", type=float, default=1.0,
+                   help="loss = the model's + this x distillation (default 1, open_clip's sum)")
+    p.add_argument("--distill-icl", type=float, default=1.0,
+                   help="plus this x CLIP-KD's interactive contrastive term, for teachers of the student's width "
+                        "(0: open_clip's --distill-model loss exactly)")
     datalib.add_args(p)
     if model is not None and hasattr(model, "add_args"):
         model.add_args(p)
@@ -352,12 +378,12 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state[1], device)
 
 
-def train_step(forward, sync, model, batch, accum, autocast, device, scaler=None):
-    """Forward + backward of one global batch; returns the loss (a tensor, not synced)."""
+def train_step(forward, sync, loss_fn, batch, accum, autocast, device, scaler=None):
+    """Forward + backward of one global batch, loss_fn(out) its loss; returns the loss (a tensor, not synced)."""
     scale = scaler.scale if scaler is not None else (lambda x: x)  # fp16: gradients scaled up, unscaled at the step
     if accum == 1:
         with autocast:
-            loss = model.loss(forward(batch))
+            loss = loss_fn(forward(batch))
         scale(loss).backward()
         return loss.detach()
     # Exact accumulation (the GradCache recipe): embed every micro-batch without a graph, take the loss
@@ -371,7 +397,7 @@ def train_step(forward, sync, model, batch, accum, autocast, device, scaler=None
             outs.append(forward(mb))
     feats = {k: (torch.cat([o[k] for o in outs]) if outs[0][k].dim() else outs[0][k]).detach().float().requires_grad_()
              for k in outs[0]}
-    loss = model.loss(feats)
+    loss = loss_fn(feats)
     scale(loss).backward()
     grads = {k: (f.grad.split([o[k].shape[0] for o in outs]) if f.dim() else f.grad) for k, f in feats.items()
              if f.grad is not None}
@@ -389,6 +415,579 @@ def train_step(forward, sync, model, batch, accum, autocast, device, scaler=None
 
 
 # ----------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): low-rank adapters on a frozen model, for every model file (train.py --lora R).
+# Each adapter is a parametrization of one weight (torch.nn.utils.parametrize), so the models' forward
+# carries no adapter code; a checkpoint holds the merged weights (the model file's load() reads a plain
+# model) and, under "lora", the base weights and adapters a resumed run continues from.
+
+
+class LoRA(torch.nn.Module):
+    """W -> W + (alpha / rank) B A on rows [start, stop) of W: one of the q, k, v thirds of a fused
+    in-projection, or the whole weight. A [rank, in] starts as peft's (Kaiming-uniform), B at zero: step
+    0 is the base model. Dropout: peft drops the adapter's inputs sample by sample; a parametrization
+    sees the weight, not the inputs, so here a batch shares one draw of the input features dropped."""
+
+    def __init__(self, rows, d_in, start, stop, rank, alpha, dropout=0.0):
+        super().__init__()
+        self.A = torch.nn.Parameter(torch.empty(rank, d_in))
+        self.B = torch.nn.Parameter(torch.zeros(stop - start, rank))
+        torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.pad, self.scaling, self.dropout = (0, 0, start, rows - stop), alpha / rank, dropout
+
+    def forward(self, weight):
+        a = self.A
+        if self.training and self.dropout:
+            a = a * torch.nn.functional.dropout(torch.ones_like(a[:1]), self.dropout)
+        return weight + torch.nn.functional.pad(self.B @ a * self.scaling, self.pad).to(weight.dtype)
+
+
+LORA_TARGETS = ("q", "k", "v", "out", "mlp")  # attention's projections; mlp: both of the MLP's layers
+# The weights a target names, by the parameter names of the layouts the model files hold (OpenAI's
+# attention, torch's nn.MultiheadAttention and TransformerEncoderLayer, Hugging Face's BERT); a fused
+# in-projection stacks q, k and v in that order.
+LORA_WEIGHTS = ((r"in_proj_weight", "qkv"), (r"out_proj\.weight", "out"), (r"attention\.output\.dense\.weight", "out"),
+                (r"attention\.self\.query\.weight", "q"), (r"attention\.self\.key\.weight", "k"),
+                (r"attention\.self\.value\.weight", "v"), (r"(mlp\.c_fc|mlp\.c_proj|linear1|linear2|intermediate\.dense"
+                                                          r"|(?<!attention\.)output\.dense)\.weight", "mlp"))
+
+
+def lora_spec(rank, alpha=None, targets=("q", "v"), dropout=0.0, towers=None, train_scale=False):
+    """The adapters' settings, checked: they come from flags, or from a checkpoint that may come from anywhere."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    names = lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)  # noqa: E731
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= 4096):
+        raise ValueError(f"LoRA rank {rank!r}: an integer from 1 to 4096")
+    alpha = rank if alpha is None else alpha
+    if not (number(alpha) and 0 < alpha <= 1 << 16 and number(dropout) and 0 <= dropout < 1):
+        raise ValueError(f"LoRA alpha {alpha!r} must be above 0 and at most 65536, dropout {dropout!r} from 0 to below 1")
+    if not (names(targets) and targets and set(targets) <= set(LORA_TARGETS) and len(set(targets)) == len(targets)):
+        raise ValueError(f"LoRA targets {targets!r}: a list among {','.join(LORA_TARGETS)}")
+    if not (towers is None or names(towers)) or not isinstance(train_scale, bool):
+        raise ValueError(f"LoRA towers {towers!r} must be a list of names and train_scale {train_scale!r} a bool")
+    return {"rank": rank, "alpha": float(alpha), "targets": [t for t in LORA_TARGETS if t in targets],
+            "dropout": float(dropout), "towers": None if towers is None else list(towers), "train_scale": train_scale}
+
+
+def saved_lora_spec(value, where):
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: its LoRA settings are not a table")
+    return lora_spec(**value)
+
+
+def add_lora(model, spec):
+    """Freeze every weight, then adapters on the targeted weights of the chosen towers (model.towers(): by
+    default those LiT leaves unlocked); an adapter trains where its weight did (not on BriVL's momentum
+    copies, which follow theirs by the momentum update), and with train_scale the logit scale and bias
+    train too. Returns the spec (towers filled in) and the layout {parameter: [(start, stop) of each
+    adapter]} that merged_weights uses."""
+    import torch.nn.utils.parametrize as parametrize
+
+    towers = {k: v if isinstance(v, (list, tuple)) else [v] for k, v in model.towers().items()}
+    unlocked = [t for t, mods in towers.items() if any(p.requires_grad for m in mods for p in m.parameters())]
+    chosen = spec["towers"] or unlocked
+    if not chosen or set(chosen) - set(towers):
+        raise ValueError(f"LoRA towers {','.join(map(str, chosen))}: choose among {','.join(towers)}")
+    if set(chosen) - set(unlocked):
+        raise ValueError(f"the {','.join(sorted(set(chosen) - set(unlocked)))} tower is locked (LiT): leave it out "
+                         f"of the LoRA towers")
+    spec = {**spec, "towers": [t for t in towers if t in chosen]}
+    names = {id(m): n for n, m in model.named_modules()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}  # a momentum copy's adapters follow it: frozen
+    model.requires_grad_(False)
+    layout = {}
+    for tower in spec["towers"]:
+        for top in towers[tower]:
+            for module in list(top.modules()):
+                for pname, p in list(module.named_parameters(recurse=False)):
+                    full = f"{names[id(module)]}.{pname}".lstrip(".")
+                    kind = next((k for pattern, k in LORA_WEIGHTS if re.search(rf"(^|\.){pattern}$", full)), None)
+                    parts = [t for t in kind or "" if t in spec["targets"]] if kind == "qkv" else \
+                        [None] if kind in spec["targets"] else []
+                    rows = p.shape[0] // (3 if kind == "qkv" else 1)
+                    for part in parts:
+                        start = "qkv".index(part) * rows if part else 0
+                        adapter = LoRA(p.shape[0], p.shape[1], start, start + rows, spec["rank"], spec["alpha"],
+                                       spec["dropout"]).to(p.device).requires_grad_(id(p) in trainable)
+                        parametrize.register_parametrization(module, pname, adapter)
+                        layout.setdefault(full, []).append((start, start + rows))
+    if not layout:
+        raise ValueError(f"no weight of the {','.join(spec['towers'])} tower(s) is a LoRA target {','.join(spec['targets'])}")
+    for name, p in model.named_parameters():
+        if spec["train_scale"] and name in ("logit_scale", "logit_bias"):
+            p.requires_grad_(True)
+    return spec, layout
+
+
+def merged_weights(sd, spec, layout):
+    """A LoRA model's state dict (names with .parametrizations.) split into the plain model's, its weights
+    W + (alpha / rank) B A merged, and the base weights and adapters apart: (merged, lora state)."""
+    merged, lora = {}, {}
+    for key, value in sd.items():
+        (lora if ".parametrizations." in key else merged)[key] = value
+    scaling = spec["alpha"] / spec["rank"]
+    for name, spans in layout.items():
+        module, _, pname = name.rpartition(".")
+        stem = f"{module}.parametrizations.{pname}".lstrip(".")
+        w = lora[f"{stem}.original"].float().clone()
+        for i, (start, stop) in enumerate(spans):
+            w[start:stop] += (lora[f"{stem}.{i}.B"].float() @ lora[f"{stem}.{i}.A"].float()) * scaling
+        merged[name] = w.to(lora[f"{stem}.original"].dtype)
+    return merged, lora
+
+
+def lora_layout_of(value, where):
+    """A checkpoint's LoRA layout, checked: {parameter name: [[start, stop], ...]}."""
+    if not (isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, list) and all(
+            isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(i, int) and i >= 0 for i in s) for s in v)
+            for k, v in value.items())):
+        raise ValueError(f"{where}: its LoRA layout is not a table of parameter names to row spans")
+    return {k: [tuple(s) for s in v] for k, v in value.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation (train.py --distill TEACHER), for every model whose forward gives normalised 'image' and
+# 'text' features and a 'scale': open_clip's DistillClipLoss term over the global batch, MobileCLIP's
+# ensembles (averaged after the softmax) and stored teachers (python data.py reinforce), CLIP-KD's
+# interactive contrastive term. The loss: the model's own + weight x distillation + icl x interactive.
+# The fused terms build on clip.py's loss parts (the gather with gradient, the log-sum-exp across
+# ranks, the Triton tile): the same maths as the contrastive loss, written out in the docstrings below.
+
+
+class Distiller:
+    """The teachers of a run: frozen, in eval mode, on the run's device, outside the student's module tree
+    (not trained, saved or sharded); each sees the student's crop at its own input size and the caption
+    the student drew (data.WithTeachers). stored: no teacher runs, the data brings their embeddings."""
+
+    def __init__(self, teachers=(), weight=1.0, icl=1.0, stored=False):
+        self.teachers, self.weight, self.icl, self.stored = list(teachers), float(weight), float(icl), stored
+        for t in self.teachers:
+            t.requires_grad_(False).eval()
+
+    @classmethod
+    def from_args(cls, args, device):
+        paths = args.distill or []
+        if not paths:
+            return None
+        if not all(math.isfinite(v) and v >= 0 for v in (args.distill_weight, args.distill_icl)):
+            raise ValueError(f"--distill-weight {args.distill_weight}, --distill-icl {args.distill_icl}: finite weights "
+                             f"of at least 0")
+        if "stored" in paths and len(paths) > 1:
+            raise ValueError("--distill stored reads every teacher's embeddings from the shards: give it alone")
+        if len(paths) > datalib.MAX_TEACHERS:
+            raise ValueError(f"--distill: at most {datalib.MAX_TEACHERS} teachers")
+        stored = paths == ["stored"]
+        teachers = [] if stored else [import_model(args.distill_model).load(p, device)[0] for p in paths]
+        return cls(teachers, args.distill_weight, args.distill_icl, stored)
+
+    def wrap(self, transform):
+        return datalib.WithTeachers(transform, [t.cfg.image_size for t in self.teachers], self.stored)
+
+    @torch.no_grad()
+    def features(self, batch):
+        """[(image, text, scale, bias)] per teacher for a batch on the device: made by the teachers (their
+        inputs popped from the batch) or read from it (stored: one scale and bias a teacher, in every sample)."""
+        if self.stored:
+            m = range(sum(1 for k in batch if k.startswith("teacher") and k.endswith("_image")))
+            return [(batch.pop(f"teacher{i}_image"), batch.pop(f"teacher{i}_text"), batch.pop(f"teacher{i}_scale")[0],
+                     batch.pop(f"teacher{i}_bias")[0]) for i in m]
+        texts = batch.pop("teacher_text")
+        return [(t.encode_image(batch.pop(f"teacher{i}_pixels"), normalize=True), t.encode_texts(texts),
+                 t.logit_scale.exp(), getattr(t, "logit_bias", None)) for i, t in enumerate(self.teachers)]
+
+    def loss(self, out, teachers):
+        if out["text"].dim() != 2:
+            raise ValueError("--distill distils one text per image: leave out --multi-text (LaCLIP-MT)")
+        u, w, t, b = (list(x) for x in zip(*teachers))
+        if "bias" in out:
+            d = distill_sigmoid_loss(out["image"], out["text"], out["scale"], out["bias"], u, w, t, b)
+        else:
+            d = distill_loss(out["image"], out["text"], out["scale"], u, w, t)
+        loss = self.weight * d
+        # CLIP-KD's interactive contrastive term (Yang et al. 2024): each student tower against the other
+        # tower's teacher features, with the student's own pairing; teachers of another width have none.
+        same = [(ut, wt) for ut, wt in zip(u, w) if ut.shape[1] == out["image"].shape[1]]
+        if self.icl and len(same) < len(u) and not getattr(self, "told", False):
+            self.told = print(f"--distill: {len(u) - len(same)} teacher(s) embed in another width than the student: "
+                              f"their distillation term only, no interactive term", flush=True) or True
+        if self.icl and same:
+            pair = ((lambda a, c: sigmoid_loss(a, c, out["scale"], out["bias"])) if "bias" in out
+                    else (lambda a, c: contrastive_loss(a, c, out["scale"])))
+            loss = loss + self.icl * sum(pair(out["image"], wt) + pair(ut, out["text"]) for ut, wt in same) / (2 * len(same))
+        return loss
+
+
+BLOCK = 1024  # tile edge of the PyTorch path (clip.py's): a 1024 x 1024 fp32 tile is 4 MB
+_NS = __name__.replace(".", "_")  # the ops' namespace: train, or __main__ when run as a script
+
+
+def distill_loss(image_features, text_features, logit_scale, teacher_image_features, teacher_text_features,
+                 teacher_logit_scale, group=None):
+    """Distillation from a teacher CLIP over the global batch: open_clip's DistillClipLoss term (its
+    contrastive term is contrastive_loss), the soft cross-entropy of the student's softmax against the
+    teacher's over the rows (image -> text) and over the columns (text -> image), averaged.
+
+    On one process it equals the naive form, which holds four B x B matrices:
+        s = logit_scale * image_features @ text_features.T
+        t = teacher_logit_scale * teacher_image_features @ teacher_text_features.T
+        soft = lambda t, s: -(t.softmax(1) * s.log_softmax(1)).sum(1).mean()
+        (soft(t, s) + soft(t.T, s.T)) / 2
+    An ensemble (MobileCLIP's two teachers) passes lists of teacher features and scales: the targets are
+    averaged after the softmax, p = mean over the teachers of t_m.softmax(1).
+
+    The targets of a row sum to 1, so its term is logsumexp(s_i) - sum_j p_ij s_ij: distill_tiles makes
+    the student's log-sum-exps and the target-weighted sums of s in one pass over tiles of s and t, rows
+    and columns from each tile, keeping nothing B x B. A teacher may be of another width than the
+    student. Column statistics are combined across ranks, as in contrastive_loss; every rank passes
+    the same number of rows. Gradients reach the teacher's features too when they ask for them.
+    """
+    teachers = _teacher_list(teacher_image_features, teacher_text_features, teacher_logit_scale, None)
+    logit_scale = torch.as_tensor(logit_scale, device=image_features.device)  # a float as well as a tensor
+    text_features, pos = gather_texts(image_features, text_features, group)
+    row_target = col_target = 0
+    for u, w, t, _ in teachers:
+        w = all_gather_with_grad(w, group)
+        row_s, col_s, _, col_t, row_c, col_c = distill_tiles(image_features, text_features, logit_scale, u, w, t)
+        if _distributed(group):  # each rank holds its rows' share of a column's softmax: rescale, then sum
+            total = global_logsumexp(col_t, group)
+            col_c = _AllReduceSum.apply(torch.exp(col_t - total) * col_c, group)
+        row_target = row_target + row_c / len(teachers)
+        col_target = col_target + col_c / len(teachers)
+    rows = row_s - row_target
+    cols = (global_logsumexp(col_s, group) - col_target).index_select(0, pos)
+    return (rows.mean() + cols.mean()) / 2
+
+
+def distill_sigmoid_loss(image_features, text_features, logit_scale, logit_bias, teacher_image_features,
+                         teacher_text_features, teacher_logit_scale, teacher_logit_bias=None, group=None):
+    """Distillation for a SigLIP student: the sigmoid loss with the teacher's soft labels in place of +-1
+    (2 x mean sigmoid(teacher logits) - 1), normalised as sigmoid_loss is. Naive form:
+        s = logit_scale * image_features @ text_features.T + logit_bias
+        p = mean over teachers of torch.sigmoid(t_m)      # t_m: the teacher's logits, its bias added
+        -F.logsigmoid((2 * p - 1) * s).sum() / len(s)
+    A softmax teacher has no bias (0). Each pair stands alone, so the sum is made tile by tile
+    (sigmoid_distill_rows), every rank its own images against every rank's texts; no gradient reaches
+    the teachers.
+    """
+    teachers = _teacher_list(teacher_image_features, teacher_text_features, teacher_logit_scale, teacher_logit_bias)
+    logit_scale, logit_bias = (torch.as_tensor(v, device=image_features.device) for v in (logit_scale, logit_bias))
+    text_features, _ = gather_texts(image_features, text_features, group)
+    us = [u.detach() for u, _, _, _ in teachers]
+    ws = [all_gather_with_grad(w.detach(), group) for _, w, _, _ in teachers]
+    ts = torch.stack([torch.as_tensor(t).detach().float().reshape(()) for _, _, t, _ in teachers])
+    bs = torch.stack([torch.as_tensor(0.0 if b is None else b).detach().float().reshape(()) for *_, b in teachers])
+    return sigmoid_distill_rows(image_features, text_features, logit_scale, logit_bias, us, ws, ts, bs).mean()
+
+
+def _teacher_list(image, text, scale, bias):
+    """[(image, text, scale, bias)] per teacher, from tensors (one teacher) or lists (an ensemble)."""
+    if isinstance(image, torch.Tensor):
+        image, text, scale, bias = [image], [text], [scale], [bias]
+    bias = [None] * len(image) if bias is None else bias
+    if not len(image) == len(text) == len(scale) == len(bias) > 0:
+        raise ValueError("one image feature set, text feature set and logit scale per teacher")
+    for u, w in zip(image, text):
+        if u.shape[1] != w.shape[1]:
+            raise ValueError(f"a teacher's image features are {u.shape[1]} wide and its text features {w.shape[1]}")
+    return [(u, w, torch.as_tensor(t, device=u.device), b) for u, w, t, b in zip(image, text, scale, bias)]
+
+
+
+def _distill_torch(x, y, scale, u, w, tscale):
+    """distill_tiles' forward: the student's row and column log-sum-exps, the teacher's, and the teacher's
+    softmax-weighted sums of the student's logits, rows and columns, from one pass over the tiles."""
+    n, k = x.shape[0], y.shape[0]
+    acc = torch.promote_types(_acc_dtype(x), _acc_dtype(u))
+    s, ts = scale.to(acc), tscale.to(acc)
+    row_s, row_t = (torch.full((n,), -math.inf, device=x.device, dtype=acc) for _ in range(2))
+    col_s, col_t = (torch.full((k,), -math.inf, device=x.device, dtype=acc) for _ in range(2))
+    row_c, col_c = torch.zeros(n, device=x.device, dtype=acc), torch.zeros(k, device=x.device, dtype=acc)
+    for i in range(0, n, BLOCK):
+        r = slice(i, i + BLOCK)
+        for j in range(0, k, BLOCK):
+            c = slice(j, j + BLOCK)
+            S = (x[r] @ y[c].T).to(acc) * s
+            T = (u[r] @ w[c].T).to(acc) * ts
+            row_s[r] = torch.logaddexp(row_s[r], S.logsumexp(1))
+            col_s[c] = torch.logaddexp(col_s[c], S.logsumexp(0))
+            for dim, lse, cross, sl in ((1, row_t, row_c, r), (0, col_t, col_c, c)):
+                # The teacher's weights exp(t - lse) as the running lse grows: the sums so far rescaled.
+                top = T.amax(dim, keepdim=True)
+                e = torch.exp(T - top)
+                new = torch.logaddexp(lse[sl], e.sum(dim).log() + top.squeeze(dim))
+                cross[sl] = cross[sl] * torch.exp(lse[sl] - new) + (e * S).sum(dim) * torch.exp(top.squeeze(dim) - new)
+                lse[sl] = new
+    return row_s, col_s, row_t, col_t, row_c, col_c
+
+
+def _distill_backward_torch(x, y, scale, u, w, tscale, stats, grads, teacher):
+    """Gradients of distill_tiles' six outputs, the tiles made again. With s, t one tile of the student's
+    and the teacher's logits, P = exp(t - row_t), Q = exp(t - col_t) the teacher's softmax both ways:
+        G = g_rs exp(s - row_s) + g_cs exp(s - col_s) + g_rc P + g_cc Q          (d / ds)
+        H = g_rt P + g_ct Q + g_rc P (s - row_c) + g_cc Q (s - col_c)             (d / dt, teacher only)"""
+    row_s, col_s, row_t, col_t, row_c, col_c = stats
+    g_rs, g_cs, g_rt, g_ct, g_rc, g_cc = grads
+    n, k = x.shape[0], y.shape[0]
+    acc = row_s.dtype
+    s, ts = scale.to(acc), tscale.to(acc)
+    dx, dy = torch.zeros(x.shape, dtype=acc, device=x.device), torch.zeros(y.shape, dtype=acc, device=x.device)
+    du, dw = torch.zeros(u.shape, dtype=acc, device=x.device), torch.zeros(w.shape, dtype=acc, device=x.device)
+    ds, dts = torch.zeros((), dtype=acc, device=x.device), torch.zeros((), dtype=acc, device=x.device)
+    for i in range(0, n, BLOCK):
+        r = slice(i, i + BLOCK)
+        for j in range(0, k, BLOCK):
+            c = slice(j, j + BLOCK)
+            raw, raw_t = (x[r] @ y[c].T).to(acc), (u[r] @ w[c].T).to(acc)
+            S, T = raw * s, raw_t * ts
+            P = torch.exp(T - row_t[r, None])
+            Q = torch.exp(T - col_t[None, c])
+            gP, gQ = P * g_rc[r, None], Q * g_cc[None, c]
+            G = torch.exp(S - row_s[r, None]) * g_rs[r, None] + torch.exp(S - col_s[None, c]) * g_cs[None, c] + gP + gQ
+            ds += (G * raw).sum()
+            G = G.to(x.dtype)
+            dx[r] += (G @ y[c]).to(acc) * s
+            dy[c] += (G.T @ x[r]).to(acc) * s
+            if teacher:
+                H = P * g_rt[r, None] + Q * g_ct[None, c] + gP * (S - row_c[r, None]) + gQ * (S - col_c[None, c])
+                dts += (H * raw_t).sum()
+                H = H.to(u.dtype)
+                du[r] += (H @ w[c]).to(acc) * ts
+                dw[c] += (H.T @ u[r]).to(acc) * ts
+    return (dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype), du.to(u.dtype), dw.to(w.dtype), dts.to(tscale.dtype))
+
+
+def _sig_distill_torch(x, y, scale, bias, us, ws, ts, bs, g):
+    """Row sums of softplus(-z s) with z = 2 mean_m sigmoid(t_m) - 1 (g None); with row weights g, the
+    gradients d/ds = -g z sigmoid(-z s) in x, y, scale and bias."""
+    n, k = x.shape[0], y.shape[0]
+    acc = _acc_dtype(x)
+    s, b = scale.to(acc), bias.to(acc)
+    rows = torch.zeros(n, device=x.device, dtype=acc)
+    dx, dy = torch.zeros(x.shape, dtype=acc, device=x.device), torch.zeros(y.shape, dtype=acc, device=x.device)
+    dsb = torch.zeros(2, dtype=acc, device=x.device)
+    for i in range(0, n, BLOCK):
+        r = slice(i, i + BLOCK)
+        for j in range(0, k, BLOCK):
+            c = slice(j, j + BLOCK)
+            raw = (x[r] @ y[c].T).to(acc)
+            z = sum(torch.sigmoid((u[r] @ w[c].T).to(acc) * t.to(acc) + tb.to(acc))
+                    for u, w, t, tb in zip(us, ws, ts, bs)) * (2 / len(us)) - 1
+            zs = z * (raw * s + b)
+            if g is None:
+                rows[r] += F.softplus(-zs).sum(1)
+                continue
+            p = -z * torch.sigmoid(-zs) * g[r, None].to(acc)
+            dsb[0] += (p * raw).sum()
+            dsb[1] += p.sum()
+            p = p.to(x.dtype)
+            dx[r] += (p @ y[c]).to(acc) * s
+            dy[c] += (p.T @ x[r]).to(acc) * s
+    return rows, dx.to(x.dtype), dy.to(y.dtype), dsb
+
+
+
+@torch.library.custom_op(f"{_NS}::distill_tiles", mutates_args=())
+def distill_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
+                  tscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor]:
+    """(row_s, col_s, row_t, col_t, row_c, col_c) of s = scale * x @ y.T and t = tscale * u @ w.T: the
+    log-sum-exps of s and of t along rows and columns, and sum_j exp(t_ij - row_t_i) s_ij (row_c), the
+    same down the columns (col_c); neither s nor t is ever whole."""
+    if _use_triton(x) and _use_triton(u):
+        return _distill_triton(x.contiguous(), y.contiguous(), scale, u.contiguous(), w.contiguous(), tscale)
+    return _distill_torch(x, y, scale, u, w, tscale)
+
+
+@distill_tiles.register_fake
+def _distill_tiles_fake(x, y, scale, u, w, tscale):
+    acc = torch.promote_types(_acc_dtype(x), _acc_dtype(u))
+    n, k = x.shape[0], y.shape[0]
+    return tuple(x.new_empty(m, dtype=acc) for m in (n, k, n, k, n, k))
+
+
+@torch.library.custom_op(f"{_NS}::distill_tiles_backward", mutates_args=())
+def distill_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, w: torch.Tensor,
+                           tscale: torch.Tensor, stats: list[torch.Tensor], grads: list[torch.Tensor], teacher: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_triton(x) and _use_triton(u) and not teacher:
+        return _distill_backward_triton(x.contiguous(), y.contiguous(), scale, u.contiguous(), w.contiguous(), tscale,
+                                        stats, grads)
+    return _distill_backward_torch(x, y, scale, u, w, tscale, stats, grads, teacher)
+
+
+@distill_tiles_backward.register_fake
+def _distill_tiles_backward_fake(x, y, scale, u, w, tscale, stats, grads, teacher):
+    return tuple(torch.empty_like(v) for v in (x, y, scale, u, w, tscale))
+
+
+def _distill_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _distill_backward(ctx, *grads):
+    x, y, scale, u, w, tscale, *stats = ctx.saved_tensors
+    grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, stats)]
+    need = ctx.needs_input_grad
+    out = distill_tiles_backward(x, y, scale, u, w, tscale, stats, grads, any(need[3:]))
+    return tuple(d.reshape(v.shape) if n else None for d, v, n in zip(out, (x, y, scale, u, w, tscale), need))
+
+
+distill_tiles.register_autograd(_distill_backward, setup_context=_distill_setup)
+
+
+@torch.library.custom_op(f"{_NS}::sigmoid_distill_tiles", mutates_args=())
+def sigmoid_distill_tiles(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                          us: list[torch.Tensor], ws: list[torch.Tensor], ts: torch.Tensor, bs: torch.Tensor
+                          ) -> torch.Tensor:
+    """Row sums of softplus(-z * (scale * x @ y.T + bias)), z = 2 mean_m sigmoid(ts_m * us_m @ ws_m.T + bs_m) - 1."""
+    return _sig_distill_torch(x, y, scale, bias, us, ws, ts, bs, None)[0]
+
+
+@sigmoid_distill_tiles.register_fake
+def _sigmoid_distill_tiles_fake(x, y, scale, bias, us, ws, ts, bs):
+    return x.new_empty(x.shape[0], dtype=_acc_dtype(x))
+
+
+@torch.library.custom_op(f"{_NS}::sigmoid_distill_tiles_backward", mutates_args=())
+def sigmoid_distill_tiles_backward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                                   us: list[torch.Tensor], ws: list[torch.Tensor], ts: torch.Tensor, bs: torch.Tensor,
+                                   g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _sig_distill_torch(x, y, scale, bias, us, ws, ts, bs, g)[1:]
+
+
+@sigmoid_distill_tiles_backward.register_fake
+def _sigmoid_distill_tiles_backward_fake(x, y, scale, bias, us, ws, ts, bs, g):
+    return torch.empty_like(x), torch.empty_like(y), x.new_empty(2, dtype=_acc_dtype(x))
+
+
+def _sig_distill_setup(ctx, inputs, output):
+    x, y, scale, bias, us, ws, ts, bs = inputs
+    ctx.save_for_backward(x, y, scale, bias, ts, bs, *us, *ws)
+    ctx.teachers = len(us)
+
+
+def _sig_distill_backward(ctx, g):
+    x, y, scale, bias, ts, bs, *uw = ctx.saved_tensors
+    m = ctx.teachers
+    dx, dy, dsb = sigmoid_distill_tiles_backward(x, y, scale, bias, uw[:m], uw[m:], ts, bs, g)
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None, dy if need[1] else None, dsb[0].to(scale.dtype).reshape(scale.shape) if need[2]
+            else None, dsb[1].to(bias.dtype).reshape(bias.shape) if need[3] else None, [None] * m, [None] * m, None, None)
+
+
+sigmoid_distill_tiles.register_autograd(_sig_distill_backward, setup_context=_sig_distill_setup)
+
+
+def sigmoid_distill_rows(x, y, scale, bias, us, ws, ts, bs):
+    """Per row i: sum_j softplus(-z_ij s_ij), the teachers' soft labels z fixed (no gradient to them)."""
+    return sigmoid_distill_tiles(x, y, scale, bias, list(us), list(ws), ts, bs)
+
+
+
+if triton is not None:
+    @triton.jit
+    def _distill_fwd_kernel(X, Y, U, W, SCALE, TSCALE, OFFSET, SUMS, n, k, d, e, sxn, sxd, syn, syd, sun, sud, swn,
+                            swd, SPLIT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                            BD: tl.constexpr):
+        # Program (row block, column split): for its tiles of s and t, the sums of exp(s - offset_s),
+        # exp(t - offset_t) and exp(t - offset_t) * s along rows and columns, added atomically into
+        # SUMS = [rows of the three | columns of the three].
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        s = tl.load(SCALE).to(tl.float32)
+        ts = tl.load(TSCALE).to(tl.float32)
+        cs = tl.load(OFFSET)
+        ct = tl.load(OFFSET + 1)
+        r_s = tl.zeros([BM], dtype=tl.float32)
+        r_t = tl.zeros([BM], dtype=tl.float32)
+        r_c = tl.zeros([BM], dtype=tl.float32)
+        for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
+            rn = jb * BN + tl.arange(0, BN)
+            S = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD) * s
+            T = _tile(U, W, rm, rn, n, k, e, sun, sud, swn, swd, PREC, BM, BN, BD) * ts
+            inside = (rm[:, None] < n) & (rn[None, :] < k)
+            es = tl.where(inside, tl.exp(S - cs), 0.0)
+            et = tl.where(inside, tl.exp(T - ct), 0.0)
+            ec = et * S
+            r_s += tl.sum(es, 1)
+            r_t += tl.sum(et, 1)
+            r_c += tl.sum(ec, 1)
+            tl.atomic_add(SUMS + 3 * n + rn, tl.sum(es, 0), mask=rn < k)
+            tl.atomic_add(SUMS + 3 * n + k + rn, tl.sum(et, 0), mask=rn < k)
+            tl.atomic_add(SUMS + 3 * n + 2 * k + rn, tl.sum(ec, 0), mask=rn < k)
+        tl.atomic_add(SUMS + rm, r_s, mask=rm < n)
+        tl.atomic_add(SUMS + n + rm, r_t, mask=rm < n)
+        tl.atomic_add(SUMS + 2 * n + rm, r_c, mask=rm < n)
+
+    @triton.jit
+    def _distill_grad_kernel(X, Y, U, W, SCALE, TSCALE, RS, CS, RT, CT, GRS, GCS, GRC, GCC, G, DSP, n, k, d, e,
+                             sxn, sxd, syn, syd, sun, sud, swn, swd, sgn, PREC: tl.constexpr, BM: tl.constexpr,
+                             BN: tl.constexpr, BD: tl.constexpr):
+        # One tile of scale * G (the student's logit gradient, _distill_backward_torch's G) for a chunk
+        # of rows, written out, and the tile's share of d(scale).
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        s = tl.load(SCALE).to(tl.float32)
+        ts = tl.load(TSCALE).to(tl.float32)
+        raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
+        S = raw * s
+        T = _tile(U, W, rm, rn, n, k, e, sun, sud, swn, swd, PREC, BM, BN, BD) * ts
+        rows, cols = rm < n, rn < k
+        g = (tl.exp(S - tl.load(RS + rm, mask=rows, other=0.0)[:, None]) * tl.load(GRS + rm, mask=rows, other=0.0)[:, None]
+             + tl.exp(S - tl.load(CS + rn, mask=cols, other=0.0)[None, :]) * tl.load(GCS + rn, mask=cols, other=0.0)[None, :]
+             + tl.exp(T - tl.load(RT + rm, mask=rows, other=0.0)[:, None]) * tl.load(GRC + rm, mask=rows, other=0.0)[:, None]
+             + tl.exp(T - tl.load(CT + rn, mask=cols, other=0.0)[None, :]) * tl.load(GCC + rn, mask=cols, other=0.0)[None, :])
+        inside = rows[:, None] & cols[None, :]
+        g = tl.where(inside, g, 0.0)
+        tl.store(DSP + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g * raw, 1), 0))
+        tl.store(G + rm[:, None] * sgn + rn[None, :], (g * s).to(G.dtype.element_ty), mask=inside)
+
+
+
+def _distill_triton(x, y, scale, u, w, tscale):
+    n, k = x.shape[0], y.shape[0]
+    u, w = u.to(x.dtype), w.to(x.dtype)  # one dot precision for both products: the student's
+    offset = torch.cat([_offset(x, y, scale), _offset(u, w, tscale)])
+    sums = torch.zeros(3 * (n + k), device=x.device, dtype=torch.float32)
+    meta = _tiles(x if x.shape[1] <= u.shape[1] else u)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    blocks = triton.cdiv(n, meta["BM"])
+    split = max(1, min(triton.cdiv(k, meta["BN"]), triton.cdiv(4 * sms, blocks)))
+    _distill_fwd_kernel[(blocks, split)](x, y, u, w, scale.reshape(1), tscale.reshape(1), offset, sums, n, k,
+                                         x.shape[1], u.shape[1], x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+                                         u.stride(0), u.stride(1), w.stride(0), w.stride(1), SPLIT=split, **meta)
+    rs, rt, rc, cs, ct, cc = sums.split([n, n, n, k, k, k])
+    return rs.log() + offset[0], cs.log() + offset[0], rt.log() + offset[1], ct.log() + offset[1], rc / rt, cc / ct
+
+
+def _distill_backward_triton(x, y, scale, u, w, tscale, stats, grads):
+    # The student's gradients only (a teacher that wants gradients takes the PyTorch tiles): as in
+    # _lse_backward_triton, scale * G for a chunk of rows lands in a workspace, dx and dy are products of it.
+    n, k, d = x.shape[0], y.shape[0], x.shape[1]
+    uu, ww = u.to(x.dtype), w.to(x.dtype)
+    row_s, col_s, row_t, col_t = (v.float() for v in stats[:4])
+    g_rs, g_cs, _, _, g_rc, g_cc = (v.float() for v in grads)
+    meta = _tiles(x if d <= u.shape[1] else u)
+    bm, bn = meta["BM"], meta["BN"]
+    rows = min(n, max(bm, max(WORKSPACE, 4 * k * d) // max(k, 1) // bm * bm))
+    work = torch.empty(rows, k, device=x.device, dtype=x.dtype)
+    dsp = torch.empty(triton.cdiv(rows, bm) * triton.cdiv(k, bn), device=x.device, dtype=torch.float32)
+    dx = torch.empty_like(x)
+    dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
+    ds = torch.zeros((), device=x.device, dtype=torch.float32)
+    for i in range(0, n, rows):
+        m = min(rows, n - i)
+        g, xi, ui = work[:m], x[i:i + m], uu[i:i + m]
+        grid = (triton.cdiv(m, bm), triton.cdiv(k, bn))
+        _distill_grad_kernel[grid](xi, y, ui, ww, scale.reshape(1), tscale.reshape(1), row_s[i:i + m], col_s,
+                                   row_t[i:i + m], col_t, g_rs[i:i + m], g_cs, g_rc[i:i + m], g_cc, g, dsp, m, k, d,
+                                   u.shape[1], xi.stride(0), xi.stride(1), y.stride(0), y.stride(1), ui.stride(0),
+                                   ui.stride(1), ww.stride(0), ww.stride(1), g.stride(0), **meta)
+        ds += dsp[:grid[0] * grid[1]].sum()
+        torch.mm(g, y, out=dx[i:i + m])
+        dy += _mm_f32(g.T, xi)
+    return (dx, dy.to(y.dtype), ds.to(scale.dtype), torch.zeros_like(u), torch.zeros_like(w), torch.zeros_like(tscale))
+
+
+# ----------------------------------------------------------------------------------------------
 # Evaluation
 
 
@@ -402,15 +1001,14 @@ def evaluate(model, module, sets, args, rank, world, device, autocast):
         if data is None:
             continue
         folder = isinstance(data, datalib.ImageFolder)  # labels only: no captions to retrieve
-        transform = model.transform(False)
+        transform = model.transform(False)  # the model's own evaluation preprocessing
         batches = datalib.EvalBatches(data, transform, args.batch_size, rank, world, args.seed)
         images, texts, labels, loss_sum, n_full = [], [], [], 0.0, 0
         for batch, info in datalib.loader(batches, workers=args.workers):
             full = info["full"]
             label = batch.pop("label", None)
             with autocast:
-                out = model(transform.finish(batch, device) if hasattr(transform, "finish") else
-                            {k: v.to(device, non_blocking=True) for k, v in batch.items()})
+                out = model(datalib.to_device(transform.finish(batch) if hasattr(transform, "finish") else batch, device))
                 if full and not folder:  # every rank is here in lockstep: the loss's collectives line up
                     loss_sum += model.loss(out).float().item()
                     n_full += 1
@@ -427,13 +1025,13 @@ def evaluate(model, module, sets, args, rank, world, device, autocast):
         if parts[0][2] is not None and hasattr(data, "classnames") and (rank == 0 or args.fsdp):
             for lang, names in data.classnames.items():  # under FSDP every rank: the text tower is sharded
                 with autocast:
-                    classifiers[lang] = module.zero_shot_classifier(model, names, data.templates[lang]).float().cpu()
+                    classifiers[lang] = zero_shot_classifier(model, names, data.templates[lang]).float().cpu()
         if rank != 0:
             continue
         image, text = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         label = torch.cat([p[2] for p in parts]) if parts[0][2] is not None else None
         if not folder:
-            metrics.update(module.retrieval_metrics(image, text))
+            metrics.update(retrieval_metrics(image, text))
             if parts[0][4]:
                 metrics["val_loss"] = sum(p[3] for p in parts) / sum(p[4] for p in parts)
         if label is not None:
@@ -446,6 +1044,33 @@ def evaluate(model, module, sets, args, rank, world, device, autocast):
                     metrics["zeroshot_top5"] = (top == label[:, None]).any(1).float().mean().item()
     model.train(was_training)
     return metrics
+
+
+@torch.no_grad()
+def zero_shot_classifier(model, classnames, templates):
+    """[C, D]: per class, the mean of its normalised prompt embeddings (model.encode_texts), re-normalised."""
+    weights = []
+    for name in classnames:
+        e = model.encode_texts([t.format(name) for t in templates]).float()
+        weights.append(F.normalize(e.mean(0), dim=-1))
+    return torch.stack(weights)
+
+
+@torch.no_grad()
+def retrieval_metrics(image_features, text_features, chunk=4096, ks=(1, 5, 10)):
+    """R@k both ways for paired rows, chunked so N x N similarities are never held at once (a tie counts
+    against the pair)."""
+    out = {}
+    for name, q, k in (("i2t", image_features, text_features), ("t2i", text_features, image_features)):
+        ranks = []
+        for i in range(0, q.shape[0], chunk):
+            sims = q[i:i + chunk] @ k.T
+            target = sims[torch.arange(sims.shape[0]), torch.arange(i, i + sims.shape[0])]
+            ranks.append((sims > target[:, None]).sum(1))
+        ranks = torch.cat(ranks)
+        for kk in ks:
+            out[f"{name}_r{kk}"] = (ranks < kk).float().mean().item()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -667,56 +1292,11 @@ def save_checkpoint(out, state, keep):
     return None
 
 
-LOCK = "train.lock"
-_held = {}  # out -> the open lock file of this process's run there
-
-
-def lock_out(out):
-    """Rank 0 holds OUT/train.lock (its pid and host inside) for the run's life: a second run on the same
-    --out is refused in one line instead of interleaving its checkpoints and metrics with the first's.
-
-    The lock is the kernel's (flock), so a run that dies in any way, SIGKILL included, releases it: a
-    stale file is taken over without asking. The file is removed on exit; a run that opened it just
-    before checks that it locked the file still at that path, else tries again."""
-    import fcntl
-    import socket
-
-    path = os.path.join(out, LOCK)
-    for _ in range(10):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "a process"
-            os.close(fd)
-            raise SystemExit(f"train.py: {out} is in use by another run ({holder}, holding {path}); wait for it to "
-                             f"end, or pass another --out") from None
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
-        except FileNotFoundError:
-            same = False
-        if same:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-            _held[out] = fd
-            return
-        os.close(fd)  # the holder removed it as we opened it: lock the new one
-    raise SystemExit(f"train.py: could not lock {path}; is another run starting on {out}?")
-
-
-def unlock_out(out):
-    fd = _held.pop(out, None)
-    if fd is not None:
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(out, LOCK))  # removed while still held: no one can lock the old file after
-        os.close(fd)
-
-
 def decide_start(args, module, world):
     """Rank 0: (path, checkpoint) to resume from, or (None, None) for a new run; SystemExit to refuse."""
     if args.resume and args.overwrite:
         raise SystemExit("train.py: --resume continues the run in --out and --overwrite deletes it: pass one")
-    lock_out(args.out)
+    datalib.lock_folder(args.out, "train.py", "train.lock")
     path, ckpt = start_or_resume(args)
     if ckpt:
         defaults = {a.dest: a.default for a in build_parser(module)._actions}
@@ -738,9 +1318,11 @@ def decide_start(args, module, world):
     return path, ckpt
 
 
-def checkpoint_state(model, opt, step, args, world, device, data_position=None, scaler=None):
+def checkpoint_state(model, opt, step, args, world, device, data_position=None, scaler=None, lora=None):
     """What a checkpoint holds. Under --fsdp every rank calls it: the whole weights are gathered to rank 0
-    (others get None), or with --sharded-checkpoint every rank writes its shards to OUT/checkpoint-STEP.dcp."""
+    (others get None), or with --sharded-checkpoint every rank writes its shards to OUT/checkpoint-STEP.dcp.
+    With LoRA (lora: its spec and layout) 'model' holds the merged weights, which the model file's load()
+    reads as a plain model, and 'lora' the base weights and adapters that a resume continues from."""
     weights = optimizer = sharded = None
     if args.sharded_checkpoint:
         sharded = write_shards(model, opt, args.out, step)
@@ -756,7 +1338,12 @@ def checkpoint_state(model, opt, step, args, world, device, data_position=None, 
         weights, optimizer = model.state_dict(), opt.state_dict()
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
+    lora_state = None
+    if lora and weights is not None:
+        weights, lora_state = merged_weights(weights, *lora)
     return {"model": weights, "optimizer": optimizer, "sharded": sharded, "step": step, "data": data_position,
+            "lora": {"spec": lora[0], "layout": {k: [list(s) for s in v] for k, v in lora[1].items()}, "state": lora_state}
+            if lora else None,
             "samples_seen": step * args.batch_size * world, "extra": model.extra_state(), "args": vars(args),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": {"torch": torch.get_rng_state(),
@@ -859,6 +1446,7 @@ def build_model(args, module, ckpt, captions, rank, world, device):
     model = module.create(args, captions(), extra=extra).to(device)
     if ckpt and ckpt["model"] is not None:  # whole weights load before sharding; shards after
         model.load_state_dict(ckpt["model"])
+    lora = with_lora(model, args, ckpt)
     if args.grad_checkpointing:
         checkpoint_blocks(model)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
@@ -872,7 +1460,35 @@ def build_model(args, module, ckpt, captions, rank, world, device):
     if ckpt:
         restore(model, opt, ckpt, args, scaler)
         set_rng_state((ckpt["rng"]["torch"], ckpt["rng"].get("cuda")), device)
-    return model, opt, scaler, scalars, autocast
+    return model, opt, scaler, scalars, autocast, lora
+
+
+def with_lora(model, args, ckpt):
+    """--lora's adapters on the model (after --init's weights and the LiT locks): (spec, layout), or None.
+    A resumed run keeps the adapters its checkpoint records, base weights and adapters as they were."""
+    saved = (ckpt or {}).get("lora")
+    if ckpt and not saved and args.lora:
+        raise ValueError("--lora cannot join a run on resume (its optimizer holds every weight): start a new --out "
+                         "with --init OUT/checkpoint.pt --lora R")
+    if saved:
+        spec = saved_lora_spec(saved.get("spec"), "the checkpoint")
+    elif args.lora:
+        if getattr(args, "lock_image_unlocked_layers", 0) or getattr(args, "lock_text_unlocked_layers", 0):
+            raise ValueError("--lora freezes every weight: --lock-*-unlocked-layers has nothing to unlock; drop it")
+        split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
+        spec = lora_spec(args.lora, args.lora_alpha, split(args.lora_targets), args.lora_dropout, split(args.lora_towers),
+                         args.lora_train_scale)
+    else:
+        return None
+    spec, layout = add_lora(model, spec)
+    if saved and saved.get("state") is not None:
+        own = {k: v.shape for k, v in model.state_dict().items() if ".parametrizations." in k}
+        state = saved["state"]
+        if not isinstance(state, dict) or set(state) != set(own) or any(
+                not isinstance(state[k], torch.Tensor) or state[k].shape != own[k] for k in own):
+            raise ValueError("the checkpoint's LoRA weights do not fit its LoRA settings")
+        model.load_state_dict(state, strict=False)
+    return spec, layout
 
 
 def read_metrics(path, numbers_only=True):
@@ -1002,10 +1618,10 @@ class Progress:
             self.reporters.close()
 
 
-def save(model, opt, step, args, rank, world, device, control, data_position, scaler, ckpt_path):
+def save(model, opt, step, args, rank, world, device, control, data_position, scaler, ckpt_path, lora=None):
     """A checkpoint from rank 0 (every rank under --fsdp takes part); a failed write stops every rank."""
     failed = None
-    state = (checkpoint_state(model, opt, step, args, world, device, data_position, scaler)
+    state = (checkpoint_state(model, opt, step, args, world, device, data_position, scaler, lora)
              if rank == 0 or args.fsdp else None)  # FSDP: every rank takes part in gathering or writing
     if rank == 0:
         failed = save_checkpoint(args.out, state, args.keep)
@@ -1022,7 +1638,7 @@ def main(argv=None):
     try:
         return run(args, module)
     finally:
-        unlock_out(args.out)  # rank 0's hold on --out ends with the run, whatever ended it
+        datalib.unlock_folder(args.out)  # rank 0's hold on --out ends with the run, whatever ended it
 
 
 def run(args, module):
@@ -1035,13 +1651,19 @@ def run(args, module):
         steps_from_epochs(args, datalib.num_samples(train_data, args), world)
     ckpt = agree_on_start(args, module, rank, world, control)
     torch.manual_seed(args.seed)
-    model, opt, scaler, scalars, autocast = build_model(args, module, ckpt, train_data.caption_corpus, rank, world,
-                                                        device)
+    model, opt, scaler, scalars, autocast, lora = build_model(args, module, ckpt, train_data.caption_corpus, rank,
+                                                              world, device)
     step = ckpt["step"] if ckpt else 0
     forward, sync = distribute(model, args, world, device)
     params = [p for p in model.parameters() if p.requires_grad]
     progress, stop, metrics = Progress(args, rank, world, device, control, step, ckpt is not None), StopRequest(), {}
-    transform = model.transform(True, gpu_decode=args.gpu_decode)
+    # the samples' inputs, made in the loader workers: the model's transform, its images cropped by data.py
+    # (decoded on the device under --gpu-decode), with what the teachers need beside them
+    images = datalib.RandomCrop(model.cfg.image_size, defer=args.gpu_decode)
+    transform = model.transform(True, images=images)
+    distiller = Distiller.from_args(args, device)
+    if distiller:
+        transform = distiller.wrap(transform)
     batches = datalib.train_batches(train_data, transform, args.batch_size, rank, world, args.seed,
                                     args.workers, ckpt.get("data") if ckpt else None, step)
     position = datalib.Position(batches, rank)
@@ -1062,17 +1684,20 @@ def run(args, module):
         batch.pop("label", None)
         if args.patch_dropout_until and step >= args.patch_dropout_until:  # FLIP's unmasked tuning
             batch.pop("patch_keep", None)
-        if hasattr(transform, "finish"):  # the model's own hand-over (--gpu-decode: the JPEGs decoded there)
-            batch = transform.finish(batch, device, info["notes"])
-        else:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if hasattr(transform, "finish"):  # the model's own hand-over on the CPU (its texts trimmed)
+            batch = transform.finish(batch)
+        batch = datalib.to_device(batch, device, images, info["notes"])  # --gpu-decode: the JPEGs decoded there
+        with autocast:  # the teachers' features (online ones run here, stored ones come with the batch)
+            teachers = distiller.features(batch) if distiller else None
+        batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}  # what a transform said in words
+        loss_fn = (lambda out: model.loss(out) + distiller.loss(out, teachers)) if distiller else model.loss
         progress.count(info)
         position.update(info)
         # forward, backward over the global batch, optimizer step
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = train_step(forward, sync, model, batch, args.accum, autocast, device, scaler)
+        loss = train_step(forward, sync, loss_fn, batch, args.accum, autocast, device, scaler)
         reduce_scalars(scalars, world)
         if scaler is not None:
             scaler.unscale_(opt)  # clip the true gradients; a step with inf/nan ones is skipped
@@ -1100,7 +1725,7 @@ def run(args, module):
         if (args.save_every and step % args.save_every == 0) or last or stopping:
             progress.check_finite(step, ckpt_path, model)
             save(model, opt, step, args, rank, world, device, control, position.state(world, control), scaler,
-                 ckpt_path)
+                 ckpt_path, lora)
         if stopping:
             if rank == 0:
                 print(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with --resume", flush=True)
@@ -1110,6 +1735,298 @@ def run(args, module):
         dist.barrier()
         dist.destroy_process_group()
     return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# python train.py export CKPT OUT --format open_clip|hf|peft: weights any model file's load() reads, in
+# the layouts of open_clip and transformers (peft: a LoRA checkpoint's adapters). Each model file keeps
+# the names its own readers map (hf_names); the files are written here, through data.write_file.
+
+OPENAI_VOCAB = "7cccc44d334555d1ff3c0ac5f0246b428fab2918383e77ee745cf30d41010b78"  # sha256 of its tokens, in id order
+EXPORTS = {"clip": ("open_clip", "hf", "peft"), "laclip": ("open_clip", "hf", "peft"), "altclip": ("hf",)}
+
+
+def write_json(path, value):
+    datalib.write_file(path, json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def save_weights(sd, folder, stem="model"):
+    """transformers' (stem adapter_model: peft's) weight file: STEM.safetensors where safetensors is
+    installed, else pytorch_model.bin (adapter_model.bin); returns its name."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    try:
+        from safetensors.torch import save
+    except ImportError:
+        name = "pytorch_model.bin" if stem == "model" else f"{stem}.bin"
+        datalib.write_file(os.path.join(folder, name), lambda f: torch.save(sd, f))
+        return name
+    datalib.write_file(os.path.join(folder, f"{stem}.safetensors"), save(sd, metadata={"format": "pt"}))
+    return f"{stem}.safetensors"
+
+
+def write_clip_tokenizer(module, tok, out):
+    """tokenizer.json (with the lower-casing and SOT/EOT the model file adds in Python), vocab.json,
+    merges.txt and tokenizer_config.json: transformers' CLIPTokenizer and AutoTokenizer read them."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, normalizers, processors
+
+    sot, eot = module.SOT, module.EOT
+    hf = HFTokenizer.from_str(tok.to_str())
+    hf.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    hf.post_processor = processors.TemplateProcessing(single=f"{sot} $A {eot}", pair=f"{sot} $A {eot} $B {eot}",
+                                                      special_tokens=[(sot, tok.sot), (eot, tok.eot)])
+    datalib.write_file(os.path.join(out, "tokenizer.json"), hf.to_str())
+    bpe = json.loads(hf.to_str())["model"]
+    datalib.write_file(os.path.join(out, "vocab.json"), json.dumps(bpe["vocab"], ensure_ascii=False))
+    datalib.write_file(os.path.join(out, "merges.txt"), "#version: 0.2\n" + "".join(
+        (m if isinstance(m, str) else " ".join(m)) + "\n" for m in bpe["merges"]))
+    special = {"bos_token": sot, "eos_token": eot, "unk_token": eot, "pad_token": eot}
+    write_json(os.path.join(out, "tokenizer_config.json"), {
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": tok.context_length, "do_lower_case": True,
+        "clean_up_tokenization_spaces": False, **special})
+    write_json(os.path.join(out, "special_tokens_map.json"), special)
+
+
+def preprocessor_config(size, mean, std):
+    return {"image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor", "do_resize": True,
+            "size": {"shortest_edge": size}, "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+            "image_mean": list(mean), "image_std": list(std)}
+
+
+def hf_weights(module, cfg, sd):
+    """Our weights under transformers' CLIPModel names (module.hf_names, the reader's map, the other way);
+    names sd lacks are passed over."""
+    out = {}
+    for ours, theirs, how in module.hf_names(cfg):
+        if ours in sd and how == "qkv":
+            out.update({theirs.format(p): part for p, part in zip("qkv", sd[ours].chunk(3))})
+        elif ours in sd:
+            out[theirs] = sd[ours].T if how == "T" else sd[ours]
+    return out
+
+
+def export_hf(module, model, out):
+    """A transformers CLIPModel folder: config.json, weights, tokenizer files, preprocessor_config.json."""
+    cfg, tok = model.cfg, model.tokenizer
+    if cfg.loss == "sigmoid":
+        raise ValueError("transformers' CLIPModel has no logit_bias for this sigmoid-loss model (and its SiglipModel "
+                         "is another architecture); export --format open_clip, which keeps the bias")
+    # transformers pools at the first eos_token_id, or at the highest id for a config that says 2
+    eos = cfg.eos_id if cfg.eos_id is not None else tok.eot if tok.eot == tok.vocab_size - 1 else 2
+    tower = dict(hidden_act="quick_gelu" if cfg.quick_gelu else "gelu", layer_norm_eps=cfg.ln_eps, projection_dim=cfg.embed_dim)
+    write_json(os.path.join(out, "config.json"), {
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
+        "logit_scale_init_value": 2.6592, "torch_dtype": "float32",
+        "text_config": {"model_type": "clip_text_model", "vocab_size": cfg.vocab_size, "hidden_size": cfg.text_width,
+                        "intermediate_size": cfg.text_mlp, "num_hidden_layers": cfg.text_layers,
+                        "num_attention_heads": cfg.text_heads, "max_position_embeddings": cfg.context_length,
+                        "bos_token_id": tok.sot, "eos_token_id": eos, "pad_token_id": tok.eot, **tower},
+        "vision_config": {"model_type": "clip_vision_model", "hidden_size": cfg.vision_width,
+                          "intermediate_size": cfg.vision_mlp, "num_hidden_layers": cfg.vision_layers,
+                          "num_attention_heads": cfg.vision_heads, "image_size": cfg.image_size,
+                          "patch_size": cfg.patch_size, "num_channels": 3, **tower}})
+    weights = save_weights(hf_weights(module, cfg, model.state_dict()), out)
+    write_clip_tokenizer(module, tok, out)
+    write_json(os.path.join(out, "preprocessor_config.json"), preprocessor_config(cfg.image_size, cfg.image_mean, cfg.image_std))
+    return [f"wrote {out}: config.json, {weights}, tokenizer files, preprocessor_config.json",
+            f"transformers: CLIPModel.from_pretrained({out!r}), CLIPProcessor.from_pretrained({out!r})"]
+
+
+def open_clip_name(module, cfg):
+    """open_clip's built-in model name for these shapes (ViT-B-32, ViT-B-16-quickgelu, ...), or None. Its text
+    pooling is argmax: the same token as ours where nothing follows EOT in the vocabulary."""
+    if cfg.loss != "softmax":  # the named models have no logit_bias
+        return None
+    skip = ("quick_gelu", "eos_id", "init_logit_scale")
+    shapes = {k: v for k, v in vars(cfg).items() if k not in skip}
+    for name, preset in module.CONFIGS.items():
+        if name != "tiny" and {k: v for k, v in vars(preset).items() if k not in skip} == shapes:
+            return name + ("-quickgelu" if cfg.quick_gelu else "")  # QuickGELU is part of open_clip's name
+    return None
+
+
+def export_open_clip(module, model, out):
+    """open_clip's local-dir layout; for a preset's shapes with OpenAI's vocabulary the weights file also
+    loads as pretrained=FILE under the open_clip name of that preset."""
+    import hashlib
+
+    cfg, tok = model.cfg, model.tokenizer
+    if cfg.vision_width % cfg.vision_heads or cfg.ln_eps != 1e-5:
+        raise ValueError("open_clip cannot express this model (vision heads of unequal width, or layer-norm eps "
+                         f"{cfg.ln_eps} instead of 1e-5); export --format hf instead")
+    ratio = {}
+    for name, width, mlp in (("vision", cfg.vision_width, cfg.vision_mlp), ("text", cfg.text_width, cfg.text_mlp)):
+        ratio[name] = mlp / width
+        if int(width * ratio[name]) != mlp:  # how open_clip turns mlp_ratio back into a width
+            raise ValueError(f"open_clip cannot express the {name} MLP width {mlp}; export --format hf instead")
+    text_cfg = {"context_length": cfg.context_length, "vocab_size": cfg.vocab_size, "width": cfg.text_width,
+                "heads": cfg.text_heads, "layers": cfg.text_layers, "mlp_ratio": ratio["text"]}
+    if cfg.eos_id is not None:
+        text_cfg.update(pool_type="eos", eos_id=cfg.eos_id)
+    vocab = tok.tokenizer.get_vocab()
+    openai_vocab = hashlib.sha256("\n".join(sorted(vocab, key=vocab.get)).encode()).hexdigest() == OPENAI_VOCAB
+    lines = [f"wrote {out}: open_clip_config.json, open_clip_pytorch_model.bin"]
+    if not openai_vocab:  # open_clip then reads the folder's tokenizer files through transformers
+        write_clip_tokenizer(module, tok, out)
+        text_cfg["hf_tokenizer_name"] = "."
+        lines.append("open_clip: this model's tokenizer is not OpenAI's; open_clip reads the folder's tokenizer.json "
+                     "through transformers (pip install transformers)")
+    bias = {"init_logit_bias": model.logit_bias.item()} if cfg.loss == "sigmoid" else {}  # open_clip's SigLIP switch
+    write_json(os.path.join(out, "open_clip_config.json"), {
+        "model_cfg": {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.quick_gelu, **bias,
+                      "vision_cfg": {"image_size": cfg.image_size, "layers": cfg.vision_layers, "width": cfg.vision_width,
+                                     "head_width": cfg.vision_width // cfg.vision_heads, "mlp_ratio": ratio["vision"],
+                                     "patch_size": cfg.patch_size},
+                      "text_cfg": text_cfg},
+        "preprocess_cfg": {"mean": list(cfg.image_mean), "std": list(cfg.image_std), "interpolation": "bicubic",
+                           "resize_mode": "shortest", "size": cfg.image_size}})
+    weights = os.path.join(out, "open_clip_pytorch_model.bin")
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    datalib.write_file(weights, lambda f: torch.save(sd, f))
+    lines.append(f"open_clip: create_model_and_transforms('local-dir:{out}')")
+    name = open_clip_name(module, cfg)
+    if name and openai_vocab:
+        lines.append(f"open_clip: also create_model_and_transforms({name!r}, pretrained={weights!r})")
+    elif name:
+        lines.append(f"open_clip: not loadable as {name!r} with pretrained=FILE: that name's tokenizer is OpenAI's "
+                     f"and this model's is not; use local-dir")
+    return lines
+
+
+def export_peft(module, path, out, tokenizer=None):
+    """A LoRA checkpoint as peft reads it: OUT/base, a transformers CLIPModel folder of the base weights (the
+    logit scale as trained), and OUT/adapter, peft's adapter_config.json and weights, so that
+        PeftModel.from_pretrained(CLIPModel.from_pretrained(OUT/base), OUT/adapter)
+    computes this checkpoint's features. A part of our fused q, k, v projection is transformers' q_proj,
+    k_proj or v_proj, so each adapter is that module's as it stands."""
+    with module.reading(path):
+        ckpt = module.load_tensors(path)
+        if not isinstance(ckpt.get("lora"), dict):
+            raise ValueError(f"{path} holds no LoRA adapters (train.py --lora R makes them): export it --format hf")
+        spec = saved_lora_spec(ckpt["lora"].get("spec"), path)
+        layout = lora_layout_of(ckpt["lora"].get("layout"), path)
+        state = ckpt["lora"].get("state")
+        model, _ = module.load(path, tokenizer=tokenizer)  # the merged model, checked
+    if model.tokenizer is None:
+        raise ValueError(f"{path} carries no tokenizer: pass --tokenizer so that it travels with the export")
+    base = model.state_dict()
+    for name in layout:  # the base weights where adapters sit
+        module_name, _, pname = name.rpartition(".")
+        base[name] = state[f"{module_name}.parametrizations.{pname}.original".lstrip(".")].float()
+    with torch.no_grad():
+        model.load_state_dict(base)
+    os.makedirs(os.path.join(out, "base"), exist_ok=True)
+    lines = export_hf(module, model, os.path.join(out, "base"))
+    theirs = {ours: hf for ours, hf, _ in module.hf_names(model.cfg)}
+    adapters, used = {}, set()
+    for name, spans in layout.items():
+        module_name, _, pname = name.rpartition(".")
+        stem = f"{module_name}.parametrizations.{pname}".lstrip(".")
+        rows = state[f"{stem}.original"].shape[0]
+        for i, (start, _) in enumerate(spans):
+            target = theirs[name].format("qkv"[start * 3 // rows]) if "{}" in theirs[name] else theirs[name]
+            target = target.rsplit(".", 1)[0]
+            for ab in "AB":
+                adapters[f"base_model.model.{target}.lora_{ab}.weight"] = state[f"{stem}.{i}.{ab}"]
+            used.add(re.sub(r"\\\.\d+\\\.", lambda _: r"\.\d+\.", re.escape(target), count=1))  # every layer
+    config = {"peft_type": "LORA", "task_type": None, "r": spec["rank"], "lora_alpha": spec["alpha"],
+              "lora_dropout": spec["dropout"], "target_modules": "(" + "|".join(sorted(used)) + ")", "bias": "none",
+              "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+              "inference_mode": True, "modules_to_save": None, "base_model_name_or_path": None}
+    folder = os.path.join(out, "adapter")
+    os.makedirs(folder, exist_ok=True)
+    write_json(os.path.join(folder, "adapter_config.json"), config)
+    weights = save_weights(adapters, folder, "adapter_model")
+    return lines[:1] + [f"wrote {folder}: adapter_config.json, {weights}",
+                        f"peft: PeftModel.from_pretrained(CLIPModel.from_pretrained({os.path.join(out, 'base')!r}), {folder!r})"]
+
+
+def export_altclip_hf(module, model, out):
+    """A transformers AltCLIPModel folder from an altclip model: its XLM-R student as the text tower (a stage 1
+    checkpoint's teacher is left out), CLIP's image tower, config.json, tokenizer files."""
+    cfg, tok = model.cfg, model.tokenizer
+    sd = {f"text_model.roberta.{k}": v for k, v in model.text_model.roberta.state_dict().items()}
+    for name in ("pre_LN", "transformation"):
+        sd.update({f"text_model.{name}.{k}": v for k, v in getattr(model.text_model, name).state_dict().items()})
+    visual = {f"visual.{k}": v for k, v in model.visual.state_dict().items()}
+    sd.update(hf_weights(module, argparse.Namespace(text_layers=0, vision_layers=cfg.vision_layers), visual))
+    sd["text_projection.weight"], sd["logit_scale"] = model.text_projection.weight, model.logit_scale
+    weights = save_weights(sd, out)
+    write_json(os.path.join(out, "config.json"), {
+        "architectures": ["AltCLIPModel"], "model_type": "altclip", "projection_dim": cfg.embed_dim,
+        "logit_scale_init_value": 2.6592, "torch_dtype": "float32",
+        "text_config": {"model_type": "altclip_text_model", "vocab_size": cfg.vocab_size, "hidden_size": cfg.text_width,
+                        "num_hidden_layers": cfg.text_layers, "num_attention_heads": cfg.text_heads,
+                        "intermediate_size": cfg.text_mlp, "hidden_act": "gelu",
+                        "max_position_embeddings": cfg.text_max_positions, "type_vocab_size": cfg.text_type_vocab,
+                        "layer_norm_eps": cfg.text_eps, "pad_token_id": cfg.pad_id, "project_dim": cfg.teacher_width,
+                        "position_embedding_type": "absolute"},
+        "vision_config": {"model_type": "altclip_vision_model", "hidden_size": cfg.vision_width,
+                          "intermediate_size": cfg.vision_mlp or 4 * cfg.vision_width,
+                          "num_hidden_layers": cfg.vision_layers, "num_attention_heads": cfg.vision_heads,
+                          "image_size": cfg.image_size, "patch_size": cfg.patch_size, "num_channels": 3,
+                          "hidden_act": "quick_gelu" if cfg.quick_gelu else "gelu", "layer_norm_eps": 1e-5,
+                          "projection_dim": cfg.embed_dim}})
+    datalib.write_file(os.path.join(out, "tokenizer.json"), tok.to_str())
+    vocab = tok.tokenizer.get_vocab()
+    special = {role: name for role, names in (("pad_token", ("<pad>", "[PAD]")), ("unk_token", ("<unk>", "[UNK]")),
+                                              ("bos_token", ("<s>", "[CLS]")), ("eos_token", ("</s>", "[SEP]")),
+                                              ("cls_token", ("<s>", "[CLS]")), ("sep_token", ("</s>", "[SEP]")),
+                                              ("mask_token", ("<mask>", "[MASK]"))) for name in names if name in vocab}
+    write_json(os.path.join(out, "tokenizer_config.json"), {"tokenizer_class": "PreTrainedTokenizerFast",
+                                                            "model_max_length": cfg.context_length, **special})
+    write_json(os.path.join(out, "preprocessor_config.json"), preprocessor_config(cfg.image_size, module.MEAN, module.STD))
+    return [f"wrote {out}: config.json, {weights}, tokenizer.json, preprocessor_config.json",
+            f"transformers: AltCLIPModel.from_pretrained({out!r}); its tokenizer: AutoTokenizer.from_pretrained({out!r}) "
+            f"(this model's own, not necessarily XLM-R's: AltCLIPProcessor expects XLM-R's)"]
+
+
+def export(path, out, fmt, model_name=None, tokenizer=None):
+    """Convert weights a model file's load() reads (model_name's; default: the one a train.py checkpoint
+    names, else clip) to open_clip's, transformers' or (a LoRA checkpoint) peft's layout; returns what to
+    tell the user. A LoRA checkpoint's open_clip and hf exports hold the merged weights."""
+    name = model_name or checkpoint_model(path) or "clip"
+    if fmt not in EXPORTS.get(name, ()):
+        offered = EXPORTS.get(name)
+        raise ValueError(f"{name} exports {' or '.join(offered)}, not {fmt}" if offered else
+                         f"{name} has no export format: its checkpoints load with {name}.load()")
+    module = import_model(name)
+    datalib.lock_folder(out, "train.py export")
+    try:
+        if fmt == "peft":
+            return export_peft(module, path, out, tokenizer)
+        model, _ = module.load(path, tokenizer=tokenizer)
+        if model.tokenizer is None:
+            raise ValueError(f"{path} carries no tokenizer: pass --tokenizer (bpe_simple_vocab_16e6.txt.gz or a "
+                             f"tokenizer.json) so that it travels with the export")
+        if name == "altclip":
+            return export_altclip_hf(module, model, out)
+        return (export_hf if fmt == "hf" else export_open_clip)(module, model, out)
+    finally:
+        datalib.unlock_folder(out)
+
+
+def checkpoint_model(path):
+    """The model a train.py checkpoint names, or None (another tool's weights, a folder, a file that does not
+    load: the model file's checked reader says what is wrong with it later)."""
+    try:  # mmap: the args without reading the weights
+        name = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"]["model"]
+        return name if name in MODELS else None
+    except Exception:
+        return None
+
+
+def export_main(argv):
+    p = argparse.ArgumentParser(prog="train.py export", description="weights in open_clip's, transformers' or peft's layout")
+    p.add_argument("checkpoint", help="OUT/checkpoint.pt of train.py, or any weights the model file's load() reads")
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--format", required=True, choices=("open_clip", "hf", "peft"))
+    p.add_argument("--model", default=None, choices=MODELS, help="the model file that reads CHECKPOINT (default: "
+                   "the one a train.py checkpoint names, else clip)")
+    p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer")
+    args = p.parse_args(argv)
+    for line in export(args.checkpoint, args.out, args.format, args.model, args.tokenizer):
+        print(line)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1183,7 +2100,7 @@ def zero_shot_grid(ckpt, path, n=16):
     labels = batch.pop("label")
     image = model(batch)["image"].float()
     names = val.classnames["en"]
-    top = (image @ module.zero_shot_classifier(model, names, val.templates["en"]).float().T).topk(3, dim=1)
+    top = (image @ zero_shot_classifier(model, names, val.templates["en"]).float().T).topk(3, dim=1)
     cells = []
     for i in range(n):
         buf = io.BytesIO()
@@ -1265,7 +2182,9 @@ INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Permis
 
 if __name__ == "__main__":
     try:
-        if sys.argv[1:2] == ["report"]:
+        if sys.argv[1:2] == ["export"]:
+            export_main(sys.argv[2:])
+        elif sys.argv[1:2] == ["report"]:
             if len(sys.argv) != 3:
                 raise SystemExit("usage: python train.py report OUT  (writes OUT/report.html)")
             print(f"wrote {report(sys.argv[2])}")
