@@ -249,6 +249,22 @@ def write_file(path, payload):
         raise
 
 
+def fingerprint(path):
+    """sha256 of a file's bytes, or of a folder's regular files (names, sizes and bytes, one level): what a
+    run depends on (a teacher, a tokenizer, --init weights), recorded so a resume can tell it changed."""
+    h = hashlib.sha256()
+    files = [path] if not os.path.isdir(path) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
+    for f in files:
+        h.update(f"{os.path.basename(f)}\0{os.path.getsize(f)}\0".encode("utf-8", "replace"))
+        with open(f, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as stream:
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                raise ValueError(f"{f}: not a regular file")
+            for block in iter(lambda: stream.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 _locks = {}  # folder -> the open lock file of this process's command there
 
 
@@ -261,8 +277,6 @@ def lock_folder(folder, who, name=".lock"):
     import socket
 
     os.makedirs(folder, exist_ok=True)
-    if folder in _locks:
-        return
     path = os.path.join(folder, name)
     for _ in range(10):
         try:
@@ -660,7 +674,7 @@ TOO_LARGE = ""  # keys no file extension can be
 UNREAD = "/"
 
 
-def decode_sample(key, group, path):
+def decode_sample(key, group, path, teachers=None):
     """{'image', 'text'} plus what a .json member holds ('rewrites', 'texts', 'label', 'boxes'), or SampleError."""
     where = f"{path}:{key}"
     if TOO_LARGE in group:
@@ -685,7 +699,7 @@ def decode_sample(key, group, path):
             raise SampleError("bad boxes", f"{where}.json: 'boxes' must be a list of [x0, y0, x1, y1]")
         sample["boxes"] = boxes
     if "teacher" in meta:  # clip.py reinforce's stored teachers (MobileCLIP's reinforced data)
-        sample["teacher"] = stored_teacher(meta["teacher"], group, 1 + len(sample.get("rewrites", ())), where)
+        sample["teacher"] = stored_teacher(meta["teacher"], group, 1 + len(sample.get("rewrites", ())), where, teachers)
     label = meta.get("label", group.get("cls"))
     if isinstance(label, bytes) and label.strip().isdigit():
         label = int(label)
@@ -699,11 +713,12 @@ MAX_AUGMENTATIONS = 1024  # stored crops per sample (clip.py reinforce's --augme
 MAX_SCALE = 1000.0  # a stored teacher's logit scale, and |bias|: CLIP clamps its scale at 100
 
 
-def stored_teacher(spec, group, texts, where):
-    """A reinforced sample's teachers (clip.py reinforce): {'augmentations': K, 'seed', 'scales', 'biases',
+def stored_teacher(spec, group, texts, where, teachers=None):
+    """A reinforced sample's teachers (data.py reinforce): {'augmentations': K, 'seed', 'scales', 'biases',
     'embeddings': [float32 [K + texts, E] per teacher]}: rows 0..K-1 the teacher's embeddings of the K
-    stored crops, then one per text (the caption, then each rewrite). Checked whole: a bad one is
-    SampleError 'bad teacher data'."""
+    stored crops, then one per text (the caption, then each rewrite). Checked whole, and against the
+    teachers the shards' manifests name (read_manifests), if given: a bad one is SampleError 'bad
+    teacher data'."""
     def bad(why):
         return SampleError("bad teacher data", f"{where}: {why}")
 
@@ -718,6 +733,8 @@ def stored_teacher(spec, group, texts, where):
             and all(v > 0 for v in scales)):
         raise bad(f"'scales' and 'biases' must be lists of numbers, one per teacher (at most {MAX_TEACHERS}), scales from above 0 "
                   f"and |biases| up to {MAX_SCALE}")
+    if teachers is not None and [(t["scale"], t["bias"]) for t in teachers] != list(zip(scales, biases)):
+        raise bad("its teachers (their number, scales or biases) are not those its shards' manifest names")
     embeddings = []
     for m in range(len(scales)):
         if f"teacher{m}.npy" not in group:
@@ -725,12 +742,56 @@ def stored_teacher(spec, group, texts, where):
         e = read_npy(group[f"teacher{m}.npy"], f"{where}.teacher{m}.npy")
         if e.shape[0] != k + texts:
             raise bad(f"teacher{m}.npy holds {e.shape[0]} rows; {k} crops and {texts} texts make {k + texts}")
+        if teachers is not None and e.shape[1] != teachers[m]["width"]:
+            raise bad(f"teacher{m}.npy is {e.shape[1]} wide; its shards' manifest says {teachers[m]['width']}")
         norms = np.linalg.norm(e.astype(np.float64), axis=1)
         if not np.all(np.abs(norms - 1) < 1e-3):  # reinforce stores unit rows
             raise bad(f"teacher{m}.npy: rows of norm {norms.min():.3g} to {norms.max():.3g}; embeddings are unit vectors")
         embeddings.append(e)
     return {"augmentations": k, "seed": seed, "scales": [float(v) for v in scales], "biases": [float(v) for v in biases],
             "embeddings": embeddings, "augmentation": 0}
+
+
+MANIFEST = "reinforce.json"  # beside reinforced shards: the teachers they hold
+
+
+def write_manifest(folder, teachers, augmentations, seed):
+    """What python data.py reinforce stores, said once for its shards: each teacher's fingerprint (of its
+    weights), embedding width, scale and bias; the crops per sample and their seed."""
+    write_file(os.path.join(folder, MANIFEST), json.dumps({"teachers": teachers, "augmentations": augmentations,
+                                                          "seed": seed}, indent=2))
+
+
+def read_manifests(paths):
+    """The stored teachers of a training set's shards, from the manifest beside each source's shards,
+    checked and compared before any sample is read: [{'fingerprint', 'width', 'scale', 'bias'}]. Shards
+    without one, or of other teachers mixed in one --data, are one DataError naming them."""
+    found = {}
+    for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
+        path = os.path.join(folder, MANIFEST)
+        if not os.path.lexists(path):
+            raise DataError(f"{folder}: no {MANIFEST} beside its shards; --distill stored trains on shards written by "
+                            f"python data.py reinforce --teacher T --data D --out O")
+        try:
+            m = json.loads(read_text(path, 1 << 20, "manifest").decode("utf-8"), parse_constant=_no_constant)
+            teachers = m["teachers"]
+            ok = isinstance(teachers, list) and 0 < len(teachers) <= MAX_TEACHERS and all(
+                isinstance(t, dict) and set(t) == {"fingerprint", "width", "scale", "bias"} and isinstance(t["fingerprint"], str)
+                and isinstance(t["width"], int) and 0 < t["width"] <= 1 << 16 and all(
+                    isinstance(t[k], (int, float)) and not isinstance(t[k], bool) and abs(t[k]) <= MAX_SCALE for k in ("scale", "bias"))
+                and t["scale"] > 0 for t in teachers)
+        except (ValueError, KeyError, TypeError, RecursionError, UnicodeError) as e:
+            raise DataError(f"{path}: not a manifest of data.py reinforce ({type(e).__name__})") from None
+        if not ok:
+            raise DataError(f"{path}: its teachers are not a list of fingerprint, width, scale and bias (at most "
+                            f"{MAX_TEACHERS}, scales above 0 and up to {MAX_SCALE})")
+        found[folder] = teachers
+    first, *rest = found.items()
+    for folder, teachers in rest:
+        if teachers != first[1]:
+            raise DataError(f"--distill stored: the shards in {first[0]} and in {folder} hold different teachers; train on "
+                            f"shards of one teacher (set) at a time")
+    return first[1]
 
 
 def read_npy(payload, where):
@@ -790,6 +851,7 @@ class Shards:
         if weights and not resampled:
             raise ValueError("--data-weights needs --resampled: without it every shard is read once an epoch")
         self.resampled, self.buffer = resampled, buffer
+        self.teachers = None  # stored teachers (read_manifests): each sample's are checked against them
 
     def caption_corpus(self, limit=100_000):
         """Captions of the first shards, for a tokenizer trained on the data."""
@@ -873,7 +935,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
                 if seen <= consumed:
                     continue  # already trained on before the checkpoint
                 try:
-                    sample = decode_sample(key, group, path)
+                    sample = decode_sample(key, group, path, self.data.teachers)
                     stored = sample.get("teacher")
                     if stored:  # the crops its teachers saw, cycled
                         stored["augmentation"] = epoch % stored["augmentations"]
@@ -1226,17 +1288,22 @@ def stored_rows(sample, pick):
 # python data.py reinforce: teachers' embeddings stored with the data (MobileCLIP's reinforced data)
 
 
-def reinforce(teachers, data, out, augmentations=2, seed=0, per_shard=10_000, batch_size=64):
+def reinforce(teachers, data, out, augmentations=2, seed=0, per_shard=10_000, batch_size=64, fingerprints=None):
     """Shards OUT/00000.tar, ... in which every sample of `data` holds its image (the file's own bytes; a
     PNG for one made in memory), its caption and rewrites, and for teacher m the float32 matrix
     KEY.teacher{m}.npy: the teacher's embeddings of the K crops that training epochs 0..K-1 draw for the
     sample under `seed` (augment_rng), then of each text. Returns (samples written, reasons of those
     skipped). `train.py --data 'OUT/{00000..N}.tar' --distill stored` then runs no teacher: epoch e draws
-    epoch e mod K's crop, one the teachers saw."""
+    epoch e mod K's crop, one the teachers saw. OUT/reinforce.json names the teachers (write_manifest)."""
     views = [RandomCrop(t.cfg.image_size, draft=False) for t in teachers]
     scales = [t.logit_scale.exp().item() for t in teachers]
     biases = [t.logit_bias.item() if getattr(t, "logit_bias", None) is not None else 0.0 for t in teachers]
+    if not all(0 < s <= MAX_SCALE and abs(b) <= MAX_SCALE for s, b in zip(scales, biases)):  # what training reads back
+        raise ValueError(f"a teacher's logit scale or bias ({scales}, {biases}) is past the {MAX_SCALE} stored teachers may have")
     problems, pending, written, last = [], [], 0, None
+    widths = [t.encode_texts(["a"]).shape[1] for t in teachers]
+    write_manifest(out, [{"fingerprint": f, "width": w, "scale": s, "bias": b} for f, w, s, b in
+                         zip(fingerprints or [""] * len(teachers), widths, scales, biases)], augmentations, seed)
     shards = ShardWriter(out, per_shard)
 
     @torch.no_grad()
@@ -1326,11 +1393,16 @@ def reinforce_main(argv=None):
         if args.data == "synthetic" and args.synthetic_resolution is None:
             args.synthetic_resolution = teachers[0].cfg.image_size
         train = build(args)[0]
+        fingerprints = [fingerprint(path) for path in args.teacher]
+        lock_folder(args.out, "data.py reinforce")  # a second reinforce on this --out is refused, not mixed in
+        if any(f.endswith(".tar") for f in os.listdir(args.out)):  # one that finished as this one started
+            raise ValueError(f"{args.out} already holds shards: give a new folder (nothing is overwritten)")
+        written, problems = reinforce(teachers, train, args.out, args.augmentations, args.seed, args.per_shard,
+                                      args.batch_size, fingerprints)
     except (FileNotFoundError, ValueError, ImportError, OSError) as err:
         raise SystemExit(f"data.py reinforce: {err}") from None
-    os.makedirs(args.out, exist_ok=True)
-    written, problems = reinforce(teachers, train, args.out, args.augmentations, args.seed, args.per_shard,
-                                  args.batch_size)
+    finally:
+        unlock_folder(args.out)
     line = f"data.py reinforce: {written} samples with {len(teachers)} teacher(s) x {args.augmentations} crops in {args.out}"
     if problems:
         line += "; skipped " + ", ".join(f"{problems.count(r)} {r}" for r in dict.fromkeys(problems))

@@ -556,15 +556,16 @@ def lora_layout_of(value, where):
 class Distiller:
     """The teachers of a run: frozen, in eval mode, on the run's device, outside the student's module tree
     (not trained, saved or sharded); each sees the student's crop at its own input size and the caption
-    the student drew (data.WithTeachers). stored: no teacher runs, the data brings their embeddings."""
+    the student drew (data.WithTeachers). stored: no teacher runs, the data brings the embeddings of this
+    many teachers (data.read_manifests says how many, before any sample is read)."""
 
-    def __init__(self, teachers=(), weight=1.0, icl=1.0, stored=False):
+    def __init__(self, teachers=(), weight=1.0, icl=1.0, stored=0):
         self.teachers, self.weight, self.icl, self.stored = list(teachers), float(weight), float(icl), stored
         for t in self.teachers:
             t.requires_grad_(False).eval()
 
     @classmethod
-    def from_args(cls, args, device):
+    def from_args(cls, args, device, train_data):
         paths = args.distill or []
         if not paths:
             return None
@@ -575,21 +576,25 @@ class Distiller:
             raise ValueError("--distill stored reads every teacher's embeddings from the shards: give it alone")
         if len(paths) > datalib.MAX_TEACHERS:
             raise ValueError(f"--distill: at most {datalib.MAX_TEACHERS} teachers")
-        stored = paths == ["stored"]
-        teachers = [] if stored else [import_model(args.distill_model).load(p, device)[0] for p in paths]
-        return cls(teachers, args.distill_weight, args.distill_icl, stored)
+        if paths != ["stored"]:
+            return cls([import_model(args.distill_model).load(p, device)[0] for p in paths], args.distill_weight,
+                       args.distill_icl)
+        if not isinstance(train_data, datalib.Shards):
+            raise ValueError(f"--distill stored trains on reinforced shards (python data.py reinforce --teacher T --data "
+                             f"D --out O), not on {args.data}")
+        train_data.teachers = datalib.read_manifests(train_data.paths)  # every sample checked against them
+        return cls([], args.distill_weight, args.distill_icl, len(train_data.teachers))
 
     def wrap(self, transform):
-        return datalib.WithTeachers(transform, [t.cfg.image_size for t in self.teachers], self.stored)
+        return datalib.WithTeachers(transform, [t.cfg.image_size for t in self.teachers], bool(self.stored))
 
     @torch.no_grad()
     def features(self, batch):
         """[(image, text, scale, bias)] per teacher for a batch on the device: made by the teachers (their
         inputs popped from the batch) or read from it (stored: one scale and bias a teacher, in every sample)."""
         if self.stored:
-            m = range(sum(1 for k in batch if k.startswith("teacher") and k.endswith("_image")))
             return [(batch.pop(f"teacher{i}_image"), batch.pop(f"teacher{i}_text"), batch.pop(f"teacher{i}_scale")[0],
-                     batch.pop(f"teacher{i}_bias")[0]) for i in m]
+                     batch.pop(f"teacher{i}_bias")[0]) for i in range(self.stored)]
         texts = batch.pop("teacher_text")
         return [(t.encode_image(batch.pop(f"teacher{i}_pixels"), normalize=True), t.encode_texts(texts),
                  t.logit_scale.exp(), getattr(t, "logit_bias", None)) for i, t in enumerate(self.teachers)]
@@ -1661,7 +1666,7 @@ def run(args, module):
     # (decoded on the device under --gpu-decode), with what the teachers need beside them
     images = datalib.RandomCrop(model.cfg.image_size, defer=args.gpu_decode)
     transform = model.transform(True, images=images)
-    distiller = Distiller.from_args(args, device)
+    distiller = Distiller.from_args(args, device, train_data)
     if distiller:
         transform = distiller.wrap(transform)
     batches = datalib.train_batches(train_data, transform, args.batch_size, rank, world, args.seed,
@@ -1893,42 +1898,43 @@ def export_open_clip(module, model, out):
     return lines
 
 
-def export_peft(module, path, out, tokenizer=None):
+def read_peft(module, path, tokenizer=None):
+    """(merged model, base state dict, adapters under peft's names, LoRA settings) of a LoRA checkpoint: the
+    merged model through the model file's checked load(), the rest through its checked tensor reader."""
+    with module.reading(path):
+        model, _ = module.load(path, tokenizer=tokenizer)
+        ckpt = module.load_tensors(path)
+        lora = ckpt.get("lora")
+        if not isinstance(lora, dict):
+            raise ValueError(f"{path} holds no LoRA adapters (train.py --lora R makes them): export it --format hf")
+        spec, layout, state = saved_lora_spec(lora.get("spec"), path), lora_layout_of(lora.get("layout"), path), lora.get("state")
+        base, adapters = model.state_dict(), {}
+        theirs = {ours: hf for ours, hf, _ in module.hf_names(model.cfg)}
+        for name, spans in layout.items():  # the base weights where adapters sit, and the adapters
+            module_name, _, pname = name.rpartition(".")
+            stem = f"{module_name}.parametrizations.{pname}".lstrip(".")
+            base[name] = state[f"{stem}.original"].float()
+            for i, (start, _) in enumerate(spans):
+                target = theirs[name].format("qkv"[start * 3 // base[name].shape[0]]) if "{}" in theirs[name] else theirs[name]
+                for ab in "AB":
+                    adapters[f"base_model.model.{target.rsplit('.', 1)[0]}.lora_{ab}.weight"] = state[f"{stem}.{i}.{ab}"]
+        check = model.load_state_dict(base, strict=False)  # shapes checked by the load: a lying file is one line
+        if check.missing_keys or check.unexpected_keys:
+            raise ValueError(f"{path}: its LoRA layout names weights the model does not have")
+    return model, base, adapters, spec
+
+
+def write_peft(module, model, base, adapters, spec, out):
     """A LoRA checkpoint as peft reads it: OUT/base, a transformers CLIPModel folder of the base weights (the
     logit scale as trained), and OUT/adapter, peft's adapter_config.json and weights, so that
         PeftModel.from_pretrained(CLIPModel.from_pretrained(OUT/base), OUT/adapter)
     computes this checkpoint's features. A part of our fused q, k, v projection is transformers' q_proj,
     k_proj or v_proj, so each adapter is that module's as it stands."""
-    with module.reading(path):
-        ckpt = module.load_tensors(path)
-        if not isinstance(ckpt.get("lora"), dict):
-            raise ValueError(f"{path} holds no LoRA adapters (train.py --lora R makes them): export it --format hf")
-        spec = saved_lora_spec(ckpt["lora"].get("spec"), path)
-        layout = lora_layout_of(ckpt["lora"].get("layout"), path)
-        state = ckpt["lora"].get("state")
-        model, _ = module.load(path, tokenizer=tokenizer)  # the merged model, checked
-    if model.tokenizer is None:
-        raise ValueError(f"{path} carries no tokenizer: pass --tokenizer so that it travels with the export")
-    base = model.state_dict()
-    for name in layout:  # the base weights where adapters sit
-        module_name, _, pname = name.rpartition(".")
-        base[name] = state[f"{module_name}.parametrizations.{pname}.original".lstrip(".")].float()
-    with torch.no_grad():
-        model.load_state_dict(base)
     os.makedirs(os.path.join(out, "base"), exist_ok=True)
     lines = export_hf(module, model, os.path.join(out, "base"))
-    theirs = {ours: hf for ours, hf, _ in module.hf_names(model.cfg)}
-    adapters, used = {}, set()
-    for name, spans in layout.items():
-        module_name, _, pname = name.rpartition(".")
-        stem = f"{module_name}.parametrizations.{pname}".lstrip(".")
-        rows = state[f"{stem}.original"].shape[0]
-        for i, (start, _) in enumerate(spans):
-            target = theirs[name].format("qkv"[start * 3 // rows]) if "{}" in theirs[name] else theirs[name]
-            target = target.rsplit(".", 1)[0]
-            for ab in "AB":
-                adapters[f"base_model.model.{target}.lora_{ab}.weight"] = state[f"{stem}.{i}.{ab}"]
-            used.add(re.sub(r"\\\.\d+\\\.", lambda _: r"\.\d+\.", re.escape(target), count=1))  # every layer
+    # a pattern peft matches whole against each module's name: exactly the adapted modules, any layer
+    used = {re.sub(r"\\\.\d+\\\.", lambda _: r"\.\d+\.", re.escape(k[len("base_model.model."):].rsplit(".lora_", 1)[0]), count=1)
+            for k in adapters}
     config = {"peft_type": "LORA", "task_type": None, "r": spec["rank"], "lora_alpha": spec["alpha"],
               "lora_dropout": spec["dropout"], "target_modules": "(" + "|".join(sorted(used)) + ")", "bias": "none",
               "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
@@ -1991,14 +1997,17 @@ def export(path, out, fmt, model_name=None, tokenizer=None):
         raise ValueError(f"{name} exports {' or '.join(offered)}, not {fmt}" if offered else
                          f"{name} has no export format: its checkpoints load with {name}.load()")
     module = import_model(name)
-    datalib.lock_folder(out, "train.py export")
+    if fmt == "peft":
+        model, base, adapters, spec = read_peft(module, path, tokenizer)
+    else:
+        model, _ = module.load(path, tokenizer=tokenizer)
+    if model.tokenizer is None:
+        raise ValueError(f"{path} carries no tokenizer: pass --tokenizer (bpe_simple_vocab_16e6.txt.gz or a "
+                         f"tokenizer.json) so that it travels with the export")
+    datalib.lock_folder(out, "train.py export")  # only now: a file that does not read leaves no folder behind
     try:
         if fmt == "peft":
-            return export_peft(module, path, out, tokenizer)
-        model, _ = module.load(path, tokenizer=tokenizer)
-        if model.tokenizer is None:
-            raise ValueError(f"{path} carries no tokenizer: pass --tokenizer (bpe_simple_vocab_16e6.txt.gz or a "
-                             f"tokenizer.json) so that it travels with the export")
+            return write_peft(module, model, base, adapters, spec, out)
         if name == "altclip":
             return export_altclip_hf(module, model, out)
         return (export_hf if fmt == "hf" else export_open_clip)(module, model, out)
@@ -2008,9 +2017,18 @@ def export(path, out, fmt, model_name=None, tokenizer=None):
 
 def checkpoint_model(path):
     """The model a train.py checkpoint names, or None (another tool's weights, a folder, a file that does not
-    load: the model file's checked reader says what is wrong with it later)."""
-    try:  # mmap: the args without reading the weights
-        name = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"]["model"]
+    load: the model file's checked reader says what is wrong with it later). A TorchScript archive is
+    never handed to torch.load, which would pass it on to torch.jit.load and run it."""
+    import warnings
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            if any(n.endswith("/constants.pkl") for n in z.namelist()):
+                return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            name = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"]["model"]  # mmap: no weights read
         return name if name in MODELS else None
     except Exception:
         return None

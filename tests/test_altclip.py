@@ -74,7 +74,7 @@ def test_stage1_student_sees_every_language():
     ds = data.Synthetic(parallel=True)
     tok = altclip.BertTokenizer.train(captions(), context_length=32)
     cfg = altclip.Config(stage="distill", vocab_size=tok.vocab_size, pad_id=tok.pad_id)
-    t = altclip.Transform(cfg, tok, None, train=True)
+    t = altclip.Transform(cfg, tok, None, True, None)  # stage 1 reads no image
     seen = set()
     for i in range(60):
         sample = ds.sample(i, np.random.default_rng(i))

@@ -415,6 +415,24 @@ def test_grid_pool_equals_the_official_per_box_loop():
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "一", "只", "狗", "猫", "红", "色", "的", "圆", "a", "red", "circle"]
 
 
+def to_official_names(sd):
+    """A state dict of brivl.py's in the official names (model.learnable's), queues as [D, K]: the inverse of
+    brivl.from_official_names, to write files in the released layout."""
+    towers = {v: k for k, v in brivl.OFFICIAL_TOWERS.items()}
+    out = {}
+    for k, v in sd.items():
+        if k in ("image_queue", "text_queue"):
+            out["img_queue" if k == "image_queue" else "text_queue"] = v.T.contiguous()
+            continue
+        if k == "queue_ptr":
+            out["img_queue_ptr"] = out["text_queue_ptr"] = v.reshape(1)
+            continue
+        tower, _, rest = k.partition(".")
+        names = brivl.OFFICIAL_NAMES["image" if tower.startswith("visual") else "text"]
+        out[f"{towers[tower]}.{next(old + rest[len(new):] for old, new in names if rest.startswith(new))}"] = v
+    return out
+
+
 def official_model(tmp_path, seed=0):
     """A small model in the official configuration (EfficientNet-B0, a 5-layer BERT 64 wide) and the
     official-format file of its weights."""
@@ -432,7 +450,7 @@ def official_model(tmp_path, seed=0):
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_var.uniform_(0.5, 1.5)
-    sd = {k: v for k, v in brivl.to_official_names(model.state_dict()).items() if "queue" not in k}
+    sd = {k: v for k, v in to_official_names(model.state_dict()).items() if "queue" not in k}
     # What released files also hold: the classifier, BERT's pooler and position_ids
     sd["imgencoder.backbone.classifier.weight"] = torch.zeros(1000, 1280)
     sd["textencoder.backbone.bert.pooler.dense.weight"] = torch.zeros(64, 64)
@@ -444,7 +462,7 @@ def official_model(tmp_path, seed=0):
 def test_official_names_round_trip_and_load(tmp_path):
     model, path = official_model(tmp_path)
     sd = model.state_dict()
-    back = brivl.from_official_names(brivl.to_official_names(sd))
+    back = brivl.from_official_names(to_official_names(sd))
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
     loaded, preprocess = brivl.load(path, image_size=64, tokenizer=str(tmp_path / "vocab.txt"))
     assert loaded.cfg.backbone == "tf_efficientnet_b0" and loaded.cfg.text_layers == 5 and loaded.cfg.freeze_text == 1

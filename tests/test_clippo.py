@@ -228,19 +228,20 @@ def test_text_pairs(tmp_path):
                      ("new document.", "its second line."), ("its second line.", "lonely")]
     renderer = clippo.TextRenderer(None, 48)
     sample = {"image": Image.new("RGB", (64, 64)), "text": "a caption"}
-    always = clippo.Transform(48, renderer, True, pairs, 1.0)
+    always = clippo.Transform(clippo.ImageTransform(48, clippo.MEAN, clippo.STD, True), renderer, pairs, 1.0)
     out = always(sample, np.random.default_rng(0))
     a, b = next(p for p in pairs if torch.equal(out["text"], torch.from_numpy(renderer(p[1])[0])))
     rendered = torch.from_numpy(renderer(a)[0])
     assert out["image"].dtype == torch.uint8 and torch.equal(out["image"], rendered.expand(3, 48, 48))
     # the model normalises shipped pixels as the text side's pixels(): [-1, 1]
     torch.testing.assert_close(clippo.normalize_pixels(out["image"], clippo.MEAN, clippo.STD), clippo.pixels(rendered))
-    quarter = clippo.Transform(48, renderer, True, pairs, 0.25)
+    quarter = clippo.Transform(clippo.ImageTransform(48, clippo.MEAN, clippo.STD, True), renderer, pairs, 0.25)
     caption = torch.from_numpy(renderer("a caption")[0])
     n_pairs = sum(not torch.equal(quarter(sample, np.random.default_rng(i))["text"], caption) for i in range(400))
     assert 70 < n_pairs < 130
-    assert torch.equal(clippo.Transform(48, renderer, False, pairs, 1.0)(sample, np.random.default_rng(0))["text"],
-                       caption)  # never at eval
+    model = clippo.build("tiny", pairs=pairs, pair_ratio=1.0)
+    caption = torch.from_numpy(model.renderer("a caption")[0])
+    assert torch.equal(model.transform(False)(sample, np.random.default_rng(0))["text"], caption)  # never at eval
     (tmp_path / "one.txt").write_text("only one line\n\nand another alone\n")
     with pytest.raises(ValueError, match="one.txt"):
         clippo.read_text_pairs(str(tmp_path / "one.txt"))

@@ -139,7 +139,7 @@ def test_model_file_reads_method_first(path):
     name = os.path.basename(path)
     line = next(i for i, l in enumerate(text.splitlines(), 1) if l.startswith(f"class {METHOD_CLASS[name]}"))
     assert line <= METHOD_WITHIN, f"{name}: class {METHOD_CLASS[name]} starts at line {line}"
-    found = copies(text) + [(None, None, None, m) for m in SOURCE.finditer(text) if m.group(1) == "kernel"]
+    found = copies(text) + [(None, None, None, m) for m in SOURCE.finditer(text) if m.group(1).startswith("kernel")]
     if not found:
         return
     spans = sorted(m.span() for *_, m in found)
@@ -149,9 +149,9 @@ def test_model_file_reads_method_first(path):
     assert len(after) <= 15, f"{name}: {len(after)} lines after the copied regions"
 
 
-# One command reads training data, and so needs this repository's loader: clip.py reinforce imports data.py
-# inside the command alone (a copied clip.py imports, trains and predicts without it; the command says so).
-COMMAND_IMPORTS = {("clip.py", "reinforce_main"): {"data"}}
+# A command of a model file that needs this repository's loader would import data.py inside the command alone
+# (a copied file imports, trains and predicts without it); no model file has one now.
+COMMAND_IMPORTS = {}
 
 
 def imports(tree):

@@ -1,6 +1,6 @@
-"""Distillation: the fused term against open_clip's DistillClipLoss and the naive forms, exact over ranks
-and traced by torch.compile; train.py --distill exact under --accum and resume; a stored teacher
-(clip.py reinforce) trains as the online one does; bad stored data skipped and counted."""
+"""Distillation (train.py): the fused term against open_clip's DistillClipLoss and the naive forms, exact
+over ranks and traced by torch.compile; train.py --distill exact under --accum and resume; a stored teacher
+(data.py reinforce) trains as the online one does; bad stored data skipped and counted."""
 import io
 import json
 import os
@@ -63,9 +63,9 @@ def assert_close(ours, ref, rtol):
 @pytest.mark.parametrize("b,teachers", [(1, 1), (5, 2), (77, 1), (300, 2)])
 def test_matches_the_naive_form_with_teacher_gradients(b, teachers, monkeypatch):
     # 64-wide tiles: 300 rows take ragged last tiles in both directions; an ensemble averages after the softmax.
-    monkeypatch.setattr(clip, "BLOCK", 64)
+    monkeypatch.setattr(train, "BLOCK", 64)
     x, y, us, ws = inputs(b, teachers=teachers)
-    assert_close(value_and_grads(clip.distill_loss, x, y, us, ws), value_and_grads(naive_distill, x, y, us, ws), 1e-10)
+    assert_close(value_and_grads(train.distill_loss, x, y, us, ws), value_and_grads(naive_distill, x, y, us, ws), 1e-10)
 
 
 @pytest.mark.parametrize("b", [4, 100, 257])
@@ -73,7 +73,7 @@ def test_matches_open_clip_distill_clip_loss(b, monkeypatch):
     pytest.importorskip("open_clip")
     from open_clip.loss import DistillClipLoss
 
-    monkeypatch.setattr(clip, "BLOCK", 64)
+    monkeypatch.setattr(train, "BLOCK", 64)
     x, y, us, ws = inputs(b, seed=b)
 
     def theirs(x, y, s, us, ws, ts):
@@ -82,27 +82,27 @@ def test_matches_open_clip_distill_clip_loss(b, monkeypatch):
         return distill
 
     ref = value_and_grads(theirs, x, y, us, ws)
-    assert_close(value_and_grads(clip.distill_loss, x, y, us, ws), ref, 1e-6)
+    assert_close(value_and_grads(train.distill_loss, x, y, us, ws), ref, 1e-6)
     # scales as open_clip's callers may hold them: shape [1] tensors, or plain floats
-    one = lambda *a: clip.distill_loss(*a[:2], a[2].reshape(1), *a[3:5], [t.reshape(1) for t in a[5]])  # noqa: E731
+    one = lambda *a: train.distill_loss(*a[:2], a[2].reshape(1), *a[3:5], [t.reshape(1) for t in a[5]])  # noqa: E731
     assert_close(value_and_grads(one, x, y, us, ws), ref, 1e-6)
-    torch.testing.assert_close(clip.distill_loss(x, y, 14.0, us[0], ws[0], 30.0), ref[0], rtol=1e-10, atol=0)
+    torch.testing.assert_close(train.distill_loss(x, y, 14.0, us[0], ws[0], 30.0), ref[0], rtol=1e-10, atol=0)
     # In float32 (a training run's precision): within float32's rounding of the scale's summed gradient.
-    assert_close(value_and_grads(clip.distill_loss, x.float(), y.float(), [us[0].float()], [ws[0].float()]), ref, 2e-4)
+    assert_close(value_and_grads(train.distill_loss, x.float(), y.float(), [us[0].float()], [ws[0].float()]), ref, 2e-4)
 
 
 @pytest.mark.parametrize("b,teachers", [(1, 1), (77, 2)])
 def test_sigmoid_student_matches_the_naive_form(b, teachers, monkeypatch):
-    monkeypatch.setattr(clip, "BLOCK", 32)
+    monkeypatch.setattr(train, "BLOCK", 32)
     x, y, us, ws = inputs(b, teachers=teachers, seed=3)
-    ours = value_and_grads(clip.distill_sigmoid_loss, x, y, us, ws, sigmoid=True)
+    ours = value_and_grads(train.distill_sigmoid_loss, x, y, us, ws, sigmoid=True)
     assert_close(ours, value_and_grads(naive_sigmoid_distill, x, y, us, ws, sigmoid=True), 1e-10)
 
 
 def test_compiles_without_graph_breaks():
     x, y, us, ws = inputs(40, teachers=2, dtype=torch.float32)
-    for fused, naive, sigmoid in ((clip.distill_loss, naive_distill, False),
-                                  (clip.distill_sigmoid_loss, naive_sigmoid_distill, True)):
+    for fused, naive, sigmoid in ((train.distill_loss, naive_distill, False),
+                                  (train.distill_sigmoid_loss, naive_sigmoid_distill, True)):
         compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
         assert_close(value_and_grads(compiled, x, y, us, ws, sigmoid=sigmoid),
                      value_and_grads(naive, x.double(), y.double(), [u.double() for u in us], [w.double() for w in ws],
@@ -111,7 +111,7 @@ def test_compiles_without_graph_breaks():
 
 def test_tiles_never_hold_the_whole_matrix(monkeypatch):
     # 64-wide tiles: no product of a 300 x 300 problem, forward or backward, may have more than 64 x 64 elements.
-    monkeypatch.setattr(clip, "BLOCK", 64)
+    monkeypatch.setattr(train, "BLOCK", 64)
     x, y, us, ws = inputs(300, teachers=2, dtype=torch.float32)
     largest = []
     real_mm = torch.Tensor.__matmul__
@@ -122,23 +122,23 @@ def test_tiles_never_hold_the_whole_matrix(monkeypatch):
         return out
 
     monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
-    value_and_grads(clip.distill_loss, x, y, us, ws)
-    value_and_grads(clip.distill_sigmoid_loss, x, y, us, ws, sigmoid=True)
+    value_and_grads(train.distill_loss, x, y, us, ws)
+    value_and_grads(train.distill_sigmoid_loss, x, y, us, ws, sigmoid=True)
     assert largest and max(largest) <= 64 * 64
 
 
 MEMORY = textwrap.dedent("""
     import resource, sys, torch, torch.nn.functional as F
-    import clip
+    import train
     b, d = 16384, 64
     g = torch.Generator().manual_seed(0)
     x, y, u = (F.normalize(torch.randn(b, d, generator=g), dim=-1) for _ in range(3))
     w = F.normalize(u + torch.randn(b, d, generator=g), dim=-1)
     x.requires_grad_(), y.requires_grad_()
     s = torch.tensor(14.0, requires_grad=True)
-    clip.distill_loss(x[:8], y[:8], s, u[:8], w[:8], torch.tensor(100.0)).backward()  # code and buffers loaded
+    train.distill_loss(x[:8], y[:8], s, u[:8], w[:8], torch.tensor(100.0)).backward()  # code and buffers loaded
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    clip.distill_loss(x, y, s, u, w, torch.tensor(100.0)).backward()
+    train.distill_loss(x, y, s, u, w, torch.tensor(100.0)).backward()
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
 """)
 
@@ -162,7 +162,7 @@ def _worker(rank, world, port, data, result):
     n = x.shape[0] // world
     part = lambda t: t[rank * n:(rank + 1) * n]  # noqa: E731
     shard = (part(x), part(y), [part(u) for u in us], [part(w) for w in ws])
-    result[rank] = (value_and_grads(clip.distill_loss, *shard), value_and_grads(clip.distill_sigmoid_loss, *shard, sigmoid=True))
+    result[rank] = (value_and_grads(train.distill_loss, *shard), value_and_grads(train.distill_sigmoid_loss, *shard, sigmoid=True))
     dist.destroy_process_group()
 
 
@@ -184,21 +184,20 @@ def test_two_ranks_equal_one_process():
 
 
 def test_the_training_loss_is_contrastive_plus_distillation_plus_interactive_terms(teacher):
-    # model.loss of a distilled batch against the naive forms: contrastive + weight x DistillClipLoss's
-    # term + icl x CLIP-KD's interactive term (the student's images against the teacher's texts, and the
-    # teacher's images against the student's texts); icl 0 is open_clip's sum.
+    # train.py's loss of a distilled batch against the naive forms: the model's contrastive loss + weight x
+    # DistillClipLoss's term + icl x CLIP-KD's interactive term (the student's images against the teacher's
+    # texts, and the teacher's images against the student's texts); icl 0 is open_clip's sum.
     from naive import clip_loss
 
     student = clip.load(teacher)[0].train()
     x, y, us, ws = inputs(24, d=student.cfg.embed_dim, e=student.cfg.embed_dim, teachers=2, dtype=torch.float32)
     out = {"image": x, "text": y, "scale": torch.tensor(20.0)}
-    for m, (u, w) in enumerate(zip(us, ws)):
-        out.update({f"teacher{m}_image": u, f"teacher{m}_text": w, f"teacher{m}_scale": torch.tensor(30.0 + m)})
+    teachers = [(u, w, torch.tensor(30.0 + m), None) for m, (u, w) in enumerate(zip(us, ws))]
     for weight, icl in ((1.0, 0.0), (2.0, 0.5)):
-        student.distill([], weight, stored=True, icl=icl)
+        distiller = train.Distiller([], weight, icl, stored=2)
         expected = (clip_loss(x, y, 20.0) + weight * naive_distill(x, y, 20.0, us, ws, [30.0, 31.0])
                     + icl * sum(clip_loss(x, w, 20.0) + clip_loss(u, y, 20.0) for u, w in zip(us, ws)) / 4)
-        torch.testing.assert_close(student.loss(out), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(student.loss(out) + distiller.loss(out, teachers), expected, rtol=1e-5, atol=1e-6)
 
 
 # ---- train.py --distill
@@ -237,10 +236,10 @@ def test_accum_and_resume_are_exact_with_a_teacher(tmp_path, teacher):
     assert [r["loss"] for r in rows(whole) if "loss" in r][0] > [r["loss"] for r in rows(plain) if "loss" in r][0]
 
 
-def reinforce(teacher, out, k, *data):
-    clip.reinforce_main(["--teacher", teacher, "--out", out, "--augmentations", str(k), "--per-shard", "64",
-                         "--batch-size", "40", *data])
-    return os.path.join(out, "{00000..%05d}.tar" % (len(os.listdir(out)) - 1))
+def reinforce(teacher, out, k, *flags):
+    data.reinforce_main(["--teacher", teacher, "--out", out, "--augmentations", str(k), "--per-shard", "64",
+                         "--batch-size", "40", *flags])
+    return os.path.join(out, "{00000..%05d}.tar" % (sum(f.endswith(".tar") for f in os.listdir(out)) - 1))
 
 
 @pytest.mark.slow
@@ -271,16 +270,15 @@ def test_stored_teacher_trains_as_the_online_one(tmp_path, teacher, capsys):
 
 
 def test_each_teacher_reads_the_text_the_student_drew(teacher):
-    # laclip draws one of [caption, rewrites] per sample: the online teacher must tokenize that one, and
-    # a stored run must take that text's row (rows K.. of the stored matrix, marked here by their index).
+    # laclip draws one of [caption, rewrites] per sample: the online teacher must read that one, and a stored
+    # run must take that text's row (rows K.. of the stored matrix, marked here by their index).
     import laclip
-
-    student = laclip.build(init=teacher)  # the teacher's own tokenizer: the student's tokens are the teacher's
-    student.distill([clip.load(teacher)[0]])
-    stored = laclip.build(init=teacher).distill(stored=True)
-    online, offline = student.transform(True), stored.transform(True)
     from PIL import Image
 
+    student = laclip.build(init=teacher)
+    crop = data.RandomCrop(student.cfg.image_size)
+    online = data.WithTeachers(student.transform(True, crop), [clip.load(teacher)[0].cfg.image_size])
+    offline = data.WithTeachers(student.transform(True, crop), stored=True)
     k, texts = 2, ["a red square", "a crimson square on grey", "the square is red", "red box in the middle"]
     marks = np.arange(k + len(texts), dtype=np.float32)[:, None].repeat(8, 1)
     picks = set()
@@ -291,33 +289,35 @@ def test_each_teacher_reads_the_text_the_student_drew(teacher):
         out = online(sample, np.random.default_rng(seed))
         pick = next(i for i, t in enumerate(texts) if torch.equal(student.tokenizer([t])[0], out["text"]))
         picks.add(pick)
-        assert torch.equal(out["teacher0_tokens"], out["text"])
-        assert out["teacher0_pixels"].shape == out["image"].shape
+        assert out["teacher_text"] == texts[pick] and "text_pick" not in out
+        assert torch.equal(out["teacher0_pixels"], out["image"])  # the same crop box, at the same size
         out = offline(sample, np.random.default_rng(seed))
         assert out["teacher0_text"][0].item() == k + pick and out["teacher0_image"][0].item() == seed % k
     assert len(picks) > 2  # the draws did take rewrites
 
 
-def test_a_stored_sample_unlike_the_first_is_skipped():
-    # Shards from two reinforce runs mixed: a batch must not stack teachers of other widths, or take one
-    # sample's scale for another's; the odd sample is skipped (counted as bad teacher data).
-    from PIL import Image
-
-    model = clip.build("tiny", captions=["a red square", "a blue circle"]).distill(stored=True)
-    transform = model.transform(True)
-
-    def sample(width, scale=50.0):
-        e = np.zeros((2, width), np.float32)
-        e[:, 0] = 1
-        return {"image": Image.new("RGB", (50, 50), "red"), "text": "a red square",
-                "teacher": {"augmentations": 1, "augmentation": 0, "embeddings": [e], "scales": [scale], "biases": [0.0]}}
-
-    transform(sample(32), np.random.default_rng(0))
-    transform(sample(32), np.random.default_rng(1))
-    for odd in (sample(64), sample(32, scale=20.0)):
-        with pytest.raises(ValueError, match="differ from the first") as err:
-            transform(odd, np.random.default_rng(2))
-        assert data.sample_reason(err.value) == "bad teacher data"
+def test_stored_teachers_are_decided_by_the_manifests_not_by_a_sample(tmp_path, teacher):
+    # Shards of two reinforce runs mixed in one --data: one line at the start, naming both folders. A
+    # sample whose teachers differ from its manifest's is skipped however early it comes.
+    one = reinforce(teacher, str(tmp_path / "one"), 1, "--synthetic-size", "16")
+    other = str(tmp_path / "other")
+    train.main([*RUN, "--steps", "1", "--out", other, "--seed", "3", "--loss", "sigmoid"])
+    two = reinforce(os.path.join(other, "checkpoint.pt"), str(tmp_path / "two"), 1, "--synthetic-size", "16")
+    out = str(tmp_path / "run")
+    with pytest.raises(data.DataError, match="hold different teachers") as err:
+        train.main([*RUN, "--data", f"{one}::{two}", "--steps", "1", "--distill", "stored", "--out", out])
+    assert "one" in str(err.value) and "two" in str(err.value)
+    os.remove(os.path.join(str(tmp_path / "two"), "reinforce.json"))
+    with pytest.raises(data.DataError, match="no reinforce.json"):
+        train.main([*RUN, "--data", two, "--steps", "1", "--distill", "stored", "--out", out, "--overwrite"])
+    with pytest.raises(ValueError, match="reinforced shards"):
+        train.main([*RUN, "--steps", "1", "--distill", "stored", "--out", out, "--overwrite"])
+    manifest = data.read_manifests([os.path.join(str(tmp_path / "one"), "00000.tar")])
+    group = next(data.read_shard(os.path.join(str(tmp_path / "one"), "00000.tar"), []))[1]
+    assert data.decode_sample("k", group, "p", manifest)["teacher"]["scales"] == [manifest[0]["scale"]]
+    for changed in ({**manifest[0], "width": manifest[0]["width"] + 1}, {**manifest[0], "scale": 1.0}):
+        with pytest.raises(data.SampleError, match="manifest"):
+            data.decode_sample("k", group, "p", [changed])
 
 
 def csv_with_rewrites(tmp_path, n=48):
@@ -376,13 +376,13 @@ def test_bad_stored_teacher_data_is_skipped_and_counted(tmp_path, teacher, capsy
         "scale1e300": {**good, "json": json.dumps({**meta, "teacher": {**meta["teacher"], "scales": [1e300]}}).encode()},
         "3e38": {**good, "teacher0.npy": npy(np.full((2, 32), 3e38, np.float32))},  # finite, far from unit rows
     }
-    with tarfile.open(str(tmp_path / "rf" / "00000.tar")) as src, tarfile.open(str(tmp_path / "bad.tar"), "w") as tar:
+    with tarfile.open(str(tmp_path / "rf" / "00000.tar")) as src, tarfile.open(str(tmp_path / "rf" / "bad.tar"), "w") as tar:
         for name, members in bad.items():  # first, then the 64 good samples: read in order (--shuffle-buffer 1)
             write_sample(tar, name, members)
         for m in src.getmembers():
             tar.addfile(m, src.extractfile(m))
     out = str(tmp_path / "run")
-    train.main([*RUN, "--data", str(tmp_path / "bad.tar"), "--steps", "4", "--distill", "stored", "--out", out,
+    train.main([*RUN, "--data", str(tmp_path / "rf" / "bad.tar"), "--steps", "4", "--distill", "stored", "--out", out,
                 "--shuffle-buffer", "1"])
     assert [r["skipped_samples"] for r in rows(out) if "skipped_samples" in r][-1] == len(bad)  # since the start
     assert f"'bad teacher data': {len(bad)}" in capsys.readouterr().out
@@ -400,6 +400,6 @@ def test_flags_are_checked_in_one_line(tmp_path, teacher):
                            (["--distill", "stored", "--distill", teacher], "give it alone"),
                            (["--distill", teacher, "--distill-weight", "nan"], "--distill-weight"),
                            (["--distill", teacher, "--distill-icl", "-1"], "--distill-icl"),
-                           (["--distill", "stored", "--steps", "2"], "no teacher embeddings")):
+                           (["--distill", "stored", "--steps", "2"], "reinforced shards")):
         with pytest.raises(train.INPUT_ERRORS, match=message):
             train.main([*RUN, *flags, "--steps", "2", "--out", out, "--overwrite"])

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import clip
+import data
 import train
 from conftest import ROOT
 from test_train import FAST, max_diff, rows, weights
@@ -119,18 +120,24 @@ def test_diverged_weights_are_never_saved_and_the_last_good_checkpoint_stays(tmp
 def test_one_run_per_out(tmp_path, capsys):
     out = str(tmp_path / "run")
     os.makedirs(out)
-    train.lock_out(out)  # another run holds it (a second open of the file: the kernel tells them apart)
+    data.lock_folder(out, "another run", "train.lock")  # held (a second open of the file: the kernel tells them apart)
     try:
-        with pytest.raises(SystemExit, match=rf"{out} is in use by another run \(pid {os.getpid()} on "):
+        with pytest.raises(SystemExit, match=rf"{out} is in use by another command \(pid {os.getpid()} on "):
             train.main(["--steps", "2", "--out", out, *RUN])
         assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
     finally:
-        train.unlock_out(out)
-    with open(os.path.join(out, train.LOCK), "w") as f:  # left by a run that was SIGKILLed: stale
+        data.unlock_folder(out)
+    with open(os.path.join(out, "train.lock"), "w") as f:  # left by a run that was SIGKILLed: stale
         f.write("pid 999999999 on elsewhere\n")
     train.main(["--steps", "2", "--out", out, *RUN])
     assert ckpt_step(os.path.join(out, "checkpoint.pt")) == 2
-    assert not os.path.exists(os.path.join(out, train.LOCK))  # released on exit
+    assert not os.path.exists(os.path.join(out, "train.lock"))  # released on exit
+    outside = tmp_path / "precious.txt"  # a lock file that is a link out of --out: refused, the target untouched
+    outside.write_text("keep me")
+    os.symlink(outside, os.path.join(out, "train.lock"))
+    with pytest.raises(SystemExit, match="cannot lock"):
+        train.main(["--steps", "3", "--out", out, *RUN, "--resume"])
+    assert outside.read_text() == "keep me"
 
 
 def test_a_torn_metrics_line_is_cut_on_resume_and_skipped_by_report(tmp_path, capsys):

@@ -29,13 +29,13 @@ def test_retrieval_metrics_equal_the_definition():
         for j in range(i):
             text[j, i] = 1.0 - 0.05 * i + 0.01 * (j + 1)  # i earlier texts beat it for image i
     text[0, 11] = text[11, 11]  # a tie: it must not push pair 11 down
-    got = clip.retrieval_metrics(image, text, chunk=5)
+    got = train.retrieval_metrics(image, text, chunk=5)
     want = naive.recall(image @ text.T)
     assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k]) for k in want), (got, want)
     assert 0 < want["i2t_r5"] < want["i2t_r10"] < 1  # the ranks spread over every k checked
     rng = torch.Generator().manual_seed(0)
     a, b = torch.randn(50, 8, generator=rng), torch.randn(50, 8, generator=rng)
-    got, want = clip.retrieval_metrics(a, b, chunk=7), naive.recall(a @ b.T)
+    got, want = train.retrieval_metrics(a, b, chunk=7), naive.recall(a @ b.T)
     assert all(got[k] == pytest.approx(want[k]) for k in want)
 
 
@@ -88,7 +88,7 @@ def test_gradients_before_the_step_equal_for_accum_1_and_4(name):
     for accum in (1, 4):
         clone = module.create(args, captions, extra=model.extra_state())
         clone.load_state_dict(model.state_dict())
-        train.train_step(clone, lambda last: contextlib.nullcontext(), clone, dict(batch), accum,
+        train.train_step(clone, lambda last: contextlib.nullcontext(), clone.loss, dict(batch), accum,
                          torch.autocast("cpu", enabled=False), torch.device("cpu"))
         grads.append({n: p.grad.clone() for n, p in clone.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 4
@@ -152,7 +152,7 @@ def test_a_training_step_never_waits_on_the_device(name):
     transform = model.transform(True)
     ds = data.Synthetic(0, "train", 8, resolution=args.synthetic_resolution)
     batch = data.collate([transform(ds.sample(i, np.random.default_rng(i)), np.random.default_rng(i)) for i in range(8)])
-    batch = transform.finish(batch, torch.device("cpu")) if hasattr(transform, "finish") else batch
+    batch = transform.finish(batch) if hasattr(transform, "finish") else batch
     model.train()
     with CountSyncs() as syncs:
         loss = model.loss(model(batch))

@@ -335,7 +335,7 @@ def test_every_flag_that_reads_weights_refuses_them_in_one_line(tmp_path, tiny_c
     commands = [command for bad in (evil, boom) for command in (
         ["clip.py", "predict", "--ckpt", bad, "--image", str(image), "--labels", "a,b"],
         ["laclip.py", "predict", "--ckpt", bad, "--image", str(image), "--labels", "a,b"],
-        ["clip.py", "export", bad, str(tmp_path / ("x" + os.path.basename(bad))), "--format", "hf"],
+        ["train.py", "export", bad, str(tmp_path / ("x" + os.path.basename(bad))), "--format", "hf"],
         ["train.py", "--model", "clip", "--init", bad, "--steps", "1", "--out", str(tmp_path / ("r" + os.path.basename(bad)))],
         ["train.py", "--model", "altclip", "--teacher", bad, "--steps", "1", "--out", str(tmp_path / ("a" + os.path.basename(bad)))])]
     # Ten interpreters, two at a time (one per core of the CI machine): each is mostly torch's import.
@@ -539,7 +539,7 @@ def test_bad_utf8_rows_are_skipped_and_counted_with_their_line(tmp_path, capsys)
 
 
 def test_pixels_cap_16_bit_and_predict_messages(tmp_path, tiny_ckpt, capsys):
-    t = clip.ImageTransform(48, False, clip.MEAN, clip.STD)
+    t = clip.ImageTransform(48, clip.MEAN, clip.STD)
     big = Image.open(io.BytesIO(png_header(12000, 12000)))
     with pytest.raises(clip.ImageTooLarge, match="12000 x 12000 pixels"):
         t(big)
@@ -547,7 +547,7 @@ def test_pixels_cap_16_bit_and_predict_messages(tmp_path, tiny_ckpt, capsys):
     Image.fromarray(gray).save(tmp_path / "g16.png")
     img = Image.open(tmp_path / "g16.png")
     assert img.mode.startswith("I")
-    pixels = clip.ImageTransform(48, False, clip.MEAN, clip.STD, uint8=True)(img)
+    pixels = clip.ImageTransform(48, clip.MEAN, clip.STD, uint8=True)(img)
     assert pixels.float().mean().item() == pytest.approx(128, abs=1)  # scaled, not clipped to white
     (tmp_path / "huge.png").write_bytes(png_header(12000, 12000))
     (tmp_path / "bomb.png").write_bytes(png_header(20000, 20000))  # over Pillow's own bomb limit
@@ -600,7 +600,7 @@ def test_shards_pack_only_images_from_the_csv_folder(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
-# laclip.py rewrite against a misbehaving server (127.0.0.1 only, bounded)
+# data.py rewrite against a misbehaving server (127.0.0.1 only, bounded)
 
 
 class Server:
@@ -718,7 +718,7 @@ def test_the_other_readers_hold_the_same_rules(tmp_path, tiny_ckpt, capsys):
                        (["--out", str(tmp_path / "r.txt"), "--concurrency", "0"], "--concurrency must be at least 1"),
                        (["--out", str(tmp_path / "r.txt"), "--meta-pairs", "/dev/zero"], "/dev/zero: not a regular")):
         with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(io.StringIO()) as err:
-            laclip.rewrite_main(["--captions", str(tmp_path / "c.txt"), "--endpoint", "http://127.0.0.1:9", *argv])
+            data.rewrite_main(["--captions", str(tmp_path / "c.txt"), "--endpoint", "http://127.0.0.1:9", *argv])
         assert said in f"{e.value.code} {err.getvalue()}", (argv, e.value.code, err.getvalue())
 
 
@@ -742,7 +742,7 @@ def test_predict_is_bounded_whatever_it_is_given(tmp_path, tiny_ckpt, monkeypatc
 
 def test_texts_no_encoder_takes_are_replaced_or_refused_in_one_line(tmp_path):
     import clippo
-    assert laclip.fold("a \ud800 rewrite\u2028two") == "a ? rewrite two"  # an LLM's answer: written as UTF-8
+    assert data.fold("a \ud800 rewrite\u2028two") == "a ? rewrite two"  # an LLM's answer: written as UTF-8
     assert clip.Tokenizer.train(["a red circle"] * 3)(["\ud800 red"]).shape == (1, 77)
     for line in ("110000:" + "0" * 32, "-1:" + "0" * 32, "41:" + "0" * 31):
         with pytest.raises(ValueError, match="a glyph line"):
@@ -753,7 +753,7 @@ def test_texts_no_encoder_takes_are_replaced_or_refused_in_one_line(tmp_path):
 
 
 def rewrite(captions, out, server, *extra):
-    return laclip.rewrite_main(["--captions", str(captions), "--out", str(out), "--endpoint", server.url,
+    return data.rewrite_main(["--captions", str(captions), "--out", str(out), "--endpoint", server.url,
                                 "--backoff", "0.01", "--concurrency", "2", *extra])
 
 
@@ -773,10 +773,10 @@ def test_rewrite_writes_one_line_per_caption_whatever_the_server_sends(tmp_path)
         rewrite(tmp_path / "c.txt", tmp_path / "r.txt", server)
     finally:
         server.close()
-    lines = laclip.read_lines(str(tmp_path / "r.txt"))[:-1]
+    lines = data.read_lines(str(tmp_path / "r.txt"))[:-1]
     assert len(lines) == len(captions)
     assert all(line == f"rewrite of caption {i}" for i, line in enumerate(lines[:len(breaks)])), lines
-    assert len(lines[-2]) <= laclip.MAX_REWRITE_CHARS and lines[-1] == f"a rewrite of caption {len(breaks) + 1}"
+    assert len(lines[-2]) <= data.MAX_REWRITE_CHARS and lines[-1] == f"a rewrite of caption {len(breaks) + 1}"
     assert len(open(tmp_path / "r.txt", "rb").read().split(b"\n")) == len(captions) + 1
 
 

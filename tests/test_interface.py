@@ -12,9 +12,9 @@ import data
 import train
 from train import MODELS
 
-MODULE_FUNCTIONS = ("add_args", "create", "build", "load", "zero_shot_classifier", "retrieval_metrics", "predict_main")
+MODULE_FUNCTIONS = ("add_args", "create", "build", "load", "predict_main")
 MODEL_METHODS = ("transform", "forward", "loss", "after_step", "encode_texts", "extra_state", "shard_units",
-                 "optimizer_groups")
+                 "optimizer_groups", "towers", "classify")
 CAPTIONS = [c for i in range(40) for c in data.Synthetic().captions(i)[0]]
 
 
@@ -47,19 +47,24 @@ def test_registered_model_has_the_interface(name):
     assert all(p.ndim >= 2 for p in decay["params"]) and any(p.ndim == 1 for p in no_decay["params"])
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert sorted(id(p) for g in (decay, no_decay) for p in g["params"]) == sorted(trainable)
-    # --gpu-decode: the transform leaves JPEG files encoded and its finish() decodes them on the device
-    if name == "brivl":
+    # train.py's crop (data.RandomCrop) in place of the model's preprocessing; under --gpu-decode it leaves
+    # JPEG files encoded and train.py's hand-over (data.to_device) decodes them on the device
+    images = data.RandomCrop(model.cfg.image_size, defer=True)
+    if name == "brivl":  # its own augmentation, no crop
         with pytest.raises(ValueError, match="without --gpu-decode"):
-            model.transform(True, gpu_decode=True)
+            model.transform(True, images=images)
         return
     buf = io.BytesIO()
     sample["image"].save(buf, format="JPEG")
-    transform = model.transform(True, gpu_decode=True)
+    transform = model.transform(True, images=images)
     items = [transform(dict(sample, image=data.open_image(buf.getvalue(), "x.jpg")), np.random.default_rng(i))
              for i in range(4)]
     assert all(isinstance(it["image"], dict) for it in items)
-    finished = transform.finish(data.collate(items), torch.device("cpu"), [])
-    assert finished["image"].shape == batch["image"].shape and finished["image"].dtype == torch.uint8
+    batch = data.collate(items)
+    finished = data.to_device(transform.finish(batch) if hasattr(transform, "finish") else batch, torch.device("cpu"),
+                              images, [])
+    assert finished["image"].shape == (4, 3, model.cfg.image_size, model.cfg.image_size)
+    assert finished["image"].dtype == torch.uint8
     assert torch.isfinite(model.loss(model(finished)))
 
 

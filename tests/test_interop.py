@@ -3,6 +3,7 @@
 
 Tests that need open_clip or transformers skip when they are absent; the others check the written
 layouts against the documented ones and round-trip through our own loaders."""
+import hashlib
 import json
 import os
 import subprocess
@@ -85,7 +86,7 @@ def hf_clip_keys(text_layers, vision_layers):
 def test_hf_export_layout_and_round_trip(tmp_path, tokenizer):
     model = small_clip(tokenizer)
     out = str(tmp_path / "hf")
-    lines = clip.export(save_ours(model, tmp_path / "ckpt.pt"), out, "hf")
+    lines = train.export(save_ours(model, tmp_path / "ckpt.pt"), out, "hf")
     assert "CLIPModel.from_pretrained" in lines[-1]
     sd = clip.read_hf_weights(out)
     assert set(sd) == hf_clip_keys(2, 2)
@@ -110,7 +111,7 @@ def test_hf_export_gives_transformers_the_same_features(tmp_path, tokenizer):
     for gelu in (True, False):
         model = small_clip(tokenizer, quick_gelu=gelu)
         out = str(tmp_path / f"hf{gelu}")
-        clip.export(save_ours(model, tmp_path / "ckpt.pt"), out, "hf")
+        train.export(save_ours(model, tmp_path / "ckpt.pt"), out, "hf")
         hf = transformers.CLIPModel.from_pretrained(out).eval()
         tok = transformers.AutoTokenizer.from_pretrained(out)
         enc = tok(TEXTS, padding="max_length", max_length=16, return_tensors="pt")
@@ -129,7 +130,7 @@ def test_hf_export_gives_transformers_the_same_features(tmp_path, tokenizer):
 def test_open_clip_export_layout_and_round_trip(tmp_path, tokenizer):
     model = small_clip(tokenizer)
     out = str(tmp_path / "oc")
-    lines = clip.export(save_ours(model, tmp_path / "ckpt.pt"), out, "open_clip")
+    lines = train.export(save_ours(model, tmp_path / "ckpt.pt"), out, "open_clip")
     assert any("local-dir:" in line for line in lines)
     assert any("not OpenAI's" in line for line in lines)  # the custom tokenizer is said, and travels
     config = json.load(open(os.path.join(out, "open_clip_config.json")))
@@ -147,11 +148,11 @@ def test_open_clip_export_layout_and_round_trip(tmp_path, tokenizer):
 
 
 def test_open_clip_names_and_quick_gelu():
-    assert clip.open_clip_name(replace(clip.CONFIGS["ViT-B-32"], quick_gelu=True)) == "ViT-B-32-quickgelu"
-    assert clip.open_clip_name(clip.CONFIGS["ViT-B-16"]) == "ViT-B-16"
-    assert clip.open_clip_name(clip.CONFIGS["ViT-L-14"]) == "ViT-L-14"
-    assert clip.open_clip_name(replace(clip.CONFIGS["ViT-B-32"], vocab_size=1024)) is None
-    assert clip.open_clip_name(clip.CONFIGS["tiny"]) is None
+    assert train.open_clip_name(clip, replace(clip.CONFIGS["ViT-B-32"], quick_gelu=True)) == "ViT-B-32-quickgelu"
+    assert train.open_clip_name(clip, clip.CONFIGS["ViT-B-16"]) == "ViT-B-16"
+    assert train.open_clip_name(clip, clip.CONFIGS["ViT-L-14"]) == "ViT-L-14"
+    assert train.open_clip_name(clip, replace(clip.CONFIGS["ViT-B-32"], vocab_size=1024)) is None
+    assert train.open_clip_name(clip, clip.CONFIGS["tiny"]) is None
 
 
 def test_open_clip_export_gives_open_clip_the_same_features(tmp_path, tokenizer):
@@ -159,7 +160,7 @@ def test_open_clip_export_gives_open_clip_the_same_features(tmp_path, tokenizer)
     pytest.importorskip("transformers")  # open_clip reads a custom tokenizer through it
     model = small_clip(tokenizer)
     out = str(tmp_path / "oc")
-    clip.export(save_ours(model, tmp_path / "ckpt.pt"), out, "open_clip")
+    train.export(save_ours(model, tmp_path / "ckpt.pt"), out, "open_clip")
     oc, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     oc.eval()
     ids = open_clip.get_tokenizer(f"local-dir:{out}")(TEXTS)
@@ -175,13 +176,18 @@ def test_open_clip_export_gives_open_clip_the_same_features(tmp_path, tokenizer)
 
 def test_export_command_line(tmp_path, tokenizer):
     ckpt = save_ours(small_clip(tokenizer), tmp_path / "ckpt.pt")
-    for f in ("clip.py", "laclip.py"):
-        proc = subprocess.run([sys.executable, f, "export", ckpt, str(tmp_path / f), "--format", "hf"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
+    for model in ("clip", "laclip"):  # a LaCLIP is a CLIP: its checkpoints export the same way
+        proc = subprocess.run([sys.executable, "train.py", "export", ckpt, str(tmp_path / model), "--format", "hf",
+                               "--model", model], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
-        assert os.path.isfile(tmp_path / f / "config.json")
-    with pytest.raises(SystemExit, match=f"^clip.py export: {tmp_path / 'nothere.pt'}: no such checkpoint file$"):
-        clip.export_main([str(tmp_path / "nothere.pt"), str(tmp_path / "x"), "--format", "open_clip"])
+        assert os.path.isfile(tmp_path / model / "config.json") and not os.path.exists(tmp_path / model / ".lock")
+    proc = subprocess.run([sys.executable, "train.py", "export", str(tmp_path / "nothere.pt"), str(tmp_path / "x"),
+                           "--format", "open_clip"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip() == f"train.py: error: {tmp_path / 'nothere.pt'}: no such checkpoint file"
+    assert not os.path.exists(tmp_path / "x")  # nothing read, nothing written
+    for model, fmt, said in (("brivl", "hf", "no export format"), ("altclip", "open_clip", "exports hf")):
+        with pytest.raises(ValueError, match=said):
+            train.export(ckpt, str(tmp_path / "y"), fmt, model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,7 +206,7 @@ def test_transformers_clip_folder_loads_with_its_features(tmp_path, tokenizer):
     hf = randomised(transformers.CLIPModel(config))
     folder = str(tmp_path / "hf")
     hf.save_pretrained(folder)
-    clip.write_hf_tokenizer(tokenizer, folder)
+    train.write_clip_tokenizer(clip, tokenizer, folder)
     model, preprocess = clip.load(folder)
     assert not model.cfg.quick_gelu and model.cfg.ln_eps == 1e-6 and model.cfg.text_mlp == 80 and model.cfg.text_heads == 4
     ids = model.tokenizer(TEXTS)
@@ -346,7 +352,7 @@ def test_altclip_export_round_trips_and_loads_in_transformers(tmp_path):
                   vocab_size=tok.vocab_size, context_length=20, pad_id=tok.pad_id, text_layers=2)
     model = randomised(altclip.AltCLIP(cfg, tok))
     out = str(tmp_path / "alt")
-    altclip.export(save_ours(model, tmp_path / "ckpt.pt"), out)
+    train.export(save_ours(model, tmp_path / "ckpt.pt"), out, "hf", "altclip")
     back, _ = altclip.load(out)
     ids, mask = tok(["a red circle", "ein roter Kreis"])
     with torch.no_grad():
@@ -378,10 +384,11 @@ def test_preset_shaped_export_loads_in_open_clip_by_name(tmp_path):
     open_clip = pytest.importorskip("open_clip")
     bpe = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
     tok = clip.Tokenizer.from_file(bpe)
-    assert clip.vocab_sha256(tok) == clip.OPENAI_VOCAB  # open_clip's own file is OpenAI's vocabulary
+    vocab = tok.tokenizer.get_vocab()  # open_clip's own file is OpenAI's vocabulary
+    assert hashlib.sha256("\n".join(sorted(vocab, key=vocab.get)).encode()).hexdigest() == train.OPENAI_VOCAB
     torch.manual_seed(0)
     model = clip.CLIP(replace(clip.CONFIGS["ViT-B-32"], quick_gelu=True), tok).eval()
-    lines = clip.export(save_ours(model, tmp_path / "ckpt.pt"), str(tmp_path / "oc"), "open_clip")
+    lines = train.export(save_ours(model, tmp_path / "ckpt.pt"), str(tmp_path / "oc"), "open_clip")
     weights_file = str(tmp_path / "oc" / "open_clip_pytorch_model.bin")
     assert f"open_clip: also create_model_and_transforms('ViT-B-32-quickgelu', pretrained={weights_file!r})" in lines
     oc = open_clip.create_model("ViT-B-32-quickgelu", pretrained=weights_file).eval()
@@ -412,7 +419,7 @@ def test_added_tokens_pool_at_eot_as_transformers_does(tmp_path, tokenizer, rout
     transformers = pytest.importorskip("transformers")
     model, ids = added_token_model(tokenizer)
     out = str(tmp_path / "hf")
-    clip.export(save_ours(model, tmp_path / "ckpt.pt"), out, "hf")
+    train.export(save_ours(model, tmp_path / "ckpt.pt"), out, "hf")
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["text_config"]["eos_token_id"] == model.tokenizer.eot < model.tokenizer.vocab_size - 2
     hf = transformers.CLIPModel.from_pretrained(out).eval()
@@ -436,7 +443,7 @@ def test_legacy_hf_eos_id_2_pools_at_argmax(tmp_path, tokenizer):
     transformers = pytest.importorskip("transformers")
     model = small_clip(tokenizer)
     out = str(tmp_path / "hf")
-    clip.export(save_ours(model, tmp_path / "ckpt.pt"), out, "hf")
+    train.export(save_ours(model, tmp_path / "ckpt.pt"), out, "hf")
     config = json.load(open(os.path.join(out, "config.json")))
     config["text_config"]["eos_token_id"] = 2  # configs written before transformers' PR #24773
     json.dump(config, open(os.path.join(out, "config.json"), "w"))
@@ -456,7 +463,7 @@ def test_open_clip_export_of_added_tokens_pools_at_eot(tmp_path, tokenizer):
     pytest.importorskip("transformers")
     model, ids = added_token_model(tokenizer)
     out = str(tmp_path / "oc")
-    clip.export(save_ours(model, tmp_path / "ckpt.pt"), out, "open_clip")
+    train.export(save_ours(model, tmp_path / "ckpt.pt"), out, "open_clip")
     config = json.load(open(os.path.join(out, "open_clip_config.json")))["model_cfg"]["text_cfg"]
     assert config["pool_type"] == "eos" and config["eos_id"] == model.tokenizer.eot
     oc, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
@@ -499,7 +506,7 @@ def test_clip_benchmark_scores_our_export_as_we_do(tmp_path):
     train.main(["--model", "clip", "--steps", "60", "--batch-size", "32", "--out", str(out), "--workers", "0",
                 "--val-size", "64", "--eval-every", "0", "--warmup", "10", "--save-every", "0"])
     exported = tmp_path / "oc"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "clip.py"), "export", str(out / "checkpoint.pt"),
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "export", str(out / "checkpoint.pt"),
                            str(exported), "--format", "open_clip"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     # held-out synthetic images as a CLIP_benchmark wds/ data set
@@ -532,7 +539,7 @@ def test_clip_benchmark_scores_our_export_as_we_do(tmp_path):
     # our own zero-shot top-1 on the same image files, through our loader and preprocessing
     model, preprocess = clip.load(str(out / "checkpoint.pt"))
     with torch.no_grad():
-        classifier = clip.zero_shot_classifier(model, names, templates)
+        classifier = train.zero_shot_classifier(model, names, templates)
         image = clip.embed_images(model, preprocess, paths)
     ours = ((image @ classifier.T).argmax(-1) == torch.tensor(labels)).float().mean().item()
     assert ours > 3 / 40, ours  # it learnt something: the comparison is not between two chance levels

@@ -62,7 +62,9 @@ TRITON_CHECK = textwrap.dedent("""
             fn(xx, yy, torch.tensor(10.0)).backward()
             out.append((yy if frozen == "x" else xx).grad)
         worst["frozen " + frozen] = ((got[0] - ref[0]).abs().max() / ref[0].abs().max()).item()
-    # Distillation (distill_tiles): a teacher of another width; forward and the student's backward kernels.
+    # Distillation (train.py's distill_tiles): a teacher of another width; forward and the student's backward kernels.
+    import train
+    train.WORKSPACE = 64
     from naive import distill_loss
     for b, d, e, dtype in [(100, 48, 40, torch.float32), (70, 100, 64, torch.float32), (300, 40, 40, torch.float32),
                            (70, 32, 32, torch.float16)]:
@@ -71,7 +73,7 @@ TRITON_CHECK = textwrap.dedent("""
         u = F.normalize(torch.randn(b, e, dtype=torch.float64), dim=-1)
         w = F.normalize(u + torch.randn(b, e, dtype=torch.float64), dim=-1)
         out = []
-        for fn, dt in ((distill_loss, torch.float64), (clip.distill_loss, dtype)):
+        for fn, dt in ((distill_loss, torch.float64), (train.distill_loss, dtype)):
             xx, yy = x.to(dt).clone().requires_grad_(), y.to(dt).clone().requires_grad_()
             sd = torch.float64 if dt == torch.float64 else torch.float32
             s = torch.tensor(10.0, dtype=sd, requires_grad=True)

@@ -1,4 +1,4 @@
-"""laclip.py: rewrite sampling, the multi-text loss, data with rewrites, and the rewrite generator."""
+"""laclip.py: rewrite sampling, the multi-text loss, data with rewrites; and data.py rewrite, the rewrite generator."""
 import argparse
 import collections
 import json
@@ -127,7 +127,7 @@ class Stub:
 
 
 def run_rewrite(*args):
-    return subprocess.run([sys.executable, "laclip.py", "rewrite", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "data.py", "rewrite", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
 
 
@@ -147,7 +147,7 @@ def test_generator_writes_one_rewrite_per_line_in_order_with_retries(captions, t
         assert r.returncode == 0, r.stderr
         assert out.read_text().splitlines() == [f"rewritten: a photo of thing number {i}" for i in range(12)]
         prompt = stub.prompts[0].split("\n")
-        assert prompt[0] == laclip.PROMPT_HEAD and len(prompt) == 5 and all(" => " in line for line in prompt[1:4])
+        assert prompt[0] == data.PROMPT_HEAD and len(prompt) == 5 and all(" => " in line for line in prompt[1:4])
     finally:
         stub.close()
 

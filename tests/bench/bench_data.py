@@ -12,7 +12,7 @@ for the embedded synthetic set, the loader's samples/s with N worker processes, 
            downscales whole-pixel boxes with torch's antialiased bicubic on uint8, and ships uint8
            pixels that the model normalises on its device.
 - --gpu-decode: the workers read the files and draw the crop boxes only (samples/s per core), and the
-           main process decodes, crops and resizes each batch on --device (ImageTransform.finish,
+           main process decodes, crops and resizes each batch on --device (data.RandomCrop.finish,
            nvjpeg on CUDA; samples/s of that one process, batches already in memory).
 The crop boxes are the same on every path. --step adds the samples/s of one clip ViT-B-32 training
 step on --device and the number of loader workers that rate needs.
@@ -78,12 +78,12 @@ def finish_rate(shards, transform, batch_size, images, device):
     """Samples/s of transform.finish (decode, crop, resize on the device) over deferred batches."""
     it = iter(data.loader(data.ShardBatches(shards, transform, batch_size)))
     batches = [next(it)[0] for _ in range(max(2, images // batch_size + 1))]
-    transform.finish(batches[0], device, [])  # start-up (nvjpeg handles, kernels) is not throughput
+    transform.image.finish(batches[0]["image"], device, [])  # start-up (nvjpeg handles, kernels) is not throughput
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
     for batch in batches[1:]:
-        transform.finish(batch, device, [])
+        transform.image.finish(batch["image"], device, [])
     sync()
     return sum(len(b["image"]) for b in batches[1:]) / (time.perf_counter() - start)
 
@@ -100,9 +100,10 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(1)
     model = clip.build("ViT-B-32", captions=["picture number 1"])
-    transforms = {"before": Before(model.transform(True)), "now": model.transform(True)}
+    now = model.transform(True, images=data.RandomCrop(model.cfg.image_size))
+    transforms = {"before": Before(now), "now": now}
     device = torch.device(args.device)
-    deferred = model.transform(True, gpu_decode=True)
+    deferred = model.transform(True, images=data.RandomCrop(model.cfg.image_size, defer=True))
     print(f"{args.workers} loader worker(s); samples/s per core (a worker process is one core)")
     rates = {}
     for side in args.sizes:

@@ -4,7 +4,7 @@ for a faster CPU path and the path training now takes.
     .venv/bin/python tests/bench/bench_decode.py [--n 200] [--sizes 256 1024]
 
 Paths, each from the JPEG's bytes to a 3 x 224 x 224 tensor, with the same crop box drawn from the
-same rng (torchvision's RandomResizedCrop rule, scale 0.9-1, as clip.py's ImageTransform):
+same rng (torchvision's RandomResizedCrop rule, scale 0.9-1, as data.py's RandomCrop):
 - pillow:        the old path: a full decode (Image.open + convert, as data.py did on reading), Pillow's
                  bicubic resize of the box, float normalisation;
 - pillow-draft:  Pillow with draft mode (the JPEG decoder scales by 1/2, 1/4 or 1/8 in the DCT domain,
@@ -12,7 +12,7 @@ same rng (torchvision's RandomResizedCrop rule, scale 0.9-1, as clip.py's ImageT
 - tv-io:         torchvision.io.decode_jpeg (libjpeg-turbo) to a uint8 tensor, crop, antialiased
                  bicubic interpolate, uint8 out;
 - tv-io+pillow:  torchvision.io.decode_jpeg, then Pillow's bicubic resize of the box, uint8 out;
-- now:           the training path since 2026-11-23: clip.ImageTransform(uint8=True) on data.py's
+- now:           the training path since 2026-11-23: data.RandomCrop on data.py's
                  header-only image (draft where the crop allows, torch's antialiased bicubic downscale).
 It prints images/s on one thread (the best of three passes) and the ratio to the old path, and the largest pixel difference from
 the old path (0-255 scale) so a faster path's error is in view.
@@ -47,7 +47,7 @@ def jpegs(n, side, seed=0):
     return out
 
 
-crop_box = clip.ImageTransform(224, train=True).crop_box  # clip.py's rule: torchvision's RandomResizedCrop
+crop_box = data.RandomCrop(224).box  # data.py's rule: torchvision's RandomResizedCrop
 
 MEAN, STD = torch.tensor(clip.MEAN).view(3, 1, 1), torch.tensor(clip.STD).view(3, 1, 1)
 
@@ -122,7 +122,7 @@ def main():
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
     args = p.parse_args()
     torch.set_num_threads(1)
-    transform = clip.ImageTransform(224, train=True, uint8=True)
+    transform = data.RandomCrop(224)
     paths = {"pillow": lambda b, i: pillow(b, i, transform), "pillow-draft": pillow_draft, "tv-io": tv_io,
              "tv-io+pillow": tv_io_pillow, "now": lambda b, i: now(b, i, transform)}
     import PIL

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import clip  # noqa: E402
+import train  # noqa: E402
 
 
 def rss():
@@ -34,7 +35,7 @@ def child(size, lora, batch, steps, device):
     cfg = clip.Config(**{**clip.asdict(clip.CONFIGS[size])})
     model = clip.CLIP(cfg, tok).to(device)
     if lora:
-        model.add_lora(lora)
+        train.add_lora(model, train.lora_spec(lora))
     model.train()
     cuda = device == "cuda"
     if cuda:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import clip  # noqa: E402
+import train  # noqa: E402
 
 
 def naive_loss(img, txt, scale):
@@ -63,7 +64,7 @@ def measure(method, b, d, device, dtype, repeats, loss="softmax"):
         t_img = F.normalize(torch.randn(b, d, device=device), dim=-1).to(dtype)
         t_txt = F.normalize(t_img + torch.randn(b, d, device=device).to(dtype), dim=-1)
         t_scale = torch.tensor(100.0, device=device)
-        base_fn = clip.distill_loss if method == "fused" else naive_distill
+        base_fn = train.distill_loss if method == "fused" else naive_distill
         fn = lambda i, t, s: base_fn(i, t, s, t_img[:len(i)], t_txt[:len(t)], t_scale)  # noqa: E731
     cuda = device == "cuda"
     # One tiny call first: loading code and one-time buffers must not count as the loss's memory.

@@ -162,7 +162,7 @@ def default_run_turns(steps, batch_size=128):
     state = {}
     for name, (m, ds, fused) in paths.items():
         opt = torch.optim.AdamW(m.optimizer_groups(0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6, fused=fused)
-        state[name] = (m, opt, datalib.TrainBatches(ds, m.transform(True), batch_size), {})
+        state[name] = (m, opt, datalib.TrainBatches(ds, m.transform(True, datalib.RandomCrop(m.cfg.image_size)), batch_size), {})
     phases = ("data", "forward", "loss", "backward", "optimizer")
     for k in range(steps + 2):  # two warm-up steps each
         for name, (m, opt, batches, times) in state.items():
@@ -228,7 +228,7 @@ def main():
     margs = argparse.Namespace(size=args.size, tokenizer=None, quick_gelu=False, multi_text=False, max_rewrites=4)
     ds = datalib.Synthetic(0, "train", 10_000)
     model = module.create(margs, ds.caption_corpus()).to(device)
-    batches = datalib.TrainBatches(ds, model.transform(True), args.batch_size)
+    batches = datalib.TrainBatches(ds, model.transform(True, datalib.RandomCrop(model.cfg.image_size)), args.batch_size)
     batch, _ = batches[0]
     batch.pop("label", None)
     batch = {k: v.to(device) for k, v in batch.items()}
