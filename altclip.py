@@ -11,7 +11,7 @@ Stage 2 (--stage contrastive): CLIP's loss on image-text pairs, the CLIP image t
 Use it alone (it imports nothing from this repository):
     model, preprocess = load("AltCLIP/")      # HF AltCLIPModel folders (BAAI/AltCLIP), features reproduced
     model = build("tiny", teacher="clip.pt", student="xlm-roberta-base/")   # stage 1, from keywords
-    python altclip.py export CKPT OUT --format hf; python altclip.py predict --ckpt CKPT ...
+    python altclip.py predict --ckpt CKPT --image a.jpg --labels 'ein Hund,a cat'   # export: train.py export
 
 Your own loop (runs as written with this file alone; four plain images stand in for data):
     import numpy as np, torch
@@ -29,34 +29,16 @@ Your own loop (runs as written with this file alone; four plain images stand in 
         loss.backward(); opt.step(); opt.zero_grad(); model.after_step()
     print(model.classify(images, ["red", "green", "blue", "yellow"]))   # [4, 4] probabilities
 
-The interface (train.py and data.py use nothing else; every model file implements it):
-    build(size, ...) -> model                   from keywords; create(args, captions, extra) is train.py's
-                                                thin layer over it, add_args(parser) its flags
-    model.transform(train) -> f(sample, rng)    sample {'image': PIL image, 'text': str, 'texts': {lang: str}} ->
-                                                token ids and mask (stage 1: no image; the teacher's ids)
-    model(batch) -> out                         batch: those dicts stacked; out: stage 1 the student's and the
-                                                teacher's text features; stage 2 normalised features, 'scale'
-    model.loss(out) -> scalar                   stage 1: mean squared error to the teacher; stage 2: InfoNCE, exact
-                                                over the global batch
-    model.after_step()                          after each optimizer step: clamps the logit scale at 100
-    model.optimizer_groups(weight_decay)        AdamW groups: decay on weight matrices only, none on biases,
-                                                norms, embeddings and the logit scale; the frozen towers left out
-    model.encode_texts(list_of_str) -> [N, D]   L2-normalised text features
-    model.classify(images, labels) -> [N, C]    label probabilities for PIL images (softmax at the logit scale)
-    model.extra_state() -> dict                 config and both tokenizers, saved beside the weights
-    model.shard_units() -> (blocks, towers)     residual blocks and towers: --fsdp shards each one,
-                                                --grad-checkpointing recomputes each block in the backward
-    zero_shot_classifier(model, classnames, templates), retrieval_metrics(image, text)
-train.py's recipe around it (open_clip's): AdamW(optimizer_groups(0.2), lr 5e-4, betas (0.9, 0.98), eps 1e-6),
-a linear warmup (10,000 steps, at most a tenth of the run) then cosine decay, the gradients' global norm
-clipped at 1, after_step() after each step. The demo (--size tiny on the synthetic data) trains at lr 1e-3
-with weight decay 0.1, as the loop above does.
-finish_args(args) tells the data loader that stage 1 trains on text alone.
+The interface is clip.py's (train.py and data.py use nothing else): build, create, add_args and
+finish_args (stage 1 trains on parallel text alone); the model's transform, forward, loss, after_step,
+optimizer_groups, encode_texts, classify, extra_state (config and both tokenizers), towers and
+shard_units. Stage 1's out holds the student's and the teacher's text features and its loss is their
+mean squared error; stage 2's is CLIP's InfoNCE over the global batch. train.py's recipe around it is
+clip.py's (open_clip's); the demo trains at lr 1e-3 with weight decay 0.1, as the loop above does.
 
 Layout: the method (config, the teacher and student text towers, the model and its two losses),
-building, weights in and out; then, behind banners, the regions copied from clip.py (tokenizer,
-transformer blocks, ViT, contrastive loss, inputs, evaluation, weight files, export and predict
-commands, the fused loss kernel) and brivl.py's BERT.
+building, weights in; then, behind banners, the regions copied from clip.py (tokenizer, transformer
+blocks, ViT, contrastive loss, inputs, weight files, predict, the fused loss kernel) and brivl.py's BERT.
 """
 
 import argparse
@@ -188,7 +170,6 @@ class AltCLIP(nn.Module):
         # The image tower is the teacher's and stays locked in both stages (LiT). In stage 1 the loss
         # reaches neither the projection nor the temperature; DDP must not wait for their gradients.
         self.locked = freeze([self.visual], [], []) if cfg.lock_image else []
-        self.patch_dropout = 0.0  # training's share of image patches dropped (FLIP), stage 2; create() sets it
         if cfg.stage == "distill":
             self.teacher = TeacherText(cfg)
             self.locked += freeze([self.teacher, self.text_projection, self.logit_scale], [], [])
@@ -229,10 +210,7 @@ class AltCLIP(nn.Module):
         self.logit_scale.clamp_(0, math.log(100))
 
     def transform(self, train, images=None):
-        t = Transform(self.cfg, self.tokenizer, self.teacher_tokenizer, train, images or self.preprocess(uint8=True))
-        if train and self.patch_dropout and self.cfg.stage == "contrastive":  # stage 1 reads no images
-            t = PatchDropout(t, (self.cfg.image_size // self.cfg.patch_size) ** 2, self.patch_dropout)
-        return t
+        return Transform(self.cfg, self.tokenizer, self.teacher_tokenizer, train, images or self.preprocess(uint8=True))
 
     def encode_texts(self, texts):
         ids, mask = self.tokenizer(texts)
@@ -425,10 +403,6 @@ def create(args, captions=(), extra=None):
     if extra is None and model.cfg.stage == "contrastive" and not getattr(args, "init", None):
         print("altclip: --stage contrastive without --init: fresh towers, the image tower trained too "
               "(pass --init STAGE1_CHECKPOINT to continue a stage 1 run)", flush=True)
-    ratio = getattr(args, "patch_dropout", 0.0)
-    if not 0 <= ratio < 1:
-        raise ValueError(f"--patch-dropout {ratio}: the share of patches dropped, from 0 to below 1")
-    model.patch_dropout = ratio  # training's share of image patches dropped (FLIP), stage 2's images
     return model
 
 
@@ -570,9 +544,6 @@ EOT = "<|endoftext|>"
 # A text is cut to this many characters before anything else: 77 tokens never need more, and the
 # normalisation, the pre-tokenizer and BPE all cost time in the text's length.
 MAX_TEXT_CHARS = 8192
-# The BPE trainer learns from pre-tokenized pieces up to this long: a longer "word" (a URL, a hash, a
-# run of one letter) teaches no merge worth a vocabulary slot, and would cost the trainer its square.
-MAX_PIECE_CHARS = 64
 
 
 def clean_text(text):
@@ -643,63 +614,6 @@ class Tokenizer:
         # OpenAI keeps the first 49152 - 256 - 2 merges after the version line; smaller files keep all.
         return cls.from_merges([tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1] if m.strip()], context_length)
 
-    @classmethod
-    def train(cls, texts, vocab_size=1024, context_length=77):
-        """A small BPE fitted to the captions at hand (the synthetic default needs no vocabulary file).
-
-        Learnt here rather than by the tokenizers library's trainer, whose choice among equally frequent
-        pairs changes from call to call: the same data and seed must give the same vocabulary.
-        """
-        import heapq
-        from collections import Counter, defaultdict
-
-        from tokenizers.models import BPE
-
-        pre = cls._skeleton(BPE()).pre_tokenizer
-        words = Counter()
-        for t in texts:
-            for piece, _ in pre.pre_tokenize_str(clean_text(t)):
-                if len(piece) <= MAX_PIECE_CHARS:
-                    words[tuple(piece[:-1]) + (piece[-1] + "</w>",)] += 1
-        words = [[list(w), c] for w, c in sorted(words.items())]
-        counts, where = Counter(), defaultdict(set)
-        for i, (w, c) in enumerate(words):
-            for p in zip(w, w[1:]):
-                counts[p] += c
-                where[p].add(i)
-        heap = [(-c, p) for p, c in counts.items()]
-        heapq.heapify(heap)
-        merges = []
-        while heap and len(merges) < vocab_size - 512 - 2:
-            c, best = heapq.heappop(heap)
-            if counts.get(best, 0) != -c or c == 0:
-                continue  # a stale entry: its count changed after it was pushed
-            merges.append(best)
-            touched = set()
-            for i in sorted(where.pop(best)):
-                w, n = words[i]
-                for p in zip(w, w[1:]):
-                    counts[p] -= n
-                    touched.add(p)
-                j, out = 0, []
-                while j < len(w):
-                    if j < len(w) - 1 and (w[j], w[j + 1]) == best:
-                        out.append(w[j] + w[j + 1])
-                        j += 2
-                    else:
-                        out.append(w[j])
-                        j += 1
-                words[i][0] = out
-                for p in zip(out, out[1:]):
-                    counts[p] += n
-                    where[p].add(i)
-                    touched.add(p)
-            counts.pop(best, None)
-            for p in touched:
-                if counts.get(p, 0) > 0:
-                    heapq.heappush(heap, (-counts[p], p))
-        return cls.from_merges(merges, context_length)
-
     def to_str(self):
         return self.tokenizer.to_str()
 
@@ -718,12 +632,6 @@ class Tokenizer:
             ids = [self.sot] + e.ids[: self.context_length - 2] + [self.eot]  # truncation keeps EOT last
             rows.append(ids + [0] * (self.context_length - len(ids)))
         return torch.tensor(rows, dtype=torch.long).reshape(len(texts), self.context_length)
-
-    def decode(self, ids):
-        byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
-        text = "".join(self.tokenizer.id_to_token(i) for i in ids if i not in (0, self.sot, self.eot))
-        words = [bytes(byte_decoder[c] for c in w).decode("utf-8", errors="replace") for w in text.split("</w>")]
-        return " ".join(words).strip()
 # ==== end of copy: tokenizer ====
 
 
@@ -788,6 +696,12 @@ class Transformer(nn.Module):
             nn.init.zeros_(block.attn.out_proj.bias)
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+
+def keep_patches(x, keep):
+    """x [B, N, W] -> [B, K, W]: the patches that keep [B, K] names (FLIP's patch dropout: train.py draws
+    them, --patch-dropout; the batch carries them as 'patch_keep')."""
+    return x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
 # ==== end of copy: transformer ====
 
 
@@ -826,32 +740,6 @@ class VisionTransformer(nn.Module):
         x = self.transformer(self.ln_pre(torch.cat([cls, x], dim=1)))
         return self.ln_post(x[:, 0]) @ self.proj
 # ==== end of copy: vision ====
-
-
-# ==== copied from clip.py: patch-dropout (shared code, kept identical to clip.py's region) ====
-class PatchDropout:
-    """FLIP's patch dropout (Li et al. 2023): in training each image keeps a random round((1 - ratio) * N)
-    of its N patch tokens, and the image tower runs on those alone (cheaper in proportion). The transform
-    draws them from the sample's own rng, after every other draw, so the kept patches depend only on
-    (seed, epoch, sample) as every other choice does: ranks, loader workers, --accum replays and resumes
-    all see the same ones. Wraps a model's training transform; the batch carries them as 'patch_keep'."""
-
-    def __init__(self, transform, patches, ratio):  # ratio checked where the model was built
-        self.transform, self.patches, self.keep = transform, patches, max(1, round((1 - ratio) * patches))
-
-    def __call__(self, sample, rng):
-        out = self.transform(sample, rng)
-        out["patch_keep"] = torch.from_numpy(np.sort(rng.permutation(self.patches)[:self.keep]))
-        return out
-
-    def finish(self, batch):
-        return self.transform.finish(batch)
-
-
-def keep_patches(x, keep):
-    """x [B, N, W] -> [B, K, W]: the patches that keep [B, K] names."""
-    return x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
-# ==== end of copy: patch-dropout ====
 
 
 # ==== copied from clip.py: loss (shared code, kept identical to clip.py's region) ====
@@ -1006,7 +894,7 @@ class ImageTransform:
 # ==== end of copy: preprocess ====
 
 
-# ==== copied from clip.py: normalize-pixels (shared code, kept identical to clip.py's region) ====
+# ==== copied from clip.py: image-files (shared code, kept identical to clip.py's region) ====
 def normalize_pixels(images, mean, std):
     """uint8 pixels [..., 3, H, W] -> floats normalised by mean and std, on the pixels' device. Images
     already in floats are taken as normalised and pass through."""
@@ -1015,13 +903,11 @@ def normalize_pixels(images, mean, std):
     mean = torch.tensor(mean, device=images.device).view(3, 1, 1)
     std = torch.tensor(std, device=images.device).view(3, 1, 1)
     return (images.float().div_(255) - mean) / std
-# ==== end of copy: normalize-pixels ====
 
 
-# ==== copied from clip.py: image-files (shared code, kept identical to clip.py's region) ====
-# Decoding holds the whole image (4 bytes a pixel in Pillow, then a copy): larger non-JPEG images are
-# refused before their decode; JPEGs are first drafted down to what the crop needs.
-MAX_PIXELS = 40_000_000
+# Decoding holds the whole image (4 bytes a pixel in Pillow, then a copy): larger images are refused
+# before their decode (a JPEG first drafted down to what the preprocessing needs), as are larger files.
+MAX_PIXELS, MAX_IMAGE_BYTES = 40_000_000, 64 << 20
 
 
 class ImageTooLarge(OSError):
@@ -1031,43 +917,30 @@ class ImageTooLarge(OSError):
 def to_rgb(img):
     """RGB, with 16-bit and 32-bit integer images scaled to 8 bits (Pillow's convert clips them: white)."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        x = np.asarray(img).astype(np.float32)
-        x = np.clip(x / 257.0 + 0.5, 0, 255).astype(np.uint8)  # 0..65535 -> 0..255
         from PIL import Image
 
+        x = np.clip(np.asarray(img).astype(np.float32) / 257.0 + 0.5, 0, 255).astype(np.uint8)  # 0..65535 -> 0..255
         return Image.fromarray(x, "L").convert("RGB")
     return img.convert("RGB")
 
 
-MAX_IMAGE_BYTES = 64 << 20
-
-
 def read_image(path):
-    """A PIL image of a regular file (a FIFO or device would block or never end), decoded here so a
+    """A PIL image of a regular file of at most MAX_IMAGE_BYTES (a FIFO or device would block or never
+    end), decoded here (a JPEG's decode waits for the preprocessing, which may draft it smaller), so a
     damaged or oversized file is one ValueError naming it."""
     import io
-    import stat
 
     from PIL import Image
 
+    payload = read_small_file(path, "image file", MAX_IMAGE_BYTES)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_IMAGE_BYTES:
-            os.close(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ValueError("not a regular file")
-            raise ValueError(f"{st.st_size} bytes, over the {MAX_IMAGE_BYTES >> 20} MiB an image may have")
-        with os.fdopen(fd, "rb") as f:
-            img = Image.open(io.BytesIO(f.read(MAX_IMAGE_BYTES)))
-            img.source = path
-            if img.size[0] * img.size[1] > MAX_PIXELS and img.format != "JPEG":
-                raise ImageTooLarge(f"{img.size[0]} x {img.size[1]} pixels, over the cap of {MAX_PIXELS}")
-            if img.format != "JPEG":  # a JPEG's decode waits for the preprocess, which may draft it smaller
-                img.load()
-            return img
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such image file") from None
+        img = Image.open(io.BytesIO(payload))
+        img.source = path
+        if img.size[0] * img.size[1] > MAX_PIXELS and img.format != "JPEG":
+            raise ImageTooLarge(f"{img.size[0]} x {img.size[1]} pixels, over the cap of {MAX_PIXELS}")
+        if img.format != "JPEG":
+            img.load()
+        return img
     except Exception as e:  # Pillow: OSError, SyntaxError, DecompressionBombError, ValueError
         lines = str(e).strip().splitlines() or [""]
         reason = lines[0][:200] if type(e) is ValueError else f"{type(e).__name__}: {lines[0][:200]}"
@@ -1491,7 +1364,7 @@ def embed_images(model, preprocess, images, chunk=64):
 # ==== end of copy: embed-images ====
 
 
-# ==== copied from clip.py: classify (shared code, kept identical to clip.py's region) ====
+# ==== copied from clip.py: predict (shared code, kept identical to clip.py's region) ====
 def link(model, sims):
     """Probabilities from cosine similarities [N, C] with the model's own link: a softmax over the last
     dimension at the logit scale (learnt, or BriVL's fixed 1 / temperature), rows summing to 1; for a
@@ -1514,10 +1387,6 @@ def label_probs(model, images, labels):
         return link(model, embed_images(model, model.preprocess(), images) @ text.T)
     finally:
         model.train(was_training)
-# ==== end of copy: classify ====
-
-
-# ==== copied from clip.py: predict (shared code, kept identical to clip.py's region) ====
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -1533,56 +1402,46 @@ def predict_main(argv=None):
     p.add_argument("--query", action="append", default=[], help="with --images: the text to rank them for")
     p.add_argument("--top", type=int, default=5, help="rows shown per image or query")
     p.add_argument("--json", action="store_true", help="one JSON object per image (or query), most probable first")
-    # Only the keywords this file's load() takes become flags: each model offers what means something for it.
-    options = inspect.signature(load).parameters
-    if "tokenizer" in options:
-        p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer, or to replace theirs")
-    if "font" in options:
-        p.add_argument("--font", default=None, help="a Unifont .hex file instead of the glyphs the weights carry")
-    if "image_size" in options:
-        p.add_argument("--image-size", type=int, default=None, help="the input size of official weights")
     p.add_argument("--device", default="cpu")
+    options = {"tokenizer": (str, "for weights that carry no tokenizer, or to replace theirs"),
+               "font": (str, "a Unifont .hex file instead of the glyphs the weights carry"),
+               "image_size": (int, "the input size of official weights")}
+    for name in inspect.signature(load).parameters.keys() & options.keys():  # what this file's load() takes
+        p.add_argument(f"--{name.replace('_', '-')}", type=options[name][0], help=options[name][1])
     args = p.parse_args(argv)
     if args.top < 1:
         p.error("--top must be at least 1")
     if args.device.split(":")[0] not in ("cpu", "cuda", "mps") or (args.device.startswith("cuda") and not torch.cuda.is_available()):
         p.error(f"--device {args.device}: cpu, or cuda where a GPU is present")
-    given = {k: getattr(args, k) for k in ("tokenizer", "font", "image_size") if getattr(args, k, None) is not None}
     try:
         if args.images:
             if not os.path.isdir(args.images):
                 raise FileNotFoundError(f"{args.images}: no such folder (--images takes a folder of images)")
-            images = sorted(os.path.join(args.images, f) for f in os.listdir(args.images) if f.lower().endswith(IMAGE_FILES))
-            special = [f for f in images if not os.path.isfile(f)]  # FIFOs, devices, sockets, folders
-            if special:
-                print(f"{me} predict: left out {len(special)} entries of {args.images} that are not regular files "
-                      f"(first: {special[0]})", file=sys.stderr)
-            images = [f for f in images if f not in special]
-            if not images or not args.query:
+            found = sorted(os.path.join(args.images, f) for f in os.listdir(args.images) if f.lower().endswith(IMAGE_FILES))
+            candidates = [f for f in found if os.path.isfile(f)]  # not FIFOs, devices, sockets, folders
+            if len(candidates) < len(found):
+                print(f"{me} predict: left out {len(found) - len(candidates)} entries of {args.images} that are not "
+                      f"regular files", file=sys.stderr)
+            if not candidates or not args.query:
                 raise ValueError(f"--images needs image files in {args.images} and at least one --query")
-            queries, candidates = args.query, images
-        else:
-            if args.texts:  # a regular file of at most 64 MiB: a FIFO or /dev/zero is refused, not read
-                lines = read_small_file(args.texts, "--texts file", 1 << 26).decode("utf-8", "replace").splitlines()
-                texts = [line.strip() for line in lines if line.strip()]
-            else:
-                texts = [t.strip() for t in (args.labels or "").split(",") if t.strip()]
-            if not args.image or not texts:
+            queries = args.query
+        else:  # --texts: a regular file of at most 64 MiB (a FIFO or /dev/zero is refused, not read)
+            lines = read_small_file(args.texts, "--texts file", 1 << 26).decode("utf-8", "replace").splitlines() \
+                if args.texts else (args.labels or "").split(",")
+            queries, candidates = args.image, [t.strip() for t in lines if t.strip()]
+            if not queries or not candidates:
                 raise ValueError("pass --image FILE... with --labels 'a,b,...' or --texts FILE (or --images DIR --query TEXT)")
-            for path in args.image:
-                if not os.path.exists(path):
-                    raise FileNotFoundError(f"{path}: no such image file")
+            for path in queries:
                 if not os.path.isfile(path):
-                    raise ValueError(f"{path}: not a regular file; pass image files")
-            queries, candidates = args.image, texts
-        model, preprocess = load(args.ckpt, **given)
+                    raise (ValueError(f"{path}: not a regular file; pass image files") if os.path.exists(path) else
+                           FileNotFoundError(f"{path}: no such image file"))
+        model, preprocess = load(args.ckpt, **{k: getattr(args, k) for k in options if getattr(args, k, None) is not None})
         model.to(args.device)
         if getattr(model, "tokenizer", True) is None:
             raise ValueError(f"{args.ckpt} carries no tokenizer: pass --tokenizer")
         if args.images:  # images ranked for each query: the link over the images
             with torch.no_grad():
-                text = model.encode_texts(queries).float()
-            probs = link(model, text @ embed_images(model, preprocess, candidates).T)
+                probs = link(model, model.encode_texts(queries).float() @ embed_images(model, preprocess, candidates).T)
         else:
             probs = model.classify(queries, candidates)  # [images, labels]
     except (FileNotFoundError, ValueError, ImportError, OSError) as err:
@@ -1794,27 +1653,18 @@ def bert_state_dict(sd, prefixes=("bert.", "roberta.")):
 
 
 # ==== copied from clip.py: kernel (shared code, kept identical to clip.py's region) ====
-# The heavy work of the softmax losses: lse_tiles(x, y, scale, two_way) -> (row_lse [n], col_lse [k] or
-# [0]), the log-sum-exps of t = scale * x @ y.T along rows and (two_way) columns, from the same tiles in
-# one pass; x the rows of this rank (n x D), y the keys (k x D). InfoNCE's loss is lse less the
-# positive's logit. t is never kept: the op saves x, y, scale and the two vectors, O((n + k) D), and
-# the backward makes the tiles again. For incoming g_row, g_col:
+# lse_tiles(x, y, scale, two_way) -> (row_lse [n], col_lse [k] or [0]): the log-sum-exps of t = scale *
+# x @ y.T along rows and (two_way) columns, both from the same tiles in one pass; x this rank's rows
+# (n x D), y the keys (k x D). t is never kept: the op saves x, y, scale and the two vectors and the
+# backward makes the tiles again (2 B^2 D forward, 6 B^2 D backward). For incoming g_row, g_col:
 #     G_ij = g_row_i * exp(t_ij - row_lse_i) + g_col_j * exp(t_ij - col_lse_j)
 #     dx = scale * G @ y,  dy = scale * G.T @ x,  d(scale) = sum(G * x @ y.T)
-# Cost: 2 B^2 D forward, 6 B^2 D backward. How much of t exists at once: on the PyTorch path one tile
-# of BLOCK x BLOCK (1024 x 1024 fp32, 4 MB; for a batch of 16k one 256th of t); on the Triton path the
-# forward's tiles (64-128 a side) stay in registers and the backward writes G in row chunks of at most
-# WORKSPACE elements (or 4 k D), a bound that does not grow with the batch.
-# Below: the PyTorch tiles (the reference, on every device), the op registered as a torch custom op
-# (torch.compile sees one node), then the Triton kernels used on CUDA.
-
-
+# At once there is one BLOCK x BLOCK tile of t on the PyTorch path (the reference, on every device); on
+# the Triton path (CUDA) the forward's tiles stay in registers and the backward writes G in row chunks
+# of at most WORKSPACE elements (or 4 k D): memory that does not grow with the batch.
 BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
 WORKSPACE = 2 ** 27  # elements of the Triton backward's G chunk, or 4 k d if larger: memory stays O(B D)
 _NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
-
-
-# ---- the PyTorch tiles
 
 
 def _acc_dtype(x):
@@ -1859,19 +1709,11 @@ def _lse_backward_torch(x, y, scale, row, col, g_row, g_col):
     return dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype)
 
 
-# ---- the op: contract (custom op), backend choice, autograd
-
-
-try:  # Triton ships with CUDA builds of torch; without it the blockwise PyTorch path runs everywhere.
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
-
 def _use_triton(x):
-    # TRITON_INTERPRET=1 runs the kernels on the CPU (slowly): that is how CI tests them.
-    return (triton is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    # The Triton kernels run on CUDA, where Triton is installed and the file carries them (the kernel-triton
+    # region: brivl.py's queue loss is small and leaves it out); TRITON_INTERPRET=1 runs them on the CPU
+    # (slowly): that is how CI tests them. Elsewhere the PyTorch tiles run.
+    return (globals().get("triton") is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
 
 
@@ -1918,9 +1760,15 @@ def _lse_backward(ctx, g_row, g_col):
 
 
 lse_tiles.register_autograd(_lse_backward, setup_context=_lse_setup)
+# ==== end of copy: kernel ====
 
 
-# ---- the Triton kernels (CUDA; TRITON_INTERPRET=1 runs them on the CPU)
+# ==== copied from clip.py: kernel-triton (shared code, kept identical to clip.py's region) ====
+try:  # Triton ships with CUDA builds of torch; without it the PyTorch tiles run everywhere.
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 
 if triton is not None:
@@ -2048,7 +1896,7 @@ def _offset(a, b, scale):
     bound = (scale.float().abs() * torch.linalg.vector_norm(a, dim=1, dtype=torch.float32).max()
              * torch.linalg.vector_norm(b, dim=1, dtype=torch.float32).max())
     return torch.clamp(bound - 80, min=0).reshape(1)
-# ==== end of copy: kernel ====
+# ==== end of copy: kernel-triton ====
 
 
 if __name__ == "__main__":

@@ -35,33 +35,17 @@ Your own loop (runs as written with this file alone; four plain images stand in 
         loss.backward(); opt.step(); opt.zero_grad(); model.after_step()
     print(model.classify(images, ["red", "green", "blue", "yellow"]))   # [4, 4] probabilities
 
-The interface (train.py and data.py use nothing else; every model file implements it):
-    build(size, ...) -> model                   from keywords; create(args, captions, extra) is train.py's
-                                                thin layer over it, add_args(parser) its flags
-    model.transform(train) -> f(sample, rng)    sample {'image': PIL image, 'text': str, 'boxes': optional} ->
-                                                {'image', 'boxes', 'box_mask', 'text', 'text_mask'}
-    model(batch) -> out                         batch: those dicts stacked; out: normalised 'image' and
-                                                'text' features and the momentum encoders' keys, 'scale' (1 / T)
-    model.loss(out) -> scalar                   InfoNCE of each side against the other side's key queue (the
-                                                global batch's keys join the queues in after_step)
-    model.after_step()                          after each optimizer step: the momentum encoders move, the
-                                                queues take the global batch's keys
-    model.optimizer_groups(weight_decay)        AdamW groups: decay on weight matrices only, none on biases,
-                                                norms, embeddings; the momentum encoders left out
-    model.encode_texts(list_of_str) -> [N, D]   L2-normalised text features
-    model.classify(images, labels) -> [N, C]    label probabilities for PIL images (softmax at 1 / T)
-    model.extra_state() -> dict                 config and tokenizer, saved beside the weights
-    model.shard_units() -> (blocks, towers)     residual blocks and towers: --fsdp shards each one,
-                                                --grad-checkpointing recomputes each block in the backward
-    zero_shot_classifier(model, classnames, templates), retrieval_metrics(image, text)
-train.py's recipe around it (open_clip's): AdamW(optimizer_groups(0.2), lr 5e-4, betas (0.9, 0.98), eps 1e-6),
-a linear warmup (10,000 steps, at most a tenth of the run) then cosine decay, the gradients' global norm
-clipped at 1, after_step() after each step. The demo (--size tiny on the synthetic data) trains at lr 1e-3
-with weight decay 0.1, as the loop above does.
+The interface is clip.py's (train.py and data.py use nothing else): build, create, add_args; the
+model's transform, forward, loss, after_step, optimizer_groups, encode_texts, classify, extra_state,
+towers and shard_units. Here a sample may bring detector 'boxes'; the transform returns the image,
+its boxes and mask, and token ids and mask; out also holds the momentum encoders' keys and 'scale' is
+1 / T; after_step moves the momentum encoders and fills the queues with the global batch's keys.
+train.py's recipe around it is clip.py's (open_clip's); the demo (--size tiny on the synthetic data)
+trains at lr 1e-3 with weight decay 0.1, as the loop above does.
 
 Layout: the method (config, region pooling, towers, model, queue loss, inputs), building, weights
 (this repository's and the released ones), the CNN backbones, BERT; then, behind banners, the
-evaluation, predict and fused-kernel regions copied from clip.py.
+weights reader, inputs, predict and fused-kernel regions copied from clip.py.
 """
 
 import argparse
@@ -624,8 +608,6 @@ def build(size="tiny", tokenizer=None, text_encoder=None, backbone_weights=None,
 
 
 def create(args, captions=(), extra=None):
-    if getattr(args, "patch_dropout", 0.0):
-        raise ValueError("--patch-dropout drops a ViT's patch tokens; BriVL's image tower is a CNN")
     names = ("size", "tokenizer", "text_encoder", "backbone_weights", "init", "batch_size") + OVERRIDES
     return build(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None}, captions=captions, extra=extra)
 
@@ -1411,18 +1393,6 @@ def check_fits(make, sd, where, strict=True):
 # ==== end of copy: tensor-files ====
 
 
-# ==== copied from clip.py: normalize-pixels (shared code, kept identical to clip.py's region) ====
-def normalize_pixels(images, mean, std):
-    """uint8 pixels [..., 3, H, W] -> floats normalised by mean and std, on the pixels' device. Images
-    already in floats are taken as normalised and pass through."""
-    if images.dtype != torch.uint8:
-        return images
-    mean = torch.tensor(mean, device=images.device).view(3, 1, 1)
-    std = torch.tensor(std, device=images.device).view(3, 1, 1)
-    return (images.float().div_(255) - mean) / std
-# ==== end of copy: normalize-pixels ====
-
-
 # ==== copied from clip.py: optimizer (shared code, kept identical to clip.py's region) ====
 def adamw_groups(model, weight_decay):
     """The AdamW parameter groups of the recipe (open_clip's rule): weight decay on weight matrices only,
@@ -1440,9 +1410,19 @@ def adamw_groups(model, weight_decay):
 
 
 # ==== copied from clip.py: image-files (shared code, kept identical to clip.py's region) ====
-# Decoding holds the whole image (4 bytes a pixel in Pillow, then a copy): larger non-JPEG images are
-# refused before their decode; JPEGs are first drafted down to what the crop needs.
-MAX_PIXELS = 40_000_000
+def normalize_pixels(images, mean, std):
+    """uint8 pixels [..., 3, H, W] -> floats normalised by mean and std, on the pixels' device. Images
+    already in floats are taken as normalised and pass through."""
+    if images.dtype != torch.uint8:
+        return images
+    mean = torch.tensor(mean, device=images.device).view(3, 1, 1)
+    std = torch.tensor(std, device=images.device).view(3, 1, 1)
+    return (images.float().div_(255) - mean) / std
+
+
+# Decoding holds the whole image (4 bytes a pixel in Pillow, then a copy): larger images are refused
+# before their decode (a JPEG first drafted down to what the preprocessing needs), as are larger files.
+MAX_PIXELS, MAX_IMAGE_BYTES = 40_000_000, 64 << 20
 
 
 class ImageTooLarge(OSError):
@@ -1452,43 +1432,30 @@ class ImageTooLarge(OSError):
 def to_rgb(img):
     """RGB, with 16-bit and 32-bit integer images scaled to 8 bits (Pillow's convert clips them: white)."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        x = np.asarray(img).astype(np.float32)
-        x = np.clip(x / 257.0 + 0.5, 0, 255).astype(np.uint8)  # 0..65535 -> 0..255
         from PIL import Image
 
+        x = np.clip(np.asarray(img).astype(np.float32) / 257.0 + 0.5, 0, 255).astype(np.uint8)  # 0..65535 -> 0..255
         return Image.fromarray(x, "L").convert("RGB")
     return img.convert("RGB")
 
 
-MAX_IMAGE_BYTES = 64 << 20
-
-
 def read_image(path):
-    """A PIL image of a regular file (a FIFO or device would block or never end), decoded here so a
+    """A PIL image of a regular file of at most MAX_IMAGE_BYTES (a FIFO or device would block or never
+    end), decoded here (a JPEG's decode waits for the preprocessing, which may draft it smaller), so a
     damaged or oversized file is one ValueError naming it."""
     import io
-    import stat
 
     from PIL import Image
 
+    payload = read_small_file(path, "image file", MAX_IMAGE_BYTES)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_IMAGE_BYTES:
-            os.close(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ValueError("not a regular file")
-            raise ValueError(f"{st.st_size} bytes, over the {MAX_IMAGE_BYTES >> 20} MiB an image may have")
-        with os.fdopen(fd, "rb") as f:
-            img = Image.open(io.BytesIO(f.read(MAX_IMAGE_BYTES)))
-            img.source = path
-            if img.size[0] * img.size[1] > MAX_PIXELS and img.format != "JPEG":
-                raise ImageTooLarge(f"{img.size[0]} x {img.size[1]} pixels, over the cap of {MAX_PIXELS}")
-            if img.format != "JPEG":  # a JPEG's decode waits for the preprocess, which may draft it smaller
-                img.load()
-            return img
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such image file") from None
+        img = Image.open(io.BytesIO(payload))
+        img.source = path
+        if img.size[0] * img.size[1] > MAX_PIXELS and img.format != "JPEG":
+            raise ImageTooLarge(f"{img.size[0]} x {img.size[1]} pixels, over the cap of {MAX_PIXELS}")
+        if img.format != "JPEG":
+            img.load()
+        return img
     except Exception as e:  # Pillow: OSError, SyntaxError, DecompressionBombError, ValueError
         lines = str(e).strip().splitlines() or [""]
         reason = lines[0][:200] if type(e) is ValueError else f"{type(e).__name__}: {lines[0][:200]}"
@@ -1496,7 +1463,7 @@ def read_image(path):
 # ==== end of copy: image-files ====
 
 
-# ==== copied from clip.py: classify (shared code, kept identical to clip.py's region) ====
+# ==== copied from clip.py: predict (shared code, kept identical to clip.py's region) ====
 def link(model, sims):
     """Probabilities from cosine similarities [N, C] with the model's own link: a softmax over the last
     dimension at the logit scale (learnt, or BriVL's fixed 1 / temperature), rows summing to 1; for a
@@ -1519,10 +1486,6 @@ def label_probs(model, images, labels):
         return link(model, embed_images(model, model.preprocess(), images) @ text.T)
     finally:
         model.train(was_training)
-# ==== end of copy: classify ====
-
-
-# ==== copied from clip.py: predict (shared code, kept identical to clip.py's region) ====
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -1538,56 +1501,46 @@ def predict_main(argv=None):
     p.add_argument("--query", action="append", default=[], help="with --images: the text to rank them for")
     p.add_argument("--top", type=int, default=5, help="rows shown per image or query")
     p.add_argument("--json", action="store_true", help="one JSON object per image (or query), most probable first")
-    # Only the keywords this file's load() takes become flags: each model offers what means something for it.
-    options = inspect.signature(load).parameters
-    if "tokenizer" in options:
-        p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer, or to replace theirs")
-    if "font" in options:
-        p.add_argument("--font", default=None, help="a Unifont .hex file instead of the glyphs the weights carry")
-    if "image_size" in options:
-        p.add_argument("--image-size", type=int, default=None, help="the input size of official weights")
     p.add_argument("--device", default="cpu")
+    options = {"tokenizer": (str, "for weights that carry no tokenizer, or to replace theirs"),
+               "font": (str, "a Unifont .hex file instead of the glyphs the weights carry"),
+               "image_size": (int, "the input size of official weights")}
+    for name in inspect.signature(load).parameters.keys() & options.keys():  # what this file's load() takes
+        p.add_argument(f"--{name.replace('_', '-')}", type=options[name][0], help=options[name][1])
     args = p.parse_args(argv)
     if args.top < 1:
         p.error("--top must be at least 1")
     if args.device.split(":")[0] not in ("cpu", "cuda", "mps") or (args.device.startswith("cuda") and not torch.cuda.is_available()):
         p.error(f"--device {args.device}: cpu, or cuda where a GPU is present")
-    given = {k: getattr(args, k) for k in ("tokenizer", "font", "image_size") if getattr(args, k, None) is not None}
     try:
         if args.images:
             if not os.path.isdir(args.images):
                 raise FileNotFoundError(f"{args.images}: no such folder (--images takes a folder of images)")
-            images = sorted(os.path.join(args.images, f) for f in os.listdir(args.images) if f.lower().endswith(IMAGE_FILES))
-            special = [f for f in images if not os.path.isfile(f)]  # FIFOs, devices, sockets, folders
-            if special:
-                print(f"{me} predict: left out {len(special)} entries of {args.images} that are not regular files "
-                      f"(first: {special[0]})", file=sys.stderr)
-            images = [f for f in images if f not in special]
-            if not images or not args.query:
+            found = sorted(os.path.join(args.images, f) for f in os.listdir(args.images) if f.lower().endswith(IMAGE_FILES))
+            candidates = [f for f in found if os.path.isfile(f)]  # not FIFOs, devices, sockets, folders
+            if len(candidates) < len(found):
+                print(f"{me} predict: left out {len(found) - len(candidates)} entries of {args.images} that are not "
+                      f"regular files", file=sys.stderr)
+            if not candidates or not args.query:
                 raise ValueError(f"--images needs image files in {args.images} and at least one --query")
-            queries, candidates = args.query, images
-        else:
-            if args.texts:  # a regular file of at most 64 MiB: a FIFO or /dev/zero is refused, not read
-                lines = read_small_file(args.texts, "--texts file", 1 << 26).decode("utf-8", "replace").splitlines()
-                texts = [line.strip() for line in lines if line.strip()]
-            else:
-                texts = [t.strip() for t in (args.labels or "").split(",") if t.strip()]
-            if not args.image or not texts:
+            queries = args.query
+        else:  # --texts: a regular file of at most 64 MiB (a FIFO or /dev/zero is refused, not read)
+            lines = read_small_file(args.texts, "--texts file", 1 << 26).decode("utf-8", "replace").splitlines() \
+                if args.texts else (args.labels or "").split(",")
+            queries, candidates = args.image, [t.strip() for t in lines if t.strip()]
+            if not queries or not candidates:
                 raise ValueError("pass --image FILE... with --labels 'a,b,...' or --texts FILE (or --images DIR --query TEXT)")
-            for path in args.image:
-                if not os.path.exists(path):
-                    raise FileNotFoundError(f"{path}: no such image file")
+            for path in queries:
                 if not os.path.isfile(path):
-                    raise ValueError(f"{path}: not a regular file; pass image files")
-            queries, candidates = args.image, texts
-        model, preprocess = load(args.ckpt, **given)
+                    raise (ValueError(f"{path}: not a regular file; pass image files") if os.path.exists(path) else
+                           FileNotFoundError(f"{path}: no such image file"))
+        model, preprocess = load(args.ckpt, **{k: getattr(args, k) for k in options if getattr(args, k, None) is not None})
         model.to(args.device)
         if getattr(model, "tokenizer", True) is None:
             raise ValueError(f"{args.ckpt} carries no tokenizer: pass --tokenizer")
         if args.images:  # images ranked for each query: the link over the images
             with torch.no_grad():
-                text = model.encode_texts(queries).float()
-            probs = link(model, text @ embed_images(model, preprocess, candidates).T)
+                probs = link(model, model.encode_texts(queries).float() @ embed_images(model, preprocess, candidates).T)
         else:
             probs = model.classify(queries, candidates)  # [images, labels]
     except (FileNotFoundError, ValueError, ImportError, OSError) as err:
@@ -1610,27 +1563,18 @@ def predict_main(argv=None):
 
 
 # ==== copied from clip.py: kernel (shared code, kept identical to clip.py's region) ====
-# The heavy work of the softmax losses: lse_tiles(x, y, scale, two_way) -> (row_lse [n], col_lse [k] or
-# [0]), the log-sum-exps of t = scale * x @ y.T along rows and (two_way) columns, from the same tiles in
-# one pass; x the rows of this rank (n x D), y the keys (k x D). InfoNCE's loss is lse less the
-# positive's logit. t is never kept: the op saves x, y, scale and the two vectors, O((n + k) D), and
-# the backward makes the tiles again. For incoming g_row, g_col:
+# lse_tiles(x, y, scale, two_way) -> (row_lse [n], col_lse [k] or [0]): the log-sum-exps of t = scale *
+# x @ y.T along rows and (two_way) columns, both from the same tiles in one pass; x this rank's rows
+# (n x D), y the keys (k x D). t is never kept: the op saves x, y, scale and the two vectors and the
+# backward makes the tiles again (2 B^2 D forward, 6 B^2 D backward). For incoming g_row, g_col:
 #     G_ij = g_row_i * exp(t_ij - row_lse_i) + g_col_j * exp(t_ij - col_lse_j)
 #     dx = scale * G @ y,  dy = scale * G.T @ x,  d(scale) = sum(G * x @ y.T)
-# Cost: 2 B^2 D forward, 6 B^2 D backward. How much of t exists at once: on the PyTorch path one tile
-# of BLOCK x BLOCK (1024 x 1024 fp32, 4 MB; for a batch of 16k one 256th of t); on the Triton path the
-# forward's tiles (64-128 a side) stay in registers and the backward writes G in row chunks of at most
-# WORKSPACE elements (or 4 k D), a bound that does not grow with the batch.
-# Below: the PyTorch tiles (the reference, on every device), the op registered as a torch custom op
-# (torch.compile sees one node), then the Triton kernels used on CUDA.
-
-
+# At once there is one BLOCK x BLOCK tile of t on the PyTorch path (the reference, on every device); on
+# the Triton path (CUDA) the forward's tiles stay in registers and the backward writes G in row chunks
+# of at most WORKSPACE elements (or 4 k D): memory that does not grow with the batch.
 BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
 WORKSPACE = 2 ** 27  # elements of the Triton backward's G chunk, or 4 k d if larger: memory stays O(B D)
 _NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
-
-
-# ---- the PyTorch tiles
 
 
 def _acc_dtype(x):
@@ -1675,19 +1619,11 @@ def _lse_backward_torch(x, y, scale, row, col, g_row, g_col):
     return dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype)
 
 
-# ---- the op: contract (custom op), backend choice, autograd
-
-
-try:  # Triton ships with CUDA builds of torch; without it the blockwise PyTorch path runs everywhere.
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
-
 def _use_triton(x):
-    # TRITON_INTERPRET=1 runs the kernels on the CPU (slowly): that is how CI tests them.
-    return (triton is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    # The Triton kernels run on CUDA, where Triton is installed and the file carries them (the kernel-triton
+    # region: brivl.py's queue loss is small and leaves it out); TRITON_INTERPRET=1 runs them on the CPU
+    # (slowly): that is how CI tests them. Elsewhere the PyTorch tiles run.
+    return (globals().get("triton") is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
 
 
@@ -1734,136 +1670,6 @@ def _lse_backward(ctx, g_row, g_col):
 
 
 lse_tiles.register_autograd(_lse_backward, setup_context=_lse_setup)
-
-
-# ---- the Triton kernels (CUDA; TRITON_INTERPRET=1 runs them on the CPU)
-
-
-if triton is not None:
-    @triton.jit
-    def _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-              BD: tl.constexpr):
-        # x[rm] @ y[rn].T in fp32, D in chunks of BD; rows and columns past the ends read as zeros.
-        raw = tl.zeros([BM, BN], dtype=tl.float32)
-        for d0 in range(0, d, BD):
-            rd = d0 + tl.arange(0, BD)
-            xa = tl.load(X + rm[:, None] * sxn + rd[None, :] * sxd, mask=(rm[:, None] < n) & (rd[None, :] < d), other=0.0)
-            yb = tl.load(Y + rn[:, None] * syn + rd[None, :] * syd, mask=(rn[:, None] < k) & (rd[None, :] < d), other=0.0)
-            raw += tl.dot(xa, tl.trans(yb), input_precision=PREC)
-        return raw
-
-    @triton.jit
-    def _lse_fwd_kernel(X, Y, SCALE, OFFSET, ROW, COL, n, k, d, sxn, sxd, syn, syd,
-                        TWO_WAY: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-        # Program (row block, column split): sums of exp(t - offset) over its tiles, added atomically.
-        # offset = the largest |t| possible less 80, so no exp overflows fp32 (see _lse_triton).
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
-        s = tl.load(SCALE).to(tl.float32)
-        c = tl.load(OFFSET)
-        row_sum = tl.zeros([BM], dtype=tl.float32)
-        for jb in range(tl.program_id(1), tl.cdiv(k, BN), SPLIT):
-            rn = jb * BN + tl.arange(0, BN)
-            raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
-            e = tl.where((rm[:, None] < n) & (rn[None, :] < k), tl.exp(raw * s - c), 0.0)
-            row_sum += tl.sum(e, 1)
-            if TWO_WAY:
-                tl.atomic_add(COL + rn, tl.sum(e, 0), mask=rn < k)
-        tl.atomic_add(ROW + rm, row_sum, mask=rm < n)
-
-    @triton.jit
-    def _grad_tile_kernel(X, Y, SCALE, ROW, COL, GROW, GCOL, G, DSP, n, k, d, sxn, sxd, syn, syd, sgn,
-                          TWO_WAY: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                          BD: tl.constexpr):
-        # One tile of scale * G for a chunk of rows, written out, and the tile's share of d(scale).
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
-        rn = tl.program_id(1) * BN + tl.arange(0, BN)
-        s = tl.load(SCALE).to(tl.float32)
-        raw = _tile(X, Y, rm, rn, n, k, d, sxn, sxd, syn, syd, PREC, BM, BN, BD)
-        t = raw * s
-        row = tl.load(ROW + rm, mask=rm < n, other=0.0)
-        g = tl.exp(t - row[:, None]) * tl.load(GROW + rm, mask=rm < n, other=0.0)[:, None]
-        if TWO_WAY:
-            col = tl.load(COL + rn, mask=rn < k, other=0.0)
-            g += tl.exp(t - col[None, :]) * tl.load(GCOL + rn, mask=rn < k, other=0.0)[None, :]
-        inside = (rm[:, None] < n) & (rn[None, :] < k)
-        g = tl.where(inside, g, 0.0)
-        tl.store(DSP + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g * raw, 1), 0))
-        tl.store(G + rm[:, None] * sgn + rn[None, :], (g * s).to(G.dtype.element_ty), mask=inside)
-
-
-def _tiles(x):
-    big = x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda
-    prec = "ieee" if x.dtype == torch.float32 else "tf32"  # exact fp32; half types use their own dot
-    return dict(PREC=prec, BM=128 if big else 64, BN=128 if big else 64, BD=64 if x.shape[1] >= 64 else 32,
-                num_warps=4, num_stages=3)
-
-
-def _lse_triton(x, y, scale, two_way):
-    n, k = x.shape[0], y.shape[0]
-    # exp(t - offset) must neither overflow (t - offset <= 80 < 88) nor, for a whole row or column,
-    # underflow: exact while a row or column has a logit within 167 of the largest possible |t|,
-    # which always holds for unit features with scale <= 83, and in practice at CLIP's cap of 100.
-    offset = _offset(x, y, scale)
-    row = torch.zeros(n, device=x.device, dtype=torch.float32)
-    col = torch.zeros(k if two_way else 0, device=x.device, dtype=torch.float32)
-    meta = _tiles(x)
-    # Enough programs to fill the GPU: split the columns when there are few row blocks.
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    blocks = triton.cdiv(n, meta["BM"])
-    split = max(1, min(triton.cdiv(k, meta["BN"]), triton.cdiv(4 * sms, blocks)))
-    _lse_fwd_kernel[(blocks, split)](x, y, scale.reshape(1), offset, row, col, n, k, x.shape[1], x.stride(0),
-                                     x.stride(1), y.stride(0), y.stride(1), TWO_WAY=two_way, SPLIT=split, **meta)
-    return row.log() + offset, col.log() + offset
-
-
-def _mm_f32(a, b):
-    # fp32 result of a half-precision product, accumulated and written in fp32 by cuBLAS where torch can
-    if a.dtype != torch.float32 and a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # torch < 2.8
-            pass
-    return (a @ b).float()
-
-
-def _lse_backward_triton(x, y, scale, row, col, g_row, g_col, need_x, need_y):
-    # The kernel writes scale * G for a chunk of rows into a workspace; dx and dy are then plain matrix
-    # products (cuBLAS's speed) and each tile is recomputed once. Adding into dx and dy from inside the
-    # kernel instead costs an atomic per element per tile, an order of magnitude slower.
-    n, k, d = x.shape[0], y.shape[0], x.shape[1]
-    two_way = col.numel() > 0
-    meta = _tiles(x)
-    bm, bn = meta["BM"], meta["BN"]
-    rows = min(n, max(bm, max(WORKSPACE, 4 * k * d) // max(k, 1) // bm * bm))
-    work = torch.empty(rows, k, device=x.device, dtype=x.dtype)
-    dsp = torch.empty(triton.cdiv(rows, bm) * triton.cdiv(k, bn), device=x.device, dtype=torch.float32)
-    # Full-size outputs even when not needed: the op's fake (for torch.compile) promises these shapes.
-    dx = torch.empty_like(x) if need_x else torch.zeros_like(x)
-    dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
-    ds = torch.zeros((), device=x.device, dtype=torch.float32)
-    row, g_row = row.float(), g_row.float()
-    col, g_col = (col.float(), g_col.float()) if two_way else (row, g_row)
-    for i in range(0, n, rows):
-        m = min(rows, n - i)
-        g, xi = work[:m], x[i:i + m]
-        grid = (triton.cdiv(m, bm), triton.cdiv(k, bn))
-        _grad_tile_kernel[grid](xi, y, scale.reshape(1), row[i:i + m], col, g_row[i:i + m], g_col, g, dsp, m, k, d,
-                                xi.stride(0), xi.stride(1), y.stride(0), y.stride(1), g.stride(0),
-                                TWO_WAY=two_way, **meta)
-        ds += dsp[:grid[0] * grid[1]].sum()
-        if need_x:
-            torch.mm(g, y, out=dx[i:i + m])
-        if need_y:
-            dy += _mm_f32(g.T, xi)
-    return dx, dy.to(y.dtype), ds.to(scale.dtype)
-
-
-def _offset(a, b, scale):
-    # The largest |logit| possible less 80: exp(t - offset) never overflows fp32 (see _lse_triton).
-    bound = (scale.float().abs() * torch.linalg.vector_norm(a, dim=1, dtype=torch.float32).max()
-             * torch.linalg.vector_norm(b, dim=1, dtype=torch.float32).max())
-    return torch.clamp(bound - 80, min=0).reshape(1)
 # ==== end of copy: kernel ====
 
 

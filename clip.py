@@ -210,6 +210,12 @@ class Transformer(nn.Module):
             nn.init.zeros_(block.attn.out_proj.bias)
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+
+def keep_patches(x, keep):
+    """x [B, N, W] -> [B, K, W]: the patches that keep [B, K] names (FLIP's patch dropout: train.py draws
+    them, --patch-dropout; the batch carries them as 'patch_keep')."""
+    return x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
 # ==== end of region transformer ====
 
 
@@ -254,32 +260,6 @@ class VisionTransformer(nn.Module):
 # ==== end of region vision ====
 
 
-# ==== region patch-dropout (copied into clippo.py, altclip.py, laclip.py) ====
-class PatchDropout:
-    """FLIP's patch dropout (Li et al. 2023): in training each image keeps a random round((1 - ratio) * N)
-    of its N patch tokens, and the image tower runs on those alone (cheaper in proportion). The transform
-    draws them from the sample's own rng, after every other draw, so the kept patches depend only on
-    (seed, epoch, sample) as every other choice does: ranks, loader workers, --accum replays and resumes
-    all see the same ones. Wraps a model's training transform; the batch carries them as 'patch_keep'."""
-
-    def __init__(self, transform, patches, ratio):  # ratio checked where the model was built
-        self.transform, self.patches, self.keep = transform, patches, max(1, round((1 - ratio) * patches))
-
-    def __call__(self, sample, rng):
-        out = self.transform(sample, rng)
-        out["patch_keep"] = torch.from_numpy(np.sort(rng.permutation(self.patches)[:self.keep]))
-        return out
-
-    def finish(self, batch):
-        return self.transform.finish(batch)
-
-
-def keep_patches(x, keep):
-    """x [B, N, W] -> [B, K, W]: the patches that keep [B, K] names."""
-    return x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
-# ==== end of region patch-dropout ====
-
-
 # ----------------------------------------------------------------------------------------------
 # Model
 
@@ -311,7 +291,6 @@ class CLIP(nn.Module):
             if isinstance(m, nn.LayerNorm):
                 m.eps = cfg.ln_eps
         self.locked = []  # modules frozen by lock(): they stay in eval mode
-        self.patch_dropout = 0.0  # training's share of image patches dropped (FLIP); build() sets it
 
     def lock(self, image=False, text=False, image_unlocked_layers=0, text_unlocked_layers=0):
         """LiT (open_clip's --lock-image / --lock-text): a locked tower gets no gradient and no optimizer
@@ -361,10 +340,7 @@ class CLIP(nn.Module):
         self.logit_scale.clamp_(0, math.log(100))
 
     def transform(self, train, images=None):
-        t = Transform(self.tokenizer, images or self.preprocess(uint8=True))
-        if train and self.patch_dropout:
-            t = PatchDropout(t, (self.cfg.image_size // self.cfg.patch_size) ** 2, self.patch_dropout)
-        return t
+        return Transform(self.tokenizer, images or self.preprocess(uint8=True))
 
     def preprocess(self, uint8=False):
         """PIL image -> the tensor the weights expect (short side resized, centre crop); uint8: not yet
@@ -527,31 +503,6 @@ class _AllReduceSum(torch.autograd.Function):
 # ==== end of region loss ====
 
 
-# ==== region sigmoid-loss (copied into clippo.py, laclip.py) ====
-def sigmoid_loss(image_features, text_features, logit_scale, logit_bias, group=None):
-    """SigLIP's pairwise sigmoid loss over the global batch (Zhai et al. 2023; open_clip's SigLipLoss
-    normalisation: the sum over every image-text pair, divided by the images of the batch).
-
-    On one process it equals the naive form, which holds the whole B x B logit matrix:
-        logits = logit_scale * image_features @ text_features.T + logit_bias
-        labels = 2 * torch.eye(len(logits)) - 1          # +1 for the pair, -1 otherwise
-        -F.logsigmoid(labels * logits).sum() / len(logits)
-    Every pair's term stands alone, so the sum splits into softplus(logit) over all pairs, as if every
-    pair were negative, less each positive's logit (-log sigmoid(u) = softplus(u) - u): the first part
-    is sigmoid_tiles' row sums, the second a dot product per row. Each rank takes its own images
-    against the texts of every rank (gathered with gradient); under DDP's gradient averaging the result
-    is the exact gradient of the global mean. Every rank must pass the same number of rows.
-    """
-    text_features, pos = gather_texts(image_features, text_features, group)
-    # rows averaged below: every row's gradient is the same, so the op may make the gradients in its forward
-    eager = torch.is_grad_enabled() and any(t.requires_grad for t in (image_features, text_features, logit_scale, logit_bias))
-    rows = sigmoid_tiles(image_features, text_features, logit_scale, logit_bias, eager)[0]
-    pos_logit = ((image_features * text_features.index_select(0, pos)).sum(1).to(rows.dtype) * logit_scale.to(rows.dtype)
-                 + logit_bias.to(rows.dtype))
-    return (rows - pos_logit).mean()
-# ==== end of region sigmoid-loss ====
-
-
 # ==== region optimizer (copied into brivl.py, clippo.py, altclip.py, laclip.py) ====
 def adamw_groups(model, weight_decay):
     """The AdamW parameter groups of the recipe (open_clip's rule): weight decay on weight matrices only,
@@ -605,7 +556,7 @@ class ImageTransform:
 # ==== end of region preprocess ====
 
 
-# ==== region normalize-pixels (copied into brivl.py, clippo.py, altclip.py, laclip.py) ====
+# ==== region image-files (copied into brivl.py, clippo.py, altclip.py, laclip.py) ====
 def normalize_pixels(images, mean, std):
     """uint8 pixels [..., 3, H, W] -> floats normalised by mean and std, on the pixels' device. Images
     already in floats are taken as normalised and pass through."""
@@ -614,13 +565,11 @@ def normalize_pixels(images, mean, std):
     mean = torch.tensor(mean, device=images.device).view(3, 1, 1)
     std = torch.tensor(std, device=images.device).view(3, 1, 1)
     return (images.float().div_(255) - mean) / std
-# ==== end of region normalize-pixels ====
 
 
-# ==== region image-files (copied into brivl.py, clippo.py, altclip.py, laclip.py) ====
-# Decoding holds the whole image (4 bytes a pixel in Pillow, then a copy): larger non-JPEG images are
-# refused before their decode; JPEGs are first drafted down to what the crop needs.
-MAX_PIXELS = 40_000_000
+# Decoding holds the whole image (4 bytes a pixel in Pillow, then a copy): larger images are refused
+# before their decode (a JPEG first drafted down to what the preprocessing needs), as are larger files.
+MAX_PIXELS, MAX_IMAGE_BYTES = 40_000_000, 64 << 20
 
 
 class ImageTooLarge(OSError):
@@ -630,43 +579,30 @@ class ImageTooLarge(OSError):
 def to_rgb(img):
     """RGB, with 16-bit and 32-bit integer images scaled to 8 bits (Pillow's convert clips them: white)."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        x = np.asarray(img).astype(np.float32)
-        x = np.clip(x / 257.0 + 0.5, 0, 255).astype(np.uint8)  # 0..65535 -> 0..255
         from PIL import Image
 
+        x = np.clip(np.asarray(img).astype(np.float32) / 257.0 + 0.5, 0, 255).astype(np.uint8)  # 0..65535 -> 0..255
         return Image.fromarray(x, "L").convert("RGB")
     return img.convert("RGB")
 
 
-MAX_IMAGE_BYTES = 64 << 20
-
-
 def read_image(path):
-    """A PIL image of a regular file (a FIFO or device would block or never end), decoded here so a
+    """A PIL image of a regular file of at most MAX_IMAGE_BYTES (a FIFO or device would block or never
+    end), decoded here (a JPEG's decode waits for the preprocessing, which may draft it smaller), so a
     damaged or oversized file is one ValueError naming it."""
     import io
-    import stat
 
     from PIL import Image
 
+    payload = read_small_file(path, "image file", MAX_IMAGE_BYTES)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_IMAGE_BYTES:
-            os.close(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ValueError("not a regular file")
-            raise ValueError(f"{st.st_size} bytes, over the {MAX_IMAGE_BYTES >> 20} MiB an image may have")
-        with os.fdopen(fd, "rb") as f:
-            img = Image.open(io.BytesIO(f.read(MAX_IMAGE_BYTES)))
-            img.source = path
-            if img.size[0] * img.size[1] > MAX_PIXELS and img.format != "JPEG":
-                raise ImageTooLarge(f"{img.size[0]} x {img.size[1]} pixels, over the cap of {MAX_PIXELS}")
-            if img.format != "JPEG":  # a JPEG's decode waits for the preprocess, which may draft it smaller
-                img.load()
-            return img
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such image file") from None
+        img = Image.open(io.BytesIO(payload))
+        img.source = path
+        if img.size[0] * img.size[1] > MAX_PIXELS and img.format != "JPEG":
+            raise ImageTooLarge(f"{img.size[0]} x {img.size[1]} pixels, over the cap of {MAX_PIXELS}")
+        if img.format != "JPEG":
+            img.load()
+        return img
     except Exception as e:  # Pillow: OSError, SyntaxError, DecompressionBombError, ValueError
         lines = str(e).strip().splitlines() or [""]
         reason = lines[0][:200] if type(e) is ValueError else f"{type(e).__name__}: {lines[0][:200]}"
@@ -709,14 +645,12 @@ def finish_args(args):
 
 
 def build(size="ViT-B-32", tokenizer=None, captions=(), init=None, quick_gelu=None, lock_image=False,
-          lock_image_unlocked_layers=0, lock_text=False, lock_text_unlocked_layers=0, patch_dropout=0.0, loss=None,
-          extra=None):
+          lock_image_unlocked_layers=0, lock_text=False, lock_text_unlocked_layers=0, loss=None, extra=None):
     """A CLIP from keywords: a preset with a tokenizer file (or a BPE trained on `captions`), released
     weights to fine-tune (init), or a checkpoint's extra_state(); then the LiT locks. loss: softmax or
     sigmoid (SigLIP); default the init weights' own, else softmax."""
     cfg, tok, weights = config_and_tokenizer(size, tokenizer, captions, init, quick_gelu, extra, loss)
-    return start(CLIP(cfg, tok), weights, lock_image, lock_image_unlocked_layers, lock_text, lock_text_unlocked_layers,
-                 patch_dropout)
+    return start(CLIP(cfg, tok), weights, lock_image, lock_image_unlocked_layers, lock_text, lock_text_unlocked_layers)
 
 
 def create(args, captions=(), extra=None):
@@ -747,7 +681,7 @@ def add_clip_args(parser):
 def build_kwargs(args):
     """train.py's flags as build()'s keywords (a flag a caller's namespace lacks takes build()'s default)."""
     names = ("size", "tokenizer", "init", "quick_gelu", "lock_image", "lock_image_unlocked_layers", "lock_text",
-             "lock_text_unlocked_layers", "patch_dropout", "loss")
+             "lock_text_unlocked_layers", "loss")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
@@ -774,17 +708,13 @@ def config_and_tokenizer(size, tokenizer=None, captions=(), init=None, quick_gel
     if tokenizer:
         tok = Tokenizer.from_file(tokenizer, cfg.context_length)
     else:
-        tok = Tokenizer.train(captions, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
+        tok = train_bpe(captions, vocab_size=cfg.vocab_size, context_length=cfg.context_length)
     cfg.vocab_size, cfg.eos_id = tok.vocab_size, tok.eot
     return cfg, tok, None
 
 
-def start(model, weights=None, lock_image=False, lock_image_unlocked_layers=0, lock_text=False, lock_text_unlocked_layers=0,
-          patch_dropout=0.0):
-    """Initial weights, the LiT locks and training's patch dropout applied to a new model."""
-    if not 0 <= patch_dropout < 1:
-        raise ValueError(f"--patch-dropout {patch_dropout}: the share of patches dropped, from 0 to below 1")
-    model.patch_dropout = patch_dropout
+def start(model, weights=None, lock_image=False, lock_image_unlocked_layers=0, lock_text=False, lock_text_unlocked_layers=0):
+    """Initial weights and the LiT locks applied to a new model."""
     if weights is not None:
         model.load_state_dict(weights, strict=True)
     if lock_image or lock_text:
@@ -1417,7 +1347,7 @@ def embed_images(model, preprocess, images, chunk=64):
 # ==== end of region embed-images ====
 
 
-# ==== region classify (copied into brivl.py, clippo.py, altclip.py, laclip.py) ====
+# ==== region predict (copied into brivl.py, clippo.py, altclip.py, laclip.py) ====
 def link(model, sims):
     """Probabilities from cosine similarities [N, C] with the model's own link: a softmax over the last
     dimension at the logit scale (learnt, or BriVL's fixed 1 / temperature), rows summing to 1; for a
@@ -1440,10 +1370,6 @@ def label_probs(model, images, labels):
         return link(model, embed_images(model, model.preprocess(), images) @ text.T)
     finally:
         model.train(was_training)
-# ==== end of region classify ====
-
-
-# ==== region predict (copied into brivl.py, clippo.py, altclip.py, laclip.py) ====
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -1459,56 +1385,46 @@ def predict_main(argv=None):
     p.add_argument("--query", action="append", default=[], help="with --images: the text to rank them for")
     p.add_argument("--top", type=int, default=5, help="rows shown per image or query")
     p.add_argument("--json", action="store_true", help="one JSON object per image (or query), most probable first")
-    # Only the keywords this file's load() takes become flags: each model offers what means something for it.
-    options = inspect.signature(load).parameters
-    if "tokenizer" in options:
-        p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer, or to replace theirs")
-    if "font" in options:
-        p.add_argument("--font", default=None, help="a Unifont .hex file instead of the glyphs the weights carry")
-    if "image_size" in options:
-        p.add_argument("--image-size", type=int, default=None, help="the input size of official weights")
     p.add_argument("--device", default="cpu")
+    options = {"tokenizer": (str, "for weights that carry no tokenizer, or to replace theirs"),
+               "font": (str, "a Unifont .hex file instead of the glyphs the weights carry"),
+               "image_size": (int, "the input size of official weights")}
+    for name in inspect.signature(load).parameters.keys() & options.keys():  # what this file's load() takes
+        p.add_argument(f"--{name.replace('_', '-')}", type=options[name][0], help=options[name][1])
     args = p.parse_args(argv)
     if args.top < 1:
         p.error("--top must be at least 1")
     if args.device.split(":")[0] not in ("cpu", "cuda", "mps") or (args.device.startswith("cuda") and not torch.cuda.is_available()):
         p.error(f"--device {args.device}: cpu, or cuda where a GPU is present")
-    given = {k: getattr(args, k) for k in ("tokenizer", "font", "image_size") if getattr(args, k, None) is not None}
     try:
         if args.images:
             if not os.path.isdir(args.images):
                 raise FileNotFoundError(f"{args.images}: no such folder (--images takes a folder of images)")
-            images = sorted(os.path.join(args.images, f) for f in os.listdir(args.images) if f.lower().endswith(IMAGE_FILES))
-            special = [f for f in images if not os.path.isfile(f)]  # FIFOs, devices, sockets, folders
-            if special:
-                print(f"{me} predict: left out {len(special)} entries of {args.images} that are not regular files "
-                      f"(first: {special[0]})", file=sys.stderr)
-            images = [f for f in images if f not in special]
-            if not images or not args.query:
+            found = sorted(os.path.join(args.images, f) for f in os.listdir(args.images) if f.lower().endswith(IMAGE_FILES))
+            candidates = [f for f in found if os.path.isfile(f)]  # not FIFOs, devices, sockets, folders
+            if len(candidates) < len(found):
+                print(f"{me} predict: left out {len(found) - len(candidates)} entries of {args.images} that are not "
+                      f"regular files", file=sys.stderr)
+            if not candidates or not args.query:
                 raise ValueError(f"--images needs image files in {args.images} and at least one --query")
-            queries, candidates = args.query, images
-        else:
-            if args.texts:  # a regular file of at most 64 MiB: a FIFO or /dev/zero is refused, not read
-                lines = read_small_file(args.texts, "--texts file", 1 << 26).decode("utf-8", "replace").splitlines()
-                texts = [line.strip() for line in lines if line.strip()]
-            else:
-                texts = [t.strip() for t in (args.labels or "").split(",") if t.strip()]
-            if not args.image or not texts:
+            queries = args.query
+        else:  # --texts: a regular file of at most 64 MiB (a FIFO or /dev/zero is refused, not read)
+            lines = read_small_file(args.texts, "--texts file", 1 << 26).decode("utf-8", "replace").splitlines() \
+                if args.texts else (args.labels or "").split(",")
+            queries, candidates = args.image, [t.strip() for t in lines if t.strip()]
+            if not queries or not candidates:
                 raise ValueError("pass --image FILE... with --labels 'a,b,...' or --texts FILE (or --images DIR --query TEXT)")
-            for path in args.image:
-                if not os.path.exists(path):
-                    raise FileNotFoundError(f"{path}: no such image file")
+            for path in queries:
                 if not os.path.isfile(path):
-                    raise ValueError(f"{path}: not a regular file; pass image files")
-            queries, candidates = args.image, texts
-        model, preprocess = load(args.ckpt, **given)
+                    raise (ValueError(f"{path}: not a regular file; pass image files") if os.path.exists(path) else
+                           FileNotFoundError(f"{path}: no such image file"))
+        model, preprocess = load(args.ckpt, **{k: getattr(args, k) for k in options if getattr(args, k, None) is not None})
         model.to(args.device)
         if getattr(model, "tokenizer", True) is None:
             raise ValueError(f"{args.ckpt} carries no tokenizer: pass --tokenizer")
         if args.images:  # images ranked for each query: the link over the images
             with torch.no_grad():
-                text = model.encode_texts(queries).float()
-            probs = link(model, text @ embed_images(model, preprocess, candidates).T)
+                probs = link(model, model.encode_texts(queries).float() @ embed_images(model, preprocess, candidates).T)
         else:
             probs = model.classify(queries, candidates)  # [images, labels]
     except (FileNotFoundError, ValueError, ImportError, OSError) as err:
@@ -1558,9 +1474,6 @@ EOT = "<|endoftext|>"
 # A text is cut to this many characters before anything else: 77 tokens never need more, and the
 # normalisation, the pre-tokenizer and BPE all cost time in the text's length.
 MAX_TEXT_CHARS = 8192
-# The BPE trainer learns from pre-tokenized pieces up to this long: a longer "word" (a URL, a hash, a
-# run of one letter) teaches no merge worth a vocabulary slot, and would cost the trainer its square.
-MAX_PIECE_CHARS = 64
 
 
 def clean_text(text):
@@ -1631,63 +1544,6 @@ class Tokenizer:
         # OpenAI keeps the first 49152 - 256 - 2 merges after the version line; smaller files keep all.
         return cls.from_merges([tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1] if m.strip()], context_length)
 
-    @classmethod
-    def train(cls, texts, vocab_size=1024, context_length=77):
-        """A small BPE fitted to the captions at hand (the synthetic default needs no vocabulary file).
-
-        Learnt here rather than by the tokenizers library's trainer, whose choice among equally frequent
-        pairs changes from call to call: the same data and seed must give the same vocabulary.
-        """
-        import heapq
-        from collections import Counter, defaultdict
-
-        from tokenizers.models import BPE
-
-        pre = cls._skeleton(BPE()).pre_tokenizer
-        words = Counter()
-        for t in texts:
-            for piece, _ in pre.pre_tokenize_str(clean_text(t)):
-                if len(piece) <= MAX_PIECE_CHARS:
-                    words[tuple(piece[:-1]) + (piece[-1] + "</w>",)] += 1
-        words = [[list(w), c] for w, c in sorted(words.items())]
-        counts, where = Counter(), defaultdict(set)
-        for i, (w, c) in enumerate(words):
-            for p in zip(w, w[1:]):
-                counts[p] += c
-                where[p].add(i)
-        heap = [(-c, p) for p, c in counts.items()]
-        heapq.heapify(heap)
-        merges = []
-        while heap and len(merges) < vocab_size - 512 - 2:
-            c, best = heapq.heappop(heap)
-            if counts.get(best, 0) != -c or c == 0:
-                continue  # a stale entry: its count changed after it was pushed
-            merges.append(best)
-            touched = set()
-            for i in sorted(where.pop(best)):
-                w, n = words[i]
-                for p in zip(w, w[1:]):
-                    counts[p] -= n
-                    touched.add(p)
-                j, out = 0, []
-                while j < len(w):
-                    if j < len(w) - 1 and (w[j], w[j + 1]) == best:
-                        out.append(w[j] + w[j + 1])
-                        j += 2
-                    else:
-                        out.append(w[j])
-                        j += 1
-                words[i][0] = out
-                for p in zip(out, out[1:]):
-                    counts[p] += n
-                    where[p].add(i)
-                    touched.add(p)
-            counts.pop(best, None)
-            for p in touched:
-                if counts.get(p, 0) > 0:
-                    heapq.heappush(heap, (-counts[p], p))
-        return cls.from_merges(merges, context_length)
-
     def to_str(self):
         return self.tokenizer.to_str()
 
@@ -1706,13 +1562,71 @@ class Tokenizer:
             ids = [self.sot] + e.ids[: self.context_length - 2] + [self.eot]  # truncation keeps EOT last
             rows.append(ids + [0] * (self.context_length - len(ids)))
         return torch.tensor(rows, dtype=torch.long).reshape(len(texts), self.context_length)
-
-    def decode(self, ids):
-        byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
-        text = "".join(self.tokenizer.id_to_token(i) for i in ids if i not in (0, self.sot, self.eot))
-        words = [bytes(byte_decoder[c] for c in w).decode("utf-8", errors="replace") for w in text.split("</w>")]
-        return " ".join(words).strip()
 # ==== end of region tokenizer ====
+
+
+# ==== region bpe-trainer (copied into laclip.py) ====
+# The BPE trainer learns from pre-tokenized pieces up to this long: a longer "word" (a URL, a hash, a
+# run of one letter) teaches no merge worth a vocabulary slot, and would cost the trainer its square.
+MAX_PIECE_CHARS = 64
+
+
+def train_bpe(texts, vocab_size=1024, context_length=77):
+    """A CLIP Tokenizer of a small BPE fitted to the captions at hand (the demo needs no vocabulary file).
+
+    Learnt here rather than by the tokenizers library's trainer, whose choice among equally frequent
+    pairs changes from call to call: the same data and seed must give the same vocabulary.
+    """
+    import heapq
+    from collections import Counter, defaultdict
+
+    from tokenizers.models import BPE
+
+    pre = Tokenizer._skeleton(BPE()).pre_tokenizer
+    words = Counter()
+    for t in texts:
+        for piece, _ in pre.pre_tokenize_str(clean_text(t)):
+            if len(piece) <= MAX_PIECE_CHARS:
+                words[tuple(piece[:-1]) + (piece[-1] + "</w>",)] += 1
+    words = [[list(w), c] for w, c in sorted(words.items())]
+    counts, where = Counter(), defaultdict(set)
+    for i, (w, c) in enumerate(words):
+        for p in zip(w, w[1:]):
+            counts[p] += c
+            where[p].add(i)
+    heap = [(-c, p) for p, c in counts.items()]
+    heapq.heapify(heap)
+    merges = []
+    while heap and len(merges) < vocab_size - 512 - 2:
+        c, best = heapq.heappop(heap)
+        if counts.get(best, 0) != -c or c == 0:
+            continue  # a stale entry: its count changed after it was pushed
+        merges.append(best)
+        touched = set()
+        for i in sorted(where.pop(best)):
+            w, n = words[i]
+            for p in zip(w, w[1:]):
+                counts[p] -= n
+                touched.add(p)
+            j, out = 0, []
+            while j < len(w):
+                if j < len(w) - 1 and (w[j], w[j + 1]) == best:
+                    out.append(w[j] + w[j + 1])
+                    j += 2
+                else:
+                    out.append(w[j])
+                    j += 1
+            words[i][0] = out
+            for p in zip(out, out[1:]):
+                counts[p] += n
+                where[p].add(i)
+                touched.add(p)
+        counts.pop(best, None)
+        for p in touched:
+            if counts.get(p, 0) > 0:
+                heapq.heappush(heap, (-counts[p], p))
+    return Tokenizer.from_merges(merges, context_length)
+# ==== end of region bpe-trainer ====
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1720,27 +1634,18 @@ class Tokenizer:
 
 
 # ==== region kernel (copied into brivl.py, clippo.py, altclip.py, laclip.py) ====
-# The heavy work of the softmax losses: lse_tiles(x, y, scale, two_way) -> (row_lse [n], col_lse [k] or
-# [0]), the log-sum-exps of t = scale * x @ y.T along rows and (two_way) columns, from the same tiles in
-# one pass; x the rows of this rank (n x D), y the keys (k x D). InfoNCE's loss is lse less the
-# positive's logit. t is never kept: the op saves x, y, scale and the two vectors, O((n + k) D), and
-# the backward makes the tiles again. For incoming g_row, g_col:
+# lse_tiles(x, y, scale, two_way) -> (row_lse [n], col_lse [k] or [0]): the log-sum-exps of t = scale *
+# x @ y.T along rows and (two_way) columns, both from the same tiles in one pass; x this rank's rows
+# (n x D), y the keys (k x D). t is never kept: the op saves x, y, scale and the two vectors and the
+# backward makes the tiles again (2 B^2 D forward, 6 B^2 D backward). For incoming g_row, g_col:
 #     G_ij = g_row_i * exp(t_ij - row_lse_i) + g_col_j * exp(t_ij - col_lse_j)
 #     dx = scale * G @ y,  dy = scale * G.T @ x,  d(scale) = sum(G * x @ y.T)
-# Cost: 2 B^2 D forward, 6 B^2 D backward. How much of t exists at once: on the PyTorch path one tile
-# of BLOCK x BLOCK (1024 x 1024 fp32, 4 MB; for a batch of 16k one 256th of t); on the Triton path the
-# forward's tiles (64-128 a side) stay in registers and the backward writes G in row chunks of at most
-# WORKSPACE elements (or 4 k D), a bound that does not grow with the batch.
-# Below: the PyTorch tiles (the reference, on every device), the op registered as a torch custom op
-# (torch.compile sees one node), then the Triton kernels used on CUDA.
-
-
+# At once there is one BLOCK x BLOCK tile of t on the PyTorch path (the reference, on every device); on
+# the Triton path (CUDA) the forward's tiles stay in registers and the backward writes G in row chunks
+# of at most WORKSPACE elements (or 4 k D): memory that does not grow with the batch.
 BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
 WORKSPACE = 2 ** 27  # elements of the Triton backward's G chunk, or 4 k d if larger: memory stays O(B D)
 _NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
-
-
-# ---- the PyTorch tiles
 
 
 def _acc_dtype(x):
@@ -1785,19 +1690,11 @@ def _lse_backward_torch(x, y, scale, row, col, g_row, g_col):
     return dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype)
 
 
-# ---- the op: contract (custom op), backend choice, autograd
-
-
-try:  # Triton ships with CUDA builds of torch; without it the blockwise PyTorch path runs everywhere.
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
-
 def _use_triton(x):
-    # TRITON_INTERPRET=1 runs the kernels on the CPU (slowly): that is how CI tests them.
-    return (triton is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    # The Triton kernels run on CUDA, where Triton is installed and the file carries them (the kernel-triton
+    # region: brivl.py's queue loss is small and leaves it out); TRITON_INTERPRET=1 runs them on the CPU
+    # (slowly): that is how CI tests them. Elsewhere the PyTorch tiles run.
+    return (globals().get("triton") is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
 
 
@@ -1844,9 +1741,15 @@ def _lse_backward(ctx, g_row, g_col):
 
 
 lse_tiles.register_autograd(_lse_backward, setup_context=_lse_setup)
+# ==== end of region kernel ====
 
 
-# ---- the Triton kernels (CUDA; TRITON_INTERPRET=1 runs them on the CPU)
+# ==== region kernel-triton (copied into clippo.py, altclip.py, laclip.py) ====
+try:  # Triton ships with CUDA builds of torch; without it the PyTorch tiles run everywhere.
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 
 if triton is not None:
@@ -1974,10 +1877,33 @@ def _offset(a, b, scale):
     bound = (scale.float().abs() * torch.linalg.vector_norm(a, dim=1, dtype=torch.float32).max()
              * torch.linalg.vector_norm(b, dim=1, dtype=torch.float32).max())
     return torch.clamp(bound - 80, min=0).reshape(1)
-# ==== end of region kernel ====
+# ==== end of region kernel-triton ====
 
 
-# ==== region kernel-sigmoid (copied into clippo.py, laclip.py) ====
+# ==== region sigmoid (copied into clippo.py, laclip.py) ====
+def sigmoid_loss(image_features, text_features, logit_scale, logit_bias, group=None):
+    """SigLIP's pairwise sigmoid loss over the global batch (Zhai et al. 2023; open_clip's SigLipLoss
+    normalisation: the sum over every image-text pair, divided by the images of the batch).
+
+    On one process it equals the naive form, which holds the whole B x B logit matrix:
+        logits = logit_scale * image_features @ text_features.T + logit_bias
+        labels = 2 * torch.eye(len(logits)) - 1          # +1 for the pair, -1 otherwise
+        -F.logsigmoid(labels * logits).sum() / len(logits)
+    Every pair's term stands alone, so the sum splits into softplus(logit) over all pairs, as if every
+    pair were negative, less each positive's logit (-log sigmoid(u) = softplus(u) - u): the first part
+    is sigmoid_tiles' row sums, the second a dot product per row. Each rank takes its own images
+    against the texts of every rank (gathered with gradient); under DDP's gradient averaging the result
+    is the exact gradient of the global mean. Every rank must pass the same number of rows.
+    """
+    text_features, pos = gather_texts(image_features, text_features, group)
+    # rows averaged below: every row's gradient is the same, so the op may make the gradients in its forward
+    eager = torch.is_grad_enabled() and any(t.requires_grad for t in (image_features, text_features, logit_scale, logit_bias))
+    rows = sigmoid_tiles(image_features, text_features, logit_scale, logit_bias, eager)[0]
+    pos_logit = ((image_features * text_features.index_select(0, pos)).sum(1).to(rows.dtype) * logit_scale.to(rows.dtype)
+                 + logit_bias.to(rows.dtype))
+    return (rows - pos_logit).mean()
+
+
 # SigLIP's tiles: sigmoid_tiles(x, y, scale, bias, eager) -> sum_j softplus(t_ij) per row, t = scale *
 # x @ y.T + bias (SigLIP's loss is that less the positive's logit: -log sigmoid(u) = softplus(u) - u).
 # With P_ij = g_i * sigmoid(t_ij) for incoming row weights g:
@@ -2099,7 +2025,7 @@ def _sig_triton(x, y, scale, bias, grads):
         torch.mm(p, y, out=dx[i:i + m])
         dy += _mm_f32(p.T, xi)
     return rows, dx, dy.to(y.dtype), dsb
-# ==== end of region kernel-sigmoid ====
+# ==== end of region sigmoid ====
 
 
 if __name__ == "__main__":

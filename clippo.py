@@ -28,31 +28,15 @@ Your own loop (runs as written with this file alone; four plain images stand in 
         loss.backward(); opt.step(); opt.zero_grad(); model.after_step()
     print(model.classify(images, ["red", "green", "blue", "yellow"]))   # [4, 4] probabilities
 
-The interface (train.py and data.py use nothing else; every model file implements it):
-    build(size, ...) -> model                   from keywords; create(args, captions, extra) is train.py's
-                                                thin layer over it, add_args(parser) its flags
-    model.transform(train) -> f(sample, rng)    sample {'image': PIL image, 'text': str} -> {'image': uint8
-                                                [3, H, W], 'text': the caption rendered, uint8 [H, W]}; picklable
-    model(batch) -> out                         batch: those dicts stacked; out: normalised 'image' and
-                                                'text' features (one tower), 'scale' (the exp'd logit scale)
-    model.loss(out) -> scalar                   InfoNCE (or SigLIP's sigmoid loss), exact over the global batch
-    model.after_step()                          after each optimizer step: clamps the logit scale at 100
-    model.optimizer_groups(weight_decay)        AdamW groups: decay on weight matrices only, none on biases,
-                                                norms, embeddings and the logit scale; frozen parameters left out
-    model.encode_texts(list_of_str) -> [N, D]   L2-normalised text features
-    model.classify(images, labels) -> [N, C]    label probabilities for PIL images (softmax; SigLIP: sigmoid)
-    model.extra_state() -> dict                 config and the glyphs of printable Latin-1, saved beside the weights
-    model.shard_units() -> (blocks, towers)     residual blocks and towers: --fsdp shards each one,
-                                                --grad-checkpointing recomputes each block in the backward
-    zero_shot_classifier(model, classnames, templates), retrieval_metrics(image, text)
-train.py's recipe around it (open_clip's): AdamW(optimizer_groups(0.2), lr 5e-4, betas (0.9, 0.98), eps 1e-6),
-a linear warmup (10,000 steps, at most a tenth of the run) then cosine decay, the gradients' global norm
-clipped at 1, after_step() after each step. The demo (--size tiny on the synthetic data) trains at lr 1e-3
-with weight decay 0.1, as the loop above does.
+The interface is clip.py's (train.py and data.py use nothing else): build, create, add_args; the
+model's transform, forward, loss, after_step, optimizer_groups, encode_texts, classify, extra_state
+(with the glyphs of printable Latin-1), towers and shard_units. The transform renders the caption
+(uint8 [H, W]); one tower encodes both sides. train.py's recipe around it is clip.py's (open_clip's);
+the demo (--size tiny on the synthetic data) trains at lr 1e-3 with weight decay 0.1, as the loop above does.
 
 Layout: the method (config, text rendering, the one tower, the model), building, weight loading;
 then, behind banners, the regions copied from clip.py: transformer blocks, the contrastive loss,
-image inputs, evaluation, predict and the fused loss kernel.
+image inputs, the weights reader, predict and the fused loss kernels.
 """
 
 import argparse
@@ -386,7 +370,6 @@ class CLIPPO(nn.Module):
             raise ValueError(f"loss {cfg.loss!r}: choose softmax (CLIP) or sigmoid (SigLIP)")
         # SigLIP's bias starts at -10: nearly every pair is a negative (Zhai et al. 2023)
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if cfg.loss == "sigmoid" else None
-        self.patch_dropout = 0.0  # training's share of image patches dropped (FLIP); never the rendered texts
 
     def encode_image(self, images, normalize=False, keep=None):
         x = self.visual(normalize_pixels(images, MEAN, STD), keep)
@@ -414,10 +397,7 @@ class CLIPPO(nn.Module):
         self.logit_scale.clamp_(0, math.log(100))
 
     def transform(self, train, images=None):
-        t = Transform(images or self.preprocess(uint8=True), self.renderer, self.pairs if train else None, self.pair_ratio)
-        if train and self.patch_dropout:
-            t = PatchDropout(t, (self.cfg.image_size // self.cfg.patch_size) ** 2, self.patch_dropout)
-        return t
+        return Transform(images or self.preprocess(uint8=True), self.renderer, self.pairs if train else None, self.pair_ratio)
 
     def encode_texts(self, texts):
         rendered = torch.from_numpy(self.renderer(list(texts))).to(self.logit_scale.device)
@@ -503,22 +483,14 @@ def add_args(parser):
     parser.add_argument("--siglip", dest="loss", action="store_const", const="sigmoid", help="--loss sigmoid")
 
 
-def build(size="tiny", font=None, pool=None, pairs=None, pair_ratio=0.0, patch_dropout=0.0, loss=None):
+def build(size="tiny", font=None, pool=None, pairs=None, pair_ratio=0.0, loss=None):
     """A new CLIPPO of a preset's shapes. font: a .hex (GNU Unifont) or .ttf/.otf file, else the
-    built-in glyphs; pool: map, cls or mean; pairs: (text, text) pairs mixed into batches at pair_ratio;
-    patch_dropout: training's share of image patches dropped (FLIP)."""
+    built-in glyphs; pool: map, cls or mean; pairs: (text, text) pairs mixed into batches at pair_ratio."""
     if size not in CONFIGS:
         raise ValueError(f"unknown --size {size!r}; choose one of {', '.join(CONFIGS)}")
     cfg = Config(**asdict(CONFIGS[size]))
     cfg.font, cfg.pool, cfg.loss = font, pool or cfg.pool, loss or "softmax"
-    return with_patch_dropout(CLIPPO(cfg, None, pairs, pair_ratio), patch_dropout)
-
-
-def with_patch_dropout(model, ratio):
-    if not 0 <= ratio < 1:
-        raise ValueError(f"--patch-dropout {ratio}: the share of patches dropped, from 0 to below 1")
-    model.patch_dropout = ratio
-    return model
+    return CLIPPO(cfg, None, pairs, pair_ratio)
 
 
 def from_extra(extra, font=None, pairs=None, pair_ratio=0.0):
@@ -538,13 +510,11 @@ def create(args, captions=(), extra=None):
     """train.py's entry: build() from the flags, from_extra() on resume, a checkpoint's weights for --init."""
     pairs = read_text_pairs(args.text_pairs) if getattr(args, "text_pairs", None) else None
     ratio = getattr(args, "text_pair_ratio", 0.0)
-    dropout = getattr(args, "patch_dropout", 0.0)
     if extra is None and getattr(args, "init", None):  # fine-tuning a clippo checkpoint
-        model, _ = load(args.init, font=getattr(args, "font", None), pairs=pairs, pair_ratio=ratio)
-        return with_patch_dropout(model.train(), dropout)
+        return load(args.init, font=getattr(args, "font", None), pairs=pairs, pair_ratio=ratio)[0].train()
     if extra is not None:
-        return with_patch_dropout(from_extra(extra, getattr(args, "font", None), pairs, ratio), dropout)
-    return build(args.size, args.font, getattr(args, "pool", None), pairs, ratio, dropout, getattr(args, "loss", None))
+        return from_extra(extra, getattr(args, "font", None), pairs, ratio)
+    return build(args.size, args.font, getattr(args, "pool", None), pairs, ratio, getattr(args, "loss", None))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -632,33 +602,13 @@ class Transformer(nn.Module):
             nn.init.zeros_(block.attn.out_proj.bias)
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-# ==== end of copy: transformer ====
-
-
-# ==== copied from clip.py: patch-dropout (shared code, kept identical to clip.py's region) ====
-class PatchDropout:
-    """FLIP's patch dropout (Li et al. 2023): in training each image keeps a random round((1 - ratio) * N)
-    of its N patch tokens, and the image tower runs on those alone (cheaper in proportion). The transform
-    draws them from the sample's own rng, after every other draw, so the kept patches depend only on
-    (seed, epoch, sample) as every other choice does: ranks, loader workers, --accum replays and resumes
-    all see the same ones. Wraps a model's training transform; the batch carries them as 'patch_keep'."""
-
-    def __init__(self, transform, patches, ratio):  # ratio checked where the model was built
-        self.transform, self.patches, self.keep = transform, patches, max(1, round((1 - ratio) * patches))
-
-    def __call__(self, sample, rng):
-        out = self.transform(sample, rng)
-        out["patch_keep"] = torch.from_numpy(np.sort(rng.permutation(self.patches)[:self.keep]))
-        return out
-
-    def finish(self, batch):
-        return self.transform.finish(batch)
 
 
 def keep_patches(x, keep):
-    """x [B, N, W] -> [B, K, W]: the patches that keep [B, K] names."""
+    """x [B, N, W] -> [B, K, W]: the patches that keep [B, K] names (FLIP's patch dropout: train.py draws
+    them, --patch-dropout; the batch carries them as 'patch_keep')."""
     return x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
-# ==== end of copy: patch-dropout ====
+# ==== end of copy: transformer ====
 
 
 # ==== copied from clip.py: loss (shared code, kept identical to clip.py's region) ====
@@ -762,31 +712,6 @@ class _AllReduceSum(torch.autograd.Function):
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
 # ==== end of copy: loss ====
-
-
-# ==== copied from clip.py: sigmoid-loss (shared code, kept identical to clip.py's region) ====
-def sigmoid_loss(image_features, text_features, logit_scale, logit_bias, group=None):
-    """SigLIP's pairwise sigmoid loss over the global batch (Zhai et al. 2023; open_clip's SigLipLoss
-    normalisation: the sum over every image-text pair, divided by the images of the batch).
-
-    On one process it equals the naive form, which holds the whole B x B logit matrix:
-        logits = logit_scale * image_features @ text_features.T + logit_bias
-        labels = 2 * torch.eye(len(logits)) - 1          # +1 for the pair, -1 otherwise
-        -F.logsigmoid(labels * logits).sum() / len(logits)
-    Every pair's term stands alone, so the sum splits into softplus(logit) over all pairs, as if every
-    pair were negative, less each positive's logit (-log sigmoid(u) = softplus(u) - u): the first part
-    is sigmoid_tiles' row sums, the second a dot product per row. Each rank takes its own images
-    against the texts of every rank (gathered with gradient); under DDP's gradient averaging the result
-    is the exact gradient of the global mean. Every rank must pass the same number of rows.
-    """
-    text_features, pos = gather_texts(image_features, text_features, group)
-    # rows averaged below: every row's gradient is the same, so the op may make the gradients in its forward
-    eager = torch.is_grad_enabled() and any(t.requires_grad for t in (image_features, text_features, logit_scale, logit_bias))
-    rows = sigmoid_tiles(image_features, text_features, logit_scale, logit_bias, eager)[0]
-    pos_logit = ((image_features * text_features.index_select(0, pos)).sum(1).to(rows.dtype) * logit_scale.to(rows.dtype)
-                 + logit_bias.to(rows.dtype))
-    return (rows - pos_logit).mean()
-# ==== end of copy: sigmoid-loss ====
 
 
 # ==== copied from clip.py: optimizer (shared code, kept identical to clip.py's region) ====
@@ -1021,7 +946,7 @@ def check_fits(make, sd, where, strict=True):
 # ==== end of copy: tensor-files ====
 
 
-# ==== copied from clip.py: normalize-pixels (shared code, kept identical to clip.py's region) ====
+# ==== copied from clip.py: image-files (shared code, kept identical to clip.py's region) ====
 def normalize_pixels(images, mean, std):
     """uint8 pixels [..., 3, H, W] -> floats normalised by mean and std, on the pixels' device. Images
     already in floats are taken as normalised and pass through."""
@@ -1030,13 +955,11 @@ def normalize_pixels(images, mean, std):
     mean = torch.tensor(mean, device=images.device).view(3, 1, 1)
     std = torch.tensor(std, device=images.device).view(3, 1, 1)
     return (images.float().div_(255) - mean) / std
-# ==== end of copy: normalize-pixels ====
 
 
-# ==== copied from clip.py: image-files (shared code, kept identical to clip.py's region) ====
-# Decoding holds the whole image (4 bytes a pixel in Pillow, then a copy): larger non-JPEG images are
-# refused before their decode; JPEGs are first drafted down to what the crop needs.
-MAX_PIXELS = 40_000_000
+# Decoding holds the whole image (4 bytes a pixel in Pillow, then a copy): larger images are refused
+# before their decode (a JPEG first drafted down to what the preprocessing needs), as are larger files.
+MAX_PIXELS, MAX_IMAGE_BYTES = 40_000_000, 64 << 20
 
 
 class ImageTooLarge(OSError):
@@ -1046,43 +969,30 @@ class ImageTooLarge(OSError):
 def to_rgb(img):
     """RGB, with 16-bit and 32-bit integer images scaled to 8 bits (Pillow's convert clips them: white)."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        x = np.asarray(img).astype(np.float32)
-        x = np.clip(x / 257.0 + 0.5, 0, 255).astype(np.uint8)  # 0..65535 -> 0..255
         from PIL import Image
 
+        x = np.clip(np.asarray(img).astype(np.float32) / 257.0 + 0.5, 0, 255).astype(np.uint8)  # 0..65535 -> 0..255
         return Image.fromarray(x, "L").convert("RGB")
     return img.convert("RGB")
 
 
-MAX_IMAGE_BYTES = 64 << 20
-
-
 def read_image(path):
-    """A PIL image of a regular file (a FIFO or device would block or never end), decoded here so a
+    """A PIL image of a regular file of at most MAX_IMAGE_BYTES (a FIFO or device would block or never
+    end), decoded here (a JPEG's decode waits for the preprocessing, which may draft it smaller), so a
     damaged or oversized file is one ValueError naming it."""
     import io
-    import stat
 
     from PIL import Image
 
+    payload = read_small_file(path, "image file", MAX_IMAGE_BYTES)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_IMAGE_BYTES:
-            os.close(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ValueError("not a regular file")
-            raise ValueError(f"{st.st_size} bytes, over the {MAX_IMAGE_BYTES >> 20} MiB an image may have")
-        with os.fdopen(fd, "rb") as f:
-            img = Image.open(io.BytesIO(f.read(MAX_IMAGE_BYTES)))
-            img.source = path
-            if img.size[0] * img.size[1] > MAX_PIXELS and img.format != "JPEG":
-                raise ImageTooLarge(f"{img.size[0]} x {img.size[1]} pixels, over the cap of {MAX_PIXELS}")
-            if img.format != "JPEG":  # a JPEG's decode waits for the preprocess, which may draft it smaller
-                img.load()
-            return img
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such image file") from None
+        img = Image.open(io.BytesIO(payload))
+        img.source = path
+        if img.size[0] * img.size[1] > MAX_PIXELS and img.format != "JPEG":
+            raise ImageTooLarge(f"{img.size[0]} x {img.size[1]} pixels, over the cap of {MAX_PIXELS}")
+        if img.format != "JPEG":
+            img.load()
+        return img
     except Exception as e:  # Pillow: OSError, SyntaxError, DecompressionBombError, ValueError
         lines = str(e).strip().splitlines() or [""]
         reason = lines[0][:200] if type(e) is ValueError else f"{type(e).__name__}: {lines[0][:200]}"
@@ -1104,7 +1014,7 @@ def embed_images(model, preprocess, images, chunk=64):
 # ==== end of copy: embed-images ====
 
 
-# ==== copied from clip.py: classify (shared code, kept identical to clip.py's region) ====
+# ==== copied from clip.py: predict (shared code, kept identical to clip.py's region) ====
 def link(model, sims):
     """Probabilities from cosine similarities [N, C] with the model's own link: a softmax over the last
     dimension at the logit scale (learnt, or BriVL's fixed 1 / temperature), rows summing to 1; for a
@@ -1127,10 +1037,6 @@ def label_probs(model, images, labels):
         return link(model, embed_images(model, model.preprocess(), images) @ text.T)
     finally:
         model.train(was_training)
-# ==== end of copy: classify ====
-
-
-# ==== copied from clip.py: predict (shared code, kept identical to clip.py's region) ====
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -1146,56 +1052,46 @@ def predict_main(argv=None):
     p.add_argument("--query", action="append", default=[], help="with --images: the text to rank them for")
     p.add_argument("--top", type=int, default=5, help="rows shown per image or query")
     p.add_argument("--json", action="store_true", help="one JSON object per image (or query), most probable first")
-    # Only the keywords this file's load() takes become flags: each model offers what means something for it.
-    options = inspect.signature(load).parameters
-    if "tokenizer" in options:
-        p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer, or to replace theirs")
-    if "font" in options:
-        p.add_argument("--font", default=None, help="a Unifont .hex file instead of the glyphs the weights carry")
-    if "image_size" in options:
-        p.add_argument("--image-size", type=int, default=None, help="the input size of official weights")
     p.add_argument("--device", default="cpu")
+    options = {"tokenizer": (str, "for weights that carry no tokenizer, or to replace theirs"),
+               "font": (str, "a Unifont .hex file instead of the glyphs the weights carry"),
+               "image_size": (int, "the input size of official weights")}
+    for name in inspect.signature(load).parameters.keys() & options.keys():  # what this file's load() takes
+        p.add_argument(f"--{name.replace('_', '-')}", type=options[name][0], help=options[name][1])
     args = p.parse_args(argv)
     if args.top < 1:
         p.error("--top must be at least 1")
     if args.device.split(":")[0] not in ("cpu", "cuda", "mps") or (args.device.startswith("cuda") and not torch.cuda.is_available()):
         p.error(f"--device {args.device}: cpu, or cuda where a GPU is present")
-    given = {k: getattr(args, k) for k in ("tokenizer", "font", "image_size") if getattr(args, k, None) is not None}
     try:
         if args.images:
             if not os.path.isdir(args.images):
                 raise FileNotFoundError(f"{args.images}: no such folder (--images takes a folder of images)")
-            images = sorted(os.path.join(args.images, f) for f in os.listdir(args.images) if f.lower().endswith(IMAGE_FILES))
-            special = [f for f in images if not os.path.isfile(f)]  # FIFOs, devices, sockets, folders
-            if special:
-                print(f"{me} predict: left out {len(special)} entries of {args.images} that are not regular files "
-                      f"(first: {special[0]})", file=sys.stderr)
-            images = [f for f in images if f not in special]
-            if not images or not args.query:
+            found = sorted(os.path.join(args.images, f) for f in os.listdir(args.images) if f.lower().endswith(IMAGE_FILES))
+            candidates = [f for f in found if os.path.isfile(f)]  # not FIFOs, devices, sockets, folders
+            if len(candidates) < len(found):
+                print(f"{me} predict: left out {len(found) - len(candidates)} entries of {args.images} that are not "
+                      f"regular files", file=sys.stderr)
+            if not candidates or not args.query:
                 raise ValueError(f"--images needs image files in {args.images} and at least one --query")
-            queries, candidates = args.query, images
-        else:
-            if args.texts:  # a regular file of at most 64 MiB: a FIFO or /dev/zero is refused, not read
-                lines = read_small_file(args.texts, "--texts file", 1 << 26).decode("utf-8", "replace").splitlines()
-                texts = [line.strip() for line in lines if line.strip()]
-            else:
-                texts = [t.strip() for t in (args.labels or "").split(",") if t.strip()]
-            if not args.image or not texts:
+            queries = args.query
+        else:  # --texts: a regular file of at most 64 MiB (a FIFO or /dev/zero is refused, not read)
+            lines = read_small_file(args.texts, "--texts file", 1 << 26).decode("utf-8", "replace").splitlines() \
+                if args.texts else (args.labels or "").split(",")
+            queries, candidates = args.image, [t.strip() for t in lines if t.strip()]
+            if not queries or not candidates:
                 raise ValueError("pass --image FILE... with --labels 'a,b,...' or --texts FILE (or --images DIR --query TEXT)")
-            for path in args.image:
-                if not os.path.exists(path):
-                    raise FileNotFoundError(f"{path}: no such image file")
+            for path in queries:
                 if not os.path.isfile(path):
-                    raise ValueError(f"{path}: not a regular file; pass image files")
-            queries, candidates = args.image, texts
-        model, preprocess = load(args.ckpt, **given)
+                    raise (ValueError(f"{path}: not a regular file; pass image files") if os.path.exists(path) else
+                           FileNotFoundError(f"{path}: no such image file"))
+        model, preprocess = load(args.ckpt, **{k: getattr(args, k) for k in options if getattr(args, k, None) is not None})
         model.to(args.device)
         if getattr(model, "tokenizer", True) is None:
             raise ValueError(f"{args.ckpt} carries no tokenizer: pass --tokenizer")
         if args.images:  # images ranked for each query: the link over the images
             with torch.no_grad():
-                text = model.encode_texts(queries).float()
-            probs = link(model, text @ embed_images(model, preprocess, candidates).T)
+                probs = link(model, model.encode_texts(queries).float() @ embed_images(model, preprocess, candidates).T)
         else:
             probs = model.classify(queries, candidates)  # [images, labels]
     except (FileNotFoundError, ValueError, ImportError, OSError) as err:
@@ -1218,27 +1114,18 @@ def predict_main(argv=None):
 
 
 # ==== copied from clip.py: kernel (shared code, kept identical to clip.py's region) ====
-# The heavy work of the softmax losses: lse_tiles(x, y, scale, two_way) -> (row_lse [n], col_lse [k] or
-# [0]), the log-sum-exps of t = scale * x @ y.T along rows and (two_way) columns, from the same tiles in
-# one pass; x the rows of this rank (n x D), y the keys (k x D). InfoNCE's loss is lse less the
-# positive's logit. t is never kept: the op saves x, y, scale and the two vectors, O((n + k) D), and
-# the backward makes the tiles again. For incoming g_row, g_col:
+# lse_tiles(x, y, scale, two_way) -> (row_lse [n], col_lse [k] or [0]): the log-sum-exps of t = scale *
+# x @ y.T along rows and (two_way) columns, both from the same tiles in one pass; x this rank's rows
+# (n x D), y the keys (k x D). t is never kept: the op saves x, y, scale and the two vectors and the
+# backward makes the tiles again (2 B^2 D forward, 6 B^2 D backward). For incoming g_row, g_col:
 #     G_ij = g_row_i * exp(t_ij - row_lse_i) + g_col_j * exp(t_ij - col_lse_j)
 #     dx = scale * G @ y,  dy = scale * G.T @ x,  d(scale) = sum(G * x @ y.T)
-# Cost: 2 B^2 D forward, 6 B^2 D backward. How much of t exists at once: on the PyTorch path one tile
-# of BLOCK x BLOCK (1024 x 1024 fp32, 4 MB; for a batch of 16k one 256th of t); on the Triton path the
-# forward's tiles (64-128 a side) stay in registers and the backward writes G in row chunks of at most
-# WORKSPACE elements (or 4 k D), a bound that does not grow with the batch.
-# Below: the PyTorch tiles (the reference, on every device), the op registered as a torch custom op
-# (torch.compile sees one node), then the Triton kernels used on CUDA.
-
-
+# At once there is one BLOCK x BLOCK tile of t on the PyTorch path (the reference, on every device); on
+# the Triton path (CUDA) the forward's tiles stay in registers and the backward writes G in row chunks
+# of at most WORKSPACE elements (or 4 k D): memory that does not grow with the batch.
 BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
 WORKSPACE = 2 ** 27  # elements of the Triton backward's G chunk, or 4 k d if larger: memory stays O(B D)
 _NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
-
-
-# ---- the PyTorch tiles
 
 
 def _acc_dtype(x):
@@ -1283,19 +1170,11 @@ def _lse_backward_torch(x, y, scale, row, col, g_row, g_col):
     return dx.to(x.dtype), dy.to(y.dtype), ds.to(scale.dtype)
 
 
-# ---- the op: contract (custom op), backend choice, autograd
-
-
-try:  # Triton ships with CUDA builds of torch; without it the blockwise PyTorch path runs everywhere.
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
-
 def _use_triton(x):
-    # TRITON_INTERPRET=1 runs the kernels on the CPU (slowly): that is how CI tests them.
-    return (triton is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    # The Triton kernels run on CUDA, where Triton is installed and the file carries them (the kernel-triton
+    # region: brivl.py's queue loss is small and leaves it out); TRITON_INTERPRET=1 runs them on the CPU
+    # (slowly): that is how CI tests them. Elsewhere the PyTorch tiles run.
+    return (globals().get("triton") is not None and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
 
 
@@ -1342,9 +1221,15 @@ def _lse_backward(ctx, g_row, g_col):
 
 
 lse_tiles.register_autograd(_lse_backward, setup_context=_lse_setup)
+# ==== end of copy: kernel ====
 
 
-# ---- the Triton kernels (CUDA; TRITON_INTERPRET=1 runs them on the CPU)
+# ==== copied from clip.py: kernel-triton (shared code, kept identical to clip.py's region) ====
+try:  # Triton ships with CUDA builds of torch; without it the PyTorch tiles run everywhere.
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 
 if triton is not None:
@@ -1472,10 +1357,33 @@ def _offset(a, b, scale):
     bound = (scale.float().abs() * torch.linalg.vector_norm(a, dim=1, dtype=torch.float32).max()
              * torch.linalg.vector_norm(b, dim=1, dtype=torch.float32).max())
     return torch.clamp(bound - 80, min=0).reshape(1)
-# ==== end of copy: kernel ====
+# ==== end of copy: kernel-triton ====
 
 
-# ==== copied from clip.py: kernel-sigmoid (shared code, kept identical to clip.py's region) ====
+# ==== copied from clip.py: sigmoid (shared code, kept identical to clip.py's region) ====
+def sigmoid_loss(image_features, text_features, logit_scale, logit_bias, group=None):
+    """SigLIP's pairwise sigmoid loss over the global batch (Zhai et al. 2023; open_clip's SigLipLoss
+    normalisation: the sum over every image-text pair, divided by the images of the batch).
+
+    On one process it equals the naive form, which holds the whole B x B logit matrix:
+        logits = logit_scale * image_features @ text_features.T + logit_bias
+        labels = 2 * torch.eye(len(logits)) - 1          # +1 for the pair, -1 otherwise
+        -F.logsigmoid(labels * logits).sum() / len(logits)
+    Every pair's term stands alone, so the sum splits into softplus(logit) over all pairs, as if every
+    pair were negative, less each positive's logit (-log sigmoid(u) = softplus(u) - u): the first part
+    is sigmoid_tiles' row sums, the second a dot product per row. Each rank takes its own images
+    against the texts of every rank (gathered with gradient); under DDP's gradient averaging the result
+    is the exact gradient of the global mean. Every rank must pass the same number of rows.
+    """
+    text_features, pos = gather_texts(image_features, text_features, group)
+    # rows averaged below: every row's gradient is the same, so the op may make the gradients in its forward
+    eager = torch.is_grad_enabled() and any(t.requires_grad for t in (image_features, text_features, logit_scale, logit_bias))
+    rows = sigmoid_tiles(image_features, text_features, logit_scale, logit_bias, eager)[0]
+    pos_logit = ((image_features * text_features.index_select(0, pos)).sum(1).to(rows.dtype) * logit_scale.to(rows.dtype)
+                 + logit_bias.to(rows.dtype))
+    return (rows - pos_logit).mean()
+
+
 # SigLIP's tiles: sigmoid_tiles(x, y, scale, bias, eager) -> sum_j softplus(t_ij) per row, t = scale *
 # x @ y.T + bias (SigLIP's loss is that less the positive's logit: -log sigmoid(u) = softplus(u) - u).
 # With P_ij = g_i * sigmoid(t_ij) for incoming row weights g:
@@ -1597,7 +1505,7 @@ def _sig_triton(x, y, scale, bias, grads):
         torch.mm(p, y, out=dx[i:i + m])
         dy += _mm_f32(p.T, xi)
     return rows, dx, dy.to(y.dtype), dsb
-# ==== end of copy: kernel-sigmoid ====
+# ==== end of copy: sigmoid ====
 
 
 if __name__ == "__main__":

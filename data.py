@@ -1226,6 +1226,26 @@ def to_device(batch, device, images=None, notes=None):
     return out
 
 
+class PatchDropout:
+    """FLIP's patch dropout (Li et al. 2023), around a ViT model's training transform: each image keeps a
+    random round((1 - ratio) * N) of its N patch tokens ('patch_keep', which the model's image tower
+    reads), and the tower runs on those alone (cheaper in proportion). They are drawn from the sample's
+    own rng after every other draw, so they depend only on (seed, epoch, sample), as every other choice
+    does: ranks, loader workers, --accum replays and resumes all see the same ones."""
+
+    def __init__(self, transform, patches, ratio):
+        self.transform, self.patches, self.keep = transform, patches, max(1, round((1 - ratio) * patches))
+
+    def __call__(self, sample, rng):
+        out = self.transform(sample, rng)
+        if "image" in out:  # AltCLIP's stage 1 reads text alone
+            out["patch_keep"] = torch.from_numpy(np.sort(rng.permutation(self.patches)[:self.keep]))
+        return out
+
+    def finish(self, batch):
+        return self.transform.finish(batch) if hasattr(self.transform, "finish") else batch
+
+
 # ----------------------------------------------------------------------------------------------
 # Teachers' inputs for distillation (train.py --distill): a wrapper around the model's training transform
 

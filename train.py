@@ -198,6 +198,8 @@ def parse_args(argv=None):
         p.error("--lr-schedule const-cooldown needs --cooldown-steps of 1 or more")
     if args.sharded_checkpoint and not args.fsdp:
         p.error("--sharded-checkpoint goes with --fsdp")
+    if not 0 <= args.patch_dropout < 1:
+        p.error(f"--patch-dropout {args.patch_dropout}: the share of patches dropped, from 0 to below 1")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise NotADirectoryError(f"--out {args.out} is a file; pass a folder (made if missing) for the run's "
                                  f"checkpoints and metrics")
@@ -1666,6 +1668,10 @@ def run(args, module):
     # (decoded on the device under --gpu-decode), with what the teachers need beside them
     images = datalib.RandomCrop(model.cfg.image_size, defer=args.gpu_decode)
     transform = model.transform(True, images=images)
+    if args.patch_dropout:  # FLIP: the ViT's patches kept, drawn with the rest of the sample
+        if not hasattr(model.cfg, "patch_size"):
+            raise ValueError(f"--patch-dropout drops a ViT's patch tokens; {args.model}'s image tower has none")
+        transform = datalib.PatchDropout(transform, (model.cfg.image_size // model.cfg.patch_size) ** 2, args.patch_dropout)
     distiller = Distiller.from_args(args, device, train_data)
     if distiller:
         transform = distiller.wrap(transform)

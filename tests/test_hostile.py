@@ -743,7 +743,7 @@ def test_predict_is_bounded_whatever_it_is_given(tmp_path, tiny_ckpt, monkeypatc
 def test_texts_no_encoder_takes_are_replaced_or_refused_in_one_line(tmp_path):
     import clippo
     assert data.fold("a \ud800 rewrite\u2028two") == "a ? rewrite two"  # an LLM's answer: written as UTF-8
-    assert clip.Tokenizer.train(["a red circle"] * 3)(["\ud800 red"]).shape == (1, 77)
+    assert clip.train_bpe(["a red circle"] * 3)(["\ud800 red"]).shape == (1, 77)
     for line in ("110000:" + "0" * 32, "-1:" + "0" * 32, "41:" + "0" * 31):
         with pytest.raises(ValueError, match="a glyph line"):
             clippo.TextRenderer(None, 32, glyphs=[line])

@@ -29,7 +29,7 @@ TEXTS = ["a red circle", "a big blue square on the left", "A photo of a GREEN cr
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return clip.Tokenizer.train(data.Synthetic().caption_corpus(2000), vocab_size=600, context_length=16)
+    return clip.train_bpe(data.Synthetic().caption_corpus(2000), vocab_size=600, context_length=16)
 
 
 def randomised(model, seed=0):

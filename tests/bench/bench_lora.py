@@ -31,7 +31,7 @@ def rss():
 
 def child(size, lora, batch, steps, device):
     torch.manual_seed(0)
-    tok = clip.Tokenizer.train(["a photo of a dog", "a photo of a cat"] * 20, vocab_size=300)
+    tok = clip.train_bpe(["a photo of a dog", "a photo of a cat"] * 20, vocab_size=300)
     cfg = clip.Config(**{**clip.asdict(clip.CONFIGS[size])})
     model = clip.CLIP(cfg, tok).to(device)
     if lora:
