@@ -49,6 +49,7 @@ weights reader, inputs, predict and fused-kernel regions copied from clip.py.
 """
 
 import argparse
+import contextlib
 import copy
 import inspect
 import json
@@ -66,8 +67,6 @@ import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
 # Config
-
-
 @dataclass
 class Config:
     # check_config's caps: past these a crafted checkpoint costs more than its size (grid^2 cells, ...)
@@ -131,8 +130,6 @@ STD = (0.229, 0.224, 0.225)
 
 # ----------------------------------------------------------------------------------------------
 # Region pooling: each image becomes a set of region features (the whole image, then boxes)
-
-
 def _bilinear_weights(coords, size):
     """[..., n] sample coordinates -> [..., size]: each one's bilinear weights on a feature-map axis,
     averaged over the n samples, with RoIAlign's border rules (torchvision's roi_align kernel)."""
@@ -219,8 +216,6 @@ def grid_boxes(grid, size):
 
 # ----------------------------------------------------------------------------------------------
 # Towers: a CNN with region pooling and a BERT, each topped by self-attention over its tokens
-
-
 def attention_layers(width, heads, mlp, layers):
     # nn.TransformerEncoderLayer (post-LN, ReLU), as the official code; dropout off, so runs are exact.
     layer = nn.TransformerEncoderLayer(width, heads, mlp, dropout=0.0, batch_first=True)
@@ -279,8 +274,6 @@ class TextEncoder(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Model: two towers, their momentum copies and two queues of momentum keys
-
-
 class BriVL(nn.Module):
     def __init__(self, cfg: Config, tokenizer=None):
         super().__init__()
@@ -402,8 +395,6 @@ class BriVL(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Loss: MoCo's InfoNCE against a queue; the queue's log-sum-exp comes from the fused lse_tiles op
 # (copied from clip.py at the end of this file: tiles of scale * x @ y.T, rows only here)
-
-
 def queue_infonce(q, k, queue, scale):
     """Mean over rows of -log softmax at the positive, row i's logits being [q_i.k_i; q_i.queue] * scale.
 
@@ -428,8 +419,6 @@ def gather(x, group=None):
 
 # ----------------------------------------------------------------------------------------------
 # Inputs: images to tensors in the loader workers
-
-
 class ImageTransform:
     """PIL image -> (tensor, boxes [R, 4], box mask [R]). Square resize, no crop; train: colour jitter, grayscale.
 
@@ -524,8 +513,6 @@ class Transform:
 
 # ----------------------------------------------------------------------------------------------
 # Building a model for train.py
-
-
 def add_args(parser):
     parser.add_argument("--backbone", default=None, help="CNN: tiny, or a torchvision ResNet / EfficientNet name "
                         "(default: the --size preset's)")
@@ -646,8 +633,6 @@ def load_backbone(model, path):
 # Their four encoders map onto this file's towers; inside each, official sub-modules map by prefix.
 # `models/vl_model.py` names: imgFC / textFC (Linear, ReLU, Linear as fc1, fc2), imgAtt / textAtt
 # (nn.TransformerEncoder: the same names here), max_pool.0 (the 1x1 conv), the timm CNN, HF's BertModel.
-
-
 OFFICIAL_TOWERS = {"imgencoder": "visual", "imgencoder_mom": "visual_momentum", "textencoder": "textual",
                    "textencoder_mom": "textual_momentum"}
 
@@ -797,8 +782,6 @@ def load(path, device="cpu", image_size=None, tokenizer=None, **overrides):
 
 # ----------------------------------------------------------------------------------------------
 # `python brivl.py predict`: the query encoder's image features, over the grid's region boxes
-
-
 @torch.no_grad()
 def embed_images(model, preprocess, images):
     """[N, D] normalised image features of PIL images or image files from the query encoder, over the
@@ -813,8 +796,6 @@ def embed_images(model, preprocess, images):
 
 # ----------------------------------------------------------------------------------------------
 # CNN backbones: torchvision's, a tiny one for tests
-
-
 def _group_norm(c):
     return nn.GroupNorm(8, c)
 
@@ -850,8 +831,6 @@ def cnn_backbone(name):
 # ----------------------------------------------------------------------------------------------
 # The released BriVL's CNN: timm's tf_efficientnet_bN (EfficientNet ported from TensorFlow), written out
 # here with timm's parameter names so BriVL's checkpoints load as they are and timm is not needed.
-
-
 class SameConv2d(nn.Conv2d):
     """TensorFlow's "same" padding: for stride 2 the padding is asymmetric (the extra row and column go
     bottom and right) and depends on the input size, so it is computed per call. torchvision's
@@ -1019,8 +998,6 @@ class TFEfficientNet(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # BERT: any HF tokenizer.json or a BERT vocab.txt (WordPiece), and an encoder with HF's parameter
 # names, so BERT / RoBERTa weights load as they are
-
-
 # ==== region bert (copied into altclip.py) ====
 class BertTokenizer:
     """A BERT-family tokenizer (BERT's WordPiece, XLM-R's Unigram: any HF tokenizer.json, or a BERT vocab.txt).
@@ -1219,30 +1196,25 @@ class BadInput(ValueError):
 
 
 def one_line(err):
-    """An exception as one short line (a pickle or zip error can run to many)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    first = lines[0].split(". ")[0][:160] if lines else ""  # torch's messages run to paragraphs
+    """An exception as one short line (a pickle, zip or torch error can run to paragraphs)."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "").split(". ")[0][:160]
     return f"{type(err).__name__}: {first}".rstrip(": ")
 
 
-class reading:
+@contextlib.contextmanager
+def reading(what):
     """with reading(path): ... -- whatever the block raises while it reads and checks `path` (a file or
-    folder the user gave) becomes one BadInput line naming it. What an input holds is the input's fault,
-    whichever line of ours it trips; code outside such a block is ours, and keeps its traceback.
-    TRAIN_TRACEBACK=1 keeps the traceback here too."""
-
-    def __init__(self, what):
-        self.what = what
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, tb):
-        if err is None or not isinstance(err, Exception) or os.environ.get("TRAIN_TRACEBACK"):
-            return False
-        if isinstance(err, (BadInput, ImportError, FileNotFoundError)):  # one line already, or a package to install
-            return False
-        message = str(err) if isinstance(err, ValueError) and str(self.what) in str(err) else f"{self.what}: {one_line(err)}"
+    folder the user gave) becomes one BadInput line naming it: what an input holds is the input's fault,
+    whichever line of ours it trips. Code outside such a block is ours, and keeps its traceback (and
+    here too with TRAIN_TRACEBACK=1)."""
+    try:
+        yield
+    except (BadInput, ImportError, FileNotFoundError):  # one line already, or a package to install
+        raise
+    except Exception as err:
+        if os.environ.get("TRAIN_TRACEBACK"):
+            raise
+        message = str(err) if isinstance(err, ValueError) and str(what) in str(err) else f"{what}: {one_line(err)}"
         raise BadInput(" ".join(message.split("\n"))[:600]) from None
 
 
@@ -1270,17 +1242,12 @@ def check_tensors(obj, path):
     seen, stack, claimed = set(), [obj], 0
     while stack:
         x = stack.pop()
-        if id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, torch.Tensor):
-            claimed += tensor_bytes(x, path)
+        if id(x) not in seen:
+            seen.add(id(x))
+            claimed += tensor_bytes(x, path) if isinstance(x, torch.Tensor) else 0
             if claimed > limit:
                 raise ValueError(f"{path}: its tensors claim over {limit} bytes from a file of {os.path.getsize(path)}")
-        elif isinstance(x, dict):
-            stack.extend(x.values())
-        elif isinstance(x, (list, tuple)):
-            stack.extend(x)
+            stack.extend(x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ())
     return obj
 
 
@@ -1288,11 +1255,9 @@ def load_tensors(path):
     """torch.load of a file that may come from anywhere: tensors and plain containers only (weights_only:
     nothing in it runs), a .safetensors file through safetensors, every tensor checked (check_tensors);
     a damaged or foreign file is one ValueError naming it."""
-    import stat
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if not stat.S_ISREG(os.stat(path).st_mode):
+    if not os.path.isfile(path):
         raise ValueError(f"{path}: not a regular file; pass a weights file")
     try:
         if path.endswith(".safetensors"):
@@ -1312,7 +1277,7 @@ def load_tensors(path):
 
 
 def read_small_file(path, what, max_bytes=1 << 24):
-    """The bytes of a file a command reads beside the weights (a config, a tokenizer, --texts): a
+    """The bytes of a file a command reads beside the weights (a config, a tokenizer, an image, --texts): a
     regular file (a FIFO would block, /dev/zero never end) of at most max_bytes."""
     import stat
 
@@ -1397,10 +1362,7 @@ def check_fits(make, sd, where, strict=True):
 def adamw_groups(model, weight_decay):
     """The AdamW parameter groups of the recipe (open_clip's rule): weight decay on weight matrices only,
     none on biases, norms, embeddings and 0-d scalars (the logit scale and bias); parameters that do not
-    train (LiT locks, a frozen tower) left out. train.py then runs
-        torch.optim.AdamW(groups, lr=5e-4, betas=(0.9, 0.98), eps=1e-6)   # weight_decay 0.2
-    with a linear warm-up and a cosine decay, clips the gradients' global norm at 1, and calls
-    model.after_step() after each step (the logit scale's clamp)."""
+    train (LiT locks, a frozen tower) left out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -1486,6 +1448,8 @@ def label_probs(model, images, labels):
         return link(model, embed_images(model, model.preprocess(), images) @ text.T)
     finally:
         model.train(was_training)
+
+
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -1520,7 +1484,7 @@ def predict_main(argv=None):
             candidates = [f for f in found if os.path.isfile(f)]  # not FIFOs, devices, sockets, folders
             if len(candidates) < len(found):
                 print(f"{me} predict: left out {len(found) - len(candidates)} entries of {args.images} that are not "
-                      f"regular files", file=sys.stderr)
+                      f"regular files (first: {next(f for f in found if f not in candidates)})", file=sys.stderr)
             if not candidates or not args.query:
                 raise ValueError(f"--images needs image files in {args.images} and at least one --query")
             queries = args.query
@@ -1564,14 +1528,12 @@ def predict_main(argv=None):
 
 # ==== copied from clip.py: kernel (shared code, kept identical to clip.py's region) ====
 # lse_tiles(x, y, scale, two_way) -> (row_lse [n], col_lse [k] or [0]): the log-sum-exps of t = scale *
-# x @ y.T along rows and (two_way) columns, both from the same tiles in one pass; x this rank's rows
-# (n x D), y the keys (k x D). t is never kept: the op saves x, y, scale and the two vectors and the
-# backward makes the tiles again (2 B^2 D forward, 6 B^2 D backward). For incoming g_row, g_col:
+# x @ y.T along rows and (two_way) columns from the same tiles, x this rank's rows (n x D), y the keys.
+# t is never kept: the backward makes the tiles again (2 B^2 D forward, 6 B^2 D backward). For g_row, g_col:
 #     G_ij = g_row_i * exp(t_ij - row_lse_i) + g_col_j * exp(t_ij - col_lse_j)
 #     dx = scale * G @ y,  dy = scale * G.T @ x,  d(scale) = sum(G * x @ y.T)
-# At once there is one BLOCK x BLOCK tile of t on the PyTorch path (the reference, on every device); on
-# the Triton path (CUDA) the forward's tiles stay in registers and the backward writes G in row chunks
-# of at most WORKSPACE elements (or 4 k D): memory that does not grow with the batch.
+# At once: one BLOCK x BLOCK tile of t on the PyTorch path (every device); on the Triton path (CUDA) the
+# forward's tiles stay in registers, the backward's G in chunks of at most WORKSPACE (or 4 k D) elements.
 BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
 WORKSPACE = 2 ** 27  # elements of the Triton backward's G chunk, or 4 k d if larger: memory stays O(B D)
 _NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist

@@ -40,6 +40,7 @@ image inputs, the weights reader, predict and the fused loss kernels.
 """
 
 import argparse
+import contextlib
 import gzip
 import inspect
 import json
@@ -59,8 +60,6 @@ import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
 # Config
-
-
 @dataclass
 class Config:
     embed_dim: int = 768
@@ -98,8 +97,6 @@ STD = (0.5, 0.5, 0.5)
 # point missing from the font is an empty cell). A glyph keeps its inked columns plus one blank
 # column on the left, at least 4 columns wide; glyph i goes to row floor(cumwidth_i / (size -
 # max width)) in float32, rows are 16 px apart, and whatever falls below the image is cut.
-
-
 CELL = 16
 
 
@@ -288,8 +285,6 @@ def pixels(rendered):
 
 # ----------------------------------------------------------------------------------------------
 # Tower: the one ViT for both modalities (CLIP's transformer blocks, copied at the end of this file)
-
-
 class MAPHead(nn.Module):
     """Multi-head attention pooling (big_vision's MAPHead): a learned probe attends over the tokens,
     then a residual MLP on the pooled vector."""
@@ -356,8 +351,6 @@ class VisionTransformer(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Model: images and rendered texts through the same tower, CLIP's contrastive loss
-
-
 class CLIPPO(nn.Module):
     def __init__(self, cfg: Config, renderer=None, pairs=None, pair_ratio=0.0):
         super().__init__()
@@ -466,8 +459,6 @@ class Transform:
 
 # ----------------------------------------------------------------------------------------------
 # Building a model: build() from keywords, create() for train.py
-
-
 def add_args(parser):
     parser.add_argument("--font", default=None,
                         help="GNU Unifont .hex (exact render_unifont), .ttf or .otf; default: Pillow's built-in font")
@@ -519,8 +510,6 @@ def create(args, captions=(), extra=None):
 
 # ----------------------------------------------------------------------------------------------
 # Weight loading: this repository's checkpoints
-
-
 def read_checkpoint(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
@@ -718,10 +707,7 @@ class _AllReduceSum(torch.autograd.Function):
 def adamw_groups(model, weight_decay):
     """The AdamW parameter groups of the recipe (open_clip's rule): weight decay on weight matrices only,
     none on biases, norms, embeddings and 0-d scalars (the logit scale and bias); parameters that do not
-    train (LiT locks, a frozen tower) left out. train.py then runs
-        torch.optim.AdamW(groups, lr=5e-4, betas=(0.9, 0.98), eps=1e-6)   # weight_decay 0.2
-    with a linear warm-up and a cosine decay, clips the gradients' global norm at 1, and calls
-    model.after_step() after each step (the logit scale's clamp)."""
+    train (LiT locks, a frozen tower) left out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -760,6 +746,18 @@ class ImageTransform:
         left, top = (out[0] - self.size) // 2, (out[1] - self.size) // 2
         x = torch.from_numpy(np.array(img, dtype=np.uint8)[top:top + self.size, left:left + self.size]).permute(2, 0, 1)
         return x if self.uint8 else normalize_pixels(x, self.mean, self.std)
+
+
+@torch.no_grad()
+def embed_images(model, preprocess, images, chunk=64):
+    """[N, D] normalised image features for PIL images or image files, `chunk` images decoded and encoded
+    at a time: memory does not grow with N."""
+    device, images, out = next(model.parameters()).device, list(images), []
+    for i in range(0, len(images), chunk):
+        pixels = torch.stack([preprocess(read_image(x) if isinstance(x, (str, os.PathLike)) else to_rgb(x))
+                              for x in images[i:i + chunk]])
+        out.append(model.encode_image(pixels.to(device), normalize=True).float())
+    return torch.cat(out) if out else torch.empty(0)
 # ==== end of copy: preprocess ====
 
 
@@ -772,30 +770,25 @@ class BadInput(ValueError):
 
 
 def one_line(err):
-    """An exception as one short line (a pickle or zip error can run to many)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    first = lines[0].split(". ")[0][:160] if lines else ""  # torch's messages run to paragraphs
+    """An exception as one short line (a pickle, zip or torch error can run to paragraphs)."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "").split(". ")[0][:160]
     return f"{type(err).__name__}: {first}".rstrip(": ")
 
 
-class reading:
+@contextlib.contextmanager
+def reading(what):
     """with reading(path): ... -- whatever the block raises while it reads and checks `path` (a file or
-    folder the user gave) becomes one BadInput line naming it. What an input holds is the input's fault,
-    whichever line of ours it trips; code outside such a block is ours, and keeps its traceback.
-    TRAIN_TRACEBACK=1 keeps the traceback here too."""
-
-    def __init__(self, what):
-        self.what = what
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, tb):
-        if err is None or not isinstance(err, Exception) or os.environ.get("TRAIN_TRACEBACK"):
-            return False
-        if isinstance(err, (BadInput, ImportError, FileNotFoundError)):  # one line already, or a package to install
-            return False
-        message = str(err) if isinstance(err, ValueError) and str(self.what) in str(err) else f"{self.what}: {one_line(err)}"
+    folder the user gave) becomes one BadInput line naming it: what an input holds is the input's fault,
+    whichever line of ours it trips. Code outside such a block is ours, and keeps its traceback (and
+    here too with TRAIN_TRACEBACK=1)."""
+    try:
+        yield
+    except (BadInput, ImportError, FileNotFoundError):  # one line already, or a package to install
+        raise
+    except Exception as err:
+        if os.environ.get("TRAIN_TRACEBACK"):
+            raise
+        message = str(err) if isinstance(err, ValueError) and str(what) in str(err) else f"{what}: {one_line(err)}"
         raise BadInput(" ".join(message.split("\n"))[:600]) from None
 
 
@@ -823,17 +816,12 @@ def check_tensors(obj, path):
     seen, stack, claimed = set(), [obj], 0
     while stack:
         x = stack.pop()
-        if id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, torch.Tensor):
-            claimed += tensor_bytes(x, path)
+        if id(x) not in seen:
+            seen.add(id(x))
+            claimed += tensor_bytes(x, path) if isinstance(x, torch.Tensor) else 0
             if claimed > limit:
                 raise ValueError(f"{path}: its tensors claim over {limit} bytes from a file of {os.path.getsize(path)}")
-        elif isinstance(x, dict):
-            stack.extend(x.values())
-        elif isinstance(x, (list, tuple)):
-            stack.extend(x)
+            stack.extend(x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ())
     return obj
 
 
@@ -841,11 +829,9 @@ def load_tensors(path):
     """torch.load of a file that may come from anywhere: tensors and plain containers only (weights_only:
     nothing in it runs), a .safetensors file through safetensors, every tensor checked (check_tensors);
     a damaged or foreign file is one ValueError naming it."""
-    import stat
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if not stat.S_ISREG(os.stat(path).st_mode):
+    if not os.path.isfile(path):
         raise ValueError(f"{path}: not a regular file; pass a weights file")
     try:
         if path.endswith(".safetensors"):
@@ -865,7 +851,7 @@ def load_tensors(path):
 
 
 def read_small_file(path, what, max_bytes=1 << 24):
-    """The bytes of a file a command reads beside the weights (a config, a tokenizer, --texts): a
+    """The bytes of a file a command reads beside the weights (a config, a tokenizer, an image, --texts): a
     regular file (a FIFO would block, /dev/zero never end) of at most max_bytes."""
     import stat
 
@@ -1000,20 +986,6 @@ def read_image(path):
 # ==== end of copy: image-files ====
 
 
-# ==== copied from clip.py: embed-images (shared code, kept identical to clip.py's region) ====
-@torch.no_grad()
-def embed_images(model, preprocess, images, chunk=64):
-    """[N, D] normalised image features for PIL images or image files, `chunk` images decoded and encoded
-    at a time: memory does not grow with N."""
-    device, images, out = next(model.parameters()).device, list(images), []
-    for i in range(0, len(images), chunk):
-        pixels = torch.stack([preprocess(read_image(x) if isinstance(x, (str, os.PathLike)) else to_rgb(x))
-                              for x in images[i:i + chunk]])
-        out.append(model.encode_image(pixels.to(device), normalize=True).float())
-    return torch.cat(out) if out else torch.empty(0)
-# ==== end of copy: embed-images ====
-
-
 # ==== copied from clip.py: predict (shared code, kept identical to clip.py's region) ====
 def link(model, sims):
     """Probabilities from cosine similarities [N, C] with the model's own link: a softmax over the last
@@ -1037,6 +1009,8 @@ def label_probs(model, images, labels):
         return link(model, embed_images(model, model.preprocess(), images) @ text.T)
     finally:
         model.train(was_training)
+
+
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -1071,7 +1045,7 @@ def predict_main(argv=None):
             candidates = [f for f in found if os.path.isfile(f)]  # not FIFOs, devices, sockets, folders
             if len(candidates) < len(found):
                 print(f"{me} predict: left out {len(found) - len(candidates)} entries of {args.images} that are not "
-                      f"regular files", file=sys.stderr)
+                      f"regular files (first: {next(f for f in found if f not in candidates)})", file=sys.stderr)
             if not candidates or not args.query:
                 raise ValueError(f"--images needs image files in {args.images} and at least one --query")
             queries = args.query
@@ -1115,14 +1089,12 @@ def predict_main(argv=None):
 
 # ==== copied from clip.py: kernel (shared code, kept identical to clip.py's region) ====
 # lse_tiles(x, y, scale, two_way) -> (row_lse [n], col_lse [k] or [0]): the log-sum-exps of t = scale *
-# x @ y.T along rows and (two_way) columns, both from the same tiles in one pass; x this rank's rows
-# (n x D), y the keys (k x D). t is never kept: the op saves x, y, scale and the two vectors and the
-# backward makes the tiles again (2 B^2 D forward, 6 B^2 D backward). For incoming g_row, g_col:
+# x @ y.T along rows and (two_way) columns from the same tiles, x this rank's rows (n x D), y the keys.
+# t is never kept: the backward makes the tiles again (2 B^2 D forward, 6 B^2 D backward). For g_row, g_col:
 #     G_ij = g_row_i * exp(t_ij - row_lse_i) + g_col_j * exp(t_ij - col_lse_j)
 #     dx = scale * G @ y,  dy = scale * G.T @ x,  d(scale) = sum(G * x @ y.T)
-# At once there is one BLOCK x BLOCK tile of t on the PyTorch path (the reference, on every device); on
-# the Triton path (CUDA) the forward's tiles stay in registers and the backward writes G in row chunks
-# of at most WORKSPACE elements (or 4 k D): memory that does not grow with the batch.
+# At once: one BLOCK x BLOCK tile of t on the PyTorch path (every device); on the Triton path (CUDA) the
+# forward's tiles stay in registers, the backward's G in chunks of at most WORKSPACE (or 4 k D) elements.
 BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
 WORKSPACE = 2 ** 27  # elements of the Triton backward's G chunk, or 4 k d if larger: memory stays O(B D)
 _NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist

@@ -42,6 +42,7 @@ from clip.py, and the LaCLIP class that mixes the two.
 """
 
 import argparse
+import contextlib
 import gzip
 import html
 import inspect
@@ -63,8 +64,6 @@ import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
 # LaCLIP: CLIP whose text side sees LLM rewrites of each caption
-
-
 class RewriteTransform:
     """Training sample -> inputs, the caption drawn uniformly among the original and its rewrites.
 
@@ -103,9 +102,8 @@ def multi_text_loss(image_features, text_features, logit_scale, group=None):
 
 class LaCLIPMethod:
     """What LaCLIP changes in CLIP: its training texts come from RewriteTransform, and with text sets
-    (LaCLIP-MT) the text features are [B, sets, D] and the loss is multi_text_loss. Evaluation uses the
-    original captions. Mixed into the CLIP model (copied from clip.py below) as `class LaCLIP` at the
-    end of this file, because CLIP is defined further down."""
+    (LaCLIP-MT) the text features are [B, sets, D] and the loss is multi_text_loss; evaluation reads the
+    original captions. Mixed into CLIP (copied from clip.py below) as `class LaCLIP` at the file's end."""
 
     def __init__(self, cfg, tokenizer=None, text_sets=0):
         super().__init__(cfg, tokenizer)
@@ -135,8 +133,6 @@ class LaCLIPMethod:
 
 # ----------------------------------------------------------------------------------------------
 # Building a model for train.py
-
-
 def add_args(parser):
     add_clip_args(parser)
     parser.add_argument("--multi-text", action="store_true",
@@ -184,14 +180,11 @@ class Config:
     vision_mlp: int = 0  # MLP hidden width; 0: 4 x the tower's width
     text_mlp: int = 0
     ln_eps: float = 1e-5
-    # The text's features are read at its end-of-text token: the first eos_id in the ids (transformers'
-    # rule; tokens added to a vocabulary take ids above it), or with None the highest id (OpenAI's rule).
+    # The text is read at its end-of-text token: the first eos_id (transformers' rule: tokens added to a
+    # vocabulary take ids above it), or with None the highest id (OpenAI's rule).
     eos_id: int = None
-    # softmax: CLIP's InfoNCE; sigmoid: SigLIP's pairwise loss, which adds a learnt logit bias
-    loss: str = "softmax"
-    # The softmax loss's learnt logit scale at the start (exp'd); None: OpenAI's 1 / 0.07. SigLIP always
-    # starts at 10, the scale its bias of -10 was chosen with.
-    init_logit_scale: float = None
+    loss: str = "softmax"  # CLIP's InfoNCE; sigmoid: SigLIP's pairwise loss, which adds a learnt logit bias
+    init_logit_scale: float = None  # exp'd, of the softmax loss (None: 1 / 0.07); SigLIP's is always 10
     image_mean: tuple = MEAN  # the preprocessing the weights expect
     image_std: tuple = STD
 
@@ -202,9 +195,8 @@ class Config:
 
 
 CONFIGS = {
-    # Small enough to train on two CPU cores in minutes on the synthetic data (vocab from the tokenizer).
-    # 16 patches of 12 px, and a sharper starting temperature than OpenAI's: on the synthetic data the
-    # image tower learns shape (beyond colour) sooner with both (docs/measurements.md, the default runs).
+    # Two CPU cores train it in minutes on the synthetic data (vocab from the tokenizer); its 16 patches of 12 px
+    # and sharp starting temperature learn shape, beyond colour, sooner there (docs/measurements.md).
     "tiny": Config(embed_dim=128, image_size=48, patch_size=12, vision_width=128, vision_layers=4,
                    vision_heads=4, context_length=24, vocab_size=1024, text_width=128, text_layers=4,
                    text_heads=4, init_logit_scale=60.0),
@@ -435,9 +427,8 @@ class CLIP(nn.Module):
 
 
 class Transform:
-    """One sample (image, caption) -> model inputs (uint8 pixels, token ids); runs in the loader workers,
-    so it is picklable. images: the image's transform (train.py passes data.py's training crop; the
-    model's own preprocessing by default)."""
+    """One sample (image, caption) -> model inputs (uint8 pixels, token ids), in the loader workers (so
+    picklable); images: the image's transform (train.py's is data.py's crop; by default the model's own)."""
 
     def __init__(self, tokenizer, images):
         self.tokenizer, self.image = tokenizer, images
@@ -451,10 +442,9 @@ class Transform:
 
 
 def trim_padding(tokens):
-    """Token ids [..., context] cut after the last column that is not padding (pad id 0) in any row.
-    The attention is causal, so what follows a text changes none of its features; cut on the CPU, as
-    the loader hands the batch over, a step never waits on the device to learn the length (under
-    torch.compile the length then varies by batch: a dynamic dimension)."""
+    """Token ids [..., context] cut after the last column that is not padding (pad id 0) in any row: the
+    attention is causal, so what follows a text changes none of its features. Cut on the CPU as the loader
+    hands the batch over, a step never waits on the device to learn the length."""
     kept = tokens.reshape(-1, tokens.shape[-1]).ne(0).any(0).nonzero()
     return tokens[..., : int(kept[-1]) + 1] if len(kept) else tokens[..., :1]
 # ==== end of copy: model ====
@@ -567,10 +557,7 @@ class _AllReduceSum(torch.autograd.Function):
 def adamw_groups(model, weight_decay):
     """The AdamW parameter groups of the recipe (open_clip's rule): weight decay on weight matrices only,
     none on biases, norms, embeddings and 0-d scalars (the logit scale and bias); parameters that do not
-    train (LiT locks, a frozen tower) left out. train.py then runs
-        torch.optim.AdamW(groups, lr=5e-4, betas=(0.9, 0.98), eps=1e-6)   # weight_decay 0.2
-    with a linear warm-up and a cosine decay, clips the gradients' global norm at 1, and calls
-    model.after_step() after each step (the logit scale's clamp)."""
+    train (LiT locks, a frozen tower) left out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -609,6 +596,18 @@ class ImageTransform:
         left, top = (out[0] - self.size) // 2, (out[1] - self.size) // 2
         x = torch.from_numpy(np.array(img, dtype=np.uint8)[top:top + self.size, left:left + self.size]).permute(2, 0, 1)
         return x if self.uint8 else normalize_pixels(x, self.mean, self.std)
+
+
+@torch.no_grad()
+def embed_images(model, preprocess, images, chunk=64):
+    """[N, D] normalised image features for PIL images or image files, `chunk` images decoded and encoded
+    at a time: memory does not grow with N."""
+    device, images, out = next(model.parameters()).device, list(images), []
+    for i in range(0, len(images), chunk):
+        pixels = torch.stack([preprocess(read_image(x) if isinstance(x, (str, os.PathLike)) else to_rgb(x))
+                              for x in images[i:i + chunk]])
+        out.append(model.encode_image(pixels.to(device), normalize=True).float())
+    return torch.cat(out) if out else torch.empty(0)
 # ==== end of copy: preprocess ====
 
 
@@ -669,21 +668,16 @@ def read_image(path):
 # ==== copied from clip.py: create (shared code, kept identical to clip.py's region) ====
 def add_clip_args(parser):
     """CLIP's flags for train.py (laclip's are these and its own)."""
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer.json or bpe_simple_vocab_16e6.txt.gz; default: the --init weights' own, "
-                             "else a BPE trained on the captions")
-    parser.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
-                        help="QuickGELU (OpenAI's released weights) or, with --no-quick-gelu, exact GELU; default: "
-                             "exact for new models, QuickGELU for --init files that carry no config (OpenAI layout)")
-    parser.add_argument("--lock-image", action="store_true", help="LiT: freeze the image tower")
-    parser.add_argument("--lock-image-unlocked-layers", type=int, default=0,
-                        help="with --lock-image: the last N residual blocks (and the layers after them) still train")
-    parser.add_argument("--lock-text", action="store_true", help="freeze the text tower")
-    parser.add_argument("--lock-text-unlocked-layers", type=int, default=0,
-                        help="with --lock-text: the last N residual blocks (and the layers after them) still train")
-    parser.add_argument("--loss", choices=["softmax", "sigmoid"], default=None,
-                        help="softmax: CLIP's InfoNCE; sigmoid: SigLIP's pairwise loss with a learnt bias (default: "
-                             "the --init weights' own, else softmax)")
+    parser.add_argument("--tokenizer", help="tokenizer.json or bpe_simple_vocab_16e6.txt.gz (default: the --init "
+                        "weights' own, else a BPE trained on the captions)")
+    parser.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, help="QuickGELU (OpenAI's weights; "
+                        "default for --init files without a config) or exact GELU (default for new models)")
+    for tower in ("image", "text"):  # LiT
+        parser.add_argument(f"--lock-{tower}", action="store_true", help=f"freeze the {tower} tower (LiT)")
+        parser.add_argument(f"--lock-{tower}-unlocked-layers", type=int, default=0, help=f"with --lock-{tower}: its "
+                            "last N residual blocks (and the layers after them) still train")
+    parser.add_argument("--loss", choices=["softmax", "sigmoid"], help="softmax: CLIP's InfoNCE; sigmoid: SigLIP's "
+                        "pairwise loss with a learnt bias (default: the --init weights' own, else softmax)")
     parser.add_argument("--siglip", dest="loss", action="store_const", const="sigmoid", help="--loss sigmoid")
 
 
@@ -741,30 +735,25 @@ class BadInput(ValueError):
 
 
 def one_line(err):
-    """An exception as one short line (a pickle or zip error can run to many)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    first = lines[0].split(". ")[0][:160] if lines else ""  # torch's messages run to paragraphs
+    """An exception as one short line (a pickle, zip or torch error can run to paragraphs)."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "").split(". ")[0][:160]
     return f"{type(err).__name__}: {first}".rstrip(": ")
 
 
-class reading:
+@contextlib.contextmanager
+def reading(what):
     """with reading(path): ... -- whatever the block raises while it reads and checks `path` (a file or
-    folder the user gave) becomes one BadInput line naming it. What an input holds is the input's fault,
-    whichever line of ours it trips; code outside such a block is ours, and keeps its traceback.
-    TRAIN_TRACEBACK=1 keeps the traceback here too."""
-
-    def __init__(self, what):
-        self.what = what
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, tb):
-        if err is None or not isinstance(err, Exception) or os.environ.get("TRAIN_TRACEBACK"):
-            return False
-        if isinstance(err, (BadInput, ImportError, FileNotFoundError)):  # one line already, or a package to install
-            return False
-        message = str(err) if isinstance(err, ValueError) and str(self.what) in str(err) else f"{self.what}: {one_line(err)}"
+    folder the user gave) becomes one BadInput line naming it: what an input holds is the input's fault,
+    whichever line of ours it trips. Code outside such a block is ours, and keeps its traceback (and
+    here too with TRAIN_TRACEBACK=1)."""
+    try:
+        yield
+    except (BadInput, ImportError, FileNotFoundError):  # one line already, or a package to install
+        raise
+    except Exception as err:
+        if os.environ.get("TRAIN_TRACEBACK"):
+            raise
+        message = str(err) if isinstance(err, ValueError) and str(what) in str(err) else f"{what}: {one_line(err)}"
         raise BadInput(" ".join(message.split("\n"))[:600]) from None
 
 
@@ -792,17 +781,12 @@ def check_tensors(obj, path):
     seen, stack, claimed = set(), [obj], 0
     while stack:
         x = stack.pop()
-        if id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, torch.Tensor):
-            claimed += tensor_bytes(x, path)
+        if id(x) not in seen:
+            seen.add(id(x))
+            claimed += tensor_bytes(x, path) if isinstance(x, torch.Tensor) else 0
             if claimed > limit:
                 raise ValueError(f"{path}: its tensors claim over {limit} bytes from a file of {os.path.getsize(path)}")
-        elif isinstance(x, dict):
-            stack.extend(x.values())
-        elif isinstance(x, (list, tuple)):
-            stack.extend(x)
+            stack.extend(x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ())
     return obj
 
 
@@ -810,11 +794,9 @@ def load_tensors(path):
     """torch.load of a file that may come from anywhere: tensors and plain containers only (weights_only:
     nothing in it runs), a .safetensors file through safetensors, every tensor checked (check_tensors);
     a damaged or foreign file is one ValueError naming it."""
-    import stat
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if not stat.S_ISREG(os.stat(path).st_mode):
+    if not os.path.isfile(path):
         raise ValueError(f"{path}: not a regular file; pass a weights file")
     try:
         if path.endswith(".safetensors"):
@@ -834,7 +816,7 @@ def load_tensors(path):
 
 
 def read_small_file(path, what, max_bytes=1 << 24):
-    """The bytes of a file a command reads beside the weights (a config, a tokenizer, --texts): a
+    """The bytes of a file a command reads beside the weights (a config, a tokenizer, an image, --texts): a
     regular file (a FIFO would block, /dev/zero never end) of at most max_bytes."""
     import stat
 
@@ -975,14 +957,11 @@ STORAGES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "Half
 
 def read_torchscript(path):
     """The state dict of a TorchScript archive, as torch.jit.load(path).state_dict() gives it, without
-    running the archive.
-
-    torch.jit.load compiles the archive's code and calls its classes' __setstate__, so a crafted file
-    runs what it likes while loading. Here nothing is compiled or called: data.pkl (the module tree) goes
-    through an unpickler that rebuilds tensors from the archive's data/ records and records every
-    object's attributes, and refuses any other global; which attributes are parameters and buffers is
-    read off the class declarations in code/ as text. A class that declares its own __setstate__ or
-    __getstate__ (nothing a weights file needs) refuses the file."""
+    running the archive (torch.jit.load compiles its code and calls its __setstate__: a crafted file runs
+    what it likes). Here data.pkl (the module tree) goes through an unpickler that rebuilds tensors from
+    the data/ records, records every object's attributes and refuses any other global; which attributes
+    are parameters and buffers is read off the class declarations in code/ as text. A class declaring
+    its own __setstate__ or __getstate__ (nothing a weights file needs) refuses the file."""
     import io
     import pickle
     import zipfile
@@ -1333,20 +1312,6 @@ def load(path, device="cpu", quick_gelu=None, tokenizer=None):
 # ==== end of copy: weights ====
 
 
-# ==== copied from clip.py: embed-images (shared code, kept identical to clip.py's region) ====
-@torch.no_grad()
-def embed_images(model, preprocess, images, chunk=64):
-    """[N, D] normalised image features for PIL images or image files, `chunk` images decoded and encoded
-    at a time: memory does not grow with N."""
-    device, images, out = next(model.parameters()).device, list(images), []
-    for i in range(0, len(images), chunk):
-        pixels = torch.stack([preprocess(read_image(x) if isinstance(x, (str, os.PathLike)) else to_rgb(x))
-                              for x in images[i:i + chunk]])
-        out.append(model.encode_image(pixels.to(device), normalize=True).float())
-    return torch.cat(out) if out else torch.empty(0)
-# ==== end of copy: embed-images ====
-
-
 # ==== copied from clip.py: predict (shared code, kept identical to clip.py's region) ====
 def link(model, sims):
     """Probabilities from cosine similarities [N, C] with the model's own link: a softmax over the last
@@ -1370,6 +1335,8 @@ def label_probs(model, images, labels):
         return link(model, embed_images(model, model.preprocess(), images) @ text.T)
     finally:
         model.train(was_training)
+
+
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -1404,7 +1371,7 @@ def predict_main(argv=None):
             candidates = [f for f in found if os.path.isfile(f)]  # not FIFOs, devices, sockets, folders
             if len(candidates) < len(found):
                 print(f"{me} predict: left out {len(found) - len(candidates)} entries of {args.images} that are not "
-                      f"regular files", file=sys.stderr)
+                      f"regular files (first: {next(f for f in found if f not in candidates)})", file=sys.stderr)
             if not candidates or not args.query:
                 raise ValueError(f"--images needs image files in {args.images} and at least one --query")
             queries = args.query
@@ -1627,14 +1594,12 @@ def train_bpe(texts, vocab_size=1024, context_length=77):
 
 # ==== copied from clip.py: kernel (shared code, kept identical to clip.py's region) ====
 # lse_tiles(x, y, scale, two_way) -> (row_lse [n], col_lse [k] or [0]): the log-sum-exps of t = scale *
-# x @ y.T along rows and (two_way) columns, both from the same tiles in one pass; x this rank's rows
-# (n x D), y the keys (k x D). t is never kept: the op saves x, y, scale and the two vectors and the
-# backward makes the tiles again (2 B^2 D forward, 6 B^2 D backward). For incoming g_row, g_col:
+# x @ y.T along rows and (two_way) columns from the same tiles, x this rank's rows (n x D), y the keys.
+# t is never kept: the backward makes the tiles again (2 B^2 D forward, 6 B^2 D backward). For g_row, g_col:
 #     G_ij = g_row_i * exp(t_ij - row_lse_i) + g_col_j * exp(t_ij - col_lse_j)
 #     dx = scale * G @ y,  dy = scale * G.T @ x,  d(scale) = sum(G * x @ y.T)
-# At once there is one BLOCK x BLOCK tile of t on the PyTorch path (the reference, on every device); on
-# the Triton path (CUDA) the forward's tiles stay in registers and the backward writes G in row chunks
-# of at most WORKSPACE elements (or 4 k D): memory that does not grow with the batch.
+# At once: one BLOCK x BLOCK tile of t on the PyTorch path (every device); on the Triton path (CUDA) the
+# forward's tiles stay in registers, the backward's G in chunks of at most WORKSPACE (or 4 k D) elements.
 BLOCK = 1024  # tile edge of the PyTorch path: a 1024 x 1024 fp32 tile is 4 MB
 WORKSPACE = 2 ** 27  # elements of the Triton backward's G chunk, or 4 k d if larger: memory stays O(B D)
 _NS = __name__.replace(".", "_")  # one op namespace per file, so copies of this code can coexist
@@ -2022,8 +1987,6 @@ def _sig_triton(x, y, scale, bias, grads):
 
 # ----------------------------------------------------------------------------------------------
 # The model: CLIP (copied above) with LaCLIP's training texts and loss mixed in
-
-
 class LaCLIP(LaCLIPMethod, CLIP):
     pass
 

@@ -193,7 +193,7 @@ def readme_train_commands():
     for block in re.findall(r"```(?:bash|sh)\n(.*?)```", readme, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line.split(" # ")[0], comments=True)
-            if "train.py" in words and words[words.index("train.py") + 1:words.index("train.py") + 2] != ["report"]:
+            if "train.py" in words and words[words.index("train.py") + 1:words.index("train.py") + 2] not in (["report"], ["export"]):
                 nproc = next((int(w.split("=")[1]) for w in words if w.startswith("--nproc_per_node=")), 1)
                 found.append((nproc, words[words.index("train.py") + 1:]))
     return found

@@ -33,14 +33,20 @@ def test_rewrite_draw_is_uniform_deterministic_and_skips_short_texts():
     tf = model.transform(True)
     img = Image.new("RGB", (64, 64))
     sample = {"image": img, "text": "a red circle", "rewrites": ["one big blue square", "a gray background", "ok"]}
-    decode = lambda t: model.tokenizer.decode(t.tolist())  # noqa: E731
-    seen = collections.Counter(decode(tf(sample, np.random.default_rng([0, 0, i, 102]))["text"]) for i in range(2000))
+    texts = [sample["text"], *sample["rewrites"]]
+
+    def decode(out):  # the text drawn, as the transform names it ('text_pick'), and its tokens are that text's
+        text = texts[int(out["text_pick"])]
+        assert torch.equal(out["text"], model.tokenizer([text])[0])
+        return text
+
+    seen = collections.Counter(decode(tf(sample, np.random.default_rng([0, 0, i, 102]))) for i in range(2000))
     # 'ok' has one word: its quarter of the draws falls back to the original.
     assert set(seen) == {"a red circle", "one big blue square", "a gray background"}
     assert abs(seen["a red circle"] / 2000 - 0.5) < 0.04
     assert abs(seen["one big blue square"] / 2000 - 0.25) < 0.04
-    again = [decode(tf(sample, np.random.default_rng([0, 0, i, 102]))["text"]) for i in range(20)]
-    assert again == [decode(tf(sample, np.random.default_rng([0, 0, i, 102]))["text"]) for i in range(20)]
+    again = [decode(tf(sample, np.random.default_rng([0, 0, i, 102]))) for i in range(20)]
+    assert again == [decode(tf(sample, np.random.default_rng([0, 0, i, 102]))) for i in range(20)]
 
 
 def test_multi_text_loss_is_the_mean_over_text_sets():
