@@ -97,6 +97,10 @@ class Config:
     # The image tower is a teacher's and stays frozen; a contrastive run from fresh towers trains it.
     lock_image: bool = True
 
+    def __post_init__(self):  # XLM-R's positions start after the pad id: the table must hold them all
+        if self.context_length + self.pad_id + 1 > self.text_max_positions:
+            raise ValueError(f"context_length {self.context_length} is past XLM-R's {self.text_max_positions} positions")
+
 
 CONFIGS = {
     # The student of the demo: small enough to distil on two CPU cores in minutes. The CLIP parts
@@ -546,8 +550,8 @@ class Tokenizer:
             raise ValueError(f"tokenizer has no {SOT} / {EOT} tokens: it is not a CLIP tokenizer")
 
     @property
-    def vocab_size(self):
-        return self.tokenizer.get_vocab_size()
+    def vocab_size(self):  # the ids it hands out: the highest one + 1 (a file's added tokens may skip ids)
+        return max(self.tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     @staticmethod
     def _skeleton(model):
@@ -1443,8 +1447,8 @@ class BertTokenizer:
         tokenizer.enable_padding(pad_id=self.pad_id, pad_token=pad, length=context_length)
 
     @property
-    def vocab_size(self):
-        return self.tokenizer.get_vocab_size()
+    def vocab_size(self):  # the ids it hands out: the highest one + 1 (a file's added tokens may skip ids)
+        return max(self.tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     @staticmethod
     def wordpiece(vocab, lowercase=True):

@@ -105,6 +105,10 @@ class Config:
     jitter: float = 0.8
     grayscale: float = 0.2
 
+    def __post_init__(self):
+        if self.context_length > self.text_max_positions:  # BERT would index past its position table
+            raise ValueError(f"context_length {self.context_length} is past BERT's {self.text_max_positions} positions")
+
 
 CONFIGS = {
     # Small enough to train on two CPU cores in minutes on the synthetic data. No colour augmentation:
@@ -290,6 +294,12 @@ class BriVL(nn.Module):
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.queue_size, cfg.embed_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self._keys = None  # this step's keys, enqueued by after_step
+
+    def load_state_dict(self, state_dict, strict=True):
+        ptr = state_dict.get("queue_ptr")  # a file's pointer must lie in its queue, or after_step writes past it
+        if ptr is not None and not (ptr.numel() == 1 and 0 <= int(ptr) < self.cfg.queue_size):
+            raise ValueError(f"queue_ptr {ptr.flatten()[:1].tolist()} is outside the queue of {self.cfg.queue_size}")
+        return super().load_state_dict(state_dict, strict=strict)
 
     def train(self, mode=True):
         # BatchNorm keeps its (pretrained) statistics: a sample's features then never depend on the
@@ -1017,8 +1027,8 @@ class BertTokenizer:
         tokenizer.enable_padding(pad_id=self.pad_id, pad_token=pad, length=context_length)
 
     @property
-    def vocab_size(self):
-        return self.tokenizer.get_vocab_size()
+    def vocab_size(self):  # the ids it hands out: the highest one + 1 (a file's added tokens may skip ids)
+        return max(self.tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     @staticmethod
     def wordpiece(vocab, lowercase=True):

@@ -1449,8 +1449,8 @@ class Tokenizer:
             raise ValueError(f"tokenizer has no {SOT} / {EOT} tokens: it is not a CLIP tokenizer")
 
     @property
-    def vocab_size(self):
-        return self.tokenizer.get_vocab_size()
+    def vocab_size(self):  # the ids it hands out: the highest one + 1 (a file's added tokens may skip ids)
+        return max(self.tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     @staticmethod
     def _skeleton(model):

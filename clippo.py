@@ -146,6 +146,8 @@ def _pillow_font(font):
             f = ImageFont.truetype(font, size) if font else ImageFont.load_default(size=size)
         except TypeError:  # Pillow < 10.1 has only the fixed 11-px bitmap font
             return ImageFont.load_default()
+        except OSError as e:  # not a font: said once, when the renderer is made, not at the first odd character
+            raise ValueError(f"{font}: not a font Pillow reads ({e}); give a .hex, .ttf or .otf file") from None
         if not hasattr(f, "getmetrics") or sum(f.getmetrics()) <= CELL:  # a bitmap font: take it as it is
             return f
     return f
@@ -165,7 +167,7 @@ class TextRenderer:
             raise ValueError(f"image_size {image_size}: text rendering needs at least {2 * CELL} px")
         self.font, self.size, self.max_chars, self.background, self.ink = font, image_size, max_chars, background, ink
         self.hex = font is not None and font.endswith((".hex", ".hex.gz"))
-        self._font = None  # the Pillow font, loaded on first use (it does not pickle)
+        self._font = None if self.hex else _pillow_font(font)  # checked now; loaded again after a pickle (it does not pickle)
         # Code point -> row of the atlas; row 0 is the empty cell, -1 a code point not rasterised yet
         # (with a .hex font, or rasterise=False, a code point without a glyph stays an empty cell).
         rasterise = not self.hex if rasterise is None else rasterise

@@ -233,9 +233,9 @@ def write_file(path, payload):
     tmp = f"{path}.tmp{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)  # what a killed writer of this pid left; a link there goes, its target stays
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb", opener=lambda p, _: os.open(p, flags, 0o644)) as f:
             if callable(payload):
                 payload(f)
             else:
@@ -263,6 +263,20 @@ def fingerprint(path):
             for block in iter(lambda: stream.read(1 << 24), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def open_append(path):
+    """A text file opened to add lines at its end (metrics.jsonl, rewrites), created if missing: never
+    through a link, never a FIFO, device or folder (one OSError naming it instead)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        raise OSError(f"{path}: cannot be appended to ({e.strerror}): a link, folder or special file there? Move it "
+                      f"away") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path}: not a regular file (a FIFO or device); move it away")
+    return os.fdopen(fd, "a", encoding="utf-8", newline="\n")
 
 
 _locks = {}  # folder -> the open lock file of this process's command there
@@ -1645,7 +1659,16 @@ def write_shards(csv_path, out, per_shard=10_000, img_key="filepath", caption_ke
     from PIL import Image
 
     data = CsvData(csv_path, img_key, caption_key, separator)
-    os.makedirs(out, exist_ok=True)
+    lock_folder(out, "data.py shards")  # a second command on --out is refused, not mixed in
+    try:
+        return _write_shards(data, csv_path, out, per_shard, allow_outside, max_bytes)
+    finally:
+        unlock_folder(out)
+
+
+def _write_shards(data, csv_path, out, per_shard, allow_outside, max_bytes):
+    from PIL import Image
+
     left_out = []
 
     def leave_out(i, why):
@@ -1701,7 +1724,11 @@ class ShardWriter:
         """members: [(extension, bytes)] of one sample."""
         if self.tar is None:
             self.path = os.path.join(self.folder, f"{len(self.paths):05d}.tar")
-            self.tar = tarfile.open(self.path + ".tmp", "w")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path + ".tmp")  # what a killed writer left (a link there goes, not its target)
+            fd = os.open(self.path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            self.file = os.fdopen(fd, "wb")
+            self.tar = tarfile.open(fileobj=self.file, mode="w")
         for ext, payload in members:
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(payload)
@@ -1713,6 +1740,11 @@ class ShardWriter:
     def close(self):
         if self.tar is not None:
             self.tar.close()
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            if os.path.lexists(self.path) and not os.path.isfile(self.path) or os.path.islink(self.path):
+                raise IsADirectoryError(f"{self.path}: exists and is not a regular file; move it away")
             os.replace(self.path + ".tmp", self.path)
             self.paths.append(self.path)
             self.tar, self.count = None, 0
@@ -1918,6 +1950,8 @@ def rewrite_main(argv=None):
             raise SystemExit(f"data.py rewrite: {args.meta_pairs}: needs at least 3 'source => target' lines")
     root, ext = os.path.splitext(args.out)
     outs = [args.out] if args.rewrites == 1 else [f"{root}.{k}{ext}" for k in range(args.rewrites)]
+    # one command at a time writes these outputs: a second is refused, not interleaved
+    lock_folder(os.path.dirname(os.path.abspath(args.out)), "data.py rewrite", f".{os.path.basename(args.out)}.lock")
     # Resume: each output continues after the lines it has. Nothing is ever cut from a file: one that
     # does not fit these captions is refused, with what to do.
     have = []
@@ -1939,7 +1973,10 @@ def rewrite_main(argv=None):
         text = request_rewrite(url, captions[i], rng.sample(pairs, 3), args)
         return text or fold(captions[i])  # an empty rewrite: keep the original rather than a blank line
 
-    files = [open(path, "a", encoding="utf-8", newline="\n") for path in outs]
+    try:
+        files = [open_append(path) for path in outs]
+    except OSError as e:
+        raise SystemExit(f"data.py rewrite: {e}") from None
     pool = ThreadPoolExecutor(args.concurrency)
     try:
         for start in range(done, len(captions), 256):  # in chunks: results are written in input order
@@ -1958,6 +1995,7 @@ def rewrite_main(argv=None):
         pool.shutdown(wait=False, cancel_futures=True)
         for f in files:
             f.close()
+        unlock_folder(os.path.dirname(os.path.abspath(args.out)))
     print(f"{len(captions) - done} captions rewritten ({done} were already done) -> {', '.join(outs)}")
 
 
@@ -1993,7 +2031,7 @@ if __name__ == "__main__":
         os.makedirs(a.out, exist_ok=True)
         held_out = Synthetic(a.seed, "val", a.n)
         for i in range(a.n):
-            held_out.image(i).save(os.path.join(a.out, f"{i}.png"))
+            write_file(os.path.join(a.out, f"{i}.png"), lambda f: held_out.image(i).save(f, format="PNG"))
             print(f"{os.path.join(a.out, f'{i}.png')}: {held_out.captions(i)[0][0]}")
         raise SystemExit(0)
     try:

@@ -12,10 +12,12 @@ import json
 import math
 import os
 import datetime
+import hashlib
 import html
 import re
 import shutil
 import signal
+import stat
 import sys
 import time
 
@@ -73,6 +75,9 @@ def build_parser(model):
                    help="start a new run in an --out that holds one, deleting its checkpoints and metrics.jsonl")
     p.add_argument("--allow-flag-changes", action="store_true",
                    help="--resume even where flags that change the run differ from the checkpoint's")
+    p.add_argument("--allow-changed-inputs", default=None, metavar="FLAG,...",
+                   help="--resume even where these flags' files (a teacher, --init, the data) changed since the "
+                        "checkpoint was written, e.g. distill,data")
     p.add_argument("--keep", type=int, default=2,
                    help="step-numbered checkpoints kept (checkpoint-STEP.pt; checkpoint.pt is the newest)")
     p.add_argument("--init", default=None,
@@ -169,8 +174,9 @@ def parse_args(argv=None):
     module = import_model(first.parse_known_args(argv)[0].model)
     p = build_parser(module)
     args = p.parse_args(argv)
-    if args.epochs is not None and (args.steps is not None or args.epochs <= 0):
-        p.error("--epochs: a number of passes above 0, and not with --steps")
+    check_numbers(p, args)
+    if args.epochs is not None and args.steps is not None:
+        p.error("--epochs: a number of passes, not with --steps")
     if hasattr(module, "finish_args"):  # the model's own demo recipe; flags that follow from others
         module.finish_args(args)
     for key, value in (DEMO if is_demo(args) else REAL_DATA).items():  # what neither the user nor the model set
@@ -182,24 +188,13 @@ def parse_args(argv=None):
                          "synthetic data) has a length of its own")
     if args.steps is not None:
         finish_schedule(args)
-    for name, low in (("batch_size", 1), ("steps", 1), ("log_every", 1), ("warmup", 0), ("save_every", 0),
-                      ("eval_every", 0), ("train_num_samples", 1), ("max_sample_bytes", 1), ("workers", 0)):
-        if getattr(args, name, None) is not None and getattr(args, name) < low:
-            p.error(f"--{name.replace('_', '-')} must be at least {low}")
-    if args.epochs is not None and not math.isfinite(args.epochs):
-        p.error("--epochs must be a finite number of passes")
-    if args.accum < 1 or args.batch_size % args.accum:
+    check_numbers(p, args)  # again: the recipe's values too
+    if args.batch_size % args.accum:
         p.error(f"--batch-size {args.batch_size} must be a multiple of --accum {args.accum}")
-    if args.keep < 1:
-        p.error("--keep must be at least 1")
-    if not 8 <= args.synthetic_resolution <= datalib.MAX_RESOLUTION:
-        p.error(f"--synthetic-resolution must be 8 to {datalib.MAX_RESOLUTION} pixels")
     if args.lr_schedule == "const-cooldown" and args.cooldown_steps < 1:
         p.error("--lr-schedule const-cooldown needs --cooldown-steps of 1 or more")
     if args.sharded_checkpoint and not args.fsdp:
         p.error("--sharded-checkpoint goes with --fsdp")
-    if not 0 <= args.patch_dropout < 1:
-        p.error(f"--patch-dropout {args.patch_dropout}: the share of patches dropped, from 0 to below 1")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise NotADirectoryError(f"--out {args.out} is a file; pass a folder (made if missing) for the run's "
                                  f"checkpoints and metrics")
@@ -209,6 +204,32 @@ def parse_args(argv=None):
         if importlib.util.find_spec(REPORTERS[name]) is None:  # every rank stops here, not rank 0 alone later
             raise ImportError(f"--report-to {name} needs the {REPORTERS[name]} package: pip install {REPORTERS[name]}")
     return args, module
+
+
+# The ranges of the numeric flags, as (lowest, highest); a flag in ABOVE must be above its lowest, one in
+# BELOW below its highest. Every numeric flag, a model's own too, is finite, at least 0 and at most 2^53:
+# past that a float has no whole numbers to count steps with, and 1e300 passes overflow the arithmetic.
+RANGES = {"batch_size": (1, 1 << 20), "steps": (1, 1 << 40), "epochs": (0, 1e6), "accum": (1, 1 << 20),
+          "log_every": (1, None), "keep": (1, None), "workers": (0, 256), "beta1": (0, 1), "beta2": (0, 1),
+          "eps": (0, 1), "dist_timeout": (0, 1e6), "seed": (0, 2 ** 53), "patch_dropout": (0, 1), "lora": (0, 4096),
+          "lora_alpha": (0, 1 << 16), "lora_dropout": (0, 1), "train_num_samples": (1, None), "max_sample_bytes": (1, None),
+          "synthetic_resolution": (8, datalib.MAX_RESOLUTION), "synthetic_size": (1, 1 << 40), "shuffle_buffer": (1, 1 << 24)}
+ABOVE, BELOW = {"epochs", "eps", "dist_timeout", "lora_alpha"}, {"beta1", "beta2", "patch_dropout", "lora_dropout"}
+
+
+def check_numbers(p, args):
+    """Every numeric flag in its range, in one argparse line: finite, from 0 to 2^53, and RANGES'."""
+    for action in p._actions:
+        value = getattr(args, action.dest, None)
+        if action.type not in (int, float) or value is None:
+            continue
+        low, high = RANGES.get(action.dest, (0, None))
+        high = 2 ** 53 if high is None else high
+        flag = action.option_strings[0]
+        if not (math.isfinite(value) and low <= value <= high) or (action.dest in ABOVE and value == low) or (
+                action.dest in BELOW and value == high):
+            p.error(f"{flag} {value}: from {low} to {high}" + (f", above {low}" if action.dest in ABOVE else "")
+                    + (f", below {high}" if action.dest in BELOW else ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1100,9 +1121,9 @@ class Reporters:
             import wandb
 
             id_file = os.path.join(out, "wandb_id")  # a resumed run continues the same W&B run
-            run_id = open(id_file).read().strip() if step and os.path.isfile(id_file) else os.urandom(4).hex()
-            with open(id_file, "w") as f:
-                f.write(run_id)
+            run_id = (datalib.read_text(id_file, 64, "wandb run id").decode("ascii", "replace").strip()
+                      if step and os.path.isfile(id_file) else os.urandom(4).hex())
+            datalib.write_file(id_file, run_id)
             self.wandb = wandb.init(id=run_id, resume="allow", dir=out, name=os.path.basename(os.path.abspath(out)),
                                     config={k: v for k, v in vars(args).items() if k != "report_to"})
 
@@ -1140,7 +1161,8 @@ NUMBERED_SHARDS = re.compile(r"checkpoint-\d+\.dcp")  # a sharded checkpoint's f
 # is checked on its own, so ranks x --batch-size may be regrouped. Every other flag changes the run.
 # What a checkpoint written before a flag existed ran with, where today's default differs.
 BEFORE_THE_FLAG = {"synthetic_resolution": 64}
-MAY_CHANGE_ON_RESUME = {"steps", "epochs", "train_num_samples", "out", "resume", "overwrite", "allow_flag_changes", "keep", "workers", "log_every",
+MAY_CHANGE_ON_RESUME = {"steps", "epochs", "train_num_samples", "out", "resume", "overwrite", "allow_flag_changes",
+                        "allow_changed_inputs", "keep", "workers", "log_every",
                         "save_every", "eval_every", "compile", "device", "dist_timeout", "val_data", "val_size",
                         "zeroshot_data", "zeroshot_templates", "accum", "batch_size", "report_to", "fsdp",
                         "sharded_checkpoint", "grad_checkpointing"}
@@ -1165,10 +1187,11 @@ def checkpoints(out):
     return ([os.path.join(out, LATEST)] if os.path.isfile(os.path.join(out, LATEST)) else []) + numbered_checkpoints(out)
 
 
-def read_checkpoint(path):
-    """A checkpoint to resume from, each part the type it must be: a file in --out may be one a crash,
-    another tool or another person left."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+def read_checkpoint(path, module):
+    """A checkpoint to resume from, each part the type it must be and every tensor checked by the model
+    file's reader (check_tensors: within its storage, the claims bounded by the file's size): a file in
+    --out may be one a crash, another tool or another person left."""
+    ckpt = module.check_tensors(torch.load(path, map_location="cpu", weights_only=True), path)
     if not isinstance(ckpt, dict) or not {"model", "optimizer", "step"} <= ckpt.keys():
         raise ValueError("not a train.py checkpoint (it has no model, optimizer and step)")
     step, data, rng, sharded = ckpt["step"], ckpt.get("data"), ckpt.get("rng"), ckpt.get("sharded")
@@ -1180,6 +1203,9 @@ def read_checkpoint(path):
         ("sharded", sharded is not None and not (isinstance(sharded, str) and NUMBERED_SHARDS.fullmatch(sharded))),
         ("rng", not (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
                      and rng["torch"].dtype == torch.uint8)),
+        ("inputs", not isinstance(ckpt.get("inputs") or {}, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in (ckpt.get("inputs") or {}).values())),
+        ("lora", ckpt.get("lora") is not None and not isinstance(ckpt["lora"], dict)),
         ("data", data is not None and not (isinstance(data, dict) and isinstance(data.get("slots"), int)
                                            and isinstance(data.get("at"), dict) and all(
             isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) and x >= 0 for x in v)
@@ -1198,7 +1224,7 @@ def step_reached(path):
         return "an unknown step (the checkpoint does not load)"
 
 
-def start_or_resume(args):
+def start_or_resume(args, module):
     """(path, checkpoint) to continue from, or (None, None) to start a new run. Rank 0 only."""
     found = checkpoints(args.out)
     if args.resume is None:
@@ -1211,7 +1237,7 @@ def start_or_resume(args):
             raise SystemExit(f"train.py: --resume: no checkpoint at {args.resume}; pass an existing file, or --resume "
                              f"alone to continue from --out")
         try:
-            return args.resume, read_checkpoint(args.resume)
+            return args.resume, read_checkpoint(args.resume, module)
         except Exception as e:
             raise SystemExit(f"train.py: --resume: {args.resume} does not load ({reason(e)})") from None
     bad = []
@@ -1220,7 +1246,7 @@ def start_or_resume(args):
             bad.append(path)
             continue
         try:
-            ckpt = read_checkpoint(path)
+            ckpt = read_checkpoint(path, module)
         except Exception as e:
             print(f"train.py: {path} does not load ({reason(e)}); trying the one before it", flush=True)
             bad.append(path)
@@ -1268,27 +1294,26 @@ def save_checkpoint(out, state, keep):
     Returns None, or why the save failed (disk full, permissions); the files already there are untouched.
     """
     path = os.path.join(out, f"checkpoint-{state['step']:07d}.pt")
-    tmp, link = f"{path}.tmp{os.getpid()}", os.path.join(out, f"{LATEST}.tmp{os.getpid()}")
+    link = os.path.join(out, f"{LATEST}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        datalib.write_file(path, lambda f: torch.save(state, f))  # whole or absent, never through a link
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(link)
         try:
             os.link(path, link)
         except OSError:  # a file system without hard links
-            shutil.copyfile(path, link)
-        os.replace(link, os.path.join(out, LATEST))
+            datalib.write_file(link, lambda f: shutil.copyfileobj(open(path, "rb"), f))
+        if os.path.lexists(os.path.join(out, LATEST)) and not os.path.isfile(os.path.join(out, LATEST)):
+            raise IsADirectoryError(f"{os.path.join(out, LATEST)} is not a regular file")
+        os.replace(link, os.path.join(out, LATEST))  # replaces a link there, never its target
         fd = os.open(out, os.O_RDONLY)
         try:
             os.fsync(fd)  # the renames themselves survive a power cut
         finally:
             os.close(fd)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-        for f in (tmp, link):
-            with contextlib.suppress(OSError):
-                os.remove(f)
+        with contextlib.suppress(OSError):
+            os.remove(link)
         return f"could not write {path} ({reason(e)})"
     for old in numbered_checkpoints(out)[keep:]:
         if not os.path.samefile(old, path):
@@ -1304,7 +1329,7 @@ def decide_start(args, module, world):
     if args.resume and args.overwrite:
         raise SystemExit("train.py: --resume continues the run in --out and --overwrite deletes it: pass one")
     datalib.lock_folder(args.out, "train.py", "train.lock")
-    path, ckpt = start_or_resume(args)
+    path, ckpt = start_or_resume(args, module)
     if ckpt:
         defaults = {a.dest: a.default for a in build_parser(module)._actions}
         diffs = changed_flags(ckpt, args, defaults, world)
@@ -1319,13 +1344,41 @@ def decide_start(args, module, world):
             os.remove(os.path.join(args.out, f))
         elif f.endswith((".dcp.tmp", ".dcp.old")):
             shutil.rmtree(os.path.join(args.out, f))
+    metrics = os.path.join(args.out, "metrics.jsonl")
+    if os.path.lexists(metrics) and not stat.S_ISREG(os.lstat(metrics).st_mode):
+        raise SystemExit(f"train.py: {metrics} is not a regular file (a link, FIFO or folder); move it away")
+    inputs = input_fingerprints(args)
+    changed = sorted(k for k, v in ((ckpt or {}).get("inputs") or {}).items() if k in inputs and inputs[k] != v
+                     and k not in (args.allow_changed_inputs or "").split(","))
+    if changed:
+        raise SystemExit(f"train.py: {path} was trained on other contents of --{changed[0].replace('_', '-')} "
+                         f"({getattr(args, changed[0])!s:.120}); restore those files, start a new --out, or pass "
+                         f"--allow-changed-inputs {','.join(changed)}")
     if args.resume:
         print(f"resuming from {path} (step {ckpt['step']})" if path else
               f"no checkpoint in {args.out}: starting a new run", flush=True)
-    return path, ckpt
+    return path, ckpt, inputs
 
 
-def checkpoint_state(model, opt, step, args, world, device, data_position=None, scaler=None, lora=None):
+def input_fingerprints(args):
+    """{flag: [sha256, ...]} of what the run reads beside its flags, by content: every flag naming files or
+    folders (the teachers, --tokenizer, --init, a model's own files), the training data (a table by its
+    bytes; shards by their names and sizes, as reading terabytes to start a run is not an option). A
+    resume compares them (decide_start). Flags that may change on resume (evaluation data) are left out."""
+    out = {}
+    for key, value in sorted(vars(args).items()):
+        if key in MAY_CHANGE_ON_RESUME:
+            continue
+        values = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str) and v]
+        if key == "data" and datalib.is_shards(value):
+            listing = "".join(f"{p}\0{os.path.getsize(p)}\n" for p in datalib.shard_list(value)[0])
+            out[key] = [hashlib.sha256(listing.encode("utf-8", "replace")).hexdigest()]
+        elif values and all(os.path.exists(v) for v in values):
+            out[key] = [datalib.fingerprint(v) for v in values]
+    return out
+
+
+def checkpoint_state(model, opt, step, args, world, device, data_position=None, scaler=None, lora=None, inputs=None):
     """What a checkpoint holds. Under --fsdp every rank calls it: the whole weights are gathered to rank 0
     (others get None), or with --sharded-checkpoint every rank writes its shards to OUT/checkpoint-STEP.dcp.
     With LoRA (lora: its spec and layout) 'model' holds the merged weights, which the model file's load()
@@ -1349,6 +1402,7 @@ def checkpoint_state(model, opt, step, args, world, device, data_position=None, 
     if lora and weights is not None:
         weights, lora_state = merged_weights(weights, *lora)
     return {"model": weights, "optimizer": optimizer, "sharded": sharded, "step": step, "data": data_position,
+            "inputs": inputs,
             "lora": {"spec": lora[0], "layout": {k: [list(s) for s in v] for k, v in lora[1].items()}, "state": lora_state}
             if lora else None,
             "samples_seen": step * args.batch_size * world, "extra": model.extra_state(), "args": vars(args),
@@ -1422,11 +1476,12 @@ def restore(model, opt, ckpt, args, scaler):
 
 
 def agree_on_start(args, module, rank, world, control):
-    """The checkpoint to resume from (or None): rank 0 reads the folder and decides, every rank follows."""
-    path = ckpt = refusal = error = None
+    """(checkpoint to resume from or None, the run's input fingerprints on rank 0): rank 0 reads the folder
+    and decides, every rank follows."""
+    path = ckpt = refusal = error = inputs = None
     if rank == 0:
         try:
-            path, ckpt = decide_start(args, module, world)
+            path, ckpt, inputs = decide_start(args, module, world)
         except SystemExit as e:
             refusal = str(e.code)
         except Exception as e:  # the other ranks must not wait for a decision that never comes
@@ -1437,8 +1492,8 @@ def agree_on_start(args, module, rank, world, control):
     if refusal:
         raise SystemExit(refusal if rank == 0 else 1)
     if path and rank != 0:
-        ckpt = read_checkpoint(path)
-    return ckpt
+        ckpt = read_checkpoint(path, module)
+    return ckpt, inputs
 
 
 def build_model(args, module, ckpt, captions, rank, world, device):
@@ -1449,6 +1504,9 @@ def build_model(args, module, ckpt, captions, rank, world, device):
         box = [module.create(args, captions()).extra_state() if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         extra = box[0]
+    if ckpt and ckpt["model"] is not None:  # a checkpoint's config may claim any size: checked on the meta device
+        with module.reading("the checkpoint"):
+            module.check_fits(lambda: module.create(args, captions(), extra=extra), ckpt["model"], "the checkpoint")
     torch.manual_seed(args.seed)  # the same initial weights however many times create() ran before
     model = module.create(args, captions(), extra=extra).to(device)
     if ckpt and ckpt["model"] is not None:  # whole weights load before sharding; shards after
@@ -1503,8 +1561,7 @@ def read_metrics(path, numbers_only=True):
     written leaves a torn last line, which resume cuts and report skips. numbers_only (report): each row
     keeps its finite numbers and skip counts, what a page can draw; resume keeps the rows as they were."""
     rows, torn = [], []
-    with open(path, "rb") as f:
-        lines = f.read().decode("utf-8", "replace").split("\n")
+    lines = datalib.read_text(path, None, "metrics file").decode("utf-8", "replace").split("\n")  # a FIFO: refused
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -1531,14 +1588,13 @@ class Progress:
     def __init__(self, args, rank, world, device, control, step, resumed):
         self.args, self.rank, self.world, self.device, self.control = args, rank, world, device, control
         self.path = os.path.join(args.out, "metrics.jsonl")
-        if rank == 0 and os.path.exists(self.path):
-            if resumed:  # a resumed run drops the rows it will write again
+        if rank == 0 and os.path.lexists(self.path):
+            if resumed:  # a resumed run drops the rows it will write again: a new file, renamed over the old
                 rows, torn = read_metrics(self.path, numbers_only=False)
                 if torn:
                     print(f"train.py: {self.path}: cut {len(torn)} line(s) that are not whole rows (line "
                           f"{', '.join(map(str, torn[:5]))}; a crash mid-write leaves one)", flush=True)
-                with open(self.path, "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
+                datalib.write_file(self.path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
             else:
                 os.remove(self.path)
         self.reporters = Reporters(args.report_to.split(","), args.out, step, args) if rank == 0 and args.report_to else None
@@ -1562,7 +1618,7 @@ class Progress:
 
     def write(self, row):
         if self.rank == 0:
-            with open(self.path, "a") as f:
+            with datalib.open_append(self.path) as f:
                 f.write(json.dumps(row) + "\n")
             if self.reporters:
                 self.reporters(row)
@@ -1625,10 +1681,10 @@ class Progress:
             self.reporters.close()
 
 
-def save(model, opt, step, args, rank, world, device, control, data_position, scaler, ckpt_path, lora=None):
+def save(model, opt, step, args, rank, world, device, control, data_position, scaler, ckpt_path, lora=None, inputs=None):
     """A checkpoint from rank 0 (every rank under --fsdp takes part); a failed write stops every rank."""
     failed = None
-    state = (checkpoint_state(model, opt, step, args, world, device, data_position, scaler, lora)
+    state = (checkpoint_state(model, opt, step, args, world, device, data_position, scaler, lora, inputs)
              if rank == 0 or args.fsdp else None)  # FSDP: every rank takes part in gathering or writing
     if rank == 0:
         failed = save_checkpoint(args.out, state, args.keep)
@@ -1656,7 +1712,7 @@ def run(args, module):
     train_data, val_data, zeroshot_data = datalib.build(args)
     if args.steps is None:  # --epochs: passes over the data, whose size is known now
         steps_from_epochs(args, datalib.num_samples(train_data, args), world)
-    ckpt = agree_on_start(args, module, rank, world, control)
+    ckpt, inputs = agree_on_start(args, module, rank, world, control)
     torch.manual_seed(args.seed)
     model, opt, scaler, scalars, autocast, lora = build_model(args, module, ckpt, train_data.caption_corpus, rank,
                                                               world, device)
@@ -1736,7 +1792,7 @@ def run(args, module):
         if (args.save_every and step % args.save_every == 0) or last or stopping:
             progress.check_finite(step, ckpt_path, model)
             save(model, opt, step, args, rank, world, device, control, position.state(world, control), scaler,
-                 ckpt_path, lora)
+                 ckpt_path, lora, inputs)
         if stopping:
             if rank == 0:
                 print(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with --resume", flush=True)
@@ -2193,8 +2249,7 @@ def report(out):
     page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(out)} report</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
     path = os.path.join(out, "report.html")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+    datalib.write_file(path, page)
     return path
 
 

@@ -1,6 +1,7 @@
 """Distillation (train.py): the fused term against open_clip's DistillClipLoss and the naive forms, exact
 over ranks and traced by torch.compile; train.py --distill exact under --accum and resume; a stored teacher
 (data.py reinforce) trains as the online one does; bad stored data skipped and counted."""
+import contextlib
 import io
 import json
 import os
@@ -398,8 +399,11 @@ def test_flags_are_checked_in_one_line(tmp_path, teacher):
     out = str(tmp_path / "x")
     for flags, message in (([ "--distill", str(tmp_path / "none.pt")], "none.pt"),
                            (["--distill", "stored", "--distill", teacher], "give it alone"),
-                           (["--distill", teacher, "--distill-weight", "nan"], "--distill-weight"),
-                           (["--distill", teacher, "--distill-icl", "-1"], "--distill-icl"),
                            (["--distill", "stored", "--steps", "2"], "reinforced shards")):
         with pytest.raises(train.INPUT_ERRORS, match=message):
             train.main([*RUN, *flags, "--steps", "2", "--out", out, "--overwrite"])
+    for flags, message in ((["--distill-weight", "nan"], "--distill-weight nan"),
+                           (["--distill-icl", "-1"], "--distill-icl -1.0: from 0")):
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+            train.parse_args([*RUN, "--distill", teacher, *flags])
+        assert message in err.getvalue()

@@ -169,7 +169,7 @@ def test_resume_refuses_flags_that_change_the_run(tmp_path):
 
 
 def test_an_unexpected_error_while_deciding_keeps_its_type(tmp_path, monkeypatch):
-    def broken(args):
+    def broken(args, module):
         raise RuntimeError("disk went away")
 
     monkeypatch.setattr(train, "start_or_resume", broken)

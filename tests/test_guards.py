@@ -101,7 +101,7 @@ def test_gradients_before_the_step_equal_for_accum_1_and_4(name):
 MAY_CHANGE = {"steps", "out", "resume", "overwrite", "allow_flag_changes", "keep", "workers", "log_every",
               "save_every", "eval_every", "compile", "device", "dist_timeout", "val_data", "val_size",
               "zeroshot_data", "zeroshot_templates", "accum", "batch_size", "report_to", "fsdp",
-              "sharded_checkpoint", "grad_checkpointing", "epochs", "train_num_samples"}
+              "sharded_checkpoint", "grad_checkpointing", "epochs", "train_num_samples", "allow_changed_inputs"}
 
 
 def test_flags_that_may_change_on_resume_are_pinned_and_every_other_is_refused():

@@ -650,10 +650,13 @@ def completion(text):
 def test_flags_files_and_reports_out_of_range_are_one_line(tmp_path, tiny_ckpt):
     """Values no run can use are refused when parsed; a report is drawn from whatever a metrics file or
     checkpoint holds, and a crafted checkpoint's config builds no model."""
-    for flags, said in ((["--batch-size", "0"], "--batch-size must be at least 1"),
-                        (["--log-every", "0"], "--log-every must be at least 1"),
-                        (["--steps", "-3"], "--steps must be at least 1"), (["--warmup", "-1"], "--warmup must be"),
-                        (["--epochs", "inf"], "--epochs must be a finite"), (["--save-every", "-1"], "--save-every")):
+    for flags, said in ((["--batch-size", "0"], "--batch-size 0: from 1 to"),
+                        (["--log-every", "0"], "--log-every 0: from 1 to"),
+                        (["--steps", "-3"], "--steps -3: from 1 to"), (["--warmup", "-1"], "--warmup -1: from 0"),
+                        (["--epochs", "inf"], "--epochs inf: from 0"), (["--save-every", "-1"], "--save-every"),
+                        (["--epochs", "1e300"], "--epochs 1e+300: from 0 to"), (["--epochs", "0"], "above 0"),
+                        (["--lr", "nan"], "--lr nan"), (["--steps", str(1 << 60)], "--steps"),
+                        (["--beta2", "1"], "below 1"), (["--seed", "-1"], "--seed -1: from 0")):
         with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
             train.parse_args(["--model", "clip", *flags])
         assert said in err.getvalue(), (flags, err.getvalue())
