@@ -46,6 +46,7 @@ import contextlib
 import gzip
 import html
 import inspect
+import io
 import json
 import math
 import os
@@ -60,6 +61,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -577,8 +579,6 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path, context_length=77):
         """An HF CLIP tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz (merges, one per line)."""
-        import io
-
         from tokenizers import Tokenizer as HFTokenizer
 
         if not os.path.exists(path):
@@ -853,8 +853,6 @@ class ImageTransform:
         self.size, self.mean, self.std, self.uint8 = size, mean, std, uint8
 
     def __call__(self, img, rng=None):
-        from PIL import Image
-
         w, h, side = *img.size, min(img.size)
         box, out = (0, 0, w, h), (max(self.size, round(w * self.size / side)), max(self.size, round(h * self.size / side)))
         if out[0] * out[1] > 4 * self.size * self.size:
@@ -898,8 +896,9 @@ def normalize_pixels(images, mean, std):
 
 
 # Decoding holds the whole image (4 bytes a pixel in Pillow, then a copy): larger images are refused
-# before their decode (a JPEG first drafted down to what the preprocessing needs), as are larger files.
-MAX_PIXELS, MAX_IMAGE_BYTES = 40_000_000, 64 << 20
+# before their decode (a JPEG first drafted down to what the preprocessing needs), as are larger files
+# and JPEGs of more progressive scans (each decodes every pixel again; encoders write about 10).
+MAX_PIXELS, MAX_IMAGE_BYTES, MAX_JPEG_SCANS = 40_000_000, 64 << 20, 100
 
 
 class ImageTooLarge(OSError):
@@ -909,8 +908,6 @@ class ImageTooLarge(OSError):
 def to_rgb(img):
     """RGB, with 16-bit and 32-bit integer images scaled to 8 bits (Pillow's convert clips them: white)."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        from PIL import Image
-
         x = np.clip(np.asarray(img).astype(np.float32) / 257.0 + 0.5, 0, 255).astype(np.uint8)  # 0..65535 -> 0..255
         return Image.fromarray(x, "L").convert("RGB")
     return img.convert("RGB")
@@ -920,16 +917,13 @@ def read_image(path):
     """A PIL image of a regular file of at most MAX_IMAGE_BYTES (a FIFO or device would block or never
     end), decoded here (a JPEG's decode waits for the preprocessing, which may draft it smaller), so a
     damaged or oversized file is one ValueError naming it."""
-    import io
-
-    from PIL import Image
-
     payload = read_small_file(path, "image file", MAX_IMAGE_BYTES)
     try:
-        img = Image.open(io.BytesIO(payload))
-        img.source = path
-        if img.size[0] * img.size[1] > MAX_PIXELS and img.format != "JPEG":
-            raise ImageTooLarge(f"{img.size[0]} x {img.size[1]} pixels, over the cap of {MAX_PIXELS}")
+        img = Image.open(io.BytesIO(payload), formats=("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"))  # no EPS
+        img.source, scans = path, payload.count(b"\xff\xda") if img.format in ("JPEG", "MPO") else 1
+        if scans > MAX_JPEG_SCANS or (img.size[0] * img.size[1] > MAX_PIXELS and img.format != "JPEG"):
+            raise ImageTooLarge(f"{img.size[0]} x {img.size[1]} pixels in {scans} scans, over the caps of "
+                                f"{MAX_PIXELS} pixels and {MAX_JPEG_SCANS} scans")
         if img.format != "JPEG":
             img.load()
         return img
@@ -1176,7 +1170,6 @@ def read_torchscript(path):
     the data/ records, records every object's attributes and refuses any other global; which attributes
     are parameters and buffers is read off the class declarations in code/ as text. A class declaring
     its own __setstate__ or __getstate__ (nothing a weights file needs) refuses the file."""
-    import io
     import pickle
     import zipfile
 

@@ -52,6 +52,7 @@ import argparse
 import contextlib
 import copy
 import inspect
+import io
 import json
 import math
 import os
@@ -63,6 +64,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,8 +482,6 @@ class ImageTransform:
         return TF.adjust_hue(x, rng.uniform(-0.1, 0.1))
 
     def __call__(self, img, rng=None, boxes=None):
-        from PIL import Image
-
         w, h = img.size
         if self.uint8 and img.format == "JPEG":  # a no-op once decoded, or when the full size is needed
             img.draft("RGB", (self.size, self.size))
@@ -543,11 +543,12 @@ def add_args(parser):
 
 
 OVERRIDES = ("backbone", "image_size", "queue_size", "momentum", "temperature", "freeze_cnn", "freeze_text")
+RANGES = {"queue_size": (1, 1 << 20), "momentum": (0, 1), "temperature": (1e-4, 100), "image_size": (8, 4096)}
 
 
 def _check_queue(cfg, batch_size):
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if batch_size and cfg.queue_size % (batch_size * world):
+    if batch_size and (cfg.queue_size % (batch_size * world) or not cfg.queue_size):
         g = batch_size * world
         raise ValueError(f"brivl: --queue-size {cfg.queue_size} must be a multiple of the global batch {g} "
                          f"(--batch-size {batch_size} x {world} ranks); e.g. --queue-size "
@@ -1393,8 +1394,9 @@ def normalize_pixels(images, mean, std):
 
 
 # Decoding holds the whole image (4 bytes a pixel in Pillow, then a copy): larger images are refused
-# before their decode (a JPEG first drafted down to what the preprocessing needs), as are larger files.
-MAX_PIXELS, MAX_IMAGE_BYTES = 40_000_000, 64 << 20
+# before their decode (a JPEG first drafted down to what the preprocessing needs), as are larger files
+# and JPEGs of more progressive scans (each decodes every pixel again; encoders write about 10).
+MAX_PIXELS, MAX_IMAGE_BYTES, MAX_JPEG_SCANS = 40_000_000, 64 << 20, 100
 
 
 class ImageTooLarge(OSError):
@@ -1404,8 +1406,6 @@ class ImageTooLarge(OSError):
 def to_rgb(img):
     """RGB, with 16-bit and 32-bit integer images scaled to 8 bits (Pillow's convert clips them: white)."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        from PIL import Image
-
         x = np.clip(np.asarray(img).astype(np.float32) / 257.0 + 0.5, 0, 255).astype(np.uint8)  # 0..65535 -> 0..255
         return Image.fromarray(x, "L").convert("RGB")
     return img.convert("RGB")
@@ -1415,16 +1415,13 @@ def read_image(path):
     """A PIL image of a regular file of at most MAX_IMAGE_BYTES (a FIFO or device would block or never
     end), decoded here (a JPEG's decode waits for the preprocessing, which may draft it smaller), so a
     damaged or oversized file is one ValueError naming it."""
-    import io
-
-    from PIL import Image
-
     payload = read_small_file(path, "image file", MAX_IMAGE_BYTES)
     try:
-        img = Image.open(io.BytesIO(payload))
-        img.source = path
-        if img.size[0] * img.size[1] > MAX_PIXELS and img.format != "JPEG":
-            raise ImageTooLarge(f"{img.size[0]} x {img.size[1]} pixels, over the cap of {MAX_PIXELS}")
+        img = Image.open(io.BytesIO(payload), formats=("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"))  # no EPS
+        img.source, scans = path, payload.count(b"\xff\xda") if img.format in ("JPEG", "MPO") else 1
+        if scans > MAX_JPEG_SCANS or (img.size[0] * img.size[1] > MAX_PIXELS and img.format != "JPEG"):
+            raise ImageTooLarge(f"{img.size[0]} x {img.size[1]} pixels in {scans} scans, over the caps of "
+                                f"{MAX_PIXELS} pixels and {MAX_JPEG_SCANS} scans")
         if img.format != "JPEG":
             img.load()
         return img

@@ -31,7 +31,8 @@ Your own loop (runs as written with this file alone; four plain images stand in 
 The interface (train.py and data.py use nothing else; every model file implements it):
     build(size, ...) -> model                   from keywords; create(args, captions, extra) is train.py's
                                                 thin layer over it, add_args(parser) its flags (and
-                                                finish_args(args) the defaults that follow from others)
+                                                finish_args(args) the defaults that follow from others;
+                                                RANGES the (lowest, highest) of its numeric flags)
     model.transform(train, images=None)         f(sample, rng): {'image': PIL image, 'text': str} -> {'image':
                                                 uint8 [3, H, W], 'text': token ids}; images: the image's
                                                 transform (train.py: data.py's random crop), else preprocess
@@ -64,6 +65,7 @@ import contextlib
 import gzip
 import html
 import inspect
+import io
 import json
 import math
 import os
@@ -78,6 +80,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -515,8 +518,6 @@ class ImageTransform:
         self.size, self.mean, self.std, self.uint8 = size, mean, std, uint8
 
     def __call__(self, img, rng=None):
-        from PIL import Image
-
         w, h, side = *img.size, min(img.size)
         box, out = (0, 0, w, h), (max(self.size, round(w * self.size / side)), max(self.size, round(h * self.size / side)))
         if out[0] * out[1] > 4 * self.size * self.size:
@@ -560,8 +561,9 @@ def normalize_pixels(images, mean, std):
 
 
 # Decoding holds the whole image (4 bytes a pixel in Pillow, then a copy): larger images are refused
-# before their decode (a JPEG first drafted down to what the preprocessing needs), as are larger files.
-MAX_PIXELS, MAX_IMAGE_BYTES = 40_000_000, 64 << 20
+# before their decode (a JPEG first drafted down to what the preprocessing needs), as are larger files
+# and JPEGs of more progressive scans (each decodes every pixel again; encoders write about 10).
+MAX_PIXELS, MAX_IMAGE_BYTES, MAX_JPEG_SCANS = 40_000_000, 64 << 20, 100
 
 
 class ImageTooLarge(OSError):
@@ -571,8 +573,6 @@ class ImageTooLarge(OSError):
 def to_rgb(img):
     """RGB, with 16-bit and 32-bit integer images scaled to 8 bits (Pillow's convert clips them: white)."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        from PIL import Image
-
         x = np.clip(np.asarray(img).astype(np.float32) / 257.0 + 0.5, 0, 255).astype(np.uint8)  # 0..65535 -> 0..255
         return Image.fromarray(x, "L").convert("RGB")
     return img.convert("RGB")
@@ -582,16 +582,13 @@ def read_image(path):
     """A PIL image of a regular file of at most MAX_IMAGE_BYTES (a FIFO or device would block or never
     end), decoded here (a JPEG's decode waits for the preprocessing, which may draft it smaller), so a
     damaged or oversized file is one ValueError naming it."""
-    import io
-
-    from PIL import Image
-
     payload = read_small_file(path, "image file", MAX_IMAGE_BYTES)
     try:
-        img = Image.open(io.BytesIO(payload))
-        img.source = path
-        if img.size[0] * img.size[1] > MAX_PIXELS and img.format != "JPEG":
-            raise ImageTooLarge(f"{img.size[0]} x {img.size[1]} pixels, over the cap of {MAX_PIXELS}")
+        img = Image.open(io.BytesIO(payload), formats=("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"))  # no EPS
+        img.source, scans = path, payload.count(b"\xff\xda") if img.format in ("JPEG", "MPO") else 1
+        if scans > MAX_JPEG_SCANS or (img.size[0] * img.size[1] > MAX_PIXELS and img.format != "JPEG"):
+            raise ImageTooLarge(f"{img.size[0]} x {img.size[1]} pixels in {scans} scans, over the caps of "
+                                f"{MAX_PIXELS} pixels and {MAX_JPEG_SCANS} scans")
         if img.format != "JPEG":
             img.load()
         return img
@@ -947,7 +944,6 @@ def read_torchscript(path):
     the data/ records, records every object's attributes and refuses any other global; which attributes
     are parameters and buffers is read off the class declarations in code/ as text. A class declaring
     its own __setstate__ or __getstate__ (nothing a weights file needs) refuses the file."""
-    import io
     import pickle
     import zipfile
 
@@ -1476,8 +1472,6 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path, context_length=77):
         """An HF CLIP tokenizer.json, or OpenAI's bpe_simple_vocab_16e6.txt.gz (merges, one per line)."""
-        import io
-
         from tokenizers import Tokenizer as HFTokenizer
 
         if not os.path.exists(path):

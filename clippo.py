@@ -43,6 +43,7 @@ import argparse
 import contextlib
 import gzip
 import inspect
+import io
 import json
 import math
 import os
@@ -56,6 +57,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,8 +117,6 @@ def read_hex_font(path):
                                 f"then /usr/share/unifont/unifont.hex), a .ttf/.otf, or no font for Pillow's own")
     glyphs, raw = {}, read_small_file(path, "font file", 1 << 26)  # GNU Unifont's: about 10 MiB unpacked
     if path.endswith(".gz"):
-        import io
-
         with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
             raw = f.read(1 << 26)  # a bomb is cut at 64 MiB, then fails on its first line
     for n, line in enumerate(raw.decode("ascii", "replace").split("\n"), 1):
@@ -461,6 +461,9 @@ class Transform:
 
 # ----------------------------------------------------------------------------------------------
 # Building a model: build() from keywords, create() for train.py
+RANGES = {"text_pair_ratio": (0, 1)}  # of the numeric flags (train.py checks them when parsed)
+
+
 def add_args(parser):
     parser.add_argument("--font", default=None,
                         help="GNU Unifont .hex (exact render_unifont), .ttf or .otf; default: Pillow's built-in font")
@@ -730,8 +733,6 @@ class ImageTransform:
         self.size, self.mean, self.std, self.uint8 = size, mean, std, uint8
 
     def __call__(self, img, rng=None):
-        from PIL import Image
-
         w, h, side = *img.size, min(img.size)
         box, out = (0, 0, w, h), (max(self.size, round(w * self.size / side)), max(self.size, round(h * self.size / side)))
         if out[0] * out[1] > 4 * self.size * self.size:
@@ -946,8 +947,9 @@ def normalize_pixels(images, mean, std):
 
 
 # Decoding holds the whole image (4 bytes a pixel in Pillow, then a copy): larger images are refused
-# before their decode (a JPEG first drafted down to what the preprocessing needs), as are larger files.
-MAX_PIXELS, MAX_IMAGE_BYTES = 40_000_000, 64 << 20
+# before their decode (a JPEG first drafted down to what the preprocessing needs), as are larger files
+# and JPEGs of more progressive scans (each decodes every pixel again; encoders write about 10).
+MAX_PIXELS, MAX_IMAGE_BYTES, MAX_JPEG_SCANS = 40_000_000, 64 << 20, 100
 
 
 class ImageTooLarge(OSError):
@@ -957,8 +959,6 @@ class ImageTooLarge(OSError):
 def to_rgb(img):
     """RGB, with 16-bit and 32-bit integer images scaled to 8 bits (Pillow's convert clips them: white)."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        from PIL import Image
-
         x = np.clip(np.asarray(img).astype(np.float32) / 257.0 + 0.5, 0, 255).astype(np.uint8)  # 0..65535 -> 0..255
         return Image.fromarray(x, "L").convert("RGB")
     return img.convert("RGB")
@@ -968,16 +968,13 @@ def read_image(path):
     """A PIL image of a regular file of at most MAX_IMAGE_BYTES (a FIFO or device would block or never
     end), decoded here (a JPEG's decode waits for the preprocessing, which may draft it smaller), so a
     damaged or oversized file is one ValueError naming it."""
-    import io
-
-    from PIL import Image
-
     payload = read_small_file(path, "image file", MAX_IMAGE_BYTES)
     try:
-        img = Image.open(io.BytesIO(payload))
-        img.source = path
-        if img.size[0] * img.size[1] > MAX_PIXELS and img.format != "JPEG":
-            raise ImageTooLarge(f"{img.size[0]} x {img.size[1]} pixels, over the cap of {MAX_PIXELS}")
+        img = Image.open(io.BytesIO(payload), formats=("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"))  # no EPS
+        img.source, scans = path, payload.count(b"\xff\xda") if img.format in ("JPEG", "MPO") else 1
+        if scans > MAX_JPEG_SCANS or (img.size[0] * img.size[1] > MAX_PIXELS and img.format != "JPEG"):
+            raise ImageTooLarge(f"{img.size[0]} x {img.size[1]} pixels in {scans} scans, over the caps of "
+                                f"{MAX_PIXELS} pixels and {MAX_JPEG_SCANS} scans")
         if img.format != "JPEG":
             img.load()
         return img

@@ -92,14 +92,28 @@ def parse_json(payload, where):
     return meta
 
 
+# The raster formats a sample may be in: Pillow opens others too, EPS among them, whose decode runs the
+# file as a PostScript program in Ghostscript where that is installed.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# A progressive JPEG decodes every pixel once a scan: encoders write about 10 (libjpeg's default), a
+# crafted file thousands in a few hundred kB (1,010 scans of 6000 x 6000: 23 s). At 100 a sample at the
+# pixel cap decodes in about 2.5 s on one core (docs/robustness.md).
+MAX_JPEG_SCANS = 100
+
+
 def open_image(payload, where):
     """A PIL image of an image file's bytes with only its header read. The model's transform decodes
     it, and may first ask the JPEG decoder for a smaller version (draft mode) where its crop allows,
-    or hand the file's bytes (img.encoded) on to be decoded on the GPU (--gpu-decode)."""
+    or hand the file's bytes (img.encoded) on to be decoded on the GPU (--gpu-decode). What the decode
+    would cost is bounded here, before it: the format, and a JPEG's scans (each a pass over the pixels;
+    their markers cannot occur inside a scan's data, where a 0xFF byte is always followed by 0x00)."""
     try:
-        img = Image.open(io.BytesIO(payload))
+        img = Image.open(io.BytesIO(payload), formats=IMAGE_FORMATS)
     except Exception as e:
         raise SampleError("unreadable image", f"{where} ({type(e).__name__}: {e})") from None
+    scans = payload.count(b"\xff\xda") if img.format in ("JPEG", "MPO") else 0
+    if scans > MAX_JPEG_SCANS:
+        raise SampleError("too many scans", f"{where} ({scans} JPEG scans, over the cap of {MAX_JPEG_SCANS})")
     img.source, img.encoded = where, payload
     return img
 
@@ -1193,7 +1207,7 @@ def deferrable(img):
 
 def decode_with_pillow(jpeg, device):
     try:
-        img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+        img = Image.open(io.BytesIO(jpeg), formats=("JPEG",)).convert("RGB")
     except (OSError, SyntaxError):
         return None
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).to(device)
@@ -1412,11 +1426,8 @@ def reinforce_main(argv=None):
     p.add_argument("--device", default="cpu")
     add_args(p)
     args = p.parse_args(argv)
-    for flag, top in (("augmentations", MAX_AUGMENTATIONS), ("per_shard", 1 << 20), ("batch_size", 1 << 16)):
-        if not 1 <= getattr(args, flag) <= top:
-            p.error(f"--{flag.replace('_', '-')} must be from 1 to {top}")
-    if not 0 <= args.seed < 1 << 63:
-        p.error("--seed must be from 0")
+    check_numbers(p, args, {**RANGES, "augmentations": (1, MAX_AUGMENTATIONS), "per_shard": (1, 1 << 20),
+                            "batch_size": (1, 1 << 20)})
     if len(args.teacher) > MAX_TEACHERS:
         p.error(f"at most {MAX_TEACHERS} teachers")
     try:
@@ -1615,6 +1626,28 @@ def train_batches(data, transform, batch_size, rank, world, seed, workers, posit
     return TrainBatches(data, transform, batch_size, rank, world, seed)
 
 
+# The ranges of the data flags a training run takes, as (lowest, highest); a command's own flags add
+# theirs. A flag not listed is from 0 to 2^53: past that a float has no whole numbers to count with,
+# and 1e300 overflows the arithmetic (a timeout in a C timeval, a seed in numpy) far from the flag.
+RANGES = {"max_sample_bytes": (1, None), "synthetic_resolution": (8, MAX_RESOLUTION), "synthetic_size": (1, 1 << 40),
+          "shuffle_buffer": (1, 1 << 24), "train_num_samples": (1, None), "val_size": (0, 1 << 40)}
+
+
+def check_numbers(p, args, ranges, above=(), below=()):
+    """Every numeric flag of parser p in its range: finite, from 0 to 2^53, and ranges' (lowest, highest),
+    above its lowest if in `above`, below its highest if in `below`; else one argparse line naming it."""
+    for action in p._actions:
+        value = getattr(args, action.dest, None)
+        if action.type not in (int, float) or value is None:
+            continue
+        low, high = ranges.get(action.dest, (0, None))
+        high = 2 ** 53 if high is None else high
+        if not (math.isfinite(value) and low <= value <= high) or (action.dest in above and value == low) or (
+                action.dest in below and value == high):
+            p.error(f"{action.option_strings[0]} {value}: from {low} to {high}" + (
+                f", above {low}" if action.dest in above else "") + (f", below {high}" if action.dest in below else ""))
+
+
 def add_args(parser):
     parser.add_argument("--data", default="synthetic",
                         help="'synthetic' (embedded default), a .csv/.tsv file, or tar shards 'DIR/{00000..00099}.tar' "
@@ -1656,8 +1689,6 @@ def write_shards(csv_path, out, per_shard=10_000, img_key="filepath", caption_ke
     Only what opens as an image goes in. A row whose path resolves outside the CSV's folder (../, an
     absolute path, a symlink out) is refused unless allow_outside: a CSV from elsewhere must not pack
     this machine's files into shards that are then shared. Every row left out is said and counted."""
-    from PIL import Image
-
     data = CsvData(csv_path, img_key, caption_key, separator)
     lock_folder(out, "data.py shards")  # a second command on --out is refused, not mixed in
     try:
@@ -1691,7 +1722,7 @@ def _write_shards(data, csv_path, out, per_shard, allow_outside, max_bytes):
             continue
         try:
             payload = read_file(src, max_bytes)
-            with Image.open(io.BytesIO(payload)) as img:
+            with Image.open(io.BytesIO(payload), formats=IMAGE_FORMATS) as img:
                 img.verify()  # the file's structure, without a decode
             kind = img.format
         except SampleError as e:
@@ -1929,11 +1960,9 @@ def rewrite_main(argv=None):
     p.add_argument("--retries", type=int, default=5)
     p.add_argument("--backoff", type=float, default=1.0, help="first wait between tries, doubled each time")
     args = p.parse_args(argv)
-    for name in ("rewrites", "concurrency", "max_tokens"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.retries < 0 or not args.timeout > 0 or args.backoff < 0:
-        p.error("--retries and --backoff must be at least 0, --timeout above 0")
+    check_numbers(p, args, {"rewrites": (1, 1 << 10), "concurrency": (1, 1024), "max_tokens": (1, 1 << 20),
+                            "temperature": (0, 100), "top_p": (0, 1), "timeout": (0, 1e6), "retries": (0, 1000),
+                            "backoff": (0, 1e6)}, above={"timeout", "top_p"})
     for path in (args.captions, args.meta_pairs, *([args.out] if os.path.exists(args.out) else [])):
         if path and os.path.exists(path) and not os.path.isfile(path):
             raise SystemExit(f"data.py rewrite: {path}: not a regular file")
@@ -2023,10 +2052,7 @@ if __name__ == "__main__":
     sp.add_argument("--allow-outside", action="store_true", help="pack rows whose files lie outside the CSV's folder")
     sp.add_argument("--max-sample-bytes", type=int, default=MAX_SAMPLE_BYTES)
     a = p.parse_args()
-    if a.command == "shards" and (a.per_shard < 1 or a.max_sample_bytes < 1):
-        p.error("--per-shard and --max-sample-bytes must be at least 1")
-    if a.command == "sample" and a.n < 1:
-        p.error("--n must be at least 1")
+    check_numbers({"sample": ss, "shards": sp}[a.command], a, {"n": (1, 1 << 20), **RANGES, "per_shard": (1, 1 << 20)})
     if a.command == "sample":
         os.makedirs(a.out, exist_ok=True)
         held_out = Synthetic(a.seed, "val", a.n)

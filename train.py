@@ -174,7 +174,7 @@ def parse_args(argv=None):
     module = import_model(first.parse_known_args(argv)[0].model)
     p = build_parser(module)
     args = p.parse_args(argv)
-    check_numbers(p, args)
+    check_numbers(p, args, module)
     if args.epochs is not None and args.steps is not None:
         p.error("--epochs: a number of passes, not with --steps")
     if hasattr(module, "finish_args"):  # the model's own demo recipe; flags that follow from others
@@ -188,7 +188,7 @@ def parse_args(argv=None):
                          "synthetic data) has a length of its own")
     if args.steps is not None:
         finish_schedule(args)
-    check_numbers(p, args)  # again: the recipe's values too
+    check_numbers(p, args, module)  # again: the recipe's values too
     if args.batch_size % args.accum:
         p.error(f"--batch-size {args.batch_size} must be a multiple of --accum {args.accum}")
     if args.lr_schedule == "const-cooldown" and args.cooldown_steps < 1:
@@ -206,30 +206,17 @@ def parse_args(argv=None):
     return args, module
 
 
-# The ranges of the numeric flags, as (lowest, highest); a flag in ABOVE must be above its lowest, one in
-# BELOW below its highest. Every numeric flag, a model's own too, is finite, at least 0 and at most 2^53:
-# past that a float has no whole numbers to count steps with, and 1e300 passes overflow the arithmetic.
+# The ranges of train.py's numeric flags, as data.check_numbers takes them (data.py holds its own flags'):
+# (lowest, highest); a flag in ABOVE must be above its lowest, one in BELOW below its highest.
 RANGES = {"batch_size": (1, 1 << 20), "steps": (1, 1 << 40), "epochs": (0, 1e6), "accum": (1, 1 << 20),
           "log_every": (1, None), "keep": (1, None), "workers": (0, 256), "beta1": (0, 1), "beta2": (0, 1),
-          "eps": (0, 1), "dist_timeout": (0, 1e6), "seed": (0, 2 ** 53), "patch_dropout": (0, 1), "lora": (0, 4096),
-          "lora_alpha": (0, 1 << 16), "lora_dropout": (0, 1), "train_num_samples": (1, None), "max_sample_bytes": (1, None),
-          "synthetic_resolution": (8, datalib.MAX_RESOLUTION), "synthetic_size": (1, 1 << 40), "shuffle_buffer": (1, 1 << 24)}
+          "eps": (0, 1), "dist_timeout": (0, 1e6), "patch_dropout": (0, 1), "lora": (0, 4096),
+          "lora_alpha": (0, 1 << 16), "lora_dropout": (0, 1)}
 ABOVE, BELOW = {"epochs", "eps", "dist_timeout", "lora_alpha"}, {"beta1", "beta2", "patch_dropout", "lora_dropout"}
 
 
-def check_numbers(p, args):
-    """Every numeric flag in its range, in one argparse line: finite, from 0 to 2^53, and RANGES'."""
-    for action in p._actions:
-        value = getattr(args, action.dest, None)
-        if action.type not in (int, float) or value is None:
-            continue
-        low, high = RANGES.get(action.dest, (0, None))
-        high = 2 ** 53 if high is None else high
-        flag = action.option_strings[0]
-        if not (math.isfinite(value) and low <= value <= high) or (action.dest in ABOVE and value == low) or (
-                action.dest in BELOW and value == high):
-            p.error(f"{flag} {value}: from {low} to {high}" + (f", above {low}" if action.dest in ABOVE else "")
-                    + (f", below {high}" if action.dest in BELOW else ""))
+def check_numbers(p, args, module):
+    datalib.check_numbers(p, args, {**datalib.RANGES, **RANGES, **getattr(module, "RANGES", {})}, ABOVE, BELOW)
 
 
 # ----------------------------------------------------------------------------------------------

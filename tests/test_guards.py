@@ -160,3 +160,73 @@ def test_a_training_step_never_waits_on_the_device(name):
     assert syncs.n == 0, f"{name}: {syncs.n} host syncs in a training step"
     if name == "clip":  # the trim, on the CPU before the step: after the batch's longest text
         assert clip.trim_padding(torch.tensor([[5, 0, 7, 0, 0], [5, 9, 0, 0, 0]])).tolist() == [[5, 0, 7], [5, 9, 0]]
+
+
+def refused(parse, argv):
+    """The one argparse line parse(argv) exits with, or None if it parsed."""
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            parse(argv)
+        except SystemExit:
+            return err.getvalue().strip().splitlines()[-1]
+    return None
+
+
+# (model, flag, the values at and inside its range, the values just past it): a cap checked one past its
+# value, or an "above" made "at least", lets a value through that the run then fails on (a queue of 0, a
+# temperature of 0 dividing by it, 10^8 text sets per sample, a 100,000-pixel side running out of memory).
+EDGES = [("clip", "--batch-size", ["1", str(1 << 20)], ["0", str((1 << 20) + 1)]),
+         ("clip", "--epochs", ["0.01", "1000000"], ["0", "1000000.1", "1e300", "inf", "nan"]),
+         ("clip", "--beta2", ["0", "0.999"], ["1", "-0.1"]),
+         ("clip", "--seed", ["0", str(2 ** 53)], ["-1", str(2 ** 53 + 1)]),
+         ("clip", "--lr", ["0", "1e-3"], ["-1e-9", "nan"]),
+         ("clip", "--synthetic-resolution", ["8", "512"], ["7", "513"]),
+         ("clip", "--shuffle-buffer", ["1", str(1 << 24)], ["0", str((1 << 24) + 1)]),
+         ("brivl", "--temperature", ["0.0001", "100"], ["0", "100.5"]),
+         ("brivl", "--queue-size", ["1", str(1 << 20)], ["0", str((1 << 20) + 1)]),
+         ("brivl", "--image-size", ["8", "4096"], ["7", "4097"]),
+         ("brivl", "--momentum", ["0", "1"], ["1.01"]),
+         ("clippo", "--text-pair-ratio", ["0", "1"], ["1.01", "-0.01"]),
+         ("laclip", "--max-rewrites", ["0", "64"], ["65", "100000000"])]
+
+
+@pytest.mark.parametrize("model,flag,inside,past", EDGES, ids=[f"{e[0]}{e[1]}" for e in EDGES])
+def test_numeric_flags_are_refused_just_past_their_range_and_taken_at_it(model, flag, inside, past):
+    base = ["--model", model, *(["--steps", "10"] if flag != "--epochs" else [])]
+    for value in inside:
+        assert refused(train.parse_args, [*base, flag, value]) is None, (flag, value)
+    for value in past:
+        line = refused(train.parse_args, [*base, f"{flag}={value}"])  # = : argparse reads -1 as a flag
+        assert line is not None and f"{flag} " in line and "from" in line, (flag, value, line)
+
+
+def test_the_data_commands_check_their_numbers_the_same_way(tmp_path):
+    """data.py rewrite, reinforce, shards and sample: a huge timeout was an OverflowError in a C timeval,
+    a huge seed one in numpy, a huge --n a folder filling without end."""
+    import subprocess
+    import sys
+
+    captions = tmp_path / "c.txt"
+    captions.write_text("a red circle\n")
+    rewrite = ["--captions", str(captions), "--out", str(tmp_path / "r.txt"), "--endpoint", "http://127.0.0.1:9"]
+    for flags, said in ((["--timeout", "1e300"], "--timeout 1e+300: from 0 to"), (["--timeout", "0"], "above 0"),
+                        (["--top-p", "0"], "above 0"), (["--top-p", "1.5"], "--top-p"), (["--temperature", "nan"], "nan"),
+                        (["--concurrency", "0"], "--concurrency 0"), (["--concurrency", "1025"], "--concurrency 1025"),
+                        (["--retries", "-1"], "--retries -1")):
+        line = refused(data.rewrite_main, [*rewrite, *flags])
+        assert line is not None and said in line, (flags, line)
+    for flags, said in ((["--augmentations", "1025"], "--augmentations 1025: from 1 to 1024"),
+                        (["--augmentations", "0"], "--augmentations 0"), (["--seed", str(2 ** 64)], "--seed"),
+                        (["--per-shard", str((1 << 20) + 1)], "--per-shard")):
+        line = refused(data.reinforce_main, ["--teacher", "t.pt", "--data", "synthetic", "--out", str(tmp_path / "o"),
+                                             *flags])
+        assert line is not None and said in line, (flags, line)
+    for argv, said in ((["sample", "--out", str(tmp_path / "s"), "--n", str((1 << 20) + 1)], "--n 1048577"),
+                       (["sample", "--out", str(tmp_path / "s"), "--seed", str(2 ** 64)], "--seed"),
+                       (["shards", "--csv", "x.csv", "--out", str(tmp_path / "h"), "--per-shard", "0"], "--per-shard 0")):
+        proc = subprocess.run([sys.executable, "data.py", *argv], capture_output=True, text=True, timeout=60,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not os.path.exists(tmp_path / "s")

@@ -572,6 +572,67 @@ def test_pixels_cap_16_bit_and_predict_messages(tmp_path, tiny_ckpt, capsys):
         clip.predict_main(["--ckpt", tiny_ckpt, "--image", str(folder / "z.jpg"), "--labels", "a,b"])
 
 
+def progressive_jpeg(scans, side=1000):
+    """A flat progressive JPEG of `scans` scans: Pillow writes 10, the last one repeated for the rest
+    (each repeat costs the decoder a pass over every pixel, and adds a few bytes)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (120, 60, 30)).save(buf, "JPEG", progressive=True)
+    jpeg = buf.getvalue()
+    starts = [i for i in range(len(jpeg) - 1) if jpeg[i:i + 2] == b"\xff\xda"]
+    assert len(starts) == 10 and scans >= 10 and jpeg.endswith(b"\xff\xd9")
+    last = jpeg[starts[-1]:-2]
+    return jpeg[:-2] + last * (scans - 10) + b"\xff\xd9"
+
+
+def test_jpeg_scans_are_capped_before_the_decode(tmp_path, tiny_ckpt):
+    """Decode time is bounded by the input's size: a JPEG of more scans than MAX_JPEG_SCANS is refused
+    before it decodes (1,010 scans of 6000 x 6000 took 23 s); at the cap it trains and predicts."""
+    assert data.MAX_JPEG_SCANS == clip.MAX_JPEG_SCANS == 100
+    at, over = progressive_jpeg(100), progressive_jpeg(101)
+    data.open_image(at, "at.jpg").load()
+    with pytest.raises(data.SampleError, match="101 JPEG scans, over the cap of 100") as e:
+        data.open_image(over, "over.jpg")
+    assert e.value.reason == "too many scans"
+    start = time.time()
+    with pytest.raises(data.SampleError):
+        data.open_image(progressive_jpeg(5000, side=4000), "many.jpg")  # 52 s if it were decoded
+    assert time.time() - start < 5
+    (tmp_path / "at.jpg").write_bytes(at)
+    (tmp_path / "over.jpg").write_bytes(over)
+    clip.read_image(str(tmp_path / "at.jpg"))
+    with pytest.raises(ValueError, match="over.jpg: not a readable image .*101 scans, over the caps"):
+        clip.read_image(str(tmp_path / "over.jpg"))
+    names = good_images(tmp_path, 6)
+    lines = ["filepath\ttitle"] + [f"{n}\ta caption {i}" for i, n in enumerate(names + ["at.jpg", "over.jpg"])]
+    (tmp_path / "d.tsv").write_text("\n".join(lines) + "\n")
+    train.main([*TINY, "--data", str(tmp_path / "d.tsv"), "--steps", "4", "--out", str(tmp_path / "run"),
+                "--val-size", "0"])
+    skips = {}
+    for r in rows(tmp_path / "run"):
+        for why, n in r.get("skips", {}).items():
+            skips[why] = skips.get(why, 0) + n
+    assert set(skips) == {"too many scans"}, skips  # at.jpg trains, over.jpg is skipped and counted
+
+
+def test_no_image_file_runs_a_program(tmp_path, tiny_ckpt, monkeypatch):
+    """Pillow opens EPS, and loading one runs it as PostScript in Ghostscript where that is installed:
+    a sample or --image is read only as one of the raster formats. A `gs` on PATH records any call."""
+    bin_dir, called = tmp_path / "bin", tmp_path / "gs-ran"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch {called}\n")
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n0 0 moveto 64 64 lineto stroke\nshowpage\n"
+    (tmp_path / "x.jpg").write_bytes(eps)
+    with pytest.raises(data.SampleError, match="unreadable image"):
+        data.open_image(eps, "x.jpg").load()
+    with pytest.raises(ValueError, match="x.jpg: not a readable image"):
+        clip.read_image(str(tmp_path / "x.jpg"))
+    with pytest.raises(SystemExit, match="x.jpg: not a readable image"):
+        clip.predict_main(["--ckpt", tiny_ckpt, "--image", str(tmp_path / "x.jpg"), "--labels", "a,b"])
+    assert not called.exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # data.py shards: only images, only from the CSV's folder
 
