@@ -351,11 +351,10 @@ class BriVL(nn.Module):
             return
         image_keys, text_keys = (gather(k) for k in self._keys)
         self._keys = None
-        n, k = image_keys.shape[0], self.cfg.queue_size
-        if k % n:
-            raise ValueError(f"brivl: the queue size {k} is not a multiple of the global batch {n}; "
-                             f"pass --queue-size {max(n, round(k / n) * n)}")
-        ptr = int(self.queue_ptr)
+        n, k, ptr = image_keys.shape[0], self.cfg.queue_size, int(self.queue_ptr)
+        if k % n or ptr % n:  # a pointer a file brought from another global batch would write past the end
+            raise ValueError(f"brivl: the queue of {k} (at {ptr}) does not take whole global batches of {n}; "
+                             f"pass --queue-size {max(n, round(k / n) * n)}, or resume at the checkpoint's batch")
         self.image_queue[ptr:ptr + n] = image_keys
         self.text_queue[ptr:ptr + n] = text_keys
         self.queue_ptr.fill_((ptr + n) % k)

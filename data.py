@@ -304,7 +304,10 @@ def lock_folder(folder, who, name=".lock"):
     import fcntl
     import socket
 
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:  # a file of that name, a path through a file, no permission
+        raise SystemExit(f"{who}: cannot make the folder {folder} ({e.strerror}); pass a new folder") from None
     path = os.path.join(folder, name)
     for _ in range(10):
         try:
@@ -1292,6 +1295,8 @@ class WithTeachers:
         self.views = [RandomCrop(size, draft=False) for size in sizes]
 
     def __call__(self, sample, rng):
+        if "image" not in sample:  # distillation compares image features: there are none to compare
+            raise SampleError("no image to distil", "a text-only sample; --distill trains on image-text pairs")
         pixels = [view(fresh_image(sample["image"]), copy.deepcopy(rng)) for view in self.views]
         out = self.inner(sample, rng)
         texts = [sample["text"], *(r for r in sample.get("rewrites", ()) if r and r.strip())]

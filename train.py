@@ -189,6 +189,11 @@ def parse_args(argv=None):
     if args.steps is not None:
         finish_schedule(args)
     check_numbers(p, args, module)  # again: the recipe's values too
+    names = (args.allow_changed_inputs or "").split(",")
+    args.allow_changed_inputs = [n.lstrip("-").replace("-", "_") for n in names if n]
+    unknown = [n for n in args.allow_changed_inputs if n not in vars(args)]
+    if unknown:
+        p.error(f"--allow-changed-inputs {unknown[0]}: not a flag of this run (name flags, e.g. distill,data)")
     if args.batch_size % args.accum:
         p.error(f"--batch-size {args.batch_size} must be a multiple of --accum {args.accum}")
     if args.lr_schedule == "const-cooldown" and args.cooldown_steps < 1:
@@ -610,6 +615,9 @@ class Distiller:
                  t.logit_scale.exp(), getattr(t, "logit_bias", None)) for i, t in enumerate(self.teachers)]
 
     def loss(self, out, teachers):
+        if "image" not in out:  # a stage of a model that trains on text alone (altclip's first)
+            raise ValueError("--distill distils image and text features: this model trains without images here "
+                             "(a text-only stage); leave --distill out")
         if out["text"].dim() != 2:
             raise ValueError("--distill distils one text per image: leave out --multi-text (LaCLIP-MT)")
         u, w, t, b = (list(x) for x in zip(*teachers))
@@ -1336,7 +1344,7 @@ def decide_start(args, module, world):
         raise SystemExit(f"train.py: {metrics} is not a regular file (a link, FIFO or folder); move it away")
     inputs = input_fingerprints(args)
     changed = sorted(k for k, v in ((ckpt or {}).get("inputs") or {}).items() if k in inputs and inputs[k] != v
-                     and k not in (args.allow_changed_inputs or "").split(","))
+                     and k not in args.allow_changed_inputs)
     if changed:
         raise SystemExit(f"train.py: {path} was trained on other contents of --{changed[0].replace('_', '-')} "
                          f"({getattr(args, changed[0])!s:.120}); restore those files, start a new --out, or pass "
@@ -1581,7 +1589,11 @@ class Progress:
                 if torn:
                     print(f"train.py: {self.path}: cut {len(torn)} line(s) that are not whole rows (line "
                           f"{', '.join(map(str, torn[:5]))}; a crash mid-write leaves one)", flush=True)
-                datalib.write_file(self.path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
+                try:
+                    datalib.write_file(self.path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
+                except OSError as e:  # disk full, permissions: the old file stands whole
+                    raise SystemExit(f"train.py: could not rewrite {self.path} ({reason(e)}); it is as it was: free "
+                                     f"space or fix the permissions, then --resume again") from None
             else:
                 os.remove(self.path)
         self.reporters = Reporters(args.report_to.split(","), args.out, step, args) if rank == 0 and args.report_to else None
