@@ -779,7 +779,7 @@ def test_the_other_readers_hold_the_same_rules(tmp_path, tiny_ckpt, capsys):
     (tmp_path / "c.txt").write_text("a red circle\n")
     os.mkfifo(tmp_path / "fifo.txt")
     for argv, said in ((["--out", str(tmp_path / "fifo.txt")], "fifo.txt: not a regular file"),
-                       (["--out", str(tmp_path / "r.txt"), "--concurrency", "0"], "--concurrency must be at least 1"),
+                       (["--out", str(tmp_path / "r.txt"), "--concurrency", "0"], "--concurrency 0: from 1 to 1024"),
                        (["--out", str(tmp_path / "r.txt"), "--meta-pairs", "/dev/zero"], "/dev/zero: not a regular")):
         with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(io.StringIO()) as err:
             data.rewrite_main(["--captions", str(tmp_path / "c.txt"), "--endpoint", "http://127.0.0.1:9", *argv])
