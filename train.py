@@ -21,6 +21,7 @@ import stat
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -118,6 +119,13 @@ def build_parser(model):
                         "a model's finish_args may set it for its default run)")
     p.add_argument("--dist-timeout", type=float, default=30,
                    help="minutes a rank waits for its peers in a collective before it fails (a dead peer)")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="keep an exponential moving average of the trained weights (e.g. 0.999; 0: off): evaluated "
+                        "beside them and saved as the checkpoint's weights (the raw ones too)")
+    p.add_argument("--ema-warmup", action="store_true", help="with --ema: decay min(DECAY, (1 + t) / (10 + t)) at update t")
+    p.add_argument("--layer-decay", type=float, default=1.0,
+                   help="layer-wise learning-rate decay: a tower's block i of n from the bottom at lr x D^(n - i), "
+                        "its embeddings at lr x D^(n + 1), its head and the temperature at lr (1: off)")
     p.add_argument("--lora", type=int, default=0, metavar="RANK",
                    help="LoRA: freeze the weights, train low-rank adapters of this rank (0: off); any model")
     p.add_argument("--lora-alpha", type=float, default=None, help="adapters scaled by alpha / rank (default: rank)")
@@ -216,8 +224,9 @@ def parse_args(argv=None):
 RANGES = {"batch_size": (1, 1 << 20), "steps": (1, 1 << 40), "epochs": (0, 1e6), "accum": (1, 1 << 20),
           "log_every": (1, None), "keep": (1, None), "workers": (0, 256), "beta1": (0, 1), "beta2": (0, 1),
           "eps": (0, 1), "dist_timeout": (0, 1e6), "patch_dropout": (0, 1), "lora": (0, 4096),
-          "lora_alpha": (0, 1 << 16), "lora_dropout": (0, 1)}
-ABOVE, BELOW = {"epochs", "eps", "dist_timeout", "lora_alpha"}, {"beta1", "beta2", "patch_dropout", "lora_dropout"}
+          "lora_alpha": (0, 1 << 16), "lora_dropout": (0, 1), "ema": (0, 1), "layer_decay": (0, 1)}
+ABOVE = {"epochs", "eps", "dist_timeout", "lora_alpha", "layer_decay"}
+BELOW = {"beta1", "beta2", "patch_dropout", "lora_dropout", "ema"}
 
 
 def check_numbers(p, args, module):
@@ -318,6 +327,124 @@ def lr_at(step, args):
         return args.lr if step < start else args.lr * (1 - (step - start) / cooldown)
     progress = (step - args.warmup) / max(1, args.steps - args.warmup)
     return 0.5 * args.lr * (1 + math.cos(math.pi * progress))
+
+
+def layer_scales(model, decay):
+    """{trained parameter's name: learning-rate scale} for layer-wise decay (BEiT's, as open_clip and timm
+    fine-tune ViTs): in each tower of n residual blocks (model.towers(), model.shard_units()), block i
+    (0 at the bottom) trains at decay^(n - i), what the tower runs before its first block (embeddings) at
+    decay^(n + 1), what it runs after its last (final norm, projection) and what lies outside every
+    tower (the temperature) at 1. Where each parameter falls is read off one forward of two blank
+    samples through the model's own transform, in the order the parameters are first used: a tower's
+    own parameters fall around its blocks, one outside every tower (a text tower's token embedding
+    kept by the root) before a tower's first block is that tower's embedding."""
+    from PIL import Image
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_leaves
+
+    trained = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    first = {}  # id -> the order of its first use
+
+    class Uses(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            for t in tree_leaves((args, kwargs or {})):
+                if isinstance(t, torch.nn.Parameter) and id(t) in trained and id(t) not in first:
+                    first[id(t)] = len(first)
+            return func(*args, **(kwargs or {}))
+
+    transform = model.transform(True, images=datalib.RandomCrop(model.cfg.image_size))
+    rng = np.random.default_rng(0)
+    batch = datalib.collate([transform({"image": Image.new("RGB", (model.cfg.image_size,) * 2), "text": "a photo"}, rng)
+                             for _ in range(2)])
+    batch = transform.finish(batch) if hasattr(transform, "finish") else batch
+    device, mode = next(model.parameters()).device, model.training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), Uses():
+        model.eval()
+        model({k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
+    model.train(mode)
+    blocks = model.shard_units()[0]
+    towers = [t if isinstance(t, list) else [t] for t in model.towers().values()]
+    in_tower = [{id(p) for m in t for p in m.parameters()} for t in towers]
+    tower_blocks = [[b for b in blocks if any(p in ids for p in map(id, b.parameters()))] for ids in in_tower]
+    block_of = {id(p): (t, i) for t, bs in enumerate(tower_blocks) for i, b in enumerate(bs) for p in b.parameters()}
+    start = [min((first[id(p)] for p in bs[0].parameters() if id(p) in first), default=None) if bs else None
+             for bs in tower_blocks]
+    scales = {}
+    for pid, name in trained.items():
+        used, n = first.get(pid), None
+        if pid in block_of:
+            t, i = block_of[pid]
+            n = len(tower_blocks[t])
+            scales[name] = decay ** (n - i)
+            continue
+        tower = next((t for t, ids in enumerate(in_tower) if pid in ids), None)
+        if tower is None and used is not None:  # outside every tower: the tower whose blocks come next, if none ran yet
+            after = [(s, t) for t, s in enumerate(start) if s is not None and s > used]
+            tower = min(after)[1] if after else None
+        before = tower is not None and used is not None and start[tower] is not None and used < start[tower]
+        scales[name] = decay ** (len(tower_blocks[tower]) + 1) if before else 1.0
+    return scales
+
+
+def decayed_groups(groups, model, scales):
+    """The optimizer groups split by learning-rate scale ('lr_scale' in each), weight decay as they were."""
+    name = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for g in groups:
+        by_scale = {}
+        for p in g["params"]:
+            by_scale.setdefault(scales.get(name[id(p)], 1.0), []).append(p)
+        out += [{**g, "params": ps, "lr_scale": scale} for scale, ps in sorted(by_scale.items(), reverse=True)]
+    return out
+
+
+class EMA:
+    """The exponential moving average of every trained parameter, e <- d e + (1 - d) p after each optimizer
+    step: d = --ema, or with --ema-warmup min(d, (1 + t) / (10 + t)) at update t (TensorFlow's
+    ExponentialMovingAverage with num_updates), so the first averages are not held near the initial
+    weights. Each average lives beside its parameter, in its dtype and layout (a DTensor shard under
+    FSDP). swapped() puts the averages in the model for a while (evaluation, saving)."""
+
+    def __init__(self, model, decay, warmup=False, updates=0):
+        self.decay, self.warmup, self.updates = decay, warmup, updates
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self):
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+        for n, p in self.params.items():
+            self.shadow[n].lerp_(p.detach(), 1 - d)
+        self.updates += 1
+
+    @torch.no_grad()
+    def swap(self):
+        # values exchanged in place, a tensor at a time: FSDP2 gathers from the parameters' own storage
+        for n, p in self.params.items():
+            held = p.detach().clone()
+            p.copy_(self.shadow[n])
+            self.shadow[n].copy_(held)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        self.swap()
+        try:
+            yield
+        finally:
+            self.swap()
+
+    def load(self, weights):
+        """The averages from whole tensors by name (a checkpoint's), into each one's layout."""
+        with torch.no_grad():
+            for n, e in self.shadow.items():
+                if n not in weights:
+                    raise ValueError(f"the checkpoint's EMA weights lack {n}")
+                whole = weights[n].to(e.device, e.dtype)
+                if hasattr(e, "device_mesh"):  # an FSDP shard: this rank's part of the whole
+                    from torch.distributed.tensor import distribute_tensor
+
+                    whole = distribute_tensor(whole, e.device_mesh, e.placements)
+                e.copy_(whole)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1201,6 +1328,10 @@ def read_checkpoint(path, module):
         ("inputs", not isinstance(ckpt.get("inputs") or {}, dict) or not all(
             isinstance(v, list) and all(isinstance(x, str) for x in v) for v in (ckpt.get("inputs") or {}).values())),
         ("lora", ckpt.get("lora") is not None and not isinstance(ckpt["lora"], dict)),
+        ("raw", ckpt.get("raw") is not None and not isinstance(ckpt["raw"], dict)),
+        ("ema", ckpt.get("ema") is not None and not (
+            isinstance(ckpt["ema"], dict) and isinstance(ckpt["ema"].get("updates"), int) and ckpt["ema"]["updates"] >= 0
+            and isinstance(ckpt["ema"].get("weights") or {}, dict))),
         ("data", data is not None and not (isinstance(data, dict) and isinstance(data.get("slots"), int)
                                            and isinstance(data.get("at"), dict) and all(
             isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) and x >= 0 for x in v)
@@ -1373,33 +1504,46 @@ def input_fingerprints(args):
     return out
 
 
-def checkpoint_state(model, opt, step, args, world, device, data_position=None, scaler=None, lora=None, inputs=None):
+def checkpoint_state(model, opt, step, args, world, device, data_position=None, scaler=None, lora=None, inputs=None,
+                     ema=None):
     """What a checkpoint holds. Under --fsdp every rank calls it: the whole weights are gathered to rank 0
     (others get None), or with --sharded-checkpoint every rank writes its shards to OUT/checkpoint-STEP.dcp.
-    With LoRA (lora: its spec and layout) 'model' holds the merged weights, which the model file's load()
-    reads as a plain model, and 'lora' the base weights and adapters that a resume continues from."""
-    weights = optimizer = sharded = None
+    'model' holds the weights a user takes, which the model file's load() reads as a plain model: with
+    --ema the averaged ones ('raw': the trained ones, which a resume continues from); with LoRA merged
+    ('lora': the base weights and adapters a resume continues from, and the averaged adapters)."""
+    weights = averaged = optimizer = sharded = None
     if args.sharded_checkpoint:
-        sharded = write_shards(model, opt, args.out, step)
+        sharded = write_shards(model, opt, args.out, step, ema)
     elif args.fsdp:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
 
         whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights, optimizer = get_model_state_dict(model, options=whole), get_optimizer_state_dict(model, opt, options=whole)
+        if ema is not None:
+            with ema.swapped():  # copies: on the CPU, "offloading" a whole scalar hands back the parameter itself
+                averaged = {k: v.detach().clone() for k, v in get_model_state_dict(model, options=whole).items()}
         if dist.get_rank() == 0:
             optimizer = optimizer_by_index(optimizer, model, opt)  # the same file as a DDP run's
     else:
         weights, optimizer = model.state_dict(), opt.state_dict()
+        if ema is not None:
+            with ema.swapped():  # copies: the state dict's tensors are the parameters themselves
+                averaged = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
-    lora_state = None
+    lora_state = adapters = None
     if lora and weights is not None:
         weights, lora_state = merged_weights(weights, *lora)
-    return {"model": weights, "optimizer": optimizer, "sharded": sharded, "step": step, "data": data_position,
-            "inputs": inputs,
+        if averaged is not None:
+            adapters = {n: averaged[n] for n in ema.shadow}
+            averaged = merged_weights(averaged, *lora)[0]
+    return {"model": averaged if averaged is not None else weights, "raw": weights if averaged is not None else None,
+            "optimizer": optimizer, "sharded": sharded, "step": step, "data": data_position, "inputs": inputs,
             "lora": {"spec": lora[0], "layout": {k: [list(s) for s in v] for k, v in lora[1].items()}, "state": lora_state}
             if lora else None,
+            "ema": {"decay": ema.decay, "warmup": ema.warmup, "updates": ema.updates, "weights": adapters}
+            if ema is not None else None,
             "samples_seen": step * args.batch_size * world, "extra": model.extra_state(), "args": vars(args),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": {"torch": torch.get_rng_state(),
@@ -1425,7 +1569,7 @@ def optimizer_by_name(osd, model, opt):
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}
 
 
-def write_shards(model, opt, out, step):
+def write_shards(model, opt, out, step, ema=None):
     """Every rank writes its shards of weights and optimizer state; returns the folder's name."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -1436,7 +1580,7 @@ def write_shards(model, opt, out, step):
         shutil.rmtree(tmp)
     dist.barrier()
     weights, optimizer = get_state_dict(model, opt)
-    dcp.save({"model": weights, "optimizer": optimizer}, checkpoint_id=tmp)
+    dcp.save({"model": weights, "optimizer": optimizer, **({"ema": ema.shadow} if ema else {})}, checkpoint_id=tmp)
     dist.barrier()
     if dist.get_rank() == 0:  # whole once renamed; the .pt that names it is written after
         final = os.path.join(out, name)
@@ -1449,8 +1593,9 @@ def write_shards(model, opt, out, step):
     return name
 
 
-def restore(model, opt, ckpt, args, scaler):
-    """Weights (unless already loaded whole before sharding) and optimizer state into this run's layout."""
+def restore(model, opt, ckpt, args, scaler, ema=None):
+    """Weights (unless already loaded whole before sharding), optimizer state and EMA weights into this
+    run's layout."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_optimizer_state_dict,
                                                          set_state_dict)
 
@@ -1458,7 +1603,7 @@ def restore(model, opt, ckpt, args, scaler):
         import torch.distributed.checkpoint as dcp
 
         weights, optimizer = get_state_dict(model, opt)
-        state = {"model": weights, "optimizer": optimizer}
+        state = {"model": weights, "optimizer": optimizer, **({"ema": ema.shadow} if ema else {})}
         dcp.load(state, checkpoint_id=os.path.join(ckpt.get("folder", args.out), ckpt["sharded"]))
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     elif args.fsdp:  # a whole checkpoint (FSDP's or DDP's): every rank keeps its shards of it
@@ -1468,6 +1613,11 @@ def restore(model, opt, ckpt, args, scaler):
         opt.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None and not ckpt.get("sharded"):  # the averages: the checkpoint's weights (LoRA: its adapters')
+        saved = ckpt.get("ema")
+        if not isinstance(saved, dict):
+            raise ValueError("the checkpoint has no EMA weights: --ema cannot join a run on resume")
+        ema.load(saved["weights"] if saved.get("weights") is not None else ckpt["model"])
 
 
 def agree_on_start(args, module, rank, world, control):
@@ -1504,9 +1654,10 @@ def build_model(args, module, ckpt, captions, rank, world, device):
             module.check_fits(lambda: module.create(args, captions(), extra=extra), ckpt["model"], "the checkpoint")
     torch.manual_seed(args.seed)  # the same initial weights however many times create() ran before
     model = module.create(args, captions(), extra=extra).to(device)
-    if ckpt and ckpt["model"] is not None:  # whole weights load before sharding; shards after
-        model.load_state_dict(ckpt["model"])
+    if ckpt and ckpt["model"] is not None:  # whole weights load before sharding; shards after (with --ema: the raw ones)
+        model.load_state_dict(ckpt["raw"] if ckpt.get("raw") is not None else ckpt["model"])
     lora = with_lora(model, args, ckpt)
+    scales = layer_scales(model, args.layer_decay) if args.layer_decay != 1 else None  # before FSDP: whole modules
     if args.grad_checkpointing:
         checkpoint_blocks(model)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
@@ -1515,12 +1666,15 @@ def build_model(args, module, ckpt, captions, rank, world, device):
     autocast = torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None  # fp16's range needs loss scaling
     # fused: one kernel for all parameters (on the CPU too: a third of the foreach version's time here)
-    opt = torch.optim.AdamW(model.optimizer_groups(args.wd), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
-                            fused=not args.fsdp)
+    groups = model.optimizer_groups(args.wd)
+    opt = torch.optim.AdamW(decayed_groups(groups, model, scales) if scales else groups, lr=args.lr,
+                            betas=(args.beta1, args.beta2), eps=args.eps, fused=not args.fsdp)
+    saved = (ckpt or {}).get("ema") or {}
+    ema = EMA(model, args.ema, args.ema_warmup, saved.get("updates", 0)) if args.ema else None
     if ckpt:
-        restore(model, opt, ckpt, args, scaler)
+        restore(model, opt, ckpt, args, scaler, ema)
         set_rng_state((ckpt["rng"]["torch"], ckpt["rng"].get("cuda")), device)
-    return model, opt, scaler, scalars, autocast, lora
+    return model, opt, scaler, scalars, autocast, lora, ema
 
 
 def with_lora(model, args, ckpt):
@@ -1680,10 +1834,11 @@ class Progress:
             self.reporters.close()
 
 
-def save(model, opt, step, args, rank, world, device, control, data_position, scaler, ckpt_path, lora=None, inputs=None):
+def save(model, opt, step, args, rank, world, device, control, data_position, scaler, ckpt_path, lora=None, inputs=None,
+         ema=None):
     """A checkpoint from rank 0 (every rank under --fsdp takes part); a failed write stops every rank."""
     failed = None
-    state = (checkpoint_state(model, opt, step, args, world, device, data_position, scaler, lora, inputs)
+    state = (checkpoint_state(model, opt, step, args, world, device, data_position, scaler, lora, inputs, ema)
              if rank == 0 or args.fsdp else None)  # FSDP: every rank takes part in gathering or writing
     if rank == 0:
         failed = save_checkpoint(args.out, state, args.keep)
@@ -1713,8 +1868,8 @@ def run(args, module):
         steps_from_epochs(args, datalib.num_samples(train_data, args), world)
     ckpt, inputs = agree_on_start(args, module, rank, world, control)
     torch.manual_seed(args.seed)
-    model, opt, scaler, scalars, autocast, lora = build_model(args, module, ckpt, train_data.caption_corpus, rank,
-                                                              world, device)
+    model, opt, scaler, scalars, autocast, lora, ema = build_model(args, module, ckpt, train_data.caption_corpus, rank,
+                                                                   world, device)
     step = ckpt["step"] if ckpt else 0
     forward, sync = distribute(model, args, world, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -1762,7 +1917,7 @@ def run(args, module):
         # forward, backward over the global batch, optimizer step
         lr = lr_at(step, args)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # --layer-decay's groups
         loss = train_step(forward, sync, loss_fn, batch, args.accum, autocast, device, scaler)
         reduce_scalars(scalars, world)
         if scaler is not None:
@@ -1776,6 +1931,8 @@ def run(args, module):
             opt.step()
         opt.zero_grad(set_to_none=True)
         model.after_step()  # the model's own bookkeeping: logit-scale clamp, momentum encoders, queues
+        if ema is not None:
+            ema.update()
         step += 1
         progress.add(loss)
         last = step == args.steps
@@ -1784,6 +1941,10 @@ def run(args, module):
             progress.log(step, lr, ckpt_path)
         if (val_data or zeroshot_data) is not None and ((args.eval_every and step % args.eval_every == 0) or last):
             metrics = evaluate(model, module, (val_data, zeroshot_data), args, rank, world, device, autocast)
+            if ema is not None:  # the averaged weights' metrics beside the trained ones'
+                with ema.swapped():
+                    metrics.update({f"ema_{k}": v for k, v in evaluate(model, module, (val_data, zeroshot_data), args,
+                                                                         rank, world, device, autocast).items()})
             progress.write({"step": step, **metrics})
             if rank == 0:
                 print("eval " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
@@ -1791,7 +1952,7 @@ def run(args, module):
         if (args.save_every and step % args.save_every == 0) or last or stopping:
             progress.check_finite(step, ckpt_path, model)
             save(model, opt, step, args, rank, world, device, control, position.state(world, control), scaler,
-                 ckpt_path, lora, inputs)
+                 ckpt_path, lora, inputs, ema)
         if stopping:
             if rank == 0:
                 print(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with --resume", flush=True)
@@ -2048,10 +2209,11 @@ def export_altclip_hf(module, model, out):
             f"(this model's own, not necessarily XLM-R's: AltCLIPProcessor expects XLM-R's)"]
 
 
-def export(path, out, fmt, model_name=None, tokenizer=None):
+def export(path, out, fmt, model_name=None, tokenizer=None, raw=False):
     """Convert weights a model file's load() reads (model_name's; default: the one a train.py checkpoint
     names, else clip) to open_clip's, transformers' or (a LoRA checkpoint) peft's layout; returns what to
-    tell the user. A LoRA checkpoint's open_clip and hf exports hold the merged weights."""
+    tell the user. A LoRA checkpoint's open_clip and hf exports hold the merged weights; an --ema run's,
+    the averaged ones, unless raw (the trained ones)."""
     name = model_name or checkpoint_model(path) or "clip"
     if fmt not in EXPORTS.get(name, ()):
         offered = EXPORTS.get(name)
@@ -2062,6 +2224,13 @@ def export(path, out, fmt, model_name=None, tokenizer=None):
         model, base, adapters, spec = read_peft(module, path, tokenizer)
     else:
         model, _ = module.load(path, tokenizer=tokenizer)
+    if raw and fmt != "peft":  # the trained weights beside the averaged ones, read as the model file reads these
+        ckpt = read_checkpoint(path, module) if checkpoint_model(path) else {}
+        if ckpt.get("raw") is None:
+            raise ValueError(f"{path} holds no --ema run's raw weights: leave out --raw")
+        with module.reading(path):
+            module.check_fits(lambda: model, ckpt["raw"], path)
+        model.load_state_dict(ckpt["raw"])
     if model.tokenizer is None:
         raise ValueError(f"{path} carries no tokenizer: pass --tokenizer (bpe_simple_vocab_16e6.txt.gz or a "
                          f"tokenizer.json) so that it travels with the export")
@@ -2103,8 +2272,9 @@ def export_main(argv):
     p.add_argument("--model", default=None, choices=MODELS, help="the model file that reads CHECKPOINT (default: "
                    "the one a train.py checkpoint names, else clip)")
     p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer")
+    p.add_argument("--raw", action="store_true", help="an --ema run's trained weights, not the averaged ones")
     args = p.parse_args(argv)
-    for line in export(args.checkpoint, args.out, args.format, args.model, args.tokenizer):
+    for line in export(args.checkpoint, args.out, args.format, args.model, args.tokenizer, args.raw):
         print(line)
 
 

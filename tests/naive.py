@@ -66,3 +66,15 @@ def distill_sigmoid_loss(image, text, scale, bias, teacher_image, teacher_text, 
 # The same source for tests that run the references in a subprocess: exec(SOURCE) defines them there.
 with open(__file__, encoding="utf-8") as _f:
     SOURCE = _f.read().split("# The same source for tests")[0]
+
+
+def substr_matching(text, entries):
+    """MetaCLIP's matching as its first release wrote it: the caption spaced (padded, , . ; : ? ! ` wrapped
+    in spaces, tabs and line breaks made spaces), then every entry, padded with a space each side, looked
+    for in it; the ids of those found. One pass over the caption per entry."""
+    spaced = f" {text} "
+    for p in [",", ".", ";", ":", "?", "!", "`"]:
+        spaced = spaced.replace(p, f" {p} ")
+    for c in ["\t", "\n", "\r"]:
+        spaced = spaced.replace(c, " ")
+    return [i for i, entry in enumerate(entries) if f" {entry} " in spaced]
