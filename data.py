@@ -1326,6 +1326,28 @@ class WithTeachers:
         return self.inner.finish(batch) if hasattr(self.inner, "finish") else batch
 
 
+class LongCaptions:
+    """A training transform plus Long-CLIP's short caption: 'short_text', the token ids of the drawn text
+    up to its first '. ' (Long-CLIP's rule for ShareGPT4V's captions), by the model's own tokenizer. The
+    two leave the CPU trimmed together (stacked through the model's finish)."""
+
+    def __init__(self, inner, tokenizer):
+        self.inner, self.tokenizer = inner, tokenizer
+
+    def __call__(self, sample, rng):
+        out = self.inner(sample, rng)
+        texts = [sample["text"], *(r for r in sample.get("rewrites", ()) if r and r.strip())]
+        drawn = texts[int(out.get("text_pick", 0))]
+        out["short_text"] = self.tokenizer([drawn.split(". ")[0]])[0]
+        return out
+
+    def finish(self, batch):
+        if not hasattr(self.inner, "finish") or batch["text"].shape != batch["short_text"].shape:
+            return self.inner.finish(batch) if hasattr(self.inner, "finish") else batch
+        both = self.inner.finish({**batch, "text": torch.stack([batch["text"], batch["short_text"]], 1)})
+        return {**both, "text": both["text"][:, 0], "short_text": both["text"][:, 1]}
+
+
 def fresh_image(img):
     """The sample's image as a teacher reads it: a file's bytes opened afresh (the student's crop may have
     decoded its copy at a reduced JPEG draft size), an image made in memory as it is."""

@@ -126,6 +126,12 @@ def build_parser(model):
     p.add_argument("--layer-decay", type=float, default=1.0,
                    help="layer-wise learning-rate decay: a tower's block i of n from the bottom at lr x D^(n - i), "
                         "its embeddings at lr x D^(n + 1), its head and the temperature at lr (1: off)")
+    p.add_argument("--context-length", type=int, default=0, metavar="N",
+                   help="the text tower's positions: --init weights stretched to N Long-CLIP's way (the first 20 kept, "
+                        "the rest interpolated; Long-CLIP: 248), a new model built with N (0: the weights' or preset's own)")
+    p.add_argument("--long-captions", action="store_true",
+                   help="Long-CLIP's objective: the caption against the image features, its first sentence against "
+                        "their top-32 principal components over the global batch")
     p.add_argument("--lora", type=int, default=0, metavar="RANK",
                    help="LoRA: freeze the weights, train low-rank adapters of this rank (0: off); any model")
     p.add_argument("--lora-alpha", type=float, default=None, help="adapters scaled by alpha / rank (default: rank)")
@@ -224,7 +230,8 @@ def parse_args(argv=None):
 RANGES = {"batch_size": (1, 1 << 20), "steps": (1, 1 << 40), "epochs": (0, 1e6), "accum": (1, 1 << 20),
           "log_every": (1, None), "keep": (1, None), "workers": (0, 256), "beta1": (0, 1), "beta2": (0, 1),
           "eps": (0, 1), "dist_timeout": (0, 1e6), "patch_dropout": (0, 1), "lora": (0, 4096),
-          "lora_alpha": (0, 1 << 16), "lora_dropout": (0, 1), "ema": (0, 1), "layer_decay": (0, 1)}
+          "lora_alpha": (0, 1 << 16), "lora_dropout": (0, 1), "ema": (0, 1), "layer_decay": (0, 1),
+          "context_length": (0, 4096)}
 ABOVE = {"epochs", "eps", "dist_timeout", "lora_alpha", "layer_decay"}
 BELOW = {"beta1", "beta2", "patch_dropout", "lora_dropout", "ema"}
 
@@ -445,6 +452,97 @@ class EMA:
 
                     whole = distribute_tensor(whole, e.device_mesh, e.placements)
                 e.copy_(whole)
+
+
+# ----------------------------------------------------------------------------------------------
+# Long captions (Long-CLIP, Zhang et al. 2024). CLIP's text tower reads 77 tokens and uses about 20 of
+# them well; Long-CLIP keeps those 20 positions, stretches the rest (77 -> 248) and fine-tunes with the
+# long caption against the image and the short one (its first sentence) against the image's coarse
+# features: their projection on the batch's top-32 principal components.
+KEEP_POSITIONS, PCA_COMPONENTS = 20, 32
+
+
+def stretch_positions(table, n, keep=KEEP_POSITIONS):
+    """A [L, W] position table with n rows: rows below keep as they are, the others a linear interpolation
+    of rows keep..L-1 spread over keep..n-1 (for n = keep + 4 (L - keep), row keep + 4i is row keep + i),
+    extrapolated along the last step past the old last row. n <= L: the first n rows."""
+    L = table.shape[0]
+    if n <= L:
+        return table[:n].clone()
+    x = keep + torch.arange(n - keep, dtype=torch.float64) * (L - keep) / (n - keep)  # where each new row reads
+    j = x.floor().long()
+    i = j.clamp(max=L - 2)
+    old = table.double()
+    mixed = old[i] + (x - i)[:, None] * (old[i + 1] - old[i])
+    mixed = torch.where(((x == j) & (j < L))[:, None], old[j.clamp(max=L - 1)], mixed)  # on a row: that row, bit for bit
+    return torch.cat([table[:keep], mixed.to(table.dtype)])
+
+
+def with_context_length(module, args, model, captions, fresh):
+    """The model at --context-length N: built again from its own extra_state with N positions; the tables
+    whose rows are positions (the tensors that changed length) stretched from the weights it had, or, for
+    a fresh model (no --init), left as the new one drew them."""
+    n, extra = args.context_length, model.extra_state()
+    cfg = extra.get("config") if isinstance(extra, dict) else None
+    if n and not (isinstance(cfg, dict) and "context_length" in cfg):
+        raise ValueError(f"--context-length: {args.model} has no text positions to set")
+    if not n or cfg["context_length"] == n:
+        return model
+    longer = module.create(args, captions, extra={**extra, "config": {**cfg, "context_length": n}})
+    if fresh:
+        return longer
+    old, new = model.state_dict(), longer.state_dict()
+    changed = [k for k in new if new[k].shape != old[k].shape]
+    if not changed or any(old[k].dim() != 2 or new[k].shape[1:] != old[k].shape[1:] for k in changed):
+        raise ValueError(f"--context-length: {args.model}'s weights have no position table to stretch")
+    short = next((old[k].shape[0] for k in changed if n > old[k].shape[0] < KEEP_POSITIONS + 2), None)
+    if short is not None:
+        raise ValueError(f"--context-length {n}: the weights hold {short} positions; Long-CLIP's stretch keeps the "
+                         f"first {KEEP_POSITIONS} and spreads at least 2 more")
+    longer.load_state_dict({k: stretch_positions(v, n) if k in changed else v for k, v in old.items()})
+    return longer
+
+
+def long_caption_forward(forward):
+    """The model's forward over the long and the short captions at once (one pass, under DDP and FSDP):
+    out['text'] the long captions' features, out['short'] the short ones'."""
+    def run(batch):
+        batch = dict(batch)
+        long, short = batch["text"], batch.pop("short_text")
+        if long.dim() != 2:
+            raise ValueError("--long-captions trains one caption per image: leave out --multi-text (LaCLIP-MT)")
+        out = forward({**batch, "text": torch.cat([long, short])})
+        return {**out, "text": out["text"][: len(long)], "short": out["text"][len(long):]}
+    return run
+
+
+@torch.no_grad()
+def principal_basis(x, k):
+    """(mean, [D, k] orthonormal basis) of the top-k principal components of x's rows over the global batch
+    (every rank's x gathered in rank order: the same on each rank, as one process holding the whole batch
+    would find). float64 eigh of the covariance: its eigenvalues come sorted, no complex parts."""
+    x = x.float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        x = torch.cat(parts)
+    x = x.double()
+    mean = x.mean(0)
+    _, vectors = torch.linalg.eigh((x - mean).T @ (x - mean))
+    return mean, vectors[:, -min(k, x.shape[1]):]
+
+
+def long_caption_loss(loss, out, components=PCA_COMPONENTS):
+    """Long-CLIP's objective with the model's own loss: the long captions against the image features, the
+    short ones against the image features' projection on the global batch's top-k principal components
+    (mean + (x - mean) P P^T, renormalised). The basis is a constant of the step: eigenvector gradients are
+    undefined where eigenvalues repeat, as they do whenever the batch is narrower than the features
+    (Long-CLIP's eig gave infinities; its forks moved to an SVD)."""
+    image = out["image"]
+    mean, basis = principal_basis(image.detach(), components)
+    mean, basis = mean.to(image.dtype), basis.to(image.dtype)
+    coarse = F.normalize(mean + (image - mean) @ basis @ basis.T, dim=-1)
+    return loss({k: v for k, v in out.items() if k != "short"}) + loss({**out, "image": coarse, "text": out["short"]})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1653,7 +1751,10 @@ def build_model(args, module, ckpt, captions, rank, world, device):
         with module.reading("the checkpoint"):
             module.check_fits(lambda: module.create(args, captions(), extra=extra), ckpt["model"], "the checkpoint")
     torch.manual_seed(args.seed)  # the same initial weights however many times create() ran before
-    model = module.create(args, captions(), extra=extra).to(device)
+    model = module.create(args, captions(), extra=extra)
+    if not ckpt:  # a resumed run's config holds its length already
+        model = with_context_length(module, args, model, (), fresh=not args.init)
+    model = model.to(device)
     if ckpt and ckpt["model"] is not None:  # whole weights load before sharding; shards after (with --ema: the raw ones)
         model.load_state_dict(ckpt["raw"] if ckpt.get("raw") is not None else ckpt["model"])
     lora = with_lora(model, args, ckpt)
@@ -1882,6 +1983,11 @@ def run(args, module):
         if not hasattr(model.cfg, "patch_size"):
             raise ValueError(f"--patch-dropout drops a ViT's patch tokens; {args.model}'s image tower has none")
         transform = datalib.PatchDropout(transform, (model.cfg.image_size // model.cfg.patch_size) ** 2, args.patch_dropout)
+    if args.long_captions:  # Long-CLIP: each caption's first sentence tokenized beside it
+        if getattr(model, "tokenizer", None) is None:
+            raise ValueError(f"--long-captions tokenizes short captions: {args.model} has no tokenizer")
+        transform = datalib.LongCaptions(transform, model.tokenizer)
+        forward = long_caption_forward(forward)
     distiller = Distiller.from_args(args, device, train_data)
     if distiller:
         transform = distiller.wrap(transform)
@@ -1911,7 +2017,8 @@ def run(args, module):
         with autocast:  # the teachers' features (online ones run here, stored ones come with the batch)
             teachers = distiller.features(batch) if distiller else None
         batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}  # what a transform said in words
-        loss_fn = (lambda out: model.loss(out) + distiller.loss(out, teachers)) if distiller else model.loss
+        objective = (lambda out: long_caption_loss(model.loss, out)) if args.long_captions else model.loss
+        loss_fn = (lambda out: objective(out) + distiller.loss(out, teachers)) if distiller else objective
         progress.count(info)
         position.update(info)
         # forward, backward over the global batch, optimizer step

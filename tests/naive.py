@@ -78,3 +78,14 @@ def substr_matching(text, entries):
     for c in ["\t", "\n", "\r"]:
         spaced = spaced.replace(c, " ")
     return [i for i, entry in enumerate(entries) if f" {entry} " in spaced]
+
+
+def long_clip_pca(x, k):
+    """Long-CLIP's coarse image features as its training code computes them, on one process holding the
+    whole batch: the covariance's eigen-decomposition (torch.linalg.eig, real parts), the eigenvectors
+    sorted by eigenvalue, x centred, projected on the top k and back, the mean added."""
+    mean = x.mean(0)
+    centred = x - mean
+    values, vectors = torch.linalg.eig(centred.T @ centred)
+    top = vectors.real[:, values.real.argsort(descending=True)][:, :k]
+    return centred @ top @ top.T + mean
