@@ -2322,7 +2322,7 @@ def export(path, out, fmt, model_name=None, tokenizer=None, raw=False):
     tell the user. A LoRA checkpoint's open_clip and hf exports hold the merged weights; an --ema run's,
     the averaged ones, unless raw (the trained ones)."""
     name = model_name or checkpoint_model(path) or "clip"
-    if fmt not in EXPORTS.get(name, ()):
+    if fmt not in (*EXPORTS.get(name, ()), "weights"):
         offered = EXPORTS.get(name)
         raise ValueError(f"{name} exports {' or '.join(offered)}, not {fmt}" if offered else
                          f"{name} has no export format: its checkpoints load with {name}.load()")
@@ -2330,7 +2330,7 @@ def export(path, out, fmt, model_name=None, tokenizer=None, raw=False):
     if fmt == "peft":
         model, base, adapters, spec = read_peft(module, path, tokenizer)
     else:
-        model, _ = module.load(path, tokenizer=tokenizer)
+        model, _ = module.load(path, **({"tokenizer": tokenizer} if tokenizer else {}))  # clippo's takes none
     if raw and fmt != "peft":  # the trained weights beside the averaged ones, read as the model file reads these
         ckpt = read_checkpoint(path, module) if checkpoint_model(path) else {}
         if ckpt.get("raw") is None:
@@ -2338,11 +2338,15 @@ def export(path, out, fmt, model_name=None, tokenizer=None, raw=False):
         with module.reading(path):
             module.check_fits(lambda: model, ckpt["raw"], path)
         model.load_state_dict(ckpt["raw"])
-    if model.tokenizer is None:
+    if getattr(model, "tokenizer", "") is None:  # clippo renders its texts: it has none
         raise ValueError(f"{path} carries no tokenizer: pass --tokenizer (bpe_simple_vocab_16e6.txt.gz or a "
                          f"tokenizer.json) so that it travels with the export")
     datalib.lock_folder(out, "train.py export")  # only now: a file that does not read leaves no folder behind
     try:
+        if fmt == "weights":  # the model file's own layout: its load() and predict read it (with --raw: the raw weights)
+            state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "extra": model.extra_state()}
+            datalib.write_file(os.path.join(out, "model.pt"), lambda f: torch.save(state, f))
+            return [f"wrote {os.path.join(out, 'model.pt')}: python {name}.py predict --ckpt {os.path.join(out, 'model.pt')} ..."]
         if fmt == "peft":
             return write_peft(module, model, base, adapters, spec, out)
         if name == "altclip":
@@ -2375,7 +2379,9 @@ def export_main(argv):
     p = argparse.ArgumentParser(prog="train.py export", description="weights in open_clip's, transformers' or peft's layout")
     p.add_argument("checkpoint", help="OUT/checkpoint.pt of train.py, or any weights the model file's load() reads")
     p.add_argument("out", help="folder to write")
-    p.add_argument("--format", required=True, choices=("open_clip", "hf", "peft"))
+    p.add_argument("--format", required=True, choices=("open_clip", "hf", "peft", "weights"),
+                   help="weights: the model file's own layout (OUT/model.pt), any model; with --raw, predict's way to "
+                        "an --ema run's trained weights")
     p.add_argument("--model", default=None, choices=MODELS, help="the model file that reads CHECKPOINT (default: "
                    "the one a train.py checkpoint names, else clip)")
     p.add_argument("--tokenizer", default=None, help="for weights that carry no tokenizer")

@@ -141,3 +141,19 @@ def test_every_model_takes_layer_decay(tmp_path, model):
                 "--batch-size", "16", "--synthetic-size", "64", *FAST])
     scales = sorted({g["lr_scale"] for g in ckpt(out)["optimizer"]["param_groups"]})
     assert scales[-1] == 1.0 and len(scales) >= 4 and min(scales) < 0.7 ** 2
+
+
+@pytest.mark.parametrize("model", ["clip", "clippo"])
+def test_the_raw_weights_of_an_ema_run_export_for_load_and_predict(tmp_path, model):
+    out = str(tmp_path / "run")
+    train.main(["--model", model, "--size", "tiny", "--steps", "3", "--ema", "0.5", "--out", out, "--batch-size", "16",
+                "--synthetic-size", "64", *FAST])
+    saved, module = ckpt(out), train.import_model(model)
+    for raw, key in ((False, "model"), (True, "raw")):
+        folder = str(tmp_path / f"w{raw}")
+        train.export(os.path.join(out, "checkpoint.pt"), folder, "weights", raw=raw)
+        loaded, _ = module.load(os.path.join(folder, "model.pt"))
+        assert all(torch.equal(loaded.state_dict()[k], saved[key][k].float()) for k in saved[key]), key
+    assert max_diff(saved["model"], saved["raw"]) > 1e-5
+    with pytest.raises(ValueError, match="no --ema run's raw weights"):
+        train.export(os.path.join(str(tmp_path / "wFalse"), "model.pt"), str(tmp_path / "again"), "weights", model, raw=True)
