@@ -135,12 +135,16 @@ def test_layer_decay_with_lit_locks_and_lora(tmp_path, base):
 
 
 @pytest.mark.parametrize("model", ["brivl", "clippo", "laclip"])
-def test_every_model_takes_layer_decay(tmp_path, model):
+def test_every_model_takes_layer_decay_and_ema(tmp_path, model):
     out = str(tmp_path / model)
-    train.main(["--model", model, "--size", "tiny", "--steps", "2", "--layer-decay", "0.7", "--out", out,
-                "--batch-size", "16", "--synthetic-size", "64", *FAST])
-    scales = sorted({g["lr_scale"] for g in ckpt(out)["optimizer"]["param_groups"]})
+    train.main(["--model", model, "--size", "tiny", "--steps", "2", "--layer-decay", "0.7", "--ema", "0.5",
+                "--out", out, "--batch-size", "16", "--synthetic-size", "64", *FAST])
+    saved = ckpt(out)
+    scales = sorted({g["lr_scale"] for g in saved["optimizer"]["param_groups"]})
     assert scales[-1] == 1.0 and len(scales) >= 4 and min(scales) < 0.7 ** 2
+    assert saved["ema"]["updates"] == 2 and max_diff(saved["model"], saved["raw"]) > 0
+    loaded, _ = train.import_model(model).load(os.path.join(out, "checkpoint.pt"))  # the averaged weights
+    assert all(torch.equal(loaded.state_dict()[k], saved["model"][k].float()) for k in saved["model"])
 
 
 @pytest.mark.parametrize("model", ["clip", "clippo"])
