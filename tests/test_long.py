@@ -158,5 +158,8 @@ def test_a_stretched_export_loads_in_open_clip_and_transformers_at_its_length(tm
     with torch.no_grad():
         text = hf.get_text_features(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
     assert (getattr(text, "pooler_output", text) - mine).abs().max() < 1e-4
-    again, _ = clip.load(ckpt)  # our own reader, and predict's, at the new length
-    assert again.cfg.context_length == again.tokenizer.context_length == 248
+    for source in (ckpt, str(tmp_path / "oc"), str(tmp_path / "hf")):  # our readers (predict's too) at the new length
+        again, _ = clip.load(source)
+        assert again.cfg.context_length == again.tokenizer.context_length == 248, source
+        with torch.no_grad():
+            assert (again.encode_text(again.tokenizer(texts)) - mine).abs().max() < 1e-4, source
