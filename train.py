@@ -511,7 +511,10 @@ def long_caption_forward(forward):
         long, short = batch["text"], batch.pop("short_text")
         if long.dim() != 2:
             raise ValueError("--long-captions trains one caption per image: leave out --multi-text (LaCLIP-MT)")
-        out = forward({**batch, "text": torch.cat([long, short])})
+        out = forward({**batch, "text": torch.cat([long, short])}) if short.shape[1:] == long.shape[1:] else {}
+        if "image" not in out or set(out) - {"image", "text", "scale", "bias"}:  # a text-only stage; momentum keys
+            raise ValueError(f"--long-captions pairs image and text features alone, from token ids; this model's "
+                             f"forward gives {', '.join(sorted(out)) or 'texts of another form'}: leave it out")
         return {**out, "text": out["text"][: len(long)], "short": out["text"][len(long):]}
     return run
 

@@ -74,6 +74,9 @@ def test_the_stretch_refuses_what_it_cannot_stretch(tmp_path):
     with pytest.raises(ValueError, match="no text positions"):
         train.main(["--model", "clippo", "--size", "tiny", "--steps", "1", "--context-length", "100",
                     "--out", str(tmp_path / "c"), "--batch-size", "8", "--synthetic-size", "16", *FAST])
+    with pytest.raises(ValueError, match="image and text features alone"):  # brivl's momentum keys
+        train.main(["--model", "brivl", "--size", "tiny", "--steps", "1", "--long-captions", "--out",
+                    str(tmp_path / "b"), "--batch-size", "8", "--synthetic-size", "16", *FAST])
     fresh = str(tmp_path / "fresh")  # a new model is built at the length asked
     small = ["--model", "clip", "--size", "tiny", "--steps", "1", "--batch-size", "8", "--synthetic-size", "16", *FAST]
     train.main([*small, "--context-length", "21", "--out", fresh])
