@@ -343,8 +343,10 @@ def layer_scales(model, decay):
     decay^(n + 1), what it runs after its last (final norm, projection) and what lies outside every
     tower (the temperature) at 1. Where each parameter falls is read off one forward of two blank
     samples through the model's own transform, in the order the parameters are first used: a tower's
-    own parameters fall around its blocks, one outside every tower (a text tower's token embedding
-    kept by the root) before a tower's first block is that tower's embedding."""
+    own parameters fall around its blocks; one outside every tower (a text tower's token embedding
+    kept by the root) used before a tower's first block is that tower's embedding, unless the tower's
+    own module already embeds its input (then it is the head of a tower that ran before: altclip's
+    text projection, used between its text and image towers)."""
     from PIL import Image
     from torch.overrides import TorchFunctionMode
     from torch.utils._pytree import tree_leaves
@@ -376,6 +378,8 @@ def layer_scales(model, decay):
     block_of = {id(p): (t, i) for t, bs in enumerate(tower_blocks) for i, b in enumerate(bs) for p in b.parameters()}
     start = [min((first[id(p)] for p in bs[0].parameters() if id(p) in first), default=None) if bs else None
              for bs in tower_blocks]
+    # a tower whose own module holds what runs before its first block (a ViT's patch embedding)
+    front = [s is not None and any(first.get(p, s) < s for p in ids) for s, ids in zip(start, in_tower)]
     scales = {}
     for pid, name in trained.items():
         used, n = first.get(pid), None
@@ -388,6 +392,8 @@ def layer_scales(model, decay):
         if tower is None and used is not None:  # outside every tower: the tower whose blocks come next, if none ran yet
             after = [(s, t) for t, s in enumerate(start) if s is not None and s > used]
             tower = min(after)[1] if after else None
+            if tower is not None and front[tower]:  # that tower embeds its own input: this is another's head
+                tower = None
         before = tower is not None and used is not None and start[tower] is not None and used < start[tower]
         scales[name] = decay ** (len(tower_blocks[tower]) + 1) if before else 1.0
     return scales

@@ -125,7 +125,8 @@ def test_curate_keeps_the_same_pairs_for_any_number_of_workers_and_ranks(tmp_pat
     one, two, ranks = ([(key, text) for _, key, text in shard_samples(tmp_path / d)] for d in ("one", "two", "ranks"))
     assert 0 < len(one) < 48 and sorted(one) == sorted(two) == sorted(ranks)
     assert {k for k, _ in one} <= {f"{i}.png" for i in range(48)}  # each under its row's image path
-    assert (tmp_path / "two" / "counts.tsv").read_text() == (tmp_path / "one" / "counts.tsv").read_text()
+    for other in ("two", "ranks"):  # kept counts summed over workers and ranks too
+        assert (tmp_path / other / "counts.tsv").read_text() == (tmp_path / "one" / "counts.tsv").read_text(), other
     rows = [line.split("\t") for line in (tmp_path / "one" / "counts.tsv").read_text().splitlines()[1:]]
     names = [r[0] for r in rows]
     captions = [line.split("\t")[1] for line in open(table).read().splitlines()[1:]]
@@ -263,3 +264,33 @@ def test_hostile_metadata_is_bounded_and_reported(tmp_path, capsys):
         data.read_metadata(str(tmp_path / "fifo.txt"))
     (tmp_path / "lines.txt").write_text("cat\ndog\n\nsea horse\n")
     assert data.read_metadata(str(tmp_path / "lines.txt")) == ["cat", "dog", "", "sea horse"]
+
+
+def test_each_entry_draws_on_its_own_and_the_caps_hold_at_their_edge(tmp_path, monkeypatch):
+    counts = np.array([1000, 1000])  # two entries at t / count = 0.1 each: kept unless both draws miss
+    kept = np.mean([data.balanced(f"k{n}", [0, 1], counts, 100, 0) for n in range(20_000)])
+    assert abs(kept - (1 - 0.9 ** 2)) < 0.015, kept
+    (tmp_path / "m.txt").write_text("a" * 1000 + "\n" + "b" * 1001 + "\n")
+    assert data.read_metadata(str(tmp_path / "m.txt")) == ["a" * 1000, None]  # at the cap kept, one past left out
+    monkeypatch.setattr(data, "MAX_ENTRIES", 3)
+    (tmp_path / "three.txt").write_text("x\ny\nz\n")
+    assert data.read_metadata(str(tmp_path / "three.txt")) == ["x", "y", "z"]
+    (tmp_path / "four.txt").write_text("x\ny\nz\nw\n")
+    with pytest.raises(ValueError, match="4 entries, over 3"):
+        data.read_metadata(str(tmp_path / "four.txt"))
+
+
+def test_the_top_fraction_rounds_and_the_score_is_a_cosine(tmp_path):
+    table = scored_pool(tmp_path / "pool", [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+    kept, _, _ = data.filter_pool(Scorer(), table, str(tmp_path / "f"), fraction=0.66)
+    assert kept == 7  # round(6.6), not its floor
+
+    class Unnormalised(Scorer):
+        def encode_image(self, pixels, normalize=False):
+            import torch
+
+            return torch.ones(len(pixels), 1) * (1.0 if normalize else 3.0)
+
+    table = scored_pool(tmp_path / "one", [0.5])
+    rows = list(data.clip_scores(Unnormalised(), [("0.png", s) for _, s in data.raw_samples(table, 0, [])], 4, []))
+    assert rows[0][-1] == pytest.approx(0.5)

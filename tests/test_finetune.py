@@ -161,3 +161,31 @@ def test_the_raw_weights_of_an_ema_run_export_for_load_and_predict(tmp_path, mod
     assert max_diff(saved["model"], saved["raw"]) > 1e-5
     with pytest.raises(ValueError, match="no --ema run's raw weights"):
         train.export(os.path.join(str(tmp_path / "wFalse"), "model.pt"), str(tmp_path / "again"), "weights", model, raw=True)
+
+
+@pytest.mark.parametrize("model,extra", [("clip", []), ("altclip", ["--stage", "contrastive"])])
+def test_heads_and_the_temperature_train_at_lr_whichever_tower_runs_first(model, extra):
+    args, module = train.parse_args(["--model", model, "--size", "tiny", "--steps", "1", "--out", "unused", *extra])
+    torch.manual_seed(0)
+    built = module.create(args, datalib_corpus())
+    d, scales = 0.5, train.layer_scales(built, 0.5)
+    heads = {"clip": ["text_projection", "visual.proj", "logit_scale", "ln_final.weight"],
+             "altclip": ["text_projection.weight", "logit_scale"]}[model]  # altclip runs its text tower first
+    assert all(scales[h] == 1 for h in heads), {h: scales[h] for h in heads}
+    assert scales["visual.conv1.weight"] == d ** 5  # 4 blocks a tiny tower: the embeddings one below the first
+
+
+def datalib_corpus():
+    import data
+
+    return data.Synthetic().caption_corpus(500)
+
+
+def test_ema_load_names_a_missing_average_and_a_plain_run_has_no_raw_weights(tmp_path):
+    with pytest.raises(ValueError, match="lack bias"):
+        train.EMA(torch.nn.Linear(2, 2), 0.9).load({"weight": torch.zeros(2, 2)})
+    out = str(tmp_path / "plain")
+    train.main([*RUN, "--steps", "1", "--out", out])
+    assert ckpt(out)["raw"] is None and ckpt(out).get("ema") is None
+    with pytest.raises(ValueError, match="no --ema run's raw weights"):
+        train.export(os.path.join(out, "checkpoint.pt"), str(tmp_path / "w"), "weights", raw=True)

@@ -3,6 +3,7 @@ row by row, short texts embedded exactly as before, the coarse image features ag
 PCA, the objective exact over ranks and micro-batches, and the stretched model read by open_clip and
 transformers at its new length."""
 import argparse
+import dataclasses
 import os
 
 import pytest
@@ -124,15 +125,18 @@ def long_table(folder, n=48):
 
 @pytest.mark.slow
 def test_long_captions_on_two_ranks_and_in_micro_batches_equal_one_process(tmp_path, base):
-    init = save_ours(base, tmp_path / "base.pt")
-    table = long_table(str(tmp_path / "data"))
+    # features 64 wide and a global batch of 48: the top 32 components of the whole batch are not those of
+    # either rank's 24 (each of which spans at most 23 directions: its own projection would be the identity)
+    wide = randomised(clip.CLIP(dataclasses.replace(base.cfg, embed_dim=64), base.tokenizer))
+    init = save_ours(wide, tmp_path / "base.pt")
+    table = long_table(str(tmp_path / "data"), 96)
     args = ["--model", "clip", "--init", init, "--context-length", "248", "--long-captions", "--data", table,
-            "--steps", "3", "--batch-size", "16", "--lr", "1e-3", "--val-size", "0", "--workers", "0",
+            "--steps", "2", "--batch-size", "48", "--lr", "1e-3", "--val-size", "0", "--workers", "0",
             "--warmup", "1", "--save-every", "0", "--eval-every", "0"]
     one, accum, two = (str(tmp_path / n) for n in ("one", "accum", "two"))
     train.main([*args, "--out", one])
     train.main([*args, "--out", accum, "--accum", "2"])
-    finish(torchrun(2, *[a if a != "16" else "8" for a in args], "--out", two))
+    finish(torchrun(2, *[a if a != "48" else "24" for a in args], "--out", two))
     assert weights(one)["positional_embedding"].shape[0] == 248
     assert max_diff(weights(one), weights(accum)) < 1e-5
     assert max_diff(weights(one), weights(two)) < 1e-5
@@ -166,3 +170,46 @@ def test_a_stretched_export_loads_in_open_clip_and_transformers_at_its_length(tm
         assert again.cfg.context_length == again.tokenizer.context_length == 248, source
         with torch.no_grad():
             assert (again.encode_text(again.tokenizer(texts)) - mine).abs().max() < 1e-4, source
+
+
+def test_long_captions_pick_the_drawn_text_and_run_long_then_short():
+    seen = []
+    inner = lambda sample, rng: {"text": torch.zeros(3, dtype=torch.long), "text_pick": torch.tensor(1)}  # noqa: E731
+    out = data.LongCaptions(inner, lambda ts: [ts])({"text": "First one. rest", "rewrites": ["Second one. more"]}, None)
+    assert out["short_text"] == ["Second one"]  # the rewrite the model drew, up to its first '. '
+
+    def forward(batch):
+        seen.append(len(batch["text"]))
+        return {"image": batch["image"], "text": batch["text"].float(), "scale": torch.tensor(1.0)}
+
+    long, short = torch.arange(6).view(2, 3), torch.arange(6, 12).view(2, 3)
+    out = train.long_caption_forward(forward)({"image": torch.zeros(2, 4), "text": long, "short_text": short})
+    assert seen == [4] and torch.equal(out["text"], long.float()) and torch.equal(out["short"], short.float())
+
+
+def test_a_fresh_model_keeps_its_own_draw_and_the_same_length_changes_nothing(base, monkeypatch):
+    assert stretched(base, 77) is base
+    made = []
+    create = clip.create
+
+    def recording(*a, **kw):
+        made.append(create(*a, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(clip, "create", recording)
+    fresh = train.with_context_length(clip, argparse.Namespace(context_length=100, model="clip"), base, (), fresh=True)
+    assert fresh is made[-1] and not torch.equal(fresh.positional_embedding[:20], base.positional_embedding[:20])
+
+
+def test_the_coarse_features_pass_their_gradient_to_the_image():
+    g = torch.Generator().manual_seed(1)
+    image = F.normalize(torch.randn(48, 24, generator=g, dtype=torch.float64) * torch.linspace(3, 0.1, 24,
+                        dtype=torch.float64), dim=-1)
+    text, short = (F.normalize(torch.randn(48, 24, generator=g, dtype=torch.float64), dim=-1) for _ in range(2))
+    scale, ours, ref = torch.tensor(10.0, dtype=torch.float64), image.clone().requires_grad_(), image.clone().requires_grad_()
+    train.long_caption_loss(lambda o: clip.contrastive_loss(o["image"], o["text"], o["scale"]),
+                            {"image": ours, "text": text, "short": short, "scale": scale}, components=8).backward()
+    mean, basis = train.principal_basis(image, 8)  # the basis a constant of the step; the features carry the gradient
+    coarse = F.normalize(mean + (ref - mean) @ basis @ basis.T, dim=-1)
+    (naive.clip_loss(ref, text, scale) + naive.clip_loss(coarse, short, scale)).backward()
+    assert torch.allclose(ours.grad, ref.grad, atol=1e-9)
