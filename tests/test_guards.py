@@ -189,7 +189,11 @@ EDGES = [("clip", "--batch-size", ["1", str(1 << 20)], ["0", str((1 << 20) + 1)]
          ("brivl", "--image-size", ["8", "4096"], ["7", "4097"]),
          ("brivl", "--momentum", ["0", "1"], ["1.01"]),
          ("clippo", "--text-pair-ratio", ["0", "1"], ["1.01", "-0.01"]),
-         ("laclip", "--max-rewrites", ["0", "64"], ["65", "100000000"])]
+         ("laclip", "--max-rewrites", ["0", "64"], ["65", "100000000"]),
+         ("clip", "--ema", ["0", "0.9999"], ["1", "-0.1"]),
+         ("clip", "--layer-decay", ["0.0001", "1"], ["0", "1.01"]),
+         ("clip", "--context-length", ["0", "4096"], ["4097", "-1"]),
+         ("clip", "--lora-dropout", ["0", "0.5"], ["1", "-0.1"])]
 
 
 @pytest.mark.parametrize("model,flag,inside,past", EDGES, ids=[f"{e[0]}{e[1]}" for e in EDGES])
@@ -230,3 +234,41 @@ def test_the_data_commands_check_their_numbers_the_same_way(tmp_path):
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not os.path.exists(tmp_path / "s")
+
+
+def test_the_checks_behind_the_parser_hold_at_their_edges(tmp_path):
+    """The same bounds where a caller reaches them without the parser: Distiller.from_args, lora_spec,
+    read_manifests, and the fingerprint of shards (names and sizes)."""
+    import argparse
+    import json
+
+    ns = dict(distill=["t.pt"], distill_weight=1.0, distill_icl=1.0, distill_model="clip")
+    for bad in ({"distill_weight": -0.5}, {"distill_icl": -1.0}, {"distill_weight": float("inf")}):
+        with pytest.raises(ValueError, match="finite weights"):
+            train.Distiller.from_args(argparse.Namespace(**{**ns, **bad}), "cpu", None)
+    with pytest.raises(ValueError, match="at most 16 teachers"):
+        train.Distiller.from_args(argparse.Namespace(**{**ns, "distill": ["t.pt"] * 17}), "cpu", None)
+    with pytest.raises(Exception) as err:  # 16 pass the cap and reach the (missing) files
+        train.Distiller.from_args(argparse.Namespace(**{**ns, "distill": [str(tmp_path / "t.pt")] * 16}), "cpu", None)
+    assert "at most" not in str(err.value)
+    assert train.lora_spec(4, dropout=0.99)["dropout"] == 0.99
+    for bad in (1.0, -0.01):
+        with pytest.raises(ValueError):
+            train.lora_spec(4, dropout=bad)
+    teacher = {"fingerprint": "f", "width": 8, "scale": 10.0, "bias": 0.0}
+    for n, ok in ((16, True), (17, False)):
+        folder = tmp_path / f"m{n}"
+        folder.mkdir()
+        (folder / "reinforce.json").write_text(json.dumps({"teachers": [teacher] * n}))
+        if ok:
+            assert len(data.read_manifests([str(folder / "00000.tar")])) == 16
+        else:
+            with pytest.raises(data.DataError, match="at most 16"):
+                data.read_manifests([str(folder / "00000.tar")])
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "00000.tar").write_bytes(b"x" * 10)
+    args = argparse.Namespace(data=str(shards / "{00000..00000}.tar"))
+    before = train.input_fingerprints(args)
+    (shards / "00000.tar").write_bytes(b"x" * 11)  # the same name, another size: another data set
+    assert train.input_fingerprints(args) != before

@@ -319,3 +319,17 @@ def test_altclip_takes_lora_on_its_xlmr_student_through_both_stages(tmp_path, ba
         assert torch.equal(s2["lora"]["state"][f"{stem[0]}.parametrizations.{stem[1]}.original"], merged[k])
     assert any(not torch.equal(merged[k], ck["lora"]["state"][f"{k.rsplit('.', 1)[0]}.parametrizations.weight.original"])
                for k in ck["lora"]["layout"])
+
+
+def test_brivls_momentum_copies_take_adapters_that_do_not_train():
+    import data
+
+    args, module = train.parse_args(["--model", "brivl", "--size", "tiny", "--steps", "1", "--out", "unused"])
+    model = module.create(args, data.Synthetic().caption_corpus(300))
+    train.add_lora(model, train.lora_spec(2))
+    adapters = {n: p for n, p in model.named_parameters() if n.endswith((".A", ".B"))}
+    follow = {n for n in adapters if "_momentum." in n}
+    assert follow and len(follow) < len(adapters)
+    assert all(adapters[n].requires_grad == (n not in follow) for n in adapters)  # moved by the momentum update only
+    grouped = {id(p) for g in model.optimizer_groups(0.1) for p in g["params"]}
+    assert grouped == {id(adapters[n]) for n in adapters if n not in follow}
