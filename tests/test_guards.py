@@ -272,3 +272,11 @@ def test_the_checks_behind_the_parser_hold_at_their_edges(tmp_path):
     before = train.input_fingerprints(args)
     (shards / "00000.tar").write_bytes(b"x" * 11)  # the same name, another size: another data set
     assert train.input_fingerprints(args) != before
+
+
+def test_a_files_size_cap_holds_at_its_edge(tmp_path):
+    (tmp_path / "f").write_bytes(b"x" * 100)
+    assert data.read_text(str(tmp_path / "f"), 100) == b"x" * 100
+    with pytest.raises(ValueError, match="101 bytes, over the 100"):
+        (tmp_path / "f").write_bytes(b"x" * 101)
+        data.read_text(str(tmp_path / "f"), 100)
