@@ -1001,7 +1001,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
                 items.append(out)
                 if len(items) == self.b:
                     yield collate(items), {"skips": skips + problems, "notes": notes, "position": (slot, epoch, seen)}
-                    problems, skips, notes, items = [], [], [], []
+                    problems.clear()  # in place: the epoch's reader goes on adding to this list
+                    skips, notes, items = [], [], []
             if seen == 0:
                 raise DataError(f"{self.data.spec}: no readable sample in the shards of slot {slot} "
                                    f"({', '.join(self.shards_of(slot, epoch)[0][:3])} ...); check the files")

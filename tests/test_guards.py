@@ -280,3 +280,42 @@ def test_a_files_size_cap_holds_at_its_edge(tmp_path):
     with pytest.raises(ValueError, match="101 bytes, over the 100"):
         (tmp_path / "f").write_bytes(b"x" * 101)
         data.read_text(str(tmp_path / "f"), 100)
+
+
+def test_the_demo_recipe_stays_in_the_demo(tmp_path):
+    demo, _ = train.parse_args(["--model", "clip", "--size", "tiny"])
+    assert (demo.steps, demo.warmup, demo.lr_schedule) == (430, 20, "const-cooldown")
+    (tmp_path / "d.tsv").write_text("filepath\ttitle\n")
+    mine, _ = train.parse_args(["--model", "clip", "--size", "tiny", "--data", str(tmp_path / "d.tsv"), "--steps", "50"])
+    assert mine.warmup != 20 and mine.lr_schedule != "const-cooldown"  # your data: train.py's own defaults
+
+
+def test_a_tokenizer_whose_end_token_is_not_the_weights_is_one_line(tmp_path):
+    import clip
+
+    tok = clip.train_bpe(data.Synthetic().caption_corpus(500), vocab_size=300, context_length=16)
+    cfg = clip.Config(embed_dim=16, image_size=16, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
+                      context_length=16, vocab_size=tok.vocab_size, eos_id=tok.eot, text_width=32, text_layers=1,
+                      text_heads=2)
+    model = clip.CLIP(cfg, tok)
+    extra = model.extra_state()
+    for eos, ok in ((tok.eot, True), (tok.eot - 1, False)):
+        torch.save({"model": model.state_dict(), "extra": {**extra, "config": {**extra["config"], "eos_id": eos}}},
+                   tmp_path / "w.pt")
+        if ok:
+            clip.load(str(tmp_path / "w.pt"))
+        else:
+            with pytest.raises(Exception, match="pool the text at"):
+                clip.load(str(tmp_path / "w.pt"))
+
+
+def test_lora_dropout_is_off_in_eval():
+    lora = train.LoRA(6, 4, 0, 6, 2, 2.0, dropout=0.5)
+    with torch.no_grad():
+        lora.B.normal_()
+    w = torch.zeros(6, 4)
+    lora.eval()
+    plain = (lora.B @ lora.A).detach()
+    assert torch.allclose(lora(w), plain) and torch.allclose(lora(w), plain)  # every column, every call
+    lora.train()
+    assert not torch.allclose(lora(w), plain)  # some column dropped (or scaled up) in training

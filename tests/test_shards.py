@@ -233,3 +233,31 @@ def test_two_ranks_on_shards_stopped_and_resumed_equal_an_uninterrupted_run(tmp_
     assert position["slots"] == 2 and sorted(position["at"]) == ["0", "1"], position
     finish(torchrun(2, *common, "--steps", "6", "--out", cut, "--resume"))
     assert max_diff(weights(whole), weights(cut)) < 1e-6
+
+
+def test_the_sample_cap_holds_at_its_edge_and_every_skip_is_counted_in_its_batch(tmp_path):
+    with tarfile.open(tmp_path / "cap.tar", "w") as tar:  # a sample of 60 + 40 bytes
+        add(tar, "a.txt", b"x" * 60)
+        add(tar, "a.json", b"y" * 40)
+    (_, group), = data.read_shard(str(tmp_path / "cap.tar"), [], max_bytes=100)
+    assert sorted(group) == ["json", "txt"]  # at the cap: read
+    (_, group), = data.read_shard(str(tmp_path / "cap.tar"), [], max_bytes=99)
+    assert list(group) == [data.TOO_LARGE]  # one past: only the reason kept
+    # one good sample, then 100 that do not decode, then good ones: a batch that holds a good sample goes on
+    # (the stop is for 100 in a row with nothing to show), and its info counts every skip, the shard's own too
+    root = tmp_path / "many"
+    root.mkdir()
+    with tarfile.open(root / "00000.tar", "w") as tar:
+        for k in range(112):
+            bad = 1 <= k <= 100
+            add(tar, f"{k:05d}.jpg", b"\xff\xd8 not a jpeg" if bad else jpeg(COLORS["red"], k))
+            add(tar, f"{k:05d}.txt", b"a red square")
+    with tarfile.open(root / "00000.tar") as tar:
+        last = tar.getmembers()[-2].offset_data  # the last sample's image
+    raw = open(root / "00000.tar", "rb").read()
+    (root / "00000.tar").write_bytes(raw[: last + 10])  # cut inside it: the shard's own problem
+    shards = data.Shards(f"{root}/00000.tar", buffer=1)
+    batches = data.ShardBatches(shards, lambda s, rng: {"x": torch.zeros(1)}, 4, rank=0, world=1, workers=1)
+    stream = iter(batches)
+    skips = [next(stream)[1]["skips"] for _ in range(3)]  # the third batch starts the second pass
+    assert skips[0] == ["unreadable image"] * 100 and skips[1] == [] and skips[2] == ["truncated or unreadable shard"]
