@@ -319,3 +319,13 @@ def test_lora_dropout_is_off_in_eval():
     assert torch.allclose(lora(w), plain) and torch.allclose(lora(w), plain)  # every column, every call
     lora.train()
     assert not torch.allclose(lora(w), plain)  # some column dropped (or scaled up) in training
+
+
+def test_a_preset_on_the_synthetic_data_keeps_open_clips_recipe_and_epochs_count_every_rank():
+    big, _ = train.parse_args(["--model", "clip", "--size", "ViT-B-32", "--steps", "100"])
+    assert (big.lr, big.wd) == (5e-4, 0.2)  # only the tiny demo takes the demo's rates
+    import argparse
+
+    args = argparse.Namespace(steps=None, epochs=2, batch_size=8, warmup=None)
+    train.steps_from_epochs(args, 100, 2)
+    assert args.steps == 13 and args.warmup == 1  # ceil(2 x 100 / (8 x 2 ranks)); a tenth of it, at least 1

@@ -223,11 +223,14 @@ def test_two_ranks_on_shards_stopped_and_resumed_equal_an_uninterrupted_run(tmp_
     alone, for the resumed ranks to continue where each stood."""
     from test_train import FAST, finish, max_diff, torchrun, weights
 
-    make_shards(tmp_path / "s", n_shards=4, per_shard=12)
+    make_shards(tmp_path / "s", n_shards=4, per_shard=12, corrupt={5, 17, 29, 41})  # one bad sample a shard
     common = ["--model", "clip", "--data", str(tmp_path / "s"), "--batch-size", "4", "--shuffle-buffer", "6", *FAST,
               "--lr-schedule", "const", "--val-size", "0"]  # const: a run extended on resume keeps its rates
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
     finish(torchrun(2, *common, "--steps", "6", "--out", whole))
+    logged = [json.loads(line) for line in open(os.path.join(whole, "metrics.jsonl")) if '"loss"' in line]
+    rank0 = sum(sum(r.get("skips", {}).values()) for r in logged)  # rank 0's own; the count is every rank's
+    assert sum(r["skipped_samples"] for r in logged) > rank0 > 0
     finish(torchrun(2, *common, "--steps", "3", "--out", cut))
     position = torch.load(os.path.join(cut, "checkpoint.pt"), weights_only=False)["data"]
     assert position["slots"] == 2 and sorted(position["at"]) == ["0", "1"], position
