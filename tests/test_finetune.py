@@ -189,3 +189,13 @@ def test_ema_load_names_a_missing_average_and_a_plain_run_has_no_raw_weights(tmp
     assert ckpt(out)["raw"] is None and ckpt(out).get("ema") is None
     with pytest.raises(ValueError, match="no --ema run's raw weights"):
         train.export(os.path.join(out, "checkpoint.pt"), str(tmp_path / "w"), "weights", raw=True)
+
+
+def test_a_lora_run_with_ema_resumes_its_averaged_adapters(tmp_path, base):
+    args = ["--model", "clip", "--size", "tiny", "--init", base, "--lora", "2", "--ema", "0.9", "--batch-size", "16",
+            "--synthetic-size", "64", *FAST]
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    train.main([*args, "--steps", "3", "--out", whole])
+    train.main([*args, "--steps", "2", "--out", cut])
+    train.main([*args, "--steps", "3", "--out", cut, "--resume"])
+    assert max_diff(ckpt(whole)["ema"]["weights"], ckpt(cut)["ema"]["weights"]) == 0
