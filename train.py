@@ -1634,7 +1634,7 @@ def checkpoint_state(model, opt, step, args, world, device, data_position=None, 
             optimizer = optimizer_by_index(optimizer, model, opt)  # the same file as a DDP run's
     else:
         weights, optimizer = model.state_dict(), opt.state_dict()
-        if ema is not None:
+        if ema is not None and (not dist.is_initialized() or dist.get_rank() == 0):  # only rank 0 writes
             with ema.swapped():  # copies: the state dict's tensors are the parameters themselves
                 averaged = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if dist.is_initialized() and dist.get_rank() != 0:
